@@ -1,0 +1,1 @@
+"""Execution backends (imported as ``spa.backends``). Only ONNX Runtime (CPU) for now."""

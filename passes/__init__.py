@@ -1,0 +1,1 @@
+"""Graph rewrites (imported as ``spa.passes``): channel pruning and cleanup."""

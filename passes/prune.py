@@ -1,0 +1,202 @@
+"""Channel pruning pass: remove planned channels from every member of their groups.
+
+    plan {group: [channels]} ─▶ dropped positions per channel space
+        ─▶ initializers / Constant nodes sliced (np.take on each pruned axis)
+        ─▶ attributes and shape constants rewritten (rule rewriters: group, Reshape, Split, ..)
+        ─▶ value_info dims updated, dead nodes removed
+
+Requires: an Analysis of the model and a plan of its prunable groups.
+Ensures: every tensor's pruned axes have their new sizes; names of nodes, inputs and
+outputs are unchanged; the graph passes the ONNX checker (checked by spa.api.prune).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from spa.errors import SpaError
+from spa.graph import attr
+from spa.model import constant_node_value
+from spa.rules import REWRITERS
+
+
+def dropped_positions(analysis, plan: dict) -> dict:
+    """{space: sorted positions to remove} from {group id: channel indices}."""
+    drops: dict = {}
+    for gid, channels in plan.items():
+        group = analysis.group(gid)
+        for space, per_channel in group.positions.items():
+            if channels:
+                pos = np.concatenate([per_channel[c] for c in channels])
+                drops[space] = np.union1d(drops.get(space, np.empty(0, np.int64)), pos)
+    return drops
+
+
+class Edit:
+    """What rewriters may read and change while pruning one model."""
+
+    def __init__(self, analysis, proto: onnx.ModelProto, drops: dict):
+        self.index = analysis.index
+        self.proto = proto
+        self.sizes = analysis.sizes
+        self.opset = analysis.index.opset
+        self._kept = {s: np.setdiff1d(np.arange(analysis.sizes[s]), d) for s, d in drops.items()}
+        self._uses: dict[str, int] = {}
+        for node in proto.graph.node:
+            for i in node.input:
+                self._uses[i] = self._uses.get(i, 0) + 1
+        self._counter = 0
+
+    # sizes -----------------------------------------------------------
+    def kept(self, space):
+        return self._kept.get(space)
+
+    def old_shape(self, name):
+        return self.index.shape(name)
+
+    def old_size(self, space):
+        shape = self.index.shape(space[0])
+        return shape[space[1]] if shape is not None and 0 <= space[1] < len(shape) else None
+
+    def new_size(self, space):
+        kept = self._kept.get(space)
+        return self.old_size(space) if kept is None else len(kept)
+
+    def changed_axes(self, name):
+        return [a for (t, a) in self._kept if t == name]
+
+    # graph -----------------------------------------------------------
+    def attr(self, node, name, default=None):
+        return attr(node, name, default)
+
+    def value(self, name):
+        return self.index.value(name)
+
+    def set_attr(self, node, name, value):
+        self.del_attr(node, name)
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+
+    def del_attr(self, node, name):
+        for a in list(node.attribute):
+            if a.name == name:
+                node.attribute.remove(a)
+
+    def set_input_const(self, node, idx, array: np.ndarray):
+        """Give input `idx` of `node` a new constant value (a private copy if it is shared)."""
+        name = node.input[idx] if idx < len(node.input) else ""
+        graph = self.proto.graph
+        if name and self._uses.get(name, 0) == 1 and name in self.index.initializers:
+            _replace_initializer(graph, name, array)
+            return
+        self._counter += 1
+        new = f"{name or node.name or node.op_type}_spa{self._counter}"
+        graph.initializer.append(numpy_helper.from_array(array, new))
+        while len(node.input) <= idx:
+            node.input.append("")
+        if name:
+            self._uses[name] -= 1
+        node.input[idx] = new
+
+
+def _replace_initializer(graph, name, array):
+    for i, t in enumerate(graph.initializer):
+        if t.name == name:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
+            return
+
+
+def _slice(array: np.ndarray, name: str, edit: Edit) -> np.ndarray:
+    for axis in edit.changed_axes(name):
+        array = np.take(array, edit.kept((name, axis)), axis=axis)
+    return array
+
+
+def _prune_constants(proto, edit: Edit, names: set[str]) -> None:
+    graph = proto.graph
+    for i, t in enumerate(graph.initializer):
+        if t.name in names:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(_slice(numpy_helper.to_array(t), t.name, edit), t.name))
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] in names:
+            value = _slice(constant_node_value(node), node.output[0], edit)
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(value)))
+
+
+def _update_value_infos(proto, edit: Edit) -> None:
+    graph = proto.graph
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for axis in edit.changed_axes(vi.name):
+            if axis < len(dims):
+                dims[axis].dim_value = edit.new_size((vi.name, axis))
+
+
+def remove_dead(proto: onnx.ModelProto) -> int:
+    """Remove nodes whose outputs nobody reads and initializers nobody uses. Returns count."""
+    graph = proto.graph
+    removed = 0
+    while True:
+        used = {o.name for o in graph.output} | _subgraph_reads(graph)
+        used |= {i for n in graph.node for i in n.input}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+        removed += len(dead)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | _subgraph_reads(graph)
+    inputs = {i.name for i in graph.input}
+    for t in [t for t in graph.initializer if t.name not in used and t.name not in inputs]:
+        graph.initializer.remove(t)
+    return removed
+
+
+def _subgraph_reads(graph) -> set[str]:
+    names = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= {i for n in sub.node for i in n.input} | _subgraph_reads(sub)
+    return names
+
+
+def check_plan(analysis, plan: dict) -> None:
+    for gid, channels in plan.items():
+        try:
+            group = analysis.group(gid)
+        except KeyError:
+            raise SpaError(f"plan names group '{gid}' which the model does not have",
+                           "make the plan with --save-plan on this same model") from None
+        bad = [c for c in channels if not isinstance(c, int) or not 0 <= c < group.size]
+        if bad:
+            raise SpaError(f"plan for group '{gid}' has channel indices outside 0..{group.size - 1}: {bad[:5]}")
+        if channels and not group.prunable:
+            raise SpaError(f"plan prunes group '{gid}' which is not prunable: {group.reason}")
+        if len(set(channels)) >= group.size:
+            raise SpaError(f"plan removes every channel of group '{gid}'", "keep at least one channel")
+        locked = sorted(set(channels) & set(group.locked))
+        if locked:
+            raise SpaError(f"plan removes locked channels {locked[:5]} of group '{gid}'")
+
+
+def apply(analysis, plan: dict) -> onnx.ModelProto:
+    """Return the pruned ModelProto (a copy: the analysed model is left as it was)."""
+    check_plan(analysis, plan)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(analysis.model.proto)
+    drops = dropped_positions(analysis, {g: c for g, c in plan.items() if c})
+    edit = Edit(analysis, proto, drops)
+    touched = {t for (t, _) in drops}
+    _prune_constants(proto, edit, {t for t in touched if analysis.index.is_const(t)})
+    for node in proto.graph.node:
+        fn = REWRITERS.get(node.op_type)
+        if fn and any(n in touched for n in list(node.input) + list(node.output)):
+            fn(node, edit)
+    _update_value_infos(proto, edit)
+    remove_dead(proto)
+    return proto

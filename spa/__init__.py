@@ -1,0 +1,16 @@
+"""spa: structured pruning of ONNX models, exact and verified.
+
+Public API (the CLI is a thin shell over it)::
+
+    model = spa.load("model.onnx")
+    analysis = spa.analyze(model)
+    plan = spa.make_plan(analysis, ratio=0.5)
+    pruned = spa.prune(analysis, plan)
+"""
+
+from .analysis import Analysis, Group, Member, analyze
+from .errors import SpaError, VerificationError
+from .model import Model, load, save
+
+__all__ = ["Analysis", "Group", "Member", "Model", "SpaError", "VerificationError", "analyze", "load", "save"]
+__version__ = "0.1.0"

@@ -1,0 +1,377 @@
+"""Channel dependency analysis: coupled channels become groups.
+
+    Model ─rules─▶ couplings between channel positions ─components─▶ channels ─signature─▶ groups
+
+Every static axis (size > 1) of every tensor is a channel space; each position along it
+is a node. Rules (spa.rules) couple positions of different spaces; connected components
+are the channels that must be removed together. Channels that touch exactly the same
+spaces form one group (a Conv's output channels, with the BatchNorm after it and the
+weight columns of every consumer). A group needs at least one constant member (a
+parameter slice to remove) and one activation space.
+
+Pins (model inputs/outputs, barriers, shape-fixed axes) lock every channel they touch,
+with the reason. Reshape/Flatten pick which factor of a merged axis carries the
+channels in a second pass, preferring factors that are not locked otherwise.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from .graph import DEFAULT_DOMAINS, GraphIndex, attr
+from .model import Model
+from .rules import RULES, Result
+from .unionfind import components
+
+
+@dataclass
+class Member:
+    """One parameter slice set of a group: `indices[i]` = positions of channel i on `axis`."""
+
+    tensor: str
+    axis: int
+    indices: list
+
+    def to_json(self) -> dict:
+        return {"tensor": self.tensor, "axis": self.axis, "indices": self.indices}
+
+
+@dataclass
+class Group:
+    id: str
+    size: int
+    prunable: bool
+    reason: str | None
+    zero_invariant: bool
+    zi_reason: str | None
+    members: list[Member]
+    positions: dict = field(repr=False, default_factory=dict)  # space -> [np.ndarray per channel]
+    locked: list[int] = field(default_factory=list)  # channels that must stay
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
+            "zero_invariant": self.zero_invariant, "locked": self.locked,
+            "members": [m.to_json() for m in self.members],
+        }
+
+
+@dataclass
+class Analysis:
+    model: Model
+    index: GraphIndex
+    groups: list[Group]
+    sizes: dict  # space -> size
+    barriers: list[str]
+
+    def group(self, gid: str) -> Group:
+        for g in self.groups:
+            if g.id == gid:
+                return g
+        raise KeyError(gid)
+
+
+class Ctx:
+    """What a rule may ask about the graph."""
+
+    def __init__(self, index: GraphIndex, chooser):
+        self.g = index
+        self.opset = index.opset
+        self.graph_outputs = set(index.graph_outputs)
+        self.choose = chooser
+
+    def shape(self, name):
+        return self.g.shape(name)
+
+    def label(self, node):
+        return self.g.label(node)
+
+    def rank(self, name):
+        return self.g.rank(name) if name else None
+
+    def size(self, space):
+        s = self.g.shape(space[0])
+        return None if s is None or not 0 <= space[1] < len(s) else s[space[1]]
+
+    def attr(self, node, name, default=None):
+        return attr(node, name, default)
+
+    def value(self, name):
+        return self.g.value(name)
+
+    def shape_value(self, name):
+        return self.g.shape_value(name)
+
+    def consumers(self, name):
+        return self.g.consumers.get(name, [])
+
+
+class _Spaces:
+    """Global position numbering for every static space of size > 1."""
+
+    def __init__(self, shapes: dict):
+        self.offset, self.sizes, self.names, self.sid = {}, {}, [], {}
+        total = 0
+        for tensor, shape in shapes.items():
+            for axis, size in enumerate(shape):
+                if size is not None and size > 1:
+                    self.offset[(tensor, axis)] = total
+                    self.sizes[(tensor, axis)] = size
+                    self.sid[(tensor, axis)] = len(self.names)
+                    self.names.append((tensor, axis))
+                    total += size
+        self.total = total
+        self.space_of = np.zeros(total, dtype=np.int64)
+        for sid, space in enumerate(self.names):
+            o = self.offset[space]
+            self.space_of[o:o + self.sizes[space]] = sid
+
+    def ids(self, space, positions=None):
+        o = self.offset[space]
+        if positions is None:
+            return np.arange(o, o + self.sizes[space])
+        return o + np.asarray(positions, dtype=np.int64)
+
+
+def _node_rule(node):
+    if node.domain not in DEFAULT_DOMAINS:
+        return None
+    return RULES.get(node.op_type)
+
+
+def _subgraph_captures(graph: onnx.GraphProto) -> set[str]:
+    """Outer-scope names read inside If/Loop/Scan bodies (they must keep their shapes)."""
+    names = set()
+    for node in graph.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            for sub in subs:
+                local = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+                local |= {t.name for t in sub.initializer}
+                names |= {i for n in sub.node for i in n.input if i and i not in local}
+                names |= _subgraph_captures(sub) - local
+    return names
+
+
+class _Builder:
+    """Collects couplings and pins as global position arrays."""
+
+    def __init__(self, spaces: _Spaces, label):
+        self.sp = spaces
+        self.label = label
+        self.edges_a, self.edges_b = [], []
+        self.pin_ids, self.pin_reason = [], []
+        self.reasons: list[str] = []
+        self.nonzi: dict[int, str] = {}
+        self.graph = nx.Graph()
+
+    def pin(self, space, reason, positions=None):
+        if space not in self.sp.offset:
+            return
+        ids = self.sp.ids(space, positions)
+        self.reasons.append(reason)
+        self.pin_ids.append(ids)
+        self.pin_reason.append(np.full(len(ids), len(self.reasons) - 1))
+
+    def couple(self, a, b, pairs, node_name):
+        known_a, known_b = a in self.sp.offset, b in self.sp.offset
+        if not (known_a and known_b):
+            for s, other in ((a, known_b), (b, known_a)):
+                if other:  # coupled with an axis of unknown size: keep the known side as it is
+                    self.pin(s, f"coupled by {node_name} with an axis of unknown size")
+            return
+        if len(pairs) == 0:
+            return
+        if pairs[:, 0].max() >= self.sp.sizes[a] or pairs[:, 1].max() >= self.sp.sizes[b]:
+            self.pin(a, f"inconsistent shapes around {node_name}")
+            self.pin(b, f"inconsistent shapes around {node_name}")
+            return
+        self.edges_a.append(self.sp.ids(a, pairs[:, 0]))
+        self.edges_b.append(self.sp.ids(b, pairs[:, 1]))
+        self.graph.add_edge(a, b, node=node_name)
+
+    def add_result(self, res: Result, node, barrier_reason: str | None):
+        mentioned = set(res.free)
+        for a, b, pairs in res.couplings:
+            self.couple(a, b, pairs, self.label(node))
+            mentioned.update((a, b))
+        for space, positions, why in res.pins:
+            self.pin(space, why, positions)
+            mentioned.add(space)
+        for space, why in res.nonzi:
+            if space in self.sp.offset:
+                self.nonzi.setdefault(space, why)
+        for name in list(node.input) + list(node.output):
+            shape = self.sp_shape(name)
+            for axis in range(len(shape)):
+                if (name, axis) not in mentioned:
+                    why = barrier_reason or (
+                        f"axis {axis} of '{name}' is used by {node.op_type} {self.label(node)} "
+                        "in a way no rule describes")
+                    self.pin((name, axis), why)
+
+    def sp_shape(self, name):
+        axes = [s for s in self._axes.get(name, ())]
+        return axes
+
+    def index_axes(self):
+        self._axes = {}
+        for tensor, axis in self.sp.names:
+            self._axes.setdefault(tensor, []).append(axis)
+        self._axes = {t: range(max(a) + 1) for t, a in self._axes.items()}
+
+
+def _run_rules(index: GraphIndex, spaces: _Spaces, chooser, exclude: list[str]) -> _Builder:
+    b = _Builder(spaces, index.label)
+    b.index_axes()
+    for name in index.graph_inputs:
+        for axis in b.sp_shape(name):
+            b.pin((name, axis), f"model input '{name}'")
+    for name in index.graph_outputs:
+        for axis in b.sp_shape(name):
+            b.pin((name, axis), f"model output '{name}'")
+    for name in sorted(_subgraph_captures(index.graph)):
+        for axis in b.sp_shape(name):
+            b.pin((name, axis), f"'{name}' is read inside a subgraph (If/Loop/Scan)")
+    ctx = Ctx(index, chooser)
+    for node in index.graph.node:
+        hit = _excluded(node, index, exclude)
+        fn = _node_rule(node)
+        if hit:
+            reason = f"protected by --exclude '{hit}'"
+        elif fn is None:
+            domain = f" from domain '{node.domain}'" if node.domain not in DEFAULT_DOMAINS else ""
+            reason = f"{node.op_type} {index.label(node)}{domain} has no coupling rule (barrier)"
+        else:
+            reason = None
+        res = Result(node)
+        if fn is not None and not hit:
+            fn(node, ctx, res)
+        b.add_result(res, node, reason)
+    return b
+
+
+def _excluded(node, index, patterns):
+    for pat in patterns:
+        names = [node.name] + [i for i in node.input if index.is_const(i)]
+        if any(fnmatch.fnmatchcase(n, pat) for n in names if n):
+            return pat
+    return None
+
+
+def _labels(b: _Builder) -> np.ndarray:
+    if b.edges_a:
+        return components(b.sp.total, np.concatenate(b.edges_a), np.concatenate(b.edges_b))
+    return np.arange(b.sp.total)
+
+
+def _pin_reason_per_label(b: _Builder, labels: np.ndarray) -> np.ndarray:
+    """Index into b.reasons of the first pin that reaches each label (-1: free)."""
+    best = np.full(b.sp.total, np.iinfo(np.int64).max, dtype=np.int64)
+    if b.pin_ids:
+        ids, why = np.concatenate(b.pin_ids), np.concatenate(b.pin_reason)
+        np.minimum.at(best, labels[ids], why)
+    best[best == np.iinfo(np.int64).max] = -1
+    return best
+
+
+def analyze(model: Model, exclude: list[str] | None = None) -> Analysis:
+    """Group the coupled channels of `model` (shapes must be inferred, see spa.model.load)."""
+    exclude = list(exclude or [])
+    index = GraphIndex(model)
+    spaces = _Spaces(model.shapes)
+    first = _run_rules(index, spaces, lambda parts: None, exclude)
+    labels = _labels(first)
+    locked = _pin_reason_per_label(first, labels) >= 0
+
+    def choose(parts):
+        known = [p for p in parts if p in spaces.offset]
+        free = [p for p in known if not locked[labels[spaces.ids(p)]].all()]
+        pool = free or known
+        return max(pool, key=lambda p: (spaces.sizes[p], -p[1])) if pool else None
+
+    b = _run_rules(index, spaces, choose, exclude)
+    labels = _labels(b)
+    groups = _groups(index, b, labels)
+    barriers = [n.name or n.op_type for n in index.graph.node if _node_rule(n) is None]
+    return Analysis(model, index, groups, dict(spaces.sizes), barriers)
+
+
+def _space_order(index: GraphIndex) -> dict[str, int]:
+    order = {}
+    for i, node in enumerate(index.graph.node):
+        for name in list(node.input) + list(node.output):
+            order.setdefault(name, i)
+    return order
+
+
+def _groups(index: GraphIndex, b: _Builder, labels: np.ndarray) -> list[Group]:
+    sp = b.sp
+    is_const = np.array([index.is_const(t) for t, _ in sp.names], dtype=bool)
+    pos_const = is_const[sp.space_of]
+    with_const = np.unique(labels[pos_const])
+    with_act = np.unique(labels[~pos_const])
+    keep_labels = np.intersect1d(with_const, with_act)
+    mask = np.isin(labels, keep_labels)
+    ids = np.nonzero(mask)[0]
+    lab, spc = labels[ids], sp.space_of[ids]
+    order = np.lexsort((ids, spc, lab))
+    ids, lab, spc = ids[order], lab[order], spc[order]
+    reason_of = _pin_reason_per_label(b, labels)
+
+    # per label: {space id: positions}
+    per_label: dict[int, dict[int, np.ndarray]] = {}
+    bounds = np.flatnonzero(np.diff(lab * sp.total + spc)) + 1
+    for chunk_ids, l_, s_ in zip(np.split(ids, bounds), lab[np.r_[0, bounds]] if len(ids) else [],
+                                 spc[np.r_[0, bounds]] if len(ids) else []):
+        per_label.setdefault(int(l_), {})[int(s_)] = chunk_ids - sp.offset[sp.names[s_]]
+
+    by_sig: dict[tuple, list[int]] = {}
+    for l_, spaces in per_label.items():
+        by_sig.setdefault(tuple(sorted(spaces)), []).append(l_)
+
+    order_of = _space_order(index)
+    nonzi_sid = {sp.sid[s]: why for s, why in b.nonzi.items()}
+    groups = []
+    for sig, labs in by_sig.items():
+        groups.append(_make_group(index, sp, sig, labs, per_label, is_const, reason_of, b, nonzi_sid, order_of))
+    groups.sort(key=lambda g: g._sort)
+    seen: dict[str, int] = {}
+    for g in groups:
+        base = g.id
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            g.id = f"{base}#{seen[base]}"
+        del g._sort
+    return groups
+
+
+def _make_group(index, sp, sig, labs, per_label, is_const, reason_of, b, nonzi_sid, order_of):
+    const_sids = [s for s in sig if is_const[s]]
+    const_sids.sort(key=lambda s: (order_of.get(sp.names[s][0], 1 << 30), sp.names[s]))
+    anchor = const_sids[0]
+    labs = sorted(labs, key=lambda l_: per_label[l_][anchor].min())
+    positions = {sp.names[s]: [per_label[l_][s] for l_ in labs] for s in sig}
+    members = [
+        Member(sp.names[s][0], sp.names[s][1],
+               [int(p[0]) if len(p) == 1 else p.tolist() for p in positions[sp.names[s]]])
+        for s in const_sids
+    ]
+    reasons = [reason_of[l_] for l_ in labs]
+    locked = [i for i, r in enumerate(reasons) if r >= 0]
+    prunable = len(labs) > 1 and len(locked) < len(labs)
+    reason = None
+    if not prunable:
+        first = min(r for r in reasons if r >= 0) if locked else -1
+        reason = b.reasons[first] if first >= 0 else "a single channel cannot be pruned"
+    zi_reason = next((nonzi_sid[s] for s in sig if s in nonzi_sid), None)
+    tensor, axis = sp.names[anchor]
+    g = Group(f"{tensor}:{axis}", len(labs), prunable, reason, zi_reason is None, zi_reason,
+              members, positions, locked if prunable else [])
+    g._sort = (order_of.get(tensor, 1 << 30), tensor, axis)
+    return g

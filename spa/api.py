@@ -1,0 +1,121 @@
+"""The public pipeline: plan, prune, verify. The CLI calls exactly these."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from . import importance, planner
+from .analysis import Analysis
+from .errors import SpaError, VerificationError
+from .model import TWO_GB, Model, check_model, infer_shapes, weight_bytes
+
+QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+             "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
+
+
+def refuse_quantized(model: Model) -> None:
+    for node in model.graph.node:
+        if node.op_type in QUANT_OPS:
+            raise SpaError(
+                f"cannot prune quantized model: found {node.op_type} '{node.name or '#'}' "
+                "(pruning QDQ graphs is not supported yet)",
+                "prune the float model first, then quantize it",
+            )
+
+
+def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", global_rank: bool = False,
+              round_to: int = 1, max_group_ratio: float = 0.9, seed: int = 0) -> dict:
+    """{group id: [channels to drop]} for every prunable group."""
+    planner.check_ratio(ratio)
+    if round_to < 1:
+        raise SpaError(f"invalid --round-to {round_to}: it must be a positive integer")
+    if ratio == 0:
+        return {}
+    scores = importance.score(analysis, criterion, seed=seed)
+    if global_rank:
+        return planner.global_(analysis.groups, scores, ratio, round_to, max_group_ratio)
+    return planner.uniform(analysis.groups, scores, ratio, round_to)
+
+
+def prune(analysis: Analysis, plan: dict) -> onnx.ModelProto:
+    """Apply `plan`; the result passes onnx.checker with full_check (else VerificationError).
+
+    A model whose input already fails the full check (some exporters declare wrong output
+    ranks) is held to the plain check plus the same full-check complaint as its input.
+    """
+    from .passes import prune as prune_pass
+
+    proto = prune_pass.apply(analysis, plan)
+    after = checker_message(proto)
+    if after is not None:
+        before = checker_message(analysis.model.proto)
+        if after != before or checker_message(proto, full=False) is not None:
+            raise VerificationError(f"pruned model fails the ONNX checker: {after}")
+    return proto
+
+
+def checker_message(proto: onnx.ModelProto, full: bool = True) -> str | None:
+    """First line of the ONNX checker's complaint, or None when the model passes."""
+    if weight_bytes(proto) >= TWO_GB:
+        return None  # checked from the saved file by the caller
+    try:
+        check_model(proto, full=full)
+    except Exception as exc:
+        return str(exc).strip().splitlines()[0][:300]
+    return None
+
+
+def zeroed(analysis: Analysis, plan: dict) -> onnx.ModelProto:
+    """The original model with every member slice of the planned channels set to zero."""
+    from onnx import numpy_helper
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(analysis.model.proto)
+    values = {}
+    for gid, channels in plan.items():
+        for m in analysis.group(gid).members:
+            arr = values.setdefault(m.tensor, np.array(analysis.index.value(m.tensor)))
+            for c in channels:
+                idx = [slice(None)] * arr.ndim
+                idx[m.axis] = m.indices[c]
+                arr[tuple(idx)] = 0
+    for t in proto.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.output[0] in values:
+            del node.attribute[:]
+            node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(values[node.output[0]])))
+    return proto
+
+
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict) -> dict:
+    """Run both in ONNX Runtime on `feeds`; per-output shapes and errors."""
+    from .backends import ort as ort_backend
+
+    ref = ort_backend.run(reference, feeds)
+    out = ort_backend.run(candidate, feeds)
+    report = {"outputs": {}, "ok": set(ref) == set(out)}
+    for name, r in ref.items():
+        o = out.get(name)
+        if not isinstance(r, np.ndarray):  # sequences/maps (ZipMap): same kind and length
+            same = type(o) is type(r) and len(o) == len(r)
+            report["outputs"][name] = {"kind": type(r).__name__, "same_shape": same}
+            report["ok"] &= same
+            continue
+        entry = {"shape": list(r.shape), "same_shape": o is not None and o.shape == r.shape}
+        if entry["same_shape"] and np.issubdtype(r.dtype, np.floating):
+            r64, o64 = r.astype(np.float64), o.astype(np.float64)
+            entry["max_abs"] = float(np.max(np.abs(r64 - o64))) if r.size else 0.0
+            entry["rel_err"] = float(np.linalg.norm(r64 - o64) / max(np.linalg.norm(r64), 1e-12))
+            entry["finite"] = bool(np.isfinite(o64).all())
+        report["ok"] &= entry["same_shape"] and (o is None or o.dtype == r.dtype)
+        report["outputs"][name] = entry
+    return report
+
+
+def reinfer(proto: onnx.ModelProto) -> Model:
+    model = Model(proto)
+    infer_shapes(model)
+    return model

@@ -1,0 +1,174 @@
+"""Command line: a thin shell over spa's public API.
+
+    spa analyze MODEL [--json]
+    spa prune MODEL --ratio R [-o OUT] [--criterion C] [--global] [--round-to N]
+                    [--exclude PATTERN] [--save-plan PLAN] [--json]
+    spa prune MODEL --plan PLAN -o OUT
+
+Exit codes: 0 success, 1 a clear error (one line; traceback with -v), 2 usage error,
+3 a requested verification failed. `--json` prints one document on stdout; progress
+and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+
+from . import __version__, api, importance, report
+from .analysis import analyze
+from .errors import SpaError
+from .model import check_writable, load, save, write_text_atomic
+from .planner import from_json, to_json
+
+ANALYZE_SCHEMA = 1
+PRUNE_SCHEMA = 1
+
+err = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def step(what: str, quiet: bool = False):
+    """A spinner on stderr while a step runs, then one line with its time."""
+    start = time.perf_counter()
+    if quiet:
+        yield
+        return
+    with err.status(f"{what}..."):
+        yield
+    err.print(f"[dim]{what}: {time.perf_counter() - start:.2f} s[/dim]")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spa", description="Structured pruning of ONNX models.")
+    p.add_argument("--version", action="version", version=f"spa {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    a = sub.add_parser("analyze", help="show the channel groups of a model")
+    a.add_argument("model")
+    a.add_argument("--json", action="store_true", help="print the analysis as JSON on stdout")
+    a.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="protect nodes/initializers whose name matches (glob; repeatable)")
+    a.add_argument("-v", "--verbose", action="store_true")
+
+    r = sub.add_parser("prune", help="remove channels and write a smaller model")
+    r.add_argument("model")
+    how = r.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
+    how.add_argument("--plan", help="apply an explicit plan file (from --save-plan)")
+    r.add_argument("-o", "--output", help="output model (default: MODEL.pruned.onnx beside the input)")
+    r.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA))
+    r.add_argument("--global", dest="global_rank", action="store_true",
+                   help="rank channels across all groups instead of the same ratio in each")
+    r.add_argument("--max-group-ratio", type=float, default=0.9,
+                   help="with --global: the most any one group may lose (default 0.9)")
+    r.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
+    r.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="protect nodes/initializers whose name matches (glob; repeatable)")
+    r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
+    r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
+    r.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip running the pruned model in ONNX Runtime before writing it")
+    r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    r.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _analyze(args) -> int:
+    with step("load + shape inference", args.json):
+        model = load(args.model)
+    with step("analysis", args.json):
+        analysis = analyze(model, exclude=args.exclude)
+    doc = report.analysis_json(analysis, ANALYZE_SCHEMA)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        report.print_analysis(analysis, doc)
+    return 0
+
+
+def _output_path(args) -> Path:
+    if args.output:
+        return Path(args.output)
+    src = Path(args.model)
+    return src.with_name(src.stem + ".pruned.onnx")
+
+
+def _read_plan(path: str) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpaError(f"cannot read plan '{path}': no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpaError(f"cannot read plan '{path}': not valid JSON ({exc})") from None
+    return from_json(doc)
+
+
+def _prune(args) -> int:
+    out = _output_path(args)
+    if not Path(args.model).exists():
+        raise SpaError(f"cannot load model '{args.model}': no such file")
+    check_writable(out, args.model)
+    if args.save_plan:
+        check_writable(args.save_plan, args.model)
+    plan = _read_plan(args.plan) if args.plan else None
+    quiet = args.json
+    with step("load + shape inference", quiet):
+        model = load(args.model)
+    api.refuse_quantized(model)
+    with step("analysis", quiet):
+        analysis = analyze(model, exclude=args.exclude)
+    if plan is None:
+        if args.ratio > 0 and not any(g.prunable for g in analysis.groups):
+            raise SpaError(f"nothing to prune in '{args.model}': {report.why_nothing(analysis)}")
+        with step(f"scoring ({args.criterion}) + planning", quiet):
+            plan = api.make_plan(analysis, args.ratio, args.criterion, args.global_rank, args.round_to,
+                                 args.max_group_ratio, args.seed)
+    with step("pruning", quiet):
+        pruned = api.prune(analysis, plan)
+    check = None
+    if args.check:
+        with step("checking in ONNX Runtime", quiet):
+            check = report.output_check(model, pruned, args.seed)
+    if args.save_plan:
+        write_text_atomic(args.save_plan, json.dumps(to_json(plan), indent=1))
+    with step("saving", quiet):
+        save(pruned, out, source=Path(args.model))
+    doc = report.prune_json(args, analysis, model, pruned, plan, out, check, PRUNE_SCHEMA)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        report.print_prune(doc)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return {"analyze": _analyze, "prune": _prune}[args.command](args)
+    except SpaError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return 1
+    except Exception as exc:  # a bug: still one line unless -v
+        if args.verbose:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        err.print(f"error: internal error ({type(exc).__name__}: {first}); rerun with -v for the traceback",
+                  markup=False, highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

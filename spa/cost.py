@@ -1,0 +1,53 @@
+"""Parameter and multiply-accumulate counts from a model's graph and inferred shapes.
+
+Dynamic dims (batch, sequence) count as 1, so MACs are per sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .graph import attr
+from .model import Model, constant_node_value
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def params(model: Model) -> int:
+    """Elements of floating-point initializers and Constant nodes."""
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = constant_node_value(node)
+            if value is not None and np.issubdtype(value.dtype, np.floating):
+                total += int(value.size)
+    return total
+
+
+def _numel(shape) -> int:
+    return int(np.prod([d or 1 for d in shape], dtype=np.int64)) if shape is not None else 0
+
+
+def _node_macs(node, shapes) -> int:
+    get = shapes.get
+    if node.op_type == "Conv" and get(node.input[1]) and get(node.output[0]):
+        w = get(node.input[1])
+        return _numel(get(node.output[0])) * _numel(w[1:])
+    if node.op_type == "ConvTranspose" and get(node.input[1]) and get(node.input[0]):
+        w = get(node.input[1])
+        return _numel(get(node.input[0])) * _numel(w[1:])
+    if node.op_type in ("Gemm", "MatMul") and get(node.input[0]) and get(node.output[0]):
+        a = get(node.input[0])
+        trans = node.op_type == "Gemm" and attr(node, "transA", 0)
+        k = (a[0] if trans else a[-1]) or 1
+        return _numel(get(node.output[0])) * k
+    return 0
+
+
+def macs(model: Model) -> int:
+    return sum(_node_macs(n, model.shapes) for n in model.graph.node)
+
+
+def summary(model: Model) -> dict:
+    return {"params": params(model), "macs": macs(model)}

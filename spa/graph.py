@@ -1,0 +1,157 @@
+"""Read-only index over a model's main graph: producers, consumers, constants, shapes.
+
+Also a tiny symbolic evaluator for shape tensors: `Shape(x) -> Gather -> Concat -> Reshape`
+chains evaluate to entries that are ints or `DimRef(tensor, axis)` ("the run-time size of
+that axis"), so rules can tell which output sizes follow a pruned axis by themselves.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .model import Model, constant_node_value
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass(frozen=True)
+class DimRef:
+    """The run-time size of `axis` of `tensor`."""
+
+    tensor: str
+    axis: int
+
+
+class GraphIndex:
+    def __init__(self, model: Model):
+        self.model = model
+        self.graph = model.graph
+        self.shapes = model.shapes
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.graph.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(node)
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.constant_nodes = {
+            n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and n.domain in DEFAULT_DOMAINS
+        }
+        self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
+        self.graph_outputs = [o.name for o in self.graph.output]
+        self.opset = next((o.version for o in model.proto.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+        self._values: dict[str, np.ndarray | None] = {}
+        self._labels = {id(n): (f"'{n.name}'" if n.name else f"#{i}") for i, n in enumerate(self.graph.node)}
+
+    def label(self, node: onnx.NodeProto) -> str:
+        """How messages name a node: its quoted name, or #index when it has none."""
+        return self._labels.get(id(node), f"'{node.name}'")
+
+    def is_const(self, name: str) -> bool:
+        return name in self.initializers or name in self.constant_nodes
+
+    def value(self, name: str) -> np.ndarray | None:
+        """Value of a constant tensor, looking through Identity/Cast/Constant; else None."""
+        if not name:
+            return None
+        if name not in self._values:
+            self._values[name] = self._compute_value(name)
+        return self._values[name]
+
+    def _compute_value(self, name: str) -> np.ndarray | None:
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        if name in self.constant_nodes:
+            return constant_node_value(self.constant_nodes[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":
+            return self.value(node.input[0])
+        return None
+
+    def shape(self, name: str):
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    def shape_value(self, name: str, depth: int = 0) -> list | None:
+        """Entries of a 1-D int shape tensor: int, DimRef or None (unknown)."""
+        const = self.value(name)
+        if const is not None:
+            return [int(v) for v in np.asarray(const).reshape(-1)]
+        node = self.producer.get(name)
+        if node is None or depth > 32:
+            return None
+        handler = _SHAPE_OPS.get(node.op_type)
+        return handler(self, node, depth + 1) if handler else None
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _sv_shape(g: GraphIndex, node, depth):
+    rank = g.rank(node.input[0])
+    if rank is None:
+        return None
+    start, end = _attr(node, "start", 0), _attr(node, "end", rank)
+    axes = range(rank)[slice(start, end)]
+    return [DimRef(node.input[0], a) for a in axes]
+
+
+def _sv_gather(g: GraphIndex, node, depth):
+    data, idx = g.shape_value(node.input[0], depth), g.value(node.input[1])
+    if data is None or idx is None or _attr(node, "axis", 0) != 0:
+        return None
+    picked = [data[int(i)] for i in np.asarray(idx).reshape(-1)]
+    return picked
+
+
+def _sv_concat(g: GraphIndex, node, depth):
+    parts = [g.shape_value(i, depth) for i in node.input]
+    return None if any(p is None for p in parts) else [e for p in parts for e in p]
+
+
+def _sv_passthrough(g: GraphIndex, node, depth):
+    return g.shape_value(node.input[0], depth)
+
+
+def _sv_slice(g: GraphIndex, node, depth):
+    data = g.shape_value(node.input[0], depth)
+    if data is None:
+        return None
+    if len(node.input) > 1:
+        starts, ends = g.value(node.input[1]), g.value(node.input[2])
+        steps = g.value(node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
+        if starts is None or ends is None or steps is None:
+            return None
+        s, e, st = int(np.ravel(starts)[0]), int(np.ravel(ends)[0]), int(np.ravel(steps)[0])
+    else:
+        s, e, st = _attr(node, "starts")[0], _attr(node, "ends")[0], 1
+    return data[slice(s, e, st)]
+
+
+_SHAPE_OPS = {
+    "Shape": _sv_shape,
+    "Gather": _sv_gather,
+    "Concat": _sv_concat,
+    "Unsqueeze": _sv_passthrough,
+    "Squeeze": _sv_passthrough,
+    "Cast": _sv_passthrough,
+    "Identity": _sv_passthrough,
+    "Slice": _sv_slice,
+}
+
+attr = _attr

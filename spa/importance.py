@@ -1,0 +1,78 @@
+"""Channel importance criteria: `(group, weights) -> scores[group.size]`.
+
+A criterion sees only the group's members (parameter slices), never op types. Magnitude
+criteria score each weight member (rank >= 2; vectors such as biases or BatchNorm
+statistics only when a group has no weight member), normalise each member's scores to
+mean 1 so a large layer does not drown a small one, and average over members.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+CRITERIA: dict[str, Callable] = {}
+
+
+def criterion(name: str):
+    def deco(fn):
+        CRITERIA[name] = fn
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Callable:
+    from .errors import SpaError
+
+    if name not in CRITERIA:
+        raise SpaError(f"unknown criterion '{name}'", f"choose one of: {', '.join(sorted(CRITERIA))}")
+    return CRITERIA[name]
+
+
+def _member_norms(group, weights, power: int) -> list[np.ndarray]:
+    members = [m for m in group.members if weights[m.tensor].ndim >= 2] or group.members
+    out = []
+    for m in members:
+        w = np.asarray(weights[m.tensor], dtype=np.float64)
+        axes = tuple(a for a in range(w.ndim) if a != m.axis)
+        per_pos = (np.abs(w) ** power).sum(axis=axes) if axes else np.abs(w) ** power
+        scores = np.array([per_pos[np.atleast_1d(ix)].sum() for ix in m.indices])
+        mean = scores.mean()
+        out.append(scores / mean if mean > 0 else scores)
+    return out
+
+
+@criterion("l1")
+def l1(group, weights, data=None, seed=0) -> np.ndarray:
+    """Sum of |w| over each channel's slices."""
+    return np.mean(_member_norms(group, weights, 1), axis=0)
+
+
+@criterion("l2")
+def l2(group, weights, data=None, seed=0) -> np.ndarray:
+    """Euclidean norm of each channel's slices."""
+    return np.sqrt(np.mean(_member_norms(group, weights, 2), axis=0))
+
+
+@criterion("random")
+def random(group, weights, data=None, seed=0) -> np.ndarray:
+    """Uniform random scores (a baseline), seeded per group id so runs repeat."""
+    rng = np.random.default_rng([seed, *group.id.encode()])
+    return rng.random(group.size)
+
+
+def score(analysis, name: str, groups=None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Scores for every prunable group (or `groups`)."""
+    fn = get(name)
+    groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
+    cache: dict[str, np.ndarray] = {}
+
+    def weights_of(g):
+        for m in g.members:
+            if m.tensor not in cache:
+                cache[m.tensor] = analysis.index.value(m.tensor)
+        return cache
+
+    return {g.id: fn(g, weights_of(g), seed=seed) for g in groups}

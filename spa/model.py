@@ -1,0 +1,305 @@
+"""Model I/O: load (with safe external data), shape inference, atomic save.
+
+    path ─load─▶ Model(proto, shapes) ─save─▶ path'   (temp file + rename; input never touched)
+
+Shapes come from ONNX shape inference; where it leaves a tensor's rank or a dim
+unknown we try ONNX Runtime's symbolic shape inference, then running the model twice
+(dynamic dims fed as 1 and 2: a dim that differs between the runs is dynamic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+from .errors import SpaError
+
+TWO_GB = 2**31 - 1
+Shape = tuple  # tuple[int | None, ...]: static dims as int, dynamic/unknown as None
+
+
+@dataclass
+class Model:
+    """An ONNX model plus what spa knows about its tensors."""
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    shapes: dict[str, Shape] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    unknown: set[str] = field(default_factory=set)  # tensors with a dim neither static nor symbolic
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.proto.graph
+
+
+def _all_tensors(model: onnx.ModelProto):
+    return external_data_helper._get_all_tensors(model)
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    root = base.resolve()
+    for tensor in _all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        loc = info.location
+        target = (root / loc).resolve()
+        if os.path.isabs(loc) or root not in target.parents:
+            raise SpaError(
+                f"refusing external data for tensor '{tensor.name}': location '{loc}' "
+                f"escapes the model's folder {root}",
+                "external data files must sit beside the model (relative paths inside its folder)",
+            )
+        if not target.is_file():
+            raise SpaError(
+                f"external data file '{loc}' for tensor '{tensor.name}' is missing",
+                "copy the .data file next to the model",
+            )
+        end = (info.offset or 0) + (info.length or 0)
+        if end > target.stat().st_size:
+            raise SpaError(
+                f"external data for tensor '{tensor.name}' reads past the end of '{loc}' "
+                f"({end} > {target.stat().st_size} bytes): the file is truncated"
+            )
+
+
+def load(path: str | os.PathLike, infer: bool = True) -> Model:
+    """Load an ONNX model (external data checked and loaded) and infer its shapes."""
+    path = Path(path)
+    if not path.exists():
+        raise SpaError(f"cannot load model '{path}': no such file")
+    if path.is_dir():
+        raise SpaError(f"cannot load model '{path}': it is a directory", "pass the .onnx file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for garbage input
+        raise SpaError(
+            f"cannot load model '{path}': not a valid ONNX file ({type(exc).__name__})",
+            "check that the file is an .onnx model and is complete",
+        ) from exc
+    if not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise SpaError(
+            f"cannot load model '{path}': not a valid ONNX file (no graph or no nodes)",
+            "check that the file is an .onnx model and is complete",
+        )
+    _check_external_data(proto, path.parent)
+    external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    _check_proto(proto, path)
+    model = Model(proto, path)
+    if infer:
+        infer_shapes(model)
+    return model
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Silence C++ code that prints to fd 1 (the ONNX checker's experimental-op warnings),
+    so `--json` output on stdout stays one clean document."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def check_model(model, full: bool = False) -> None:
+    with quiet_stdout():
+        onnx.checker.check_model(model, full_check=full)
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
+    try:
+        check_model(proto if weight_bytes(proto) < TWO_GB else str(path))
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise SpaError(
+            f"cannot load model '{path}': the ONNX checker rejects it ({first[:200]})",
+            "the file may be truncated or written by a broken exporter",
+        ) from exc
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes held by initializers (raw or typed), used to decide on external data."""
+    total = 0
+    for t in proto.graph.initializer:
+        if t.HasField("raw_data"):
+            total += len(t.raw_data)
+        else:
+            total += int(np.prod(t.dims, dtype=np.int64)) * 4
+    return total
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _dims(type_proto: onnx.TypeProto) -> Shape | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        for d in type_proto.tensor_type.shape.dim
+    )
+
+
+def _unknown_dims(type_proto: onnx.TypeProto) -> bool:
+    return any(not d.HasField("dim_value") and not d.dim_param for d in type_proto.tensor_type.shape.dim)
+
+
+def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set | None = None) -> None:
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = _dims(vi.type)
+        if dims is not None and (vi.name not in shapes or vi.name in (unknown or ())):
+            shapes[vi.name] = dims
+            if unknown is not None:
+                if _unknown_dims(vi.type):
+                    unknown.add(vi.name)
+                else:
+                    unknown.discard(vi.name)
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            dtypes.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+        dtypes[init.name] = init.data_type
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = constant_node_value(node)
+            if value is not None:
+                shapes[node.output[0]] = tuple(value.shape)
+                dtypes[node.output[0]] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """Value of a Constant node, whatever attribute holds it (None if sparse/unknown)."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def _missing(model: Model) -> list[str]:
+    outs = [o for n in model.graph.node for o in n.output if o]
+    return [o for o in outs if o not in model.shapes or o in model.unknown]
+
+
+def infer_shapes(model: Model) -> None:
+    """Fill model.shapes/dtypes: ONNX inference, then ORT symbolic, then a real run."""
+    model.shapes, model.dtypes, model.unknown = {}, {}, set()
+    _collect(model.graph, model.shapes, model.dtypes, model.unknown)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model.proto, data_prop=True)
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown)
+    except Exception:
+        pass  # partial knowledge is fine: the fallbacks below fill the gaps
+    if _missing(model):
+        _symbolic_fallback(model)
+    if _missing(model):
+        _run_fallback(model)
+
+
+def _symbolic_fallback(model: Model) -> None:
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model.proto, auto_merge=True, guess_output_rank=True)
+    except Exception:
+        return
+    if inferred is not None:
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown)
+
+
+def _run_fallback(model: Model) -> None:
+    """Run the model with every unknown tensor as an output, dynamic dims at 1 and 2."""
+    from .backends.ort import random_feeds, run_with_outputs
+
+    names = [n for n in _missing(model) if n in model.dtypes]
+    if not names:
+        return
+    try:
+        runs = [run_with_outputs(model, names, random_feeds(model, dynamic=d)) for d in (1, 2)]
+    except Exception:
+        return
+    for name in names:
+        a, b = runs[0].get(name), runs[1].get(name)
+        if a is None or b is None or a.ndim != b.ndim:
+            continue
+        model.shapes[name] = tuple(x if x == y else None for x, y in zip(a.shape, b.shape))
+        model.unknown.discard(name)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Fail early (before any work) when `path` cannot be written or is the input."""
+    path = Path(path)
+    folder = path.parent
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise SpaError(f"refusing to write '{path}': it is the input model", "choose another -o path")
+    if path.is_dir():
+        raise SpaError(f"cannot write '{path}': it is a directory", "give a file name such as model.pruned.onnx")
+    if not folder.is_dir():
+        raise SpaError(f"cannot write '{path}': folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SpaError(f"cannot write '{path}': permission denied", "choose a writable -o path")
+    return path
+
+
+def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None) -> Path:
+    """Write atomically: temp files in the target folder, then rename into place.
+
+    Models whose weights exceed 2 GB get one external data file `<name>.data` beside them.
+    """
+    path = check_writable(path, source)
+    folder = path.parent
+    tmpdir = Path(tempfile.mkdtemp(prefix=".spa-tmp-", dir=folder))
+    try:
+        tmp = tmpdir / path.name
+        external = weight_bytes(proto) >= TWO_GB
+        if external:
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+            os.replace(tmpdir / (path.name + ".data"), folder / (path.name + ".data"))
+        else:
+            onnx.save_model(proto, str(tmp))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as exc:
+        raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Small text files (plans, reports): temp file in the same folder, then rename."""
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=".spa-tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from exc

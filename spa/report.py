@@ -1,0 +1,132 @@
+"""What spa shows: analysis tables, before/after summaries, JSON documents."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import api, cost
+from .errors import VerificationError
+
+out = Console(soft_wrap=True)
+
+
+def analysis_json(analysis, schema: int) -> dict:
+    c = cost.summary(analysis.model)
+    return {
+        "schema_version": schema,
+        "model": str(analysis.model.path) if analysis.model.path else None,
+        "params": c["params"],
+        "macs": c["macs"],
+        "groups": [g.to_json() for g in analysis.groups],
+        "barriers": analysis.barriers,
+    }
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def print_analysis(analysis, doc: dict) -> None:
+    table = Table(title=f"channel groups of {doc['model']}", title_justify="left")
+    for col in ("id", "channels", "members", "prunable", "zero-invariant"):
+        table.add_column(col, overflow="fold")
+    for g in analysis.groups:
+        prunable = "yes" if g.prunable else f"no: {g.reason}"
+        if g.prunable and g.locked:
+            prunable = f"yes ({len(g.locked)} locked)"
+        zi = "yes" if g.zero_invariant else f"no: {g.zi_reason}"
+        table.add_row(g.id, str(g.size), str(len(g.members)), prunable, zi)
+    out.print(table)
+    n_prunable = sum(g.prunable for g in analysis.groups)
+    n_zi = sum(g.prunable and g.zero_invariant for g in analysis.groups)
+    out.print(f"{len(analysis.groups)} groups, {n_prunable} prunable ({n_zi} zero-invariant); "
+              f"params {_fmt(doc['params'])}, MACs {_fmt(doc['macs'])}")
+    if analysis.barriers:
+        kinds = Counter(n.op_type for n in analysis.index.graph.node if (n.name or n.op_type) in analysis.barriers)
+        out.print("barriers (ops without a coupling rule): " + ", ".join(f"{k} x{v}" for k, v in kinds.most_common()))
+
+
+def why_nothing(analysis) -> str:
+    if not analysis.groups:
+        return "it has no channel group with constant weights (weights computed at run time, or no Conv/Gemm/MatMul)"
+    reasons = Counter(g.reason for g in analysis.groups)
+    top, n = reasons.most_common(1)[0]
+    return f"none of its {len(analysis.groups)} channel groups is prunable (most common reason, {n}x: {top})"
+
+
+def output_check(model, pruned, seed: int = 0) -> dict:
+    """Run original and pruned on the same random inputs; raise if the pruned model breaks."""
+    from .backends import ort as ort_backend
+
+    feeds = ort_backend.random_feeds(model.proto, seed=seed)
+    try:
+        ort_backend.run(model.proto, feeds)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        return {"status": "skipped", "reason": f"the input model does not run on random inputs ({first})"}
+    try:
+        rep = api.compare(model.proto, pruned, feeds)
+    except Exception as exc:
+        raise VerificationError(f"pruned model fails in ONNX Runtime: {str(exc).strip().splitlines()[0][:300]}") from exc
+    if not rep["ok"]:
+        raise VerificationError("pruned model changes the outputs' names, dtypes or shapes")
+    if any(o.get("finite") is False for o in rep["outputs"].values()):
+        raise VerificationError("pruned model gives non-finite outputs")
+    errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
+    return {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"]}
+
+
+def _size(path: Path) -> int:
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def prune_json(args, analysis, model, pruned, plan, out_path: Path, check, schema: int) -> dict:
+    before = cost.summary(model)
+    after = cost.summary(api.reinfer(pruned))
+    before["bytes"], after["bytes"] = _size(Path(args.model)), _size(Path(out_path))
+    return {
+        "schema_version": schema,
+        "input": str(args.model),
+        "output": str(out_path),
+        "ratio": args.ratio,
+        "plan_file": args.plan,
+        "criterion": None if args.plan else args.criterion,
+        "global": bool(args.global_rank),
+        "groups": len(analysis.groups),
+        "groups_prunable": sum(g.prunable for g in analysis.groups),
+        "groups_pruned": sum(1 for c in plan.values() if c),
+        "channels_removed": int(sum(len(c) for c in plan.values())),
+        "before": before,
+        "after": after,
+        "check": check,
+    }
+
+
+def print_prune(doc: dict) -> None:
+    table = Table(title=f"{doc['input']} -> {doc['output']}", title_justify="left")
+    for col in ("", "before", "after", "after/before"):
+        table.add_column(col, justify="right")
+    for key, label in (("params", "params"), ("macs", "MACs"), ("bytes", "file size")):
+        b, a = doc["before"][key], doc["after"][key]
+        table.add_row(label, _fmt(b), _fmt(a), f"{a / b:.3f}" if b else "-")
+    out.print(table)
+    out.print(f"pruned {doc['channels_removed']} channels in {doc['groups_pruned']} of "
+              f"{doc['groups_prunable']} prunable groups ({doc['groups']} groups in all)")
+    check = doc["check"]
+    if check is None:
+        out.print("output check: not run (--no-check)")
+    elif check["status"] == "skipped":
+        out.print(f"output check: skipped: {check['reason']}")
+    else:
+        out.print(f"output check: runs in ONNX Runtime, same outputs' names/dtypes/shapes; "
+                  f"max relative error vs the input model {check['max_rel_err']:.3g} (random inputs)")
+
+

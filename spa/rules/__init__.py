@@ -1,0 +1,119 @@
+"""Coupling rules: one function per op type, registered by name.
+
+A rule looks at one node and states, for the axes of its inputs and outputs:
+
+- couplings: two channel spaces `(tensor, axis)` carry the same channels, with the
+  position pairs that match them (identity, offset, block, modulo maps below);
+- pins: a space (or some positions of it) must keep its size, with the reason;
+- free: a space the node does not constrain (e.g. the input of Shape);
+- nonzi: a space where zeroed channels still change other channels (Softmax, LRN, a
+  divisor), so removing them is not exact: the group is not zero-invariant.
+
+Every input/output axis a rule leaves unmentioned is pinned (never guess). An op with
+no rule is a barrier: all its spaces are pinned. A rule may also register a rewriter,
+called by the prune pass to update attributes or shape constants of the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+Space = tuple  # (tensor name, axis)
+
+RULES: dict[str, Callable] = {}
+REWRITERS: dict[str, Callable] = {}
+
+
+def rule(*op_types: str):
+    """Register a coupling rule for the given default-domain op types."""
+
+    def deco(fn):
+        for op in op_types:
+            RULES[op] = fn
+        return fn
+
+    return deco
+
+
+def rewriter(*op_types: str):
+    """Register a prune-time rewriter `(node, edit) -> None` for the given op types."""
+
+    def deco(fn):
+        for op in op_types:
+            REWRITERS[op] = fn
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------- index maps
+
+
+def identity(n: int) -> np.ndarray:
+    """a[i] <-> b[i]."""
+    i = np.arange(n)
+    return np.stack([i, i], 1)
+
+
+def offset(n: int, off: int) -> np.ndarray:
+    """a[i] <-> b[off + i] (Concat inputs, Split/Slice windows)."""
+    i = np.arange(n)
+    return np.stack([i, i + off], 1)
+
+
+def block(n: int, m: int) -> np.ndarray:
+    """a[i] <-> b[i*m : (i+1)*m] (flattened channel blocks, depthwise multipliers)."""
+    i = np.repeat(np.arange(n), m)
+    return np.stack([i, np.arange(n * m)], 1)
+
+
+def modulo(n: int, m: int) -> np.ndarray:
+    """a[i] <-> b[i % m] (grouped conv: the same slot in every group)."""
+    i = np.arange(n)
+    return np.stack([i, i % m], 1)
+
+
+
+
+@dataclass
+class Result:
+    """What one rule says about one node."""
+
+    node: object
+    couplings: list = field(default_factory=list)  # (Space, Space, pairs)
+    pins: list = field(default_factory=list)  # (Space, positions | None, reason)
+    free: set = field(default_factory=set)
+    nonzi: list = field(default_factory=list)  # (Space, reason)
+
+    def couple(self, a: Space, b: Space, pairs: np.ndarray) -> None:
+        self.couplings.append((a, b, pairs))
+
+    def same(self, a: Space, b: Space, ctx) -> None:
+        """Identity coupling when both axes are known and equal; size-1 axes are skipped."""
+        sa, sb = ctx.size(a), ctx.size(b)
+        if sa == 1 or sb == 1:
+            self.free.update((a, b))
+        elif sa is not None and sa == sb:
+            self.couple(a, b, identity(sa))
+        elif sa is None and sb is None:
+            self.free.update((a, b))
+        else:
+            self.pin(a, f"size mismatch with axis {b[1]} of '{b[0]}'")
+            self.pin(b, f"size mismatch with axis {a[1]} of '{a[0]}'")
+
+    def param(self, name: str, ctx, why: str = "") -> None:
+        """`name` is read as sizes/indices/axes, not as data: its values must not change."""
+        for k in range(ctx.rank(name) or 0) if name else ():
+            self.pin((name, k), why or f"'{name}' holds sizes or indices for {ctx.label(self.node)}")
+
+    def pin(self, space: Space, why: str, positions=None) -> None:
+        self.pins.append((space, positions, why))
+
+    def mark_nonzi(self, space: Space, why: str) -> None:
+        self.nonzi.append((space, why))
+
+
+from . import conv, elementwise, linear, norm, pool, shape  # noqa: E402,F401  (register rules)

@@ -1,0 +1,68 @@
+"""Elementwise ops: every axis of the output carries the same channels as the inputs.
+
+    Relu(x) -> y          x[:, c] <-> y[:, c]                   (all axes, identity)
+    Add(a, b) -> y        a[.., c] <-> b[.., c] <-> y[.., c]    (numpy broadcasting, right-aligned;
+                                                                 size-1 axes are not coupled)
+"""
+
+from __future__ import annotations
+
+from . import rule
+
+UNARY = (
+    "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
+    "Softsign", "Erf", "Elu", "Selu", "Celu", "Gelu", "Mish", "Exp", "Abs", "Neg", "Sqrt",
+    "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Not", "IsNaN", "IsInf", "Identity",
+    "Dropout", "Cast", "ThresholdedRelu", "Shrink", "Swish", "Relu6",
+)
+# f(0) is infinite: channels zeroed upstream become inf/nan here
+NOT_ZERO_SAFE = ("Log", "Reciprocal")
+BROADCAST = (
+    "Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "PRelu", "Where",
+    "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "And", "Or", "Xor", "Mod",
+    "BitwiseAnd", "BitwiseOr", "BitwiseXor", "CastLike",
+)
+
+
+@rule(*UNARY, *NOT_ZERO_SAFE)
+def unary(node, ctx, res):
+    """y = f(x), shape preserved: x[.., k] <-> y[.., k] for every axis k."""
+    x, y = node.input[0], node.output[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    for k in range(rank):
+        res.same((x, k), (y, k), ctx)
+        if node.op_type in NOT_ZERO_SAFE:
+            res.mark_nonzi((y, k), f"{node.op_type} of a zeroed channel is not finite")
+    for i in node.input[1:]:  # Clip min/max, Dropout ratio: scalars
+        res.param(i, ctx)
+
+
+@rule(*BROADCAST)
+def broadcast(node, ctx, res):
+    """Inputs right-aligned against the output; equal non-1 axes are the same channels."""
+    y = node.output[0]
+    out_rank = ctx.rank(y)
+    if out_rank is None:
+        return
+    inputs = node.input[:1] if node.op_type == "CastLike" else node.input
+    for idx, x in enumerate(inputs):
+        rank = ctx.rank(x)
+        if rank is None or not x or rank > out_rank:
+            continue
+        for k in range(rank):
+            res.same((x, k), (y, out_rank - rank + k), ctx)
+            if node.op_type in ("Div", "Mod") and idx == 1:
+                res.mark_nonzi((x, k), f"zeroing a divisor of {node.op_type} {ctx.label(node)} gives inf/nan")
+            if node.op_type == "Pow" and idx == 1:
+                res.mark_nonzi((x, k), f"a zeroed exponent of Pow {ctx.label(node)} gives 1, not 0")
+    if node.op_type == "CastLike":
+        res.param(node.input[1], ctx)
+
+
+@rule("Constant")
+def constant(node, ctx, res):
+    """A constant is a source: its axes are whatever its consumers make of them."""
+    for k in range(ctx.rank(node.output[0]) or 0):
+        res.free.add((node.output[0], k))

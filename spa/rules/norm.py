@@ -1,0 +1,55 @@
+"""Normalizations and channel-mixing ops.
+
+    BatchNormalization(x[N,C,..], scale, B, mean, var) -> y     x[:,c] <-> y[:,c] <-> scale[c] <-> ..
+    InstanceNormalization(x[N,C,..], scale[C], B[C]) -> y       per channel, spatial axes pinned
+    LRN(x) -> y                 channels identity, but each output mixes its neighbours: not exact
+    Softmax/LogSoftmax/Hardmax  identity, the reduced axis mixes channels: not exact
+"""
+
+from __future__ import annotations
+
+from . import rule
+
+
+def _same_all(x, y, ctx, res):
+    for k in range(ctx.rank(x) or 0):
+        res.same((x, k), (y, k), ctx)
+
+
+@rule("BatchNormalization")
+def batchnorm(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    _same_all(x, y, ctx, res)
+    for p in node.input[1:5]:
+        if p:
+            res.same((p, 0), (y, 1), ctx)
+
+
+@rule("InstanceNormalization")
+def instancenorm(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    for k in (0, 1):
+        res.same((x, k), (y, k), ctx)
+    for p in node.input[1:3]:
+        res.same((p, 0), (y, 1), ctx)
+    for k in range(2, ctx.rank(x) or 0):
+        res.pin((x, k), f"statistics of InstanceNormalization {ctx.label(node)} span this axis")
+
+
+@rule("LRN")
+def lrn(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    _same_all(x, y, ctx, res)
+    res.mark_nonzi((y, 1), f"LRN {ctx.label(node)} normalises each channel by its neighbours")
+
+
+@rule("Softmax", "LogSoftmax", "Hardmax")
+def softmax(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    rank = ctx.rank(x) or 0
+    _same_all(x, y, ctx, res)
+    default = -1 if ctx.opset >= 13 else 1
+    axis = ctx.attr(node, "axis", default) % max(rank, 1)
+    mixed = [axis] if ctx.opset >= 13 else range(axis, rank)  # before opset 13: flattened tail
+    for k in mixed:
+        res.mark_nonzi((y, k), f"{node.op_type} {ctx.label(node)} normalises across this axis")

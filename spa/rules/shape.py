@@ -1,0 +1,394 @@
+"""Layout ops: channels move between axes or tensors, and shape constants follow them.
+
+    Transpose(x, perm) -> y        x[perm[i]] <-> y[i]
+    Squeeze/Unsqueeze              the remaining axes, in order
+    Concat(a, b; axis) -> y        a[i] <-> y[i], b[i] <-> y[len(a) + i]         (offset)
+    Split(x; axis) -> y0, y1       y_k[i] <-> x[off_k + i]                       (window)
+    Slice(x; step 1) -> y          y[i] <-> x[start + i]; positions outside are free
+    Gather(x, const idx; axis)     y[j] <-> x[idx[j]]
+    Reshape/Flatten(x) -> y        axes grouped by equal products; inside a group one factor
+                                   carries the channels (block or digit map), others are pinned:
+                                   [N,C,H,W] -> [N,C*H*W]: x[:,c] <-> y[:, c*H*W:(c+1)*H*W]
+    Expand/ConstantOfShape/Reshape shape entries: `Shape(t)[a]` couples t[a] with the output axis;
+                                   literals in constant shapes are rewritten when pruned.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import DimRef
+from . import offset, rewriter, rule
+
+SHAPE_ARITH = ("Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Slice")
+SHAPE_SINKS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Resize", 3)}
+
+
+@rule("Transpose")
+def transpose(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    perm = ctx.attr(node, "perm", None) or list(reversed(range(rank)))
+    for i, p in enumerate(perm):
+        res.same((x, p), (y, i), ctx)
+
+
+def _axes(node, ctx, idx=1):
+    axes = ctx.attr(node, "axes", None)
+    if axes is None and len(node.input) > idx and node.input[idx]:
+        value = ctx.value(node.input[idx])
+        return None if value is None else [int(a) for a in value.reshape(-1)]
+    return axes
+
+
+@rule("Squeeze", "Unsqueeze")
+def squeeze(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    rx, ry = ctx.rank(x), ctx.rank(y)
+    if rx is None or ry is None:
+        return
+    axes = _axes(node, ctx)
+    if node.op_type == "Squeeze":
+        gone = {a % rx for a in axes} if axes else {k for k, d in enumerate(ctx.shape(x)) if d == 1}
+        kept_x, kept_y = [k for k in range(rx) if k not in gone], list(range(ry))
+    else:
+        if axes is None:
+            return
+        new = {a % ry for a in axes}
+        kept_x, kept_y = list(range(rx)), [k for k in range(ry) if k not in new]
+    for a, b in zip(kept_x, kept_y):
+        res.same((x, a), (y, b), ctx)
+    res.param(node.input[1] if len(node.input) > 1 else "", ctx)
+
+
+@rule("Concat")
+def concat(node, ctx, res):
+    y = node.output[0]
+    rank = ctx.rank(y)
+    if rank is None:
+        return
+    axis = ctx.attr(node, "axis", 0) % rank
+    start = 0
+    for x in node.input:
+        size = (ctx.shape(x) or [None] * rank)[axis]
+        if size is None:
+            return
+        for k in range(rank):
+            if k != axis:
+                res.same((x, k), (y, k), ctx)
+        if size > 0:
+            res.couple((x, axis), (y, axis), offset(size, start))
+        start += size
+
+
+@rule("Split")
+def split(node, ctx, res):
+    x = node.input[0]
+    rank = ctx.rank(x)
+    if rank is None:
+        return
+    axis = ctx.attr(node, "axis", 0) % rank
+    start = 0
+    for y in node.output:
+        size = (ctx.shape(y) or [None] * rank)[axis]
+        if size is None:
+            return
+        for k in range(rank):
+            if k != axis:
+                res.same((x, k), (y, k), ctx)
+        res.couple((y, axis), (x, axis), offset(size, start))
+        start += size
+    res.param(node.input[1] if len(node.input) > 1 else "", ctx)
+
+
+@rewriter("Split")
+def split_sizes(node, edit):
+    rank = len(edit.old_shape(node.input[0]))
+    axis = edit.attr(node, "axis", 0) % rank
+    sizes = [edit.new_size((y, axis)) for y in node.output]
+    if sizes == [edit.old_size((y, axis)) for y in node.output]:
+        return
+    if edit.opset >= 13:
+        edit.del_attr(node, "num_outputs")
+        edit.set_input_const(node, 1, np.array(sizes, dtype=np.int64))
+    else:
+        edit.set_attr(node, "split", sizes)
+
+
+def _slice_params(node, ctx):
+    """(starts, ends, axes, steps) as lists, or None when not constant."""
+    if len(node.input) == 1:
+        starts, ends = ctx.attr(node, "starts", None), ctx.attr(node, "ends", None)
+        axes = ctx.attr(node, "axes", None) or list(range(len(starts)))
+        return starts, ends, axes, [1] * len(starts)
+    vals = [ctx.value(n) if n else None for n in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+    if vals[0] is None or vals[1] is None or (node.input[3:4] and node.input[3] and vals[2] is None):
+        return None
+    starts, ends = vals[0].reshape(-1).tolist(), vals[1].reshape(-1).tolist()
+    axes = vals[2].reshape(-1).tolist() if vals[2] is not None else list(range(len(starts)))
+    steps = vals[3].reshape(-1).tolist() if vals[3] is not None else [1] * len(starts)
+    if len(node.input) > 4 and node.input[4] and vals[3] is None:
+        return None
+    return starts, ends, axes, steps
+
+
+def _window(start, end, size):
+    start = max(0, min(size, start + size if start < 0 else start))
+    end = max(0, min(size, end + size if end < 0 else end))
+    return start, max(start, end)
+
+
+@rule("Slice")
+def slice_(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    rank, params = ctx.rank(x), _slice_params(node, ctx)
+    if rank is None or params is None:
+        return
+    starts, ends, axes, steps = params
+    sliced = {int(a) % rank: i for i, a in enumerate(axes)}
+    for k in range(rank):
+        if k not in sliced:
+            res.same((x, k), (y, k), ctx)
+            continue
+        i, size = sliced[k], ctx.shape(x)[k]
+        if steps[i] != 1 or size is None:
+            continue
+        start, end = _window(int(starts[i]), int(ends[i]), size)
+        if end > start:
+            res.couple((y, k), (x, k), offset(end - start, start))
+        else:
+            res.free.add((x, k))
+    for name in node.input[1:]:
+        res.param(name, ctx)
+
+
+@rewriter("Slice")
+def slice_window(node, edit):
+    starts, ends, axes, steps = _slice_params(node, edit)
+    rank = len(edit.old_shape(node.input[0]))
+    changed = False
+    for i, a in enumerate(axes):
+        k = int(a) % rank
+        kept = edit.kept((node.input[0], k))
+        if kept is None:
+            continue
+        start, _ = _window(int(starts[i]), int(ends[i]), edit.old_size((node.input[0], k)))
+        starts[i] = int(np.searchsorted(kept, start))
+        ends[i] = starts[i] + edit.new_size((node.output[0], k))
+        changed = True
+    if not changed:
+        return
+    if len(node.input) == 1:
+        edit.set_attr(node, "starts", starts)
+        edit.set_attr(node, "ends", ends)
+    else:
+        dtype = edit.value(node.input[1]).dtype
+        edit.set_input_const(node, 1, np.array(starts, dtype=dtype))
+        edit.set_input_const(node, 2, np.array(ends, dtype=dtype))
+
+
+@rule("Gather")
+def gather(node, ctx, res):
+    x, idx, y = node.input[0], node.input[1], node.output[0]
+    rank, ind = ctx.rank(x), ctx.value(idx)
+    if rank is None or ctx.rank(y) is None:
+        return
+    axis = ctx.attr(node, "axis", 0) % rank
+    ir = ctx.rank(idx) or 0
+    for k in range(rank):
+        if k != axis:
+            res.same((x, k), (y, k if k < axis else k + ir - 1), ctx)
+    if ind is None or ind.ndim > 1 or ctx.shape(x)[axis] is None:
+        return
+    pos = ind.reshape(-1).astype(np.int64) % ctx.shape(x)[axis]
+    if ind.ndim == 0:
+        res.pin((x, axis), f"one channel is picked by Gather {ctx.label(node)}", positions=pos)
+    else:
+        res.couple((y, axis), (x, axis), np.stack([np.arange(len(pos)), pos], 1))
+    res.param(idx, ctx)
+
+
+@rewriter("Gather")
+def gather_indices(node, edit):
+    rank = len(edit.old_shape(node.input[0]))
+    axis = edit.attr(node, "axis", 0) % rank
+    kept = edit.kept((node.input[0], axis))
+    ind = edit.value(node.input[1])
+    if kept is None or ind is None:
+        return
+    pos = ind.reshape(-1).astype(np.int64) % edit.old_size((node.input[0], axis))
+    remap = np.searchsorted(kept, pos[np.isin(pos, kept)])
+    edit.set_input_const(node, 1, remap.reshape(ind.shape if ind.ndim == 0 else (-1,)).astype(ind.dtype))
+
+
+# ---------------------------------------------------------------- reshape
+
+
+def align(sx, sy):
+    """Group axes of two shapes with equal products: [([in axes], [out axes]), ...] or None."""
+    i = j = 0
+    groups = []
+    while i < len(sx) or j < len(sy):
+        if i < len(sx) and j < len(sy) and sx[i] is None and sy[j] is None:
+            groups.append(([i], [j]))
+            i, j = i + 1, j + 1
+            continue
+        ins, outs, pi, pj = [], [], 1, 1
+        while True:
+            if (pi < pj or not ins) and i < len(sx):
+                if sx[i] is None:
+                    return None
+                pi, i = pi * sx[i], i + 1
+                ins.append(i - 1)
+            elif (pj < pi or not outs) and j < len(sy):
+                if sy[j] is None:
+                    return None
+                pj, j = pj * sy[j], j + 1
+                outs.append(j - 1)
+            else:
+                break
+            if pi == pj and ins and outs:
+                break
+        while i < len(sx) and sx[i] == 1:
+            ins, i = ins + [i], i + 1
+        while j < len(sy) and sy[j] == 1:
+            outs, j = outs + [j], j + 1
+        if pi != pj or not (ins or outs):
+            return None
+        groups.append((ins, outs))
+    return groups
+
+
+def _digits(dims, which):
+    """For every flat position of a row-major block `dims`, its coordinate along `which`."""
+    inner = int(np.prod(dims[which + 1:], dtype=np.int64))
+    return (np.arange(int(np.prod(dims, dtype=np.int64))) // inner) % dims[which]
+
+
+def _factor(res, ctx, node, whole, parts, shape, merge):
+    """Couple the one-axis side `whole` with one factor of the many-axis side `parts`."""
+    tensor = parts[0][0]
+    dims = [shape[a] for _, a in parts]
+    carrier = ctx.choose(parts)
+    if carrier is None:
+        res.free.update(parts)
+        return
+    digit = _digits(dims, parts.index(carrier))
+    flat = np.arange(len(digit))
+    pairs = np.stack([digit, flat], 1)
+    res.couple(carrier, whole, pairs)
+    for p in parts:
+        if p != carrier:
+            res.pin(p, f"folded with axis {carrier[1]} of '{tensor}' by {node.op_type} {ctx.label(node)}")
+
+
+@rule("Reshape", "Flatten")
+def reshape(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    sx, sy = ctx.shape(x), ctx.shape(y)
+    if sx is None or sy is None:
+        return
+    groups = align(sx, sy)
+    if groups is None:
+        return
+    for ins, outs in groups:
+        ins_ = [(x, a) for a in ins if sx[a] != 1]
+        outs_ = [(y, b) for b in outs if sy[b] != 1]
+        res.free.update((x, a) for a in ins if sx[a] == 1)
+        if len(ins_) == 1 and len(outs_) == 1:
+            res.same(ins_[0], outs_[0], ctx)
+        elif len(ins_) > 1 and len(outs_) == 1:
+            _factor(res, ctx, node, outs_[0], ins_, sx, merge=True)
+        elif len(ins_) == 1 and len(outs_) > 1:
+            _factor(res, ctx, node, ins_[0], outs_, sy, merge=False)
+    if node.op_type == "Reshape":
+        entries = ctx.shape_value(node.input[1])
+        if entries is None or len(entries) != len(sy):
+            for k in range(len(sy)):
+                res.pin((y, k), f"computed shape of Reshape {ctx.label(node)} could not be followed")
+            return
+        shape_entries(node, node.input[1], y, entries, ctx, res)
+
+
+def shape_entries(node, shape_name, out, entries, ctx, res, skip=lambda j: False):
+    """Couple output axes with the `Shape(t)[a]` entries that size them; pin unknown sizes."""
+    constant = ctx.value(shape_name) is not None
+    res.param(shape_name, ctx)
+    for j, e in enumerate(entries):
+        if skip(j):
+            continue
+        if isinstance(e, DimRef):
+            res.same((e.tensor, e.axis), (out, j), ctx)
+        elif e is None or (e > 1 and not constant):
+            if (ctx.shape(out) or [1] * (j + 1))[j] != 1:
+                res.pin((out, j), f"size set by a computed shape in {node.op_type} {ctx.label(node)}")
+        elif e == 0 and node.op_type == "Reshape" and not ctx.attr(node, "allowzero", 0):
+            res.same((node.input[0], j), (out, j), ctx)
+
+
+@rule("Expand")
+def expand(node, ctx, res):
+    x, y = node.input[0], node.output[0]
+    rx, ry = ctx.rank(x), ctx.rank(y)
+    if rx is None or ry is None:
+        return
+    for k in range(rx):
+        res.same((x, k), (y, ry - rx + k), ctx)
+    entries = ctx.shape_value(node.input[1])
+    if entries is not None and len(entries) == ry:
+        shape_entries(node, node.input[1], y, entries, ctx, res)
+    else:
+        for k in range(ry):
+            res.pin((y, k), f"computed shape of Expand {ctx.label(node)} could not be followed")
+
+
+@rule("ConstantOfShape")
+def constant_of_shape(node, ctx, res):
+    y = node.output[0]
+    entries = ctx.shape_value(node.input[0])
+    if entries is not None and len(entries) == (ctx.rank(y) or 0):
+        shape_entries(node, node.input[0], y, entries, ctx, res)
+
+
+@rewriter("Reshape", "Expand", "ConstantOfShape", "Resize")
+def shape_constant(node, edit):
+    """Literal sizes in a constant shape input follow the pruned output axes."""
+    idx = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Resize": 3}[node.op_type]
+    if len(node.input) <= idx or not node.input[idx]:
+        return
+    value = edit.value(node.input[idx])
+    out = node.output[0]
+    if value is None or value.ndim != 1 or len(value) != len(edit.old_shape(out)):
+        return
+    new = value.copy()
+    for j, e in enumerate(value):
+        if e > 1 and e == edit.old_size((out, j)):
+            new[j] = edit.new_size((out, j))
+    if not np.array_equal(new, value):
+        edit.set_input_const(node, idx, new)
+
+
+@rule("Shape", "Size")
+def shape(node, ctx, res):
+    """Reading sizes is harmless when every use ends in a shape input that spa follows."""
+    x = node.input[0]
+    res.param(node.output[0], ctx)
+    if node.op_type == "Shape" and _uses_understood(node.output[0], ctx, 0):
+        res.free.update((x, k) for k in range(ctx.rank(x) or 0))
+        return
+    for k in range(ctx.rank(x) or 0):
+        res.pin((x, k), f"its size is read by {node.op_type} {ctx.label(node)} for an unknown use")
+
+
+def _uses_understood(name, ctx, depth):
+    if depth > 16:
+        return False
+    for user in ctx.consumers(name):
+        slots = [i for i, n in enumerate(user.input) if n == name]
+        if all((user.op_type, s) in SHAPE_SINKS for s in slots):
+            continue
+        if user.op_type not in SHAPE_ARITH or not all(_uses_understood(o, ctx, depth + 1) for o in user.output):
+            return False
+    return name not in ctx.graph_outputs

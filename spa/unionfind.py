@@ -1,0 +1,24 @@
+"""Vectorised connected components over integer edge lists (hook and pointer-jump)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Label of every node 0..n-1: the smallest node id of its component."""
+    parent = np.arange(n, dtype=np.int64)
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    while True:
+        pa, pb = parent[a], parent[b]
+        diff = pa != pb
+        if not diff.any():
+            return parent
+        lo, hi = np.minimum(pa[diff], pb[diff]), np.maximum(pa[diff], pb[diff])
+        np.minimum.at(parent, hi, lo)
+        while True:  # compress every path to its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
