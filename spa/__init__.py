@@ -8,6 +8,7 @@ Public API (the CLI is a thin shell over it)::
     pruned = spa.prune(analysis, plan)
 """
 
+from . import cost
 from .analysis import Analysis, Group, Member, analyze
 from .errors import SpaError, VerificationError
 from .model import Model, load, save

@@ -23,6 +23,7 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from .cost import FLOAT_TYPES
 from .graph import DEFAULT_DOMAINS, GraphIndex, attr
 from .model import Model
 from .rules import RULES, Result
@@ -31,11 +32,17 @@ from .unionfind import components
 
 @dataclass
 class Member:
-    """One parameter slice set of a group: `indices[i]` = positions of channel i on `axis`."""
+    """One parameter slice set of a group: `positions[i]` = positions of channel i on `axis`
+    (a 2-D array when every channel has as many positions, else a list of arrays)."""
 
     tensor: str
     axis: int
-    indices: list
+    positions: object = field(repr=False)
+
+    @property
+    def indices(self) -> list:
+        """JSON form: entry i is an int (one position) or a list of ints."""
+        return [int(p[0]) if len(p) == 1 else [int(v) for v in p] for p in self.positions]
 
     def to_json(self) -> dict:
         return {"tensor": self.tensor, "axis": self.axis, "indices": self.indices}
@@ -312,34 +319,29 @@ def _space_order(index: GraphIndex) -> dict[str, int]:
 
 def _groups(index: GraphIndex, b: _Builder, labels: np.ndarray) -> list[Group]:
     sp = b.sp
-    is_const = np.array([index.is_const(t) for t, _ in sp.names], dtype=bool)
+    is_const = np.array([_is_member_tensor(index, t) for t, _ in sp.names], dtype=bool)
     pos_const = is_const[sp.space_of]
-    with_const = np.unique(labels[pos_const])
-    with_act = np.unique(labels[~pos_const])
-    keep_labels = np.intersect1d(with_const, with_act)
-    mask = np.isin(labels, keep_labels)
-    ids = np.nonzero(mask)[0]
+    keep = np.intersect1d(np.unique(labels[pos_const]), np.unique(labels[~pos_const]))
+    ids = np.nonzero(np.isin(labels, keep))[0]
+    if len(ids) == 0:
+        return []
     lab, spc = labels[ids], sp.space_of[ids]
-    order = np.lexsort((ids, spc, lab))
-    ids, lab, spc = ids[order], lab[order], spc[order]
+    # signature of a label = the set of spaces it touches, hashed (sum of random 64-bit keys)
+    pair_key = np.unique(lab * len(sp.names) + spc)
+    pair_lab, pair_spc = pair_key // len(sp.names), pair_key % len(sp.names)
+    salt = np.random.default_rng(12345).integers(1, 2**62, size=len(sp.names), dtype=np.int64)
+    sig = np.zeros(sp.total, dtype=np.int64)
+    np.add.at(sig, pair_lab, salt[pair_spc])
+    group_of = sig[lab]  # per position: its label's signature
     reason_of = _pin_reason_per_label(b, labels)
-
-    # per label: {space id: positions}
-    per_label: dict[int, dict[int, np.ndarray]] = {}
-    bounds = np.flatnonzero(np.diff(lab * sp.total + spc)) + 1
-    for chunk_ids, l_, s_ in zip(np.split(ids, bounds), lab[np.r_[0, bounds]] if len(ids) else [],
-                                 spc[np.r_[0, bounds]] if len(ids) else []):
-        per_label.setdefault(int(l_), {})[int(s_)] = chunk_ids - sp.offset[sp.names[s_]]
-
-    by_sig: dict[tuple, list[int]] = {}
-    for l_, spaces in per_label.items():
-        by_sig.setdefault(tuple(sorted(spaces)), []).append(l_)
-
     order_of = _space_order(index)
     nonzi_sid = {sp.sid[s]: why for s, why in b.nonzi.items()}
+    order = np.lexsort((ids, spc, lab, group_of))
+    ids, lab, spc, group_of = ids[order], lab[order], spc[order], group_of[order]
+    cuts = np.flatnonzero(np.diff(group_of)) + 1
     groups = []
-    for sig, labs in by_sig.items():
-        groups.append(_make_group(index, sp, sig, labs, per_label, is_const, reason_of, b, nonzi_sid, order_of))
+    for g_ids, g_lab, g_spc in zip(np.split(ids, cuts), np.split(lab, cuts), np.split(spc, cuts)):
+        groups.append(_make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_sid, order_of))
     groups.sort(key=lambda g: g._sort)
     seen: dict[str, int] = {}
     for g in groups:
@@ -351,27 +353,63 @@ def _groups(index: GraphIndex, b: _Builder, labels: np.ndarray) -> list[Group]:
     return groups
 
 
-def _make_group(index, sp, sig, labs, per_label, is_const, reason_of, b, nonzi_sid, order_of):
-    const_sids = [s for s in sig if is_const[s]]
-    const_sids.sort(key=lambda s: (order_of.get(sp.names[s][0], 1 << 30), sp.names[s]))
+def _per_channel(local: np.ndarray, lab: np.ndarray, channel_of: dict, n: int):
+    """Positions of each channel in one space: (n, k) array when uniform, else a list."""
+    ch = np.array([channel_of[int(v)] for v in lab]) if len(lab) < 64 else _vec_lookup(channel_of, lab)
+    order = np.lexsort((local, ch))
+    local, ch = local[order], ch[order]
+    counts = np.bincount(ch, minlength=n)
+    if counts.min() == counts.max():
+        return local.reshape(n, counts[0])
+    return np.split(local, np.cumsum(counts)[:-1])
+
+
+def _vec_lookup(mapping: dict, keys: np.ndarray) -> np.ndarray:
+    k = np.fromiter(mapping.keys(), dtype=np.int64)
+    v = np.fromiter(mapping.values(), dtype=np.int64)
+    order = np.argsort(k)
+    return v[order][np.searchsorted(k[order], keys)]
+
+
+def _is_member_tensor(index: GraphIndex, name: str) -> bool:
+    """Parameters a group can own: floating-point constants (not shape/index vectors)."""
+    return index.is_const(name) and index.model.dtypes.get(name) in FLOAT_TYPES
+
+
+def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_sid, order_of):
+    sids = [int(v) for v in np.unique(g_spc)]
+    const_sids = [s for s in sids if is_const[s]]
+    rank = lambda s: len(index.shape(sp.names[s][0]) or ())  # noqa: E731
+    const_sids.sort(key=lambda s: (order_of.get(sp.names[s][0], 1 << 30), -rank(s), sp.names[s]))
     anchor = const_sids[0]
-    labs = sorted(labs, key=lambda l_: per_label[l_][anchor].min())
-    positions = {sp.names[s]: [per_label[l_][s] for l_ in labs] for s in sig}
-    members = [
-        Member(sp.names[s][0], sp.names[s][1],
-               [int(p[0]) if len(p) == 1 else p.tolist() for p in positions[sp.names[s]]])
-        for s in const_sids
-    ]
-    reasons = [reason_of[l_] for l_ in labs]
-    locked = [i for i, r in enumerate(reasons) if r >= 0]
-    prunable = len(labs) > 1 and len(locked) < len(labs)
+    local = g_ids - _offsets(sp)[g_spc]
+    in_anchor = g_spc == anchor
+    first = {}
+    for l_, p in zip(g_lab[in_anchor][::-1], local[in_anchor][::-1]):  # keep the smallest position
+        first[int(l_)] = int(p)
+    labs = sorted(first, key=first.get)
+    channel_of = {l_: i for i, l_ in enumerate(labs)}
+    n = len(labs)
+    positions = {}
+    for s in sids:
+        mask = g_spc == s
+        positions[sp.names[s]] = _per_channel(local[mask], g_lab[mask], channel_of, n)
+    members = [Member(sp.names[s][0], sp.names[s][1], positions[sp.names[s]]) for s in const_sids]
+    reasons = reason_of[np.array(labs)]
+    locked = [int(i) for i in np.flatnonzero(reasons >= 0)]
+    prunable = n > 1 and len(locked) < n
     reason = None
     if not prunable:
-        first = min(r for r in reasons if r >= 0) if locked else -1
-        reason = b.reasons[first] if first >= 0 else "a single channel cannot be pruned"
-    zi_reason = next((nonzi_sid[s] for s in sig if s in nonzi_sid), None)
+        reason = b.reasons[int(reasons[reasons >= 0].min())] if locked else "a single channel cannot be pruned"
+    zi_reason = next((nonzi_sid[s] for s in sids if s in nonzi_sid), None)
     tensor, axis = sp.names[anchor]
-    g = Group(f"{tensor}:{axis}", len(labs), prunable, reason, zi_reason is None, zi_reason,
+    g = Group(f"{tensor}:{axis}", n, prunable, reason, zi_reason is None, zi_reason,
               members, positions, locked if prunable else [])
     g._sort = (order_of.get(tensor, 1 << 30), tensor, axis)
     return g
+
+
+def _offsets(sp) -> np.ndarray:
+    if not hasattr(sp, "_offset_arr"):
+        sp._offset_arr = np.array([sp.offset[name] for name in sp.names], dtype=np.int64)
+    return sp._offset_arr

@@ -78,7 +78,7 @@ def zeroed(analysis: Analysis, plan: dict) -> onnx.ModelProto:
             arr = values.setdefault(m.tensor, np.array(analysis.index.value(m.tensor)))
             for c in channels:
                 idx = [slice(None)] * arr.ndim
-                idx[m.axis] = m.indices[c]
+                idx[m.axis] = np.asarray(m.positions[c])
                 arr[tuple(idx)] = 0
     for t in proto.graph.initializer:
         if t.name in values:

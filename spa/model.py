@@ -156,17 +156,25 @@ def _dims(type_proto: onnx.TypeProto) -> Shape | None:
     )
 
 
-def _unknown_dims(type_proto: onnx.TypeProto) -> bool:
-    return any(not d.HasField("dim_value") and not d.dim_param for d in type_proto.tensor_type.shape.dim)
+def _unknown_dims(type_proto: onnx.TypeProto, known_params: set) -> bool:
+    """A dim is unknown when it has no value and no symbol the model's inputs declare
+    (inference invents symbols such as `unk__3` for sizes it could not compute)."""
+    return any(not d.HasField("dim_value") and d.dim_param not in known_params
+               for d in type_proto.tensor_type.shape.dim)
 
 
-def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set | None = None) -> None:
+def _input_params(graph: onnx.GraphProto) -> set:
+    return {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+
+
+def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set | None = None,
+             params: set = frozenset()) -> None:
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         dims = _dims(vi.type)
         if dims is not None and (vi.name not in shapes or vi.name in (unknown or ())):
             shapes[vi.name] = dims
             if unknown is not None:
-                if _unknown_dims(vi.type):
+                if _unknown_dims(vi.type, params):
                     unknown.add(vi.name)
                 else:
                     unknown.discard(vi.name)
@@ -207,10 +215,11 @@ def _missing(model: Model) -> list[str]:
 def infer_shapes(model: Model) -> None:
     """Fill model.shapes/dtypes: ONNX inference, then ORT symbolic, then a real run."""
     model.shapes, model.dtypes, model.unknown = {}, {}, set()
-    _collect(model.graph, model.shapes, model.dtypes, model.unknown)
+    params = _input_params(model.graph)
+    _collect(model.graph, model.shapes, model.dtypes, model.unknown, params)
     try:
         inferred = onnx.shape_inference.infer_shapes(model.proto, data_prop=True)
-        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown)
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
     except Exception:
         pass  # partial knowledge is fine: the fallbacks below fill the gaps
     if _missing(model):
@@ -227,7 +236,7 @@ def _symbolic_fallback(model: Model) -> None:
     except Exception:
         return
     if inferred is not None:
-        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown)
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, _input_params(model.graph))
 
 
 def _run_fallback(model: Model) -> None:

@@ -1,0 +1,48 @@
+"""Shared fixtures: where the real corpus is, the exported model zoo, the oracles."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `models` and `tests` import from the repo root
+CORPUS = Path(os.environ.get("SPA_CORPUS", ROOT.parent / "shared" / "corpus" / "real"))
+
+
+def corpus_entries() -> list[dict]:
+    """MANIFEST.json entries of the real corpus ([] when ../shared is absent)."""
+    manifest = CORPUS / "MANIFEST.json"
+    if not manifest.is_file():
+        return []
+    return json.loads(manifest.read_text())["files"]
+
+
+def corpus_params():
+    entries = corpus_entries()
+    if not entries:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"corpus not found at {CORPUS}"))]
+    return [pytest.param(e, id=e["file"]) for e in entries]
+
+
+ZOO_EXPORTERS = ("torchscript", "dynamo")
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """{(name, exporter): path} of every models/ CNN, exported once per session."""
+    pytest.importorskip("torch")
+    from models import cnn_zoo
+
+    out = tmp_path_factory.mktemp("zoo")
+    paths = {}
+    for name in cnn_zoo.BUILDERS:
+        for exporter in ZOO_EXPORTERS:
+            path = out / f"{name}.{exporter}.onnx"
+            cnn_zoo.export(name, path, exporter=exporter)
+            paths[(name, exporter)] = path
+    return paths

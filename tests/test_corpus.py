@@ -1,0 +1,58 @@
+"""The oracles over every real model in ../shared/corpus/real (skipped when absent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import spa
+from spa import api
+from tests.conftest import CORPUS, corpus_params
+from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance, feeds_for
+
+
+def _load(entry):
+    return spa.load(CORPUS / entry["file"])
+
+
+@pytest.mark.parametrize("entry", corpus_params())
+def test_zero_invariance(entry):
+    model = _load(entry)
+    assert_zero_invariance(model, feeds_for(model, entry))
+
+
+@pytest.mark.parametrize("entry", corpus_params())
+def test_ratio_zero_is_identity(entry):
+    model = _load(entry)
+    assert_identity_at_ratio_zero(model, feeds_for(model, entry))
+
+
+@pytest.mark.parametrize("entry", corpus_params())
+def test_ratio_half_prunes_or_says_why(entry):
+    """Models with prunable convolutions get smaller at 0.5; the others have a reason."""
+    model = _load(entry)
+    analysis = spa.analyze(model)
+    plan = api.make_plan(analysis, 0.5)
+    if not any(g.prunable for g in analysis.groups):
+        assert all(g.reason for g in analysis.groups)
+        assert plan == {}
+        return
+    pruned = api.prune(analysis, plan)
+    assert pruned.ByteSize() < model.proto.ByteSize()
+    assert_valid_output(model, pruned, feeds_for(model, entry))
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    conv_weights = {n.input[1] for n in convs}
+    if convs and any(m.tensor in conv_weights for g in analysis.groups if g.prunable for m in g.members):
+        out = api.reinfer(pruned)
+        assert spa.cost.params(out) < spa.cost.params(model)
+
+
+def test_corpus_models_with_convs_are_mostly_prunable():
+    """Guard against rules silently turning into barriers: count prunable conv models."""
+    from tests.conftest import corpus_entries
+
+    entries = [e for e in corpus_entries() if e.get("conv_count", 0) > 0 and "onnx-light/" not in e["file"]]
+    if not entries:
+        pytest.skip("corpus not available")
+    prunable = [e["file"] for e in entries if any(g.prunable for g in spa.analyze(_load(e)).groups)]
+    assert len(prunable) >= len(entries) - 2, sorted(set(e["file"] for e in entries) - set(prunable))
