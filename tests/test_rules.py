@@ -1,0 +1,1231 @@
+"""One unit test per coupling rule (spa.rules), each on a tiny graph built in code.
+
+Every test states the groups `spa.analyze` must find (members, sizes, prunable or the
+reason, zero-invariance) and then runs the oracles of DESIGN.md on the same graph:
+random drop sets pruned == zeroed original in ONNX Runtime, and ratio 0 is the identity.
+Rules with a rewriter also check the rewritten attribute or shape constant.
+
+`RULE_TESTS` maps every rule function in `spa.rules.RULES` to the tests that cover it;
+`test_every_rule_has_a_test` fails when a new rule arrives without one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import spa
+from spa import api
+from spa.backends import ort as ort_backend
+from spa.rules import REWRITERS, RULES
+from tests import graphs
+from tests.graphs import const, conv_relu, node, weight
+from tests.oracles import assert_identity_at_ratio_zero, assert_zero_invariance
+
+# ---------------------------------------------------------------- helpers
+
+
+def build(nodes, inputs, outputs, inits=(), opset=17):
+    """tests.graphs.build, with `None` output shapes filled in by ONNX shape inference
+    (the checker in graphs.build rejects an output without a shape)."""
+    if any(s is None for s in outputs.values()):
+        vi = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs]
+        ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [d if d else "N" for d in s])
+               for n, s in inputs.items()]
+        proto = helper.make_model(helper.make_graph(list(nodes), "g", ins, vi, list(inits)),
+                                  opset_imports=[helper.make_opsetid("", opset)])
+        inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(proto).graph.output}
+        outputs = {n: s if s is not None else [d.dim_value or None for d in inferred[n].type.tensor_type.shape.dim]
+                   for n, s in outputs.items()}
+    return graphs.build(nodes, inputs, outputs, inits, opset=opset)
+
+
+def fconst(name, values):
+    """A float32 initializer with the given values."""
+    return const(name, values, dtype=np.float32)
+
+
+def conv(x, y, cin, cout, k=1, group=1, prefix=None, **attrs):
+    """x -> Conv(W, B) -> y (no activation), with its initializers."""
+    p = prefix or y
+    kernel = [k] * attrs.pop("dims", 2)
+    n = node("Conv", [x, f"{p}.w", f"{p}.b"], [y], name=p, kernel_shape=kernel, pads=[k // 2] * 2 * len(kernel),
+             group=group, **attrs)
+    return [n], [weight(f"{p}.w", cout, cin // group, *kernel), weight(f"{p}.b", cout)]
+
+
+def analyze(model):
+    """spa.analyze, checking that group ids are stable and name one of their members."""
+    a = spa.analyze(model)
+    assert [g.id for g in spa.analyze(model).groups] == [g.id for g in a.groups]
+    for g in a.groups:
+        assert g.id.split("#")[0] in {f"{m.tensor}:{m.axis}" for m in g.members}, g.id
+        assert all(len(m.indices) == g.size for m in g.members), g.id
+    return a
+
+
+def _flat(ix):
+    return [ix] if isinstance(ix, int) else list(ix)
+
+
+def group_of(a, tensor, axis, pos=None):
+    """The one group with member (tensor, axis) [whose indices contain position `pos`]."""
+    found = []
+    for g in a.groups:
+        for m in g.members:
+            if (m.tensor, m.axis) == (tensor, axis) and (pos is None or any(pos in _flat(i) for i in m.indices)):
+                found.append(g)
+    assert len(found) == 1, f"{len(found)} groups with member {tensor}:{axis} (pos {pos}): {[g.id for g in found]}"
+    return found[0]
+
+
+def members(g) -> dict:
+    return {(m.tensor, m.axis): m.indices for m in g.members}
+
+
+def expect(g, size, members_=None, prunable=True, reason=None, zi=True, zi_reason=None):
+    """Assert one group's facts; `members_` maps (tensor, axis) to indices (None: any)."""
+    assert g.size == size, (g.id, g.size)
+    if members_ is not None:
+        got = members(g)
+        assert set(got) == set(members_), (g.id, sorted(got))
+        for key, ix in members_.items():
+            if ix is not None:
+                assert got[key] == ix, (g.id, key, got[key])
+    assert g.prunable is prunable, (g.id, g.reason)
+    if prunable:
+        assert g.reason is None
+    else:
+        assert g.reason and reason in g.reason, (g.id, g.reason)
+    if zi is not None:
+        assert g.zero_invariant is zi, (g.id, g.zi_reason)
+    if zi_reason is not None:
+        assert g.zi_reason and zi_reason in g.zi_reason, (g.id, g.zi_reason)
+
+
+def ident(n):
+    return list(range(n))
+
+
+def oracles(model, a=None) -> dict:
+    """Both oracles on random feeds; returns the drop plan (asserted non-empty where a
+    prunable zero-invariant group exists, so the zero-invariance check is never vacuous)."""
+    feeds = ort_backend.random_feeds(model.proto)
+    plan = assert_zero_invariance(model, feeds)
+    assert_identity_at_ratio_zero(model, feeds)
+    a = a or spa.analyze(model)
+    assert set(plan) == {g.id for g in a.groups if g.prunable and g.zero_invariant}
+    return plan
+
+
+def prune(a, plan):
+    """Pruned proto plus a lookup of its constant values (initializers and Constant nodes)."""
+    proto = api.prune(a, plan)
+    return proto
+
+
+def value(proto, name):
+    for t in proto.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in proto.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t)
+    raise KeyError(name)
+
+
+def find_node(proto, name):
+    return next(n for n in proto.graph.node if n.name == name)
+
+
+def get_attr(n, name, default=None):
+    for at in n.attribute:
+        if at.name == name:
+            return helper.get_attribute_value(at)
+    return default
+
+
+def input_value(proto, node_name, idx):
+    return value(proto, find_node(proto, node_name).input[idx])
+
+
+def run_close(ref_proto, proto, feeds, tol=1e-4):
+    """The two models agree (used where pruning zero-weight channels must be exact)."""
+    ref, got = ort_backend.run(ref_proto, feeds), ort_backend.run(proto, feeds)
+    for k, r in ref.items():
+        np.testing.assert_allclose(got[k], r, rtol=tol, atol=tol)
+
+
+def chain(mid_nodes, mid_inits, mid_in, mid_out, cin=8, cout=8, x_shape=(1, 3, 6, 6), out_shape=None, opset=17,
+          extra_inputs=None, extra_outputs=None):
+    """x -> c1 (Conv 3->cin, Relu) -> mid_in ... mid_out (cout channels) -> c2 (Conv ->2) -> y."""
+    n1, i1 = conv_relu("x", mid_in, x_shape[1], cin, k=1, prefix="c1")
+    n2, i2 = conv(mid_out, "y", cout, 2, prefix="c2", dims=len(x_shape) - 2)
+    inputs = {"x": list(x_shape), **(extra_inputs or {})}
+    outputs = {"y": out_shape, **(extra_outputs or {})}
+    return build(n1 + list(mid_nodes) + n2, inputs, outputs, i1 + list(mid_inits) + i2, opset=opset)
+
+
+# ---------------------------------------------------------------- Conv / ConvTranspose
+
+
+@pytest.mark.parametrize("case", ["k3", "dilated", "strided", "1d", "3d", "no_bias"])
+def test_conv(case):
+    """Plain convolutions: output channels are weight rows, inputs are weight columns.
+
+        x[1,3,..] -> Conv c1 (W[8,3,..], B[8]) -> Relu -> h[1,8,..] -> Conv c2 (W[4,8,..], B[4]) -> y
+
+    Group c1.w:0 (8): c1.w rows, c1.b, c2.w columns. c1.w columns: model input.
+    c2's rows: model output.
+    """
+    dims = {"1d": 1, "3d": 3}.get(case, 2)
+    spatial = {"1d": [16], "3d": [4, 6, 6]}.get(case, [8, 8])
+    k = 3
+    extra = {"dilated": dict(dilations=[2, 2], pads=[2, 2, 2, 2]), "strided": dict(strides=[2, 2])}.get(case, {})
+    kernel = [k] * dims
+    c1_in = ["x", "c1.w"] if case == "no_bias" else ["x", "c1.w", "c1.b"]
+    nodes = [node("Conv", c1_in, ["c1.c"], kernel_shape=kernel, **{"pads": [1] * 2 * dims, **extra}),
+             node("Relu", ["c1.c"], ["h"]),
+             node("Conv", ["h", "c2.w", "c2.b"], ["y"], name="c2", kernel_shape=kernel, pads=[1] * 2 * dims)]
+    inits = [weight("c1.w", 8, 3, *kernel), weight("c1.b", 8), weight("c2.w", 4, 8, *kernel), weight("c2.b", 4)]
+    if case == "no_bias":
+        inits.pop(1)
+    m = build(nodes, {"x": [1, 3, *spatial]}, {"y": None}, inits)
+    a = analyze(m)
+    c1 = {("c1.w", 0): ident(8), ("c2.w", 1): ident(8)}
+    if case != "no_bias":
+        c1[("c1.b", 0)] = ident(8)
+    expect(group_of(a, "c1.w", 0), 8, c1)
+    expect(group_of(a, "c1.w", 1), 3, {("c1.w", 1): ident(3)}, prunable=False, reason="model input 'x'")
+    expect(group_of(a, "c2.w", 0), 4, {("c2.w", 0): ident(4), ("c2.b", 0): ident(4)}, prunable=False,
+           reason="model output 'y'")
+    assert len(a.groups) == 3 and a.barriers == []
+    plan = oracles(m, a)
+    proto = prune(a, plan)
+    kept = 8 - len(plan[group_of(a, "c1.w", 0).id])
+    assert value(proto, "c1.w").shape == (kept, 3, *kernel)
+    assert value(proto, "c2.w").shape == (4, kept, *kernel)
+
+
+@pytest.mark.parametrize("mult", [1, 2, 3])
+def test_conv_depthwise(mult):
+    """Depthwise conv (group == C) with channel multiplier `mult`: whole groups go.
+
+        x -> c1 (3->4, Relu) -> h[4] -> dw (Conv group=4, W[4*mult,1,3,3]) -> Relu -> d[4*mult] -> c2 (->2) -> y
+
+    One group of 4: c1 rows, dw rows in blocks of `mult`, c2 columns in blocks of `mult`;
+    the pruned dw has group = kept channels.
+    """
+    n1, i1 = conv_relu("x", "h", 3, 4, k=1, prefix="c1")
+    n2, i2 = conv_relu("h", "d", 4, 4 * mult, k=3, group=4, prefix="dw")
+    n3, i3 = conv("d", "y", 4 * mult, 2, prefix="c2")
+    m = build(n1 + n2 + n3, {"x": [1, 3, 6, 6]}, {"y": None}, i1 + i2 + i3)
+    a = analyze(m)
+    blocks = [i if mult == 1 else list(range(i * mult, (i + 1) * mult)) for i in range(4)]
+    g = group_of(a, "c1.w", 0)
+    expect(g, 4, {("c1.w", 0): ident(4), ("c1.b", 0): ident(4), ("dw.w", 0): blocks, ("dw.b", 0): blocks,
+                  ("c2.w", 1): blocks})
+    assert [x.id for x in a.groups if x.prunable] == [g.id]  # dw.w axis 1 has size 1: nothing else
+    oracles(m, a)
+    proto = prune(a, {g.id: [1, 3]})
+    assert get_attr(find_node(proto, "dw.c"), "group") == 2
+    assert value(proto, "dw.w").shape == (2 * mult, 1, 3, 3)
+    assert value(proto, "c2.w").shape == (2, 2 * mult, 1, 1)
+    np.testing.assert_array_equal(value(proto, "dw.b"), value(m.proto, "dw.b")[[b for i in (0, 2) for b in _flat(blocks[i])]])
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_conv_grouped(groups):
+    """Grouped conv (1 < group < C): the same slot of every group goes, `group` is kept.
+
+        x -> c1 (3->8, Relu) -> h[8] -> gc (Conv group=g, W[8,8/g,3,3]) -> Relu -> d[8] -> c2 (->2) -> y
+
+    c1's group has 8/g channels, channel i = positions {i, i+8/g, ..} of h; gc.w column i.
+    gc's output group likewise over gc.w rows, gc.b and c2 columns.
+    """
+    n1, i1 = conv_relu("x", "h", 3, 8, k=1, prefix="c1")
+    n2, i2 = conv_relu("h", "d", 8, 8, k=3, group=groups, prefix="gc")
+    n3, i3 = conv("d", "y", 8, 2, prefix="c2")
+    m = build(n1 + n2 + n3, {"x": [1, 3, 6, 6]}, {"y": None}, i1 + i2 + i3)
+    a = analyze(m)
+    per = 8 // groups
+    slots = [[i + k * per for k in range(groups)] for i in range(per)]
+    expect(group_of(a, "c1.w", 0), per, {("c1.w", 0): slots, ("c1.b", 0): slots, ("gc.w", 1): ident(per)})
+    expect(group_of(a, "gc.w", 0), per, {("gc.w", 0): slots, ("gc.b", 0): slots, ("c2.w", 1): slots})
+    oracles(m, a)
+    proto = prune(a, {group_of(a, "c1.w", 0).id: [0], group_of(a, "gc.w", 0).id: [per - 1]})
+    assert get_attr(find_node(proto, "gc.c"), "group") == groups
+    assert value(proto, "gc.w").shape == (8 - groups, per - 1, 3, 3)
+    assert value(proto, "c1.w").shape == (8 - groups, 3, 1, 1)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_conv_transpose(groups):
+    """ConvTranspose: W[C_in, M/g, k, k], i.e. the axes of Conv's W swapped.
+
+        x -> c1 (3->8, Relu) -> h[8] -> ct (ConvTranspose group=g, stride 2, W[8, 8/g, 2, 2], B[8])
+          -> Relu -> u[8] -> c2 (->2) -> y
+
+    g=1: c1's group holds ct.w rows; ct's group holds ct.w columns, ct.b, c2 columns.
+    g=2: slots modulo the group width on both sides (ct.w columns in the middle).
+    g=8 (depthwise): one group through ct, `group` rewritten.
+    """
+    n1, i1 = conv_relu("x", "h", 3, 8, k=1, prefix="c1")
+    ct = node("ConvTranspose", ["h", "ct.w", "ct.b"], ["ct.c"], kernel_shape=[2, 2], strides=[2, 2], group=groups)
+    n3, i3 = conv("u", "y", 8, 2, prefix="c2")
+    inits = i1 + [weight("ct.w", 8, 8 // groups, 2, 2), weight("ct.b", 8)] + i3
+    m = build(n1 + [ct, node("Relu", ["ct.c"], ["u"])] + n3, {"x": [1, 3, 4, 4]}, {"y": None}, inits)
+    a = analyze(m)
+    if groups == 1:
+        expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("ct.w", 0): ident(8)})
+        expect(group_of(a, "ct.w", 1), 8, {("ct.w", 1): ident(8), ("ct.b", 0): ident(8), ("c2.w", 1): ident(8)})
+    elif groups == 2:
+        slots = [[i, i + 4] for i in range(4)]
+        expect(group_of(a, "c1.w", 0), 4, {("c1.w", 0): slots, ("c1.b", 0): slots, ("ct.w", 0): slots})
+        expect(group_of(a, "ct.w", 1), 4, {("ct.w", 1): ident(4), ("ct.b", 0): slots, ("c2.w", 1): slots})
+    else:
+        expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("ct.w", 0): ident(8),
+                                           ("ct.b", 0): ident(8), ("c2.w", 1): ident(8)})
+    plan = oracles(m, a)
+    proto = prune(a, plan)
+    if groups == 8:
+        kept = 8 - len(plan[group_of(a, "c1.w", 0).id])
+        assert get_attr(find_node(proto, "ct.c"), "group") == kept
+        assert value(proto, "ct.w").shape == (kept, 1, 2, 2)
+    else:
+        assert get_attr(find_node(proto, "ct.c"), "group") == groups
+
+
+# ---------------------------------------------------------------- Gemm / MatMul
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias_shape", ["1d", "2d"])
+def test_gemm(trans_b, bias_shape):
+    """Gemm's contracted axis couples A's columns with B's K axis; B's N axis is the output.
+
+        x[2,6] -> g1 (Gemm W1, b1; transB) -> Relu -> h[2,8] -> g2 (Gemm W2, b2; transB) -> y[2,4]
+
+    Group of 8: W1's N axis (0 when transB else 1), b1, W2's K axis (1 when transB else 0).
+    """
+    def w(name, k, n):
+        return weight(name, n, k) if trans_b else weight(name, k, n)
+
+    b1 = weight("b1", 8) if bias_shape == "1d" else weight("b1", 1, 8)
+    nodes = [node("Gemm", ["x", "W1", "b1"], ["g1"], transB=trans_b), node("Relu", ["g1"], ["h"]),
+             node("Gemm", ["h", "W2", "b2"], ["y"], transB=trans_b)]
+    m = build(nodes, {"x": [2, 6]}, {"y": [2, 4]}, [w("W1", 6, 8), b1, w("W2", 8, 4), weight("b2", 4)])
+    a = analyze(m)
+    n_ax, k_ax = (0, 1) if trans_b else (1, 0)
+    b1_ax = 0 if bias_shape == "1d" else 1
+    expect(group_of(a, "W1", n_ax), 8, {("W1", n_ax): ident(8), ("b1", b1_ax): ident(8), ("W2", k_ax): ident(8)})
+    expect(group_of(a, "W1", k_ax), 6, prunable=False, reason="model input 'x'")
+    expect(group_of(a, "W2", n_ax), 4, {("W2", n_ax): ident(4), ("b2", 0): ident(4)}, prunable=False,
+           reason="model output 'y'")
+    plan = oracles(m, a)
+    proto = prune(a, plan)
+    kept = 8 - len(plan[group_of(a, "W1", n_ax).id])
+    assert value(proto, "W2").shape == ((4, kept) if trans_b else (kept, 4))
+
+
+def test_gemm_trans_a():
+    """transA reads A's axis 0 as K.
+
+        x[2,6] -> g1 (Gemm W1[6,8]) -> Relu -> h[2,8] -> Transpose -> hT[8,2] -> g2 (Gemm transA, W2[8,4]) -> y[2,4]
+
+    Group of 8: W1 columns, b1, W2 rows (through the Transpose and transA).
+    """
+    nodes = [node("Gemm", ["x", "W1", "b1"], ["g1"]), node("Relu", ["g1"], ["h"]),
+             node("Transpose", ["h"], ["hT"], perm=[1, 0]), node("Gemm", ["hT", "W2"], ["y"], transA=1)]
+    m = build(nodes, {"x": [2, 6]}, {"y": [2, 4]}, [weight("W1", 6, 8), weight("b1", 8), weight("W2", 8, 4)])
+    a = analyze(m)
+    expect(group_of(a, "W1", 1), 8, {("W1", 1): ident(8), ("b1", 0): ident(8), ("W2", 0): ident(8)})
+    oracles(m, a)
+
+
+@pytest.mark.parametrize("x_shape", [[2, 6], [2, 5, 6]], ids=["2d", "3d"])
+def test_matmul(x_shape):
+    """MatMul with constant weights, 2-D and batched 3-D activations.
+
+        x[.., 6] -> MatMul W1[6,8] -> Add b1[8] -> Relu -> h[.., 8] -> MatMul W2[8,4] -> y[.., 4]
+
+    Group of 8: W1 columns, b1, W2 rows; the batch axes never reach a constant.
+    """
+    nodes = [node("MatMul", ["x", "W1"], ["mm"]), node("Add", ["mm", "b1"], ["a"]), node("Relu", ["a"], ["h"]),
+             node("MatMul", ["h", "W2"], ["y"])]
+    m = build(nodes, {"x": x_shape}, {"y": None}, [weight("W1", 6, 8), weight("b1", 8), weight("W2", 8, 4)])
+    a = analyze(m)
+    expect(group_of(a, "W1", 1), 8, {("W1", 1): ident(8), ("b1", 0): ident(8), ("W2", 0): ident(8)})
+    expect(group_of(a, "W1", 0), 6, prunable=False, reason="model input 'x'")
+    expect(group_of(a, "W2", 1), 4, prunable=False, reason="model output 'y'")
+    assert len(a.groups) == 3
+    oracles(m, a)
+
+
+# ---------------------------------------------------------------- normalizations
+
+
+def test_batchnorm():
+    """BatchNormalization's four per-channel vectors join the conv's group.
+
+        x -> c1 (Conv 3->8, no bias) -> BN (s, b, mean, var) -> Relu -> h -> c2 (->2) -> y
+    """
+    nodes = [node("Conv", ["x", "c1.w"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             node("BatchNormalization", ["c", "bn.s", "bn.b", "bn.m", "bn.v"], ["bn"]), node("Relu", ["bn"], ["h"])]
+    n2, i2 = conv("h", "y", 8, 2, prefix="c2")
+    var = fconst("bn.v", np.abs(np.random.default_rng(0).standard_normal(8)) + 0.5)
+    inits = [weight("c1.w", 8, 3, 3, 3), weight("bn.s", 8), weight("bn.b", 8), weight("bn.m", 8), var] + i2
+    m = build(nodes + n2, {"x": [1, 3, 6, 6]}, {"y": None}, inits)
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("bn.s", 0): ident(8), ("bn.b", 0): ident(8),
+                                       ("bn.m", 0): ident(8), ("bn.v", 0): ident(8), ("c2.w", 1): ident(8)})
+    plan = oracles(m, a)
+    proto = prune(a, plan)
+    assert value(proto, "bn.v").shape == (8 - len(plan[group_of(a, "c1.w", 0).id]),)
+
+
+def test_instancenorm():
+    """InstanceNormalization: scale and bias are members; statistics stay per channel.
+
+        x -> c1 (3->8, Relu) -> h -> InstanceNormalization (s[8], b[8]) -> n -> c2 (->2) -> y
+    """
+    m = chain([node("InstanceNormalization", ["h", "in.s", "in.b"], ["n"])], [weight("in.s", 8), weight("in.b", 8)],
+              "h", "n")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("in.s", 0): ident(8),
+                                       ("in.b", 0): ident(8), ("c2.w", 1): ident(8)})
+    oracles(m, a)
+
+
+def test_lrn():
+    """LRN normalises each channel by its neighbours: prunable, but not zero-invariant.
+
+        x -> c1 (3->8, Relu) -> h -> LRN(size=3) -> n -> c2 (->2) -> y
+    """
+    m = chain([node("LRN", ["h"], ["n"], size=3)], [], "h", "n")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)},
+           zi=False, zi_reason="LRN")
+    assert oracles(m, a) == {}
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("opset,axis,zi", [(17, 1, False), (17, -1, True), (17, 2, True), (11, 1, False),
+                                          (11, 3, True)])
+def test_softmax(op, opset, axis, zi):
+    """Softmax over the channel axis mixes channels (not zero-invariant); over a spatial
+    axis it does not. Before opset 13 `axis` flattens the tail: axis 1 covers channels.
+
+        x -> c1 (3->8, Relu) -> h[1,8,4,4] -> Softmax(axis) -> s -> c2 (->2) -> y
+    """
+    m = chain([node(op, ["h"], ["s"], axis=axis)], [], "h", "s", x_shape=(1, 3, 4, 4), opset=opset)
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)},
+           zi=zi, zi_reason=None if zi else op)
+    plan = oracles(m, a)
+    assert bool(plan) is zi
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+UNARY_CASES = {
+    "Relu": ([], {}),
+    "Clip": (["lo", "hi"], {}),
+    "LeakyRelu": ([], {"alpha": 0.2}),
+    "Sigmoid": ([], {}),
+    "HardSigmoid": ([], {}),
+    "HardSwish": ([], {}),
+    "Tanh": ([], {}),
+    "Softplus": ([], {}),
+    "Elu": ([], {}),
+    "Abs": ([], {}),
+    "Identity": ([], {}),
+    "Dropout": ([], {}),
+    "Cast": ([], {"to": TensorProto.FLOAT}),
+}
+
+
+@pytest.mark.parametrize("op", list(UNARY_CASES))
+def test_unary(op):
+    """Shape-preserving activations pass channels through unchanged.
+
+        x -> c1 (3->8, Relu) -> h -> <op> -> u -> c2 (->2) -> y
+
+    Group of 8: c1 rows, c1.b, c2 columns; zero-invariant (c2's columns are members, so
+    an f(0) != 0 like Sigmoid's is cancelled).
+    """
+    extra, attrs = UNARY_CASES[op]
+    inits = [fconst("lo", -0.5), fconst("hi", 0.7)] if extra else []
+    m = chain([node(op, ["h", *extra], ["u"], **attrs)], inits, "h", "u")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)})
+    assert len(a.groups) == 3 and a.barriers == []
+    oracles(m, a)
+
+
+def test_cast_round_trip():
+    """Cast to double and back keeps channels: x -> c1 -> h -> Cast(double) -> Cast(float) -> c2 -> y."""
+    m = chain([node("Cast", ["h"], ["d"], to=TensorProto.DOUBLE), node("Cast", ["d"], ["u"], to=TensorProto.FLOAT)],
+              [], "h", "u")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)})
+    oracles(m, a)
+
+
+def test_gelu_erf_pattern():
+    """The exporters' GELU: 0.5 * h * (1 + Erf(h / sqrt 2)); scalar constants are no members.
+
+        h ─┬─ Div(√2) ─ Erf ─ Add(1) ─┐
+           └──────────────────────── Mul ─ Mul(0.5) ─ g
+        x -> c1 (3->8) -> h ... g -> c2 (->2) -> y
+    """
+    nodes = [node("Div", ["h", "sqrt2"], ["d"]), node("Erf", ["d"], ["e"]), node("Add", ["e", "one"], ["p"]),
+             node("Mul", ["h", "p"], ["q"]), node("Mul", ["q", "half"], ["g"])]
+    inits = [fconst("sqrt2", np.sqrt(2)), fconst("one", 1.0), fconst("half", [0.5])]
+    m = chain(nodes, inits, "h", "g")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)})
+    oracles(m, a)
+
+
+@pytest.mark.parametrize("op", ["Log", "Reciprocal"])
+def test_unary_not_zero_safe(op):
+    """f(0) is infinite: zeroed channels poison the next layer, so not zero-invariant.
+
+        x -> c1 (3->8, Relu) -> h -> Add(1) -> <op> -> u -> c2 (->2) -> y
+    """
+    m = chain([node("Add", ["h", "one"], ["p"]), node(op, ["p"], ["u"])], [fconst("one", 1.0)], "h", "u")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)},
+           zi=False, zi_reason="not finite")
+    assert oracles(m, a) == {}
+
+
+def _se_gate():
+    """h -> GlobalAveragePool -> se1 (8->2, Relu) -> se2 (2->8) -> Sigmoid -> gate[1,8,1,1]."""
+    n1, i1 = conv_relu("pool", "r", 8, 2, k=1, prefix="se1")
+    n2, i2 = conv("r", "s", 2, 8, prefix="se2")
+    return [node("GlobalAveragePool", ["h"], ["pool"])] + n1 + n2 + [node("Sigmoid", ["s"], ["gate"])], i1 + i2
+
+
+C8 = {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)}
+
+
+def _broadcast_case(case):
+    """(mid nodes, initializers, extra members of c1's group, zi)."""
+    if case == "add_residual":
+        n, i = conv("h", "k", 8, 8, prefix="r1")
+        return n + [node("Add", ["h", "k"], ["o"])], i, {("r1.w", 1): ident(8), ("r1.w", 0): ident(8),
+                                                         ("r1.b", 0): ident(8)}, True
+    if case == "mul_se_gate":
+        n, i = _se_gate()
+        return n + [node("Mul", ["h", "gate"], ["o"])], i, {("se1.w", 1): ident(8), ("se2.w", 0): ident(8),
+                                                            ("se2.b", 0): ident(8)}, True
+    if case == "mul_channel_const":
+        return [node("Mul", ["h", "k"], ["o"])], [weight("k", 8, 1, 1)], {("k", 0): ident(8)}, True
+    if case == "sub_channel_const":
+        return [node("Sub", ["k", "h"], ["o"])], [weight("k", 1, 8, 1, 1)], {("k", 1): ident(8)}, True
+    if case == "div_channel_const":
+        return [node("Div", ["h", "k"], ["o"])], [weight("k", 8, 1, 1)], {("k", 0): ident(8)}, False
+    if case == "div_scalar":
+        return [node("Div", ["h", "k"], ["o"])], [fconst("k", [3.0])], {}, True
+    if case == "prelu":
+        return [node("PRelu", ["h", "slope"], ["o"])], [weight("slope", 8, 1, 1)], {("slope", 0): ident(8)}, True
+    if case in ("Sum", "Mean", "Max", "Min"):
+        na, ia = conv("h", "ka", 8, 8, prefix="ra")
+        nb, ib = conv("h", "kb", 8, 8, prefix="rb")
+        extra = {(t, ax): ident(8) for t in ("ra.w", "rb.w") for ax in (0, 1)}
+        extra.update({("ra.b", 0): ident(8), ("rb.b", 0): ident(8)})
+        return na + nb + [node(case, ["h", "ka", "kb"], ["o"])], ia + ib, extra, True
+    raise KeyError(case)
+
+
+@pytest.mark.parametrize("case", ["add_residual", "mul_se_gate", "mul_channel_const", "sub_channel_const",
+                                  "div_channel_const", "div_scalar", "prelu", "Sum", "Mean", "Max", "Min"])
+def test_broadcast(case):
+    """Broadcasting ops couple equal axes (right-aligned) and ignore size-1 axes.
+
+        x -> c1 (3->8, Relu) -> h ──┬───────────── <op> ─ o -> c2 (->2) -> y
+                                     └─ (branch) ─┘
+        add_residual   branch = Conv r1 (8->8)
+        mul_se_gate    branch = GAP -> se1 (8->2) -> se2 (2->8) -> Sigmoid  ([1,8,1,1] gate)
+        *_channel_const / prelu   a constant [8,1,1] or [1,8,1,1] (a member on its channel axis)
+        div_channel_const         the divisor is a member: zeroing it gives inf, not zero-invariant
+        Sum/Mean/Max/Min          three inputs: h and two convs of h
+    """
+    nodes, inits, extra, zi = _broadcast_case(case)
+    m = chain(nodes, inits, "h", "o")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {**C8, **extra}, zi=zi, zi_reason=None if zi else "divisor")
+    if case == "mul_se_gate":
+        expect(group_of(a, "se1.w", 0), 2, {("se1.w", 0): ident(2), ("se1.b", 0): ident(2), ("se2.w", 1): ident(2)})
+    plan = oracles(m, a)
+    assert (group_of(a, "c1.w", 0).id in plan) is zi
+
+
+def test_broadcast_nhwc_vector():
+    """A [C] vector broadcasts against the last axis: through Transpose it is channels.
+
+        x -> c1 (3->8, Relu) -> h -> Transpose(0,2,3,1) -> t[1,6,6,8] -> Mul k[8] -> Transpose(0,3,1,2) -> o -> c2 -> y
+    """
+    nodes = [node("Transpose", ["h"], ["t"], perm=[0, 2, 3, 1]), node("Mul", ["t", "k"], ["tk"]),
+             node("Transpose", ["tk"], ["o"], perm=[0, 3, 1, 2])]
+    m = chain(nodes, [weight("k", 8)], "h", "o")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, {**C8, ("k", 0): ident(8)})
+    oracles(m, a)
+
+
+def test_constant_node_weights():
+    """Weights held by Constant nodes are members under the Constant's output name.
+
+        Constant -> c1.w ─┐ Constant -> c1.b ─┐
+        x ──────────────── Conv c1 ─ Relu ─ h ─ Conv c2 (Constant c2.w) ─ y
+    """
+    def const_node(t):
+        return node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+
+    ws = [weight("c1.w", 8, 3, 3, 3), weight("c1.b", 8), weight("c2.w", 2, 8, 1, 1)]
+    nodes = [const_node(t) for t in ws] + [
+        node("Conv", ["x", "c1.w", "c1.b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4), node("Relu", ["c"], ["h"]),
+        node("Conv", ["h", "c2.w"], ["y"], kernel_shape=[1, 1])]
+    m = build(nodes, {"x": [1, 3, 6, 6]}, {"y": None})
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 8, C8 | {("c1.b", 0): ident(8)})
+    oracles(m, a)
+    proto = prune(a, {g.id: [0, 5]})
+    assert not proto.graph.initializer or {t.name for t in proto.graph.initializer}.isdisjoint({"c1.w", "c2.w"})
+    np.testing.assert_array_equal(value(proto, "c1.w"), value(m.proto, "c1.w")[[1, 2, 3, 4, 6, 7]])
+    np.testing.assert_array_equal(value(proto, "c2.w"), value(m.proto, "c2.w")[:, [1, 2, 3, 4, 6, 7]])
+
+
+# ---------------------------------------------------------------- pooling, reductions, pad, resize
+
+
+POOLS = {
+    "MaxPool": {"kernel_shape": [2, 2], "strides": [2, 2]},
+    "AveragePool": {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]},
+    "LpPool": {"kernel_shape": [2, 2]},
+    "GlobalAveragePool": {},
+    "GlobalMaxPool": {},
+}
+
+
+@pytest.mark.parametrize("op", list(POOLS))
+def test_pool(op):
+    """Pooling keeps channels; spatial axes shrink.
+
+        x -> c1 (3->8, Relu) -> h -> <pool> -> p -> c2 (->2) -> y
+    """
+    m = chain([node(op, ["h"], ["p"], **POOLS[op])], [], "h", "p")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, C8)
+    oracles(m, a)
+
+
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2"])
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("axes,keepdims", [([2, 3], 1), ([-1, -2], 0), ([1], 1)], ids=["spatial", "spatial_drop",
+                                                                                     "channels"])
+def test_reduce(op, opset, axes, keepdims):
+    """Reductions over spatial axes keep channels; over the channel axis they mix them.
+
+        x -> c1 (3->8, Relu) -> h[1,8,6,6] -> <Reduce>(axes, keepdims) -> r
+        spatial: r[1,8,1,1] -> c2 (->2) -> y        spatial_drop: r[1,8] -> Gemm W[8,2] -> y
+        channels: r[1,1,6,6] is the output y itself (c1's group: prunable, not zero-invariant)
+    """
+    axes_in = opset >= 18 or op == "ReduceSum"
+    inputs = ["h", "axes"] if axes_in else ["h"]
+    attrs = {"keepdims": keepdims} if axes_in else {"keepdims": keepdims, "axes": axes}
+    inits = [const("axes", axes)] if axes_in else []
+    red = node(op, inputs, ["r"], **attrs)
+    n1, i1 = conv_relu("x", "h", 3, 8, k=1, prefix="c1")
+    if keepdims == 0:
+        m = build(n1 + [red, node("Gemm", ["r", "W"], ["y"])], {"x": [1, 3, 6, 6]}, {"y": None},
+                  i1 + inits + [weight("W", 8, 2)], opset=opset)
+        consumer = ("W", 0)
+    elif axes == [1]:
+        m = build(n1 + [red], {"x": [1, 3, 6, 6]}, {"r": None}, i1 + inits, opset=opset)
+        consumer = None
+    else:
+        n2, i2 = conv("r", "y", 8, 2, prefix="c2")
+        m = build(n1 + [red] + n2, {"x": [1, 3, 6, 6]}, {"y": None}, i1 + inits + i2, opset=opset)
+        consumer = ("c2.w", 1)
+    a = analyze(m)
+    mem = {("c1.w", 0): ident(8), ("c1.b", 0): ident(8)} | ({consumer: ident(8)} if consumer else {})
+    zi = axes != [1]
+    expect(group_of(a, "c1.w", 0), 8, mem, zi=zi, zi_reason=None if zi else f"{op}")
+    assert "axes" not in {m_.tensor for g in a.groups for m_ in g.members}
+    plan = oracles(m, a)
+    assert bool(plan) is zi
+
+
+@pytest.mark.parametrize("case", ["spatial", "spatial_reflect", "spatial_axes_input", "spatial_attr_opset9",
+                                  "channels", "channels_axes_input"])
+def test_pad(case):
+    """Pad with zero pads on the channel axis keeps channels; padding channels pins them.
+
+        x -> c1 (3->8, Relu) -> h[1,8,6,6] -> Pad(pads[, value][, axes]) -> p -> c2 (->2) -> y
+    """
+    opset, attrs, inits, inputs = 17, {}, [], ["h", "pads"]
+    if case == "spatial":
+        inits = [const("pads", [0, 0, 1, 2, 0, 0, 2, 1]), fconst("v", 0.5)]
+        inputs = ["h", "pads", "v"]
+    elif case == "spatial_reflect":
+        inits, attrs = [const("pads", [0, 0, 1, 1, 0, 0, 1, 1])], {"mode": "reflect"}
+    elif case == "spatial_axes_input":
+        opset, inits, inputs = 18, [const("pads", [1, 1, 1, 1]), const("axes", [2, 3])], ["h", "pads", "", "axes"]
+    elif case == "spatial_attr_opset9":
+        opset, inputs, attrs = 9, ["h"], {"pads": [0, 0, 1, 1, 0, 0, 1, 1]}
+    elif case == "channels":
+        inits = [const("pads", [0, 1, 0, 0, 0, 1, 0, 0])]
+    else:
+        opset, inits, inputs = 18, [const("pads", [1, 0]), const("axes", [1])], ["h", "pads", "", "axes"]
+    pinned = case.startswith("channels")
+    m = chain([node("Pad", inputs, ["p"], name="pad", **attrs)], inits, "h", "p", cout={"channels": 10, "channels_axes_input": 9}.get(case, 8),
+              opset=opset)
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    if pinned:
+        expect(g, 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8)}, prunable=False, reason="Pad 'pad'")
+    else:
+        expect(g, 8, C8)
+    plan = oracles(m, a)
+    assert bool(plan) is not pinned
+
+
+@pytest.mark.parametrize("case", ["scales", "sizes", "scales_opset10", "upsample_opset9"])
+def test_resize(case):
+    """Resize/Upsample with scale 1 (or the same size) on the channel axis keeps channels;
+    a `sizes` constant naming the channel count is rewritten.
+
+        x -> c1 (3->8, Relu) -> h[1,8,4,4] -> Resize(scales [1,1,2,2] | sizes [1,8,8,8]) -> r -> c2 (->2) -> y
+    """
+    opset, inits = 13, []
+    if case == "scales":
+        inputs, inits = ["h", "", "scales"], [fconst("scales", [1, 1, 2, 2])]
+    elif case == "sizes":
+        inputs, inits = ["h", "", "", "sizes"], [const("sizes", [1, 8, 8, 8])]
+    elif case == "scales_opset10":
+        opset, inputs, inits = 10, ["h", "scales"], [fconst("scales", [1, 1, 2, 2])]
+    else:
+        opset, inputs, inits = 9, ["h", "scales"], [fconst("scales", [1, 1, 2, 2])]
+    op = "Upsample" if case.startswith("upsample") else "Resize"
+    m = chain([node(op, inputs, ["r"], name="rs", mode="nearest")], inits, "h", "r", x_shape=(1, 3, 4, 4), opset=opset)
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 8, C8)
+    assert {mm.tensor for gg in a.groups for mm in gg.members}.isdisjoint({"scales", "sizes"})
+    oracles(m, a)
+    proto = prune(a, {g.id: [2, 3, 7]})
+    if case == "sizes":
+        np.testing.assert_array_equal(input_value(proto, "rs", 3), [1, 5, 8, 8])
+    else:
+        np.testing.assert_array_equal(input_value(proto, "rs", len(inputs) - 1), [1, 1, 2, 2])
+
+
+# ---------------------------------------------------------------- layout: Concat, Split, Slice, Gather
+
+
+def test_concat_densenet():
+    """Concat places each input at an offset of the output's channel axis (DenseNet).
+
+        x -> c1 (3->4, Relu) -> h1 ─┬─────────────────────────┐
+                                    └─ c2 (4->3, Relu) -> h2 ─ Concat(axis 1) -> h3[7] -> c3 (7->2) -> y
+
+    c1's group (4): c1 rows, c2 columns, c3 columns 0..3; c2's group (3): c2 rows, c3 columns 4..6.
+    """
+    n1, i1 = conv_relu("x", "h1", 3, 4, k=1, prefix="c1")
+    n2, i2 = conv_relu("h1", "h2", 4, 3, k=3, prefix="c2")
+    n3, i3 = conv("h3", "y", 7, 2, prefix="c3")
+    nodes = n1 + n2 + [node("Concat", ["h1", "h2"], ["h3"], axis=1)] + n3
+    m = build(nodes, {"x": [1, 3, 6, 6]}, {"y": None}, i1 + i2 + i3)
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 4, {("c1.w", 0): ident(4), ("c1.b", 0): ident(4), ("c2.w", 1): ident(4),
+                                       ("c3.w", 1): ident(4)})
+    expect(group_of(a, "c2.w", 0), 3, {("c2.w", 0): ident(3), ("c2.b", 0): ident(3), ("c3.w", 1): [4, 5, 6]})
+    oracles(m, a)
+    proto = prune(a, {group_of(a, "c1.w", 0).id: [1], group_of(a, "c2.w", 0).id: [0, 2]})
+    np.testing.assert_array_equal(value(proto, "c3.w"), value(m.proto, "c3.w")[:, [0, 2, 3, 5]])
+
+
+@pytest.mark.parametrize("form", ["input_opset13", "attr_opset11", "num_outputs_opset18"])
+def test_split(form):
+    """Split windows are offsets into the input's channel axis; the sizes are rewritten.
+
+        x -> c1 (3->8, Relu) -> h[8] -> Split(axis 1) ─ s0[3|4] -> c2a (->2) ─┐
+                                                      └ s1[5|4] -> c2b (->2) ─ Add -> y
+
+    Channels inside each window touch a different consumer: two groups of c1's channels.
+    """
+    sizes = [4, 4] if form == "num_outputs_opset18" else [3, 5]
+    opset = {"input_opset13": 13, "attr_opset11": 11, "num_outputs_opset18": 18}[form]
+    if form == "input_opset13":
+        sp, inits = node("Split", ["h", "split"], ["s0", "s1"], name="sp", axis=1), [const("split", sizes)]
+    elif form == "attr_opset11":
+        sp, inits = node("Split", ["h"], ["s0", "s1"], name="sp", axis=1, split=sizes), []
+    else:
+        sp, inits = node("Split", ["h"], ["s0", "s1"], name="sp", axis=1, num_outputs=2), []
+    n1, i1 = conv_relu("x", "h", 3, 8, k=1, prefix="c1")
+    na, ia = conv("s0", "ya", sizes[0], 2, prefix="c2a")
+    nb, ib = conv("s1", "yb", sizes[1], 2, prefix="c2b")
+    m = build(n1 + [sp] + na + nb + [node("Add", ["ya", "yb"], ["y"])], {"x": [1, 3, 6, 6]}, {"y": None},
+              i1 + inits + ia + ib, opset=opset)
+    a = analyze(m)
+    g0, g1 = group_of(a, "c1.w", 0, pos=0), group_of(a, "c1.w", 0, pos=7)
+    lo, hi = ident(sizes[0]), [sizes[0] + i for i in range(sizes[1])]
+    expect(g0, sizes[0], {("c1.w", 0): lo, ("c1.b", 0): lo, ("c2a.w", 1): ident(sizes[0])})
+    expect(g1, sizes[1], {("c1.w", 0): hi, ("c1.b", 0): hi, ("c2b.w", 1): ident(sizes[1])})
+    oracles(m, a)
+    proto = prune(a, {g0.id: [0], g1.id: [1, 2]})
+    sp_new = find_node(proto, "sp")
+    new_sizes = [sizes[0] - 1, sizes[1] - 2]
+    if form == "attr_opset11":
+        assert get_attr(sp_new, "split") == new_sizes
+    else:
+        np.testing.assert_array_equal(value(proto, sp_new.input[1]), new_sizes)
+        assert get_attr(sp_new, "num_outputs") is None
+    assert value(proto, "c1.w").shape[0] == 5
+
+
+@pytest.mark.parametrize("form", ["inputs", "negative", "attrs_opset9", "full_consumer"])
+def test_slice(form):
+    """Slice on the channel axis: a window at an offset; starts/ends are rewritten.
+
+        x -> c1 (3->8, Relu) -> h[8] -> Slice(axis 1, 2:6) -> s[4] -> c2 (->2) -> y
+        full_consumer: h also feeds c3 (8->2), added to y
+
+    Channels 2..5 touch s and c2; channels 0,1,6,7 do not: two groups of c1's channels.
+    """
+    opset = 9 if form == "attrs_opset9" else 17
+    if form == "attrs_opset9":
+        sl, inits = node("Slice", ["h"], ["s"], name="sl", starts=[2], ends=[6], axes=[1]), []
+    else:
+        se = ([-6], [-2]) if form == "negative" else ([2], [6])
+        sl = node("Slice", ["h", "st", "en", "ax"], ["s"], name="sl")
+        inits = [const("st", se[0]), const("en", se[1]), const("ax", [1])]
+    n1, i1 = conv_relu("x", "h", 3, 8, k=1, prefix="c1")
+    n2, i2 = conv("s", "ys", 4, 2, prefix="c2")
+    tail = [node("Identity", ["ys"], ["y"])]
+    if form == "full_consumer":
+        n3, i3 = conv("h", "yf", 8, 2, prefix="c3")
+        tail, i2 = n3 + [node("Add", ["ys", "yf"], ["y"])], i2 + i3
+    m = build(n1 + [sl] + n2 + tail, {"x": [1, 3, 6, 6]}, {"y": None}, i1 + inits + i2, opset=opset)
+    a = analyze(m)
+    inside, outside = group_of(a, "c1.w", 0, pos=2), group_of(a, "c1.w", 0, pos=0)
+    full = {("c3.w", 1): [2, 3, 4, 5]} if form == "full_consumer" else {}
+    expect(inside, 4, {("c1.w", 0): [2, 3, 4, 5], ("c1.b", 0): [2, 3, 4, 5], ("c2.w", 1): ident(4), **full})
+    full = {("c3.w", 1): [0, 1, 6, 7]} if form == "full_consumer" else {}
+    expect(outside, 4, {("c1.w", 0): [0, 1, 6, 7], ("c1.b", 0): [0, 1, 6, 7], **full})
+    oracles(m, a)
+    proto = prune(a, {inside.id: [0, 2], outside.id: [1, 3]})  # keep 0, 3, 5, 6 of h: the window is 3, 5
+    sl_new = find_node(proto, "sl")
+    if form == "attrs_opset9":
+        starts, ends = get_attr(sl_new, "starts"), get_attr(sl_new, "ends")
+    else:
+        starts, ends = value(proto, sl_new.input[1]).tolist(), value(proto, sl_new.input[2]).tolist()
+    kept = np.arange(4)[slice(starts[0], ends[0])]
+    np.testing.assert_array_equal(kept, [1, 2])  # positions of h's channels 3 and 5 among the kept 0, 3, 5, 6
+
+
+def test_slice_step_pins():
+    """A Slice with step 2 on the channel axis has no offset map: the channels are pinned.
+
+        x -> c1 (3->8, Relu) -> h[8] -> Slice(axis 1, 0:8:2) -> s[4] -> c2 (->2) -> y
+    """
+    sl = node("Slice", ["h", "st", "en", "ax", "sp"], ["s"], name="sl")
+    inits = [const("st", [0]), const("en", [8]), const("ax", [1]), const("sp", [2])]
+    m = chain([sl], inits, "h", "s", cout=4)
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, prunable=False, reason="Slice 'sl'")
+    expect(group_of(a, "c2.w", 1), 4, prunable=False, reason="Slice 'sl'")
+    oracles(m, a)
+
+
+@pytest.mark.parametrize("indices", [[0, 2, 4, 6], [6, 1, 3], [-1, 0]], ids=["even", "unordered", "negative"])
+def test_gather(indices):
+    """Gather with constant indices on the channel axis: y[j] <-> x[idx[j]]; indices remapped.
+
+        x -> c1 (3->8, Relu) -> h[8] -> Gather(idx, axis 1) -> g[len(idx)] -> c2 (->2) -> y
+    """
+    n = len(indices)
+    m = chain([node("Gather", ["h", "idx"], ["g"], name="ga", axis=1)], [const("idx", indices)], "h", "g", cout=n)
+    a = analyze(m)
+    picked = [i % 8 for i in indices]
+    g = group_of(a, "c1.w", 0, pos=picked[0])
+    expect(g, n, {("c1.w", 0): sorted(picked), ("c1.b", 0): sorted(picked),
+                  ("c2.w", 1): [indices.index(p if p in indices else p - 8) for p in sorted(picked)]})
+    others = [i for i in range(8) if i not in picked]
+    expect(group_of(a, "c1.w", 0, pos=others[0]), len(others), {("c1.w", 0): others, ("c1.b", 0): others})
+    oracles(m, a)
+    drop_sorted = sorted(picked)[0]
+    proto = prune(a, {g.id: [0], group_of(a, "c1.w", 0, pos=others[0]).id: [0]})
+    kept = [i for i in range(8) if i not in (drop_sorted, others[0])]
+    expected = [kept.index(p) for p in picked if p != drop_sorted]
+    np.testing.assert_array_equal(input_value(proto, "ga", 1), expected)
+
+
+def test_gather_scalar_index():
+    """A scalar index picks one channel: that channel is locked, the others may go.
+
+        x -> c1 (3->8, Relu) -> h[1,8,6,6] -> Gather(3, axis 1) -> g[1,6,6] -> Unsqueeze(1) -> c2 (1->2) -> y
+    """
+    nodes = [node("Gather", ["h", "idx"], ["g"], name="ga", axis=1), node("Unsqueeze", ["g", "ax"], ["u"])]
+    m = chain(nodes, [const("idx", 3), const("ax", [1])], "h", "u", cout=1)
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8)})
+    assert g.locked == [3]
+    oracles(m, a)
+    proto = prune(a, {g.id: [0, 2, 7]})
+    assert input_value(proto, "ga", 1).tolist() == 1
+
+
+# ---------------------------------------------------------------- layout: Reshape, Flatten, Transpose, Squeeze
+
+
+def _head(kind):
+    """Flatten/Reshape + a linear layer over [1, 4*2*2] features."""
+    if kind == "flatten_gemm":
+        return [node("Flatten", ["p"], ["f"]), node("Gemm", ["f", "W"], ["y"])], [], ("W", 0)
+    if kind == "flatten_gemm_transB":
+        return [node("Flatten", ["p"], ["f"]), node("Gemm", ["f", "W"], ["y"], transB=1)], [], ("W", 1)
+    if kind in ("reshape_matmul", "reshape_matmul_minus1", "reshape_matmul_zero"):
+        shp = {"reshape_matmul": [1, 16], "reshape_matmul_minus1": [1, -1], "reshape_matmul_zero": [0, -1]}[kind]
+        return [node("Reshape", ["p", "shp"], ["f"], name="rs"), node("MatMul", ["f", "W"], ["y"])], \
+            [const("shp", shp)], ("W", 0)
+    raise KeyError(kind)
+
+
+@pytest.mark.parametrize("kind", ["flatten_gemm", "flatten_gemm_transB", "reshape_matmul", "reshape_matmul_minus1",
+                                  "reshape_matmul_zero"])
+def test_flatten_to_linear(kind):
+    """Flattening NCHW puts channel c at features c*H*W .. (c+1)*H*W - 1 (block map).
+
+        x[1,3,4,4] -> c1 (3->4, Relu) -> h -> MaxPool(2) -> p[1,4,2,2] -> Flatten|Reshape -> f[1,16] -> Gemm|MatMul W -> y[1,5]
+
+    Group of 4: c1 rows, and W's feature axis in blocks of 4; a literal 16 in the shape is rewritten.
+    """
+    nodes, inits, w_axis = _head(kind)
+    n1, i1 = conv_relu("x", "h", 3, 4, k=1, prefix="c1")
+    w = weight("W", 5, 16) if w_axis == ("W", 1) else weight("W", 16, 5)
+    m = build(n1 + [node("MaxPool", ["h"], ["p"], kernel_shape=[2, 2], strides=[2, 2])] + nodes, {"x": [1, 3, 4, 4]},
+              {"y": None}, i1 + inits + [w])
+    a = analyze(m)
+    blocks = [list(range(4 * c, 4 * c + 4)) for c in range(4)]
+    g = group_of(a, "c1.w", 0)
+    expect(g, 4, {("c1.w", 0): ident(4), ("c1.b", 0): ident(4), w_axis: blocks})
+    oracles(m, a)
+    proto = prune(a, {g.id: [1]})
+    assert value(proto, "W").shape == ((5, 12) if w_axis == ("W", 1) else (12, 5))
+    if kind.startswith("reshape"):
+        expected = {"reshape_matmul": [1, 12], "reshape_matmul_minus1": [1, -1], "reshape_matmul_zero": [0, -1]}[kind]
+        np.testing.assert_array_equal(input_value(proto, "rs", 1), expected)
+
+
+def test_flatten_nhwc():
+    """Through Transpose to NHWC, channels are the innermost factor: feature (h*W + w)*C + c.
+
+        x[1,3,4,4] -> c1 (3->4, Relu) -> h -> MaxPool(2) -> p[1,4,2,2] -> Transpose(0,2,3,1) -> t[1,2,2,4]
+          -> Reshape [1,16] -> MatMul W[16,5] -> y
+    """
+    nodes = [node("MaxPool", ["h"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             node("Transpose", ["p"], ["t"], perm=[0, 2, 3, 1]), node("Reshape", ["t", "shp"], ["f"], name="rs"),
+             node("MatMul", ["f", "W"], ["y"])]
+    n1, i1 = conv_relu("x", "h", 3, 4, k=1, prefix="c1")
+    m = build(n1 + nodes, {"x": [1, 3, 4, 4]}, {"y": None}, i1 + [const("shp", [1, 16]), weight("W", 16, 5)])
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 4, {("c1.w", 0): ident(4), ("c1.b", 0): ident(4), ("W", 0): [[c, c + 4, c + 8, c + 12] for c in range(4)]})
+    oracles(m, a)
+    proto = prune(a, {g.id: [0, 3]})
+    np.testing.assert_array_equal(input_value(proto, "rs", 1), [1, 8])
+    np.testing.assert_array_equal(value(proto, "W"), value(m.proto, "W")[[1, 2, 5, 6, 9, 10, 13, 14]])
+
+
+def test_transpose():
+    """Transpose moves the channel axis and back: x[perm[i]] <-> y[i].
+
+        x -> c1 (3->8, Relu) -> h -> Transpose(0,2,3,1) -> Relu -> Transpose(0,3,1,2) -> o -> c2 (->2) -> y
+    """
+    nodes = [node("Transpose", ["h"], ["t"], perm=[0, 2, 3, 1]), node("Relu", ["t"], ["r"]),
+             node("Transpose", ["r"], ["o"], perm=[0, 3, 1, 2])]
+    m = chain(nodes, [], "h", "o")
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, C8)
+    oracles(m, a)
+
+
+def test_channel_shuffle():
+    """ShuffleNet's channel shuffle: Reshape [1,2,4,H,W] -> Transpose(0,2,1,3,4) -> Reshape [1,8,H,W].
+
+        x -> c1 (3->8, Relu) -> h -> Reshape -> Transpose -> Reshape -> s -> c2 (->2) -> y
+
+    h's channel c = 4a + b lands at 2b + a. The 4 slots b are the channels: removing slot b
+    removes h's {b, b+4} and s's {2b, 2b+1}; both shape constants are rewritten.
+    """
+    nodes = [node("Reshape", ["h", "shp1"], ["r1"], name="rs1"), node("Transpose", ["r1"], ["t"], perm=[0, 2, 1, 3, 4]),
+             node("Reshape", ["t", "shp2"], ["s"], name="rs2")]
+    m = chain(nodes, [const("shp1", [1, 2, 4, 4, 4]), const("shp2", [1, 8, 4, 4])], "h", "s", x_shape=(1, 3, 4, 4))
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    slots = [[b, b + 4] for b in range(4)]
+    expect(g, 4, {("c1.w", 0): slots, ("c1.b", 0): slots, ("c2.w", 1): [[2 * b, 2 * b + 1] for b in range(4)]})
+    oracles(m, a)
+    proto = prune(a, {g.id: [1]})
+    np.testing.assert_array_equal(input_value(proto, "rs1", 1), [1, 2, 3, 4, 4])
+    np.testing.assert_array_equal(input_value(proto, "rs2", 1), [1, 6, 4, 4])
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+@pytest.mark.parametrize("explicit_axes", [True, False])
+def test_squeeze_unsqueeze(opset, explicit_axes):
+    """Squeeze/Unsqueeze keep the remaining axes in order.
+
+        x -> c1 (3->8, Relu) -> h[2,8,6,6] ─┬──────────────────────────────────────────────── Mul -> o -> c2 -> y
+                                           └ GAP -> [2,8,1,1] -> Squeeze -> [2,8] -> Sigmoid -> Unsqueeze ┘
+    """
+    if opset >= 13:
+        sq = node("Squeeze", ["pool", "ax"] if explicit_axes else ["pool"], ["sq"])
+        un = node("Unsqueeze", ["sg", "ax"], ["un"])
+        inits = [const("ax", [2, 3])]
+    else:
+        sq = node("Squeeze", ["pool"], ["sq"], **({"axes": [2, 3]} if explicit_axes else {}))
+        un = node("Unsqueeze", ["sg"], ["un"], axes=[2, 3])
+        inits = []
+    nodes = [node("GlobalAveragePool", ["h"], ["pool"]), sq, node("Sigmoid", ["sq"], ["sg"]), un,
+             node("Mul", ["h", "un"], ["o"])]
+    m = chain(nodes, inits, "h", "o", opset=opset, x_shape=(2, 3, 6, 6))  # batch 2: Squeeze() keeps it
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, C8)
+    oracles(m, a)
+
+
+@pytest.mark.parametrize("target", [[1, 8, 6, 6], [1, 1, 6, 6]], ids=["names_channels", "broadcast_channels"])
+def test_expand(target):
+    """Expand of a per-channel vector to the full map; a literal channel count is rewritten.
+
+        x -> c1 (3->8, Relu) -> h ─┬─────────────────────────────────────── Mul -> o -> c2 -> y
+                                   └ GAP -> [1,8,1,1] -> Expand(target) ─┘
+    """
+    nodes = [node("GlobalAveragePool", ["h"], ["pool"]), node("Expand", ["pool", "shp"], ["e"], name="ex"),
+             node("Mul", ["h", "e"], ["o"])]
+    m = chain(nodes, [const("shp", target)], "h", "o")
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 8, C8)
+    oracles(m, a)
+    proto = prune(a, {g.id: [0, 1, 2]})
+    np.testing.assert_array_equal(input_value(proto, "ex", 1), [1, 5, 6, 6] if target[1] == 8 else target)
+
+
+def test_constant_of_shape():
+    """ConstantOfShape with a literal channel count: the literal follows the pruned axis.
+
+        ConstantOfShape([1,8,6,6], 1.0) -> ones ─┐
+        x -> c1 (3->8, Relu) -> h ──────────── Add -> o -> c2 (->2) -> y
+    """
+    one = numpy_helper.from_array(np.array([1.0], np.float32), "v")
+    nodes = [node("ConstantOfShape", ["shp"], ["ones"], name="cos", value=one), node("Add", ["h", "ones"], ["o"])]
+    m = chain(nodes, [const("shp", [1, 8, 6, 6])], "h", "o")
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 8, C8)
+    oracles(m, a)
+    proto = prune(a, {g.id: [4]})
+    np.testing.assert_array_equal(input_value(proto, "cos", 0), [1, 7, 6, 6])
+
+
+def test_dynamic_flatten():
+    """The exporters' dynamic flatten: Shape -> Gather(0) -> Unsqueeze -> Concat([n, -1]) -> Reshape.
+
+        x[N,3,4,4] -> c1 (3->4, Relu) -> h[N,4,4,4] ─────────────────── Reshape -> f[N,64] -> Gemm W[64,5] -> y
+                                         └ Shape -> Gather(0) -> Unsqueeze -> Concat(-1) ┘
+
+    Shape reads only the batch size: c1's group is prunable, W's rows go in blocks of 16.
+    """
+    nodes = [node("Shape", ["h"], ["sh"]), node("Gather", ["sh", "zero"], ["n"], axis=0),
+             node("Unsqueeze", ["n", "ax0"], ["n1"]), node("Concat", ["n1", "minus1"], ["shp"], axis=0),
+             node("Reshape", ["h", "shp"], ["f"]), node("Gemm", ["f", "W"], ["y"])]
+    n1, i1 = conv_relu("x", "h", 3, 4, k=1, prefix="c1")
+    inits = [const("zero", 0), const("ax0", [0]), const("minus1", [-1]), weight("W", 64, 5)]
+    m = build(n1 + nodes, {"x": [None, 3, 4, 4]}, {"y": [None, 5]}, i1 + inits)
+    a = analyze(m)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 4, {("c1.w", 0): ident(4), ("c1.b", 0): ident(4),
+                  ("W", 0): [list(range(16 * c, 16 * c + 16)) for c in range(4)]})
+    oracles(m, a)
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 3, 4, 4)).astype(np.float32)}
+    out = ort_backend.run(prune(a, {g.id: [2]}), feeds)["y"]
+    assert out.shape == (3, 5)
+
+
+@pytest.mark.parametrize("op", ["Shape", "Size"])
+def test_shape_read_for_unknown_use(op):
+    """A size read that leaves the graph (here: a model output) pins the tensor it reads.
+
+        x -> c1 (3->8, Relu) -> h -> c2 (->2) -> y
+                                └ <Shape|Size> -> Cast -> s (model output)
+    """
+    nodes = [node(op, ["h"], ["sh"], name="sz"), node("Cast", ["sh"], ["s"], to=TensorProto.FLOAT)]
+    m = chain(nodes, [], "h", "h", extra_outputs={"s": None})
+    a = analyze(m)
+    expect(group_of(a, "c1.w", 0), 8, C8, prunable=False, reason=f"read by {op} 'sz'")
+    oracles(m, a)
+
+
+# ---------------------------------------------------------------- barriers, subgraphs, model I/O
+
+
+@pytest.mark.parametrize("kind", ["TopK", "custom_domain"])
+def test_barrier(kind):
+    """An op without a coupling rule is a barrier: no channel crosses it, the analysis says so.
+
+        x -> c0 (3->8, Relu) -> h0 -> c1 (8->8, Relu) -> h -> <barrier> -> b[..] -> c2 (->2) -> y
+
+    c0's group stays prunable; c1's group (its rows) and c2's columns are pinned with the reason.
+    """
+    if kind == "TopK":
+        bar = node("TopK", ["h", "k"], ["b", "bi"], name="bar", axis=1)
+        inits, reason, domain = [const("k", [4])], "TopK 'bar' has no coupling rule (barrier)", None
+    else:
+        bar = helper.make_node("Frobnicate", ["h"], ["b"], name="bar", domain="com.example")
+        inits, reason, domain = [], "Frobnicate 'bar' from domain 'com.example' has no coupling rule", "com.example"
+    n0, i0 = conv_relu("x", "h0", 3, 8, k=1, prefix="c0")
+    n1, i1 = conv_relu("h0", "h", 8, 8, k=1, prefix="c1")
+    cout = 4 if kind == "TopK" else 8
+    n2, i2 = conv("b", "y", cout, 2, prefix="c2")
+    nodes = n0 + n1 + [bar] + n2
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], i0 + i1 + inits + i2,
+                              value_info=[helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, cout, 6, 6])])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    proto = helper.make_model(graph, opset_imports=opsets)
+    proto.ir_version = 8
+    m = spa.Model(proto)
+    spa.model.infer_shapes(m)
+    a = analyze(m)
+    assert a.barriers == ["bar"]
+    expect(group_of(a, "c0.w", 0), 8, {("c0.w", 0): ident(8), ("c0.b", 0): ident(8), ("c1.w", 1): ident(8)})
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8)}, prunable=False, reason=reason)
+    expect(group_of(a, "c2.w", 1), cout, {("c2.w", 1): ident(cout)}, prunable=False, reason=reason)
+    if kind == "TopK":
+        oracles(m, a)
+    else:  # ORT cannot run the custom op: prune and check the graph instead
+        plan = {group_of(a, "c0.w", 0).id: [1, 2]}
+        out = prune(a, plan)
+        assert value(out, "c1.w").shape == (8, 6, 1, 1) and value(out, "c2.w").shape == (2, 8, 1, 1)
+
+
+def test_if_subgraph_capture():
+    """A tensor read inside an If branch keeps its channels (subgraphs are not analysed).
+
+        x -> c0 (3->8, Relu) -> h0 -> c1 (8->8, Relu) -> h ──┐ (captured)
+        cond ─────────────────────────────────────── If { then: Relu(h), else: Neg(h) } -> o -> c2 (->2) -> y
+    """
+    then = helper.make_graph([node("Relu", ["h"], ["t_out"])], "then", [],
+                             [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1, 8, 6, 6])])
+    other = helper.make_graph([node("Neg", ["h"], ["e_out"])], "else", [],
+                              [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1, 8, 6, 6])])
+    n0, i0 = conv_relu("x", "h0", 3, 8, k=1, prefix="c0")
+    n1, i1 = conv_relu("h0", "h", 8, 8, k=1, prefix="c1")
+    n2, i2 = conv("o", "y", 8, 2, prefix="c2")
+    nodes = n0 + n1 + [node("If", ["cond"], ["o"], name="if", then_branch=then, else_branch=other)] + n2
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])], i0 + i1 + i2)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    m = spa.Model(proto)
+    spa.model.infer_shapes(m)
+    a = analyze(m)
+    assert a.barriers == ["if"]
+    expect(group_of(a, "c0.w", 0), 8, {("c0.w", 0): ident(8), ("c0.b", 0): ident(8), ("c1.w", 1): ident(8)})
+    expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8)}, prunable=False,
+           reason="'h' is read inside a subgraph")
+    oracles(m, a)
+
+
+@pytest.mark.parametrize("case", ["conv_to_output", "residual_from_input", "relu_output"])
+def test_model_io_never_pruned(case):
+    """Channel dims of model inputs and outputs keep their size, whatever couples to them.
+
+        conv_to_output:      x[1,3] -> c1 (3->8) -> y
+        residual_from_input: x[1,8] -> c1 (8->8, Relu) -> h -> Add(x) -> y
+        relu_output:         x -> c1 (3->8, Relu) -> h (output too) -> c2 (->2) -> y
+    """
+    if case == "conv_to_output":
+        n, i = conv("x", "y", 3, 8, prefix="c1")
+        m = build(n, {"x": [1, 3, 6, 6]}, {"y": None}, i)
+        reason = "model output 'y'"
+    elif case == "residual_from_input":
+        n, i = conv_relu("x", "h", 8, 8, k=1, prefix="c1")
+        m = build(n + [node("Add", ["h", "x"], ["y"])], {"x": [1, 8, 6, 6]}, {"y": None}, i)
+        reason = "model input 'x'"
+    else:
+        m = chain([], [], "h", "h", extra_outputs={"h": None})
+        reason = "model output 'h'"
+    a = analyze(m)
+    assert all(not g.prunable for g in a.groups)
+    expect(group_of(a, "c1.w", 0), 8, prunable=False, reason=reason)
+    assert api.make_plan(a, 0.5) == {}
+    oracles(m, a)
+
+
+# ---------------------------------------------------------------- the registry is covered
+
+RULE_TESTS = {
+    "conv": ["test_conv", "test_conv_depthwise", "test_conv_grouped", "test_conv_transpose"],
+    "unary": ["test_unary", "test_cast_round_trip", "test_gelu_erf_pattern", "test_unary_not_zero_safe"],
+    "broadcast": ["test_broadcast", "test_broadcast_nhwc_vector", "test_gelu_erf_pattern"],
+    "constant": ["test_constant_node_weights"],
+    "gemm": ["test_gemm", "test_gemm_trans_a", "test_flatten_to_linear"],
+    "matmul": ["test_matmul", "test_flatten_nhwc"],
+    "batchnorm": ["test_batchnorm"],
+    "instancenorm": ["test_instancenorm"],
+    "lrn": ["test_lrn"],
+    "softmax": ["test_softmax"],
+    "transpose": ["test_transpose", "test_flatten_nhwc", "test_channel_shuffle", "test_gemm_trans_a"],
+    "squeeze": ["test_squeeze_unsqueeze", "test_gather_scalar_index"],
+    "concat": ["test_concat_densenet", "test_dynamic_flatten"],
+    "split": ["test_split"],
+    "slice_": ["test_slice", "test_slice_step_pins"],
+    "gather": ["test_gather", "test_gather_scalar_index", "test_dynamic_flatten"],
+    "reshape": ["test_flatten_to_linear", "test_flatten_nhwc", "test_channel_shuffle", "test_dynamic_flatten"],
+    "expand": ["test_expand"],
+    "constant_of_shape": ["test_constant_of_shape"],
+    "shape": ["test_dynamic_flatten", "test_shape_read_for_unknown_use"],
+    "pool": ["test_pool"],
+    "reduce": ["test_reduce"],
+    "pad": ["test_pad"],
+    "resize": ["test_resize"],
+}
+
+REWRITER_TESTS = {
+    "conv_group": ["test_conv_depthwise", "test_conv_grouped", "test_conv_transpose"],
+    "split_sizes": ["test_split"],
+    "slice_window": ["test_slice"],
+    "gather_indices": ["test_gather", "test_gather_scalar_index"],
+    "shape_constant": ["test_flatten_to_linear", "test_channel_shuffle", "test_expand", "test_constant_of_shape",
+                       "test_resize"],
+}
+
+
+@pytest.mark.parametrize("registry,table", [(RULES, RULE_TESTS), (REWRITERS, REWRITER_TESTS)],
+                         ids=["rules", "rewriters"])
+def test_every_rule_has_a_test(registry, table):
+    """Every rule (and rewriter) function in the registry is named here, with tests that exist."""
+    names = {fn.__name__ for fn in registry.values()}
+    missing = sorted(names - set(table))
+    assert not missing, f"rule functions without a test in tests/test_rules.py: {missing}"
+    stale = sorted(set(table) - names)
+    assert not stale, f"RULE_TESTS names functions that are no longer registered: {stale}"
+    for fn, tests in table.items():
+        assert tests, fn
+        for t in tests:
+            assert callable(globals().get(t)) and t.startswith("test_"), f"{fn}: no test named {t}"
