@@ -373,7 +373,7 @@ def _vec_lookup(mapping: dict, keys: np.ndarray) -> np.ndarray:
 
 def _is_member_tensor(index: GraphIndex, name: str) -> bool:
     """Parameters a group can own: floating-point constants (not shape/index vectors)."""
-    return index.is_const(name) and index.model.dtypes.get(name) in FLOAT_TYPES
+    return (index.is_const(name) or name in index.filled) and index.model.dtypes.get(name) in FLOAT_TYPES
 
 
 def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_sid, order_of):

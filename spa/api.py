@@ -84,7 +84,9 @@ def zeroed(analysis: Analysis, plan: dict) -> onnx.ModelProto:
         if t.name in values:
             t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
     for node in proto.graph.node:
-        if node.op_type == "Constant" and node.output[0] in values:
+        if node.op_type in ("Constant", "ConstantOfShape") and node.output[0] in values:
+            node.op_type = "Constant"
+            del node.input[:]
             del node.attribute[:]
             node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(values[node.output[0]])))
     return proto

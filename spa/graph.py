@@ -45,6 +45,12 @@ class GraphIndex:
         self.constant_nodes = {
             n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and n.domain in DEFAULT_DOMAINS
         }
+        # ConstantOfShape with a constant shape: weights stored as "fill" (onnx/onnx light models)
+        self.filled = {
+            n.output[0]: n for n in self.graph.node
+            if n.op_type == "ConstantOfShape" and n.domain in DEFAULT_DOMAINS and n.input[0] in self.initializers
+            or n.op_type == "ConstantOfShape" and n.input and n.input[0] in self.constant_nodes
+        }
         self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in self.graph.output]
         self.opset = next((o.version for o in model.proto.opset_import if o.domain in DEFAULT_DOMAINS), 1)
@@ -71,6 +77,8 @@ class GraphIndex:
             return numpy_helper.to_array(self.initializers[name])
         if name in self.constant_nodes:
             return constant_node_value(self.constant_nodes[name])
+        if name in self.filled:
+            return _fill(self.filled[name], self.value(self.filled[name].input[0]))
         node = self.producer.get(name)
         if node is not None and node.op_type == "Identity":
             return self.value(node.input[0])
@@ -93,6 +101,12 @@ class GraphIndex:
             return None
         handler = _SHAPE_OPS.get(node.op_type)
         return handler(self, node, depth + 1) if handler else None
+
+
+def _fill(node, shape) -> np.ndarray:
+    value = _attr(node, "value", None)
+    fill = numpy_helper.to_array(value).reshape(-1)[0] if value is not None else np.float32(0)
+    return np.full([int(d) for d in shape], fill, dtype=np.asarray(fill).dtype)
 
 
 def _attr(node, name, default=None):

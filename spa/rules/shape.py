@@ -346,7 +346,12 @@ def expand(node, ctx, res):
 
 @rule("ConstantOfShape")
 def constant_of_shape(node, ctx, res):
+    """A constant shape makes a constant tensor (a source, rewritten when pruned)."""
     y = node.output[0]
+    if ctx.value(node.input[0]) is not None:
+        res.param(node.input[0], ctx)
+        res.free.update((y, k) for k in range(ctx.rank(y) or 0))
+        return
     entries = ctx.shape_value(node.input[0])
     if entries is not None and len(entries) == (ctx.rank(y) or 0):
         shape_entries(node, node.input[0], y, entries, ctx, res)
