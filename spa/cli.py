@@ -118,10 +118,13 @@ def _prune(args) -> int:
     check_writable(out, args.model)
     if args.save_plan:
         check_writable(args.save_plan, args.model)
+        if Path(args.save_plan).resolve() == out.resolve():
+            raise SpaError(f"--save-plan and -o both name '{out}'", "write the plan to another file")
     plan = _read_plan(args.plan) if args.plan else None
     quiet = args.json
     with step("load + shape inference", quiet):
         model = load(args.model)
+    model.refuse_overwrite(out, args.save_plan)
     api.refuse_quantized(model)
     with step("analysis", quiet):
         analysis = analyze(model, exclude=args.exclude)

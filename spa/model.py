@@ -36,6 +36,21 @@ class Model:
     shapes: dict[str, Shape] = field(default_factory=dict)
     dtypes: dict[str, int] = field(default_factory=dict)
     unknown: set[str] = field(default_factory=set)  # tensors with a dim neither static nor symbolic
+    external_files: set[Path] = field(default_factory=set)  # external data the model was loaded from
+
+    def refuse_overwrite(self, *targets) -> None:
+        """Error if writing `targets` (or their `.data` companions) would clobber this model's files."""
+        mine = {p.resolve() for p in self.external_files}
+        if self.path is not None:
+            mine.add(Path(self.path).resolve())
+        for target in targets:
+            if target is None:
+                continue
+            target = Path(target)
+            for candidate in (target, target.with_name(target.name + ".data")):
+                if candidate.resolve() in mine:
+                    raise SpaError(f"refusing to write '{candidate}': it is a file of the input model",
+                                   "choose another output path")
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -46,8 +61,10 @@ def _all_tensors(model: onnx.ModelProto):
     return external_data_helper._get_all_tensors(model)
 
 
-def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+def _check_external_data(model: onnx.ModelProto, base: Path) -> set[Path]:
+    """Validate external data locations; return the files they name."""
     root = base.resolve()
+    files = set()
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
@@ -65,12 +82,14 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
                 f"external data file '{loc}' for tensor '{tensor.name}' is missing",
                 "copy the .data file next to the model",
             )
+        files.add(target)
         end = (info.offset or 0) + (info.length or 0)
         if end > target.stat().st_size:
             raise SpaError(
                 f"external data for tensor '{tensor.name}' reads past the end of '{loc}' "
                 f"({end} > {target.stat().st_size} bytes): the file is truncated"
             )
+    return files
 
 
 def load(path: str | os.PathLike, infer: bool = True) -> Model:
@@ -92,10 +111,10 @@ def load(path: str | os.PathLike, infer: bool = True) -> Model:
             f"cannot load model '{path}': not a valid ONNX file (no graph or no nodes)",
             "check that the file is an .onnx model and is complete",
         )
-    _check_external_data(proto, path.parent)
+    external = _check_external_data(proto, path.parent)
     external_data_helper.load_external_data_for_model(proto, str(path.parent))
     _check_proto(proto, path)
-    model = Model(proto, path)
+    model = Model(proto, path, external_files=external)
     if infer:
         infer_shapes(model)
     return model

@@ -86,7 +86,8 @@ def to_json(plan: dict) -> dict:
 
 
 def from_json(doc) -> dict:
-    if not isinstance(doc, dict) or doc.get("schema_version") != PLAN_SCHEMA or not isinstance(doc.get("groups"), dict):
+    version = doc.get("schema_version") if isinstance(doc, dict) else None
+    if type(version) is not int or version != PLAN_SCHEMA or not isinstance(doc.get("groups"), dict):
         raise SpaError(f"not a spa plan file (expected schema_version {PLAN_SCHEMA} and a 'groups' object)",
                        "write one with: spa prune MODEL --ratio R --save-plan PLAN")
     plan = {}

@@ -38,12 +38,12 @@ def test_ratio_half_prunes_or_says_why(entry):
         assert plan == {}
         return
     pruned = api.prune(analysis, plan)
-    assert pruned.ByteSize() < model.proto.ByteSize()
     assert_valid_output(model, pruned, feeds_for(model, entry))
-    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
-    conv_weights = {n.input[1] for n in convs}
-    if convs and any(m.tensor in conv_weights for g in analysis.groups if g.prunable for m in g.members):
-        out = api.reinfer(pruned)
+    out = api.reinfer(pruned)
+    if any(n.op_type == "ConstantOfShape" for n in model.graph.node):
+        assert spa.cost.macs(out) < spa.cost.macs(model)  # light models: weights are fills
+    else:
+        assert pruned.ByteSize() < model.proto.ByteSize()
         assert spa.cost.params(out) < spa.cost.params(model)
 
 

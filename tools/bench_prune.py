@@ -75,17 +75,56 @@ def log(msg: str) -> None:
 # ---------------------------------------------------------------- measuring
 
 
-def measure(cmd: list[str], log_path: Path, timeout: float) -> dict:
-    """Run `cmd` in a fresh process; wall seconds, peak RSS (MiB), stdout, stderr."""
+def vm_rss_mib(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def trace_rss(pid: int, err_path: Path, samples: list, stop: threading.Event, every: float = 0.05) -> None:
+    """Sample the child's VmRSS with the number of step lines it has printed so far, so
+    each sample can be charged to the step running at that moment (a step's line is
+    printed when it ends)."""
+    while not stop.is_set():
+        rss = vm_rss_mib(pid)
+        if rss is not None:
+            try:
+                done = sum(1 for ln in ANSI.sub("", err_path.read_text()).splitlines() if STEP_LINE.match(ln.strip()))
+            except OSError:
+                done = 0
+            samples.append((done, rss))
+        stop.wait(every)
+
+
+def measure(cmd: list[str], log_path: Path, timeout: float, trace: bool = False) -> dict:
+    """Run `cmd` in a fresh process; wall seconds, peak RSS (MiB), stdout, stderr.
+
+    The peak is `ru_maxrss` of exactly this child (os.wait4). With `trace`, VmRSS is also
+    sampled every 50 ms and charged to the step running at the time (see `trace_rss`).
+    """
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1", TERM="dumb", PYTHONUNBUFFERED="1")
-    with open(log_path.with_suffix(".out"), "w") as out, open(log_path.with_suffix(".err"), "w") as err:
+    samples: list = []
+    err_path = log_path.with_suffix(".err")
+    with open(log_path.with_suffix(".out"), "w") as out, open(err_path, "w") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
         killer = threading.Timer(timeout, proc.kill)
         killer.start()
+        stop = threading.Event()
+        sampler = threading.Thread(target=trace_rss, args=(proc.pid, err_path, samples, stop), daemon=True)
+        if trace:
+            sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         killer.cancel()
+        stop.set()
+        if trace:
+            sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     stdout = log_path.with_suffix(".out").read_text()
     stderr = ANSI.sub("", log_path.with_suffix(".err").read_text())
@@ -93,7 +132,18 @@ def measure(cmd: list[str], log_path: Path, timeout: float) -> dict:
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         why = f"killed after {timeout:.0f} s" if proc.returncode < 0 else f"exit {proc.returncode}"
         raise BenchError(f"command failed ({why}): {' '.join(cmd)}\n{tail}")
-    return {"wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "stdout": stdout, "stderr": stderr}
+    return {"wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "stdout": stdout, "stderr": stderr,
+            "rss_samples": samples}
+
+
+def peak_by_step(samples: list, steps: list[str]) -> dict[str, float]:
+    """Highest sampled VmRSS while each step ran; 'after the last step' = the final report."""
+    names = steps + ["after the last step"]
+    peaks: dict[str, float] = {}
+    for done, rss in samples:
+        name = names[min(done, len(names) - 1)]
+        peaks[name] = max(peaks.get(name, 0.0), rss)
+    return peaks
 
 
 def spa_steps(stderr: str) -> dict[str, float]:
@@ -117,7 +167,8 @@ def spa_command() -> list[str]:
 
 def bench_model(name: str, path: Path, args, out_dir: Path) -> dict:
     """Interleave load+save, prune, prune --no-check; `repeats` times each."""
-    out = out_dir / f"{name}.out.onnx"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name.split(" ")[0])
+    out = out_dir / f"{slug}.out.onnx"
     spa = spa_command()
     commands = {
         "load+save": [sys.executable, "-c", LOAD_SAVE, str(path), str(out)],
@@ -129,12 +180,15 @@ def bench_model(name: str, path: Path, args, out_dir: Path) -> dict:
         for kind, cmd in commands.items():
             log(f"  [{name}] {kind}, run {rep + 1}/{args.repeats} ...")
             tag = kind.replace(" ", "").replace("+", "_").replace("--", "_")
-            r = measure(cmd, out_dir / f"{name}.{tag}.{rep}", args.timeout)
+            r = measure(cmd, out_dir / f"{slug}.{tag}.{rep}", args.timeout, trace=kind != "load+save")
             r["out_bytes"] = out.stat().st_size + (out.with_name(out.name + ".data").stat().st_size
                                                    if out.with_name(out.name + ".data").exists() else 0)
             r["steps"] = json.loads(r["stdout"]) if kind == "load+save" else spa_steps(r["stderr"])
             r["report"] = [ln for ln in r["stderr"].splitlines() if ln.startswith("output check")] + \
                           [ln for ln in r["stdout"].splitlines() if ln.startswith(("output check", "pruned "))]
+            if kind != "load+save":
+                r["rss_by_step"] = peak_by_step(r.pop("rss_samples"), list(r["steps"]))
+            r.pop("rss_samples", None)
             runs[kind].append(r)
             log(f"    {r['wall_s']:.2f} s, peak RSS {r['rss_mib']:.0f} MiB")
             remove_output(out)
@@ -300,6 +354,14 @@ def tables(results: list[dict], startup: dict, args) -> str:
         outside = statistics.median(x["wall_s"] - sum(x["steps"].values()) for x in r)
         lines.append(f"| {res['model']} | " + " | ".join(f"{med_step(r, s):.2f}" for s in steps) +
                      f" | {outside:.2f} | {med(r, 'wall_s'):.2f} |")
+    lines += ["", "### `spa prune` (with check): highest sampled RSS while each step ran (MiB, median; "
+              "VmRSS every 50 ms; the first step also covers interpreter start and imports)", "",
+              "| model | " + " | ".join(steps) + " | after the last step | ru_maxrss |",
+              "|---|" + "---:|" * (len(steps) + 2)]
+    for res in results:
+        r = res["runs"]["prune"]
+        cells = [statistics.median(x["rss_by_step"].get(s, 0.0) for x in r) for s in steps + ["after the last step"]]
+        lines.append(f"| {res['model']} | " + " | ".join(f"{c:.0f}" for c in cells) + f" | {med(r, 'rss_mib'):.0f} |")
     lines += ["", "### Fixed cost of a fresh process (median)", "", "| command | wall s | peak RSS MiB |",
               "|---|---:|---:|"]
     for kind, v in startup.items():

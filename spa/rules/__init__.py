@@ -100,6 +100,8 @@ class Result:
             self.couple(a, b, identity(sa))
         elif sa is None and sb is None:
             self.free.update((a, b))
+        elif sa is None or sb is None:  # the analysis pins the known side, with that reason
+            self.couple(a, b, identity(sa or sb))
         else:
             self.pin(a, f"size mismatch with axis {b[1]} of '{b[0]}'")
             self.pin(b, f"size mismatch with axis {a[1]} of '{a[0]}'")
