@@ -26,7 +26,7 @@ from . import __version__, api, importance, report
 from .analysis import analyze
 from .errors import SpaError
 from .model import check_writable, load, save, write_text_atomic
-from .planner import from_json, to_json
+from .planner import check_ratio, from_json, to_json
 
 ANALYZE_SCHEMA = 1
 PRUNE_SCHEMA = 1
@@ -121,6 +121,11 @@ def _prune(args) -> int:
         if Path(args.save_plan).resolve() == out.resolve():
             raise SpaError(f"--save-plan and -o both name '{out}'", "write the plan to another file")
     plan = _read_plan(args.plan) if args.plan else None
+    if plan is None:  # bad numbers fail before any slow work
+        check_ratio(args.ratio)
+        check_ratio(args.max_group_ratio, "--max-group-ratio")
+        if args.round_to < 1:
+            raise SpaError(f"invalid --round-to {args.round_to}: it must be a positive integer")
     quiet = args.json
     with step("load + shape inference", quiet):
         model = load(args.model)

@@ -305,19 +305,41 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = 
     tmpdir = Path(tempfile.mkdtemp(prefix=".spa-tmp-", dir=folder))
     try:
         tmp = tmpdir / path.name
-        external = weight_bytes(proto) >= TWO_GB
-        if external:
-            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=path.name + ".data", size_threshold=1024)
+        if weight_bytes(proto) >= TWO_GB:
+            _save_with_external_data(proto, tmp, path.name + ".data")
             os.replace(tmpdir / (path.name + ".data"), folder / (path.name + ".data"))
         else:
             onnx.save_model(proto, str(tmp))
         os.replace(tmp, path)
     except (OSError, ValueError) as exc:
-        raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+        raise SpaError(f"cannot write '{path}': {getattr(exc, 'strerror', None) or exc}") from exc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -> None:
+    """Move raw tensor bytes >= 1 KiB to `location` beside `tmp`, write the graph, then put
+    the bytes back so the caller's proto is unchanged (no second copy of the weights)."""
+    moved = []
+    try:
+        with open(tmp.parent / location, "wb") as data:
+            for tensor in _all_tensors(proto):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    raw = tensor.raw_data
+                    offset = data.tell()
+                    data.write(raw)
+                    moved.append((tensor, raw))
+                    external_data_helper.set_external_data(tensor, location, offset=offset, length=len(raw))
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    tensor.ClearField("raw_data")
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

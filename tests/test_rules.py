@@ -198,7 +198,7 @@ def test_conv(case):
     dims = {"1d": 1, "3d": 3}.get(case, 2)
     spatial = {"1d": [16], "3d": [4, 6, 6]}.get(case, [8, 8])
     k = 3
-    extra = {"dilated": dict(dilations=[2, 2], pads=[2, 2, 2, 2]), "strided": dict(strides=[2, 2])}.get(case, {})
+    extra = {"dilated": {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, "strided": {"strides": [2, 2]}}.get(case, {})
     kernel = [k] * dims
     c1_in = ["x", "c1.w"] if case == "no_bias" else ["x", "c1.w", "c1.b"]
     nodes = [node("Conv", c1_in, ["c1.c"], kernel_shape=kernel, **{"pads": [1] * 2 * dims, **extra}),
@@ -987,7 +987,7 @@ def test_gather(indices):
     others = [i for i in range(8) if i not in picked]
     expect(group_of(a, "c1.w", 0, pos=others[0]), len(others), {("c1.w", 0): others, ("c1.b", 0): others})
     oracles(m, a)
-    drop_sorted = sorted(picked)[0]
+    drop_sorted = min(picked)
     proto = prune(a, {g.id: [0], group_of(a, "c1.w", 0, pos=others[0]).id: [0]})
     kept = [i for i in range(8) if i not in (drop_sorted, others[0])]
     expected = [kept.index(p) for p in picked if p != drop_sorted]

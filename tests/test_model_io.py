@@ -1,0 +1,100 @@
+"""Model I/O: external data (in and out), >2 GB outputs, atomic saves, shape-inference fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import spa
+import spa.model
+from spa import api
+from spa.backends import ort as ort_backend
+from spa.errors import SpaError
+from tests.graphs import build, const, node, weight
+
+
+def _cnn():
+    """x[1,3,8,8] -> Conv(8) -> Relu -> Conv(4) -> y"""
+    nodes = [node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4), node("Relu", ["c1"], ["r1"]),
+             node("Conv", ["r1", "w2", "b2"], ["y"], kernel_shape=[3, 3], pads=[1] * 4)]
+    inits = [weight("w1", 8, 3, 3, 3), weight("b1", 8), weight("w2", 4, 8, 3, 3), weight("b2", 4)]
+    return build(nodes, {"x": [1, 3, 8, 8]}, {"y": [1, 4, 8, 8]}, inits)
+
+
+def test_external_data_model_loads_and_prunes(tmp_path):
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(_cnn().proto, str(src), save_as_external_data=True, location="m.bin", size_threshold=0)
+    model = spa.load(src)
+    assert model.external_files == {(src.parent / "m.bin").resolve()}
+    analysis = spa.analyze(model)
+    pruned = api.prune(analysis, api.make_plan(analysis, 0.5))
+    out = spa.save(pruned, tmp_path / "out.onnx")
+    assert spa.load(out).proto.graph.initializer[0].dims[0] == 4
+
+
+def test_external_data_escaping_the_folder_is_refused(tmp_path):
+    proto = _cnn().proto
+    onnx.save_model(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.bin", size_threshold=0)
+    loaded = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    for t in loaded.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../m.bin"
+    (tmp_path / "sub").mkdir()
+    onnx.save_model(loaded, str(tmp_path / "sub" / "m.onnx"))
+    with pytest.raises(SpaError, match="escapes the model's folder"):
+        spa.load(tmp_path / "sub" / "m.onnx")
+
+
+def test_big_outputs_get_one_external_data_file(tmp_path, monkeypatch):
+    """Above the 2 GB protobuf limit (lowered here) the weights go to `<name>.data`."""
+    monkeypatch.setattr(spa.model, "TWO_GB", 1000)
+    model = _cnn()
+    out = spa.save(model.proto, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    back = spa.load(out)
+    feeds = ort_backend.random_feeds(model.proto)
+    np.testing.assert_array_equal(ort_backend.run(back.proto, feeds)["y"], ort_backend.run(model.proto, feeds)["y"])
+
+
+def test_save_is_atomic_and_never_writes_the_input(tmp_path):
+    model = _cnn()
+    path = spa.save(model.proto, tmp_path / "m.onnx")
+    before = path.read_bytes()
+    with pytest.raises(SpaError, match="it is the input model"):
+        spa.save(model.proto, tmp_path / "." / "m.onnx", source=path)
+    assert path.read_bytes() == before
+    with pytest.raises(SpaError, match="does not exist"):
+        spa.save(model.proto, tmp_path / "nope" / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_shapes_onnx_cannot_infer_come_from_running_the_model(tmp_path):
+    """x -> Conv(6) -> Shape/Slice/Concat(sizes) -> Resize -> Reshape -> Gemm
+
+    ONNX leaves Resize's output dims unknown (computed sizes); running the model twice
+    (dynamic dims 1 and 2) gives the static channel count, so the conv channels stay prunable."""
+    nodes = [
+        node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+        node("Shape", ["c"], ["s"]),
+        node("Slice", ["s", "zero", "two"], ["nc"]),
+        node("Concat", ["nc", "hw"], ["sizes"], axis=0),
+        node("Resize", ["c", "", "", "sizes"], ["r"], mode="nearest"),
+        node("Reshape", ["r", "flat"], ["f"]),
+        node("Gemm", ["f", "fc", "fb"], ["y"], transB=1),
+    ]
+    inits = [weight("w", 6, 3, 3, 3), weight("b", 6), const("zero", [0]), const("two", [2]), const("hw", [4, 4]),
+             const("flat", [-1, 96]), weight("fc", 5, 96), weight("fb", 5)]
+    model = build(nodes, {"x": [None, 3, 8, 8]}, {"y": [None, 5]}, inits)
+    assert model.shapes["r"][1] == 6 and "r" not in model.unknown
+    analysis = spa.analyze(model)
+    group = analysis.group("w:0")
+    assert group.prunable and group.size == 6
+    assert {(m.tensor, m.axis) for m in group.members} >= {("w", 0), ("b", 0), ("fc", 1)}
+    pruned = api.prune(analysis, {"w:0": [0, 5]})
+    assert ort_backend.run(pruned, ort_backend.random_feeds(model.proto, dynamic=3))["y"].shape == (3, 5)
+    flat = next(t for t in pruned.graph.initializer if t.name == "flat")
+    assert onnx.numpy_helper.to_array(flat).tolist() == [-1, 64]
