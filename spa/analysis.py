@@ -174,6 +174,7 @@ class _Builder:
         self.edges_a, self.edges_b = [], []
         self.pin_ids, self.pin_reason = [], []
         self.reasons: list[str] = []
+        self.pin_spaces: list = []  # the space each reason was pinned on
         self.nonzi: dict[int, str] = {}
         self.graph = nx.Graph()
 
@@ -182,6 +183,7 @@ class _Builder:
             return
         ids = self.sp.ids(space, positions)
         self.reasons.append(reason)
+        self.pin_spaces.append(space)
         self.pin_ids.append(ids)
         self.pin_reason.append(np.full(len(ids), len(self.reasons) - 1))
 
@@ -200,12 +202,12 @@ class _Builder:
             return
         self.edges_a.append(self.sp.ids(a, pairs[:, 0]))
         self.edges_b.append(self.sp.ids(b, pairs[:, 1]))
-        self.graph.add_edge(a, b, node=node_name)
+        self.graph.add_edge(a, b, node=node_name)  # the space graph, for explaining locks
 
     def add_result(self, res: Result, node, barrier_reason: str | None):
         mentioned = set(res.free)
         for a, b, pairs in res.couplings:
-            self.couple(a, b, pairs, self.label(node))
+            self.couple(a, b, pairs, f"{node.op_type} {self.label(node)}")
             mentioned.update((a, b))
         for space, positions, why in res.pins:
             self.pin(space, why, positions)
@@ -400,13 +402,31 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_si
     prunable = n > 1 and len(locked) < n
     reason = None
     if not prunable:
-        reason = b.reasons[int(reasons[reasons >= 0].min())] if locked else "a single channel cannot be pruned"
+        if locked:
+            first = int(reasons[reasons >= 0].min())
+            reason = b.reasons[first] + _route(b, sp.names[anchor], b.pin_spaces[first])
+        else:
+            reason = "a single channel cannot be pruned"
     zi_reason = next((nonzi_sid[s] for s in sids if s in nonzi_sid), None)
     tensor, axis = sp.names[anchor]
     g = Group(f"{tensor}:{axis}", n, prunable, reason, zi_reason is None, zi_reason,
               members, positions, locked if prunable else [])
     g._sort = (order_of.get(tensor, 1 << 30), tensor, axis)
     return g
+
+
+def _route(b: _Builder, start, end) -> str:
+    """ ' (via Relu 'r' -> Gemm 'fc')': the ops the channels cross to reach a pinned space."""
+    try:
+        path = nx.shortest_path(b.graph, start, end)
+    except (nx.NetworkXNoPath, nx.NodeNotFound):
+        return ""
+    ops = []
+    for u, v in zip(path, path[1:]):
+        op = b.graph.edges[u, v]["node"]
+        if not ops or ops[-1] != op:
+            ops.append(op)
+    return f" (via {' -> '.join(ops)})" if ops else ""
 
 
 def _offsets(sp) -> np.ndarray:

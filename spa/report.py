@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from . import api, cost
 from .errors import VerificationError
 
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
 
 
 def analysis_json(analysis, schema: int) -> dict:
