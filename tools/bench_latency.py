@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""ONNX Runtime CPU latency of a ResNet-50-class model, dense versus pruned by `spa prune`.
+
+For every model, batch size and ratio: both sessions live in this one process with the
+same intra-op thread count; after a warm-up, timed iterations run in short interleaved
+slices (dense, pruned r1, pruned r2, ..., order rotated every round) until each variant
+has run for --duration seconds, so drift (frequency, other load) hits all variants alike.
+Reported: median and p90 latency per iteration, speed-up = dense / pruned median, MACs
+reduction = dense MACs / pruned MACs (spa.cost on the model, per sample), and speed-up /
+MACs reduction (1.0 = the pruned model is as much faster as it is cheaper).
+
+Models (built once into --cache-dir):
+  resnet50-caffe2  the onnx/onnx "light" Caffe2 ResNet-50 rehydrated with the corpus tool,
+                   made batch-dynamic (input/output dim 0 -> 'N', Reshape [1,2048] -> [-1,2048])
+  resnet50-torch   models/resnet50.py: plain-torch ResNet-50, random weights, TorchScript
+                   export opset 17 (needs torch; skipped with a warning without it)
+Pruned models are written to --out-dir by the real CLI: spa prune DENSE --ratio R -o OUT.
+
+usage:
+    python tools/bench_latency.py --cache-dir /tmp/spa-bench-cache --out-dir /tmp/spa-bench-out
+    python tools/bench_latency.py ... --ratios 0.5 --batches 1 --duration 5    # quick
+
+Markdown table on stdout, progress on stderr, raw numbers in OUT_DIR/bench_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"
+MODELS = ("resnet50-caffe2", "resnet50-torch")
+
+
+class BenchError(Exception):
+    """A missing input or a failed step: one line for the user, exit 1."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- models
+
+
+def caffe2_resnet50(corpus: Path, cache: Path) -> Path:
+    """Rehydrated Caffe2 ResNet-50 with a symbolic batch axis (built once)."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = cache / "resnet50_rehydrated_dynbatch.onnx"
+    if out.exists():
+        return out
+    tool = corpus / "tools" / "rehydrate_light.py"
+    light = corpus / "real" / "onnx-light" / "light_resnet50.onnx"
+    missing = [str(p) for p in (tool, light) if not p.exists()]
+    if missing:
+        raise BenchError(f"missing corpus file(s): {', '.join(missing)}. Hint: pass --corpus DIR")
+    static = cache / "resnet50_rehydrated.onnx"
+    if not static.exists():
+        log(f"building {static} (corpus tool, seed 0) ...")
+        tmp = static.with_name(static.name + ".tmp")
+        proc = subprocess.run([sys.executable, str(tool), str(light), str(tmp), "--seed", "0"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BenchError(f"rehydrate_light.py failed for {light}: {proc.stderr.strip()[-300:]}")
+        os.replace(tmp, static)
+    log(f"building {out} (batch axis made symbolic) ...")
+    model = onnx.load(str(static))
+    inits = {t.name: t for t in model.graph.initializer}
+    for vi in [i for i in model.graph.input if i.name not in inits] + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    reshapes = 0
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in inits:
+            shape = numpy_helper.to_array(inits[node.input[1]]).copy()
+            if shape.size and shape[0] == 1:
+                shape[0] = -1
+                inits[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
+                reshapes += 1
+    if reshapes != 1:
+        raise BenchError(f"expected one batch-1 Reshape in {static}, found {reshapes}")
+    onnx.checker.check_model(model, full_check=True)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save(model, str(tmp))
+    check_batch_dynamic(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def check_batch_dynamic(path: Path) -> None:
+    """Batch 2 must give the same rows as two batch-1 runs (the edit kept the model)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    both = sess.run(None, {name: x})[0]
+    one = np.concatenate([sess.run(None, {name: x[i:i + 1]})[0] for i in range(2)])
+    if not np.allclose(both, one, rtol=1e-4, atol=1e-6):
+        raise BenchError(f"batch-dynamic edit of {path} changed the outputs")
+
+
+def torch_resnet50(cache: Path) -> Path | None:
+    out = cache / "resnet50_torch.onnx"
+    if out.exists():
+        return out
+    try:
+        sys.path.insert(0, str(REPO))
+        from models import resnet50
+    except ImportError as exc:
+        log(f"warning: skipping resnet50-torch ({exc}); pip install -e '.[torch]' to include it")
+        return None
+    log(f"exporting {out} (models/resnet50.py, TorchScript, opset 17) ...")
+    tmp = out.with_name("tmp_" + out.name)
+    resnet50.export(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def prune(dense: Path, ratio: float, out_dir: Path, name: str) -> Path:
+    """The real CLI: spa prune DENSE --ratio R -o OUT (with its default output check)."""
+    out = out_dir / f"{name}.r{ratio:g}.onnx"
+    exe = shutil.which("spa")
+    cmd = ([exe] if exe else [sys.executable, "-m", "spa.cli"]) + \
+        ["prune", str(dense), "--ratio", f"{ratio:g}", "-o", str(out)]
+    log(f"  {' '.join(cmd[1:])}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"spa prune failed (exit {proc.returncode}): {' '.join(cmd)}: "
+                         f"{proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else ''}")
+    return out
+
+
+def cost(path: Path) -> dict:
+    import spa
+
+    return spa.cost.summary(spa.load(path))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def feed(sess, batch: int) -> dict:
+    inp = sess.get_inputs()[0]
+    shape = [batch] + [int(d) for d in inp.shape[1:]]
+    return {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+
+
+def timed_slice(sess, feeds: dict, seconds: float, into: list) -> None:
+    """Run until `seconds` have passed (at least one iteration); append each latency."""
+    end = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        t1 = time.perf_counter()
+        into.append(t1 - t0)
+        if t1 >= end:
+            return
+
+
+def bench(variants: dict[str, Path], batch: int, args) -> dict[str, list[float]]:
+    """Interleaved timing of all variants of one model at one batch size."""
+    sessions = {k: session(p, args.threads) for k, p in variants.items()}
+    feeds = {k: feed(s, batch) for k, s in sessions.items()}
+    for k, s in sessions.items():  # warm-up: allocations, kernels, caches
+        timed_slice(s, feeds[k], args.warmup, [])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    spent = {k: 0.0 for k in sessions}
+    rnd = 0
+    while min(spent.values()) < args.duration or min(len(v) for v in times.values()) < args.min_iters:
+        for k in order[rnd % len(order):] + order[:rnd % len(order)]:
+            before = len(times[k])
+            timed_slice(sessions[k], feeds[k], args.slice, times[k])
+            spent[k] += sum(times[k][before:])
+        rnd += 1
+    return times
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(rows: list[dict], args) -> str:
+    lines = [f"ONNX Runtime {rows[0]['ort'] if rows else ''} CPU, intra-op threads {args.threads}, "
+             f"{args.duration:g} s timed per variant (interleaved slices of {args.slice:g} s), "
+             f"warm-up {args.warmup:g} s; latency per batch in ms.", "",
+             "| model | batch | ratio | params | GMACs/sample | MACs reduction | median ms | p90 ms | iters "
+             "| speed-up (median) | speed-up / MACs reduction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        dense = r["ratio"] == 0
+        ratio = "dense" if dense else f"{r['ratio']:g}"
+        reduction = "-" if dense else f"{r['macs_reduction']:.2f}x"
+        speedup = "-" if dense else f"**{r['speedup']:.2f}x**"
+        efficiency = "-" if dense else f"{r['efficiency']:.2f}"
+        lines.append(f"| {r['model']} | {r['batch']} | {ratio} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f} | "
+                     f"{reduction} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['iters']} | {speedup} | {efficiency} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--cache-dir", required=True, type=Path, help="where the dense models are built and kept")
+    p.add_argument("--out-dir", required=True, type=Path, help="where pruned models and bench_latency.json go")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"corpus folder (default {DEFAULT_CORPUS})")
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (default: all cores)")
+    p.add_argument("--duration", type=float, default=15.0, help="timed seconds per variant and batch")
+    p.add_argument("--min-iters", type=int, default=20, help="at least this many timed iterations per variant")
+    p.add_argument("--slice", type=float, default=1.0, help="seconds per interleaved slice")
+    p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per session")
+    args = p.parse_args(argv)
+    try:
+        import onnxruntime as ort
+
+        import spa  # noqa: F401
+    except ImportError as exc:
+        print(f"error: {exc}. Hint: pip install -e . (from {REPO})", file=sys.stderr)
+        return 1
+    rows = []
+    try:
+        for d in (args.cache_dir, args.out_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        dense_models = {}
+        if "resnet50-caffe2" in args.models:
+            dense_models["resnet50-caffe2"] = caffe2_resnet50(args.corpus, args.cache_dir)
+        if "resnet50-torch" in args.models:
+            path = torch_resnet50(args.cache_dir)
+            if path is not None:
+                dense_models["resnet50-torch"] = path
+        if not dense_models:
+            raise BenchError("no model to benchmark")
+        for name, dense in dense_models.items():
+            log(f"{name}: {dense}")
+            variants = {0.0: dense}
+            for r in args.ratios:
+                variants[r] = prune(dense, r, args.out_dir, name)
+            costs = {r: cost(path) for r, path in variants.items()}
+            for batch in args.batches:
+                log(f"  timing batch {batch}: {len(variants)} variants x {args.duration:g} s ...")
+                times = bench({str(r): path for r, path in variants.items()}, batch, args)
+                dense_med = statistics.median(times["0.0"])
+                for r in variants:
+                    t = times[str(r)]
+                    med = statistics.median(t)
+                    row = {"model": name, "batch": batch, "ratio": r, "path": str(variants[r]),
+                           "params": costs[r]["params"], "macs": costs[r]["macs"],
+                           "median_ms": med * 1e3, "p90_ms": pct(t, 90) * 1e3, "iters": len(t),
+                           "speedup": dense_med / med, "macs_reduction": costs[0.0]["macs"] / costs[r]["macs"],
+                           "ort": ort.__version__, "threads": args.threads}
+                    row["efficiency"] = row["speedup"] / row["macs_reduction"]
+                    rows.append(row)
+                    log(f"    {'dense' if r == 0 else f'ratio {r:g}'}: median {row['median_ms']:.1f} ms, "
+                        f"p90 {row['p90_ms']:.1f} ms, {len(t)} iters, speed-up {row['speedup']:.2f}x")
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    (args.out_dir / "bench_latency.json").write_text(json.dumps(
+        {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print(table(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
