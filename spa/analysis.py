@@ -119,14 +119,15 @@ class Ctx:
 
 
 class _Spaces:
-    """Global position numbering for every static space of size > 1."""
+    """Global position numbering for every static space (size-1 axes too: a channel coupled
+    to one, e.g. a one-channel Slice or Split output, must stay; broadcasting rules skip them)."""
 
     def __init__(self, shapes: dict):
         self.offset, self.sizes, self.names, self.sid = {}, {}, [], {}
         total = 0
         for tensor, shape in shapes.items():
             for axis, size in enumerate(shape):
-                if size is not None and size > 1:
+                if size is not None and size > 0:
                     self.offset[(tensor, axis)] = total
                     self.sizes[(tensor, axis)] = size
                     self.sid[(tensor, axis)] = len(self.names)
@@ -190,8 +191,8 @@ class _Builder:
     def couple(self, a, b, pairs, node_name):
         known_a, known_b = a in self.sp.offset, b in self.sp.offset
         if not (known_a and known_b):
-            for s, other in ((a, known_b), (b, known_a)):
-                if other:  # coupled with an axis of unknown size: keep the known side as it is
+            for s, known in ((a, known_a), (b, known_b)):
+                if known:  # coupled with an axis of unknown size: keep the known side as it is
                     self.pin(s, f"coupled by {node_name} with an axis of unknown size")
             return
         if len(pairs) == 0:

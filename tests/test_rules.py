@@ -248,7 +248,8 @@ def test_conv_depthwise(mult):
     assert get_attr(find_node(proto, "dw.c"), "group") == 2
     assert value(proto, "dw.w").shape == (2 * mult, 1, 3, 3)
     assert value(proto, "c2.w").shape == (2, 2 * mult, 1, 1)
-    np.testing.assert_array_equal(value(proto, "dw.b"), value(m.proto, "dw.b")[[b for i in (0, 2) for b in _flat(blocks[i])]])
+    kept = [b for i in (0, 2) for b in _flat(blocks[i])]
+    np.testing.assert_array_equal(value(proto, "dw.b"), value(m.proto, "dw.b")[kept])
 
 
 @pytest.mark.parametrize("groups", [2, 4])
@@ -511,7 +512,10 @@ def test_weight_through_unary(via):
         x[2,6] ─────────────────────────── MatMul -> Relu -> h[2,8] -> MatMul W2[8,4] -> y
     """
     dtype = np.float16 if via == "Cast_fp16" else np.float32
-    op = node("Cast", ["W1"], ["W1x"], to=TensorProto.FLOAT) if via == "Cast_fp16" else node("Identity", ["W1"], ["W1x"])
+    if via == "Cast_fp16":
+        op = node("Cast", ["W1"], ["W1x"], to=TensorProto.FLOAT)
+    else:
+        op = node("Identity", ["W1"], ["W1x"])
     nodes = [op, node("MatMul", ["x", "W1x"], ["mm"]), node("Relu", ["mm"], ["h"]), node("MatMul", ["h", "W2"], ["y"])]
     m = build(nodes, {"x": [2, 6]}, {"y": None}, [weight("W1", 6, 8, dtype=dtype), weight("W2", 8, 4)])
     a = analyze(m)
@@ -600,14 +604,10 @@ def _broadcast_case(case):
     raise KeyError(case)
 
 
-CASTLIKE_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: CastLike's second input (only a dtype) is pinned via res.param, locking its channels")
-
-
 @pytest.mark.parametrize("case", ["add_residual", "mul_se_gate", "mul_channel_const", "sub_channel_const",
                                   "div_channel_const", "div_scalar", "prelu", "Sum", "Mean", "Max", "Min",
                                   "where_bool_mask", "mul_self", "castlike_h_like_scalar",
-                                  pytest.param("castlike_scalar_like_h", marks=CASTLIKE_BUG)])
+                                  "castlike_scalar_like_h"])
 def test_broadcast(case):
     """Broadcasting ops couple equal axes (right-aligned) and ignore size-1 axes.
 
@@ -629,6 +629,9 @@ def test_broadcast(case):
         expect(group_of(a, "se1.w", 0), 2, {("se1.w", 0): ident(2), ("se1.b", 0): ident(2), ("se2.w", 1): ident(2)})
     plan = oracles(m, a)
     assert (group_of(a, "c1.w", 0).id in plan) is zi
+    if case == "where_bool_mask":  # a coupled non-float constant is sliced with the group
+        proto = prune(a, {group_of(a, "c1.w", 0).id: [0, 4]})
+        np.testing.assert_array_equal(value(proto, "mask"), value(m.proto, "mask")[:, [1, 2, 3, 5, 6, 7]])
 
 
 def test_broadcast_nhwc_vector():
@@ -692,12 +695,8 @@ def test_pool(op):
     oracles(m, a)
 
 
-SECOND_OUTPUT_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: MaxPool Indices / Dropout mask outputs are not coupled with the input's channels")
-
-
 @pytest.mark.parametrize("op", ["MaxPool", "Dropout"])
-@pytest.mark.parametrize("use", ["dangling", pytest.param("model_output", marks=SECOND_OUTPUT_BUG)])
+@pytest.mark.parametrize("use", ["dangling", "model_output"])
 def test_second_output(op, use):
     """An op's second output (MaxPool Indices, Dropout mask) has the input's channels too.
 
@@ -781,8 +780,8 @@ def test_pad(case):
     else:
         opset, inits, inputs = 18, [const("pads", [1, 0]), const("axes", [1])], ["h", "pads", "", "axes"]
     pinned = case.startswith("channels")
-    m = chain([node("Pad", inputs, ["p"], name="pad", **attrs)], inits, "h", "p", cout={"channels": 10, "channels_axes_input": 9}.get(case, 8),
-              opset=opset)
+    cout = {"channels": 10, "channels_axes_input": 9}.get(case, 8)
+    m = chain([node("Pad", inputs, ["p"], name="pad", **attrs)], inits, "h", "p", cout=cout, opset=opset)
     a = analyze(m)
     g = group_of(a, "c1.w", 0)
     if pinned:
@@ -793,13 +792,9 @@ def test_pad(case):
     assert bool(plan) is not pinned
 
 
-RESIZE_AXES_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: resize rule ignores Resize-18 `axes`: scales/sizes index the listed axes only")
-
-
 @pytest.mark.parametrize("case", ["scales", "sizes", "scales_opset10", "upsample_opset9", "upsample_opset7_attr",
-                                  pytest.param("scales_axes_opset18", marks=RESIZE_AXES_BUG),
-                                  pytest.param("sizes_axes_opset18", marks=RESIZE_AXES_BUG)])
+                                  "scales_axes_opset18",
+                                  "sizes_axes_opset18"])
 def test_resize(case):
     """Resize/Upsample with scale 1 (or the same size) on the channel axis keeps channels;
     a `sizes` constant naming the channel count is rewritten.
@@ -1078,7 +1073,8 @@ def _head(kind):
 def test_flatten_to_linear(kind):
     """Flattening NCHW puts channel c at features c*H*W .. (c+1)*H*W - 1 (block map).
 
-        x[1,3,4,4] -> c1 (3->4, Relu) -> h -> MaxPool(2) -> p[1,4,2,2] -> Flatten|Reshape -> f[1,16] -> Gemm|MatMul W -> y[1,5]
+        x[1,3,4,4] -> c1 (3->4, Relu) -> h -> MaxPool(2) -> p[1,4,2,2]
+          -> Flatten|Reshape -> f[1,16] -> Gemm|MatMul W -> y[1,5]
 
     Group of 4: c1 rows, and W's feature axis in blocks of 4; a literal 16 in the shape is rewritten.
     """
@@ -1108,7 +1104,8 @@ def test_gap_to_linear(op):
     flat = node("Flatten", ["p"], ["f"]) if op == "Flatten" else node("Squeeze", ["p", "ax"], ["f"])
     nodes = [node("GlobalAveragePool", ["h"], ["p"]), flat, node("Gemm", ["f", "W", "b"], ["y"], transB=1)]
     n1, i1 = conv_relu("x", "h", 3, 8, k=1, prefix="c1")
-    m = build(n1 + nodes, {"x": [1, 3, 6, 6]}, {"y": None}, i1 + [const("ax", [2, 3]), weight("W", 5, 8), weight("b", 5)])
+    inits = [const("ax", [2, 3]), weight("W", 5, 8), weight("b", 5)]
+    m = build(n1 + nodes, {"x": [1, 3, 6, 6]}, {"y": None}, i1 + inits)
     a = analyze(m)
     expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("W", 1): ident(8)})
     expect(group_of(a, "W", 0), 5, {("W", 0): ident(5), ("b", 0): ident(5)}, prunable=False, reason="model output")
@@ -1169,7 +1166,8 @@ def test_flatten_nhwc():
     m = build(n1 + nodes, {"x": [1, 3, 4, 4]}, {"y": None}, i1 + [const("shp", [1, 16]), weight("W", 16, 5)])
     a = analyze(m)
     g = group_of(a, "c1.w", 0)
-    expect(g, 4, {("c1.w", 0): ident(4), ("c1.b", 0): ident(4), ("W", 0): [[c, c + 4, c + 8, c + 12] for c in range(4)]})
+    rows = [[c, c + 4, c + 8, c + 12] for c in range(4)]
+    expect(g, 4, {("c1.w", 0): ident(4), ("c1.b", 0): ident(4), ("W", 0): rows})
     oracles(m, a)
     proto = prune(a, {g.id: [0, 3]})
     np.testing.assert_array_equal(input_value(proto, "rs", 1), [1, 8])
@@ -1464,7 +1462,8 @@ RULE_TESTS = {
     "concat": ["test_concat_densenet", "test_dynamic_flatten", "test_dynamic_reshape_keeps_channels"],
     "split": ["test_split"],
     "slice_": ["test_slice", "test_slice_step_pins"],
-    "gather": ["test_gather", "test_gather_duplicates", "test_gather_permutation_merges_channels", "test_gather_embedding", "test_gather_scalar_index",
+    "gather": ["test_gather", "test_gather_duplicates", "test_gather_permutation_merges_channels",
+               "test_gather_embedding", "test_gather_scalar_index",
                "test_dynamic_flatten"],
     "reshape": ["test_flatten_to_linear", "test_flatten_nhwc", "test_channel_shuffle", "test_dynamic_flatten",
                 "test_gap_to_linear", "test_reshape_heads", "test_weight_through_reshape",
@@ -1483,7 +1482,8 @@ REWRITER_TESTS = {
     "conv_group": ["test_conv_depthwise", "test_conv_grouped", "test_conv_transpose"],
     "split_sizes": ["test_split"],
     "slice_window": ["test_slice"],
-    "gather_indices": ["test_gather", "test_gather_duplicates", "test_gather_permutation_merges_channels", "test_gather_scalar_index"],
+    "gather_indices": ["test_gather", "test_gather_duplicates", "test_gather_permutation_merges_channels",
+                       "test_gather_scalar_index"],
     "shape_constant": ["test_flatten_to_linear", "test_flatten_nhwc", "test_channel_shuffle", "test_reshape_heads",
                        "test_weight_through_reshape", "test_expand", "test_constant_of_shape", "test_resize"],
 }

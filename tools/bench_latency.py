@@ -50,6 +50,14 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def loadavg() -> str:
+    """1/5/15-minute load averages: other work on the machine skews latencies."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 # ---------------------------------------------------------------- models
 
 
@@ -248,6 +256,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}. Hint: pip install -e . (from {REPO})", file=sys.stderr)
         return 1
     rows = []
+    load_before = loadavg()
+    log(f"load average {load_before}")
     try:
         for d in (args.cache_dir, args.out_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -287,6 +297,7 @@ def main(argv=None) -> int:
         return 1
     (args.out_dir / "bench_latency.json").write_text(json.dumps(
         {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    print(f"Load average before / after: {load_before} / {loadavg()}\n")
     print(table(rows, args))
     return 0
 

@@ -132,7 +132,8 @@ def measure(cmd: list[str], log_path: Path, timeout: float, trace: bool = False)
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         why = f"killed after {timeout:.0f} s" if proc.returncode < 0 else f"exit {proc.returncode}"
         raise BenchError(f"command failed ({why}): {' '.join(cmd)}\n{tail}")
-    return {"wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "stdout": stdout, "stderr": stderr,
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024,
+            "stdout": stdout, "stderr": stderr,
             "rss_samples": samples}
 
 
@@ -214,6 +215,14 @@ def startup_overhead(args, out_dir: Path) -> dict:
         res[kind] = {"wall_s": statistics.median(walls), "rss_mib": statistics.median(rss)}
         log(f"  startup {kind}: {res[kind]['wall_s']:.2f} s, {res[kind]['rss_mib']:.0f} MiB")
     return res
+
+
+def loadavg() -> str:
+    """1/5/15-minute load averages: other work on the machine skews wall times."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 # ---------------------------------------------------------------- models
@@ -324,6 +333,14 @@ def tables(results: list[dict], startup: dict, args) -> str:
         ls, p, pn = med(r["load+save"], "wall_s"), med(r["prune"], "wall_s"), med(r["prune --no-check"], "wall_s")
         lines.append(f"| {res['model']} | {res['bytes'] / 1e6:.0f} | {ls:.2f} | {p:.2f} | {pn:.2f} | "
                      f"**{p / ls:.2f}x** | **{pn / ls:.2f}x** |")
+    lines += ["", f"### CPU time, user + sys (s, median of {args.repeats}; less sensitive than wall time to "
+              "other load on the machine)", "",
+              "| model | load+save | prune | prune --no-check | prune / load+save | no-check / load+save |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for res in results:
+        r = res["runs"]
+        ls, p, pn = med(r["load+save"], "cpu_s"), med(r["prune"], "cpu_s"), med(r["prune --no-check"], "cpu_s")
+        lines.append(f"| {res['model']} | {ls:.2f} | {p:.2f} | {pn:.2f} | {p / ls:.2f}x | {pn / ls:.2f}x |")
     lines += ["", f"### Peak RSS (MiB, median of {args.repeats})", "",
               "| model | load+save | prune | prune --no-check | prune / load+save | no-check / load+save |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -400,7 +417,8 @@ def main(argv=None) -> int:
         if args.big or args.big_only:
             models.append((f"vgg_big (synthetic, external data)",
                            big_model(args.cache_dir, args.big_width, args.big_layers, args.big_hw)))
-        log("startup overhead ...")
+        load_before = loadavg()
+        log(f"load average {load_before}; startup overhead ...")
         startup = startup_overhead(args, args.out_dir)
         results = []
         for name, path in models:
@@ -416,6 +434,7 @@ def main(argv=None) -> int:
         {"ratio": args.ratio, "repeats": args.repeats, "startup": startup,
          "results": [{**r, "runs": {k: [{kk: vv for kk, vv in x.items() if kk not in ("stdout", "stderr")}
                                           for x in v] for k, v in r["runs"].items()}} for r in results]}, indent=1))
+    print(f"Load average before / after: {load_before} / {loadavg()}\n")
     print(tables(results, startup, args))
     return 0
 

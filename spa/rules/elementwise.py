@@ -32,7 +32,9 @@ def unary(node, ctx, res):
     if rank is None:
         return
     for k in range(rank):
-        res.same((x, k), (y, k), ctx)
+        for out in node.output[:2] if node.op_type == "Dropout" else node.output[:1]:  # + Dropout's mask
+            if out:
+                res.same((x, k), (out, k), ctx)
         if node.op_type in NOT_ZERO_SAFE:
             res.mark_nonzi((y, k), f"{node.op_type} of a zeroed channel is not finite")
     for i in node.input[1:]:  # Clip min/max, Dropout ratio: scalars
@@ -57,8 +59,8 @@ def broadcast(node, ctx, res):
                 res.mark_nonzi((x, k), f"zeroing a divisor of {node.op_type} {ctx.label(node)} gives inf/nan")
             if node.op_type == "Pow" and idx == 1:
                 res.mark_nonzi((x, k), f"a zeroed exponent of Pow {ctx.label(node)} gives 1, not 0")
-    if node.op_type == "CastLike":
-        res.param(node.input[1], ctx)
+    if node.op_type == "CastLike":  # the second input only lends its dtype
+        res.free.update((node.input[1], k) for k in range(ctx.rank(node.input[1]) or 0))
 
 
 @rule("Constant")

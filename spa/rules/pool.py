@@ -22,12 +22,13 @@ REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "R
 
 @rule(*POOLS)
 def pool(node, ctx, res):
-    x, y = node.input[0], node.output[0]
-    for k in (0, 1):
-        res.same((x, k), (y, k), ctx)
-    for k in range(2, ctx.rank(x) or 0):
-        res.pin((x, k), f"spatial axis of {node.op_type} {ctx.label(node)}")
-        res.pin((y, k), f"spatial axis of {node.op_type} {ctx.label(node)}")
+    x = node.input[0]
+    for y in [o for o in node.output if o]:  # MaxPool's Indices output too
+        for k in (0, 1):
+            res.same((x, k), (y, k), ctx)
+        for k in range(2, ctx.rank(x) or 0):
+            res.pin((x, k), f"spatial axis of {node.op_type} {ctx.label(node)}")
+            res.pin((y, k), f"spatial axis of {node.op_type} {ctx.label(node)}")
 
 
 def _reduce_axes(node, ctx, rank):
@@ -89,6 +90,16 @@ def pad(node, ctx, res):
         res.param(name, ctx)
 
 
+def _full(values, axes, rank, fill):
+    """Resize-18 `axes`: scales/sizes listed for some axes only; the others keep `fill`."""
+    if values is None or axes is None:
+        return values
+    out = list(fill)
+    for a, v in zip(axes, values):
+        out[a % rank] = v
+    return out
+
+
 def _scales(node, ctx):
     if node.op_type == "Upsample" and len(node.input) < 2:
         return ctx.attr(node, "scales", None)
@@ -105,14 +116,17 @@ def resize(node, ctx, res):
     rank = ctx.rank(x)
     if rank is None:
         return
-    scales = _scales(node, ctx)
+    axes = ctx.attr(node, "axes", None)
+    scales = _full(_scales(node, ctx), axes, rank, [1.0] * rank)
     sizes_name = node.input[3] if node.op_type == "Resize" and len(node.input) > 3 else ""
     if scales is not None:
         for k in range(rank):
             if scales[k] == 1:
                 res.same((x, k), (y, k), ctx)
     elif sizes_name:
-        entries = ctx.shape_value(sizes_name)
+        from ..graph import DimRef
+
+        entries = _full(ctx.shape_value(sizes_name), axes, rank, [DimRef(x, k) for k in range(rank)])
         if entries is not None and len(entries) == rank:
             for k in (0, 1):
                 if entries[k] == ctx.shape(x)[k]:
