@@ -77,10 +77,10 @@ class Analysis:
     barriers: list[str]
 
     def group(self, gid: str) -> Group:
-        for g in self.groups:
-            if g.id == gid:
-                return g
-        raise KeyError(gid)
+        """The group with id `gid` (KeyError if none)."""
+        if getattr(self, "_by_id", None) is None or len(self._by_id) != len(self.groups):
+            self._by_id = {g.id: g for g in self.groups}
+        return self._by_id[gid]
 
 
 class Ctx:
@@ -134,6 +134,9 @@ class _Spaces:
                     self.names.append((tensor, axis))
                     total += size
         self.total = total
+        self.axes: dict[str, list[int]] = {}
+        for tensor, axis in self.names:
+            self.axes.setdefault(tensor, []).append(axis)
         self.space_of = np.zeros(total, dtype=np.int64)
         for sid, space in enumerate(self.names):
             o = self.offset[space]
@@ -217,8 +220,7 @@ class _Builder:
             if space in self.sp.offset:
                 self.nonzi.setdefault(space, why)
         for name in list(node.input) + list(node.output):
-            shape = self.sp_shape(name)
-            for axis in range(len(shape)):
+            for axis in self.sp_shape(name):
                 if (name, axis) not in mentioned:
                     why = barrier_reason or (
                         f"axis {axis} of '{name}' is used by {node.op_type} {self.label(node)} "
@@ -226,19 +228,12 @@ class _Builder:
                     self.pin((name, axis), why)
 
     def sp_shape(self, name):
-        axes = [s for s in self._axes.get(name, ())]
-        return axes
-
-    def index_axes(self):
-        self._axes = {}
-        for tensor, axis in self.sp.names:
-            self._axes.setdefault(tensor, []).append(axis)
-        self._axes = {t: range(max(a) + 1) for t, a in self._axes.items()}
+        """The axes of `name` that are channel spaces."""
+        return self.sp.axes.get(name, ())
 
 
 def _run_rules(index: GraphIndex, spaces: _Spaces, chooser, exclude: list[str]) -> _Builder:
     b = _Builder(spaces, index.label)
-    b.index_axes()
     for name in index.graph_inputs:
         for axis in b.sp_shape(name):
             b.pin((name, axis), f"model input '{name}'")

@@ -50,6 +50,21 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds spent by the whole machine (all processes) since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 def loadavg() -> str:
     """1/5/15-minute load averages: other work on the machine skews latencies."""
     try:
@@ -195,6 +210,8 @@ def bench(variants: dict[str, Path], batch: int, args) -> dict[str, list[float]]
     feeds = {k: feed(s, batch) for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up: allocations, kernels, caches
         timed_slice(s, feeds[k], args.warmup, [])
+    wait_for_idle(args.wait_idle)
+    busy0, own0, wall0 = busy_cpu_s(), own_cpu_s(), time.perf_counter()
     times: dict[str, list[float]] = {k: [] for k in sessions}
     order = list(sessions)
     spent = {k: 0.0 for k in sessions}
@@ -205,7 +222,26 @@ def bench(variants: dict[str, Path], batch: int, args) -> dict[str, list[float]]
             timed_slice(sessions[k], feeds[k], args.slice, times[k])
             spent[k] += sum(times[k][before:])
         rnd += 1
-    return times
+    other = (busy_cpu_s() - busy0 - (own_cpu_s() - own0)) / (time.perf_counter() - wall0)
+    return times, max(other, 0.0)
+
+
+def wait_for_idle(limit: float, threshold: float = 0.25) -> None:
+    """Wait (up to `limit` s) until other processes use less than `threshold` cores."""
+    start = time.perf_counter()
+    said = -1
+    while True:
+        busy0, own0 = busy_cpu_s(), own_cpu_s()
+        time.sleep(1.0)
+        other = busy_cpu_s() - busy0 - (own_cpu_s() - own0)
+        waited = time.perf_counter() - start
+        if other < threshold or waited >= limit:
+            if other >= threshold:
+                log(f"  warning: other processes still use {other:.2f} cores after {waited:.0f} s; timing anyway")
+            return
+        if waited // 15 > said:
+            said = waited // 15
+            log(f"  other processes use {other:.2f} cores; waiting up to {limit:.0f} s for the machine to go idle ...")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -219,9 +255,11 @@ def table(rows: list[dict], args) -> str:
     lines = [f"ONNX Runtime {rows[0]['ort'] if rows else ''} CPU, intra-op threads {args.threads}, "
              f"{args.duration:g} s timed per variant (interleaved slices of {args.slice:g} s), "
              f"warm-up {args.warmup:g} s; latency per batch in ms.", "",
+             "'other load' = cores used by other processes while that model/batch was timed "
+             "(from /proc/stat), to show how quiet the machine was.", "",
              "| model | batch | ratio | params | GMACs/sample | MACs reduction | median ms | p90 ms | iters "
-             "| speed-up (median) | speed-up / MACs reduction |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| speed-up (median) | speed-up / MACs reduction | other load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dense = r["ratio"] == 0
         ratio = "dense" if dense else f"{r['ratio']:g}"
@@ -229,7 +267,8 @@ def table(rows: list[dict], args) -> str:
         speedup = "-" if dense else f"**{r['speedup']:.2f}x**"
         efficiency = "-" if dense else f"{r['efficiency']:.2f}"
         lines.append(f"| {r['model']} | {r['batch']} | {ratio} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f} | "
-                     f"{reduction} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['iters']} | {speedup} | {efficiency} |")
+                     f"{reduction} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['iters']} | {speedup} | {efficiency} | "
+                     f"{r['other_cores']:.2f} |")
     return "\n".join(lines)
 
 
@@ -247,6 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--min-iters", type=int, default=20, help="at least this many timed iterations per variant")
     p.add_argument("--slice", type=float, default=1.0, help="seconds per interleaved slice")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per session")
+    p.add_argument("--wait-idle", type=float, default=120.0,
+                   help="before each timed block, wait up to this many seconds for other processes to go idle")
     args = p.parse_args(argv)
     try:
         import onnxruntime as ort
@@ -278,7 +319,8 @@ def main(argv=None) -> int:
             costs = {r: cost(path) for r, path in variants.items()}
             for batch in args.batches:
                 log(f"  timing batch {batch}: {len(variants)} variants x {args.duration:g} s ...")
-                times = bench({str(r): path for r, path in variants.items()}, batch, args)
+                times, other = bench({str(r): path for r, path in variants.items()}, batch, args)
+                log(f"    other processes used {other:.2f} cores on average while timing")
                 dense_med = statistics.median(times["0.0"])
                 for r in variants:
                     t = times[str(r)]
@@ -287,7 +329,7 @@ def main(argv=None) -> int:
                            "params": costs[r]["params"], "macs": costs[r]["macs"],
                            "median_ms": med * 1e3, "p90_ms": pct(t, 90) * 1e3, "iters": len(t),
                            "speedup": dense_med / med, "macs_reduction": costs[0.0]["macs"] / costs[r]["macs"],
-                           "ort": ort.__version__, "threads": args.threads}
+                           "ort": ort.__version__, "threads": args.threads, "other_cores": other}
                     row["efficiency"] = row["speedup"] / row["macs_reduction"]
                     rows.append(row)
                     log(f"    {'dense' if r == 0 else f'ratio {r:g}'}: median {row['median_ms']:.1f} ms, "

@@ -111,6 +111,7 @@ def measure(cmd: list[str], log_path: Path, timeout: float, trace: bool = False)
     samples: list = []
     err_path = log_path.with_suffix(".err")
     with open(log_path.with_suffix(".out"), "w") as out, open(err_path, "w") as err:
+        busy0, own0 = busy_cpu_s(), own_cpu_s()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=REPO)
         killer = threading.Timer(timeout, proc.kill)
@@ -121,6 +122,8 @@ def measure(cmd: list[str], log_path: Path, timeout: float, trace: bool = False)
             sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
+        child_cpu = usage.ru_utime + usage.ru_stime
+        other = max(busy_cpu_s() - busy0 - child_cpu - (own_cpu_s() - own0), 0.0) / wall
         killer.cancel()
         stop.set()
         if trace:
@@ -132,7 +135,7 @@ def measure(cmd: list[str], log_path: Path, timeout: float, trace: bool = False)
         tail = "\n".join(stderr.strip().splitlines()[-5:])
         why = f"killed after {timeout:.0f} s" if proc.returncode < 0 else f"exit {proc.returncode}"
         raise BenchError(f"command failed ({why}): {' '.join(cmd)}\n{tail}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024,
+    return {"wall_s": wall, "cpu_s": child_cpu, "other_cores": other, "rss_mib": usage.ru_maxrss / 1024,
             "stdout": stdout, "stderr": stderr,
             "rss_samples": samples}
 
@@ -191,7 +194,7 @@ def bench_model(name: str, path: Path, args, out_dir: Path) -> dict:
                 r["rss_by_step"] = peak_by_step(r.pop("rss_samples"), list(r["steps"]))
             r.pop("rss_samples", None)
             runs[kind].append(r)
-            log(f"    {r['wall_s']:.2f} s, peak RSS {r['rss_mib']:.0f} MiB")
+            log(f"    {r['wall_s']:.2f} s, peak RSS {r['rss_mib']:.0f} MiB, other processes {r['other_cores']:.2f} cores")
             remove_output(out)
     return {"model": name, "path": str(path), "bytes": model_bytes(path), "runs": runs}
 
@@ -215,6 +218,21 @@ def startup_overhead(args, out_dir: Path) -> dict:
         res[kind] = {"wall_s": statistics.median(walls), "rss_mib": statistics.median(rss)}
         log(f"  startup {kind}: {res[kind]['wall_s']:.2f} s, {res[kind]['rss_mib']:.0f} MiB")
     return res
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds spent by the whole machine (all processes) since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def loadavg() -> str:
@@ -333,6 +351,10 @@ def tables(results: list[dict], startup: dict, args) -> str:
         ls, p, pn = med(r["load+save"], "wall_s"), med(r["prune"], "wall_s"), med(r["prune --no-check"], "wall_s")
         lines.append(f"| {res['model']} | {res['bytes'] / 1e6:.0f} | {ls:.2f} | {p:.2f} | {pn:.2f} | "
                      f"**{p / ls:.2f}x** | **{pn / ls:.2f}x** |")
+    worst = max(x["other_cores"] for res in results for v in res["runs"].values() for x in v)
+    mean = statistics.mean(x["other_cores"] for res in results for v in res["runs"].values() for x in v)
+    lines += ["", f"Other processes used {mean:.2f} cores on average (worst run {worst:.2f}) while the commands "
+              "above ran (from /proc/stat)."]
     lines += ["", f"### CPU time, user + sys (s, median of {args.repeats}; less sensitive than wall time to "
               "other load on the machine)", "",
               "| model | load+save | prune | prune --no-check | prune / load+save | no-check / load+save |",

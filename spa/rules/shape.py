@@ -63,43 +63,35 @@ def squeeze(node, ctx, res):
     res.param(node.input[1] if len(node.input) > 1 else "", ctx)
 
 
-@rule("Concat")
-def concat(node, ctx, res):
-    y = node.output[0]
-    rank = ctx.rank(y)
-    if rank is None:
-        return
-    axis = ctx.attr(node, "axis", 0) % rank
+def _pieces(res, ctx, whole, parts, axis, rank):
+    """`parts` laid end to end along `axis` make `whole` (Concat inputs, Split outputs)."""
     start = 0
-    for x in node.input:
-        size = (ctx.shape(x) or [None] * rank)[axis]
+    for part in parts:
+        size = (ctx.shape(part) or [None] * rank)[axis]
         if size is None:
             return
         for k in range(rank):
             if k != axis:
-                res.same((x, k), (y, k), ctx)
+                res.same((part, k), (whole, k), ctx)
         if size > 0:
-            res.couple((x, axis), (y, axis), offset(size, start))
+            res.couple((part, axis), (whole, axis), offset(size, start))
         start += size
+
+
+@rule("Concat")
+def concat(node, ctx, res):
+    y = node.output[0]
+    rank = ctx.rank(y)
+    if rank is not None:
+        _pieces(res, ctx, y, node.input, ctx.attr(node, "axis", 0) % rank, rank)
 
 
 @rule("Split")
 def split(node, ctx, res):
     x = node.input[0]
     rank = ctx.rank(x)
-    if rank is None:
-        return
-    axis = ctx.attr(node, "axis", 0) % rank
-    start = 0
-    for y in node.output:
-        size = (ctx.shape(y) or [None] * rank)[axis]
-        if size is None:
-            return
-        for k in range(rank):
-            if k != axis:
-                res.same((x, k), (y, k), ctx)
-        res.couple((y, axis), (x, axis), offset(size, start))
-        start += size
+    if rank is not None:
+        _pieces(res, ctx, x, node.output, ctx.attr(node, "axis", 0) % rank, rank)
     res.param(node.input[1] if len(node.input) > 1 else "", ctx)
 
 
