@@ -11,15 +11,21 @@ from spa.errors import SpaError
 ort.set_default_logger_severity(3)
 
 
-def session(proto: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+def session(model, threads: int = 0) -> ort.InferenceSession:
+    """A CPU session for a ModelProto, or for a file path (needed above 2 GB)."""
+    from spa.model import TWO_GB, weight_bytes
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    data = proto.SerializeToString() if proto.ByteSize() < 2**31 - 1 else None
-    if data is None:
-        raise SpaError("cannot run a >2 GB model from memory", "save it and run from the file")
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        if weight_bytes(model) >= TWO_GB:
+            raise SpaError("cannot run a >2 GB model from memory", "save it and run it from the file")
+        model = model.SerializeToString()
+    else:
+        model = str(model)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _np_dtype(elem_type: int):
@@ -46,8 +52,9 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-def run(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(proto)
+def run(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs by name for a ModelProto or a model file."""
+    sess = session(model)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 

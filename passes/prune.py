@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from spa.errors import SpaError
 from spa.graph import attr
-from spa.model import constant_node_value
+from spa.model import constant_node_value, copy_without_initializers
 from spa.rules import REWRITERS
 
 
@@ -44,10 +44,12 @@ class Edit:
         self.opset = analysis.index.opset
         self._kept = {s: np.setdiff1d(np.arange(analysis.sizes[s]), d) for s, d in drops.items()}
         self._uses: dict[str, int] = {}
-        for node in proto.graph.node:
+        self._counter = 0
+
+    def count_uses(self):
+        for node in self.proto.graph.node:
             for i in node.input:
                 self._uses[i] = self._uses.get(i, 0) + 1
-        self._counter = 0
 
     # sizes -----------------------------------------------------------
     def kept(self, space):
@@ -113,12 +115,19 @@ def _slice(array: np.ndarray, name: str, edit: Edit) -> np.ndarray:
     return array
 
 
-def _prune_constants(proto, edit: Edit, names: set[str]) -> None:
-    graph = proto.graph
-    for i, t in enumerate(graph.initializer):
+def _copy_pruning_initializers(src, edit: Edit, names: set[str]) -> onnx.ModelProto:
+    """The output model: unchanged initializers copied, pruned ones sliced (never both)."""
+    proto = copy_without_initializers(src)
+    for t in src.graph.initializer:
         if t.name in names:
-            graph.initializer[i].CopyFrom(numpy_helper.from_array(_slice(numpy_helper.to_array(t), t.name, edit), t.name))
-    for node in graph.node:
+            proto.graph.initializer.append(numpy_helper.from_array(_slice(numpy_helper.to_array(t), t.name, edit), t.name))
+        else:
+            proto.graph.initializer.append(t)
+    return proto
+
+
+def _prune_constant_nodes(proto, edit: Edit, names: set[str]) -> None:
+    for node in proto.graph.node:
         if node.op_type == "Constant" and node.output[0] in names:
             value = _slice(constant_node_value(node), node.output[0], edit)
             del node.attribute[:]
@@ -187,12 +196,13 @@ def check_plan(analysis, plan: dict) -> None:
 def apply(analysis, plan: dict) -> onnx.ModelProto:
     """Return the pruned ModelProto (a copy: the analysed model is left as it was)."""
     check_plan(analysis, plan)
-    proto = onnx.ModelProto()
-    proto.CopyFrom(analysis.model.proto)
     drops = dropped_positions(analysis, {g: c for g, c in plan.items() if c})
-    edit = Edit(analysis, proto, drops)
     touched = {t for (t, _) in drops}
-    _prune_constants(proto, edit, {t for t in touched if analysis.index.is_const(t)})
+    consts = {t for t in touched if analysis.index.is_const(t)}
+    edit = Edit(analysis, None, drops)
+    proto = edit.proto = _copy_pruning_initializers(analysis.model.proto, edit, consts)
+    edit.count_uses()
+    _prune_constant_nodes(proto, edit, consts)
     for node in proto.graph.node:
         fn = REWRITERS.get(node.op_type)
         if fn and any(n in touched for n in list(node.input) + list(node.output)):

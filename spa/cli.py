@@ -141,14 +141,17 @@ def _prune(args) -> int:
                                  args.max_group_ratio, args.seed)
     with step("pruning", quiet):
         pruned = api.prune(analysis, plan)
-    check = None
-    if args.check:
-        with step("checking in ONNX Runtime", quiet):
-            check = report.output_check(model, pruned, args.seed)
+    checked = {}
+
+    def verify(tmp_file):  # runs on the written temp file, before it is renamed into place
+        if args.check:
+            checked["result"] = report.output_check(model, pruned, args.seed, pruned_file=tmp_file)
+
+    with step("saving + checking in ONNX Runtime" if args.check else "saving", quiet):
+        save(pruned, out, source=Path(args.model), verify=verify)
+    check = checked.get("result")
     if args.save_plan:
         write_text_atomic(args.save_plan, json.dumps(to_json(plan), indent=1))
-    with step("saving", quiet):
-        save(pruned, out, source=Path(args.model))
     doc = report.prune_json(args, analysis, model, pruned, plan, out, check, PRUNE_SCHEMA)
     if args.json:
         print(json.dumps(doc))

@@ -68,9 +68,12 @@ class GraphIndex:
         """Value of a constant tensor, looking through Identity/Cast/Constant; else None."""
         if not name:
             return None
-        if name not in self._values:
-            self._values[name] = self._compute_value(name)
-        return self._values[name]
+        if name in self._values:
+            return self._values[name]
+        value = self._compute_value(name)
+        if value is None or value.size <= 4096:  # shape constants; weights are not kept
+            self._values[name] = value
+        return value
 
     def _compute_value(self, name: str) -> np.ndarray | None:
         if name in self.initializers:

@@ -67,12 +67,6 @@ def score(analysis, name: str, groups=None, seed: int = 0) -> dict[str, np.ndarr
     """Scores for every prunable group (or `groups`)."""
     fn = get(name)
     groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
-    cache: dict[str, np.ndarray] = {}
-
-    def weights_of(g):
-        for m in g.members:
-            if m.tensor not in cache:
-                cache[m.tensor] = analysis.index.value(m.tensor)
-        return cache
-
-    return {g.id: fn(g, weights_of(g), seed=seed) for g in groups}
+    # one group's weights at a time: peak memory stays near the largest group, not the model
+    return {g.id: fn(g, {m.tensor: analysis.index.value(m.tensor) for m in g.members}, seed=seed)
+            for g in groups}

@@ -236,22 +236,23 @@ def infer_shapes(model: Model) -> None:
     model.shapes, model.dtypes, model.unknown = {}, {}, set()
     params = _input_params(model.graph)
     _collect(model.graph, model.shapes, model.dtypes, model.unknown, params)
+    bones = skeleton(model.proto)
     try:
-        inferred = onnx.shape_inference.infer_shapes(model.proto, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(bones, data_prop=True)
         _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
     except Exception:
         pass  # partial knowledge is fine: the fallbacks below fill the gaps
     if _missing(model):
-        _symbolic_fallback(model)
+        _symbolic_fallback(model, bones)
     if _missing(model):
         _run_fallback(model)
 
 
-def _symbolic_fallback(model: Model) -> None:
+def _symbolic_fallback(model: Model, bones: onnx.ModelProto) -> None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(model.proto, auto_merge=True, guess_output_rank=True)
+        inferred = SymbolicShapeInference.infer_shapes(bones, auto_merge=True, guess_output_rank=True)
     except Exception:
         return
     if inferred is not None:
@@ -263,7 +264,7 @@ def _run_fallback(model: Model) -> None:
     from .backends.ort import random_feeds, run_with_outputs
 
     names = [n for n in _missing(model) if n in model.dtypes]
-    if not names:
+    if not names or weight_bytes(model.proto) >= TWO_GB:
         return
     try:
         runs = [run_with_outputs(model, names, random_feeds(model, dynamic=d)) for d in (1, 2)]
@@ -275,6 +276,46 @@ def _run_fallback(model: Model) -> None:
             continue
         model.shapes[name] = tuple(x if x == y else None for x, y in zip(a.shape, b.shape))
         model.unknown.discard(name)
+
+
+# ---------------------------------------------------------------- copies without the weights
+
+SMALL = 4096  # elements: initializers at most this large are kept in skeletons (shape constants)
+
+
+def _copy_except(msg, skip: set):
+    """A copy of a protobuf message without the fields named in `skip`."""
+    new = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.name in skip:
+            continue
+        target = getattr(new, fd.name)
+        if hasattr(value, "extend") and not isinstance(value, (str, bytes)):
+            target.extend(value)
+        elif fd.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(new, fd.name, value)
+    return new
+
+
+def copy_without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with an empty initializer list (the caller adds what it needs)."""
+    out = _copy_except(proto, {"graph"})
+    out.graph.CopyFrom(_copy_except(proto.graph, {"initializer"}))
+    return out
+
+
+def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep name, dtype and dims but no data: enough for
+    shape inference, and it never copies the weights (nor hits the 2 GB protobuf limit)."""
+    out = copy_without_initializers(proto)
+    for t in proto.graph.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= SMALL:
+            out.graph.initializer.append(t)
+        else:
+            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return out
 
 
 # ---------------------------------------------------------------- saving
@@ -295,21 +336,27 @@ def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = N
     return path
 
 
-def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None) -> Path:
+def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, verify=None) -> Path:
     """Write atomically: temp files in the target folder, then rename into place.
 
     Models whose weights exceed 2 GB get one external data file `<name>.data` beside them.
+    `verify(temp_path)` runs on the written file before the rename; if it raises, nothing
+    is left behind.
     """
     path = check_writable(path, source)
     folder = path.parent
     tmpdir = Path(tempfile.mkdtemp(prefix=".spa-tmp-", dir=folder))
     try:
         tmp = tmpdir / path.name
-        if weight_bytes(proto) >= TWO_GB:
+        external = weight_bytes(proto) >= TWO_GB
+        if external:
             _save_with_external_data(proto, tmp, path.name + ".data")
-            os.replace(tmpdir / (path.name + ".data"), folder / (path.name + ".data"))
         else:
             onnx.save_model(proto, str(tmp))
+        if verify is not None:
+            verify(tmp)
+        if external:
+            os.replace(tmpdir / (path.name + ".data"), folder / (path.name + ".data"))
         os.replace(tmp, path)
     except (OSError, ValueError) as exc:
         raise SpaError(f"cannot write '{path}': {getattr(exc, 'strerror', None) or exc}") from exc

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from . import api, cost
 from .errors import VerificationError
+from .model import TWO_GB, weight_bytes
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
 
@@ -62,18 +63,22 @@ def why_nothing(analysis) -> str:
     return f"none of its {len(analysis.groups)} channel groups is prunable (most common reason, {n}x: {top})"
 
 
-def output_check(model, pruned, seed: int = 0) -> dict:
-    """Run original and pruned on the same random inputs; raise if the pruned model breaks."""
+def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
+    """Run original and pruned on the same random inputs; raise if the pruned model breaks.
+
+    Models over 2 GB run from their files (`model.path`, `pruned_file`), not from memory."""
     from .backends import ort as ort_backend
 
     feeds = ort_backend.random_feeds(model.proto, seed=seed)
+    original = model.path if weight_bytes(model.proto) >= TWO_GB else model.proto
+    candidate = pruned_file if pruned_file is not None and weight_bytes(pruned) >= TWO_GB else pruned
     try:
-        ort_backend.run(model.proto, feeds)
+        ort_backend.run(original, feeds)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200]
         return {"status": "skipped", "reason": f"the input model does not run on random inputs ({first})"}
     try:
-        rep = api.compare(model.proto, pruned, feeds)
+        rep = api.compare(original, candidate, feeds)
     except Exception as exc:
         raise VerificationError(f"pruned model fails in ONNX Runtime: {str(exc).strip().splitlines()[0][:300]}") from exc
     if not rep["ok"]:
