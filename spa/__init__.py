@@ -10,8 +10,10 @@ Public API (the CLI is a thin shell over it)::
 
 from . import cost
 from .analysis import Analysis, Group, Member, analyze
+from .api import compare, make_plan, prune
 from .errors import SpaError, VerificationError
 from .model import Model, load, save
 
-__all__ = ["Analysis", "Group", "Member", "Model", "SpaError", "VerificationError", "analyze", "load", "save"]
+__all__ = ["Analysis", "Group", "Member", "Model", "SpaError", "VerificationError", "analyze", "compare", "load",
+           "make_plan", "prune", "save"]
 __version__ = "0.1.0"

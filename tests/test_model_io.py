@@ -100,3 +100,13 @@ def test_shapes_onnx_cannot_infer_come_from_running_the_model(tmp_path):
     assert ort_backend.run(pruned, ort_backend.random_feeds(model.proto, dynamic=3))["y"].shape == (3, 5)
     flat = next(t for t in pruned.graph.initializer if t.name == "flat")
     assert onnx.numpy_helper.to_array(flat).tolist() == [-1, 64]
+
+
+def test_public_api_round_trip(tmp_path):
+    """The README's Python API: load -> analyze -> make_plan -> prune -> save."""
+    model = _cnn()
+    analysis = spa.analyze(model)
+    plan = spa.make_plan(analysis, 0.5, criterion="l2")
+    assert plan == {"w1:0": plan["w1:0"]} and len(plan["w1:0"]) == 4
+    out = spa.load(spa.save(spa.prune(analysis, plan), tmp_path / "p.onnx"))
+    assert out.shapes["w1"] == (4, 3, 3, 3) and out.shapes["w2"] == (4, 4, 3, 3)
