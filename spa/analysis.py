@@ -290,18 +290,20 @@ def analyze(model: Model, exclude: list[str] | None = None) -> Analysis:
     exclude = list(exclude or [])
     index = GraphIndex(model)
     spaces = _Spaces(model.shapes)
-    first = _run_rules(index, spaces, lambda parts: None, exclude)
-    labels = _labels(first)
-    locked = _pin_reason_per_label(first, labels) >= 0
-
-    def choose(parts):
-        known = [p for p in parts if p in spaces.offset]
-        free = [p for p in known if not locked[labels[spaces.ids(p)]].all()]
-        pool = free or known
-        return max(pool, key=lambda p: (spaces.sizes[p], -p[1])) if pool else None
-
-    b = _run_rules(index, spaces, choose, exclude)
+    asked = []  # first pass: Reshape/Flatten factors are left free, and we note who asked
+    b = _run_rules(index, spaces, lambda parts: asked.append(parts), exclude)
     labels = _labels(b)
+    if asked:
+        locked = _pin_reason_per_label(b, labels) >= 0
+
+        def choose(parts):
+            known = [p for p in parts if p in spaces.offset]
+            free = [p for p in known if not locked[labels[spaces.ids(p)]].all()]
+            pool = free or known
+            return max(pool, key=lambda p: (spaces.sizes[p], -p[1])) if pool else None
+
+        b = _run_rules(index, spaces, choose, exclude)
+        labels = _labels(b)
     groups = _groups(index, b, labels)
     barriers = [n.name or n.op_type for n in index.graph.node if _node_rule(n) is None]
     return Analysis(model, index, groups, dict(spaces.sizes), barriers)
@@ -319,8 +321,11 @@ def _groups(index: GraphIndex, b: _Builder, labels: np.ndarray) -> list[Group]:
     sp = b.sp
     is_const = np.array([_is_member_tensor(index, t) for t, _ in sp.names], dtype=bool)
     pos_const = is_const[sp.space_of]
-    keep = np.intersect1d(np.unique(labels[pos_const]), np.unique(labels[~pos_const]))
-    ids = np.nonzero(np.isin(labels, keep))[0]
+    has_const = np.zeros(sp.total, dtype=bool)
+    has_act = np.zeros(sp.total, dtype=bool)
+    has_const[labels[pos_const]] = True
+    has_act[labels[~pos_const]] = True
+    ids = np.flatnonzero((has_const & has_act)[labels])
     if len(ids) == 0:
         return []
     lab, spc = labels[ids], sp.space_of[ids]
@@ -375,7 +380,7 @@ def _is_member_tensor(index: GraphIndex, name: str) -> bool:
 
 
 def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_sid, order_of):
-    sids = [int(v) for v in np.unique(g_spc)]
+    sids = sorted(set(g_spc[g_lab == g_lab[0]].tolist()))  # every channel touches the same spaces
     const_sids = [s for s in sids if is_const[s]]
     rank = lambda s: len(index.shape(sp.names[s][0]) or ())  # noqa: E731
     const_sids.sort(key=lambda s: (order_of.get(sp.names[s][0], 1 << 30), -rank(s), sp.names[s]))
