@@ -3,8 +3,11 @@
 
 For every model, batch size and ratio: both sessions live in this one process with the
 same intra-op thread count; after a warm-up, timed iterations run in short interleaved
-slices (dense, pruned r1, pruned r2, ..., order rotated every round) until each variant
-has run for --duration seconds, so drift (frequency, other load) hits all variants alike.
+slices (dense, pruned r1, pruned r2, ..., order rotated every round, each slice after one
+untimed re-warm iteration) until each variant has run for --duration seconds, so drift
+(frequency, other load) hits all variants alike. Slices rather than strict alternation:
+a model run back to back keeps its caches warm, as in a server, and strict alternation
+penalises the pruned model, whose weights would otherwise stay in L3.
 Reported: median and p90 latency per iteration, speed-up = dense / pruned median, MACs
 reduction = dense MACs / pruned MACs (spa.cost on the model, per sample), and speed-up /
 MACs reduction (1.0 = the pruned model is as much faster as it is cheaper).
@@ -14,11 +17,13 @@ Models (built once into --cache-dir):
                    made batch-dynamic (input/output dim 0 -> 'N', Reshape [1,2048] -> [-1,2048])
   resnet50-torch   models/resnet50.py: plain-torch ResNet-50, random weights, TorchScript
                    export opset 17 (needs torch; skipped with a warning without it)
-Pruned models are written to --out-dir by the real CLI: spa prune DENSE --ratio R -o OUT.
+Pruned models are written to --out-dir by the real CLI: spa prune DENSE --ratio R -o OUT
+(plus --round-to N for each N given to --round-to other than 1).
 
 usage:
     python tools/bench_latency.py --cache-dir /tmp/spa-bench-cache --out-dir /tmp/spa-bench-out
     python tools/bench_latency.py ... --ratios 0.5 --batches 1 --duration 5    # quick
+    python tools/bench_latency.py ... --round-to 1 16     # also channel counts rounded to 16
 
 Markdown table on stdout, progress on stderr, raw numbers in OUT_DIR/bench_latency.json.
 """
@@ -94,7 +99,7 @@ def caffe2_resnet50(corpus: Path, cache: Path) -> Path:
         log(f"building {static} (corpus tool, seed 0) ...")
         tmp = static.with_name(static.name + ".tmp")
         proc = subprocess.run([sys.executable, str(tool), str(light), str(tmp), "--seed", "0"],
-                              capture_output=True, text=True)
+                              check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BenchError(f"rehydrate_light.py failed for {light}: {proc.stderr.strip()[-300:]}")
         os.replace(tmp, static)
@@ -151,18 +156,25 @@ def torch_resnet50(cache: Path) -> Path | None:
     return out
 
 
-def prune(dense: Path, ratio: float, out_dir: Path, name: str) -> Path:
-    """The real CLI: spa prune DENSE --ratio R -o OUT (with its default output check)."""
-    out = out_dir / f"{name}.r{ratio:g}.onnx"
+def prune(dense: Path, ratio: float, round_to: int, out_dir: Path, name: str) -> Path:
+    """The real CLI: spa prune DENSE --ratio R [--round-to N] -o OUT (default output check)."""
+    out = out_dir / (f"{name}.r{ratio:g}" + (f".round{round_to}" if round_to > 1 else "") + ".onnx")
     exe = shutil.which("spa")
     cmd = ([exe] if exe else [sys.executable, "-m", "spa.cli"]) + \
-        ["prune", str(dense), "--ratio", f"{ratio:g}", "-o", str(out)]
+        ["prune", str(dense), "--ratio", f"{ratio:g}", "-o", str(out)] + \
+        (["--round-to", str(round_to)] if round_to > 1 else [])
     log(f"  {' '.join(cmd[1:])}")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"spa prune failed (exit {proc.returncode}): {' '.join(cmd)}: "
                          f"{proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else ''}")
     return out
+
+
+def label(ratio: float, round_to: int) -> str:
+    if ratio == 0:
+        return "dense"
+    return f"{ratio:g}" + (f" (round-to {round_to})" if round_to > 1 else "")
 
 
 def cost(path: Path) -> dict:
@@ -193,7 +205,8 @@ def feed(sess, batch: int) -> dict:
 
 
 def timed_slice(sess, feeds: dict, seconds: float, into: list) -> None:
-    """Run until `seconds` have passed (at least one iteration); append each latency."""
+    """Run until `seconds` have passed (at least one iteration: seconds=0 runs exactly
+    one); append each latency."""
     end = time.perf_counter() + seconds
     while True:
         t0 = time.perf_counter()
@@ -204,8 +217,16 @@ def timed_slice(sess, feeds: dict, seconds: float, into: list) -> None:
             return
 
 
-def bench(variants: dict[str, Path], batch: int, args) -> dict[str, list[float]]:
-    """Interleaved timing of all variants of one model at one batch size."""
+def bench(variants: dict[str, Path], batch: int, args) -> tuple[dict[str, list[float]], float]:
+    """Interleaved timing of all variants of one model at one batch size.
+
+    Each round runs every variant for one slice, in an order rotated every round, so
+    drift and bursts of other load hit all variants alike. The first iteration after a
+    switch is not timed: it re-warms the caches the other variants evicted (the pruned
+    ResNet-50's weights fit in a 32 MB L3, the dense one's do not), as they would be
+    warm in a server running one model. Returns the latencies per variant and the
+    cores other processes used meanwhile.
+    """
     sessions = {k: session(p, args.threads) for k, p in variants.items()}
     feeds = {k: feed(s, batch) for k, s in sessions.items()}
     for k, s in sessions.items():  # warm-up: allocations, kernels, caches
@@ -219,6 +240,7 @@ def bench(variants: dict[str, Path], batch: int, args) -> dict[str, list[float]]
     while min(spent.values()) < args.duration or min(len(v) for v in times.values()) < args.min_iters:
         for k in order[rnd % len(order):] + order[:rnd % len(order)]:
             before = len(times[k])
+            sessions[k].run(None, feeds[k])  # re-warm after the switch, untimed
             timed_slice(sessions[k], feeds[k], args.slice, times[k])
             spent[k] += sum(times[k][before:])
         rnd += 1
@@ -252,17 +274,19 @@ def pct(values: list[float], q: float) -> float:
 
 
 def table(rows: list[dict], args) -> str:
-    lines = [f"ONNX Runtime {rows[0]['ort'] if rows else ''} CPU, intra-op threads {args.threads}, "
-             f"{args.duration:g} s timed per variant (interleaved slices of {args.slice:g} s), "
-             f"warm-up {args.warmup:g} s; latency per batch in ms.", "",
-             "'other load' = cores used by other processes while that model/batch was timed "
-             "(from /proc/stat), to show how quiet the machine was.", "",
-             "| model | batch | ratio | params | GMACs/sample | MACs reduction | median ms | p90 ms | iters "
-             "| speed-up (median) | speed-up / MACs reduction | other load |",
+    lines = [(f"ONNX Runtime {rows[0]['ort'] if rows else ''} CPU, intra-op threads {args.threads}, "
+             f"{args.duration:g} s timed per variant, interleaved "
+             f"({'one iteration' if args.slice <= 0 else f'slices of {args.slice:g} s'} per variant per round, "
+             "after one untimed re-warm iteration), "
+             f"warm-up {args.warmup:g} s; latency per batch in ms."), "",
+             ("'other load' = cores used by other processes while that model/batch was timed "
+             "(from /proc/stat), to show how quiet the machine was."), "",
+             ("| model | batch | ratio | params | GMACs/sample | MACs reduction | median ms | p90 ms | iters "
+             "| speed-up (median) | speed-up / MACs reduction | other load |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dense = r["ratio"] == 0
-        ratio = "dense" if dense else f"{r['ratio']:g}"
+        ratio = r["label"]
         reduction = "-" if dense else f"{r['macs_reduction']:.2f}x"
         speedup = "-" if dense else f"**{r['speedup']:.2f}x**"
         efficiency = "-" if dense else f"{r['efficiency']:.2f}"
@@ -280,11 +304,15 @@ def main(argv=None) -> int:
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help=f"corpus folder (default {DEFAULT_CORPUS})")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    p.add_argument("--round-to", nargs="+", type=int, default=[1], metavar="N",
+                   help="spa prune --round-to values; one pruned variant per ratio and value (default 1)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="intra-op threads (default: all cores)")
     p.add_argument("--duration", type=float, default=15.0, help="timed seconds per variant and batch")
     p.add_argument("--min-iters", type=int, default=20, help="at least this many timed iterations per variant")
-    p.add_argument("--slice", type=float, default=1.0, help="seconds per interleaved slice")
+    p.add_argument("--slice", type=float, default=1.0,
+                   help="timed seconds per variant per round (0: one iteration); one untimed re-warm "
+                        "iteration precedes each slice")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per session")
     p.add_argument("--wait-idle", type=float, default=120.0,
                    help="before each timed block, wait up to this many seconds for other processes to go idle")
@@ -313,27 +341,28 @@ def main(argv=None) -> int:
             raise BenchError("no model to benchmark")
         for name, dense in dense_models.items():
             log(f"{name}: {dense}")
-            variants = {0.0: dense}
+            variants = {"dense": (0.0, 1, dense)}
             for r in args.ratios:
-                variants[r] = prune(dense, r, args.out_dir, name)
-            costs = {r: cost(path) for r, path in variants.items()}
+                for n in args.round_to:
+                    variants[label(r, n)] = (r, n, prune(dense, r, n, args.out_dir, name))
+            costs = {k: cost(path) for k, (_, _, path) in variants.items()}
             for batch in args.batches:
                 log(f"  timing batch {batch}: {len(variants)} variants x {args.duration:g} s ...")
-                times, other = bench({str(r): path for r, path in variants.items()}, batch, args)
+                times, other = bench({k: path for k, (_, _, path) in variants.items()}, batch, args)
                 log(f"    other processes used {other:.2f} cores on average while timing")
-                dense_med = statistics.median(times["0.0"])
-                for r in variants:
-                    t = times[str(r)]
+                dense_med = statistics.median(times["dense"])
+                for k, (r, n, path) in variants.items():
+                    t = times[k]
                     med = statistics.median(t)
-                    row = {"model": name, "batch": batch, "ratio": r, "path": str(variants[r]),
-                           "params": costs[r]["params"], "macs": costs[r]["macs"],
+                    row = {"model": name, "batch": batch, "ratio": r, "round_to": n, "label": k, "path": str(path),
+                           "params": costs[k]["params"], "macs": costs[k]["macs"],
                            "median_ms": med * 1e3, "p90_ms": pct(t, 90) * 1e3, "iters": len(t),
-                           "speedup": dense_med / med, "macs_reduction": costs[0.0]["macs"] / costs[r]["macs"],
+                           "speedup": dense_med / med, "macs_reduction": costs["dense"]["macs"] / costs[k]["macs"],
                            "ort": ort.__version__, "threads": args.threads, "other_cores": other}
                     row["efficiency"] = row["speedup"] / row["macs_reduction"]
                     rows.append(row)
-                    log(f"    {'dense' if r == 0 else f'ratio {r:g}'}: median {row['median_ms']:.1f} ms, "
-                        f"p90 {row['p90_ms']:.1f} ms, {len(t)} iters, speed-up {row['speedup']:.2f}x")
+                    log(f"    {k}: median {row['median_ms']:.1f} ms, p90 {row['p90_ms']:.1f} ms, "
+                        f"{len(t)} iters, speed-up {row['speedup']:.2f}x")
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -260,7 +260,7 @@ def corpus_models(corpus: Path, cache: Path) -> list[tuple[str, Path]]:
         log(f"building {resnet} from {light} (corpus tool, seed 0) ...")
         tmp = resnet.with_name(resnet.name + ".tmp")
         proc = subprocess.run([sys.executable, str(tool), str(light), str(tmp), "--seed", "0"],
-                              capture_output=True, text=True)
+                              check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise BenchError(f"rehydrate_light.py failed for {light}: {proc.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, resnet)
@@ -353,10 +353,10 @@ def tables(results: list[dict], startup: dict, args) -> str:
                      f"**{p / ls:.2f}x** | **{pn / ls:.2f}x** |")
     worst = max(x["other_cores"] for res in results for v in res["runs"].values() for x in v)
     mean = statistics.mean(x["other_cores"] for res in results for v in res["runs"].values() for x in v)
-    lines += ["", f"Other processes used {mean:.2f} cores on average (worst run {worst:.2f}) while the commands "
-              "above ran (from /proc/stat)."]
-    lines += ["", f"### CPU time, user + sys (s, median of {args.repeats}; less sensitive than wall time to "
-              "other load on the machine)", "",
+    lines += ["", (f"Other processes used {mean:.2f} cores on average (worst run {worst:.2f}) while the commands "
+              "above ran (from /proc/stat).")]
+    lines += ["", (f"### CPU time, user + sys (s, median of {args.repeats}; less sensitive than wall time to "
+              "other load on the machine)"), "",
               "| model | load+save | prune | prune --no-check | prune / load+save | no-check / load+save |",
               "|---|---:|---:|---:|---:|---:|"]
     for res in results:
@@ -371,8 +371,8 @@ def tables(results: list[dict], startup: dict, args) -> str:
         ls, p, pn = med(r["load+save"], "rss_mib"), med(r["prune"], "rss_mib"), med(r["prune --no-check"], "rss_mib")
         lines.append(f"| {res['model']} | {ls:.0f} | {p:.0f} | {pn:.0f} | **{p / ls:.2f}x** | **{pn / ls:.2f}x** |")
     lines += ["", "### In-process time (s, median): work inside the process, interpreter start and imports excluded",
-              "", "| model | onnx.load | onnx.save | load+save | spa steps (prune) | spa steps (--no-check) "
-              "| prune / load+save | no-check / load+save |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "", ("| model | onnx.load | onnx.save | load+save | spa steps (prune) | spa steps (--no-check) "
+              "| prune / load+save | no-check / load+save |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
         r = res["runs"]
         load, save = med_step(r["load+save"], "load"), med_step(r["load+save"], "save")
@@ -393,8 +393,8 @@ def tables(results: list[dict], startup: dict, args) -> str:
         outside = statistics.median(x["wall_s"] - sum(x["steps"].values()) for x in r)
         lines.append(f"| {res['model']} | " + " | ".join(f"{med_step(r, s):.2f}" for s in steps) +
                      f" | {outside:.2f} | {med(r, 'wall_s'):.2f} |")
-    lines += ["", "### `spa prune` (with check): highest sampled RSS while each step ran (MiB, median; "
-              "VmRSS every 50 ms; the first step also covers interpreter start and imports)", "",
+    lines += ["", ("### `spa prune` (with check): highest sampled RSS while each step ran (MiB, median; "
+              "VmRSS every 50 ms; the first step also covers interpreter start and imports)"), "",
               "| model | " + " | ".join(steps) + " | after the last step | ru_maxrss |",
               "|---|" + "---:|" * (len(steps) + 2)]
     for res in results:
@@ -437,7 +437,7 @@ def main(argv=None) -> int:
         import onnx  # noqa: F401 - fail early with a clear message
         models = [] if args.big_only else corpus_models(args.corpus, args.cache_dir)
         if args.big or args.big_only:
-            models.append((f"vgg_big (synthetic, external data)",
+            models.append(("vgg_big (synthetic, external data)",
                            big_model(args.cache_dir, args.big_width, args.big_layers, args.big_hw)))
         load_before = loadavg()
         log(f"load average {load_before}; startup overhead ...")
