@@ -11,12 +11,18 @@ from spa.errors import SpaError
 ort.set_default_logger_severity(3)
 
 
-def session(model, threads: int = 0) -> ort.InferenceSession:
-    """A CPU session for a ModelProto, or for a file path (needed above 2 GB)."""
+def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSession:
+    """A CPU session for a ModelProto, or for a file path (needed above 2 GB).
+
+    `light`: no graph optimisations and no weight pre-packing; for checks that run a
+    model once, where building an optimised session costs more than the run."""
     from spa.model import TWO_GB, weight_bytes
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if light:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
     if isinstance(model, onnx.ModelProto):
@@ -52,9 +58,9 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
-def run(model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run(model, feeds: dict[str, np.ndarray], light: bool = False) -> dict[str, np.ndarray]:
     """Outputs by name for a ModelProto or a model file."""
-    sess = session(model)
+    sess = session(model, light=light)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 

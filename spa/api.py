@@ -92,12 +92,14 @@ def zeroed(analysis: Analysis, plan: dict) -> onnx.ModelProto:
     return proto
 
 
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict) -> dict:
-    """Run both in ONNX Runtime on `feeds`; per-output shapes and errors."""
+def compare(reference, candidate, feeds: dict, light: bool = False) -> dict:
+    """Run both in ONNX Runtime on `feeds`; per-output shapes and errors.
+
+    `reference` may also be its outputs already computed ({name: array})."""
     from .backends import ort as ort_backend
 
-    ref = ort_backend.run(reference, feeds)
-    out = ort_backend.run(candidate, feeds)
+    ref = reference if isinstance(reference, dict) else ort_backend.run(reference, feeds, light)
+    out = ort_backend.run(candidate, feeds, light)
     report = {"outputs": {}, "ok": set(ref) == set(out)}
     for name, r in ref.items():
         o = out.get(name)

@@ -38,7 +38,10 @@ def _member_norms(group, weights, power: int) -> list[np.ndarray]:
         w = np.asarray(weights[m.tensor], dtype=np.float64)
         axes = tuple(a for a in range(w.ndim) if a != m.axis)
         per_pos = (np.abs(w) ** power).sum(axis=axes) if axes else np.abs(w) ** power
-        scores = np.array([per_pos[np.asarray(ix)].sum() for ix in m.positions])
+        if isinstance(m.positions, np.ndarray):  # (channels, positions): one gather
+            scores = per_pos[m.positions].sum(axis=1)
+        else:
+            scores = np.array([per_pos[np.asarray(ix)].sum() for ix in m.positions])
         mean = scores.mean()
         out.append(scores / mean if mean > 0 else scores)
     return out

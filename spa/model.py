@@ -113,7 +113,7 @@ def load(path: str | os.PathLike, infer: bool = True) -> Model:
         )
     external = _check_external_data(proto, path.parent)
     external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    _check_proto(proto, path)
+    _check_proto(proto, path, from_file=bool(external))
     model = Model(proto, path, external_files=external)
     if infer:
         infer_shapes(model)
@@ -141,9 +141,10 @@ def check_model(model, full: bool = False) -> None:
         onnx.checker.check_model(model, full_check=full)
 
 
-def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
+def _check_proto(proto: onnx.ModelProto, path: Path, from_file: bool) -> None:
+    """The ONNX checker; models with external data are checked from their file (no copy)."""
     try:
-        check_model(proto if weight_bytes(proto) < TWO_GB else str(path))
+        check_model(str(path) if from_file else proto)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise SpaError(
@@ -153,13 +154,14 @@ def _check_proto(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def weight_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes held by initializers (raw or typed), used to decide on external data."""
+    """Bytes held by initializers, from dims and dtype (reading raw_data would copy it)."""
     total = 0
     for t in proto.graph.initializer:
-        if t.HasField("raw_data"):
-            total += len(t.raw_data)
-        else:
-            total += int(np.prod(t.dims, dtype=np.int64)) * 4
+        try:
+            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            item = 4
+        total += int(np.prod(t.dims, dtype=np.int64)) * item
     return total
 
 
@@ -227,7 +229,9 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 
 def _missing(model: Model) -> list[str]:
-    outs = [o for n in model.graph.node for o in n.output if o]
+    """Node outputs whose shape is still unknown (unused outputs, e.g. Dropout masks, don't count)."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    outs = [o for n in model.graph.node for o in n.output if o in used]
     return [o for o in outs if o not in model.shapes or o in model.unknown]
 
 
