@@ -35,9 +35,10 @@ def _member_norms(group, weights, power: int) -> list[np.ndarray]:
     members = [m for m in group.members if weights[m.tensor].ndim >= 2] or group.members
     out = []
     for m in members:
-        w = np.asarray(weights[m.tensor], dtype=np.float64)
+        w = weights[m.tensor]
         axes = tuple(a for a in range(w.ndim) if a != m.axis)
-        per_pos = (np.abs(w) ** power).sum(axis=axes) if axes else np.abs(w) ** power
+        mag = np.abs(w) if power == 1 else np.square(w, dtype=np.float64 if w.dtype == np.float16 else None)
+        per_pos = mag.sum(axis=axes, dtype=np.float64) if axes else mag.astype(np.float64)
         if isinstance(m.positions, np.ndarray):  # (channels, positions): one gather
             scores = per_pos[m.positions].sum(axis=1)
         else:
@@ -70,6 +71,10 @@ def score(analysis, name: str, groups=None, seed: int = 0) -> dict[str, np.ndarr
     """Scores for every prunable group (or `groups`)."""
     fn = get(name)
     groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
-    # one group's weights at a time: peak memory stays near the largest group, not the model
-    return {g.id: fn(g, {m.tensor: analysis.index.value(m.tensor) for m in g.members}, seed=seed)
-            for g in groups}
+    # one group's weights at a time (peak memory near two groups, not the model); neighbours
+    # share tensors (a conv's weight is a member of its output group and its input group)
+    scores, held = {}, {}
+    for g in groups:
+        held = {m.tensor: held[m.tensor] if m.tensor in held else analysis.index.value(m.tensor) for m in g.members}
+        scores[g.id] = fn(g, held, seed=seed)
+    return scores

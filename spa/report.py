@@ -11,7 +11,6 @@ from rich.table import Table
 
 from . import api, cost
 from .errors import VerificationError
-from .model import TWO_GB, weight_bytes
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
 
@@ -66,12 +65,13 @@ def why_nothing(analysis) -> str:
 def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
     """Run original and pruned on the same random inputs; raise if the pruned model breaks.
 
-    Models over 2 GB run from their files (`model.path`, `pruned_file`), not from memory."""
+    Models run from their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
     from .backends import ort as ort_backend
 
     feeds = ort_backend.random_feeds(model.proto, seed=seed)
-    original = model.path if weight_bytes(model.proto) >= TWO_GB else model.proto
-    candidate = pruned_file if pruned_file is not None and weight_bytes(pruned) >= TWO_GB else pruned
+    # from files where we have them: ORT reads them directly, no serialisation copy
+    original = model.path if model.path is not None else model.proto
+    candidate = pruned_file if pruned_file is not None else pruned
     try:
         reference = ort_backend.run(original, feeds, light=True)
     except Exception as exc:
