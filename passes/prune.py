@@ -24,14 +24,15 @@ from spa.rules import REWRITERS
 
 def dropped_positions(analysis, plan: dict) -> dict:
     """{space: sorted positions to remove} from {group id: channel indices}."""
-    drops: dict = {}
+    parts: dict = {}
     for gid, channels in plan.items():
         group = analysis.group(gid)
         for space, per_channel in group.positions.items():
             if channels:
-                pos = np.concatenate([per_channel[c] for c in channels])
-                drops[space] = np.union1d(drops.get(space, np.empty(0, np.int64)), pos)
-    return drops
+                pos = per_channel[channels] if isinstance(per_channel, np.ndarray) else \
+                    np.concatenate([per_channel[c] for c in channels])
+                parts.setdefault(space, []).append(np.ravel(pos))
+    return {space: np.unique(np.concatenate(p)) for space, p in parts.items()}
 
 
 class Edit:
@@ -43,6 +44,9 @@ class Edit:
         self.sizes = analysis.sizes
         self.opset = analysis.index.opset
         self._kept = {s: np.setdiff1d(np.arange(analysis.sizes[s]), d) for s, d in drops.items()}
+        self._axes: dict[str, list[int]] = {}
+        for t, a in self._kept:
+            self._axes.setdefault(t, []).append(a)
         self._uses: dict[str, int] = {}
         self._counter = 0
 
@@ -67,7 +71,7 @@ class Edit:
         return self.old_size(space) if kept is None else len(kept)
 
     def changed_axes(self, name):
-        return [a for (t, a) in self._kept if t == name]
+        return self._axes.get(name, [])
 
     # graph -----------------------------------------------------------
     def attr(self, node, name, default=None):

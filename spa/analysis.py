@@ -330,7 +330,8 @@ def _groups(index: GraphIndex, b: _Builder, labels: np.ndarray) -> list[Group]:
         return []
     lab, spc = labels[ids], sp.space_of[ids]
     # signature of a label = the set of spaces it touches, hashed (sum of random 64-bit keys)
-    pair_key = np.unique(lab * len(sp.names) + spc)
+    pair_key = np.sort(lab * len(sp.names) + spc)
+    pair_key = pair_key[np.r_[True, pair_key[1:] != pair_key[:-1]]]  # unique (sorting beats hashing here)
     pair_lab, pair_spc = pair_key // len(sp.names), pair_key % len(sp.names)
     salt = np.random.default_rng(12345).integers(1, 2**62, size=len(sp.names), dtype=np.int64)
     sig = np.zeros(sp.total, dtype=np.int64)
