@@ -38,29 +38,34 @@ def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", global_ra
     return planner.uniform(analysis.groups, scores, ratio, round_to)
 
 
-def prune(analysis: Analysis, plan: dict) -> onnx.ModelProto:
-    """Apply `plan`; the result passes onnx.checker with full_check (else VerificationError).
-
-    A model whose input already fails the full check (some exporters declare wrong output
-    ranks) is held to the plain check plus the same full-check complaint as its input.
-    """
+def prune(analysis: Analysis, plan: dict, check: bool = True) -> onnx.ModelProto:
+    """Apply `plan`; with `check`, the result passes onnx.checker with full_check (else
+    VerificationError). Over 2 GB a model can only be checked from its file (`check_file`)."""
     from .passes import prune as prune_pass
 
     proto = prune_pass.apply(analysis, plan)
-    after = checker_message(proto)
-    if after is not None:
-        before = checker_message(analysis.model.proto)
-        if after != before or checker_message(proto, full=False) is not None:
-            raise VerificationError(f"pruned model fails the ONNX checker: {after}")
+    if check and weight_bytes(proto) < TWO_GB:
+        check_against(proto, analysis.model.proto)
     return proto
 
 
-def checker_message(proto: onnx.ModelProto, full: bool = True) -> str | None:
-    """First line of the ONNX checker's complaint, or None when the model passes."""
-    if weight_bytes(proto) >= TWO_GB:
-        return None  # checked from the saved file by the caller
+def check_against(candidate, original) -> None:
+    """Raise VerificationError unless `candidate` passes the full ONNX check.
+
+    A model whose input already fails the full check (some exporters declare wrong output
+    ranks) is held to the plain check plus the same full-check complaint as its input.
+    Both arguments may be ModelProtos or file paths (files avoid a serialised copy)."""
+    after = checker_message(candidate)
+    if after is not None:
+        before = checker_message(original)
+        if after != before or checker_message(candidate, full=False) is not None:
+            raise VerificationError(f"pruned model fails the ONNX checker: {after}")
+
+
+def checker_message(model, full: bool = True) -> str | None:
+    """First line of the ONNX checker's complaint about a ModelProto or a file, or None."""
     try:
-        check_model(proto, full=full)
+        check_model(model if isinstance(model, onnx.ModelProto) else str(model), full=full)
     except Exception as exc:
         return str(exc).strip().splitlines()[0][:300]
     return None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__, api, importance, report
+from . import __version__, api, cost, importance, report
 from .analysis import analyze
 from .errors import SpaError
 from .model import check_writable, load, save, write_text_atomic
@@ -140,19 +140,24 @@ def _prune(args) -> int:
             plan = api.make_plan(analysis, args.ratio, args.criterion, args.global_rank, args.round_to,
                                  args.max_group_ratio, args.seed)
     with step("pruning", quiet):
-        pruned = api.prune(analysis, plan)
+        pruned = api.prune(analysis, plan, check=False)  # checked below, from the written file
+    before = cost.summary(model)
+    counts = (len(analysis.groups), sum(g.prunable for g in analysis.groups))
+    del analysis  # it holds the input's weights; the checks read the input from its file
+    model.drop_weights()
     checked = {}
 
     def verify(tmp_file):  # runs on the written temp file, before it is renamed into place
+        api.check_against(tmp_file, model.path)
         if args.check:
             checked["result"] = report.output_check(model, pruned, args.seed, pruned_file=tmp_file)
 
-    with step("saving + checking in ONNX Runtime" if args.check else "saving", quiet):
+    with step("saving + checking" if args.check else "saving + ONNX checker", quiet):
         save(pruned, out, source=Path(args.model), verify=verify)
     check = checked.get("result")
     if args.save_plan:
         write_text_atomic(args.save_plan, json.dumps(to_json(plan), indent=1))
-    doc = report.prune_json(args, analysis, model, pruned, plan, out, check, PRUNE_SCHEMA)
+    doc = report.prune_json(args, counts, before, pruned, plan, out, check, PRUNE_SCHEMA)
     if args.json:
         print(json.dumps(doc))
     else:

@@ -38,6 +38,10 @@ class Model:
     unknown: set[str] = field(default_factory=set)  # tensors with a dim neither static nor symbolic
     external_files: set[Path] = field(default_factory=set)  # external data the model was loaded from
 
+    def drop_weights(self) -> None:
+        """Keep the graph, free the initializers' data (the file still has them)."""
+        self.proto = skeleton(self.proto)
+
     def refuse_overwrite(self, *targets) -> None:
         """Error if writing `targets` (or their `.data` companions) would clobber this model's files."""
         mine = {p.resolve() for p in self.external_files}

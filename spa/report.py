@@ -94,8 +94,8 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def prune_json(args, analysis, model, pruned, plan, out_path: Path, check, schema: int) -> dict:
-    before = cost.summary(model)
+def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, check, schema: int) -> dict:
+    before = dict(before)
     after = cost.summary(api.reinfer(pruned))
     before["bytes"], after["bytes"] = _size(Path(args.model)), _size(Path(out_path))
     return {
@@ -106,8 +106,8 @@ def prune_json(args, analysis, model, pruned, plan, out_path: Path, check, schem
         "plan_file": args.plan,
         "criterion": None if args.plan else args.criterion,
         "global": bool(args.global_rank),
-        "groups": len(analysis.groups),
-        "groups_prunable": sum(g.prunable for g in analysis.groups),
+        "groups": counts[0],
+        "groups_prunable": counts[1],
         "groups_pruned": sum(1 for c in plan.values() if c),
         "channels_removed": int(sum(len(c) for c in plan.values())),
         "before": before,
