@@ -124,7 +124,8 @@ def _copy_pruning_initializers(src, edit: Edit, names: set[str]) -> onnx.ModelPr
     proto = copy_without_initializers(src)
     for t in src.graph.initializer:
         if t.name in names:
-            proto.graph.initializer.append(numpy_helper.from_array(_slice(numpy_helper.to_array(t), t.name, edit), t.name))
+            sliced = _slice(numpy_helper.to_array(t), t.name, edit)
+            proto.graph.initializer.append(numpy_helper.from_array(sliced, t.name))
         else:
             proto.graph.initializer.append(t)
     return proto

@@ -14,6 +14,6 @@ from .api import compare, make_plan, prune
 from .errors import SpaError, VerificationError
 from .model import Model, load, save
 
-__all__ = ["Analysis", "Group", "Member", "Model", "SpaError", "VerificationError", "analyze", "compare", "load",
-           "make_plan", "prune", "save"]
+__all__ = ["Analysis", "Group", "Member", "Model", "SpaError", "VerificationError", "analyze", "compare", "cost",
+           "load", "make_plan", "prune", "save"]
 __version__ = "0.1.0"

@@ -80,7 +80,8 @@ def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
     try:
         rep = api.compare(reference, candidate, feeds, light=True)
     except Exception as exc:
-        raise VerificationError(f"pruned model fails in ONNX Runtime: {str(exc).strip().splitlines()[0][:300]}") from exc
+        first = str(exc).strip().splitlines()[0][:300]
+        raise VerificationError(f"pruned model fails in ONNX Runtime: {first}") from exc
     if not rep["ok"]:
         raise VerificationError("pruned model changes the outputs' names, dtypes or shapes")
     if any(o.get("finite") is False for o in rep["outputs"].values()):

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-
 from . import rule
 from .shape import shape_entries
 
