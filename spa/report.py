@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import onnx
 from rich.console import Console
 from rich.table import Table
 
@@ -56,6 +57,14 @@ def print_analysis(analysis, doc: dict) -> None:
 
 def why_nothing(analysis) -> str:
     if not analysis.groups:
+        graph = analysis.index.graph
+        layers = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+        sub = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        bodies = [n for n in graph.node if any(a.type in sub for a in n.attribute)]
+        if not layers and bodies:
+            kinds = sorted({n.op_type for n in bodies})
+            return (f"its layers sit inside {'/'.join(kinds)} subgraphs, which spa does not rewrite "
+                    "(control flow is a barrier)")
         return "it has no channel group with constant weights (weights computed at run time, or no Conv/Gemm/MatMul)"
     reasons = Counter(g.reason for g in analysis.groups)
     top, n = reasons.most_common(1)[0]

@@ -71,3 +71,16 @@ def test_every_conv_model_prunes_unless_known_blocked():
     assert set(blocked) == set(NO_PRUNABLE_CONVS)
     for name, word in NO_PRUNABLE_CONVS.items():
         assert word in blocked[name], (name, blocked[name])
+
+
+@pytest.mark.parametrize("name", sorted(NO_PRUNABLE_CONVS))
+def test_unprunable_corpus_models_exit_cleanly(name, tmp_path, capsys):
+    """`spa prune` on them: exit 1, one line naming the reason, nothing written."""
+    from spa.cli import main
+
+    if not (CORPUS / name).is_file():
+        pytest.skip("corpus not available")
+    rc = main(["prune", str(CORPUS / name), "--ratio", "0.5", "-o", str(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith("error: nothing to prune") and NO_PRUNABLE_CONVS[name] in err[-1]
+    assert list(tmp_path.iterdir()) == []
