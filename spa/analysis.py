@@ -2,8 +2,8 @@
 
     Model ─rules─▶ couplings between channel positions ─components─▶ channels ─signature─▶ groups
 
-Every static axis (size > 1) of every tensor is a channel space; each position along it
-is a node. Rules (spa.rules) couple positions of different spaces; connected components
+Every static axis of every tensor is a channel space; each position along it is a node
+(size-1 axes too: broadcasting rules skip them, but a channel coupled to one must stay). Rules (spa.rules) couple positions of different spaces; connected components
 are the channels that must be removed together. Channels that touch exactly the same
 spaces form one group (a Conv's output channels, with the BatchNorm after it and the
 weight columns of every consumer). A group needs at least one constant member (a
@@ -57,7 +57,7 @@ class Group:
     zero_invariant: bool
     zi_reason: str | None
     members: list[Member]
-    positions: dict = field(repr=False, default_factory=dict)  # space -> [np.ndarray per channel]
+    positions: dict = field(repr=False, default_factory=dict)  # space -> per-channel positions (as Member)
     locked: list[int] = field(default_factory=list)  # channels that must stay
 
     def to_json(self) -> dict:
