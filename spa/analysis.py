@@ -3,15 +3,17 @@
     Model ─rules─▶ couplings between channel positions ─components─▶ channels ─signature─▶ groups
 
 Every static axis of every tensor is a channel space; each position along it is a node
-(size-1 axes too: broadcasting rules skip them, but a channel coupled to one must stay). Rules (spa.rules) couple positions of different spaces; connected components
-are the channels that must be removed together. Channels that touch exactly the same
+(size-1 axes too: broadcasting rules skip them, but a channel coupled to one must stay).
+Rules (spa.rules) couple positions of different spaces; connected components are the
+channels that must be removed together. Channels that touch exactly the same
 spaces form one group (a Conv's output channels, with the BatchNorm after it and the
 weight columns of every consumer). A group needs at least one constant member (a
 parameter slice to remove) and one activation space.
 
 Pins (model inputs/outputs, barriers, shape-fixed axes) lock every channel they touch,
-with the reason. Reshape/Flatten pick which factor of a merged axis carries the
-channels in a second pass, preferring factors that are not locked otherwise.
+with the reason (and, via a networkx path over the spaces, the route to it).
+Reshape/Flatten pick which factor of a merged axis carries the channels in a second
+pass, preferring factors that are not locked otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 import onnx
 
@@ -180,7 +181,8 @@ class _Builder:
         self.reasons: list[str] = []
         self.pin_spaces: list = []  # the space each reason was pinned on
         self.nonzi: dict[int, str] = {}
-        self.graph = nx.Graph()
+        self.edges: list = []  # (space, space, op) for explaining locks; graphed on demand
+        self._graph = None
 
     def pin(self, space, reason, positions=None):
         if space not in self.sp.offset:
@@ -206,7 +208,7 @@ class _Builder:
             return
         self.edges_a.append(self.sp.ids(a, pairs[:, 0]))
         self.edges_b.append(self.sp.ids(b, pairs[:, 1]))
-        self.graph.add_edge(a, b, node=node_name)  # the space graph, for explaining locks
+        self.edges.append((a, b, node_name))
 
     def add_result(self, res: Result, node, barrier_reason: str | None):
         mentioned = set(res.free)
@@ -419,13 +421,18 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_si
 
 def _route(b: _Builder, start, end) -> str:
     """ ' (via Relu 'r' -> Gemm 'fc')': the ops the channels cross to reach a pinned space."""
+    import networkx as nx  # only needed to explain locked groups
+
+    if b._graph is None:
+        b._graph = nx.Graph()
+        b._graph.add_edges_from((u, v, {"node": op}) for u, v, op in b.edges)
     try:
-        path = nx.shortest_path(b.graph, start, end)
+        path = nx.shortest_path(b._graph, start, end)
     except (nx.NetworkXNoPath, nx.NodeNotFound):
         return ""
     ops = []
     for u, v in zip(path, path[1:]):
-        op = b.graph.edges[u, v]["node"]
+        op = b._graph.edges[u, v]["node"]
         if not ops or ops[-1] != op:
             ops.append(op)
     return f" (via {' -> '.join(ops)})" if ops else ""
