@@ -84,3 +84,15 @@ def test_unprunable_corpus_models_exit_cleanly(name, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and err[-1].startswith("error: nothing to prune") and NO_PRUNABLE_CONVS[name] in err[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_experimental_crop_and_affine_pass_channels():
+    """winml/candy.onnx (CoreML -> WinMLTools): Crop and Affine carry channels straight through,
+    so the residual blocks between them prune; only the input-side groups stay."""
+    path = CORPUS / "winml" / "candy.onnx"
+    if not path.is_file():
+        pytest.skip("corpus not available")
+    analysis = spa.analyze(spa.load(path))
+    locked = {g.id: g.reason for g in analysis.groups if not g.prunable}
+    assert not any("Crop" in r or "Affine" in r for r in locked.values()), locked
+    assert sum(g.prunable for g in analysis.groups) >= 10  # 7 while Crop was a barrier

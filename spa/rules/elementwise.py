@@ -14,6 +14,7 @@ UNARY = (
     "Softsign", "Erf", "Elu", "Selu", "Celu", "Gelu", "Mish", "Exp", "Abs", "Neg", "Sqrt",
     "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Not", "IsNaN", "IsInf", "Identity",
     "Dropout", "Cast", "ThresholdedRelu", "Shrink", "Swish", "Relu6",
+    "Affine", "ScaledTanh",  # experimental (opset < 10) scalar-attribute activations
 )
 # f(0) is infinite: channels zeroed upstream become inf/nan here
 NOT_ZERO_SAFE = ("Log", "Reciprocal")

@@ -14,7 +14,7 @@ from . import rule
 from .shape import shape_entries
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
-         "MaxRoiPool")
+         "MaxRoiPool", "Crop")  # Crop: the experimental spatial crop of CoreML/WinML exports
 REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
 
