@@ -38,10 +38,9 @@ def dropped_positions(analysis, plan: dict) -> dict:
 class Edit:
     """What rewriters may read and change while pruning one model."""
 
-    def __init__(self, analysis, proto: onnx.ModelProto, drops: dict):
+    def __init__(self, analysis, drops: dict):
         self.index = analysis.index
-        self.proto = proto
-        self.sizes = analysis.sizes
+        self.proto = None  # the output model, once built from the kept positions (bind)
         self.opset = analysis.index.opset
         self._kept = {s: np.setdiff1d(np.arange(analysis.sizes[s]), d) for s, d in drops.items()}
         self._axes: dict[str, list[int]] = {}
@@ -50,10 +49,13 @@ class Edit:
         self._uses: dict[str, int] = {}
         self._counter = 0
 
-    def count_uses(self):
-        for node in self.proto.graph.node:
+    def bind(self, proto: onnx.ModelProto) -> onnx.ModelProto:
+        """Rewrite `proto` from now on (counting who reads each tensor, for shared constants)."""
+        self.proto = proto
+        for node in proto.graph.node:
             for i in node.input:
                 self._uses[i] = self._uses.get(i, 0) + 1
+        return proto
 
     # sizes -----------------------------------------------------------
     def kept(self, space):
@@ -204,9 +206,8 @@ def apply(analysis, plan: dict) -> onnx.ModelProto:
     drops = dropped_positions(analysis, {g: c for g, c in plan.items() if c})
     touched = {t for (t, _) in drops}
     consts = {t for t in touched if analysis.index.is_const(t)}
-    edit = Edit(analysis, None, drops)
-    proto = edit.proto = _copy_pruning_initializers(analysis.model.proto, edit, consts)
-    edit.count_uses()
+    edit = Edit(analysis, drops)
+    proto = edit.bind(_copy_pruning_initializers(analysis.model.proto, edit, consts))
     _prune_constant_nodes(proto, edit, consts)
     for node in proto.graph.node:
         fn = REWRITERS.get(node.op_type)

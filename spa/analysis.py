@@ -135,6 +135,7 @@ class _Spaces:
                     self.names.append((tensor, axis))
                     total += size
         self.total = total
+        self.offsets = np.array([self.offset[name] for name in self.names], dtype=np.int64)  # by space id
         self.axes: dict[str, list[int]] = {}
         for tensor, axis in self.names:
             self.axes.setdefault(tensor, []).append(axis)
@@ -348,33 +349,24 @@ def _groups(index: GraphIndex, b: _Builder, labels: np.ndarray) -> list[Group]:
     groups = []
     for g_ids, g_lab, g_spc in zip(np.split(ids, cuts), np.split(lab, cuts), np.split(spc, cuts)):
         groups.append(_make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_sid, order_of))
-    groups.sort(key=lambda g: g._sort)
+    groups.sort(key=lambda g: (order_of.get(g.members[0].tensor, 1 << 30), g.members[0].tensor, g.members[0].axis))
     seen: dict[str, int] = {}
     for g in groups:
         base = g.id
         seen[base] = seen.get(base, 0) + 1
         if seen[base] > 1:
             g.id = f"{base}#{seen[base]}"
-        del g._sort
     return groups
 
 
-def _per_channel(local: np.ndarray, lab: np.ndarray, channel_of: dict, n: int):
-    """Positions of each channel in one space: (n, k) array when uniform, else a list."""
-    ch = np.array([channel_of[int(v)] for v in lab]) if len(lab) < 64 else _vec_lookup(channel_of, lab)
+def _per_channel(local: np.ndarray, ch: np.ndarray, n: int):
+    """Positions of each channel `ch` in one space: (n, k) array when uniform, else a list."""
     order = np.lexsort((local, ch))
     local, ch = local[order], ch[order]
     counts = np.bincount(ch, minlength=n)
     if counts.min() == counts.max():
         return local.reshape(n, counts[0])
     return np.split(local, np.cumsum(counts)[:-1])
-
-
-def _vec_lookup(mapping: dict, keys: np.ndarray) -> np.ndarray:
-    k = np.fromiter(mapping.keys(), dtype=np.int64)
-    v = np.fromiter(mapping.values(), dtype=np.int64)
-    order = np.argsort(k)
-    return v[order][np.searchsorted(k[order], keys)]
 
 
 def _is_member_tensor(index: GraphIndex, name: str) -> bool:
@@ -388,18 +380,19 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_si
     rank = lambda s: len(index.shape(sp.names[s][0]) or ())  # noqa: E731
     const_sids.sort(key=lambda s: (order_of.get(sp.names[s][0], 1 << 30), -rank(s), sp.names[s]))
     anchor = const_sids[0]
-    local = g_ids - _offsets(sp)[g_spc]
+    local = g_ids - sp.offsets[g_spc]
     in_anchor = g_spc == anchor
     first = {}
     for l_, p in zip(g_lab[in_anchor][::-1], local[in_anchor][::-1]):  # keep the smallest position
         first[int(l_)] = int(p)
     labs = sorted(first, key=first.get)
-    channel_of = {l_: i for i, l_ in enumerate(labs)}
     n = len(labs)
+    by_label = np.argsort(labs)  # channel of every row: its label's rank in `labs`
+    channel = by_label[np.searchsorted(np.sort(labs), g_lab)]
     positions = {}
     for s in sids:
         mask = g_spc == s
-        positions[sp.names[s]] = _per_channel(local[mask], g_lab[mask], channel_of, n)
+        positions[sp.names[s]] = _per_channel(local[mask], channel[mask], n)
     members = [Member(sp.names[s][0], sp.names[s][1], positions[sp.names[s]]) for s in const_sids]
     reasons = reason_of[np.array(labs)]
     locked = [int(i) for i in np.flatnonzero(reasons >= 0)]
@@ -413,10 +406,8 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_si
             reason = "a single channel cannot be pruned"
     zi_reason = next((nonzi_sid[s] for s in sids if s in nonzi_sid), None)
     tensor, axis = sp.names[anchor]
-    g = Group(f"{tensor}:{axis}", n, prunable, reason, zi_reason is None, zi_reason,
-              members, positions, locked if prunable else [])
-    g._sort = (order_of.get(tensor, 1 << 30), tensor, axis)
-    return g
+    return Group(f"{tensor}:{axis}", n, prunable, reason, zi_reason is None, zi_reason,
+                 members, positions, locked if prunable else [])
 
 
 def _route(b: _Builder, start, end) -> str:
@@ -437,8 +428,3 @@ def _route(b: _Builder, start, end) -> str:
             ops.append(op)
     return f" (via {' -> '.join(ops)})" if ops else ""
 
-
-def _offsets(sp) -> np.ndarray:
-    if not hasattr(sp, "_offset_arr"):
-        sp._offset_arr = np.array([sp.offset[name] for name in sp.names], dtype=np.int64)
-    return sp._offset_arr

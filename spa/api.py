@@ -7,7 +7,7 @@ import onnx
 
 from . import importance, planner
 from .analysis import Analysis
-from .errors import SpaError, VerificationError
+from .errors import SpaError, VerificationError, first_line
 from .model import TWO_GB, Model, check_model, infer_shapes, weight_bytes
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
@@ -40,7 +40,8 @@ def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", global_ra
 
 def prune(analysis: Analysis, plan: dict, check: bool = True) -> onnx.ModelProto:
     """Apply `plan`; with `check`, the result passes onnx.checker with full_check (else
-    VerificationError). Over 2 GB a model can only be checked from its file (`check_file`)."""
+    VerificationError). Over 2 GB a model can only be checked from its file: save it, then
+    `check_against(path, original)` (the CLI does this on the temp file before renaming)."""
     from .passes import prune as prune_pass
 
     proto = prune_pass.apply(analysis, plan)
@@ -67,7 +68,7 @@ def checker_message(model, full: bool = True) -> str | None:
     try:
         check_model(model if isinstance(model, onnx.ModelProto) else str(model), full=full)
     except Exception as exc:
-        return str(exc).strip().splitlines()[0][:300]
+        return first_line(exc, default=type(exc).__name__)
     return None
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from . import __version__, api, cost, importance, report
 from .analysis import analyze
-from .errors import SpaError
+from .errors import SpaError, first_line
 from .model import check_writable, load, save, write_text_atomic
 from .planner import check_ratio, from_json, to_json
 
@@ -180,8 +180,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug: still one line unless -v
         if args.verbose:
             traceback.print_exc()
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        err.print(f"error: internal error ({type(exc).__name__}: {first}); rerun with -v for the traceback",
+        err.print(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); rerun with -v for the traceback",
                   markup=False, highlight=False, soft_wrap=True)
         return 1
 

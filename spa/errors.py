@@ -5,6 +5,12 @@ The CLI prints ``str(error)`` and exits with ``error.exit_code``.
 """
 
 
+def first_line(exc: BaseException, limit: int = 300, default: str = "") -> str:
+    """The first non-empty line of an exception's message, cut to `limit` characters."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else default
+
+
 class SpaError(Exception):
     """A clear, expected failure caused by the input or the request (exit code 1)."""
 

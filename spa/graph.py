@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .model import Model, constant_node_value
+from .model import SMALL, Model, constant_node_value
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -48,8 +48,7 @@ class GraphIndex:
         # ConstantOfShape with a constant shape: weights stored as "fill" (onnx/onnx light models)
         self.filled = {
             n.output[0]: n for n in self.graph.node
-            if n.op_type == "ConstantOfShape" and n.domain in DEFAULT_DOMAINS and n.input[0] in self.initializers
-            or n.op_type == "ConstantOfShape" and n.input and n.input[0] in self.constant_nodes
+            if n.op_type == "ConstantOfShape" and n.domain in DEFAULT_DOMAINS and n.input and self.is_const(n.input[0])
         }
         self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in self.graph.output]
@@ -71,7 +70,7 @@ class GraphIndex:
         if name in self._values:
             return self._values[name]
         value = self._compute_value(name)
-        if value is None or value.size <= 4096:  # shape constants; weights are not kept
+        if value is None or value.size <= SMALL:  # shape constants; weights are not kept
             self._values[name] = value
         return value
 

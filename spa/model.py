@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from .errors import SpaError
+from .errors import SpaError, first_line
 
 TWO_GB = 2**31 - 1
 Shape = tuple  # tuple[int | None, ...]: static dims as int, dynamic/unknown as None
@@ -150,9 +150,9 @@ def _check_proto(proto: onnx.ModelProto, path: Path, from_file: bool) -> None:
     try:
         check_model(str(path) if from_file else proto)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        first = first_line(exc, limit=200, default="invalid model")
         raise SpaError(
-            f"cannot load model '{path}': the ONNX checker rejects it ({first[:200]})",
+            f"cannot load model '{path}': the ONNX checker rejects it ({first})",
             "the file may be truncated or written by a broken exporter",
         ) from exc
 
@@ -192,17 +192,15 @@ def _input_params(graph: onnx.GraphProto) -> set:
     return {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
 
 
-def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set | None = None,
-             params: set = frozenset()) -> None:
+def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, params: set) -> None:
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         dims = _dims(vi.type)
-        if dims is not None and (vi.name not in shapes or vi.name in (unknown or ())):
+        if dims is not None and (vi.name not in shapes or vi.name in unknown):
             shapes[vi.name] = dims
-            if unknown is not None:
-                if _unknown_dims(vi.type, params):
-                    unknown.add(vi.name)
-                else:
-                    unknown.discard(vi.name)
+            if _unknown_dims(vi.type, params):
+                unknown.add(vi.name)
+            else:
+                unknown.discard(vi.name)
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
             dtypes.setdefault(vi.name, vi.type.tensor_type.elem_type)
     for init in graph.initializer:
@@ -251,12 +249,12 @@ def infer_shapes(model: Model) -> None:
     except Exception:
         pass  # partial knowledge is fine: the fallbacks below fill the gaps
     if _missing(model):
-        _symbolic_fallback(model, bones)
+        _symbolic_fallback(model, bones, params)
     if _missing(model):
         _run_fallback(model)
 
 
-def _symbolic_fallback(model: Model, bones: onnx.ModelProto) -> None:
+def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
@@ -264,7 +262,7 @@ def _symbolic_fallback(model: Model, bones: onnx.ModelProto) -> None:
     except Exception:
         return
     if inferred is not None:
-        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, _input_params(model.graph))
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
 
 
 def _run_fallback(model: Model) -> None:

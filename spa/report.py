@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api, cost
-from .errors import VerificationError
+from .errors import VerificationError, first_line
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
 
@@ -84,13 +84,13 @@ def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
     try:
         reference = ort_backend.run(original, feeds, light=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        return {"status": "skipped", "reason": f"the input model does not run on random inputs ({first})"}
+        why = first_line(exc, limit=200, default=type(exc).__name__)
+        return {"status": "skipped", "reason": f"the input model does not run on random inputs ({why})"}
     try:
         rep = api.compare(reference, candidate, feeds, light=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300]
-        raise VerificationError(f"pruned model fails in ONNX Runtime: {first}") from exc
+        why = first_line(exc, default=type(exc).__name__)
+        raise VerificationError(f"pruned model fails in ONNX Runtime: {why}") from exc
     if not rep["ok"]:
         raise VerificationError("pruned model changes the outputs' names, dtypes or shapes")
     if any(o.get("finite") is False for o in rep["outputs"].values()):
