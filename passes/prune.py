@@ -48,10 +48,12 @@ class Edit:
             self._axes.setdefault(t, []).append(a)
         self._uses: dict[str, int] = {}
         self._counter = 0
+        self._elements: dict = {}
 
     def bind(self, proto: onnx.ModelProto) -> onnx.ModelProto:
         """Rewrite `proto` from now on (counting who reads each tensor, for shared constants)."""
         self.proto = proto
+        self._twin = {id(a): b for a, b in zip(self.index.graph.node, proto.graph.node)}
         for node in proto.graph.node:
             for i in node.input:
                 self._uses[i] = self._uses.get(i, 0) + 1
@@ -108,6 +110,31 @@ class Edit:
         node.input[idx] = new
 
 
+    def set_const_element(self, node, slot, element, value):
+        """Set one element of the constant input `slot` of `node` (a private copy if shared);
+        two different values for one element of one node are a conflict."""
+        node = self._twin.get(id(node), node)  # the analysed graph's node -> the output's
+        key = (id(node), slot, element)
+        done = self._elements.setdefault(key, value)
+        if done != value:
+            raise SpaError(f"shape constant read by {node.op_type} '{node.name}' would need two sizes "
+                           f"({done} and {value})", "prune the groups that share it alike")
+        current = _input_value(self.proto.graph, node.input[slot], self.index)
+        new = np.array(current, copy=True)
+        new.reshape(-1)[element] = value
+        self.set_input_const(node, slot, new.astype(current.dtype))
+
+
+def _input_value(graph, name, index):
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return constant_node_value(n)
+    return index.value(name)
+
+
 def _replace_initializer(graph, name, array):
     for i, t in enumerate(graph.initializer):
         if t.name == name:
@@ -134,11 +161,21 @@ def _copy_pruning_initializers(src, edit: Edit, names: set[str]) -> onnx.ModelPr
 
 
 def _prune_constant_nodes(proto, edit: Edit, names: set[str]) -> None:
+    """Constant nodes are sliced; an Identity copy of a constant becomes a sliced Constant."""
     for node in proto.graph.node:
-        if node.op_type == "Constant" and node.output[0] in names:
-            value = _slice(constant_node_value(node), node.output[0], edit)
-            del node.attribute[:]
-            node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(value)))
+        out = node.output[0] if node.output else ""
+        if out not in names:
+            continue
+        if node.op_type == "Constant":
+            value = constant_node_value(node)
+        elif node.op_type == "Identity" and out in edit.index.aliases:
+            value = edit.index.value(node.input[0])
+            node.op_type = "Constant"
+            del node.input[:]
+        else:
+            continue
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(_slice(value, out, edit))))
 
 
 def _update_value_infos(proto, edit: Edit) -> None:
@@ -214,5 +251,28 @@ def apply(analysis, plan: dict) -> onnx.ModelProto:
         if fn and any(n in touched for n in list(node.input) + list(node.output)):
             fn(node, edit)
     _update_value_infos(proto, edit)
+    retie_copies(proto)
     remove_dead(proto)
     return proto
+
+
+def retie_copies(proto: onnx.ModelProto) -> None:
+    """Per-use copies of a uniform constant (spa.analysis.untie_uniform) that were pruned to
+    the same shape read one initializer again, the original where it still fits."""
+    from spa.analysis import COPY
+
+    graph = proto.graph
+    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
+    target: dict[tuple, str] = {}
+    for name, dims in shapes.items():
+        if COPY not in name:
+            target.setdefault((name, dims), name)
+    rename = {}
+    for name, dims in shapes.items():
+        if COPY in name:
+            key = (name.split(COPY)[0], dims)
+            rename[name] = target.setdefault(key, name)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if rename.get(name, name) != name:
+                node.input[i] = rename[name]

@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 
 from .cost import FLOAT_TYPES
-from .graph import DEFAULT_DOMAINS, GraphIndex, attr
+from .graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources
 from .model import Model
 from .rules import RULES, Result
+from .rules.shape import _digits
 from .unionfind import components
 
 
@@ -60,11 +61,14 @@ class Group:
     members: list[Member]
     positions: dict = field(repr=False, default_factory=dict)  # space -> per-channel positions (as Member)
     locked: list[int] = field(default_factory=list)  # channels that must stay
+    # not zero-invariant only through normalization statistics: the hidden size of a
+    # transformer (LayerNorm/RMSNorm), pruned only on request (--prune-hidden)
+    stats_only: bool = False
 
     def to_json(self) -> dict:
         return {
             "id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
-            "zero_invariant": self.zero_invariant, "locked": self.locked,
+            "zero_invariant": self.zero_invariant, "hidden": self.stats_only, "locked": self.locked,
             "members": [m.to_json() for m in self.members],
         }
 
@@ -87,11 +91,10 @@ class Analysis:
 class Ctx:
     """What a rule may ask about the graph."""
 
-    def __init__(self, index: GraphIndex, chooser):
+    def __init__(self, index: GraphIndex):
         self.g = index
         self.opset = index.opset
         self.graph_outputs = set(index.graph_outputs)
-        self.choose = chooser
 
     def shape(self, name):
         return self.g.shape(name)
@@ -114,6 +117,12 @@ class Ctx:
 
     def shape_value(self, name):
         return self.g.shape_value(name)
+
+    def literal_sources(self, name):
+        return literal_sources(self.g, name)
+
+    def is_alias(self, name):
+        return name in self.g.aliases
 
     def consumers(self, name):
         return self.g.consumers.get(name, [])
@@ -183,6 +192,7 @@ class _Builder:
         self.pin_spaces: list = []  # the space each reason was pinned on
         self.nonzi: dict[int, str] = {}
         self.edges: list = []  # (space, space, op) for explaining locks; graphed on demand
+        self.ties: list = []  # (merged space, [factor spaces], [sizes])
         self._graph = None
 
     def pin(self, space, reason, positions=None):
@@ -193,6 +203,15 @@ class _Builder:
         self.pin_spaces.append(space)
         self.pin_ids.append(ids)
         self.pin_reason.append(np.full(len(ids), len(self.reasons) - 1))
+
+    def pin_global(self, ids, reason):
+        """Pin positions given by global id (found after the rules ran)."""
+        ids = np.unique(ids)
+        if len(ids):
+            self.reasons.append(reason)
+            self.pin_spaces.append(self.sp.names[self.sp.space_of[ids[0]]])
+            self.pin_ids.append(ids)
+            self.pin_reason.append(np.full(len(ids), len(self.reasons) - 1))
 
     def couple(self, a, b, pairs, node_name):
         known_a, known_b = a in self.sp.offset, b in self.sp.offset
@@ -211,17 +230,33 @@ class _Builder:
         self.edges_b.append(self.sp.ids(b, pairs[:, 1]))
         self.edges.append((a, b, node_name))
 
+    def tie(self, whole, parts, dims, node_name):
+        spaces = [whole] + list(parts)
+        if not all(s in self.sp.offset for s in spaces) or \
+                self.sp.sizes[whole] != int(np.prod(dims)) or \
+                any(self.sp.sizes[p] != d for p, d in zip(parts, dims)):
+            for s in spaces:
+                self.pin(s, f"reshaped by {node_name} with an axis of unknown size")
+            return
+        self.ties.append((whole, list(parts), list(dims)))
+        self.edges.extend((whole, p, node_name) for p in parts)
+
     def add_result(self, res: Result, node, barrier_reason: str | None):
         mentioned = set(res.free)
         for a, b, pairs in res.couplings:
             self.couple(a, b, pairs, f"{node.op_type} {self.label(node)}")
             mentioned.update((a, b))
+        for whole, parts, dims in res.ties:
+            self.tie(whole, parts, dims, f"{node.op_type} {self.label(node)}")
+            mentioned.update([whole, *parts])
         for space, positions, why in res.pins:
             self.pin(space, why, positions)
             mentioned.add(space)
-        for space, why in res.nonzi:
+        for space, why, stats in res.nonzi:
             if space in self.sp.offset:
-                self.nonzi.setdefault(space, why)
+                old = self.nonzi.get(space)
+                if old is None or (old[1] and not stats):  # a plain reason outranks statistics
+                    self.nonzi[space] = (why, stats)
         for name in list(node.input) + list(node.output):
             for axis in self.sp_shape(name):
                 if (name, axis) not in mentioned:
@@ -235,7 +270,7 @@ class _Builder:
         return self.sp.axes.get(name, ())
 
 
-def _run_rules(index: GraphIndex, spaces: _Spaces, chooser, exclude: list[str]) -> _Builder:
+def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str]) -> _Builder:
     b = _Builder(spaces, index.label)
     for name in index.graph_inputs:
         for axis in b.sp_shape(name):
@@ -246,7 +281,7 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, chooser, exclude: list[str]) 
     for name in sorted(_subgraph_captures(index.graph)):
         for axis in b.sp_shape(name):
             b.pin((name, axis), f"'{name}' is read inside a subgraph (If/Loop/Scan)")
-    ctx = Ctx(index, chooser)
+    ctx = Ctx(index)
     for node in index.graph.node:
         hit = _excluded(node, index, exclude)
         fn = _node_rule(node)
@@ -272,42 +307,178 @@ def _excluded(node, index, patterns):
     return None
 
 
-def _labels(b: _Builder) -> np.ndarray:
-    if b.edges_a:
-        return components(b.sp.total, np.concatenate(b.edges_a), np.concatenate(b.edges_b))
-    return np.arange(b.sp.total)
+BIG = np.iinfo(np.int64).max
+
+
+def _concat(parts, dtype=np.int64):
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def _pin_reason_per_label(b: _Builder, labels: np.ndarray) -> np.ndarray:
-    """Index into b.reasons of the first pin that reaches each label (-1: free)."""
-    best = np.full(b.sp.total, np.iinfo(np.int64).max, dtype=np.int64)
+    """Index into b.reasons of the first pin that reaches each label (BIG: free)."""
+    best = np.full(b.sp.total, BIG, dtype=np.int64)
     if b.pin_ids:
         ids, why = np.concatenate(b.pin_ids), np.concatenate(b.pin_reason)
         np.minimum.at(best, labels[ids], why)
-    best[best == np.iinfo(np.int64).max] = -1
     return best
 
 
+def _expand(keys: np.ndarray, table_src: np.ndarray, table_dst: np.ndarray):
+    """Join: for every i, one row (i, d) per table entry (k, d) with k == keys[i]."""
+    order = np.argsort(table_src, kind="stable")
+    src, dst = table_src[order], table_dst[order]
+    lo, hi = np.searchsorted(src, keys, "left"), np.searchsorted(src, keys, "right")
+    counts = hi - lo
+    row = np.repeat(np.arange(len(keys)), counts)
+    at = np.repeat(lo - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+    return row, dst[at]
+
+
+class _Ties:
+    """Union-find over couplings, then products: a merged-axis position (a cell) belongs to a
+    derived label, removed with any of its factor channels; channels are the root labels.
+
+    Cells of one label must agree factor by factor (else their factors are merged, to a fixed
+    point); a label reshaped two incompatible ways, or a factor of itself, is pinned."""
+
+    def __init__(self, b: _Builder):
+        sp = b.sp
+        self.b = b
+        cells: dict[tuple, list] = {}  # dims -> [(merged ids (n,), factor ids (n, k))]
+        for whole, parts, dims in b.ties:
+            fac = np.stack([sp.ids(p, _digits(dims, k)) for k, p in enumerate(parts)], 1)
+            cells.setdefault(tuple(dims), []).append((sp.ids(whole), fac))
+        self.cells = {d: (_concat([c[0] for c in v]), np.concatenate([c[1] for c in v]))
+                      for d, v in cells.items()}
+        edges_a, edges_b = list(b.edges_a), list(b.edges_b)
+        for _ in range(32):
+            labels = components(sp.total, _concat(edges_a), _concat(edges_b))
+            new_a, new_b = self._disagreements(labels)
+            if len(new_a) == 0:
+                break
+            edges_a.append(new_a)
+            edges_b.append(new_b)
+        self.labels = labels
+        self._pin_conflicts(labels)
+        self._resolve_roots(labels)
+
+    def _disagreements(self, labels):
+        out_a, out_b = [], []
+        for flat, fac in self.cells.values():
+            lab = labels[flat]
+            _, first, inv = np.unique(lab, return_index=True, return_inverse=True)
+            rep = fac[first][inv]
+            differ = labels[rep] != labels[fac]
+            out_a.append(rep[differ])
+            out_b.append(fac[differ])
+        return _concat(out_a), _concat(out_b)
+
+    def _pin_conflicts(self, labels):
+        seen = np.zeros(self.b.sp.total, dtype=np.int64)
+        for flat, fac in self.cells.values():
+            seen[np.unique(labels[flat])] += 1
+            cyclic = (labels[fac] == labels[flat][:, None]).any(1)
+            if cyclic.any():
+                self.b.pin_global(flat[cyclic], "a merged axis is its own factor (reshaped into itself)")
+        for flat, fac in self.cells.values():
+            clash = seen[labels[flat]] > 1
+            if clash.any():
+                self.b.pin_global(flat[clash], "reshaped into incompatible factorizations")
+                self.b.pin_global(fac[clash].ravel(), "reshaped into incompatible factorizations")
+
+    def _resolve_roots(self, labels):
+        """(derived label, root label) pairs: a derived label goes when any of its roots goes."""
+        src, dst = [], []
+        for flat, fac in self.cells.values():
+            lab, first = np.unique(labels[flat], return_index=True)
+            src.append(np.repeat(lab, fac.shape[1]))
+            dst.append(labels[fac[first]].ravel())
+        src, dst = _concat(src), _concat(dst)
+        derived = np.zeros(self.b.sp.total, dtype=bool)
+        derived[src] = True
+        table_src, table_dst = src, dst
+        for _ in range(32):
+            self_loop = src == dst
+            if self_loop.any():
+                self.b.pin_global(src[self_loop], "a merged axis is its own factor (reshaped into itself)")
+                src, dst = src[~self_loop], dst[~self_loop]
+            deep = derived[dst]
+            if not deep.any():
+                break
+            row, nxt = _expand(dst[deep], table_src, table_dst)
+            src = np.concatenate([src[~deep], src[deep][row]])
+            dst = np.concatenate([dst[~deep], nxt])
+            key = np.unique(src * self.b.sp.total + dst)
+            src, dst = key // self.b.sp.total, key % self.b.sp.total
+        self.derived = derived
+        self.root_src, self.root_dst = src, dst
+
+    def pairs(self):
+        """(channel label, position id, own?) for every position: own positions under their
+        label, positions of derived labels under each of their roots."""
+        labels = self.labels
+        ids = np.arange(self.b.sp.total)
+        own = ~self.derived[labels]
+        der_ids = ids[~own]
+        row, roots = _expand(labels[der_ids], self.root_src, self.root_dst)
+        lab = np.concatenate([labels[own], roots])
+        pos = np.concatenate([ids[own], der_ids[row]])
+        is_own = np.concatenate([np.ones(own.sum(), dtype=bool), np.zeros(len(row), dtype=bool)])
+        return lab, pos, is_own
+
+    def reasons(self):
+        """Pin reason per channel label: its own pins and those of every cell it derives."""
+        why = _pin_reason_per_label(self.b, self.labels)
+        np.minimum.at(why, self.root_dst, why[self.root_src])
+        return why
+
+
+COPY = ".spa_use"  # suffix of the per-use copies of a shared uniform constant
+
+
+def untie_uniform(model: Model) -> int:
+    """Give every use of a shared, uniform-valued float initializer its own copy (in place).
+
+    Exporters share equal-valued initializers between unrelated layers (dynamo directly,
+    TorchScript through Identity): the zero biases and unit norm scales of a freshly built
+    model. Such a tensor is the same whatever is sliced out of it, so each use may be
+    pruned on its own; non-uniform shared weights (ALBERT's layers, tied embeddings) stay
+    shared and are pruned alike for all uses. The prune pass merges equal copies back."""
+    graph = model.graph
+    uses: dict[str, list] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            uses.setdefault(name, []).append((node, slot))
+    made = 0
+    outputs = {o.name for o in graph.output}
+    for t in list(graph.initializer):
+        sites = uses.get(t.name, [])
+        if len(sites) < 2 or t.data_type not in FLOAT_TYPES or t.name in outputs or int(np.prod(t.dims)) < 2:
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        value = onnx.numpy_helper.to_array(t)
+        if not (value == value.reshape(-1)[0]).all():
+            continue
+        for k, (node, slot) in enumerate(sites[1:], 1):
+            name = f"{t.name}{COPY}{k}"
+            graph.initializer.append(onnx.numpy_helper.from_array(value, name))
+            node.input[slot] = name
+            model.shapes[name] = model.shapes.get(t.name, tuple(value.shape))
+            model.dtypes[name] = t.data_type
+            made += 1
+    return made
+
+
 def analyze(model: Model, exclude: list[str] | None = None) -> Analysis:
-    """Group the coupled channels of `model` (shapes must be inferred, see spa.model.load)."""
+    """Group the coupled channels of `model` (shapes must be inferred, see spa.model.load).
+    Shared uniform constants are first given one copy per use (see `untie_uniform`)."""
     exclude = list(exclude or [])
+    untie_uniform(model)
     index = GraphIndex(model)
     spaces = _Spaces(model.shapes)
-    asked = []  # first pass: Reshape/Flatten factors are left free, and we note who asked
-    b = _run_rules(index, spaces, lambda parts: asked.append(parts), exclude)
-    labels = _labels(b)
-    if asked:
-        locked = _pin_reason_per_label(b, labels) >= 0
-
-        def choose(parts):
-            known = [p for p in parts if p in spaces.offset]
-            free = [p for p in known if not locked[labels[spaces.ids(p)]].all()]
-            pool = free or known
-            return max(pool, key=lambda p: (spaces.sizes[p], -p[1])) if pool else None
-
-        b = _run_rules(index, spaces, choose, exclude)
-        labels = _labels(b)
-    groups = _groups(index, b, labels)
+    b = _run_rules(index, spaces, exclude)
+    groups = _groups(index, b, _Ties(b))
     barriers = [n.name or n.op_type for n in index.graph.node if _node_rule(n) is None]
     return Analysis(model, index, groups, dict(spaces.sizes), barriers)
 
@@ -320,35 +491,39 @@ def _space_order(index: GraphIndex) -> dict[str, int]:
     return order
 
 
-def _groups(index: GraphIndex, b: _Builder, labels: np.ndarray) -> list[Group]:
+def _groups(index: GraphIndex, b: _Builder, ties: _Ties) -> list[Group]:
     sp = b.sp
+    lab, ids, own = ties.pairs()
+    spc = sp.space_of[ids]
     is_const = np.array([_is_member_tensor(index, t) for t, _ in sp.names], dtype=bool)
-    pos_const = is_const[sp.space_of]
     has_const = np.zeros(sp.total, dtype=bool)
     has_act = np.zeros(sp.total, dtype=bool)
-    has_const[labels[pos_const]] = True
-    has_act[labels[~pos_const]] = True
-    ids = np.flatnonzero((has_const & has_act)[labels])
-    if len(ids) == 0:
+    has_const[lab[is_const[spc]]] = True
+    has_act[lab[~is_const[spc]]] = True
+    keep = (has_const & has_act)[lab]
+    if not keep.any():
         return []
-    lab, spc = labels[ids], sp.space_of[ids]
+    lab, ids, own, spc = lab[keep], ids[keep], own[keep], spc[keep]
     # signature of a label = the set of spaces it touches, hashed (sum of random 64-bit keys)
-    pair_key = np.sort(lab * len(sp.names) + spc)
-    pair_key = pair_key[np.r_[True, pair_key[1:] != pair_key[:-1]]]  # unique (sorting beats hashing here)
-    pair_lab, pair_spc = pair_key // len(sp.names), pair_key % len(sp.names)
-    salt = np.random.default_rng(12345).integers(1, 2**62, size=len(sp.names), dtype=np.int64)
+    # (own and derived touches count apart: a channel's own spaces are where it is ordered)
+    n_key = 2 * len(sp.names)
+    pair_key = np.unique(lab * n_key + 2 * spc + own)  # sorting beats hashing here
+    pair_lab, pair_spc = pair_key // n_key, pair_key % n_key
+    salt = np.random.default_rng(12345).integers(1, 2**62, size=n_key, dtype=np.int64)
     sig = np.zeros(sp.total, dtype=np.int64)
     np.add.at(sig, pair_lab, salt[pair_spc])
     group_of = sig[lab]  # per position: its label's signature
-    reason_of = _pin_reason_per_label(b, labels)
+    reason_of = ties.reasons()
     order_of = _space_order(index)
     nonzi_sid = {sp.sid[s]: why for s, why in b.nonzi.items()}
     order = np.lexsort((ids, spc, lab, group_of))
-    ids, lab, spc, group_of = ids[order], lab[order], spc[order], group_of[order]
+    lab, ids, own, spc, group_of = lab[order], ids[order], own[order], spc[order], group_of[order]
     cuts = np.flatnonzero(np.diff(group_of)) + 1
     groups = []
-    for g_ids, g_lab, g_spc in zip(np.split(ids, cuts), np.split(lab, cuts), np.split(spc, cuts)):
-        groups.append(_make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_sid, order_of))
+    for g in zip(*(np.split(a, cuts) for a in (ids, lab, spc, own))):
+        group = _make_group(index, sp, *g, is_const, reason_of, b, nonzi_sid, order_of)
+        if group is not None:
+            groups.append(group)
     groups.sort(key=lambda g: (order_of.get(g.members[0].tensor, 1 << 30), g.members[0].tensor, g.members[0].axis))
     seen: dict[str, int] = {}
     for g in groups:
@@ -374,12 +549,15 @@ def _is_member_tensor(index: GraphIndex, name: str) -> bool:
     return (index.is_const(name) or name in index.filled) and index.model.dtypes.get(name) in FLOAT_TYPES
 
 
-def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_sid, order_of):
-    sids = sorted(set(g_spc[g_lab == g_lab[0]].tolist()))  # every channel touches the same spaces
-    const_sids = [s for s in sids if is_const[s]]
+def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, nonzi_sid, order_of):
+    first_lab = g_lab == g_lab[0]
+    sids = sorted(set(g_spc[first_lab].tolist()))  # every channel touches the same spaces
+    own_sids = set(g_spc[first_lab & g_own].tolist())
     rank = lambda s: len(index.shape(sp.names[s][0]) or ())  # noqa: E731
-    const_sids.sort(key=lambda s: (order_of.get(sp.names[s][0], 1 << 30), -rank(s), sp.names[s]))
-    anchor = const_sids[0]
+    place = lambda s: (order_of.get(sp.names[s][0], 1 << 30), -rank(s), sp.names[s])  # noqa: E731
+    const_sids = sorted((s for s in sids if is_const[s]), key=place)
+    # the anchor names the group and orders its channels: an own parameter if there is one
+    anchor = min(own_sids, key=lambda s: (not is_const[s], place(s)))
     local = g_ids - sp.offsets[g_spc]
     in_anchor = g_spc == anchor
     first = {}
@@ -395,19 +573,23 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, is_const, reason_of, b, nonzi_si
         positions[sp.names[s]] = _per_channel(local[mask], channel[mask], n)
     members = [Member(sp.names[s][0], sp.names[s][1], positions[sp.names[s]]) for s in const_sids]
     reasons = reason_of[np.array(labs)]
-    locked = [int(i) for i in np.flatnonzero(reasons >= 0)]
+    locked = [int(i) for i in np.flatnonzero(reasons != BIG)]
+    if len(locked) == n and not any(is_const[s] for s in own_sids):
+        return None  # a locked factor of a reshape (a spatial axis before Flatten): not a group
     prunable = n > 1 and len(locked) < n
     reason = None
     if not prunable:
         if locked:
-            first = int(reasons[reasons >= 0].min())
+            first = int(reasons[reasons != BIG].min())
             reason = b.reasons[first] + _route(b, sp.names[anchor], b.pin_spaces[first])
         else:
             reason = "a single channel cannot be pruned"
-    zi_reason = next((nonzi_sid[s] for s in sids if s in nonzi_sid), None)
+    marks = [nonzi_sid[s] for s in sids if s in nonzi_sid]
+    plain = [why for why, stats in marks if not stats]
+    zi_reason = plain[0] if plain else (marks[0][0] if marks else None)
     tensor, axis = sp.names[anchor]
     return Group(f"{tensor}:{axis}", n, prunable, reason, zi_reason is None, zi_reason,
-                 members, positions, locked if prunable else [])
+                 members, positions, locked if prunable else [], stats_only=bool(marks) and not plain)
 
 
 def _route(b: _Builder, start, end) -> str:

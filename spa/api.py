@@ -25,17 +25,20 @@ def refuse_quantized(model: Model) -> None:
 
 
 def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", global_rank: bool = False,
-              round_to: int = 1, max_group_ratio: float = 0.9, seed: int = 0) -> dict:
-    """{group id: [channels to drop]} for every prunable group."""
+              round_to: int = 1, max_group_ratio: float = 0.9, seed: int = 0,
+              prune_hidden: bool = False) -> dict:
+    """{group id: [channels to drop]} for every prunable group. Groups that are not exact only
+    through normalization statistics (a transformer's hidden size) need `prune_hidden`."""
     planner.check_ratio(ratio)
     if round_to < 1:
         raise SpaError(f"invalid --round-to {round_to}: it must be a positive integer")
     if ratio == 0:
         return {}
     scores = importance.score(analysis, criterion, seed=seed)
+    groups = [g for g in analysis.groups if prune_hidden or not g.stats_only]
     if global_rank:
-        return planner.global_(analysis.groups, scores, ratio, round_to, max_group_ratio)
-    return planner.uniform(analysis.groups, scores, ratio, round_to)
+        return planner.global_(groups, scores, ratio, round_to, max_group_ratio)
+    return planner.uniform(groups, scores, ratio, round_to)
 
 
 def prune(analysis: Analysis, plan: dict, check: bool = True) -> onnx.ModelProto:
@@ -90,7 +93,7 @@ def zeroed(analysis: Analysis, plan: dict) -> onnx.ModelProto:
         if t.name in values:
             t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
     for node in proto.graph.node:
-        if node.op_type in ("Constant", "ConstantOfShape") and node.output[0] in values:
+        if node.op_type in ("Constant", "ConstantOfShape", "Identity") and node.output[0] in values:
             node.op_type = "Constant"
             del node.input[:]
             del node.attribute[:]

@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--max-group-ratio", type=float, default=0.9,
                    help="with --global: the most any one group may lose (default 0.9)")
     r.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
+    r.add_argument("--prune-hidden", action="store_true",
+                   help="also prune groups that are not exact only through normalization statistics "
+                        "(a transformer's hidden size: LayerNorm/RMSNorm); the output check shows the cost")
     r.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (glob; repeatable)")
     r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
@@ -138,7 +141,7 @@ def _prune(args) -> int:
             raise SpaError(f"nothing to prune in '{args.model}': {report.why_nothing(analysis)}")
         with step(f"scoring ({args.criterion}) + planning", quiet):
             plan = api.make_plan(analysis, args.ratio, args.criterion, args.global_rank, args.round_to,
-                                 args.max_group_ratio, args.seed)
+                                 args.max_group_ratio, args.seed, prune_hidden=args.prune_hidden)
     with step("pruning", quiet):
         pruned = api.prune(analysis, plan, check=False)  # checked below, from the written file
     before = cost.summary(model)

@@ -16,13 +16,21 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 
 def params(model: Model) -> int:
     """Elements of floating-point initializers and Constant nodes."""
-    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
+                if t.data_type in FLOAT_TYPES and not _is_copy(t.name, dims))
     for node in model.graph.node:
         if node.op_type == "Constant":
             value = constant_node_value(node)
             if value is not None and np.issubdtype(value.dtype, np.floating):
                 total += int(value.size)
     return total
+
+
+def _is_copy(name: str, dims: dict) -> bool:
+    """A per-use copy of a uniform constant with its original's shape stores nothing new."""
+    base = name.split(".spa_use")[0]
+    return base != name and dims.get(base) == dims[name]
 
 
 def _numel(shape) -> int:

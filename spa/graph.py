@@ -50,6 +50,13 @@ class GraphIndex:
             n.output[0]: n for n in self.graph.node
             if n.op_type == "ConstantOfShape" and n.domain in DEFAULT_DOMAINS and n.input and self.is_const(n.input[0])
         }
+        # Identity of a shared uniform constant: a copy (TorchScript aliases equal-valued
+        # parameters this way, e.g. every zero bias of a fresh model); see analysis.untie_uniform
+        self.aliases = {}
+        for n in self.graph.node:
+            if n.op_type == "Identity" and n.domain in DEFAULT_DOMAINS and self.is_const(n.input[0]) \
+                    and len(self.consumers[n.input[0]]) > 1 and _uniform(self.value(n.input[0])):
+                self.aliases[n.output[0]] = n
         self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in self.graph.output]
         self.opset = next((o.version for o in model.proto.opset_import if o.domain in DEFAULT_DOMAINS), 1)
@@ -61,7 +68,7 @@ class GraphIndex:
         return self._labels.get(id(node), f"'{node.name}'")
 
     def is_const(self, name: str) -> bool:
-        return name in self.initializers or name in self.constant_nodes
+        return name in self.initializers or name in self.constant_nodes or name in getattr(self, "aliases", ())
 
     def value(self, name: str) -> np.ndarray | None:
         """Value of a constant tensor, looking through Identity/Cast/Constant; else None."""
@@ -103,6 +110,42 @@ class GraphIndex:
             return None
         handler = _SHAPE_OPS.get(node.op_type)
         return handler(self, node, depth + 1) if handler else None
+
+
+def literal_sources(g: GraphIndex, name: str, depth: int = 0) -> list | None:
+    """Where each entry of a computed shape tensor comes from, parallel to `shape_value`:
+    `(node, input slot, element)` when the entry is element `element` of a constant read by
+    `node` (a Concat part, an Unsqueezed scalar), else None. A pruned size is rewritten there."""
+    node = g.producer.get(name)
+    if node is None or depth > 32:
+        return None
+    if node.op_type == "Concat":
+        parts = []
+        for slot, part in enumerate(node.input):
+            const = g.value(part)
+            if const is not None:
+                parts += [(node, slot, k) for k in range(const.size)]
+                continue
+            sub = literal_sources(g, part, depth + 1)
+            if sub is None:
+                values = g.shape_value(part)
+                if values is None:
+                    return None
+                sub = [None] * len(values)
+            parts += sub
+        return parts
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+        const = g.value(node.input[0])
+        if const is not None:
+            return [(node, 0, k) for k in range(const.size)]
+        return literal_sources(g, node.input[0], depth + 1)
+    values = g.shape_value(name)
+    return None if values is None else [None] * len(values)
+
+
+def _uniform(value) -> bool:
+    return value is not None and value.size > 1 and np.issubdtype(value.dtype, np.floating) \
+        and bool((value == value.reshape(-1)[0]).all())
 
 
 def _fill(node, shape) -> np.ndarray:

@@ -44,6 +44,8 @@ def print_analysis(analysis, doc: dict) -> None:
         if g.prunable and g.locked:
             prunable = f"yes ({len(g.locked)} locked)"
         zi = "yes" if g.zero_invariant else f"no: {g.zi_reason}"
+        if g.stats_only:
+            zi = f"no, hidden size (pruned with --prune-hidden): {g.zi_reason}"
         table.add_row(g.id, str(g.size), str(len(g.members)), prunable, zi)
     out.print(table)
     n_prunable = sum(g.prunable for g in analysis.groups)
@@ -119,6 +121,7 @@ def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, 
         "groups": counts[0],
         "groups_prunable": counts[1],
         "groups_pruned": sum(1 for c in plan.values() if c),
+        "prune_hidden": bool(getattr(args, "prune_hidden", False)),
         "channels_removed": int(sum(len(c) for c in plan.values())),
         "before": before,
         "after": after,

@@ -63,7 +63,7 @@ def analyze(model):
     again = spa.analyze(api.reinfer(onnx.load_from_string(model.proto.SerializeToString())))
     assert [(g.id, g.size) for g in again.groups] == [(g.id, g.size) for g in a.groups]
     for g in a.groups:
-        assert g.id.split("#")[0] in {f"{m.tensor}:{m.axis}" for m in g.members}, g.id
+        assert g.id.split("#")[0] in {f"{t}:{k}" for t, k in g.positions}, g.id
         assert all(len(m.indices) == g.size for m in g.members), g.id
     return a
 
@@ -726,7 +726,8 @@ def test_second_output(op, use):
 @pytest.mark.parametrize("axes,keepdims", [([2, 3], 1), ([-1, -2], 0), ([1], 1)], ids=["spatial", "spatial_drop",
                                                                                      "channels"])
 def test_reduce(op, opset, axes, keepdims):
-    """Reductions over spatial axes keep channels; over the channel axis they mix them.
+    """Reductions over spatial axes keep channels; over the channel axis they mix them
+    (not zero-invariant), except sums, where removed zeros add nothing.
 
         x -> c1 (3->8, Relu) -> h[1,8,6,6] -> <Reduce>(axes, keepdims) -> r
         spatial: r[1,8,1,1] -> c2 (->2) -> y        spatial_drop: r[1,8] -> Gemm W[8,2] -> y
@@ -751,8 +752,10 @@ def test_reduce(op, opset, axes, keepdims):
         consumer = ("c2.w", 1)
     a = analyze(m)
     mem = {("c1.w", 0): ident(8), ("c1.b", 0): ident(8)} | ({consumer: ident(8)} if consumer else {})
-    zi = axes != [1]
-    expect(group_of(a, "c1.w", 0), 8, mem, zi=zi, zi_reason=None if zi else f"{op}")
+    zi = axes != [1] or op in ("ReduceSum", "ReduceL2")  # zeros add nothing to a sum (of squares)
+    g = group_of(a, "c1.w", 0)
+    expect(g, 8, mem, zi=zi, zi_reason=None if zi else f"{op}")
+    assert g.stats_only is (op == "ReduceMean" and not zi)  # a mean over channels: the hidden-size kind
     assert "axes" not in {m_.tensor for g in a.groups for m_ in g.members}
     plan = oracles(m, a)
     assert bool(plan) is zi
@@ -1113,24 +1116,32 @@ def test_gap_to_linear(op):
 
 
 def test_reshape_heads():
-    """Splitting channels into (heads, per-head) factors: the larger free factor carries them.
+    """Splitting channels into (heads, per-head) factors: both factors are groups.
 
         x -> c1 (3->8, Relu) -> h[1,8,6,6] -> Reshape [1,2,4,36] -> Relu -> Reshape [1,8,6,6] -> o -> c2 (->2) -> y
 
-    h's channel 4a + b: slot b (4 of them) is a channel, removing h's {b, b+4}; the
-    head axis (2) is pinned. Both shape constants are rewritten.
+    h's channel 4a + b is the cell (head a, slot b): removing head a removes h's {4a..4a+3},
+    removing slot b removes h's {b, b+4}. Both shape constants are rewritten.
     """
     nodes = [node("Reshape", ["h", "shp"], ["r"], name="rs1"), node("Relu", ["r"], ["rr"]),
              node("Reshape", ["rr", "shp2"], ["o"], name="rs2")]
     m = chain(nodes, [const("shp", [1, 2, 4, 36]), const("shp2", [1, 8, 6, 6])], "h", "o")
     a = analyze(m)
-    g = group_of(a, "c1.w", 0)
-    slots = [[b, b + 4] for b in range(4)]
-    expect(g, 4, {("c1.w", 0): slots, ("c1.b", 0): slots, ("c2.w", 1): slots})
+    heads, slots = a.group("r:1"), a.group("r:2")
+    per_slot = [[b, b + 4] for b in range(4)]
+    per_head = [list(range(4 * h, 4 * h + 4)) for h in range(2)]
+    expect(slots, 4, {("c1.w", 0): per_slot, ("c1.b", 0): per_slot, ("c2.w", 1): per_slot})
+    expect(heads, 2, {("c1.w", 0): per_head, ("c1.b", 0): per_head, ("c2.w", 1): per_head})
     oracles(m, a)
-    proto = prune(a, {g.id: [0, 2]})
+    proto = prune(a, {slots.id: [0, 2]})
     np.testing.assert_array_equal(input_value(proto, "rs1", 1), [1, 2, 2, 36])
     np.testing.assert_array_equal(input_value(proto, "rs2", 1), [1, 4, 6, 6])
+    proto = prune(a, {slots.id: [0, 2], heads.id: [0]})  # cells of both: h keeps {5, 7}
+    np.testing.assert_array_equal(input_value(proto, "rs1", 1), [1, 1, 2, 36])
+    np.testing.assert_array_equal(input_value(proto, "rs2", 1), [1, 2, 6, 6])
+    w = onnx.numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "c1.w"))
+    np.testing.assert_array_equal(w, onnx.numpy_helper.to_array(
+        next(t for t in m.proto.graph.initializer if t.name == "c1.w"))[[5, 7]])
 
 
 def test_weight_through_reshape():
@@ -1209,20 +1220,26 @@ def test_channel_shuffle():
 
         x -> c1 (3->8, Relu) -> h -> Reshape -> Transpose -> Reshape -> s -> c2 (->2) -> y
 
-    h's channel c = 4a + b lands at 2b + a. The 4 slots b are the channels: removing slot b
-    removes h's {b, b+4} and s's {2b, 2b+1}; both shape constants are rewritten.
+    h's channel c = 4a + b lands at 2b + a: the cell (group a, slot b). Removing slot b
+    removes h's {b, b+4} and s's {2b, 2b+1}; removing group a removes h's {4a..4a+3} and
+    s's {a, a+2, a+4, a+6}; both shape constants are rewritten.
     """
     nodes = [node("Reshape", ["h", "shp1"], ["r1"], name="rs1"), node("Transpose", ["r1"], ["t"], perm=[0, 2, 1, 3, 4]),
              node("Reshape", ["t", "shp2"], ["s"], name="rs2")]
     m = chain(nodes, [const("shp1", [1, 2, 4, 4, 4]), const("shp2", [1, 8, 4, 4])], "h", "s", x_shape=(1, 3, 4, 4))
     a = analyze(m)
-    g = group_of(a, "c1.w", 0)
+    g, shuffle = a.group("r1:2"), a.group("r1:1")
     slots = [[b, b + 4] for b in range(4)]
     expect(g, 4, {("c1.w", 0): slots, ("c1.b", 0): slots, ("c2.w", 1): [[2 * b, 2 * b + 1] for b in range(4)]})
+    blocks = [list(range(4 * a_, 4 * a_ + 4)) for a_ in range(2)]
+    expect(shuffle, 2, {("c1.w", 0): blocks, ("c1.b", 0): blocks, ("c2.w", 1): [[0, 2, 4, 6], [1, 3, 5, 7]]})
     oracles(m, a)
     proto = prune(a, {g.id: [1]})
     np.testing.assert_array_equal(input_value(proto, "rs1", 1), [1, 2, 3, 4, 4])
     np.testing.assert_array_equal(input_value(proto, "rs2", 1), [1, 6, 4, 4])
+    proto = prune(a, {g.id: [1], shuffle.id: [0]})
+    np.testing.assert_array_equal(input_value(proto, "rs1", 1), [1, 1, 3, 4, 4])
+    np.testing.assert_array_equal(input_value(proto, "rs2", 1), [1, 3, 4, 4])
 
 
 @pytest.mark.parametrize("opset", [11, 13])
@@ -1444,6 +1461,117 @@ def test_model_io_never_pruned(case):
 
 # ---------------------------------------------------------------- the registry is covered
 
+def _attention(x_shape, shape_mode, norm="LayerNormalization"):
+    """One attention block with H=2 heads of D=3 over hidden 4, as exporters write it.
+
+        x[B,S,4] -> MatMul Wi[4,4] -> hdn -> <norm> -> n ─┬ MatMul Wq[4,6] + bq -> Reshape [B,S,2,3] -> Transpose -> q
+                                                       ├ MatMul Wk[4,6]      -> Reshape -> Transpose(0,2,3,1) -> k
+                                                       └ MatMul Wv[4,6]      -> Reshape -> Transpose -> v
+        Softmax(q @ k * 0.5) @ v -> Transpose -> Reshape [B,S,6] -> MatMul Wo[6,4] -> + hdn -> MatMul Wh[4,5] -> y
+
+    shape_mode "const": shapes are constants [0,0,2,3] / [0,0,6]; "computed": Concat(Shape(x)[0:2],
+    [-1], [3]) and Concat(Shape(x)[0:2], [-1]) as in TorchScript/dynamo exports (one shared
+    by Q, K and V). `norm` "RMS" decomposes RMSNorm: Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul.
+    """
+    nodes, inits = [node("MatMul", ["x", "Wi"], ["hdn"])], [weight("Wi", 4, 4)]
+    if norm == "LayerNormalization":
+        nodes.append(node("LayerNormalization", ["hdn", "g", "beta"], ["n"], axis=-1))
+        inits += [weight("g", 4), weight("beta", 4)]
+    else:
+        nodes += [node("Pow", ["hdn", "two"], ["sq"]), node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1),
+                  node("Add", ["ms", "eps"], ["mse"]), node("Sqrt", ["mse"], ["rms"]),
+                  node("Div", ["hdn", "rms"], ["nn"]), node("Mul", ["nn", "g"], ["n"])]
+        inits += [const("two", 2.0, np.float32), const("eps", 1e-6, np.float32), weight("g", 4)]
+    if shape_mode == "const":
+        inits += [const("s4", [0, 0, 2, 3]), const("s3", [0, 0, 6])]
+        split, merge = "s4", "s3"
+    else:
+        nodes += [node("Shape", ["x"], ["shx"], start=0, end=2), node("Concat", ["shx", "m1", "d3"], ["s4c"], axis=0),
+                  node("Concat", ["shx", "m1"], ["s3c"], axis=0)]
+        inits += [const("m1", [-1]), const("d3", [3])]
+        split, merge = "s4c", "s3c"
+    for p, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [node("MatMul", ["n", f"W{p}"], [f"{p}0"])]
+        inits.append(weight(f"W{p}", 4, 6))
+        src = f"{p}0"
+        if p == "q":
+            nodes.append(node("Add", [f"{p}0", "bq"], ["q1"]))
+            inits.append(weight("bq", 6))
+            src = "q1"
+        nodes += [node("Reshape", [src, split], [f"{p}4"], name=f"rs_{p}"), node("Transpose", [f"{p}4"], [p], perm=perm)]
+    nodes += [node("MatMul", ["q", "k"], ["sc"]), node("Mul", ["sc", "half"], ["sc2"]),
+              node("Softmax", ["sc2"], ["pr"], axis=-1), node("MatMul", ["pr", "v"], ["ctx"]),
+              node("Transpose", ["ctx"], ["ctxt"], perm=[0, 2, 1, 3]),
+              node("Reshape", ["ctxt", merge], ["ctxf"], name="rs_o"), node("MatMul", ["ctxf", "Wo"], ["o"]),
+              node("Add", ["o", "hdn"], ["res"]), node("MatMul", ["res", "Wh"], ["y"])]
+    inits += [const("half", 0.5, np.float32), weight("Wo", 6, 4), weight("Wh", 4, 5)]
+    return build(nodes, {"x": x_shape}, {"y": None}, inits)
+
+
+@pytest.mark.parametrize("shape_mode", ["const", "computed"])
+def test_attention_heads(shape_mode):
+    """Heads and head_dim are both groups; literal sizes are rewritten where they are stored."""
+    m = _attention([None, None, 4], shape_mode)
+    a = analyze(m)
+    heads = next(g for g in a.groups if ("q4", 2) in g.positions)
+    head_dim_qk = next(g for g in a.groups if ("q4", 3) in g.positions)
+    head_dim_v = next(g for g in a.groups if ("v4", 3) in g.positions)
+    per_head = [[0, 1, 2], [3, 4, 5]]
+    expect(heads, 2, {("Wq", 1): per_head, ("bq", 0): per_head, ("Wk", 1): per_head, ("Wv", 1): per_head,
+                      ("Wo", 0): per_head})
+    assert heads.zero_invariant and head_dim_qk.zero_invariant
+    if shape_mode == "const":  # Q/K and V head_dim are separate channels
+        assert head_dim_qk is not head_dim_v and head_dim_qk.size == 3
+        assert members(head_dim_qk)[("Wq", 1)] == [[0, 3], [1, 4], [2, 5]]
+    else:  # one shape tensor sizes Q, K and V: their head_dim must agree, so they are one group
+        assert head_dim_qk is head_dim_v
+    hidden = group_of(a, "Wi", 1)
+    assert hidden.prunable and not hidden.zero_invariant and hidden.stats_only
+    oracles(m, a)
+    proto = prune(a, {heads.id: [0], head_dim_qk.id: [1]})
+    out = api.reinfer(proto)
+    assert out.shapes["q4"][2:] == (1, 2) and value(proto, "Wq").shape == (4, 2)
+    assert value(proto, "Wo").shape[0] == (2 if shape_mode == "computed" else 3)  # 1 head x V's head_dim
+    for batch in (1, 3):
+        feeds = ort_backend.random_feeds(m.proto, dynamic=batch)
+        assert ort_backend.run(proto, feeds)["y"].shape == (batch, batch, 5)
+
+
+@pytest.mark.parametrize("norm", ["LayerNormalization", "RMS"])
+def test_hidden_size_through_norms(norm):
+    """The residual stream through LayerNormalization or a decomposed RMSNorm: prunable, not
+    zero-invariant (statistics), pruned only with prune_hidden; the result still runs."""
+    m = _attention([2, 3, 4], "const", norm)
+    a = analyze(m)
+    hidden = group_of(a, "Wi", 1)
+    assert hidden.size == 4 and hidden.prunable and hidden.stats_only and not hidden.zero_invariant
+    assert {("g", 0), ("Wq", 0), ("Wo", 1), ("Wh", 0)} <= set(members(hidden))
+    assert hidden.id not in api.make_plan(a, 0.5)
+    plan = api.make_plan(a, 0.5, prune_hidden=True)
+    assert len(plan[hidden.id]) == 2
+    proto = prune(a, plan)
+    assert value(proto, "g").shape == (2,)
+    assert ort_backend.run(proto, ort_backend.random_feeds(m.proto))["y"].shape == (2, 3, 5)
+
+
+def test_uniform_shared_constants_are_copies():
+    """A zero bias shared by two unrelated layers (as exporters dedup them) is pruned per use;
+    a shared non-uniform weight couples its uses."""
+    nodes = [node("MatMul", ["x", "W1"], ["a"]), node("Add", ["a", "zero"], ["a1"]), node("Relu", ["a1"], ["a2"]),
+             node("MatMul", ["a2", "W2"], ["b"]), node("Add", ["b", "zero"], ["b1"]), node("Relu", ["b1"], ["b2"]),
+             node("MatMul", ["b2", "W3"], ["y"])]
+    inits = [weight("W1", 4, 6), weight("W2", 6, 6), weight("W3", 6, 2), const("zero", np.zeros(6), np.float32)]
+    m = build(nodes, {"x": [2, 4]}, {"y": None}, inits)
+    a = analyze(m)
+    g1, g2 = group_of(a, "W1", 1), group_of(a, "W2", 1)
+    assert g1 is not g2 and g1.prunable and g2.prunable
+    oracles(m, a)
+    assert len({t.name for t in prune(a, {}).graph.initializer if t.name.startswith("zero")}) == 1  # merged back
+    shared = build([node("MatMul", ["x", "W"], ["a"]), node("Relu", ["a"], ["a2"]), node("MatMul", ["a2", "W"], ["y"])],
+                   {"x": [2, 4]}, {"y": None}, [weight("W", 4, 4)])
+    assert not any(g.prunable for g in analyze(shared).groups)  # W's rows and columns: the input and output
+
+
 RULE_TESTS = {
     "conv": ["test_conv", "test_conv_depthwise", "test_conv_grouped", "test_conv_transpose"],
     "unary": ["test_unary", "test_cast_round_trip", "test_gelu_erf_pattern", "test_unary_not_zero_safe",
@@ -1465,7 +1593,7 @@ RULE_TESTS = {
     "gather": ["test_gather", "test_gather_duplicates", "test_gather_permutation_merges_channels",
                "test_gather_embedding", "test_gather_scalar_index",
                "test_dynamic_flatten"],
-    "reshape": ["test_flatten_to_linear", "test_flatten_nhwc", "test_channel_shuffle", "test_dynamic_flatten",
+    "reshape": ["test_attention_heads", "test_flatten_to_linear", "test_flatten_nhwc", "test_channel_shuffle", "test_dynamic_flatten",
                 "test_gap_to_linear", "test_reshape_heads", "test_weight_through_reshape",
                 "test_dynamic_reshape_keeps_channels"],
     "expand": ["test_expand"],
@@ -1476,6 +1604,7 @@ RULE_TESTS = {
     "reduce": ["test_reduce", "test_dynamic_reshape_keeps_channels"],
     "pad": ["test_pad"],
     "resize": ["test_resize"],
+    "layernorm": ["test_attention_heads", "test_hidden_size_through_norms"],
 }
 
 REWRITER_TESTS = {

@@ -5,6 +5,8 @@ A rule looks at one node and states, for the axes of its inputs and outputs:
 - couplings: two channel spaces `(tensor, axis)` carry the same channels, with the
   position pairs that match them (identity, offset, block, modulo maps below);
 - pins: a space (or some positions of it) must keep its size, with the reason;
+- ties: a merged axis is the product of several axes (Reshape [.., H*D] <-> [.., H, D]):
+  a position of the merged axis is the cell (h, d), removed when its h or its d is;
 - free: a space the node does not constrain (e.g. the input of Shape);
 - nonzi: a space where zeroed channels still change other channels (Softmax, LRN, a
   divisor), so removing them is not exact: the group is not zero-invariant.
@@ -87,6 +89,7 @@ class Result:
     pins: list = field(default_factory=list)  # (Space, positions | None, reason)
     free: set = field(default_factory=set)
     nonzi: list = field(default_factory=list)  # (Space, reason)
+    ties: list = field(default_factory=list)  # (merged Space, [factor Spaces], [factor sizes])
 
     def couple(self, a: Space, b: Space, pairs: np.ndarray) -> None:
         self.couplings.append((a, b, pairs))
@@ -111,11 +114,19 @@ class Result:
         for k in range(ctx.rank(name) or 0) if name else ():
             self.pin((name, k), why or f"'{name}' holds sizes or indices for {ctx.label(self.node)}")
 
+    def tie(self, whole: Space, parts: list, dims: list) -> None:
+        """`whole` is the row-major product of `parts` (sizes `dims`): its position p is the
+        cell of digits (p // prod(dims[k+1:])) % dims[k], removed with any of its factors."""
+        self.ties.append((whole, list(parts), [int(d) for d in dims]))
+
     def pin(self, space: Space, why: str, positions=None) -> None:
         self.pins.append((space, positions, why))
 
-    def mark_nonzi(self, space: Space, why: str) -> None:
-        self.nonzi.append((space, why))
+    def mark_nonzi(self, space: Space, why: str, stats: bool = False) -> None:
+        """Zeroed channels of `space` still change others. `stats`: only through normalization
+        statistics (LayerNorm, RMSNorm, a mean over channels): the hidden-size kind, pruned
+        only on request."""
+        self.nonzi.append((space, why, stats))
 
 
 from . import conv, elementwise, linear, norm, pool, shape  # noqa: E402,F401  (register rules)

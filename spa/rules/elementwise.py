@@ -32,6 +32,9 @@ def unary(node, ctx, res):
     rank = ctx.rank(x)
     if rank is None:
         return
+    if node.op_type == "Identity" and ctx.is_alias(y):  # a copy of a constant: pruned on its own
+        res.free.update((t, k) for t in (x, y) for k in range(rank))
+        return
     for k in range(rank):
         for out in node.output[:2] if node.op_type == "Dropout" else node.output[:1]:  # + Dropout's mask
             if out:

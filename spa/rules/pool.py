@@ -3,7 +3,8 @@
     MaxPool(x[N,C,H,W]) -> y[N,C,h,w]        x[:,c] <-> y[:,c], spatial axes pinned
     GlobalAveragePool(x) -> y[N,C,1,1]       likewise
     ReduceMean(x, axes) -> y                 kept axes identity; a reduced channel axis mixes
-                                             channels (mean over fewer): not exact
+                                             channels (mean over fewer): not exact (statistics);
+                                             ReduceSum/SumSquare/L1/L2 over zeros: exact
     Pad(x, pads) -> y                        axes with zero padding identity, others pinned
     Resize(x, roi, scales, sizes) -> y       axes with scale 1 (or size == input) identity
 """
@@ -17,6 +18,8 @@ POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool
          "MaxRoiPool", "Crop")  # Crop: the experimental spatial crop of CoreML/WinML exports
 REDUCES = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
            "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare")
+# zeroed entries add nothing to these: removing them is exact
+ZERO_SAFE_REDUCES = ("ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2")
 
 
 @rule(*POOLS)
@@ -54,7 +57,10 @@ def reduce(node, ctx, res):
     for k in range(rank):
         if k in axes:
             res.free.add((x, k))
-            res.mark_nonzi((x, k), f"{node.op_type} {ctx.label(node)} reduces over this axis")
+            if node.op_type == "ReduceMean":  # RMSNorm's mean of squares, LayerNorm's mean
+                res.mark_nonzi((x, k), f"ReduceMean {ctx.label(node)} averages over this axis", stats=True)
+            elif node.op_type not in ZERO_SAFE_REDUCES:
+                res.mark_nonzi((x, k), f"{node.op_type} {ctx.label(node)} reduces over this axis")
             j += keep
             continue
         res.same((x, k), (y, j), ctx)

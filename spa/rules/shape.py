@@ -6,8 +6,9 @@
     Split(x; axis) -> y0, y1       y_k[i] <-> x[off_k + i]                       (window)
     Slice(x; step 1) -> y          y[i] <-> x[start + i]; positions outside are free
     Gather(x, const idx; axis)     y[j] <-> x[idx[j]]
-    Reshape/Flatten(x) -> y        axes grouped by equal products; inside a group one factor
-                                   carries the channels (block or digit map), others are pinned:
+    Reshape/Flatten(x) -> y        axes grouped by equal products; a merged axis is tied to its
+                                   factors (a position is a cell, removed with any factor):
+                                   [B,S,H*D] -> [B,S,H,D]: heads and head_dim both prunable;
                                    [N,C,H,W] -> [N,C*H*W]: x[:,c] <-> y[:, c*H*W:(c+1)*H*W]
     Expand/ConstantOfShape/Reshape shape entries: `Shape(t)[a]` couples t[a] with the output axis;
                                    literals in constant shapes are rewritten when pruned.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import DimRef
+from ..graph import DimRef, literal_sources
 from . import offset, rewriter, rule
 
 SHAPE_ARITH = ("Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Slice")
@@ -259,21 +260,10 @@ def _digits(dims, which):
     return (np.arange(int(np.prod(dims, dtype=np.int64))) // inner) % dims[which]
 
 
-def _factor(res, ctx, node, whole, parts, shape, merge):
-    """Couple the one-axis side `whole` with one factor of the many-axis side `parts`."""
-    tensor = parts[0][0]
+def _product(res, ctx, whole, parts, shape):
+    """The one-axis side `whole` is the product of the axes `parts` (heads x head_dim, C x H x W)."""
     dims = [shape[a] for _, a in parts]
-    carrier = ctx.choose(parts)
-    if carrier is None:
-        res.free.update(parts)
-        return
-    digit = _digits(dims, parts.index(carrier))
-    flat = np.arange(len(digit))
-    pairs = np.stack([digit, flat], 1)
-    res.couple(carrier, whole, pairs)
-    for p in parts:
-        if p != carrier:
-            res.pin(p, f"folded with axis {carrier[1]} of '{tensor}' by {node.op_type} {ctx.label(node)}")
+    res.tie(whole, parts, dims)
 
 
 @rule("Reshape", "Flatten")
@@ -284,7 +274,8 @@ def reshape(node, ctx, res):
         return
     groups = align(sx, sy)
     if groups is None:
-        return
+        _fold(node, ctx, res, x, y, sx, sy)
+        groups = []
     for ins, outs in groups:
         ins_ = [(x, a) for a in ins if sx[a] != 1]
         outs_ = [(y, b) for b in outs if sy[b] != 1]
@@ -292,9 +283,9 @@ def reshape(node, ctx, res):
         if len(ins_) == 1 and len(outs_) == 1:
             res.same(ins_[0], outs_[0], ctx)
         elif len(ins_) > 1 and len(outs_) == 1:
-            _factor(res, ctx, node, outs_[0], ins_, sx, merge=True)
+            _product(res, ctx, outs_[0], ins_, sx)
         elif len(ins_) == 1 and len(outs_) > 1:
-            _factor(res, ctx, node, ins_[0], outs_, sy, merge=False)
+            _product(res, ctx, ins_[0], outs_, sy)
     if node.op_type == "Reshape":
         entries = ctx.shape_value(node.input[1])
         if entries is None or len(entries) != len(sy):
@@ -304,20 +295,79 @@ def reshape(node, ctx, res):
         shape_entries(node, node.input[1], y, entries, ctx, res)
 
 
+def _fold(node, ctx, res, x, y, sx, sy):
+    """A Reshape that folds static axes into a dynamic one, or unfolds them ([B,H,S,D] ->
+    [B*H,S,D], as exporters write attention): axes equal at both ends are the same channels;
+    a folded axis is free only when a nearby Reshape unfolds it by reading its size at run
+    time (`Shape(x)[a]`), which re-couples it; an unfolded axis is sized by the shape entries."""
+    i, j = len(sx), len(sy)
+    while i and j and (sx[i - 1] == sy[j - 1] or (sx[i - 1] is None and sy[j - 1] is None)):
+        i, j = i - 1, j - 1
+        if sx[i] is not None:
+            res.same((x, i), (y, j), ctx)
+    lo = 0
+    while lo < min(i, j) and (sx[lo] == sy[lo] or (sx[lo] is None and sy[lo] is None)):
+        if sx[lo] is not None:
+            res.same((x, lo), (y, lo), ctx)
+        lo += 1
+    unfolded = _unfolded_downstream(y, ctx)
+    for a in range(lo, i):
+        if sx[a] is None or sx[a] == 1:
+            continue
+        if DimRef(x, a) in unfolded:
+            res.free.add((x, a))
+        else:
+            res.pin((x, a), f"folded into a dynamic axis by {node.op_type} {ctx.label(node)}")
+    for b in range(lo, j):
+        if sy[b] is not None and sy[b] != 1:
+            res.free.add((y, b))  # shape_entries couples or pins it
+
+
+FOLD_SAFE = ("Transpose", "Mul", "Div", "Add", "Sub", "MatMul", "Softmax", "Cast", "Identity", "Where")
+
+
+def _unfolded_downstream(name, ctx, depth=0) -> set:
+    """DimRefs read by the shapes of Reshapes shortly downstream of `name`."""
+    found = set()
+    if depth > 6:
+        return found
+    for user in ctx.consumers(name):
+        if user.op_type == "Reshape" and user.input[0] == name or user.op_type == "Reshape" and depth:
+            entries = ctx.shape_value(user.input[1]) or []
+            found |= {e for e in entries if isinstance(e, DimRef)}
+        if user.op_type in FOLD_SAFE:
+            for out in user.output:
+                found |= _unfolded_downstream(out, ctx, depth + 1)
+    return found
+
+
 def shape_entries(node, shape_name, out, entries, ctx, res, skip=lambda j: False):
-    """Couple output axes with the `Shape(t)[a]` entries that size them; pin unknown sizes."""
+    """Couple output axes with the `Shape(t)[a]` entries that size them; pin unknown sizes.
+
+    A literal size inside a computed shape (`Concat(Shape(x)[0], [-1], [64])`) is rewritten
+    where it is stored; outputs of every sink that reads the same shape tensor must then
+    agree on that axis, so they are coupled."""
     constant = ctx.value(shape_name) is not None
+    sources = None if constant else ctx.literal_sources(shape_name)
     res.param(shape_name, ctx)
     for j, e in enumerate(entries):
         if skip(j):
             continue
         if isinstance(e, DimRef):
             res.same((e.tensor, e.axis), (out, j), ctx)
+        elif e is not None and e > 1 and not constant and sources and sources[j] is not None:
+            for other in _sinks_sharing(shape_name, node, ctx):
+                res.same((out, j), (other.output[0], j), ctx)
         elif e is None or (e > 1 and not constant):
             if (ctx.shape(out) or [1] * (j + 1))[j] != 1:
                 res.pin((out, j), f"size set by a computed shape in {node.op_type} {ctx.label(node)}")
         elif e == 0 and node.op_type == "Reshape" and not ctx.attr(node, "allowzero", 0):
             res.same((node.input[0], j), (out, j), ctx)
+
+
+def _sinks_sharing(shape_name, node, ctx):
+    return [n for n in ctx.consumers(shape_name) if n is not node and n.output
+            and any((n.op_type, i) in SHAPE_SINKS for i, x in enumerate(n.input) if x == shape_name)]
 
 
 @rule("Expand")
@@ -357,7 +407,10 @@ def shape_constant(node, edit):
         return
     value = edit.value(node.input[idx])
     out = node.output[0]
-    if value is None or value.ndim != 1 or len(value) != len(edit.old_shape(out)):
+    if value is None:
+        _computed_shape_literals(node.input[idx], out, edit)
+        return
+    if value.ndim != 1 or len(value) != len(edit.old_shape(out)):
         return
     new = value.copy()
     for j, e in enumerate(value):
@@ -389,3 +442,17 @@ def _uses_understood(name, ctx, depth):
         if user.op_type not in SHAPE_ARITH or not all(_uses_understood(o, ctx, depth + 1) for o in user.output):
             return False
     return name not in ctx.graph_outputs
+
+
+def _computed_shape_literals(shape_name, out, edit):
+    """Literal sizes inside a computed shape follow the pruned output axes, where they are stored."""
+    entries = edit.index.shape_value(shape_name)
+    sources = literal_sources(edit.index, shape_name)
+    if entries is None or sources is None or len(entries) != len(edit.old_shape(out)):
+        return
+    for j, (e, src) in enumerate(zip(entries, sources)):
+        if src is None or isinstance(e, DimRef) or e <= 1 or e != edit.old_size((out, j)):
+            continue
+        new = edit.new_size((out, j))
+        if new != e:
+            edit.set_const_element(*src, new)
