@@ -106,7 +106,8 @@ class Edit:
         while len(node.input) <= idx:
             node.input.append("")
         if name:
-            self._uses[name] -= 1
+            self._uses[name] = self._uses.get(name, 1) - 1
+        self._uses[new] = 1
         node.input[idx] = new
 
 
@@ -179,7 +180,16 @@ def _prune_constant_nodes(proto, edit: Edit, names: set[str]) -> None:
 
 
 def _update_value_infos(proto, edit: Edit) -> None:
+    """Pruned axes get their new sizes. Symbolic sizes that are expressions ('128*batch', from
+    dynamo exports) may hide a pruned size: inside the graph they are made unknown."""
     graph = proto.graph
+    names = {d.dim_param for vi in list(graph.input) + list(graph.output)
+             if vi.type.HasField("tensor_type") for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    for vi in graph.value_info:
+        if vi.type.HasField("tensor_type"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param and d.dim_param not in names:
+                    d.ClearField("dim_param")
     for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
         if not vi.type.HasField("tensor_type"):
             continue

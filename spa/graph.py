@@ -50,6 +50,11 @@ class GraphIndex:
             n.output[0]: n for n in self.graph.node
             if n.op_type == "ConstantOfShape" and n.domain in DEFAULT_DOMAINS and n.input and self.is_const(n.input[0])
         }
+        self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
+        self.graph_outputs = [o.name for o in self.graph.output]
+        self.opset = next((o.version for o in model.proto.opset_import if o.domain in DEFAULT_DOMAINS), 1)
+        self._values: dict[str, np.ndarray | None] = {}
+        self._labels = {id(n): (f"'{n.name}'" if n.name else f"#{i}") for i, n in enumerate(self.graph.node)}
         # Identity of a shared uniform constant: a copy (TorchScript aliases equal-valued
         # parameters this way, e.g. every zero bias of a fresh model); see analysis.untie_uniform
         self.aliases = {}
@@ -57,11 +62,6 @@ class GraphIndex:
             if n.op_type == "Identity" and n.domain in DEFAULT_DOMAINS and self.is_const(n.input[0]) \
                     and len(self.consumers[n.input[0]]) > 1 and _uniform(self.value(n.input[0])):
                 self.aliases[n.output[0]] = n
-        self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
-        self.graph_outputs = [o.name for o in self.graph.output]
-        self.opset = next((o.version for o in model.proto.opset_import if o.domain in DEFAULT_DOMAINS), 1)
-        self._values: dict[str, np.ndarray | None] = {}
-        self._labels = {id(n): (f"'{n.name}'" if n.name else f"#{i}") for i, n in enumerate(self.graph.node)}
 
     def label(self, node: onnx.NodeProto) -> str:
         """How messages name a node: its quoted name, or #index when it has none."""

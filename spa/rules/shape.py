@@ -274,8 +274,8 @@ def reshape(node, ctx, res):
         return
     groups = align(sx, sy)
     if groups is None:
-        _fold(node, ctx, res, x, y, sx, sy)
-        groups = []
+        groups, mid_x, mid_y = _align_ends(sx, sy)
+        _fold(node, ctx, res, x, y, sx, sy, mid_x, mid_y)
     for ins, outs in groups:
         ins_ = [(x, a) for a in ins if sx[a] != 1]
         outs_ = [(y, b) for b in outs if sy[b] != 1]
@@ -295,32 +295,77 @@ def reshape(node, ctx, res):
         shape_entries(node, node.input[1], y, entries, ctx, res)
 
 
-def _fold(node, ctx, res, x, y, sx, sy):
-    """A Reshape that folds static axes into a dynamic one, or unfolds them ([B,H,S,D] ->
-    [B*H,S,D], as exporters write attention): axes equal at both ends are the same channels;
-    a folded axis is free only when a nearby Reshape unfolds it by reading its size at run
-    time (`Shape(x)[a]`), which re-couples it; an unfolded axis is sized by the shape entries."""
+def _end_group(sx, sy, i, j, step, lo_x, lo_y, hi_x, hi_y):
+    """From axes i, j walking by `step`: the smallest run of static axes with equal products."""
+    a, b = i, j
+    pa, pb = sx[a], sy[b]
+    while pa != pb:
+        if pa < pb:
+            a += step
+            if not lo_x <= a < hi_x or sx[a] is None:
+                return None
+            pa *= sx[a]
+        else:
+            b += step
+            if not lo_y <= b < hi_y or sy[b] is None:
+                return None
+            pb *= sy[b]
+    return a, b
+
+
+def _align_ends(sx, sy):
+    """`align` for shapes whose dynamic axes do not line up ([B,S,H,D] -> [B*S,H*D]): axes
+    matched from both ends (pairs of dynamic axes, static runs of equal product), and the
+    unmatched middle of each side."""
+    groups = []
     i, j = len(sx), len(sy)
-    while i and j and (sx[i - 1] == sy[j - 1] or (sx[i - 1] is None and sy[j - 1] is None)):
-        i, j = i - 1, j - 1
-        if sx[i] is not None:
-            res.same((x, i), (y, j), ctx)
-    lo = 0
-    while lo < min(i, j) and (sx[lo] == sy[lo] or (sx[lo] is None and sy[lo] is None)):
-        if sx[lo] is not None:
-            res.same((x, lo), (y, lo), ctx)
-        lo += 1
-    unfolded = _unfolded_downstream(y, ctx)
-    for a in range(lo, i):
+    lo_x = lo_y = 0
+    while lo_x < i and lo_y < j:  # from the left
+        if sx[lo_x] is None and sy[lo_y] is None:
+            lo_x, lo_y = lo_x + 1, lo_y + 1
+            continue
+        if sx[lo_x] is None or sy[lo_y] is None:
+            break
+        end = _end_group(sx, sy, lo_x, lo_y, 1, lo_x, lo_y, i, j)
+        if end is None:
+            break
+        groups.append((list(range(lo_x, end[0] + 1)), list(range(lo_y, end[1] + 1))))
+        lo_x, lo_y = end[0] + 1, end[1] + 1
+    while i > lo_x and j > lo_y:  # from the right
+        if sx[i - 1] is None and sy[j - 1] is None:
+            i, j = i - 1, j - 1
+            continue
+        if sx[i - 1] is None or sy[j - 1] is None:
+            break
+        end = _end_group(sx, sy, i - 1, j - 1, -1, lo_x, lo_y, i, j)
+        if end is None:
+            break
+        groups.append((list(range(end[0], i)), list(range(end[1], j))))
+        i, j = end
+    return groups, list(range(lo_x, i)), list(range(lo_y, j))
+
+
+def _fold(node, ctx, res, x, y, sx, sy, mid_x, mid_y):
+    """The unmatched middle of a Reshape folds static axes into a dynamic one, or unfolds
+    them ([B,H,S,D] -> [B*H,S,D], as exporters write attention). A folded axis is free only
+    when a nearby Reshape unfolds it by reading its size at run time (`Shape(x)[a]`), which
+    re-couples it; an unfolded axis must read its size the same way, else it is pinned."""
+    unfolded = _unfolded_downstream(y, ctx) if any(sx[a] not in (None, 1) for a in mid_x) else set()
+    for a in mid_x:
         if sx[a] is None or sx[a] == 1:
             continue
         if DimRef(x, a) in unfolded:
             res.free.add((x, a))
         else:
             res.pin((x, a), f"folded into a dynamic axis by {node.op_type} {ctx.label(node)}")
-    for b in range(lo, j):
-        if sy[b] is not None and sy[b] != 1:
-            res.free.add((y, b))  # shape_entries couples or pins it
+    entries = ctx.shape_value(node.input[1]) if node.op_type == "Reshape" else None
+    for b in mid_y:
+        if sy[b] is None or sy[b] == 1:
+            continue
+        if entries is not None and len(entries) == len(sy) and isinstance(entries[b], DimRef):
+            res.free.add((y, b))  # shape_entries couples it with the axis whose size it reads
+        else:
+            res.pin((y, b), f"unfolded from a dynamic axis by {node.op_type} {ctx.label(node)}")
 
 
 FOLD_SAFE = ("Transpose", "Mul", "Div", "Add", "Sub", "MatMul", "Softmax", "Cast", "Identity", "Where")
