@@ -74,6 +74,9 @@ class Edit:
         kept = self._kept.get(space)
         return self.old_size(space) if kept is None else len(kept)
 
+    def changed_any(self) -> bool:
+        return any(len(k) < self.old_size(s) for s, k in self._kept.items())
+
     def changed_axes(self, name):
         return self._axes.get(name, [])
 
@@ -185,7 +188,7 @@ def _update_value_infos(proto, edit: Edit) -> None:
     graph = proto.graph
     names = {d.dim_param for vi in list(graph.input) + list(graph.output)
              if vi.type.HasField("tensor_type") for d in vi.type.tensor_type.shape.dim if d.dim_param}
-    for vi in graph.value_info:
+    for vi in graph.value_info if edit.changed_any() else ():
         if vi.type.HasField("tensor_type"):
             for d in vi.type.tensor_type.shape.dim:
                 if d.dim_param and d.dim_param not in names:

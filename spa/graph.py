@@ -27,6 +27,14 @@ class DimRef:
     axis: int
 
 
+@dataclass(frozen=True)
+class DimProd:
+    """The run-time size of `ref` times a constant `factor` (repeat_kv's kv_heads * n_rep)."""
+
+    ref: DimRef
+    factor: int
+
+
 class GraphIndex:
     def __init__(self, model: Model):
         self.model = model
@@ -202,7 +210,75 @@ def _sv_slice(g: GraphIndex, node, depth):
     return data[slice(s, e, st)]
 
 
+def _sv_fill(g: GraphIndex, node, depth):
+    shape = g.value(node.input[0])
+    value = _attr(node, "value", None)
+    if shape is None or shape.size != 1:
+        return None
+    fill = int(numpy_helper.to_array(value).reshape(-1)[0]) if value is not None else 0
+    return [fill] * int(shape.reshape(-1)[0])
+
+
+def _sv_mul(g: GraphIndex, node, depth):
+    a, b = (g.shape_value(i, depth) for i in node.input[:2])
+    if a is None or b is None:
+        return None
+    if len(a) == 1 and len(b) > 1:
+        a = a * len(b)
+    if len(b) == 1 and len(a) > 1:
+        b = b * len(a)
+    if len(a) != len(b):
+        return None
+    out = []
+    for x, y in zip(a, b):
+        if isinstance(x, int) and isinstance(y, int):
+            out.append(x * y)
+        elif isinstance(x, DimRef) and isinstance(y, int):
+            out.append(DimProd(x, y))
+        elif isinstance(y, DimRef) and isinstance(x, int):
+            out.append(DimProd(y, x))
+        else:
+            out.append(None)
+    return out
+
+
+def _sv_equal(g: GraphIndex, node, depth):
+    """Entry-wise ==, decided where it can be: a run-time size is never negative."""
+    a, b = (g.shape_value(i, depth) for i in node.input[:2])
+    if a is None or b is None:
+        return None
+    if len(b) == 1:
+        b = b * len(a)
+    if len(a) != len(b):
+        return None
+    out = []
+    for x, y in zip(a, b):
+        if isinstance(x, int) and isinstance(y, int):
+            out.append(int(x == y))
+        elif isinstance(y, int) and y < 0 and isinstance(x, (DimRef, DimProd)):
+            out.append(0)
+        else:
+            out.append(None)
+    return out
+
+
+def _sv_where(g: GraphIndex, node, depth):
+    """TorchScript's Expand: Where(Equal(shape, -1), ones, shape)."""
+    cond, a, b = (g.shape_value(i, depth) for i in node.input[:3])
+    if cond is None or a is None or b is None:
+        return None
+    n = max(len(cond), len(a), len(b))
+    cond, a, b = (v * n if len(v) == 1 else v for v in (cond, a, b))
+    if not len(cond) == len(a) == len(b) or any(c is None for c in cond):
+        return None
+    return [x if c else y for c, x, y in zip(cond, a, b)]
+
+
 _SHAPE_OPS = {
+    "Equal": _sv_equal,
+    "Where": _sv_where,
+    "ConstantOfShape": lambda g, node, depth: _sv_fill(g, node, depth),
+    "Mul": _sv_mul,
     "Shape": _sv_shape,
     "Gather": _sv_gather,
     "Concat": _sv_concat,

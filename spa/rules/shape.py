@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import DimRef, literal_sources
+from ..graph import DimProd, DimRef, literal_sources
 from . import offset, rewriter, rule
 
-SHAPE_ARITH = ("Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Slice")
+SHAPE_ARITH = ("Gather", "Concat", "Unsqueeze", "Squeeze", "Cast", "Identity", "Slice", "Mul", "Equal", "Where")
 SHAPE_SINKS = {("Reshape", 1), ("Expand", 1), ("ConstantOfShape", 0), ("Resize", 3)}
 
 
@@ -137,7 +137,18 @@ def _window(start, end, size):
 def slice_(node, ctx, res):
     x, y = node.input[0], node.output[0]
     rank, params = ctx.rank(x), _slice_params(node, ctx)
-    if rank is None or params is None:
+    if rank is None:
+        return
+    if params is None:  # a window computed at run time (rotary halves: x[..., :d // 2])
+        axes = _computed_slice_axes(node, ctx, rank)
+        for k in range(rank) if axes is not None else ():
+            if k in axes:
+                res.pin((x, k), f"sliced by Slice {ctx.label(node)} at positions computed at run time")
+                res.pin((y, k), f"sliced by Slice {ctx.label(node)} at positions computed at run time")
+            else:
+                res.same((x, k), (y, k), ctx)
+        for name in node.input[1:]:
+            res.param(name, ctx)
         return
     starts, ends, axes, steps = params
     sliced = {int(a) % rank: i for i, a in enumerate(axes)}
@@ -157,9 +168,22 @@ def slice_(node, ctx, res):
         res.param(name, ctx)
 
 
+def _computed_slice_axes(node, ctx, rank):
+    if len(node.input) == 1:
+        return None
+    if len(node.input) > 3 and node.input[3]:
+        axes = ctx.value(node.input[3])
+        return None if axes is None else {int(a) % rank for a in axes.reshape(-1)}
+    starts = ctx.shape(node.input[1])
+    return set(range(starts[0])) if starts and starts[0] is not None else None
+
+
 @rewriter("Slice")
 def slice_window(node, edit):
-    starts, ends, axes, steps = _slice_params(node, edit)
+    params = _slice_params(node, edit)
+    if params is None:  # computed window: its axes are pinned, nothing to rewrite
+        return
+    starts, ends, axes, steps = params
     rank = len(edit.old_shape(node.input[0]))
     changed = False
     for i, a in enumerate(axes):
@@ -400,6 +424,9 @@ def shape_entries(node, shape_name, out, entries, ctx, res, skip=lambda j: False
             continue
         if isinstance(e, DimRef):
             res.same((e.tensor, e.axis), (out, j), ctx)
+        elif isinstance(e, DimProd):  # a merged axis sized at run time: its tie keeps it exact
+            if not _tied_product(e, out, j, ctx):
+                res.pin((out, j), f"size computed as a product in {node.op_type} {ctx.label(node)}")
         elif e is not None and e > 1 and not constant and sources and sources[j] is not None:
             for other in _sinks_sharing(shape_name, node, ctx):
                 res.same((out, j), (other.output[0], j), ctx)
@@ -408,6 +435,13 @@ def shape_entries(node, shape_name, out, entries, ctx, res, skip=lambda j: False
                 res.pin((out, j), f"size set by a computed shape in {node.op_type} {ctx.label(node)}")
         elif e == 0 and node.op_type == "Reshape" and not ctx.attr(node, "allowzero", 0):
             res.same((node.input[0], j), (out, j), ctx)
+
+
+def _tied_product(e, out, j, ctx) -> bool:
+    """`Shape(t)[a] * k` sizes axis j of `out`, which this Reshape merged from t's axis a and
+    a factor k: the sizes agree now and after pruning t's axis."""
+    size_t, size_out = ctx.size((e.ref.tensor, e.ref.axis)), ctx.size((out, j))
+    return size_t is not None and size_out == size_t * e.factor
 
 
 def _sinks_sharing(shape_name, node, ctx):
@@ -469,12 +503,48 @@ def shape_constant(node, edit):
 def shape(node, ctx, res):
     """Reading sizes is harmless when every use ends in a shape input that spa follows."""
     x = node.input[0]
+    rank = ctx.rank(x) or 0
     res.param(node.output[0], ctx)
-    if node.op_type == "Shape" and _uses_understood(node.output[0], ctx, 0):
-        res.free.update((x, k) for k in range(ctx.rank(x) or 0))
-        return
-    for k in range(ctx.rank(x) or 0):
-        res.pin((x, k), f"its size is read by {node.op_type} {ctx.label(node)} for an unknown use")
+    read = set(range(rank)) if node.op_type == "Size" else _read_for_unknown_use(node, ctx, rank)
+    for k in range(rank):
+        if k in read:
+            res.pin((x, k), f"its size is read by {node.op_type} {ctx.label(node)} for an unknown use")
+        else:
+            res.free.add((x, k))
+
+
+def _read_for_unknown_use(node, ctx, rank) -> set:
+    """Axes of Shape's input whose sizes reach a use spa does not follow (e.g. attention's
+    1/sqrt(head_dim) scale); an entry picked by a constant Gather/Slice is followed alone."""
+    start, end = ctx.attr(node, "start", 0), ctx.attr(node, "end", rank)
+    axes = list(range(rank))[slice(start, end)]
+    read = set()
+    for user in ctx.consumers(node.output[0]):
+        picked = axes
+        if user.op_type == "Gather" and user.input[0] == node.output[0] and ctx.attr(user, "axis", 0) == 0:
+            idx = ctx.value(user.input[1])
+            picked = None if idx is None else [axes[int(i)] for i in np.asarray(idx).reshape(-1)]
+        elif user.op_type == "Slice" and user.input[0] == node.output[0]:
+            params = _slice_params(user, ctx)
+            if params is not None and len(params[0]) == 1 and params[3][0] == 1:
+                picked = axes[slice(int(params[0][0]), int(params[1][0]))]
+            else:
+                picked = None
+        if picked is None:
+            return set(range(rank))
+        if user.op_type in ("Gather", "Slice"):
+            if not all(_uses_understood(o, ctx, 1) for o in user.output):
+                read.update(picked)
+        elif not _uses_understood_by(user, node.output[0], ctx):
+            read.update(axes)
+    return read if node.output[0] not in ctx.graph_outputs else set(range(rank))
+
+
+def _uses_understood_by(user, name, ctx) -> bool:
+    slots = [i for i, n in enumerate(user.input) if n == name]
+    if all((user.op_type, s) in SHAPE_SINKS for s in slots):
+        return True
+    return user.op_type in SHAPE_ARITH and all(_uses_understood(o, ctx, 1) for o in user.output)
 
 
 def _uses_understood(name, ctx, depth):
