@@ -32,7 +32,7 @@ import re
 import sys
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -638,7 +638,7 @@ def export(name: str, path: str | os.PathLike, exporter: str = "torchscript",
     with quiet() as log:
         try:
             fn(model, x, path, dynamic_batch)
-        except Exception as e:  # noqa: BLE001 - re-raised with context
+        except Exception as e:
             root = _root_cause(e)
             raise ZooExportError(
                 f"{exporter} export failed for model '{name}': "

@@ -553,8 +553,8 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, n
     first_lab = g_lab == g_lab[0]
     sids = sorted(set(g_spc[first_lab].tolist()))  # every channel touches the same spaces
     own_sids = set(g_spc[first_lab & g_own].tolist())
-    rank = lambda s: len(index.shape(sp.names[s][0]) or ())  # noqa: E731
-    place = lambda s: (order_of.get(sp.names[s][0], 1 << 30), -rank(s), sp.names[s])  # noqa: E731
+    rank = lambda s: len(index.shape(sp.names[s][0]) or ())
+    place = lambda s: (order_of.get(sp.names[s][0], 1 << 30), -rank(s), sp.names[s])
     const_sids = sorted((s for s in sids if is_const[s]), key=place)
     # the anchor names the group and orders its channels: an own parameter if there is one
     anchor = min(own_sids, key=lambda s: (not is_const[s], place(s)))

@@ -8,7 +8,7 @@ mean 1 so a large layer does not drown a small one, and average over members.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

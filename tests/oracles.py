@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import numpy as np
+from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.backends import ort as ort_backend
 
 TOL = 1e-4
 

@@ -16,7 +16,7 @@ from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, as
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
-from models import hf_zoo  # noqa: E402
+from models import hf_zoo
 
 EXPORTERS = ("torchscript", "dynamo")
 CASES = [(n, e) for n in hf_zoo.BUILDERS for e in EXPORTERS]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from spa.backends import ort as ort_backend
 
 import spa
 import spa.model
 from spa import api
-from spa.backends import ort as ort_backend
 from spa.errors import SpaError
 from tests.graphs import build, const, node, weight
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.backends import ort as ort_backend
 from tests.graphs import build, node, weight
 from tests.oracles import assert_valid_output, assert_zero_invariance
 

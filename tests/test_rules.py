@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.backends import ort as ort_backend
 from spa.rules import REWRITERS, RULES
 from tests import graphs
 from tests.graphs import const, conv_relu, node, weight

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.backends import ort as ort_backend
 from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
 
 torch = pytest.importorskip("torch")
-from models import cnn_zoo  # noqa: E402
+from models import cnn_zoo
 
 CASES = [(n, e) for n in cnn_zoo.BUILDERS for e in ("torchscript", "dynamo")]
 

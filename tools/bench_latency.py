@@ -41,9 +41,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import busy_cpu_s, loadavg, own_cpu_s  # noqa: E402
-
 import numpy as np
+from _machine import busy_cpu_s, loadavg, own_cpu_s
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus"

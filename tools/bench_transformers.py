@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import spa  # noqa: E402
-from spa import api  # noqa: E402
+import spa
+from spa import api
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    print(f"| model | exporter | params before | after | ratio | MACs before | after | ratio | head groups | hidden |")
+    print("| model | exporter | params before | after | ratio | MACs before | after | ratio | head groups | hidden |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in hf_zoo.BUILDERS:
         for exporter in ("torchscript", "dynamo"):

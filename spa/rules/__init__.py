@@ -18,8 +18,8 @@ called by the prune pass to update attributes or shape constants of the node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -129,4 +129,4 @@ class Result:
         self.nonzi.append((space, why, stats))
 
 
-from . import conv, elementwise, linear, norm, pool, shape  # noqa: E402,F401  (register rules)
+from . import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (register rules)
