@@ -523,7 +523,9 @@ def _read_for_unknown_use(node, ctx, rank) -> set:
         picked = axes
         if user.op_type == "Gather" and user.input[0] == node.output[0] and ctx.attr(user, "axis", 0) == 0:
             idx = ctx.value(user.input[1])
-            picked = None if idx is None else [axes[int(i)] for i in np.asarray(idx).reshape(-1)]
+            ind = None if idx is None else [int(i) for i in np.asarray(idx).reshape(-1)]
+            picked = None if ind is None or any(not -len(axes) <= i < len(axes) for i in ind) else \
+                [axes[i] for i in ind]
         elif user.op_type == "Slice" and user.input[0] == node.output[0]:
             params = _slice_params(user, ctx)
             if params is not None and len(params[0]) == 1 and params[3][0] == 1:
