@@ -47,7 +47,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import re
 import sys
 import time
 import warnings
@@ -60,7 +59,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a file: make the `models` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models.cnn_zoo import ZooExportError, output_path
+from models.cnn_zoo import ZooExportError, _one_line, _root_cause, output_path
 
 EXPORTERS = ("torchscript", "dynamo")
 OPSET = {"torchscript": 17, "dynamo": 18}
@@ -82,19 +81,6 @@ class ExportError(ZooExportError):
     The message is one line naming the model, the exporter and the root cause;
     ``details`` holds the full exporter error and its captured output.
     """
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost ``__cause__`` of an exception chain."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return exc
-
-
-def _one_line(text: str) -> str:
-    """First non-empty line of ``text`` with ANSI colour codes removed."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
 
 # ---------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from spa.errors import SpaError
 from spa.graph import attr
-from spa.model import constant_node_value, copy_without_initializers
+from spa.model import COPY, constant_node_value, copy_without_initializers
 from spa.rules import REWRITERS
 
 
@@ -272,8 +272,6 @@ def apply(analysis, plan: dict) -> onnx.ModelProto:
 def retie_copies(proto: onnx.ModelProto) -> None:
     """Per-use copies of a uniform constant (spa.analysis.untie_uniform) that were pruned to
     the same shape read one initializer again, the original where it still fits."""
-    from spa.analysis import COPY
-
     graph = proto.graph
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     target: dict[tuple, str] = {}

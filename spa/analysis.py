@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 
 from .cost import FLOAT_TYPES
-from .graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources
-from .model import Model
+from .graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, uniform
+from .model import COPY, Model
 from .rules import RULES, Result
 from .rules.shape import _digits
 from .unionfind import components
@@ -433,9 +433,6 @@ class _Ties:
         return why
 
 
-COPY = ".spa_use"  # suffix of the per-use copies of a shared uniform constant
-
-
 def untie_uniform(model: Model) -> int:
     """Give every use of a shared, uniform-valued float initializer its own copy (in place).
 
@@ -458,7 +455,7 @@ def untie_uniform(model: Model) -> int:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             continue
         value = onnx.numpy_helper.to_array(t)
-        if not (value == value.reshape(-1)[0]).all():
+        if not uniform(value):
             continue
         for k, (node, slot) in enumerate(sites[1:], 1):
             name = f"{t.name}{COPY}{k}"

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 
 from .graph import attr
-from .model import Model, constant_node_value
+from .model import COPY, Model, constant_node_value
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
@@ -29,7 +29,7 @@ def params(model: Model) -> int:
 
 def _is_copy(name: str, dims: dict) -> bool:
     """A per-use copy of a uniform constant with its original's shape stores nothing new."""
-    base = name.split(".spa_use")[0]
+    base = name.split(COPY)[0]
     return base != name and dims.get(base) == dims[name]
 
 

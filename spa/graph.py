@@ -50,6 +50,7 @@ class GraphIndex:
                 if i:
                     self.consumers[i].append(node)
         self.initializers = {t.name: t for t in self.graph.initializer}
+        self.aliases: dict[str, onnx.NodeProto] = {}  # filled below, once values can be read
         self.constant_nodes = {
             n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and n.domain in DEFAULT_DOMAINS
         }
@@ -65,10 +66,9 @@ class GraphIndex:
         self._labels = {id(n): (f"'{n.name}'" if n.name else f"#{i}") for i, n in enumerate(self.graph.node)}
         # Identity of a shared uniform constant: a copy (TorchScript aliases equal-valued
         # parameters this way, e.g. every zero bias of a fresh model); see analysis.untie_uniform
-        self.aliases = {}
         for n in self.graph.node:
             if n.op_type == "Identity" and n.domain in DEFAULT_DOMAINS and self.is_const(n.input[0]) \
-                    and len(self.consumers[n.input[0]]) > 1 and _uniform(self.value(n.input[0])):
+                    and len(self.consumers[n.input[0]]) > 1 and uniform(self.value(n.input[0])):
                 self.aliases[n.output[0]] = n
 
     def label(self, node: onnx.NodeProto) -> str:
@@ -76,7 +76,7 @@ class GraphIndex:
         return self._labels.get(id(node), f"'{node.name}'")
 
     def is_const(self, name: str) -> bool:
-        return name in self.initializers or name in self.constant_nodes or name in getattr(self, "aliases", ())
+        return name in self.initializers or name in self.constant_nodes or name in self.aliases
 
     def value(self, name: str) -> np.ndarray | None:
         """Value of a constant tensor, looking through Identity/Cast/Constant; else None."""
@@ -151,7 +151,8 @@ def literal_sources(g: GraphIndex, name: str, depth: int = 0) -> list | None:
     return None if values is None else [None] * len(values)
 
 
-def _uniform(value) -> bool:
+def uniform(value) -> bool:
+    """A float array of more than one element, all equal (a zero bias, a unit scale)."""
     return value is not None and value.size > 1 and np.issubdtype(value.dtype, np.floating) \
         and bool((value == value.reshape(-1)[0]).all())
 
@@ -219,16 +220,21 @@ def _sv_fill(g: GraphIndex, node, depth):
     return [fill] * int(shape.reshape(-1)[0])
 
 
+def _broadcast_inputs(g: GraphIndex, node, depth, count: int):
+    """The first `count` inputs as entry lists of one length (length-1 lists repeated), or None."""
+    vals = [g.shape_value(i, depth) for i in node.input[:count]]
+    if any(v is None for v in vals):
+        return None
+    n = max(len(v) for v in vals)
+    vals = [v * n if len(v) == 1 else v for v in vals]
+    return vals if all(len(v) == n for v in vals) else None
+
+
 def _sv_mul(g: GraphIndex, node, depth):
-    a, b = (g.shape_value(i, depth) for i in node.input[:2])
-    if a is None or b is None:
+    vals = _broadcast_inputs(g, node, depth, 2)
+    if vals is None:
         return None
-    if len(a) == 1 and len(b) > 1:
-        a = a * len(b)
-    if len(b) == 1 and len(a) > 1:
-        b = b * len(a)
-    if len(a) != len(b):
-        return None
+    a, b = vals
     out = []
     for x, y in zip(a, b):
         if isinstance(x, int) and isinstance(y, int):
@@ -244,13 +250,10 @@ def _sv_mul(g: GraphIndex, node, depth):
 
 def _sv_equal(g: GraphIndex, node, depth):
     """Entry-wise ==, decided where it can be: a run-time size is never negative."""
-    a, b = (g.shape_value(i, depth) for i in node.input[:2])
-    if a is None or b is None:
+    vals = _broadcast_inputs(g, node, depth, 2)
+    if vals is None:
         return None
-    if len(b) == 1:
-        b = b * len(a)
-    if len(a) != len(b):
-        return None
+    a, b = vals
     out = []
     for x, y in zip(a, b):
         if isinstance(x, int) and isinstance(y, int):
@@ -264,13 +267,10 @@ def _sv_equal(g: GraphIndex, node, depth):
 
 def _sv_where(g: GraphIndex, node, depth):
     """TorchScript's Expand: Where(Equal(shape, -1), ones, shape)."""
-    cond, a, b = (g.shape_value(i, depth) for i in node.input[:3])
-    if cond is None or a is None or b is None:
+    vals = _broadcast_inputs(g, node, depth, 3)
+    if vals is None or any(c is None for c in vals[0]):
         return None
-    n = max(len(cond), len(a), len(b))
-    cond, a, b = (v * n if len(v) == 1 else v for v in (cond, a, b))
-    if not len(cond) == len(a) == len(b) or any(c is None for c in cond):
-        return None
+    cond, a, b = vals
     return [x if c else y for c, x, y in zip(cond, a, b)]
 
 

@@ -287,6 +287,7 @@ def _run_fallback(model: Model) -> None:
 # ---------------------------------------------------------------- copies without the weights
 
 SMALL = 4096  # elements: initializers at most this large are kept in skeletons (shape constants)
+COPY = ".spa_use"  # name suffix of the per-use copies of a shared uniform constant (analysis.untie_uniform)
 
 
 def _copy_except(msg, skip: set):

@@ -32,17 +32,21 @@ def corpus_params():
 ZOO_EXPORTERS = ("torchscript", "dynamo")
 
 
+def export_zoo(zoo_module, out: Path) -> dict:
+    """{(name, exporter): path} of every model of a models/ zoo, with both exporters."""
+    paths = {}
+    for name in zoo_module.BUILDERS:
+        for exporter in ZOO_EXPORTERS:
+            path = out / f"{name}.{exporter}.onnx"
+            zoo_module.export(name, path, exporter=exporter)
+            paths[(name, exporter)] = path
+    return paths
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """{(name, exporter): path} of every models/ CNN, exported once per session."""
     pytest.importorskip("torch")
     from models import cnn_zoo
 
-    out = tmp_path_factory.mktemp("zoo")
-    paths = {}
-    for name in cnn_zoo.BUILDERS:
-        for exporter in ZOO_EXPORTERS:
-            path = out / f"{name}.{exporter}.onnx"
-            cnn_zoo.export(name, path, exporter=exporter)
-            paths[(name, exporter)] = path
-    return paths
+    return export_zoo(cnn_zoo, tmp_path_factory.mktemp("zoo"))

@@ -12,13 +12,14 @@ import pytest
 
 import spa
 from spa import api
+from tests.conftest import ZOO_EXPORTERS as EXPORTERS
+from tests.conftest import export_zoo
 from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 from models import hf_zoo
 
-EXPORTERS = ("torchscript", "dynamo")
 CASES = [(n, e) for n in hf_zoo.BUILDERS for e in EXPORTERS]
 # heads are groups at both exporters for these (checked below)
 # exports spa does not prune yet: each group must then say why (the issue's "or report")
@@ -30,14 +31,8 @@ HEADS = ("bert", "gpt2", "llama", "vit", "deit", "distilbert", "whisper_encoder"
 
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("hfzoo")
-    paths = {}
-    for name in hf_zoo.BUILDERS:
-        for exporter in EXPORTERS:
-            path = out / f"{name}.{exporter}.onnx"
-            hf_zoo.export(name, path, exporter=exporter)
-            paths[(name, exporter)] = path
-    return paths
+    """{(name, exporter): path} of every models/hf_zoo.py model, exported once per session."""
+    return export_zoo(hf_zoo, tmp_path_factory.mktemp("hfzoo"))
 
 
 def _other_size(name, seed=1):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,7 +36,6 @@ def main() -> None:
             path = cache / f"{name}.{exporter}.onnx"
             if not path.exists():
                 hf_zoo.export(name, path, exporter=exporter)
-            t = time.time()
             model = spa.load(path)
             analysis = spa.analyze(model)
             pruned = api.reinfer(api.prune(analysis, api.make_plan(analysis, args.ratio)))
@@ -49,7 +47,6 @@ def main() -> None:
             m0, m1 = spa.cost.macs(model), spa.cost.macs(pruned)
             print(f"| {name} | {exporter} | {p0:,} | {p1:,} | {p1 / p0:.2f} | {m0:,} | {m1:,} | "
                   f"{m1 / max(m0, 1):.2f} | {heads} | {hidden} |", flush=True)
-            del t
 
 
 if __name__ == "__main__":

@@ -401,7 +401,7 @@ def _unfolded_downstream(name, ctx, depth=0) -> set:
     if depth > 6:
         return found
     for user in ctx.consumers(name):
-        if user.op_type == "Reshape" and user.input[0] == name or user.op_type == "Reshape" and depth:
+        if user.op_type == "Reshape" and (depth or user.input[0] == name):
             entries = ctx.shape_value(user.input[1]) or []
             found |= {e for e in entries if isinstance(e, DimRef)}
         if user.op_type in FOLD_SAFE:
@@ -542,23 +542,19 @@ def _read_for_unknown_use(node, ctx, rank) -> set:
     return read if node.output[0] not in ctx.graph_outputs else set(range(rank))
 
 
-def _uses_understood_by(user, name, ctx) -> bool:
+def _uses_understood_by(user, name, ctx, depth=1) -> bool:
+    """`user` reads `name` as a shape input spa follows, or as shape arithmetic that ends in one."""
     slots = [i for i, n in enumerate(user.input) if n == name]
     if all((user.op_type, s) in SHAPE_SINKS for s in slots):
         return True
-    return user.op_type in SHAPE_ARITH and all(_uses_understood(o, ctx, 1) for o in user.output)
+    return user.op_type in SHAPE_ARITH and all(_uses_understood(o, ctx, depth) for o in user.output)
 
 
 def _uses_understood(name, ctx, depth):
     if depth > 16:
         return False
-    for user in ctx.consumers(name):
-        slots = [i for i, n in enumerate(user.input) if n == name]
-        if all((user.op_type, s) in SHAPE_SINKS for s in slots):
-            continue
-        if user.op_type not in SHAPE_ARITH or not all(_uses_understood(o, ctx, depth + 1) for o in user.output):
-            return False
-    return name not in ctx.graph_outputs
+    return all(_uses_understood_by(u, name, ctx, depth + 1) for u in ctx.consumers(name)) \
+        and name not in ctx.graph_outputs
 
 
 def _computed_shape_literals(shape_name, out, edit):
