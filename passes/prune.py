@@ -283,7 +283,17 @@ def retie_copies(proto: onnx.ModelProto) -> None:
         if COPY in name:
             key = (name.split(COPY)[0], dims)
             rename[name] = target.setdefault(key, name)
+    by_output = {n.output[0]: n for n in graph.node if n.output}
+    for node in graph.node:  # per-sink shape copies (spa.analysis.untie_shapes) still equal to their original
+        if node.output and COPY in node.output[0]:
+            twin = by_output.get(node.output[0].split(COPY)[0])
+            if twin is not None and _same_node(node, twin):
+                rename[node.output[0]] = twin.output[0]
     for node in graph.node:
         for i, name in enumerate(node.input):
             if rename.get(name, name) != name:
                 node.input[i] = rename[name]
+
+
+def _same_node(a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
+    return (a.op_type, a.domain, list(a.input), list(a.attribute)) == (b.op_type, b.domain, list(b.input), list(b.attribute))

@@ -19,6 +19,7 @@ pass, preferring factors that are not locked otherwise.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -467,11 +468,47 @@ def untie_uniform(model: Model) -> int:
     return made
 
 
+def untie_shapes(model: Model) -> int:
+    """Give every shape sink (Reshape, Expand, ...) its own copy of a shared computed shape (in place).
+
+    The dynamo exporter computes `Concat(batch, seq, 256)` once and reshapes every layer's
+    MLP output with it; sinks of one shape tensor must agree, which would prune all those
+    layers alike. One Concat per sink lets each layer keep its own width. The prune pass
+    drops copies that still equal their original."""
+    from .rules.shape import SHAPE_SINKS
+
+    graph = model.graph
+    sinks: dict[str, list] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if (node.op_type, slot) in SHAPE_SINKS and node.domain in DEFAULT_DOMAINS:
+                sinks.setdefault(name, []).append((node, slot))
+    made = 0
+    for at in range(len(graph.node) - 1, -1, -1):
+        node = graph.node[at]
+        sites = sinks.get(node.output[0] if node.output else "", [])
+        if node.op_type != "Concat" or len(sites) < 2:
+            continue
+        for k, (sink, slot) in enumerate(sites[1:], 1):
+            clone = onnx.NodeProto()
+            clone.CopyFrom(node)
+            clone.name, clone.output[0] = f"{node.name}{COPY}{k}", f"{node.output[0]}{COPY}{k}"
+            graph.node.insert(at + 1, clone)
+            sink.input[slot] = clone.output[0]
+            for table in (model.shapes, model.dtypes):
+                if node.output[0] in table:
+                    table[clone.output[0]] = table[node.output[0]]
+            made += 1
+    return made
+
+
 def analyze(model: Model, exclude: list[str] | None = None) -> Analysis:
     """Group the coupled channels of `model` (shapes must be inferred, see spa.model.load).
-    Shared uniform constants are first given one copy per use (see `untie_uniform`)."""
+    Shared uniform constants and shared computed shapes are first given one copy per use
+    (see `untie_uniform`, `untie_shapes`)."""
     exclude = list(exclude or [])
     untie_uniform(model)
+    untie_shapes(model)
     index = GraphIndex(model)
     spaces = _Spaces(model.shapes)
     b = _run_rules(index, spaces, exclude)
@@ -521,7 +558,7 @@ def _groups(index: GraphIndex, b: _Builder, ties: _Ties) -> list[Group]:
         group = _make_group(index, sp, *g, is_const, reason_of, b, nonzi_sid, order_of)
         if group is not None:
             groups.append(group)
-    groups.sort(key=lambda g: (order_of.get(g.members[0].tensor, 1 << 30), g.members[0].tensor, g.members[0].axis))
+    groups.sort(key=lambda g: (order_of.get(g.members[0].tensor, 1 << 30), g.members[0].tensor, g.members[0].axis, g.id))
     seen: dict[str, int] = {}
     for g in groups:
         base = g.id
@@ -601,7 +638,7 @@ def _route(b: _Builder, start, end) -> str:
     except (nx.NetworkXNoPath, nx.NodeNotFound):
         return ""
     ops = []
-    for u, v in zip(path, path[1:]):
+    for u, v in itertools.pairwise(path):
         op = b._graph.edges[u, v]["node"]
         if not ops or ops[-1] != op:
             ops.append(op)

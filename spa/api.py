@@ -70,7 +70,7 @@ def checker_message(model, full: bool = True) -> str | None:
     """First line of the ONNX checker's complaint about a ModelProto or a file, or None."""
     try:
         check_model(model if isinstance(model, onnx.ModelProto) else str(model), full=full)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         return first_line(exc, default=type(exc).__name__)
     return None
 

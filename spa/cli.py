@@ -1,8 +1,8 @@
 """Command line: a thin shell over spa's public API.
 
-    spa analyze MODEL [--json]
-    spa prune MODEL --ratio R [-o OUT] [--criterion C] [--global] [--round-to N]
-                    [--exclude PATTERN] [--save-plan PLAN] [--json]
+    spa analyze MODEL [--json] [--ratio R | --plan PLAN] [--criterion C] [--prune-hidden]
+    spa prune MODEL --ratio R [-o OUT] [--criterion C] [--global] [--round-to N] [--prune-hidden]
+                    [--simplify] [--exclude PATTERN] [--save-plan PLAN] [--json]
     spa prune MODEL --plan PLAN -o OUT
 
 Exit codes: 0 success, 1 a clear error (one line; traceback with -v), 2 usage error,
@@ -24,6 +24,7 @@ from rich.console import Console
 
 from . import __version__, api, cost, importance, report
 from .analysis import analyze
+from .blocks import attention_blocks
 from .errors import SpaError, first_line
 from .model import check_writable, load, save, write_text_atomic
 from .planner import check_ratio, from_json, to_json
@@ -32,6 +33,8 @@ ANALYZE_SCHEMA = 1
 PRUNE_SCHEMA = 1
 
 err = Console(stderr=True)
+SIMPLIFY_HELP = ("fold shape arithmetic over static sizes first (onnxslim), which frees axes that dynamic-axes "
+                 "exports compute at run time; group ids then refer to the simplified graph")
 
 
 @contextlib.contextmanager
@@ -56,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the analysis as JSON on stdout")
     a.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (glob; repeatable)")
+    a.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
+    preview = a.add_mutually_exclusive_group()
+    preview.add_argument("--ratio", type=float,
+                         help="preview a plan: attention blocks' sizes before -> after this ratio")
+    preview.add_argument("--plan", help="preview a plan file: attention blocks' sizes before -> after")
+    a.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA), help="with --ratio")
+    a.add_argument("--prune-hidden", action="store_true", help="with --ratio: as for prune")
+    a.add_argument("--seed", type=int, default=0, help="with --ratio and --criterion random")
     a.add_argument("-v", "--verbose", action="store_true")
 
     r = sub.add_parser("prune", help="remove channels and write a smaller model")
@@ -75,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(a transformer's hidden size: LayerNorm/RMSNorm); the output check shows the cost")
     r.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (glob; repeatable)")
+    r.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
     r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
     r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
     r.add_argument("--no-check", dest="check", action="store_false",
@@ -87,14 +99,44 @@ def _parser() -> argparse.ArgumentParser:
 def _analyze(args) -> int:
     with step("load + shape inference", args.json):
         model = load(args.model)
+    model, simplified = _simplify(model, args.simplify, args.json)
+    plan = _read_plan(args.plan) if args.plan else None
+    if args.ratio is not None:
+        check_ratio(args.ratio)
     with step("analysis", args.json):
         analysis = analyze(model, exclude=args.exclude)
-    doc = report.analysis_json(analysis, ANALYZE_SCHEMA)
+    if args.ratio is not None:
+        with step(f"scoring ({args.criterion}) + planning", args.json):
+            plan = api.make_plan(analysis, args.ratio, args.criterion, seed=args.seed, prune_hidden=args.prune_hidden)
+    blocks = attention_blocks(analysis, plan)
+    doc = report.analysis_json(analysis, ANALYZE_SCHEMA, blocks)
+    doc["simplify"] = simplified
+    if plan is not None:
+        doc["preview"] = {"ratio": args.ratio, "plan_file": args.plan,
+                          "channels_removed": int(sum(len(c) for c in plan.values()))}
     if args.json:
         print(json.dumps(doc))
     else:
         report.print_analysis(analysis, doc)
+        what = "plan file" if args.plan else f"ratio {args.ratio}"
+        report.print_blocks(blocks, "attention blocks" + (f" (before -> after, {what})" if plan is not None else ""))
+        if not args.simplify and report.shape_locked(analysis):
+            err.print("hint: some channels are locked by shape arithmetic computed at run time; "
+                      "--simplify folds it where sizes are static", markup=False, highlight=False)
     return 0
+
+
+def _simplify(model, wanted: bool, quiet: bool):
+    """The simplified model and the pass's stats (None when not asked for)."""
+    if not wanted:
+        return model, None
+    from .passes.simplify import simplify
+
+    with step("simplify (onnxslim)", quiet):
+        model, stats = simplify(model)
+    if stats["status"] != "ok" and not quiet:
+        err.print(f"note: not simplified: {stats['reason']}", markup=False, highlight=False)
+    return model, stats
 
 
 def _output_path(args) -> Path:
@@ -134,6 +176,8 @@ def _prune(args) -> int:
         model = load(args.model)
     model.refuse_overwrite(out, args.save_plan)
     api.refuse_quantized(model)
+    before = cost.summary(model)  # of the input, whatever the pre-pass does
+    model, simplified = _simplify(model, args.simplify, quiet)
     with step("analysis", quiet):
         analysis = analyze(model, exclude=args.exclude)
     if plan is None:
@@ -144,7 +188,7 @@ def _prune(args) -> int:
                                  args.max_group_ratio, args.seed, prune_hidden=args.prune_hidden)
     with step("pruning", quiet):
         pruned = api.prune(analysis, plan, check=False)  # checked below, from the written file
-    before = cost.summary(model)
+    blocks = attention_blocks(analysis, plan)
     counts = (len(analysis.groups), sum(g.prunable for g in analysis.groups))
     del analysis  # it holds the input's weights; the checks read the input from its file
     model.drop_weights()
@@ -160,11 +204,13 @@ def _prune(args) -> int:
     check = checked.get("result")
     if args.save_plan:
         write_text_atomic(args.save_plan, json.dumps(to_json(plan), indent=1))
-    doc = report.prune_json(args, counts, before, pruned, plan, out, check, PRUNE_SCHEMA)
+    doc = report.prune_json(args, counts, before, pruned, plan, out, check, PRUNE_SCHEMA, blocks)
+    doc["simplify"] = simplified
     if args.json:
         print(json.dumps(doc))
     else:
         report.print_prune(doc)
+        report.print_blocks(blocks, "attention blocks (before -> after)")
     return 0
 
 
@@ -180,7 +226,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         return 1
-    except Exception as exc:  # a bug: still one line unless -v
+    except Exception as exc:  # a bug: still one line unless -v  # noqa: BLE001
         if args.verbose:
             traceback.print_exc()
         err.print(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); rerun with -v for the traceback",

@@ -134,12 +134,9 @@ def literal_sources(g: GraphIndex, name: str, depth: int = 0) -> list | None:
             if const is not None:
                 parts += [(node, slot, k) for k in range(const.size)]
                 continue
-            sub = literal_sources(g, part, depth + 1)
+            sub = literal_sources(g, part, depth + 1) or _no_sources(g, part)
             if sub is None:
-                values = g.shape_value(part)
-                if values is None:
-                    return None
-                sub = [None] * len(values)
+                return None
             parts += sub
         return parts
     if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
@@ -147,8 +144,23 @@ def literal_sources(g: GraphIndex, name: str, depth: int = 0) -> list | None:
         if const is not None:
             return [(node, 0, k) for k in range(const.size)]
         return literal_sources(g, node.input[0], depth + 1)
+    if node.op_type == "Where":  # TorchScript's Expand: Where(Equal(shape, -1), ones, shape), entry by entry
+        cond, n = g.shape_value(node.input[0], depth + 1), len(g.shape_value(name) or [])
+        branches = [literal_sources(g, x, depth + 1) or _no_sources(g, x) for x in node.input[1:3]]
+        if cond is not None and all(c is not None for c in cond) and all(b is not None for b in branches):
+            pick = lambda v, k: v[0] if len(v) == 1 else v[k]
+            return [pick(branches[0], k) if pick(cond, k) else pick(branches[1], k) for k in range(n)]
     values = g.shape_value(name)
     return None if values is None else [None] * len(values)
+
+
+def _no_sources(g: GraphIndex, name: str) -> list | None:
+    """No literal for any entry of `name` (None if even its length is unknown)."""
+    values = g.shape_value(name)
+    if values is None:
+        shape = g.shape(name)
+        return [None] * shape[0] if shape is not None and len(shape) == 1 and isinstance(shape[0], int) else None
+    return [None] * len(values)
 
 
 def uniform(value) -> bool:
@@ -188,8 +200,19 @@ def _sv_gather(g: GraphIndex, node, depth):
 
 
 def _sv_concat(g: GraphIndex, node, depth):
-    parts = [g.shape_value(i, depth) for i in node.input]
-    return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    """Entries of each part; a part that cannot be followed but has a static length gives
+    unknown (None) entries, so the others are still followed (wav2vec2's sequence length,
+    computed by the feature extractor's arithmetic, beside the head sizes)."""
+    parts = []
+    for i in node.input:
+        p = g.shape_value(i, depth)
+        if p is None:
+            shape = g.shape(i)
+            if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+                return None
+            p = [None] * shape[0]
+        parts.append(p)
+    return [e for p in parts for e in p]
 
 
 def _sv_passthrough(g: GraphIndex, node, depth):

@@ -246,7 +246,7 @@ def infer_shapes(model: Model) -> None:
     try:
         inferred = onnx.shape_inference.infer_shapes(bones, data_prop=True)
         _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
-    except Exception:
+    except Exception:  # noqa: BLE001, S110
         pass  # partial knowledge is fine: the fallbacks below fill the gaps
     if _missing(model):
         _symbolic_fallback(model, bones, params)
@@ -259,7 +259,7 @@ def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> Non
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         inferred = SymbolicShapeInference.infer_shapes(bones, auto_merge=True, guess_output_rank=True)
-    except Exception:
+    except Exception:  # noqa: BLE001
         return
     if inferred is not None:
         _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
@@ -274,7 +274,7 @@ def _run_fallback(model: Model) -> None:
         return
     try:
         runs = [run_with_outputs(model, names, random_feeds(model, dynamic=d)) for d in (1, 2)]
-    except Exception:
+    except Exception:  # noqa: BLE001
         return
     for name in names:
         a, b = runs[0].get(name), runs[1].get(name)

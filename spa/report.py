@@ -16,7 +16,7 @@ from .errors import VerificationError, first_line
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
 
 
-def analysis_json(analysis, schema: int) -> dict:
+def analysis_json(analysis, schema: int, blocks=()) -> dict:
     c = cost.summary(analysis.model)
     return {
         "schema_version": schema,
@@ -25,6 +25,7 @@ def analysis_json(analysis, schema: int) -> dict:
         "macs": c["macs"],
         "groups": [g.to_json() for g in analysis.groups],
         "barriers": analysis.barriers,
+        "attention_blocks": [b.to_json() for b in blocks],
     }
 
 
@@ -57,6 +58,28 @@ def print_analysis(analysis, doc: dict) -> None:
         out.print("barriers (ops without a coupling rule): " + ", ".join(f"{k} x{v}" for k, v in kinds.most_common()))
 
 
+def print_blocks(blocks, title: str) -> None:
+    """Per attention block: heads, head_dim (Q/K and V) and MLP widths, 'before -> after'."""
+    if not blocks:
+        return
+    table = Table(title=title, title_justify="left")
+    for col in ("block", "softmax", "heads", "head_dim q/k", "head_dim v", "intermediate"):
+        table.add_column(col, overflow="fold")
+    for i, b in enumerate(blocks):
+        widths = ", ".join(a.text() for a in b.intermediate) or "-"
+        table.add_row(str(i), b.softmax, b.heads.text(), b.head_dim.text(), b.v_head_dim.text(), widths)
+    out.print(table)
+
+
+SHAPE_LOCKS = ("computed shape", "read by Shape", "computed at run time", "computed as a product")
+
+
+def shape_locked(analysis) -> bool:
+    """Some channels are locked by run-time shape arithmetic (what --simplify may fold)."""
+    reasons = [g.reason or "" for g in analysis.groups]
+    return any(key in r for r in reasons for key in SHAPE_LOCKS)
+
+
 def why_nothing(analysis) -> str:
     if not analysis.groups:
         graph = analysis.index.graph
@@ -85,7 +108,7 @@ def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
     candidate = pruned_file if pruned_file is not None else pruned
     try:
         reference = ort_backend.run(original, feeds, light=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         why = first_line(exc, limit=200, default=type(exc).__name__)
         return {"status": "skipped", "reason": f"the input model does not run on random inputs ({why})"}
     try:
@@ -106,7 +129,8 @@ def _size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, check, schema: int) -> dict:
+def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, check, schema: int,
+               blocks=()) -> dict:
     before = dict(before)
     after = cost.summary(api.reinfer(pruned))
     before["bytes"], after["bytes"] = _size(Path(args.model)), _size(Path(out_path))
@@ -126,6 +150,7 @@ def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, 
         "before": before,
         "after": after,
         "check": check,
+        "attention_blocks": [b.to_json() for b in blocks],
     }
 
 

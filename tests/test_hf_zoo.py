@@ -26,7 +26,7 @@ CASES = [(n, e) for n in hf_zoo.BUILDERS for e in EXPORTERS]
 GAPS = {
     ("phi3", "torchscript"): "fused gate_up/qkv split at run-time-computed offsets",
 }
-HEADS = ("bert", "gpt2", "llama", "vit", "deit", "distilbert", "whisper_encoder", "swin", "gpt_neox")
+HEADS = ("bert", "gpt2", "llama", "vit", "deit", "distilbert", "whisper_encoder", "swin", "gpt_neox", "wav2vec2")
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +92,64 @@ def test_hidden_size_only_on_request(hf_models, exporter):
     plan = api.make_plan(analysis, 0.3, prune_hidden=True)
     assert {g.id for g in hidden} <= set(plan)
     assert_valid_output(model, api.prune(analysis, plan), _other_size("llama"))
+
+
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_attention_blocks_before_after(hf_models, name, exporter):
+    """`spa analyze` per attention block: heads, head_dim and MLP width, and what a plan leaves."""
+    from spa.blocks import attention_blocks
+
+    analysis = spa.analyze(spa.load(hf_models[(name, exporter)]))
+    plan = api.make_plan(analysis, 0.5)
+    blocks = attention_blocks(analysis, plan)
+    assert len(blocks) >= 2  # every zoo model has at least two attention layers
+    for b in blocks:
+        assert b.heads.groups and b.heads.after < b.heads.before, b
+        assert b.intermediate and all(a.after < a.before for a in b.intermediate), b
+        assert b.head_dim.before == b.v_head_dim.before == 16  # the zoo's head size
+    # "after" is what pruning really leaves: the value width of the pruned model's first block
+    pruned = api.reinfer(api.prune(analysis, plan))
+    first = attention_blocks(spa.analyze(pruned))[0]
+    assert (first.heads.before, first.v_head_dim.before) == (blocks[0].heads.after, blocks[0].v_head_dim.after)
+
+
+# simplification (onnxslim) frees what dynamic-axes TorchScript exports compute at run time
+FREED_BY_SIMPLIFY = ("qwen2", "qwen3", "phi3")
+
+
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_simplified_oracles(hf_models, name, exporter):
+    """The pre-pass keeps inputs, outputs and dynamic axes; the oracles hold on its result."""
+    from spa.passes.simplify import _io, simplify
+
+    original = spa.load(hf_models[(name, exporter)])
+    model, stats = simplify(spa.load(hf_models[(name, exporter)]))
+    assert stats["status"] == "ok" and stats["nodes_after"] <= stats["nodes_before"]
+    assert _io(model.proto) == _io(original.proto)
+    feeds = hf_zoo.feeds(name, batch=2)
+    assert_zero_invariance(model, feeds)
+    analysis = spa.analyze(model)
+    pruned = api.prune(analysis, api.make_plan(analysis, 0.3))
+    assert spa.cost.params(api.reinfer(pruned)) < 0.97 * spa.cost.params(original)
+    assert_valid_output(original, pruned, _other_size(name))  # against the input file, other sizes
+
+
+@pytest.mark.parametrize("name", FREED_BY_SIMPLIFY)
+def test_simplify_frees_heads(hf_models, name):
+    """TorchScript computes rotary halves and repeat_kv's Expand from Shape at run time;
+    folded over the static head sizes, heads (GQA: KV heads and queries per KV head) prune."""
+    from spa.passes.simplify import simplify
+
+    from spa.blocks import attention_blocks
+
+    path = hf_models[(name, "torchscript")]
+    assert not _head_groups(spa.analyze(spa.load(path)))
+    model, _ = simplify(spa.load(path))
+    analysis = spa.analyze(model)
+    heads = _head_groups(analysis)
+    assert heads and all(g.zero_invariant for g in heads)
+    blocks = attention_blocks(analysis, {g.id: [0] for g in heads})
+    assert all(b.heads.after < b.heads.before for b in blocks)
+    pruned = api.prune(analysis, {g.id: [0] for g in heads})
+    assert_valid_output(spa.load(path), pruned, _other_size(name))

@@ -543,16 +543,20 @@ def test_gelu_erf_pattern():
 
 
 @pytest.mark.parametrize("op", ["Log", "Reciprocal"])
-def test_unary_not_zero_safe(op):
-    """f(0) is infinite: zeroed channels poison the next layer, so not zero-invariant.
+@pytest.mark.parametrize("shift", ["Add", "Sub"])
+def test_unary_not_zero_safe(op, shift):
+    """f(0) is infinite: zeroed channels could poison the next layer, so not zero-invariant
+    unless the input provably stays positive (Relu output + 1: finite, so it is).
 
-        x -> c1 (3->8, Relu) -> h -> Add(1) -> <op> -> u -> c2 (->2) -> y
+        x -> c1 (3->8, Relu) -> h -> Add(h, 1) | Sub(h, -1) -> <op> -> u -> c2 (->2) -> y
     """
-    m = chain([node("Add", ["h", "one"], ["p"]), node(op, ["p"], ["u"])], [fconst("one", 1.0)], "h", "u")
+    m = chain([node(shift, ["h", "one"], ["p"]), node(op, ["p"], ["u"])],
+              [fconst("one", 1.0 if shift == "Add" else -1.0)], "h", "u")
     a = analyze(m)
+    zi = shift == "Add"  # h - (-1) is positive too, but spa does not prove it
     expect(group_of(a, "c1.w", 0), 8, {("c1.w", 0): ident(8), ("c1.b", 0): ident(8), ("c2.w", 1): ident(8)},
-           zi=False, zi_reason="not finite")
-    assert oracles(m, a) == {}
+           zi=zi, zi_reason=None if zi else "not finite")
+    assert bool(oracles(m, a)) is zi
 
 
 def _se_gate():
@@ -581,6 +585,13 @@ def _broadcast_case(case):
         return [node("Sub", ["k", "h"], ["o"])], [weight("k", 1, 8, 1, 1)], {("k", 1): ident(8)}, True
     if case == "div_channel_const":
         return [node("Div", ["h", "k"], ["o"])], [weight("k", 8, 1, 1)], {("k", 0): ident(8)}, False
+    if case in ("div_own_rms", "div_own_rms_no_eps"):  # per-channel RMS over the spatial axes
+        nodes = [node("Mul", ["h", "h"], ["sq"]), node("ReduceMean", ["sq"], ["ms"], axes=[2, 3], keepdims=1)]
+        if case == "div_own_rms":
+            nodes.append(node("Add", ["ms", "eps"], ["mse"]))
+        nodes += [node("Sqrt", ["mse" if case == "div_own_rms" else "ms"], ["rms"]),
+                  node("Div", ["h", "rms"], ["o"])]
+        return nodes, [fconst("eps", 1e-6)], {}, case == "div_own_rms"
     if case == "div_scalar":
         return [node("Div", ["h", "k"], ["o"])], [fconst("k", [3.0])], {}, True
     if case == "prelu":
@@ -605,7 +616,7 @@ def _broadcast_case(case):
 
 
 @pytest.mark.parametrize("case", ["add_residual", "mul_se_gate", "mul_channel_const", "sub_channel_const",
-                                  "div_channel_const", "div_scalar", "prelu", "Sum", "Mean", "Max", "Min",
+                                  "div_channel_const", "div_own_rms", "div_own_rms_no_eps", "div_scalar", "prelu", "Sum", "Mean", "Max", "Min",
                                   "where_bool_mask", "mul_self", "castlike_h_like_scalar",
                                   "castlike_scalar_like_h"])
 def test_broadcast(case):
@@ -617,6 +628,8 @@ def test_broadcast(case):
         mul_se_gate    branch = GAP -> se1 (8->2) -> se2 (2->8) -> Sigmoid  ([1,8,1,1] gate)
         *_channel_const / prelu   a constant [8,1,1] or [1,8,1,1] (a member on its channel axis)
         div_channel_const         the divisor is a member: zeroing it gives inf, not zero-invariant
+        div_own_rms               h / Sqrt(mean(h*h over H,W) + eps): a zeroed channel gives 0 / sqrt(eps) = 0
+                                  (zero-invariant; without eps, 0/0: not)
         Sum/Mean/Max/Min          three inputs: h and two convs of h
         where_bool_mask           Where(mask[1,8,1,1] bool constant, h, 0): the mask is sliced, not a member
         castlike_*                CastLike(h, 1.0) and CastLike(2.0, h): the "like" input only gives a dtype
@@ -1520,18 +1533,17 @@ def test_attention_heads(shape_mode):
     expect(heads, 2, {("Wq", 1): per_head, ("bq", 0): per_head, ("Wk", 1): per_head, ("Wv", 1): per_head,
                       ("Wo", 0): per_head})
     assert heads.zero_invariant and head_dim_qk.zero_invariant
-    if shape_mode == "const":  # Q/K and V head_dim are separate channels
-        assert head_dim_qk is not head_dim_v and head_dim_qk.size == 3
-        assert members(head_dim_qk)[("Wq", 1)] == [[0, 3], [1, 4], [2, 5]]
-    else:  # one shape tensor sizes Q, K and V: their head_dim must agree, so they are one group
-        assert head_dim_qk is head_dim_v
+    # Q/K and V head_dim are separate channels, also when one computed shape tensor sizes Q, K
+    # and V (each Reshape gets its own copy of it: spa.analysis.untie_shapes)
+    assert head_dim_qk is not head_dim_v and head_dim_qk.size == 3
+    assert members(head_dim_qk)[("Wq", 1)] == [[0, 3], [1, 4], [2, 5]]
     hidden = group_of(a, "Wi", 1)
     assert hidden.prunable and not hidden.zero_invariant and hidden.stats_only
     oracles(m, a)
     proto = prune(a, {heads.id: [0], head_dim_qk.id: [1]})
     out = api.reinfer(proto)
     assert out.shapes["q4"][2:] == (1, 2) and value(proto, "Wq").shape == (4, 2)
-    assert value(proto, "Wo").shape[0] == (2 if shape_mode == "computed" else 3)  # 1 head x V's head_dim
+    assert value(proto, "Wo").shape[0] == 3  # 1 head x V's head_dim
     for batch in (1, 3):
         feeds = ort_backend.random_feeds(m.proto, dynamic=batch)
         assert ort_backend.run(proto, feeds)["y"].shape == (batch, batch, 5)

@@ -25,6 +25,45 @@ BROADCAST = (
 )
 
 
+# ops whose output is >= 0 whatever their input (statistics of squares, magnitudes)
+NON_NEGATIVE = ("Abs", "Sqrt", "ReduceSumSquare", "ReduceL1", "ReduceL2", "Softmax", "Relu", "Sigmoid")
+_PASS = ("Cast", "Identity", "ReduceMean", "ReduceSum", "ReduceMax")  # keep the sign of their input
+
+
+def _non_negative(name, ctx, depth=0) -> bool:
+    node = ctx.g.producer.get(name)
+    if node is None or depth > 8:
+        value = ctx.value(name)
+        return value is not None and bool((value >= 0).all())
+    if node.op_type in NON_NEGATIVE:
+        return True
+    if node.op_type == "Pow":  # x ** even constant
+        e = ctx.value(node.input[1])
+        return e is not None and e.size == 1 and float(e) % 2 == 0
+    if node.op_type == "Mul" and node.input[0] == node.input[1]:
+        return True
+    if node.op_type in _PASS or node.op_type == "Add":
+        return all(_non_negative(i, ctx, depth + 1) for i in node.input[: 1 if node.op_type in _PASS else 2])
+    return False
+
+
+def positive(name, ctx) -> bool:
+    """`name` is > 0 whatever the channels zeroed upstream: a non-negative value plus a positive
+    constant (RMSNorm's Sqrt(ReduceMean(x^2) + eps), Relu(x) + 1), so Div/Reciprocal/Log of it
+    stay finite. A zeroed channel may then carry a finite non-zero value (1/sqrt(eps)), which
+    is harmless: the group's consumer weights for that channel are zeroed too."""
+    node = ctx.g.producer.get(name)
+    while node is not None and node.op_type in ("Sqrt", "Cast", "Identity"):
+        node = ctx.g.producer.get(node.input[0])
+    if node is None or node.op_type != "Add":
+        return False
+    for eps, rest in ((node.input[0], node.input[1]), (node.input[1], node.input[0])):
+        value = ctx.value(eps)
+        if value is not None and value.size and bool((value > 0).all()) and _non_negative(rest, ctx):
+            return True
+    return False
+
+
 @rule(*UNARY, *NOT_ZERO_SAFE)
 def unary(node, ctx, res):
     """y = f(x), shape preserved: x[.., k] <-> y[.., k] for every axis k."""
@@ -39,7 +78,7 @@ def unary(node, ctx, res):
         for out in node.output[:2] if node.op_type == "Dropout" else node.output[:1]:  # + Dropout's mask
             if out:
                 res.same((x, k), (out, k), ctx)
-        if node.op_type in NOT_ZERO_SAFE:
+        if node.op_type in NOT_ZERO_SAFE and not positive(x, ctx):
             res.mark_nonzi((y, k), f"{node.op_type} of a zeroed channel is not finite")
     for i in node.input[1:]:  # Clip min/max, Dropout ratio: scalars
         res.param(i, ctx)
@@ -59,7 +98,7 @@ def broadcast(node, ctx, res):
             continue
         for k in range(rank):
             res.same((x, k), (y, out_rank - rank + k), ctx)
-            if node.op_type in ("Div", "Mod") and idx == 1:
+            if node.op_type in ("Div", "Mod") and idx == 1 and not (node.op_type == "Div" and positive(x, ctx)):
                 res.mark_nonzi((x, k), f"zeroing a divisor of {node.op_type} {ctx.label(node)} gives inf/nan")
             if node.op_type == "Pow" and idx == 1:
                 res.mark_nonzi((x, k), f"a zeroed exponent of Pow {ctx.label(node)} gives 1, not 0")

@@ -183,7 +183,7 @@ def slice_window(node, edit):
     params = _slice_params(node, edit)
     if params is None:  # computed window: its axes are pinned, nothing to rewrite
         return
-    starts, ends, axes, steps = params
+    starts, ends, axes, _steps = params
     rank = len(edit.old_shape(node.input[0]))
     changed = False
     for i, a in enumerate(axes):

@@ -1,0 +1,149 @@
+"""Simplify before analysis, with onnxslim: shape arithmetic folded where the sizes are static.
+
+    Model ─onnxslim (constant folding, dead nodes, common subexpressions)─▶ Model'
+
+A dynamic-axes export computes many sizes at run time (TorchScript's rotary
+`x[..., : x.shape[-1] // 2]`, repeat_kv's Expand shapes): those axes look unprunable
+until the arithmetic over their static sizes is folded into constants. onnxslim does
+that folding (a well-kept library; we do not hand-write it) while dynamic axes stay
+dynamic.
+
+What we ask of onnxslim and why:
+- shared weights stay shared: folding `Identity(W)` (TorchScript's way to reuse ALBERT's
+  layers) gives each use its own copy, so a folded tensor equal to one of the input's
+  initializers reads that initializer again (spa then prunes it alike for every use);
+- no numeric fusions (Conv+BN, Conv+Add/Mul, MatMul+Add -> Gemm, Pad+Conv): they change
+  the weights the criteria score and the layers a user recognises, and round differently;
+  the pass stays a pure simplification of the graph.
+
+Ensures: the graph's inputs and outputs (names, element types, static and symbolic dims,
+weights listed as inputs) are those of the input, the result passes the ONNX checker and
+gives the input's outputs (ONNX Runtime, random inputs, dynamic dims at 3); else the
+input model is used unchanged and the stats say why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from spa.errors import SpaError, first_line
+from spa.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
+
+NAME = "simplify"
+RTOL = 1e-4  # outputs of the simplified model vs the input, relative to the largest |output|
+NUMERIC_FUSIONS = ["FusionConvAdd", "FusionConvTransposeAdd", "FusionConvBN", "FusionConvTransposeBN", "FusionConvMul",
+                   "FusionConvTransposeMul", "FusionGemm", "FusionGemmMul", "FusionGemmAdd", "FusionPadConv"]
+
+
+def _io(proto: onnx.ModelProto) -> list:
+    """(name, element type, dims) of every graph input and output."""
+    def sig(v):
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim)
+        return v.name, t.elem_type, dims if t.HasField("shape") else None
+    init = {t.name for t in proto.graph.initializer}
+    return [sig(v) for v in proto.graph.input if v.name not in init] + [sig(v) for v in proto.graph.output]
+
+
+def _key(t: onnx.TensorProto):
+    value = numpy_helper.to_array(t)
+    return t.data_type, tuple(t.dims), hashlib.sha256(value.tobytes()).hexdigest()
+
+
+def _reshare(slim: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """Initializers the pre-pass created that equal one of the input's: read the input's."""
+    known = {t.name for t in original.graph.initializer} | {o.name for o in slim.graph.output}
+    by_key = {_key(t): t.name for t in slim.graph.initializer
+              if t.name in known and t.data_location != onnx.TensorProto.EXTERNAL}
+    rename = {}
+    for t in slim.graph.initializer:
+        if t.name not in known and t.data_location != onnx.TensorProto.EXTERNAL:
+            rename[t.name] = by_key.get(_key(t), t.name)
+    for node in slim.graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    kept = [t for t in slim.graph.initializer if rename.get(t.name, t.name) == t.name]
+    del slim.graph.initializer[:]
+    slim.graph.initializer.extend(kept)
+
+
+def _restore_weight_inputs(slim: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
+    """Initializers the input also lists as graph inputs (overridable weights; every one
+    before IR 4) stay listed; None, or why that cannot be."""
+    weights = {t.name for t in original.graph.initializer}
+    have = {t.name: t for t in slim.graph.initializer}
+    listed = []
+    for v in original.graph.input:
+        if v.name in weights and v.name not in have:
+            return f"onnxslim folds away the weight input '{v.name}'"
+        listed.append(v)
+    if original.ir_version < 4:
+        names = {v.name for v in listed}
+        listed += [onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                   for t in slim.graph.initializer if t.name not in names]
+    del slim.graph.input[:]
+    slim.graph.input.extend(listed)
+    return None
+
+
+def _differs(slim: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
+    """Why the simplified model is not a drop-in for the input (checker, ONNX Runtime, outputs
+    on random inputs with dynamic dims at 3), or None."""
+    from spa.backends import ort as ort_backend
+
+    try:
+        check_model(slim)
+    except Exception as exc:  # noqa: BLE001
+        return f"onnxslim's result fails the ONNX checker: {first_line(exc, default=type(exc).__name__)}"
+    feeds = ort_backend.random_feeds(original, dynamic=3)
+    try:
+        want = ort_backend.run(original, feeds, light=True)
+    except Exception:  # noqa: BLE001 - the input does not run on random inputs: loading must do
+        want = None
+    try:
+        got = ort_backend.run(slim, feeds, light=True) if want is not None else ort_backend.session(slim, light=True)
+    except Exception as exc:  # noqa: BLE001
+        return f"onnxslim's result fails in ONNX Runtime: {first_line(exc, default=type(exc).__name__)}"
+    for name, ref in (want or {}).items():
+        ref, out = np.asarray(ref), np.asarray(got[name])
+        if ref.shape != out.shape or ref.dtype != out.dtype:
+            return f"onnxslim's result changes output '{name}'"
+        if ref.dtype.kind == "f" and ref.size:
+            scale = float(np.abs(ref).max()) or 1.0
+            if not float(np.abs(ref.astype(np.float64) - out).max()) <= RTOL * scale:
+                return f"onnxslim's result changes output '{name}' beyond {RTOL:g}"
+        elif not np.array_equal(ref, out):
+            return f"onnxslim's result changes output '{name}'"
+    return None
+
+
+def simplify(model: Model) -> tuple[Model, dict]:
+    """(simplified model, stats); the model itself when onnxslim fails or would change the interface."""
+    stats = {"nodes_before": len(model.graph.node), "nodes_after": len(model.graph.node)}
+    if weight_bytes(model.proto) >= TWO_GB:
+        return model, {**stats, "status": "skipped", "reason": "over 2 GB of weights (onnxslim works in memory)"}
+    try:
+        import onnxslim
+    except ImportError:
+        raise SpaError("--simplify needs onnxslim, which is not installed", "pip install 'spa[simplify]'") from None
+    source = onnx.ModelProto()
+    source.CopyFrom(model.proto)
+    try:
+        with quiet_stdout():
+            slim = onnxslim.slim(source, skip_fusion_patterns=NUMERIC_FUSIONS)
+    except Exception as exc:  # noqa: BLE001 - a failed pre-pass leaves the model as it was
+        why = first_line(exc, default=type(exc).__name__)
+        return model, {**stats, "status": "skipped", "reason": f"onnxslim failed: {why}"}
+    if slim is None or _io(slim) != _io(model.proto):
+        return model, {**stats, "status": "skipped", "reason": "onnxslim would change the graph inputs/outputs"}
+    _reshare(slim, model.proto)
+    why = _restore_weight_inputs(slim, model.proto) or _differs(slim, model.proto)
+    if why:
+        return model, {**stats, "status": "skipped", "reason": why}
+    new = Model(slim, model.path, external_files=set(model.external_files))
+    infer_shapes(new)
+    return new, {**stats, "nodes_after": len(slim.graph.node), "status": "ok"}
