@@ -20,6 +20,7 @@ from spa.errors import SpaError
 from spa.graph import attr
 from spa.model import COPY, constant_node_value, copy_without_initializers
 from spa.rules import REWRITERS
+from spa.rules import key as rule_key
 
 
 def dropped_positions(analysis, plan: dict) -> dict:
@@ -260,7 +261,7 @@ def apply(analysis, plan: dict) -> onnx.ModelProto:
     proto = edit.bind(_copy_pruning_initializers(analysis.model.proto, edit, consts))
     _prune_constant_nodes(proto, edit, consts)
     for node in proto.graph.node:
-        fn = REWRITERS.get(node.op_type)
+        fn = REWRITERS.get(rule_key(node))
         if fn and any(n in touched for n in list(node.input) + list(node.output)):
             fn(node, edit)
     _update_value_infos(proto, edit)

@@ -29,6 +29,7 @@ from .cost import FLOAT_TYPES
 from .graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, uniform
 from .model import COPY, Model
 from .rules import RULES, Result
+from .rules import key as rule_key
 from .rules.shape import _digits
 from .unionfind import components
 
@@ -162,9 +163,7 @@ class _Spaces:
 
 
 def _node_rule(node):
-    if node.domain not in DEFAULT_DOMAINS:
-        return None
-    return RULES.get(node.op_type)
+    return RULES.get(rule_key(node))
 
 
 def _subgraph_captures(graph: onnx.GraphProto) -> set[str]:

@@ -12,7 +12,7 @@ from tests.conftest import ZOO_EXPORTERS
 from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
 
 pytest.importorskip("torch")
-from models import moe  # noqa: E402
+from models import moe
 
 CASES = [(s, e) for s in moe.STYLES for e in ZOO_EXPORTERS]
 

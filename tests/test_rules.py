@@ -1472,6 +1472,53 @@ def test_model_io_never_pruned(case):
     oracles(m, a)
 
 
+def _contrib_model(nodes, inits, x_shape=(2, 3, 4), y_shape=(2, 3, 5)):
+    """A model using ONNX Runtime contrib ops (domain com.microsoft), shapes filled by spa."""
+    from spa.model import Model, infer_shapes
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    model = Model(proto)
+    infer_shapes(model)
+    return model
+
+
+def test_contrib_gelu():
+    """onnxruntime.transformers' FastGelu(h, bias) is elementwise: the bias is a member.
+
+        x[2,3,4] -> MatMul W1[4,8] -> h -> FastGelu(h, b1[8]) -> g -> MatMul W2[8,5] -> y
+    """
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("FastGelu", ["h", "b1"], ["g"], domain="com.microsoft"),
+             node("MatMul", ["g", "W2"], ["y"])]
+    m = _contrib_model(nodes, [weight("W1", 4, 8), weight("b1", 8), weight("W2", 8, 5)])
+    a = analyze(m)
+    expect(group_of(a, "W1", 1), 8, {("W1", 1): ident(8), ("b1", 0): ident(8), ("W2", 0): ident(8)})
+    oracles(m, a)
+
+
+def test_contrib_skip_layernorm():
+    """SkipLayerNormalization(h, skip, gamma, beta): the residual stream is the hidden size.
+
+        x[2,3,4] ─ MatMul Wi[4,6] -> h ─┐
+                 └ MatMul Ws[4,6] -> s ─┴ SkipLayerNormalization(gamma, beta) -> n -> MatMul Wo[6,5] -> y
+    """
+    nodes = [node("MatMul", ["x", "Wi"], ["h"]), node("MatMul", ["x", "Ws"], ["s"]),
+             node("SkipLayerNormalization", ["h", "s", "gamma", "beta"], ["n"], domain="com.microsoft", epsilon=1e-5),
+             node("MatMul", ["n", "Wo"], ["y"])]
+    m = _contrib_model(nodes, [weight("Wi", 4, 6), weight("Ws", 4, 6), weight("gamma", 6), weight("beta", 6),
+                               weight("Wo", 6, 5)])
+    a = analyze(m)
+    hidden = group_of(a, "Wi", 1)
+    expect(hidden, 6, {("Wi", 1): ident(6), ("Ws", 1): ident(6), ("gamma", 0): ident(6), ("beta", 0): ident(6),
+                       ("Wo", 0): ident(6)}, zi=False, zi_reason="normalises over this axis")
+    assert hidden.stats_only and api.make_plan(a, 0.5) == {}
+    pruned = api.prune(a, api.make_plan(a, 0.5, prune_hidden=True))
+    out = ort_backend.run(pruned, {"x": np.ones((2, 3, 4), np.float32)})["y"]
+    assert out.shape == (2, 3, 5) and np.isfinite(out).all()
+
+
 # ---------------------------------------------------------------- the registry is covered
 
 def _attention(x_shape, shape_mode, norm="LayerNormalization"):
@@ -1588,7 +1635,7 @@ RULE_TESTS = {
     "conv": ["test_conv", "test_conv_depthwise", "test_conv_grouped", "test_conv_transpose"],
     "unary": ["test_unary", "test_cast_round_trip", "test_gelu_erf_pattern", "test_unary_not_zero_safe",
               "test_weight_through_unary", "test_second_output"],
-    "broadcast": ["test_broadcast", "test_broadcast_nhwc_vector", "test_gelu_erf_pattern"],
+    "broadcast": ["test_broadcast", "test_broadcast_nhwc_vector", "test_gelu_erf_pattern", "test_contrib_gelu"],
     "constant": ["test_constant_node_weights"],
     "gemm": ["test_gemm", "test_gemm_trans_a", "test_flatten_to_linear", "test_gap_to_linear"],
     "matmul": ["test_matmul", "test_matmul_weight_left", "test_flatten_nhwc", "test_gather_embedding"],
@@ -1617,6 +1664,7 @@ RULE_TESTS = {
     "pad": ["test_pad"],
     "resize": ["test_resize"],
     "layernorm": ["test_attention_heads", "test_hidden_size_through_norms"],
+    "skip_layernorm": ["test_contrib_skip_layernorm"],
 }
 
 REWRITER_TESTS = {

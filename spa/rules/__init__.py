@@ -29,8 +29,14 @@ RULES: dict[str, Callable] = {}
 REWRITERS: dict[str, Callable] = {}
 
 
+def key(node) -> str:
+    """Registry key of a node: its op type in the default domain, `domain:op_type` elsewhere
+    (ONNX Runtime's contrib ops: `com.microsoft:FastGelu`)."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}:{node.op_type}"
+
+
 def rule(*op_types: str):
-    """Register a coupling rule for the given default-domain op types."""
+    """Register a coupling rule for the given op types (`domain:op_type` outside the default domain)."""
 
     def deco(fn):
         for op in op_types:
@@ -129,4 +135,4 @@ class Result:
         self.nonzi.append((space, why, stats))
 
 
-from . import conv, elementwise, linear, norm, pool, shape  # noqa: F401  (register rules)
+from . import contrib, conv, elementwise, linear, norm, pool, shape  # noqa: F401  (register rules)
