@@ -139,11 +139,16 @@ def literal_sources(g: GraphIndex, name: str, depth: int = 0) -> list | None:
                 return None
             parts += sub
         return parts
-    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity"):
+    if node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Identity", "Reshape"):
         const = g.value(node.input[0])
         if const is not None:
             return [(node, 0, k) for k in range(const.size)]
         return literal_sources(g, node.input[0], depth + 1)
+    if node.op_type == "Mul":  # Shape(t)[a] * n (BLOOM's batch * heads): n is where the size is stored
+        for slot in (0, 1):
+            const = g.value(node.input[slot])
+            if const is not None and const.size == 1 and g.value(node.input[1 - slot]) is None:
+                return [(node, slot, 0)] * len(g.shape_value(name) or [])
     if node.op_type == "Where":  # TorchScript's Expand: Where(Equal(shape, -1), ones, shape), entry by entry
         cond, n = g.shape_value(node.input[0], depth + 1), len(g.shape_value(name) or [])
         branches = [literal_sources(g, x, depth + 1) or _no_sources(g, x) for x in node.input[1:3]]
@@ -309,6 +314,7 @@ _SHAPE_OPS = {
     "Squeeze": _sv_passthrough,
     "Cast": _sv_passthrough,
     "Identity": _sv_passthrough,
+    "Reshape": lambda g, node, depth: _sv_passthrough(g, node, depth) if g.rank(node.output[0]) == 1 else None,
     "Slice": _sv_slice,
 }
 

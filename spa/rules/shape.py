@@ -375,11 +375,15 @@ def _fold(node, ctx, res, x, y, sx, sy, mid_x, mid_y):
     when a nearby Reshape unfolds it by reading its size at run time (`Shape(x)[a]`), which
     re-couples it; an unfolded axis must read its size the same way, else it is pinned."""
     unfolded = _unfolded_downstream(y, ctx) if any(sx[a] not in (None, 1) for a in mid_x) else set()
+    tunnel = _literal_tunnel(node, ctx)
     for a in mid_x:
         if sx[a] is None or sx[a] == 1:
             continue
         if DimRef(x, a) in unfolded:
             res.free.add((x, a))
+        elif tunnel:
+            for other in tunnel:  # the same heads, wherever the folded axis is unfolded or folded again
+                res.same((x, a), other, ctx)
         else:
             res.pin((x, a), f"folded into a dynamic axis by {node.op_type} {ctx.label(node)}")
     entries = ctx.shape_value(node.input[1]) if node.op_type == "Reshape" else None
@@ -388,8 +392,104 @@ def _fold(node, ctx, res, x, y, sx, sy, mid_x, mid_y):
             continue
         if entries is not None and len(entries) == len(sy) and isinstance(entries[b], DimRef):
             res.free.add((y, b))  # shape_entries couples it with the axis whose size it reads
+        elif _literal_unfold(node, ctx, b) and _folds_upstream(node, b, ctx):
+            res.free.add((y, b))  # coupled by the literal folds upstream (_literal_tunnel)
         else:
             res.pin((y, b), f"unfolded from a dynamic axis by {node.op_type} {ctx.label(node)}")
+
+
+def _literal_fold(node, ctx):
+    """(folded axis, its size, stored literal) when this Reshape folds one static axis into a
+    dynamic one sized `Shape(t)[k] * n`, with n stored as a literal (BLOOM: [B, H, S, D] ->
+    [B*H, S, D], B*H = batch * 4); else None."""
+    x, y = node.input[0], node.output[0]
+    sx, sy = ctx.shape(x), ctx.shape(y)
+    if node.op_type != "Reshape" or sx is None or sy is None or align(sx, sy) is not None:
+        return None
+    static = [a for a in _align_ends(sx, sy)[1] if sx[a] not in (None, 1)]
+    entries, sources = ctx.shape_value(node.input[1]), ctx.literal_sources(node.input[1])
+    if len(static) != 1 or not entries or not sources or len(entries) != len(sy):
+        return None
+    size = sx[static[0]]
+    folds = [j for j, e in enumerate(entries) if isinstance(e, DimProd) and e.factor == size and sy[j] is None]
+    if len(folds) != 1 or sources[folds[0]] is None:
+        return None
+    return static[0], size, sources[folds[0]]
+
+
+def _literal_unfold(node, ctx, b) -> bool:
+    """Axis b of this Reshape's output unfolds a dynamic axis with a size stored as a literal."""
+    if node.op_type != "Reshape":
+        return False
+    entries, sources = ctx.shape_value(node.input[1]), ctx.literal_sources(node.input[1])
+    return bool(entries and sources and len(entries) > b and isinstance(entries[b], int) and sources[b] is not None)
+
+
+def _tunnel_ends(name, axis_size, ctx, up: bool, depth=0) -> list:
+    """Reshapes reached from `name` through batched ops (FOLD_SAFE), downstream (or upstream if
+    `up`), that unfold (fold) an axis of `axis_size` with literal sizes. None when the walk
+    leaves the attention arithmetic some other way (then nothing is coupled)."""
+    if depth > 8:
+        return None
+    nodes = [ctx.g.producer.get(name)] if up else ctx.consumers(name)
+    found = []
+    for user in nodes:
+        if user is None:
+            return None if up else found
+        if user.op_type == "Reshape" and (user.input[0] == name or up):
+            found.append(user)
+        elif user.op_type in FOLD_SAFE and not (user.op_type == "Softmax" and ctx.attr(user, "axis", -1) == 0):
+            nxt = [i for i in user.input if i and ctx.value(i) is None] if up else list(user.output)
+            for n in nxt:
+                more = _tunnel_ends(n, axis_size, ctx, up, depth + 1)
+                if more is None:
+                    return None
+                found += more
+        elif user.op_type != "Shape" or _read_for_unknown_use(user, ctx, ctx.rank(name) or 0):
+            return None  # the folded size is read by arithmetic spa does not follow (Div by heads)
+    return found
+
+
+def _folds_upstream(node, b, ctx) -> bool:
+    """Every fold upstream of this unfold couples its folded axis with output axis b."""
+    ends = _tunnel_ends(node.input[0], ctx.shape(node.output[0])[b], ctx, up=True)
+    return bool(ends) and all((node.output[0], b) in _literal_tunnel(r, ctx) for r in ends)
+
+
+def _literal_tunnel(node, ctx) -> list:
+    """The static axes this literal fold's channels must match: the unfolds (and re-folds'
+    inputs) it reaches, and the folds that share its stored batch x heads literal."""
+    fold = _literal_fold(node, ctx)
+    if fold is None:
+        return []
+    _, size, (src_node, _, _) = fold
+    ends = _tunnel_ends(node.output[0], size, ctx, up=False)
+    if not ends:
+        return []
+    spaces = []
+    for r in ends:
+        sy = ctx.shape(r.output[0]) or ()
+        axes = [b for b in range(len(sy)) if sy[b] == size and _literal_unfold(r, ctx, b)]
+        if len(axes) != 1:
+            return []
+        spaces.append((r.output[0], axes[0]))
+    for other in _literal_sharers(src_node, ctx):
+        theirs = _literal_fold(other, ctx)
+        if theirs is None or theirs[1] != size:
+            return []
+        spaces.append((other.input[0], theirs[0]))
+    return spaces
+
+
+def _literal_sharers(src_node, ctx, depth=0) -> list:
+    """Reshapes whose shape input reads the output of `src_node` (through shape arithmetic)."""
+    found = []
+    for user in ctx.consumers(src_node.output[0]) if depth < 8 else ():
+        if user.op_type == "Reshape" and user.input[1] == src_node.output[0]:
+            found.append(user)
+        elif user.op_type in SHAPE_ARITH or user.op_type == "Reshape":
+            found += _literal_sharers(user, ctx, depth + 1)
+    return found
 
 
 FOLD_SAFE = ("Transpose", "Mul", "Div", "Add", "Sub", "MatMul", "Softmax", "Cast", "Identity", "Where")
@@ -487,7 +587,7 @@ def shape_constant(node, edit):
     value = edit.value(node.input[idx])
     out = node.output[0]
     if value is None:
-        _computed_shape_literals(node.input[idx], out, edit)
+        _computed_shape_literals(node, node.input[idx], out, edit)
         return
     if value.ndim != 1 or len(value) != len(edit.old_shape(out)):
         return
@@ -557,15 +657,35 @@ def _uses_understood(name, ctx, depth):
         and name not in ctx.graph_outputs
 
 
-def _computed_shape_literals(shape_name, out, edit):
-    """Literal sizes inside a computed shape follow the pruned output axes, where they are stored."""
+def _computed_shape_literals(node, shape_name, out, edit):
+    """Literal sizes inside a computed shape follow the pruned output axes, where they are
+    stored; the n of a folded `Shape(t)[k] * n` follows the axis it folds."""
     entries = edit.index.shape_value(shape_name)
     sources = literal_sources(edit.index, shape_name)
     if entries is None or sources is None or len(entries) != len(edit.old_shape(out)):
         return
     for j, (e, src) in enumerate(zip(entries, sources)):
-        if src is None or isinstance(e, DimRef) or e <= 1 or e != edit.old_size((out, j)):
+        if src is None or isinstance(e, DimRef):
+            continue
+        if isinstance(e, DimProd):
+            _folded_literal(node, e, src, edit)
+            continue
+        if e <= 1 or e != edit.old_size((out, j)):
             continue
         new = edit.new_size((out, j))
         if new != e:
+            edit.set_const_element(*src, new)
+
+
+def _folded_literal(node, e, src, edit):
+    if node.op_type != "Reshape":
+        return
+    sx, sy = edit.old_shape(node.input[0]), edit.old_shape(node.output[0])
+    if align(sx, sy) is not None:
+        return
+    _, mid_x, _ = _align_ends(sx, sy)
+    static = [a for a in mid_x if sx[a] not in (None, 1)]
+    if len(static) == 1 and sx[static[0]] == e.factor:
+        new = edit.new_size((node.input[0], static[0]))
+        if new != e.factor:
             edit.set_const_element(*src, new)
