@@ -4,6 +4,7 @@
     spa prune MODEL --ratio R [-o OUT] [--criterion C] [--global] [--round-to N] [--prune-hidden]
                     [--simplify] [--exclude PATTERN] [--save-plan PLAN] [--json]
     spa prune MODEL --plan PLAN -o OUT
+    spa eval MODEL --data DATA.npz [--labels KEY] [--reference REF] [--json]
 
 Exit codes: 0 success, 1 a clear error (one line; traceback with -v), 2 usage error,
 3 a requested verification failed. `--json` prints one document on stdout; progress
@@ -31,6 +32,7 @@ from .planner import check_ratio, from_json, to_json
 
 ANALYZE_SCHEMA = 1
 PRUNE_SCHEMA = 1
+EVAL_SCHEMA = 1
 
 err = Console(stderr=True)
 SIMPLIFY_HELP = ("fold shape arithmetic over static sizes first (onnxslim), which frees axes that dynamic-axes "
@@ -68,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--prune-hidden", action="store_true", help="with --ratio: as for prune")
     a.add_argument("--seed", type=int, default=0, help="with --ratio and --criterion random")
     a.add_argument("-v", "--verbose", action="store_true")
+
+    e = sub.add_parser("eval", help="top-1 accuracy on data, and fidelity to a reference model")
+    e.add_argument("model")
+    e.add_argument("--data", required=True, help=".npz with one array per model input (first axis: samples)")
+    e.add_argument("--labels", help="key of the labels array in --data (prints top-1 accuracy)")
+    e.add_argument("--reference", help="model to compare outputs with (cosine, relative error)")
+    e.add_argument("--output", help="output holding the class scores (default: the first)")
+    e.add_argument("--batch", type=int, default=64, help="samples per run (default 64)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    e.add_argument("-v", "--verbose", action="store_true")
 
     r = sub.add_parser("prune", help="remove channels and write a smaller model")
     r.add_argument("model")
@@ -137,6 +149,32 @@ def _simplify(model, wanted: bool, quiet: bool):
     if stats["status"] != "ok" and not quiet:
         err.print(f"note: not simplified: {stats['reason']}", markup=False, highlight=False)
     return model, stats
+
+
+def _eval(args) -> int:
+    from .backends import ort as ort_backend
+    from .data import load_npz, split_labels
+    from .evaluate import evaluate
+
+    for path in filter(None, (args.model, args.reference)):
+        if not Path(path).is_file():
+            raise SpaError(f"cannot load model '{path}': no such file")
+    if args.batch < 1:
+        raise SpaError(f"invalid --batch {args.batch}: it must be a positive integer")
+    arrays = load_npz(args.data)
+    try:
+        inputs = [i.name for i in ort_backend.session(args.model, light=True).get_inputs()]
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's many load errors, as one line
+        raise SpaError(f"cannot load model '{args.model}' in ONNX Runtime: {first_line(exc)}") from None
+    feeds, labels = split_labels(arrays, inputs, args.labels)
+    with step("evaluating", args.json):
+        doc = evaluate(args.model, feeds, labels, args.reference, args.output, args.batch)
+    doc = {"schema_version": EVAL_SCHEMA, "model": args.model, "data": args.data, "reference": args.reference, **doc}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        report.print_eval(doc)
+    return 0
 
 
 def _output_path(args) -> Path:
@@ -217,7 +255,7 @@ def _prune(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"analyze": _analyze, "prune": _prune}[args.command](args)
+        return {"analyze": _analyze, "prune": _prune, "eval": _eval}[args.command](args)
     except SpaError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -80,6 +80,20 @@ def shape_locked(analysis) -> bool:
     return any(key in r for r in reasons for key in SHAPE_LOCKS)
 
 
+def print_eval(doc: dict) -> None:
+    line = f"{doc['model']}: {doc['samples']} samples"
+    if "accuracy" in doc:
+        line += f", top-1 accuracy {100 * doc['accuracy']:.2f}% (output '{doc['scored_output']}')"
+    out.print(line, highlight=False)
+    if "fidelity" in doc:
+        table = Table(title=f"fidelity to {doc['reference']}", title_justify="left")
+        for col in ("output", "cosine", "relative error", "max abs error"):
+            table.add_column(col, justify="right")
+        for name, f in doc["fidelity"].items():
+            table.add_row(name, f"{f['cosine']:.6f}", f"{f['rel_err']:.3g}", f"{f['max_abs']:.3g}")
+        out.print(table)
+
+
 def why_nothing(analysis) -> str:
     if not analysis.groups:
         graph = analysis.index.graph

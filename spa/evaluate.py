@@ -1,0 +1,87 @@
+"""Measured quality of a model on data: top-1 accuracy, and fidelity to a reference model.
+
+    model (+ reference) ─ONNX Runtime, batch by batch─▶ {accuracy, outputs: {cosine, rel_err, max_abs}}
+
+Fidelity compares every float output of `model` with the same output of `reference` over
+all samples: cosine similarity of the flattened outputs, relative error
+||a - b|| / ||b||, and the largest absolute difference. Accuracy is the share of samples
+whose arg-max over the last axis of the scored output equals the label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .data import as_batches
+from .errors import SpaError
+
+
+class _Fidelity:
+    """Running sums for cosine / relative error of one output."""
+
+    def __init__(self):
+        self.dot = self.aa = self.bb = self.dd = 0.0
+        self.max_abs = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        self.dot += float(a @ b)
+        self.aa += float(a @ a)
+        self.bb += float(b @ b)
+        d = a - b
+        self.dd += float(d @ d)
+        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
+
+    def result(self) -> dict:
+        cos = self.dot / max(np.sqrt(self.aa * self.bb), 1e-300) if self.aa and self.bb else float(self.aa == self.bb)
+        return {"cosine": cos, "rel_err": float(np.sqrt(self.dd) / max(np.sqrt(self.bb), 1e-300)),
+                "max_abs": self.max_abs}
+
+
+def _scored_output(names: list[str], output: str | None) -> str:
+    if output is None:
+        return names[0]
+    if output not in names:
+        raise SpaError(f"model has no output '{output}' (outputs: {names})")
+    return output
+
+
+def evaluate(model, data, labels=None, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
+    """Accuracy (with `labels`) and fidelity to `reference` (a model file or ModelProto).
+
+    `data`: arrays keyed by input name (batched here) or any iterable of feed dicts."""
+    from .backends import ort as ort_backend
+
+    sess = ort_backend.session(model)
+    ref_sess = ort_backend.session(reference) if reference is not None else None
+    names = [o.name for o in sess.get_outputs()]
+    scored = _scored_output(names, output)
+    if ref_sess is not None and not set(names) <= {o.name for o in ref_sess.get_outputs()}:
+        raise SpaError(f"the reference model lacks outputs of the model ({names})")
+    fid = {}
+    correct = seen = 0
+    for feeds in as_batches(data, batch_size):
+        got = dict(zip(names, sess.run(names, feeds)))
+        if labels is not None:
+            pred = np.argmax(got[scored], axis=-1)
+            y = np.asarray(labels[seen:seen + len(pred)])
+            if pred.shape != y.shape:
+                raise SpaError(f"output '{scored}' of shape {list(got[scored].shape)} does not give one class per "
+                               f"sample (labels {list(y.shape)})", "pick the class scores with --output")
+            correct += int((pred == y).sum())
+        seen += len(got[scored])
+        if ref_sess is not None:
+            want = dict(zip(names, ref_sess.run(names, feeds)))
+            for n in names:
+                if np.issubdtype(np.asarray(got[n]).dtype, np.floating):
+                    fid.setdefault(n, _Fidelity()).add(got[n], want[n])
+    if seen == 0:
+        raise SpaError("no samples in the data")
+    doc = {"samples": seen, "scored_output": scored}
+    if labels is not None:
+        if len(labels) != seen:
+            raise SpaError(f"{len(labels)} labels for {seen} samples")
+        doc["accuracy"] = correct / seen
+    if ref_sess is not None:
+        doc["fidelity"] = {n: f.result() for n, f in fid.items()}
+    return doc
