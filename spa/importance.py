@@ -67,6 +67,33 @@ def random(group, weights, data=None, seed=0) -> np.ndarray:
     return rng.random(group.size)
 
 
+def _channel_vectors(w: np.ndarray, m) -> np.ndarray:
+    """(channels, features): each channel's slices of `w` along the member axis, flattened."""
+    moved = np.moveaxis(w.astype(np.float64), m.axis, 0)
+    if isinstance(m.positions, np.ndarray):
+        return moved[m.positions].reshape(len(m.positions), -1)
+    flat = [moved[np.asarray(ix)].ravel() for ix in m.positions]
+    width = max(len(f) for f in flat)
+    return np.stack([np.pad(f, (0, width - len(f))) for f in flat])
+
+
+@criterion("fpgm")
+def fpgm(group, weights, data=None, seed=0) -> np.ndarray:
+    """Filter pruning via geometric median (He et al., CVPR 2019): a channel whose slices lie
+    close to all the others (near their geometric median) is replaceable, so it scores low.
+    Score = summed Euclidean distance to the other channels, per weight member, normalised
+    to mean 1 and averaged over members."""
+    members = [m for m in group.members if weights[m.tensor].ndim >= 2] or group.members
+    out = []
+    for m in members:
+        v = _channel_vectors(weights[m.tensor], m)
+        sq = np.square(v).sum(1)
+        dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * v @ v.T, 0.0)).sum(1)
+        mean = dist.mean()
+        out.append(dist / mean if mean > 0 else dist)
+    return np.mean(out, axis=0)
+
+
 def score(analysis, name: str, groups=None, seed: int = 0) -> dict[str, np.ndarray]:
     """Scores for every prunable group (or `groups`)."""
     fn = get(name)

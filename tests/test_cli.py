@@ -650,7 +650,7 @@ def test_analyze_table(capsys, work):
     assert res.rc == 0 and "groups" in res.out and "prunable" in res.out
 
 
-@pytest.mark.parametrize("criterion", ["l1", "l2", "random"])
+@pytest.mark.parametrize("criterion", ["l1", "l2", "random", "fpgm"])
 def test_save_plan_then_plan_is_byte_identical(capsys, work, criterion):
     r1 = spa(capsys, "prune", "m.onnx", "--ratio", "0.5", "--criterion", criterion, "--save-plan", "p.json", "-o", "a.onnx")
     assert r1.rc == 0, r1.err
