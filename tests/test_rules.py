@@ -585,12 +585,10 @@ def _broadcast_case(case):
         return [node("Sub", ["k", "h"], ["o"])], [weight("k", 1, 8, 1, 1)], {("k", 1): ident(8)}, True
     if case == "div_channel_const":
         return [node("Div", ["h", "k"], ["o"])], [weight("k", 8, 1, 1)], {("k", 0): ident(8)}, False
-    if case in ("div_own_rms", "div_own_rms_no_eps"):  # per-channel RMS over the spatial axes
-        nodes = [node("Mul", ["h", "h"], ["sq"]), node("ReduceMean", ["sq"], ["ms"], axes=[2, 3], keepdims=1)]
-        if case == "div_own_rms":
-            nodes.append(node("Add", ["ms", "eps"], ["mse"]))
-        nodes += [node("Sqrt", ["mse" if case == "div_own_rms" else "ms"], ["rms"]),
-                  node("Div", ["h", "rms"], ["o"])]
+    if case in ("div_own_rms", "div_own_rms_max"):  # per-channel RMS over the spatial axes
+        nodes = [node("Mul", ["h", "h"], ["sq"]), node("ReduceMean", ["sq"], ["ms"], axes=[2, 3], keepdims=1),
+                 node("Add" if case == "div_own_rms" else "Max", ["ms", "eps"], ["mse"]),
+                 node("Sqrt", ["mse"], ["rms"]), node("Div", ["h", "rms"], ["o"])]
         return nodes, [fconst("eps", 1e-6)], {}, case == "div_own_rms"
     if case == "div_scalar":
         return [node("Div", ["h", "k"], ["o"])], [fconst("k", [3.0])], {}, True
@@ -616,7 +614,7 @@ def _broadcast_case(case):
 
 
 @pytest.mark.parametrize("case", ["add_residual", "mul_se_gate", "mul_channel_const", "sub_channel_const",
-                                  "div_channel_const", "div_own_rms", "div_own_rms_no_eps", "div_scalar", "prelu", "Sum", "Mean", "Max", "Min",
+                                  "div_channel_const", "div_own_rms", "div_own_rms_max", "div_scalar", "prelu", "Sum", "Mean", "Max", "Min",
                                   "where_bool_mask", "mul_self", "castlike_h_like_scalar",
                                   "castlike_scalar_like_h"])
 def test_broadcast(case):
@@ -629,7 +627,8 @@ def test_broadcast(case):
         *_channel_const / prelu   a constant [8,1,1] or [1,8,1,1] (a member on its channel axis)
         div_channel_const         the divisor is a member: zeroing it gives inf, not zero-invariant
         div_own_rms               h / Sqrt(mean(h*h over H,W) + eps): a zeroed channel gives 0 / sqrt(eps) = 0
-                                  (zero-invariant; without eps, 0/0: not)
+                                  (zero-invariant; Max(mean, eps) is positive too, but spa does not
+                                  prove it: not)
         Sum/Mean/Max/Min          three inputs: h and two convs of h
         where_bool_mask           Where(mask[1,8,1,1] bool constant, h, 0): the mask is sliced, not a member
         castlike_*                CastLike(h, 1.0) and CastLike(2.0, h): the "like" input only gives a dtype
