@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -12,7 +14,7 @@ from spa.model import Model, infer_shapes
 
 def weight(name: str, *shape: int, seed: int = 0, dtype=np.float32) -> onnx.TensorProto:
     """A random initializer (values away from zero so zeroing is visible)."""
-    rng = np.random.default_rng(abs(hash((name, shape, seed))) % 2**32)
+    rng = np.random.default_rng([zlib.crc32(name.encode()), *shape, seed])  # same in every process
     return numpy_helper.from_array((rng.standard_normal(shape) + 0.1).astype(dtype), name)
 
 
