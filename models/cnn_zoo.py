@@ -583,11 +583,15 @@ def example_input(name: str, batch: int = 1, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 
 
+EXPORT_LOGGERS = ("torch", "torch.onnx", "torch.export", "onnxscript")
+
+
 @contextlib.contextmanager
-def quiet():
-    """Silence exporter warnings, logging and prints; re-raise errors with the output."""
+def quiet(extra_loggers: tuple[str, ...] = ()):
+    """Silence exporter warnings, logging (and `extra_loggers`) and prints; the output is in the
+    yielded buffer."""
     buf = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in EXPORT_LOGGERS + tuple(extra_loggers)]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -43,13 +43,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import argparse
-import contextlib
 import dataclasses
-import io
-import logging
 import sys
 import time
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -59,6 +55,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a file: make the `models` package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from models import cnn_zoo
 from models.cnn_zoo import ZooExportError, _one_line, _root_cause, output_path
 
 EXPORTERS = ("torchscript", "dynamo")
@@ -549,23 +546,9 @@ def count_params(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def quiet():
-    """Silence exporter/transformers warnings, logging and prints."""
-    buf = io.StringIO()
-    names = ("torch", "torch.onnx", "torch.export", "torch.fx", "onnxscript", "transformers")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buf), \
-                contextlib.redirect_stderr(buf):
-            warnings.simplefilter("ignore")
-            yield buf
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
+    """cnn_zoo.quiet, also silencing torch.fx and transformers."""
+    return cnn_zoo.quiet(("torch.fx", "transformers"))
 
 
 def _dynamic_dims(name: str, exporter: str) -> dict[str, str]:

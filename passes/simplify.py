@@ -57,12 +57,11 @@ def _key(t: onnx.TensorProto):
 def _reshare(slim: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """Initializers the pre-pass created that equal one of the input's: read the input's."""
     known = {t.name for t in original.graph.initializer} | {o.name for o in slim.graph.output}
-    by_key = {_key(t): t.name for t in slim.graph.initializer
-              if t.name in known and t.data_location != onnx.TensorProto.EXTERNAL}
-    rename = {}
-    for t in slim.graph.initializer:
-        if t.name not in known and t.data_location != onnx.TensorProto.EXTERNAL:
-            rename[t.name] = by_key.get(_key(t), t.name)
+    inline = [t for t in slim.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    new = [t for t in inline if t.name not in known]
+    kinds = {(t.data_type, tuple(t.dims)) for t in new}  # only tensors of those kinds can match: hash just them
+    by_key = {_key(t): t.name for t in inline if t.name in known and (t.data_type, tuple(t.dims)) in kinds}
+    rename = {t.name: by_key.get(_key(t), t.name) for t in new}
     for node in slim.graph.node:
         for i, name in enumerate(node.input):
             node.input[i] = rename.get(name, name)

@@ -433,6 +433,16 @@ class _Ties:
         return why
 
 
+def _readers(graph: onnx.GraphProto, keep=lambda node, slot: True) -> dict[str, list]:
+    """{tensor: [(node, input slot), ...]} for every read that `keep` accepts, in graph order."""
+    found: dict[str, list] = {}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if keep(node, slot):
+                found.setdefault(name, []).append((node, slot))
+    return found
+
+
 def untie_uniform(model: Model) -> int:
     """Give every use of a shared, uniform-valued float initializer its own copy (in place).
 
@@ -442,10 +452,7 @@ def untie_uniform(model: Model) -> int:
     pruned on its own; non-uniform shared weights (ALBERT's layers, tied embeddings) stay
     shared and are pruned alike for all uses. The prune pass merges equal copies back."""
     graph = model.graph
-    uses: dict[str, list] = {}
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            uses.setdefault(name, []).append((node, slot))
+    uses = _readers(graph)
     made = 0
     outputs = {o.name for o in graph.output}
     for t in list(graph.initializer):
@@ -477,11 +484,7 @@ def untie_shapes(model: Model) -> int:
     from .rules.shape import SHAPE_SINKS
 
     graph = model.graph
-    sinks: dict[str, list] = {}
-    for node in graph.node:
-        for slot, name in enumerate(node.input):
-            if (node.op_type, slot) in SHAPE_SINKS and node.domain in DEFAULT_DOMAINS:
-                sinks.setdefault(name, []).append((node, slot))
+    sinks = _readers(graph, lambda node, slot: (node.op_type, slot) in SHAPE_SINKS and node.domain in DEFAULT_DOMAINS)
     made = 0
     for at in range(len(graph.node) - 1, -1, -1):
         node = graph.node[at]

@@ -152,8 +152,7 @@ def _simplify(model, wanted: bool, quiet: bool):
 
 
 def _eval(args) -> int:
-    from .backends import ort as ort_backend
-    from .data import load_npz, split_labels
+    from .data import load_npz
     from .evaluate import evaluate
 
     for path in filter(None, (args.model, args.reference)):
@@ -162,13 +161,8 @@ def _eval(args) -> int:
     if args.batch < 1:
         raise SpaError(f"invalid --batch {args.batch}: it must be a positive integer")
     arrays = load_npz(args.data)
-    try:
-        inputs = [i.name for i in ort_backend.session(args.model, light=True).get_inputs()]
-    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's many load errors, as one line
-        raise SpaError(f"cannot load model '{args.model}' in ONNX Runtime: {first_line(exc)}") from None
-    feeds, labels = split_labels(arrays, inputs, args.labels)
     with step("evaluating", args.json):
-        doc = evaluate(args.model, feeds, labels, args.reference, args.output, args.batch)
+        doc = evaluate(args.model, arrays, args.labels, args.reference, args.output, args.batch)
     doc = {"schema_version": EVAL_SCHEMA, "model": args.model, "data": args.data, "reference": args.reference, **doc}
     if args.json:
         print(json.dumps(doc))

@@ -10,10 +10,12 @@ whose arg-max over the last axis of the scored output equals the label.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from .data import as_batches
-from .errors import SpaError
+from .data import as_batches, split_labels
+from .errors import SpaError, first_line
 
 
 class _Fidelity:
@@ -46,14 +48,29 @@ def _scored_output(names: list[str], output: str | None) -> str:
     return output
 
 
+def _session(model):
+    from .backends import ort as ort_backend
+
+    try:
+        return ort_backend.session(model)
+    except SpaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's many load errors, as one line
+        name = model if isinstance(model, (str, Path)) else "(in memory)"
+        raise SpaError(f"cannot load model '{name}' in ONNX Runtime: {first_line(exc)}") from None
+
+
 def evaluate(model, data, labels=None, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
     """Accuracy (with `labels`) and fidelity to `reference` (a model file or ModelProto).
 
-    `data`: arrays keyed by input name (batched here) or any iterable of feed dicts."""
-    from .backends import ort as ort_backend
-
-    sess = ort_backend.session(model)
-    ref_sess = ort_backend.session(reference) if reference is not None else None
+    `data`: arrays keyed by input name (batched here; other keys are ignored) or any iterable
+    of feed dicts. `labels`: an array, or with array `data` the key of its labels array."""
+    sess = _session(model)
+    if isinstance(data, dict):
+        key = labels if isinstance(labels, str) else None
+        data, found = split_labels(data, [i.name for i in sess.get_inputs()], key)
+        labels = found if key is not None else labels
+    ref_sess = _session(reference) if reference is not None else None
     names = [o.name for o in sess.get_outputs()]
     scored = _scored_output(names, output)
     if ref_sess is not None and not set(names) <= {o.name for o in ref_sess.get_outputs()}:

@@ -162,10 +162,14 @@ def literal_sources(g: GraphIndex, name: str, depth: int = 0) -> list | None:
 def _no_sources(g: GraphIndex, name: str) -> list | None:
     """No literal for any entry of `name` (None if even its length is unknown)."""
     values = g.shape_value(name)
-    if values is None:
-        shape = g.shape(name)
-        return [None] * shape[0] if shape is not None and len(shape) == 1 and isinstance(shape[0], int) else None
-    return [None] * len(values)
+    n = len(values) if values is not None else _static_length(g, name)
+    return None if n is None else [None] * n
+
+
+def _static_length(g: GraphIndex, name: str) -> int | None:
+    """Length of a 1-D tensor whose one dim is static, else None."""
+    shape = g.shape(name)
+    return shape[0] if shape is not None and len(shape) == 1 and isinstance(shape[0], int) else None
 
 
 def uniform(value) -> bool:
@@ -212,10 +216,10 @@ def _sv_concat(g: GraphIndex, node, depth):
     for i in node.input:
         p = g.shape_value(i, depth)
         if p is None:
-            shape = g.shape(i)
-            if shape is None or len(shape) != 1 or not isinstance(shape[0], int):
+            n = _static_length(g, i)
+            if n is None:
                 return None
-            p = [None] * shape[0]
+            p = [None] * n
         parts.append(p)
     return [e for p in parts for e in p]
 
@@ -258,39 +262,31 @@ def _broadcast_inputs(g: GraphIndex, node, depth, count: int):
     return vals if all(len(v) == n for v in vals) else None
 
 
-def _sv_mul(g: GraphIndex, node, depth):
-    vals = _broadcast_inputs(g, node, depth, 2)
-    if vals is None:
-        return None
-    a, b = vals
-    out = []
-    for x, y in zip(a, b):
-        if isinstance(x, int) and isinstance(y, int):
-            out.append(x * y)
-        elif isinstance(x, DimRef) and isinstance(y, int):
-            out.append(DimProd(x, y))
-        elif isinstance(y, DimRef) and isinstance(x, int):
-            out.append(DimProd(y, x))
-        else:
-            out.append(None)
-    return out
+def _entrywise(fn):
+    """A shape-op handler applying `fn(x, y)` to the broadcast entries of its two inputs."""
+    def handler(g: GraphIndex, node, depth):
+        vals = _broadcast_inputs(g, node, depth, 2)
+        return None if vals is None else [fn(x, y) for x, y in zip(*vals)]
+    return handler
 
 
-def _sv_equal(g: GraphIndex, node, depth):
-    """Entry-wise ==, decided where it can be: a run-time size is never negative."""
-    vals = _broadcast_inputs(g, node, depth, 2)
-    if vals is None:
-        return None
-    a, b = vals
-    out = []
-    for x, y in zip(a, b):
-        if isinstance(x, int) and isinstance(y, int):
-            out.append(int(x == y))
-        elif isinstance(y, int) and y < 0 and isinstance(x, (DimRef, DimProd)):
-            out.append(0)
-        else:
-            out.append(None)
-    return out
+def _mul_entry(x, y):
+    if isinstance(x, int) and isinstance(y, int):
+        return x * y
+    if isinstance(x, DimRef) and isinstance(y, int):
+        return DimProd(x, y)
+    if isinstance(y, DimRef) and isinstance(x, int):
+        return DimProd(y, x)
+    return None
+
+
+def _equal_entry(x, y):
+    """==, decided where it can be: a run-time size is never negative."""
+    if isinstance(x, int) and isinstance(y, int):
+        return int(x == y)
+    if isinstance(y, int) and y < 0 and isinstance(x, (DimRef, DimProd)):
+        return 0
+    return None
 
 
 def _sv_where(g: GraphIndex, node, depth):
@@ -303,10 +299,10 @@ def _sv_where(g: GraphIndex, node, depth):
 
 
 _SHAPE_OPS = {
-    "Equal": _sv_equal,
+    "Equal": _entrywise(_equal_entry),
     "Where": _sv_where,
-    "ConstantOfShape": lambda g, node, depth: _sv_fill(g, node, depth),
-    "Mul": _sv_mul,
+    "ConstantOfShape": _sv_fill,
+    "Mul": _entrywise(_mul_entry),
     "Shape": _sv_shape,
     "Gather": _sv_gather,
     "Concat": _sv_concat,

@@ -60,6 +60,7 @@ def test_cli_eval(files, capsys):
     ("missing_labels", "no labels key 'y'"),
     ("lengths", "disagree on the number of samples"),
     ("bad_output", "no output 'nope'"),
+    ("bad_model", "in ONNX Runtime"),
 ])
 def test_cli_eval_errors(files, capsys, case, message):
     d = files["dir"]
@@ -77,6 +78,9 @@ def test_cli_eval_errors(files, capsys, case, message):
     elif case == "lengths":
         np.savez(d / "short.npz", x=files["x"], labels=files["y"][:10])
         args[3] = str(d / "short.npz")
+    elif case == "bad_model":
+        (d / "junk.onnx").write_bytes(b"not a model")
+        args[1] = str(d / "junk.onnx")
     else:
         args += ["--output", "nope"]
     assert main(args) == 1

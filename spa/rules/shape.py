@@ -375,13 +375,15 @@ def _fold(node, ctx, res, x, y, sx, sy, mid_x, mid_y):
     when a nearby Reshape unfolds it by reading its size at run time (`Shape(x)[a]`), which
     re-couples it; an unfolded axis must read its size the same way, else it is pinned."""
     unfolded = _unfolded_downstream(y, ctx) if any(sx[a] not in (None, 1) for a in mid_x) else set()
-    tunnel = _literal_tunnel(node, ctx)
+    tunnel = None  # computed once, for the first folded axis no Shape read re-couples
     for a in mid_x:
         if sx[a] is None or sx[a] == 1:
             continue
         if DimRef(x, a) in unfolded:
             res.free.add((x, a))
-        elif tunnel:
+            continue
+        tunnel = _literal_tunnel(node, ctx) if tunnel is None else tunnel
+        if tunnel:
             for other in tunnel:  # the same heads, wherever the folded axis is unfolded or folded again
                 res.same((x, a), other, ctx)
         else:
@@ -425,10 +427,10 @@ def _literal_unfold(node, ctx, b) -> bool:
     return bool(entries and sources and len(entries) > b and isinstance(entries[b], int) and sources[b] is not None)
 
 
-def _tunnel_ends(name, axis_size, ctx, up: bool, depth=0) -> list:
-    """Reshapes reached from `name` through batched ops (FOLD_SAFE), downstream (or upstream if
-    `up`), that unfold (fold) an axis of `axis_size` with literal sizes. None when the walk
-    leaves the attention arithmetic some other way (then nothing is coupled)."""
+def _tunnel_ends(name, ctx, up: bool, depth=0) -> list:
+    """The Reshapes reached from `name` through batched ops (FOLD_SAFE), downstream (or upstream
+    if `up`): where the folded axis is unfolded (or was folded). None when the walk leaves the
+    attention arithmetic some other way (then nothing is coupled)."""
     if depth > 8:
         return None
     nodes = [ctx.g.producer.get(name)] if up else ctx.consumers(name)
@@ -441,7 +443,7 @@ def _tunnel_ends(name, axis_size, ctx, up: bool, depth=0) -> list:
         elif user.op_type in FOLD_SAFE and not (user.op_type == "Softmax" and ctx.attr(user, "axis", -1) == 0):
             nxt = [i for i in user.input if i and ctx.value(i) is None] if up else list(user.output)
             for n in nxt:
-                more = _tunnel_ends(n, axis_size, ctx, up, depth + 1)
+                more = _tunnel_ends(n, ctx, up, depth + 1)
                 if more is None:
                     return None
                 found += more
@@ -452,7 +454,7 @@ def _tunnel_ends(name, axis_size, ctx, up: bool, depth=0) -> list:
 
 def _folds_upstream(node, b, ctx) -> bool:
     """Every fold upstream of this unfold couples its folded axis with output axis b."""
-    ends = _tunnel_ends(node.input[0], ctx.shape(node.output[0])[b], ctx, up=True)
+    ends = _tunnel_ends(node.input[0], ctx, up=True)
     return bool(ends) and all((node.output[0], b) in _literal_tunnel(r, ctx) for r in ends)
 
 
@@ -463,7 +465,7 @@ def _literal_tunnel(node, ctx) -> list:
     if fold is None:
         return []
     _, size, (src_node, _, _) = fold
-    ends = _tunnel_ends(node.output[0], size, ctx, up=False)
+    ends = _tunnel_ends(node.output[0], ctx, up=False)
     if not ends:
         return []
     spaces = []
