@@ -153,26 +153,27 @@ def _slice(array: np.ndarray, name: str, edit: Edit) -> np.ndarray:
     return array
 
 
-def _copy_pruning_initializers(src, edit: Edit, names: set[str]) -> onnx.ModelProto:
-    """The output model: unchanged initializers copied, pruned ones sliced (never both)."""
+def _copy_pruning_initializers(src, edit: Edit, names: set[str], values: dict) -> onnx.ModelProto:
+    """The output model: unchanged initializers copied, pruned ones sliced (never both);
+    `values` replace the stored arrays first (compensated weights)."""
     proto = copy_without_initializers(src)
     for t in src.graph.initializer:
         if t.name in names:
-            sliced = _slice(numpy_helper.to_array(t), t.name, edit)
+            sliced = _slice(values[t.name] if t.name in values else numpy_helper.to_array(t), t.name, edit)
             proto.graph.initializer.append(numpy_helper.from_array(sliced, t.name))
         else:
             proto.graph.initializer.append(t)
     return proto
 
 
-def _prune_constant_nodes(proto, edit: Edit, names: set[str]) -> None:
+def _prune_constant_nodes(proto, edit: Edit, names: set[str], values: dict) -> None:
     """Constant nodes are sliced; an Identity copy of a constant becomes a sliced Constant."""
     for node in proto.graph.node:
         out = node.output[0] if node.output else ""
         if out not in names:
             continue
         if node.op_type == "Constant":
-            value = constant_node_value(node)
+            value = values[out] if out in values else constant_node_value(node)
         elif node.op_type == "Identity" and out in edit.index.aliases:
             value = edit.index.value(node.input[0])
             node.op_type = "Constant"
@@ -251,15 +252,17 @@ def check_plan(analysis, plan: dict) -> None:
             raise SpaError(f"plan removes locked channels {locked[:5]} of group '{gid}'")
 
 
-def apply(analysis, plan: dict) -> onnx.ModelProto:
-    """Return the pruned ModelProto (a copy: the analysed model is left as it was)."""
+def apply(analysis, plan: dict, values: dict | None = None) -> onnx.ModelProto:
+    """Return the pruned ModelProto (a copy: the analysed model is left as it was). `values`:
+    new arrays for some pruned parameters (same shapes), sliced instead of the stored ones."""
+    values = values or {}
     check_plan(analysis, plan)
     drops = dropped_positions(analysis, {g: c for g, c in plan.items() if c})
     touched = {t for (t, _) in drops}
     consts = {t for t in touched if analysis.index.is_const(t)}
     edit = Edit(analysis, drops)
-    proto = edit.bind(_copy_pruning_initializers(analysis.model.proto, edit, consts))
-    _prune_constant_nodes(proto, edit, consts)
+    proto = edit.bind(_copy_pruning_initializers(analysis.model.proto, edit, consts, values))
+    _prune_constant_nodes(proto, edit, consts, values)
     for node in proto.graph.node:
         fn = REWRITERS.get(rule_key(node))
         if fn and any(n in touched for n in list(node.input) + list(node.output)):

@@ -42,6 +42,10 @@ class Member:
     tensor: str
     axis: int
     positions: object = field(repr=False)
+    # what the slices do, from the rules: "in" (a weight consuming the channels in a contraction;
+    # `reads` = the activation space it reads), "scale" (a norm's per-channel gamma), or None
+    role: str | None = None
+    reads: tuple | None = None
 
     @property
     def indices(self) -> list:
@@ -49,7 +53,10 @@ class Member:
         return [int(p[0]) if len(p) == 1 else [int(v) for v in p] for p in self.positions]
 
     def to_json(self) -> dict:
-        return {"tensor": self.tensor, "axis": self.axis, "indices": self.indices}
+        doc = {"tensor": self.tensor, "axis": self.axis, "indices": self.indices}
+        if self.role:
+            doc["role"] = self.role
+        return doc
 
 
 @dataclass
@@ -193,6 +200,8 @@ class _Builder:
         self.nonzi: dict[int, str] = {}
         self.edges: list = []  # (space, space, op) for explaining locks; graphed on demand
         self.ties: list = []  # (merged space, [factor spaces], [sizes])
+        self.reads: list = []  # (weight space, activation space) from the rules
+        self.scales: list = []
         self._graph = None
 
     def pin(self, space, reason, positions=None):
@@ -252,6 +261,8 @@ class _Builder:
         for space, positions, why in res.pins:
             self.pin(space, why, positions)
             mentioned.add(space)
+        self.reads.extend(res.reads)
+        self.scales.extend(res.scales)
         for space, why, stats in res.nonzi:
             if space in self.sp.offset:
                 old = self.nonzi.get(space)
@@ -552,6 +563,7 @@ def _groups(index: GraphIndex, b: _Builder, ties: _Ties) -> list[Group]:
     reason_of = ties.reasons()
     order_of = _space_order(index)
     nonzi_sid = {sp.sid[s]: why for s, why in b.nonzi.items()}
+    roles = _roles(index, b)
     order = np.lexsort((ids, spc, lab, group_of))
     lab, ids, own, spc, group_of = lab[order], ids[order], own[order], spc[order], group_of[order]
     cuts = np.flatnonzero(np.diff(group_of)) + 1
@@ -559,6 +571,8 @@ def _groups(index: GraphIndex, b: _Builder, ties: _Ties) -> list[Group]:
     for g in zip(*(np.split(a, cuts) for a in (ids, lab, spc, own))):
         group = _make_group(index, sp, *g, is_const, reason_of, b, nonzi_sid, order_of)
         if group is not None:
+            for m in group.members:
+                m.role, m.reads = roles.get((m.tensor, m.axis), (None, None))
             groups.append(group)
     groups.sort(key=lambda g: (order_of.get(g.members[0].tensor, 1 << 30), g.members[0].tensor, g.members[0].axis, g.id))
     seen: dict[str, int] = {}
@@ -568,6 +582,34 @@ def _groups(index: GraphIndex, b: _Builder, ties: _Ties) -> list[Group]:
         if seen[base] > 1:
             g.id = f"{base}#{seen[base]}"
     return groups
+
+
+def _roles(index: GraphIndex, b: _Builder) -> dict:
+    """member space -> (role, activation space read): what the rules said about each parameter."""
+    roles = {}
+    for w, act in b.reads:
+        m = _member_space(index, w)
+        if m is not None and not _is_member_tensor(index, act[0]) and act in b.sp.offset:
+            roles.setdefault(m, ("in", act))
+    for s in b.scales:
+        m = _member_space(index, s)
+        if m is not None:
+            roles.setdefault(m, ("scale", None))
+    return roles
+
+
+def _member_space(index: GraphIndex, space):
+    """The parameter space behind `space`, through Identity/Cast/DequantizeLinear/Transpose."""
+    tensor, axis = space
+    while tensor and not _is_member_tensor(index, tensor):
+        node = index.producer.get(tensor)
+        if node is None or node.op_type not in ("Identity", "Cast", "DequantizeLinear", "Transpose"):
+            return None
+        if node.op_type == "Transpose":
+            perm = attr(node, "perm") or list(range(index.rank(node.input[0]) or 0))[::-1]
+            axis = perm[axis]
+        tensor = node.input[0]
+    return (tensor, axis) if tensor else None
 
 
 def _per_channel(local: np.ndarray, ch: np.ndarray, n: int):

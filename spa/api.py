@@ -24,30 +24,105 @@ def refuse_quantized(model: Model) -> None:
             )
 
 
+def statistics(analysis: Analysis, calib=None, max_samples: int = 512, batch_size: int = 64, progress=None):
+    """Activation statistics of what the prunable groups' consumers read: measured on `calib`
+    (arrays keyed by input name, or an iterable of feed dicts), or without it derived from the
+    graph alone (data-free: spa.moments)."""
+    from . import stats
+
+    if calib is None:
+        return stats.data_free(analysis)
+    return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
+
+
+def _scores(analysis: Analysis, criterion: str, seed: int, stats) -> dict:
+    importance.get(criterion)
+    need = importance.NEEDS.get(criterion)
+    if need == "calibration" and (stats is None or stats.source != "calibration"):
+        raise SpaError(f"criterion '{criterion}' needs calibration data",
+                       "pass --calib DATA.npz (arrays keyed by input name)")
+    if need and stats is None:
+        stats = statistics(analysis)
+    return importance.score(analysis, criterion, seed=seed, data=stats)
+
+
 def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", global_rank: bool = False,
               round_to: int = 1, max_group_ratio: float = 0.9, seed: int = 0,
-              prune_hidden: bool = False) -> dict:
+              prune_hidden: bool = False, stats=None) -> dict:
     """{group id: [channels to drop]} for every prunable group. Groups that are not exact only
-    through normalization statistics (a transformer's hidden size) need `prune_hidden`."""
+    through normalization statistics (a transformer's hidden size) need `prune_hidden`.
+    `stats` (from `statistics`) feed the data criteria; `obspa` derives them itself if absent."""
     planner.check_ratio(ratio)
     if round_to < 1:
         raise SpaError(f"invalid --round-to {round_to}: it must be a positive integer")
     if ratio == 0:
         return {}
-    scores = importance.score(analysis, criterion, seed=seed)
+    scores = _scores(analysis, criterion, seed, stats)
     groups = [g for g in analysis.groups if prune_hidden or not g.stats_only]
     if global_rank:
         return planner.global_(groups, scores, ratio, round_to, max_group_ratio)
     return planner.uniform(groups, scores, ratio, round_to)
 
 
-def prune(analysis: Analysis, plan: dict, check: bool = True) -> onnx.ModelProto:
+def plan_for_target(analysis: Analysis, kind: str, keep: float, criterion: str = "l1", round_to: int = 1,
+                    max_group_ratio: float = 0.9, seed: int = 0, prune_hidden: bool = False, stats=None) -> dict:
+    """The plan that keeps at most `keep` of the model's params or MACs (`kind`), channels
+    ranked globally (scores normalised per group, each group capped at `max_group_ratio`): the
+    smallest global ratio that meets the budget, found by bisection on spa.cost.estimate."""
+    from . import cost
+
+    if kind not in ("params", "macs"):
+        raise SpaError(f"unknown target '{kind}'", "choose params or macs")
+    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
+        raise SpaError(f"invalid --target-{kind} {keep}: it must be in (0, 1], the fraction of {kind} to keep")
+    scores = _scores(analysis, criterion, seed, stats)
+    groups = [g for g in analysis.groups if prune_hidden or not g.stats_only]
+    full = cost.estimate(analysis, {})[kind]
+    fraction = lambda plan: cost.estimate(analysis, plan)[kind] / max(full, 1)
+    plan_at = lambda r: planner.global_(groups, scores, r, round_to, max_group_ratio)
+    best = plan_at(0.999)
+    if fraction(best) > keep:
+        raise SpaError(f"cannot keep only {keep:g} of the {kind}: pruning every prunable group as far as allowed "
+                       f"keeps {fraction(best):.3f}", "raise --max-group-ratio, add --prune-hidden, or aim higher")
+    lo, hi = 0.0, 0.999
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        plan = plan_at(mid)
+        if fraction(plan) <= keep:
+            hi, best = mid, plan
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    return best
+
+
+def compensation(analysis: Analysis, plan: dict, calib=None, stats=None, max_samples: int = 512,
+                 batch_size: int = 64, progress=None) -> tuple[dict, list[str]]:
+    """({tensor: updated weights}, notes): the OBS update of the consumers of the planned
+    channels (spa.obspa). With `calib`: group by group in graph order, each measured on the
+    model with the earlier groups already removed and compensated. Without: one shot, from
+    `stats` or the graph's own moments (data-free)."""
+    from . import obspa
+
+    if calib is not None:
+        return obspa.sequential(analysis, plan, calib, max_samples, batch_size, progress)
+    stats = statistics(analysis) if stats is None else stats
+    values = obspa.compensate(analysis, plan, stats)
+    return values, list(stats.notes)
+
+
+def prune(analysis: Analysis, plan: dict, check: bool = True, compensate=None) -> onnx.ModelProto:
     """Apply `plan`; with `check`, the result passes onnx.checker with full_check (else
     VerificationError). Over 2 GB a model can only be checked from its file: save it, then
-    `check_against(path, original)` (the CLI does this on the temp file before renaming)."""
+    `check_against(path, original)` (the CLI does this on the temp file before renaming).
+    `compensate`: updated weights from `compensation` (or Stats, compensated in one shot), so
+    the remaining channels take over what the removed ones carried."""
     from .passes import prune as prune_pass
 
-    proto = prune_pass.apply(analysis, plan)
+    if compensate is not None and not isinstance(compensate, dict):
+        compensate = compensation(analysis, plan, stats=compensate)[0]
+    proto = prune_pass.apply(analysis, plan, compensate)
     if check and weight_bytes(proto) < TWO_GB:
         check_against(proto, analysis.model.proto)
     return proto
@@ -75,13 +150,10 @@ def checker_message(model, full: bool = True) -> str | None:
     return None
 
 
-def zeroed(analysis: Analysis, plan: dict) -> onnx.ModelProto:
-    """The original model with every member slice of the planned channels set to zero."""
-    from onnx import numpy_helper
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(analysis.model.proto)
-    values = {}
+def zeroed(analysis: Analysis, plan: dict, values: dict | None = None) -> onnx.ModelProto:
+    """The original model with every member slice of the planned channels set to zero
+    (`values`: arrays that replace some parameters first, e.g. compensated weights)."""
+    values = {k: np.array(v) for k, v in (values or {}).items()}
     for gid, channels in plan.items():
         for m in analysis.group(gid).members:
             arr = values.setdefault(m.tensor, np.array(analysis.index.value(m.tensor)))
@@ -89,6 +161,15 @@ def zeroed(analysis: Analysis, plan: dict) -> onnx.ModelProto:
                 idx = [slice(None)] * arr.ndim
                 idx[m.axis] = np.asarray(m.positions[c])
                 arr[tuple(idx)] = 0
+    return with_values(analysis.model.proto, values)
+
+
+def with_values(source: onnx.ModelProto, values: dict) -> onnx.ModelProto:
+    """A copy of `source` whose initializers/Constant nodes named in `values` hold those arrays."""
+    from onnx import numpy_helper
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(source)
     for t in proto.graph.initializer:
         if t.name in values:
             t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))

@@ -4,6 +4,8 @@
     spa prune MODEL --ratio R [-o OUT] [--criterion C] [--global] [--round-to N] [--prune-hidden]
                     [--simplify] [--exclude PATTERN] [--save-plan PLAN] [--json]
     spa prune MODEL --plan PLAN -o OUT
+    spa prune MODEL --ratio R --criterion obspa [--calib DATA.npz] [--no-compensate]
+    spa prune MODEL --target-params F | --target-macs F [--criterion C]
     spa eval MODEL --data DATA.npz [--labels KEY] [--reference REF] [--json]
 
 Exit codes: 0 success, 1 a clear error (one line; traceback with -v), 2 usage error,
@@ -26,6 +28,7 @@ from rich.console import Console
 from . import __version__, api, cost, importance, report
 from .analysis import analyze
 from .blocks import attention_blocks
+from .data import load_npz
 from .errors import SpaError, first_line
 from .model import check_writable, load, save, write_text_atomic
 from .planner import check_ratio, from_json, to_json
@@ -51,6 +54,9 @@ def step(what: str, quiet: bool = False):
     err.print(f"[dim]{what}: {time.perf_counter() - start:.2f} s[/dim]")
 
 
+CALIB_HELP = ".npz of calibration inputs keyed by input name: activation statistics for the criteria and --compensate"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="Structured pruning of ONNX models.")
     p.add_argument("--version", action="version", version=f"spa {__version__}")
@@ -68,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     preview.add_argument("--plan", help="preview a plan file: attention blocks' sizes before -> after")
     a.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA), help="with --ratio")
     a.add_argument("--prune-hidden", action="store_true", help="with --ratio: as for prune")
+    a.add_argument("--calib", metavar="DATA", help="with --ratio: " + CALIB_HELP)
     a.add_argument("--seed", type=int, default=0, help="with --ratio and --criterion random")
     a.add_argument("-v", "--verbose", action="store_true")
 
@@ -86,8 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     how = r.add_mutually_exclusive_group(required=True)
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
     how.add_argument("--plan", help="apply an explicit plan file (from --save-plan)")
+    how.add_argument("--target-params", type=float, metavar="F",
+                     help="keep at most this fraction of the parameters, channels ranked globally")
+    how.add_argument("--target-macs", type=float, metavar="F",
+                     help="keep at most this fraction of the MACs, channels ranked globally")
     r.add_argument("-o", "--output", help="output model (default: MODEL.pruned.onnx beside the input)")
-    r.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA))
+    r.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA),
+                   help="channel scores (default l1); obspa, mean-act and apoz use activation statistics")
+    r.add_argument("--calib", metavar="DATA", help=CALIB_HELP)
+    r.add_argument("--calib-samples", type=int, default=512, metavar="N", help="samples of --calib to use (512)")
+    r.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="update the consumers of removed channels (OBS) so no fine-tuning is needed "
+                        "(default: on for obspa); calibrated with --calib, else data-free")
     r.add_argument("--global", dest="global_rank", action="store_true",
                    help="rank channels across all groups instead of the same ratio in each")
     r.add_argument("--max-group-ratio", type=float, default=0.9,
@@ -108,6 +125,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _statistics(args, analysis, calib, quiet: bool):
+    """Activation statistics when the criterion or --compensate needs them, else None."""
+    if not (importance.NEEDS.get(args.criterion) or args.compensate):
+        return None
+    what = f"calibration, {args.calib_samples} samples" if calib is not None else "data-free"
+    with step(f"activation statistics ({what})", quiet):
+        return api.statistics(analysis, calib, max_samples=args.calib_samples)
+
+
+def _plan(args, analysis, stats, quiet: bool) -> dict:
+    with step(f"scoring ({args.criterion}) + planning", quiet):
+        if args.target_params is not None or args.target_macs is not None:
+            kind = "params" if args.target_params is not None else "macs"
+            keep = args.target_params if kind == "params" else args.target_macs
+            return api.plan_for_target(analysis, kind, keep, args.criterion, args.round_to, args.max_group_ratio,
+                                       args.seed, args.prune_hidden, stats)
+        return api.make_plan(analysis, args.ratio, args.criterion, args.global_rank, args.round_to,
+                             args.max_group_ratio, args.seed, prune_hidden=args.prune_hidden, stats=stats)
+
+
+def _compensation(args, analysis, plan, calib, stats, quiet: bool):
+    if not args.compensate or not plan:
+        return None, []
+    with step("compensating the consumers (OBS" + (", group by group)" if calib is not None else ", data-free)"),
+              quiet):
+        return api.compensation(analysis, plan, calib, stats, max_samples=args.calib_samples)
+
+
+def _notes(notes: list, quiet: bool) -> None:
+    if quiet or not notes:
+        return
+    for line in notes[:5]:
+        err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
+    if len(notes) > 5:
+        err.print(f"note: ... and {len(notes) - 5} more (--json lists them all)", markup=False, highlight=False)
+
+
 def _analyze(args) -> int:
     with step("load + shape inference", args.json):
         model = load(args.model)
@@ -118,8 +172,13 @@ def _analyze(args) -> int:
     with step("analysis", args.json):
         analysis = analyze(model, exclude=args.exclude)
     if args.ratio is not None:
+        stats = None
+        if args.calib and importance.NEEDS.get(args.criterion):
+            with step("activation statistics (calibration)", args.json):
+                stats = api.statistics(analysis, load_npz(args.calib))
         with step(f"scoring ({args.criterion}) + planning", args.json):
-            plan = api.make_plan(analysis, args.ratio, args.criterion, seed=args.seed, prune_hidden=args.prune_hidden)
+            plan = api.make_plan(analysis, args.ratio, args.criterion, seed=args.seed, prune_hidden=args.prune_hidden,
+                                 stats=stats)
     blocks = attention_blocks(analysis, plan)
     doc = report.analysis_json(analysis, ANALYZE_SCHEMA, blocks)
     doc["simplify"] = simplified
@@ -198,11 +257,20 @@ def _prune(args) -> int:
         if Path(args.save_plan).resolve() == out.resolve():
             raise SpaError(f"--save-plan and -o both name '{out}'", "write the plan to another file")
     plan = _read_plan(args.plan) if args.plan else None
+    targeted = args.target_params is not None or args.target_macs is not None
     if plan is None:  # bad numbers fail before any slow work
-        check_ratio(args.ratio)
+        if not targeted:
+            check_ratio(args.ratio)
         check_ratio(args.max_group_ratio, "--max-group-ratio")
         if args.round_to < 1:
             raise SpaError(f"invalid --round-to {args.round_to}: it must be a positive integer")
+    if args.calib_samples < 1:
+        raise SpaError(f"invalid --calib-samples {args.calib_samples}: it must be a positive integer")
+    if args.compensate is None:
+        args.compensate = plan is None and args.criterion == "obspa"
+    if plan is None and importance.NEEDS.get(args.criterion) == "calibration" and not args.calib:
+        raise SpaError(f"criterion '{args.criterion}' needs calibration data", "pass --calib DATA.npz")
+    calib = load_npz(args.calib) if args.calib else None
     quiet = args.json
     with step("load + shape inference", quiet):
         model = load(args.model)
@@ -212,14 +280,17 @@ def _prune(args) -> int:
     model, simplified = _simplify(model, args.simplify, quiet)
     with step("analysis", quiet):
         analysis = analyze(model, exclude=args.exclude)
+    stats = None
     if plan is None:
-        if args.ratio > 0 and not any(g.prunable for g in analysis.groups):
+        if (targeted or args.ratio > 0) and not any(g.prunable for g in analysis.groups):
             raise SpaError(f"nothing to prune in '{args.model}': {report.why_nothing(analysis)}")
-        with step(f"scoring ({args.criterion}) + planning", quiet):
-            plan = api.make_plan(analysis, args.ratio, args.criterion, args.global_rank, args.round_to,
-                                 args.max_group_ratio, args.seed, prune_hidden=args.prune_hidden)
+        stats = _statistics(args, analysis, calib, quiet)
+        plan = _plan(args, analysis, stats, quiet)
+    values, notes = _compensation(args, analysis, plan, calib, stats, quiet)
+    notes = list(dict.fromkeys((stats.notes if stats else []) + notes))
+    _notes(notes, quiet)
     with step("pruning", quiet):
-        pruned = api.prune(analysis, plan, check=False)  # checked below, from the written file
+        pruned = api.prune(analysis, plan, check=False, compensate=values)  # checked below, from the written file
     blocks = attention_blocks(analysis, plan)
     counts = (len(analysis.groups), sum(g.prunable for g in analysis.groups))
     del analysis  # it holds the input's weights; the checks read the input from its file
@@ -238,6 +309,9 @@ def _prune(args) -> int:
         write_text_atomic(args.save_plan, json.dumps(to_json(plan), indent=1))
     doc = report.prune_json(args, counts, before, pruned, plan, out, check, PRUNE_SCHEMA, blocks)
     doc["simplify"] = simplified
+    doc["compensated"] = values is not None
+    doc["statistics"] = None if stats is None else {"source": stats.source, "samples": stats.samples}
+    doc["notes"] = notes
     if args.json:
         print(json.dumps(doc))
     else:

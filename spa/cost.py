@@ -59,3 +59,27 @@ def macs(model: Model) -> int:
 
 def summary(model: Model) -> dict:
     return {"params": params(model), "macs": macs(model)}
+
+
+def estimate(analysis, plan: dict) -> dict:
+    """Params and MACs the model will have once `plan` is applied, from shapes alone (the
+    planner's budget search runs it many times; pruning would copy every weight each time)."""
+    from .passes.prune import dropped_positions
+
+    cuts: dict = {}
+    for (tensor, axis), pos in dropped_positions(analysis, plan).items():
+        cuts.setdefault(tensor, {})[axis] = len(pos)
+    model = analysis.model
+    shapes = dict(model.shapes)
+    for tensor, cut in cuts.items():
+        if shapes.get(tensor) is not None:
+            shapes[tensor] = tuple(d - cut.get(k, 0) if d else d for k, d in enumerate(shapes[tensor]))
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and not _is_copy(t.name, dims):
+            total += _numel(shapes.get(t.name, dims[t.name]) if t.name in cuts else dims[t.name])
+    for node in model.graph.node:
+        if node.op_type == "Constant" and model.dtypes.get(node.output[0]) in FLOAT_TYPES:
+            total += _numel(shapes.get(node.output[0]) or ())
+    return {"params": total, "macs": sum(_node_macs(n, shapes) for n in model.graph.node)}

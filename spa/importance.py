@@ -1,9 +1,11 @@
-"""Channel importance criteria: `(group, weights) -> scores[group.size]`.
+"""Channel importance criteria: `(group, weights, data, seed) -> scores[group.size]`.
 
-A criterion sees only the group's members (parameter slices), never op types. Magnitude
-criteria score each weight member (rank >= 2; vectors such as biases or BatchNorm
-statistics only when a group has no weight member), normalise each member's scores to
-mean 1 so a large layer does not drown a small one, and average over members.
+A criterion sees only the group's members (parameter slices, with the roles the rules gave
+them), never op types. Magnitude criteria score each weight member (rank >= 2; vectors such
+as biases or BatchNorm statistics only when a group has no weight member), normalise each
+member's scores to mean 1 so a large layer does not drown a small one, and average over
+members. Criteria that need activation statistics (`needs`) get a spa.stats.Stats as `data`:
+"calibration" ones only from data, "moments" ones also from the graph alone (data-free).
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from collections.abc import Callable
 import numpy as np
 
 CRITERIA: dict[str, Callable] = {}
+NEEDS: dict[str, str] = {}  # criterion -> "calibration" | "moments"
 
 
-def criterion(name: str):
+def criterion(name: str, needs: str | None = None):
     def deco(fn):
         CRITERIA[name] = fn
+        if needs:
+            NEEDS[name] = needs
         return fn
 
     return deco
@@ -94,8 +99,69 @@ def fpgm(group, weights, data=None, seed=0) -> np.ndarray:
     return np.mean(out, axis=0)
 
 
-def score(analysis, name: str, groups=None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Scores for every prunable group (or `groups`)."""
+def _fallback(group, weights, data, why: str) -> np.ndarray:
+    if data is not None:
+        data.note(f"group '{group.id}' {why}: scored by l1")
+    return l1(group, weights)
+
+
+@criterion("bn-scale")
+def bn_scale(group, weights, data=None, seed=0) -> np.ndarray:
+    """|gamma| of the group's normalization scales (Network Slimming, Liu et al. 2017); groups
+    without one (BatchNorm folded into the conv by the exporter) fall back to l1."""
+    scales = [m for m in group.members if m.role == "scale"]
+    if not scales:
+        return _fallback(group, weights, data, "has no normalization scale")
+    out = []
+    for m in scales:
+        mag = np.abs(weights[m.tensor].astype(np.float64))
+        s = np.array([mag[np.asarray(p)].mean() for p in m.positions])
+        out.append(s / s.mean() if s.mean() > 0 else s)
+    return np.mean(out, axis=0)
+
+
+def _activation(group, weights, data, stat) -> np.ndarray:
+    """Average over the spaces the group's consumers read of `stat(moments)` per channel."""
+    out = []
+    for space in dict.fromkeys(m.reads for m in group.members if m.role == "in"):
+        mom = data.get(space) if space is not None else None
+        pos = group.positions.get(space)
+        if mom is not None and pos is not None:
+            per_pos = stat(mom)
+            out.append(np.array([per_pos[np.asarray(p)].mean() for p in pos]))
+    if not out:
+        return _fallback(group, weights, data, "has no consumer whose input was measured")
+    return np.mean(out, axis=0)
+
+
+@criterion("mean-act", needs="calibration")
+def mean_activation(group, weights, data=None, seed=0) -> np.ndarray:
+    """Mean |activation| of each channel where its consumers read it (calibration data)."""
+    return _activation(group, weights, data, lambda m: m.abs_mean)
+
+
+@criterion("apoz", needs="calibration")
+def apoz(group, weights, data=None, seed=0) -> np.ndarray:
+    """1 - APoZ, the average percentage of zeros of each channel's activations (Hu et al. 2016):
+    a channel that is mostly zero after its ReLU scores low."""
+    return _activation(group, weights, data, lambda m: 1.0 - m.zeros)
+
+
+@criterion("obspa", needs="moments")
+def obspa(group, weights, data=None, seed=0) -> np.ndarray:
+    """Optimal Brain Surgeon saliency of each channel on the group's consumers (spa.obspa):
+    the reconstruction error their outputs suffer when it goes. Lower = safer to remove."""
+    from . import obspa as obs
+
+    sal = obs.saliency(group, weights, data)
+    if sal is None:
+        return _fallback(group, weights, data, "has no analysable consumer (no weight reads it with known statistics)")
+    return sal
+
+
+def score(analysis, name: str, groups=None, seed: int = 0, data=None) -> dict[str, np.ndarray]:
+    """Scores for every prunable group (or `groups`); `data`: a spa.stats.Stats where the
+    criterion needs one."""
     fn = get(name)
     groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
     # one group's weights at a time (peak memory near two groups, not the model); neighbours
@@ -103,5 +169,5 @@ def score(analysis, name: str, groups=None, seed: int = 0) -> dict[str, np.ndarr
     scores, held = {}, {}
     for g in groups:
         held = {m.tensor: held[m.tensor] if m.tensor in held else analysis.index.value(m.tensor) for m in g.members}
-        scores[g.id] = fn(g, held, seed=seed)
+        scores[g.id] = fn(g, held, data=data, seed=seed)
     return scores

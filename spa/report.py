@@ -153,6 +153,8 @@ def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, 
         "input": str(args.model),
         "output": str(out_path),
         "ratio": args.ratio,
+        "target": {k: getattr(args, f"target_{k}", None) for k in ("params", "macs")
+                   if getattr(args, f"target_{k}", None) is not None} or None,
         "plan_file": args.plan,
         "criterion": None if args.plan else args.criterion,
         "global": bool(args.global_rank),

@@ -11,6 +11,12 @@ A rule looks at one node and states, for the axes of its inputs and outputs:
 - nonzi: a space where zeroed channels still change other channels (Softmax, LRN, a
   divisor), so removing them is not exact: the group is not zero-invariant.
 
+Rules also name the roles parameters play, for criteria that must not look at op types:
+
+- reads: a weight axis contracted with an activation axis (Conv/Gemm/MatMul inputs): the
+  weight slices that consume a channel, and the activation they read (OBSPA, activations);
+- scales: a per-channel scale (BatchNorm/LayerNorm gamma): bn-scale.
+
 Every input/output axis a rule leaves unmentioned is pinned (never guess). An op with
 no rule is a barrier: all its spaces are pinned. A rule may also register a rewriter,
 called by the prune pass to update attributes or shape constants of the node.
@@ -96,6 +102,8 @@ class Result:
     free: set = field(default_factory=set)
     nonzi: list = field(default_factory=list)  # (Space, reason)
     ties: list = field(default_factory=list)  # (merged Space, [factor Spaces], [factor sizes])
+    reads: list = field(default_factory=list)  # (weight Space, activation Space) contracted together
+    scales: list = field(default_factory=list)  # Spaces of per-channel scales
 
     def couple(self, a: Space, b: Space, pairs: np.ndarray) -> None:
         self.couplings.append((a, b, pairs))
@@ -124,6 +132,16 @@ class Result:
         """`whole` is the row-major product of `parts` (sizes `dims`): its position p is the
         cell of digits (p // prod(dims[k+1:])) % dims[k], removed with any of its factors."""
         self.ties.append((whole, list(parts), [int(d) for d in dims]))
+
+    def read(self, weight: Space, activation: Space) -> None:
+        """`weight`'s axis multiplies `activation`'s axis and sums it away (a contraction).
+        Either side may be the constant; the analysis keeps the pairs whose weight is one."""
+        self.reads.append((weight, activation))
+        self.reads.append((activation, weight))
+
+    def scale(self, space: Space) -> None:
+        """`space` is a per-channel multiplicative scale of its channels (a norm's gamma)."""
+        self.scales.append(space)
 
     def pin(self, space: Space, why: str, positions=None) -> None:
         self.pins.append((space, positions, why))

@@ -40,6 +40,8 @@ def conv(node, ctx, res):
         res.free.add((w, 1))
     else:
         res.couple((part, 1), (w, 1), modulo(n_part, n_part // g))
+        if g == 1:
+            res.read((w, 0 if node.op_type == "ConvTranspose" else 1), (x, 1))
         if g > 1:
             res.couple((full, 1), (full, 1), modulo(n_full, n_full // g))
     for t in (x, y):

@@ -20,6 +20,7 @@ def gemm(node, ctx, res):
     b_k, b_n = (1, 0) if tb else (0, 1)
     res.same((a, a_m), (y, 0), ctx)
     res.same((a, a_k), (b, b_k), ctx)
+    res.read((b, b_k), (a, a_k))
     res.same((b, b_n), (y, 1), ctx)
     if len(node.input) > 2 and node.input[2]:
         c = node.input[2]
@@ -35,6 +36,7 @@ def matmul(node, ctx, res):
     if ra is None or rb is None or ry is None:
         return
     res.same((a, ra - 1), (b, max(rb - 2, 0)), ctx)
+    res.read((b, max(rb - 2, 0)), (a, ra - 1))
     if ra >= 2:
         res.same((a, ra - 2), (y, ry - 2 if rb >= 2 else ry - 1), ctx)
     if rb >= 2:

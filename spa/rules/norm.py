@@ -27,6 +27,7 @@ def batchnorm(node, ctx, res):
     for p in node.input[1:5]:
         if p:
             res.same((p, 0), (y, 1), ctx)
+    res.scale((node.input[1], 0))
 
 
 @rule("InstanceNormalization")
@@ -36,6 +37,7 @@ def instancenorm(node, ctx, res):
         res.same((x, k), (y, k), ctx)
     for p in node.input[1:3]:
         res.same((p, 0), (y, 1), ctx)
+    res.scale((node.input[1], 0))
     for k in range(2, ctx.rank(x) or 0):
         res.pin((x, k), f"statistics of InstanceNormalization {ctx.label(node)} span this axis")
 
@@ -70,6 +72,8 @@ def layernorm(node, ctx, res):
     for p in node.input[1:3]:
         for k in range(ctx.rank(p) or 0):  # scale/bias broadcast against the normalized axes
             res.same((p, k), (y, rank - (ctx.rank(p) or 0) + k), ctx)
+    if len(node.input) > 1 and ctx.rank(node.input[1]) == 1:
+        res.scale((node.input[1], 0))
     for stat in node.output[1:3]:  # mean / inv_std_dev: [.., 1, ..] on the normalized axes
         for k in range(ctx.rank(stat) or 0):
             if k < axis:

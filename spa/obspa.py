@@ -1,0 +1,128 @@
+"""OBSPA: group-level Optimal Brain Surgeon saliency and compensation (docs/obspa.md).
+
+    group ─"in" members─▶ consumer weights W (rows: positions along the read axis)
+          ─Stats─▶ H = E[x xᵀ] of what they read ─▶ saliency of channel c (positions P):
+                   tr(W_Pᵀ [(H⁻¹)_PP]⁻¹ W_P) / tr(Wᵀ H W)        (relative output error)
+    plan ─▶ per consumer: R = kept positions ─▶ W_R ← (H_RR)⁻¹ E[x_R xᵀ] W,  W_S ← 0
+
+The update is the least-squares optimum (the OBS update in closed form): the remaining inputs
+take over what the removed ones carried, as far as their correlations allow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAMP = 0.01  # H + DAMP * mean(diag H) * I: removed channels may be (near) constant
+
+
+def hessian(stats, member, d: int) -> np.ndarray | None:
+    """E[x xᵀ] of what `member` reads (d x d), or None when unknown or of another width."""
+    mom = stats.get(member.reads) if stats is not None and member.reads is not None else None
+    if mom is None or len(mom.sq) != d:
+        return None
+    return mom.gram if mom.gram is not None else np.diag(mom.sq)
+
+
+def inverse(h: np.ndarray) -> np.ndarray:
+    damp = DAMP * max(float(np.mean(np.diag(h))), 1e-12)
+    return np.linalg.inv(h + damp * np.eye(len(h)))
+
+
+def rows(w: np.ndarray, axis: int) -> np.ndarray:
+    """`w` with `axis` first, flattened to (d, rest): each row one position of the read axis."""
+    return np.moveaxis(np.asarray(w, dtype=np.float64), axis, 0).reshape(w.shape[axis], -1)
+
+
+def member_saliency(w: np.ndarray, member, h: np.ndarray) -> np.ndarray:
+    """Relative output error of the consumer when each channel alone is removed (OBS)."""
+    w2 = rows(w, member.axis)
+    hinv = inverse(h)
+    energy = max(float(np.sum((h @ w2) * w2)), 1e-30)
+    pos = member.positions
+    if isinstance(pos, np.ndarray):
+        blocks = hinv[pos[:, :, None], pos[:, None, :]]
+        wp = w2[pos]
+        sal = np.sum(np.linalg.solve(blocks, wp) * wp, axis=(1, 2))
+    else:
+        sal = np.array([np.sum(np.linalg.solve(hinv[np.ix_(p, p)], w2[p]) * w2[p]) for p in pos])
+    return sal / energy
+
+
+def consumers(group) -> list:
+    return [m for m in group.members if m.role == "in"]
+
+
+def saliency(group, weights, stats) -> np.ndarray | None:
+    """Summed relative error over the group's analysable consumers; None if it has none."""
+    total, used = np.zeros(group.size), 0
+    for m in consumers(group):
+        h = hessian(stats, m, weights[m.tensor].shape[m.axis])
+        if h is not None:
+            total += member_saliency(weights[m.tensor], m, h)
+            used += 1
+    return total if used else None
+
+
+def _dropped(analysis, plan: dict) -> dict:
+    """(tensor, axis) -> (member, set of dropped positions) for every "in" member of the plan."""
+    out = {}
+    for gid, channels in plan.items():
+        for m in consumers(analysis.group(gid)):
+            entry = out.setdefault((m.tensor, m.axis), (m, set()))
+            for c in channels:
+                entry[1].update(int(p) for p in np.ravel(m.positions[c]))
+    return out
+
+
+def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
+    """{tensor: updated array}: consumer weights with the OBS update for the dropped channels
+    (`base`: current arrays of some tensors). Consumers without statistics keep their weights
+    (listed in `stats.notes`).
+
+    The update is least squares on the kept positions R: W_R <- (H_RR + damp)⁻¹ E[x'_R xᵀ] W, so
+    the layer's output from the kept inputs x' best matches its output from all inputs x (x' = x
+    one-shot; with paired statistics x is the reference model's and x' the pruned model's)."""
+    base = base or {}
+    updated = {}
+    for (tensor, axis), (member, dropped) in _dropped(analysis, plan).items():
+        w = updated.get(tensor, base.get(tensor))
+        w = analysis.index.value(tensor) if w is None else w
+        h = hessian(stats, member, w.shape[axis])
+        if h is None or not dropped:
+            if h is None:
+                stats.note(f"no statistics for what '{tensor}' reads: not compensated")
+            continue
+        mom = stats.get(member.reads)
+        cross = mom.cross if mom.cross is not None else h
+        w2 = rows(w, axis)
+        keep = np.setdiff1d(np.arange(len(h)), np.array(sorted(dropped)))
+        h_rr = h[np.ix_(keep, keep)]
+        damp = DAMP * max(float(np.mean(np.diag(h_rr))), 1e-12)
+        new = np.zeros_like(w2)
+        new[keep] = np.linalg.solve(h_rr + damp * np.eye(len(keep)), cross[:, keep].T @ w2)
+        moved = np.moveaxis(np.asarray(w), axis, 0)
+        updated[tensor] = np.moveaxis(new.reshape(moved.shape), 0, axis).astype(w.dtype)
+    return updated
+
+
+def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: int = 64, progress=None):
+    """Calibrated compensation one group at a time, in graph order: each group's consumers are
+    measured on the model with the earlier groups already removed (zeroed) and compensated, so
+    their updates also absorb what the earlier removals changed (errors do not compound).
+    Returns ({tensor: array}, Stats of the last step, for its notes)."""
+    from .api import zeroed
+    from .stats import calibrate, read_spaces
+
+    values, notes = {}, []
+    order = [g for g in analysis.groups if plan.get(g.id)]
+    done: dict = {}
+    for k, group in enumerate(order):
+        current = zeroed(analysis, done, values)
+        stats = calibrate(analysis, calib, read_spaces(analysis, [group]), max_samples, batch_size, source=current)
+        values.update(compensate(analysis, {group.id: plan[group.id]}, stats, values))
+        notes += [n for n in stats.notes if n not in notes]
+        done[group.id] = plan[group.id]
+        if progress is not None:
+            progress(k + 1, len(order))
+    return values, notes
