@@ -116,12 +116,30 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect nodes/initializers whose name matches (glob; repeatable)")
     r.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
+    r.add_argument("--sensitivity", metavar="SENS", help="with --ratio: a `spa sensitivity --json` result; each "
+                   "group is pruned at most as far as its measured loss stays within --max-loss")
+    r.add_argument("--max-loss", type=float, default=0.01, help="with --sensitivity: 1 - cosine allowed per group")
     r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
     r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
     r.add_argument("--no-check", dest="check", action="store_false",
                    help="skip running the pruned model in ONNX Runtime before writing it")
     r.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     r.add_argument("-v", "--verbose", action="store_true")
+    s = sub.add_parser("sensitivity", help="fidelity loss of each group pruned alone, per ratio")
+    s.add_argument("model")
+    s.add_argument("--calib", required=True, help=CALIB_HELP)
+    s.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], metavar="R")
+    s.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA))
+    s.add_argument("--group", action="append", metavar="ID", help="measure only these groups (repeatable)")
+    s.add_argument("--output", help="measure only this output (default: all float outputs)")
+    s.add_argument("--max-samples", type=int, default=256, help="calibration samples used (256)")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--exclude", action="append", default=[], metavar="PATTERN")
+    s.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--plot", metavar="OUT", help="loss vs ratio per group (.png or .svg)")
+    s.add_argument("--json", action="store_true", help="print the result as JSON (input of prune --sensitivity)")
+    s.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -136,6 +154,12 @@ def _statistics(args, analysis, calib, quiet: bool):
 
 def _plan(args, analysis, stats, quiet: bool) -> dict:
     with step(f"scoring ({args.criterion}) + planning", quiet):
+        if args.sensitivity:
+            from . import sensitivity
+
+            ratios = sensitivity.protect(sensitivity.read(args.sensitivity), args.ratio, args.max_loss)
+            scores = api._scores(analysis, args.criterion, args.seed, stats)
+            return sensitivity.plan_with_ratios(analysis, scores, ratios, args.round_to)
         if args.target_params is not None or args.target_macs is not None:
             kind = "params" if args.target_params is not None else "macs"
             keep = args.target_params if kind == "params" else args.target_macs
@@ -160,6 +184,50 @@ def _notes(notes: list, quiet: bool) -> None:
         err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
     if len(notes) > 5:
         err.print(f"note: ... and {len(notes) - 5} more (--json lists them all)", markup=False, highlight=False)
+
+
+def _sensitivity(args) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from . import sensitivity
+
+    if not Path(args.model).is_file():
+        raise SpaError(f"cannot load model '{args.model}': no such file")
+    for r in args.ratios:
+        check_ratio(r)
+    if args.plot:  # fail before the slow part
+        check_writable(args.plot, args.model)
+        sensitivity.check_plot(args.plot)
+    arrays = load_npz(args.calib)
+    with step("load + shape inference", args.json):
+        model = load(args.model)
+    model, simplified = _simplify(model, args.simplify, args.json)
+    with step("analysis", args.json):
+        analysis = analyze(model, exclude=args.exclude)
+    if not any(g.prunable for g in analysis.groups):
+        raise SpaError(f"nothing to measure in '{args.model}': {report.why_nothing(analysis)}")
+    with Progress(console=err, transient=True, disable=args.json) as bar:
+        task = bar.add_task("sensitivity (groups x ratios)", total=None)
+        doc = sensitivity.sensitivity(
+            analysis, arrays, args.ratios, args.criterion, groups=args.group, batch_size=args.batch,
+            seed=args.seed, max_samples=args.max_samples, output=args.output,
+            progress=lambda done, total: bar.update(task, completed=done, total=total))
+    doc = {**doc, "model": args.model, "calib": args.calib, "simplify": simplified}
+    if args.plot:
+        sensitivity.plot(doc, args.plot)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    table = Table(title=f"sensitivity of {args.model} (1 - cosine vs the dense model, {doc['samples']} samples)",
+                  title_justify="left")
+    for i, col in enumerate(sensitivity.table_columns(doc)):
+        table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
+    for row in sensitivity.table_rows(doc):
+        table.add_row(*row)
+    report.out.print(table)
+    _notes(doc["notes"], False)
+    return 0
 
 
 def _analyze(args) -> int:
@@ -264,6 +332,8 @@ def _prune(args) -> int:
         check_ratio(args.max_group_ratio, "--max-group-ratio")
         if args.round_to < 1:
             raise SpaError(f"invalid --round-to {args.round_to}: it must be a positive integer")
+    if args.sensitivity and (plan is not None or targeted):
+        raise SpaError("--sensitivity goes with --ratio (the most any group is pruned)")
     if args.calib_samples < 1:
         raise SpaError(f"invalid --calib-samples {args.calib_samples}: it must be a positive integer")
     if args.compensate is None:
@@ -323,7 +393,7 @@ def _prune(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"analyze": _analyze, "prune": _prune, "eval": _eval}[args.command](args)
+        return {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity}[args.command](args)
     except SpaError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -153,7 +153,7 @@ def obspa(group, weights, data=None, seed=0) -> np.ndarray:
     the reconstruction error their outputs suffer when it goes. Lower = safer to remove."""
     from . import obspa as obs
 
-    sal = obs.saliency(group, weights, data)
+    sal = obs.greedy(group, weights, data)
     if sal is None:
         return _fallback(group, weights, data, "has no analysable consumer (no weight reads it with known statistics)")
     return sal

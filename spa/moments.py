@@ -3,7 +3,7 @@
     model input          ─▶ N(0, I) along axis 1
     BatchNorm / LayerNorm ─▶ N(beta, diag(gamma) R diag(gamma))   (R: correlations of its input)
     Conv / Gemm / MatMul  ─▶ N(W mean + b, W C Wᵀ)                  (spatial positions independent)
-    elementwise chains    ─▶ Gauss-Hermite nodes pushed through the ops (onnx.reference)
+    elementwise chains    ─▶ quadrature nodes pushed through the ops (onnx.reference)
     pooling, Flatten, Transpose, Concat ─▶ the same channels, moved
 
 A normalization is where the truth re-enters: its running statistics (BatchNorm) or its
@@ -24,8 +24,10 @@ import numpy as np
 from .graph import attr
 from .stats import GRAM_MAX, Moments
 
-NODES, WEIGHTS = np.polynomial.hermite_e.hermegauss(16)
-WEIGHTS = WEIGHTS / WEIGHTS.sum()
+# a fine grid under the standard normal, not Gauss-Hermite: activations have kinks (Relu, Clip)
+# that polynomial quadrature integrates poorly
+NODES = np.linspace(-6.0, 6.0, 121)
+WEIGHTS = np.exp(-NODES**2 / 2) / np.exp(-NODES**2 / 2).sum()
 ELEMENTWISE = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Erf",
                "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "Neg", "Abs", "Add", "Sub", "Mul", "Div", "Max",
                "Min", "Identity", "Dropout", "Cast", "Sqrt", "Pow", "Exp"}
@@ -47,7 +49,9 @@ class Dist:
     basis: int
 
     @classmethod
-    def gaussian(cls, axis: int, rank: int, mean: np.ndarray, cov: np.ndarray) -> Dist:
+    def gaussian(cls, axis: int, rank: int, mean: np.ndarray, cov: np.ndarray) -> Dist | None:
+        if len(mean) > GRAM_MAX:
+            return None  # too wide to carry a covariance: the trail ends
         std = np.sqrt(np.maximum(np.diag(cov), 0.0))
         return cls(axis, rank, mean, cov, mean + std * NODES[:, None], next(_basis))
 
@@ -99,8 +103,10 @@ def _value(index, name):
     return None if v is None else np.asarray(v, dtype=np.float64)
 
 
-def _linear(dist: Dist, w: np.ndarray, bias, axis: int, rank: int) -> Dist:
+def _linear(dist: Dist, w: np.ndarray, bias, axis: int, rank: int) -> Dist | None:
     """y = x @ w + bias along the channel axis (w: d_in x d_out)."""
+    if w.shape[1] > GRAM_MAX:
+        return None
     mean, cov = dist.mean, dist.cov()
     out_mean = mean @ w + (0.0 if bias is None else bias)
     if w.shape[0] * w.shape[1] * max(w.shape) > MAX_FLOPS:
@@ -115,6 +121,8 @@ def _conv(node, dist, index, rank) -> Dist | None:
     if w is None or dist.axis != 1:
         return None
     g, m, c = attr(node, "group", 1), w.shape[0], w.shape[1]
+    if m > GRAM_MAX:
+        return None
     taps = w.reshape(m, c, -1)
     mean, cov = dist.mean, dist.cov()
     if g == 1 and c == len(mean):

@@ -17,11 +17,12 @@ DAMP = 0.01  # H + DAMP * mean(diag H) * I: removed channels may be (near) const
 
 
 def hessian(stats, member, d: int) -> np.ndarray | None:
-    """E[x xᵀ] of what `member` reads (d x d), or None when unknown or of another width."""
+    """E[x xᵀ] of what `member` reads (d x d), or None when unknown, of another width or wider
+    than spa.stats.GRAM_MAX (a Flatten into a classifier: no full matrix is kept)."""
     mom = stats.get(member.reads) if stats is not None and member.reads is not None else None
-    if mom is None or len(mom.sq) != d:
+    if mom is None or len(mom.sq) != d or mom.gram is None:
         return None
-    return mom.gram if mom.gram is not None else np.diag(mom.sq)
+    return mom.gram
 
 
 def inverse(h: np.ndarray) -> np.ndarray:
@@ -39,14 +40,56 @@ def member_saliency(w: np.ndarray, member, h: np.ndarray) -> np.ndarray:
     w2 = rows(w, member.axis)
     hinv = inverse(h)
     energy = max(float(np.sum((h @ w2) * w2)), 1e-30)
-    pos = member.positions
+    return _block_saliency(w2, hinv, member.positions) / energy
+
+
+def _block_saliency(w2: np.ndarray, hinv: np.ndarray, pos) -> np.ndarray:
+    if isinstance(pos, np.ndarray) and pos.shape[1] == 1:  # one position per channel: no solves
+        p = pos[:, 0]
+        return np.einsum("ij,ij->i", w2[p], w2[p]) / np.maximum(np.diag(hinv)[p], 1e-30)
     if isinstance(pos, np.ndarray):
         blocks = hinv[pos[:, :, None], pos[:, None, :]]
         wp = w2[pos]
-        sal = np.sum(np.linalg.solve(blocks, wp) * wp, axis=(1, 2))
-    else:
-        sal = np.array([np.sum(np.linalg.solve(hinv[np.ix_(p, p)], w2[p]) * w2[p]) for p in pos])
-    return sal / energy
+        return np.sum(np.linalg.solve(blocks, wp) * wp, axis=(1, 2))
+    return np.array([np.sum(np.linalg.solve(hinv[np.ix_(p, p)], w2[p]) * w2[p]) for p in pos])
+
+
+GREEDY_BUDGET = 3e8  # multiply-adds: above this a group is scored in one shot
+
+
+def greedy(group, weights, stats) -> np.ndarray | None:
+    """OBS removal order: remove the channel of least summed relative error, apply the OBS
+    update to the consumers (weights and inverse Hessians), repeat. Score = the accumulated error
+    when the channel went, so redundant channels (copies of each other) are not all dropped.
+    Falls back to one-shot `saliency` when the group is too large for the budget."""
+    found = []
+    for m in consumers(group):
+        w = weights[m.tensor]
+        h = hessian(stats, m, w.shape[m.axis])
+        if h is not None:
+            found.append((m, rows(w, m.axis), h))
+    if not found:
+        return None
+    cost = sum(group.size * (len(h) ** 2 + w2.size) for _, w2, h in found)
+    if cost * max(np.size(found[0][0].positions[0]), 1) > GREEDY_BUDGET:
+        return saliency(group, weights, stats)
+    state = [(m.positions, w2.copy(), inverse(h), max(float(np.sum((h @ w2) * w2)), 1e-30)) for m, w2, h in found]
+    alive = np.ones(group.size, dtype=bool)
+    scores, total = np.zeros(group.size), 0.0
+    for _ in range(group.size):
+        err = sum(_block_saliency(w2, hinv, pos) / energy for pos, w2, hinv, energy in state)
+        err[~alive] = np.inf
+        c = int(np.argmin(err))
+        total += float(err[c])
+        scores[c], alive[c] = total, False
+        for pos, w2, hinv, _ in state:
+            p = np.ravel(pos[c])
+            step = hinv[:, p] @ np.linalg.inv(hinv[np.ix_(p, p)])
+            w2 -= step @ w2[p]
+            hinv -= step @ hinv[p, :]
+            hinv[p, :] = hinv[:, p].T * 0
+            hinv[np.ix_(p, p)] = np.eye(len(p))  # removed: decoupled, never chosen again
+    return scores
 
 
 def consumers(group) -> list:
@@ -54,7 +97,8 @@ def consumers(group) -> list:
 
 
 def saliency(group, weights, stats) -> np.ndarray | None:
-    """Summed relative error over the group's analysable consumers; None if it has none."""
+    """Summed relative error over the group's analysable consumers, each channel removed alone
+    (one shot); None if it has none."""
     total, used = np.zeros(group.size), 0
     for m in consumers(group):
         h = hessian(stats, m, weights[m.tensor].shape[m.axis])

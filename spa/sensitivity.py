@@ -1,23 +1,26 @@
 """Layer-wise sensitivity: the fidelity lost when one group alone is pruned, per ratio.
 
     data ─as_batches, ≤ max_samples─▶ feeds ─probe model─▶ dense outputs (once)
+                                     feeds ─stats.calibrate─▶ activation statistics (data criteria only)
     per group: score once ─▶ per ratio: planner.uniform([g]) ─▶ plan
         zero-invariant: plan ─zeroed member slices, fed as overridable initializers─▶ outputs
         otherwise:      plan ─prune (physically)─▶ model ─▶ outputs
     outputs vs dense ─▶ loss = 1 - cosine, rel_err ─▶ {"groups": [{"id", "loss": [per ratio], ...}]}
     sens ─protect(ratio, max_loss)─▶ {group id: ratio} ─plan_with_ratios─▶ plan
-    sens ─table_rows / plot─▶ what the CLI shows
+    sens ─table_rows / plot─▶ what the CLI shows;  file ─read─▶ sens
 
 For a zero-invariant group, zeroing the dropped channels' member slices gives exactly the
 pruned model's outputs (DESIGN.md oracle 1), so one ONNX Runtime session serves every such
 trial: the member tensors become overridable initializers (graph inputs with defaults) and
 each trial feeds the zeroed copies. Fidelity is measured over all float outputs together
 (or `output`): cosine similarity and relative error ||a - b|| / ||b|| of the flattened values.
-A trial whose outputs are not finite gets the worst loss, 2.0, and rel_err None.
+A trial whose outputs are not finite (where the dense outputs are) gets the worst loss, 2.0,
+and rel_err None.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,8 @@ SCHEMA = 1
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 WORST = 2.0  # 1 - cosine is at most 2
 PLOT_FORMATS = (".png", ".svg")
+CONSTANT_OPS = ("Constant", "ConstantOfShape", "Identity")  # as api.zeroed
+FLOAT_OUTPUTS = {"tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"}
 LEGEND_TOP = 10
 
 
@@ -40,25 +45,30 @@ LEGEND_TOP = 10
 
 
 def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=None, batch_size: int = 64,
-                progress=None, seed: int = 0, max_samples: int = 256, output: str | None = None) -> dict:
+                progress=None, seed: int = 0, max_samples: int = 256, output: str | None = None,
+                stats=None) -> dict:
     """Fidelity loss of each group pruned alone at each ratio (see the module docstring).
 
     `groups`: Group objects or ids (default: prunable groups but the hidden size, as make_plan).
     `data`: arrays keyed by input name (other keys ignored) or an iterable of feed dicts.
-    `progress(done, total)` is called after each trial (total = groups x ratios)."""
+    `progress(done, total)` is called after each trial (total = groups x ratios).
+    `stats`: activation statistics (spa.api.statistics) for the criteria that need them;
+    measured on the same samples of `data` when such a criterion gets none."""
     ratios = _check_ratios(ratios)
+    importance.get(criterion)  # an unknown criterion fails before any work
     groups = _pick_groups(analysis, groups)
     probe = _Probe(analysis, groups, output)
     feeds = _calibration(data, probe.inputs, batch_size, max_samples)
+    stats = _statistics(analysis, criterion, groups, feeds, stats)
     dense = probe.outputs(feeds, {})
-    if not all(np.isfinite(v).all() for d in dense for v in d.values()):
-        raise SpaError("the model gives non-finite outputs on the calibration data", "check the data's scale")
+    if any(np.isnan(v).any() for d in dense for v in d.values()):
+        raise SpaError("the model gives NaN outputs on the calibration data", "check the data (values, scale)")
     total, done = len(groups) * len(ratios), 0
     if progress is not None:
         progress(0, total)
     rows = []
     for g in groups:
-        scores = importance.score(analysis, criterion, groups=[g], seed=seed)
+        scores = importance.score(analysis, criterion, groups=[g], seed=seed, data=stats)
         row = {"id": g.id, "size": g.size, "zero_invariant": bool(g.zero_invariant),
                "loss": [], "rel_err": [], "channels_dropped": []}
         for r in ratios:
@@ -72,7 +82,8 @@ def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=Non
                 progress(done, total)
         rows.append(row)
     return {"schema_version": SCHEMA, "criterion": criterion, "ratios": ratios,
-            "samples": sum(_count(f) for f in feeds), "output": output, "groups": rows}
+            "samples": sum(_count(f) for f in feeds), "output": output,
+            "notes": list(getattr(stats, "notes", [])), "groups": rows}
 
 
 def _check_ratios(ratios) -> list[float]:
@@ -82,6 +93,16 @@ def _check_ratios(ratios) -> list[float]:
     for r in ratios:
         planner.check_ratio(r)
     return ratios
+
+
+def _statistics(analysis, criterion: str, groups: list, feeds: list[dict], stats):
+    """`stats`, or for a criterion that needs activation statistics, those of `feeds`."""
+    if stats is not None or criterion not in importance.NEEDS:
+        return stats
+    from . import stats as activation_stats
+
+    spaces = activation_stats.read_spaces(analysis, groups)
+    return activation_stats.calibrate(analysis, feeds, spaces, max_samples=sum(_count(f) for f in feeds))
 
 
 def _pick_groups(analysis, groups) -> list:
@@ -102,11 +123,14 @@ def _pick_groups(analysis, groups) -> list:
 
 
 def _count(feeds: dict) -> int:
-    return len(next(iter(feeds.values()))) if feeds else 0
+    """Samples in a batch: the first axis of its first input (1 for a scalar)."""
+    first = np.asarray(next(iter(feeds.values()))) if feeds else np.zeros(0)
+    return len(first) if first.ndim else 1
 
 
 def _calibration(data, inputs: list[str], batch_size: int, max_samples: int) -> list[dict]:
-    """At most `max_samples` samples of the model's inputs, as cached batches."""
+    """The model's inputs from `data`, as cached batches: arrays are cut to `max_samples`;
+    feed dicts are used whole (their first axes need not be samples) until that many are seen."""
     if batch_size < 1 or max_samples < 1:
         raise SpaError(f"invalid batch size {batch_size} / max samples {max_samples}: both must be positive")
     if isinstance(data, dict):
@@ -117,10 +141,8 @@ def _calibration(data, inputs: list[str], batch_size: int, max_samples: int) -> 
         missing = [n for n in inputs if n not in feeds]
         if missing:
             raise SpaError(f"calibration feeds lack model input(s) {missing} (they have {sorted(feeds)})")
-        keep = max_samples - seen
-        batch = {n: np.asarray(feeds[n])[:keep] for n in inputs}
-        out.append(batch)
-        seen += _count(batch)
+        out.append({n: np.asarray(feeds[n]) for n in inputs})
+        seen += _count(out[-1])
         if seen >= max_samples:
             break
     if seen == 0:
@@ -142,13 +164,15 @@ def _zeroed_values(analysis, plan: dict) -> dict[str, np.ndarray]:
 
 
 def _fidelity(got: list[dict], dense: list[dict]) -> tuple[float, float | None]:
-    """(1 - cosine, relative error) over every output of every batch, flattened together."""
+    """(1 - cosine, relative error) over every output of every batch, flattened together.
+    Positions where the dense output is infinite (masks) count only if the trial differs there."""
     fid = _Fidelity()
     for g, d in zip(got, dense):
         for name, ref in d.items():
-            if not np.isfinite(g[name]).all():
+            fin = np.isfinite(ref)
+            if not (np.isfinite(g[name][fin]).all() and np.array_equal(g[name][~fin], ref[~fin])):
                 return WORST, None
-            fid.add(g[name], ref)
+            fid.add(g[name][fin], ref[fin])
     res = fid.result()
     return float(min(max(0.0, 1.0 - res["cosine"]), WORST)), float(res["rel_err"])
 
@@ -161,15 +185,16 @@ class _Probe:
         inits = {t.name for t in proto.graph.initializer}
         self.inputs = [i.name for i in proto.graph.input if i.name not in inits]
         wanted = {m.tensor for g in groups if g.zero_invariant for m in g.members}
-        probe, self.overridable = _overridable(proto, wanted)
-        self.session = _session(probe)
+        self.session = _session(_overridable(proto, wanted, analysis.index.value))
+        self.overridable = {i.name for i in self.session.get_overridable_initializers()}
         self.names = self._output_names(output)
 
     def _output_names(self, output: str | None) -> list[str]:
-        floats = [o.name for o in self.session.get_outputs() if "float" in o.type or "double" in o.type]
+        floats = [o.name for o in self.session.get_outputs() if o.type in FLOAT_OUTPUTS]
         if output is None:
             if not floats:
-                raise SpaError("the model has no float output to measure fidelity on")
+                raise SpaError("the model has no float tensor output to measure fidelity on",
+                               "sensitivity compares float outputs (label-only or ZipMap outputs cannot be compared)")
             return floats
         if output not in floats:
             raise SpaError(f"model has no float output '{output}' (float outputs: {floats})")
@@ -189,35 +214,29 @@ class _Probe:
         return _fidelity(got, dense)
 
 
-def _overridable(proto: onnx.ModelProto, tensors: set[str]) -> tuple[onnx.ModelProto, set[str]]:
-    """A copy of `proto` where `tensors` (initializers, or outputs of Constant/Identity nodes of
-    constants) are initializers listed as graph inputs, so a run may feed other values."""
+def _overridable(proto: onnx.ModelProto, tensors: set[str], value) -> onnx.ModelProto:
+    """A copy of `proto` where `tensors` (initializers, or outputs of Constant/ConstantOfShape/
+    Identity nodes of constants, as `value(name)` gives them) are initializers listed as graph
+    inputs, so a run may feed other values (ONNX Runtime allows that from IR version 4; before
+    it, initializers in the inputs are constants)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
+    probe.ir_version = max(probe.ir_version, 4)
     graph = probe.graph
     inits = {t.name: t for t in graph.initializer}
-    for node in [n for n in graph.node if n.output and n.output[0] in tensors and n.output[0] not in inits]:
-        value = _node_constant(node, inits)
-        if value is not None:
+    for node in [n for n in graph.node if n.op_type in CONSTANT_OPS and n.output[0] in tensors]:
+        arr = value(node.output[0]) if node.output[0] not in inits else None
+        if arr is not None:
             graph.node.remove(node)
-            inits[node.output[0]] = numpy_helper.from_array(value, node.output[0])
+            inits[node.output[0]] = numpy_helper.from_array(np.asarray(arr), node.output[0])
             graph.initializer.append(inits[node.output[0]])
-    done = {i.name for i in graph.input}
-    for name in sorted(tensors & set(inits)):
-        if name not in done:
-            t = inits[name]
-            graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-    return probe, tensors & set(inits)
-
-
-def _node_constant(node: onnx.NodeProto, inits: dict) -> np.ndarray | None:
-    from .model import constant_node_value
-
-    if node.op_type == "Constant":
-        return constant_node_value(node)
-    if node.op_type == "Identity" and node.input[0] in inits:
-        return numpy_helper.to_array(inits[node.input[0]])
-    return None  # (ConstantOfShape and others: such groups are pruned for real)
+    for i in [i for i in graph.input if i.name in inits and i.name not in tensors]:
+        graph.input.remove(i)  # other initializers listed as inputs (IR < 4): constants, foldable
+    listed = {i.name for i in graph.input}
+    for name in sorted(tensors & set(inits) - listed):
+        t = inits[name]
+        graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    return probe
 
 
 # ---------------------------------------------------------------- using the result
@@ -265,13 +284,9 @@ def table_rows(sens: dict) -> list[list[str]]:
 
 def plot(sens: dict, path) -> Path:
     """Loss vs ratio per group (PNG or SVG by extension); the 10 most sensitive in colour."""
-    path = Path(path)
-    if path.suffix.lower() not in PLOT_FORMATS:
-        raise SpaError(f"cannot plot to '{path}': unsupported format", "use a .png or .svg file name")
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend, works headless (Agg)
-    except ImportError:
-        raise SpaError("matplotlib is needed for --plot", "pip install 'spa[plot]'") from None
+    path = check_plot(path)
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, headless (Agg)
+
     fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.add_subplot()
     ranked = _by_sensitivity(sens)
@@ -289,6 +304,34 @@ def plot(sens: dict, path) -> Path:
     except OSError as exc:
         raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from exc
     return path
+
+
+def check_plot(path) -> Path:
+    """Fail early (before measuring) when `path` is not .png/.svg or matplotlib is missing."""
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise SpaError(f"cannot plot to '{path}': unsupported format", "use a .png or .svg file name")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SpaError("matplotlib is needed for --plot", "pip install 'spa[plot]'") from None
+    return path
+
+
+def read(path) -> dict:
+    """A sensitivity document written as JSON (by `spa sensitivity --json` or a Python user)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpaError(f"cannot read sensitivity '{path}': no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpaError(f"cannot read sensitivity '{path}': not valid JSON ({exc})") from None
+    ok = isinstance(doc, dict) and doc.get("schema_version") == SCHEMA and isinstance(doc.get("ratios"), list)
+    if not ok or not isinstance(doc.get("groups"), list) or not all(
+            isinstance(g, dict) and "id" in g and len(g.get("loss") or ()) == len(doc["ratios"]) for g in doc["groups"]):
+        raise SpaError(f"not a spa sensitivity file: '{path}' (expected schema_version {SCHEMA}, ratios and "
+                       "groups with one loss per ratio)", "write one with: spa sensitivity MODEL --calib DATA --json")
+    return doc
 
 
 def _log_scale(ax, losses: list[float]) -> None:

@@ -123,3 +123,21 @@ def test_simplified_oracles(entry):
     plan = api.make_plan(analysis, 0.5)
     if plan:
         assert_valid_output(original, api.prune(analysis, plan), feeds)
+
+
+@pytest.mark.parametrize("entry", corpus_params())
+def test_data_free_obspa_with_compensation(entry):
+    """obspa scored and compensated from the graph alone (no data) on every real model: a valid
+    smaller model, or groups it cannot analyse named in the notes (scored by l1 instead)."""
+    model = _load(entry)
+    analysis = spa.analyze(model)
+    if not any(g.prunable for g in analysis.groups):
+        return
+    stats = api.statistics(analysis)
+    plan = api.make_plan(analysis, 0.3, "obspa", stats=stats)
+    values, notes = api.compensation(analysis, plan, stats=stats)
+    readers = {m.tensor for gid in plan for m in analysis.group(gid).members if m.role == "in"}
+    assert set(values) <= readers
+    assert all(("scored by l1" in n) or ("not compensated" in n) for n in notes)
+    pruned = api.prune(analysis, plan, compensate=values)
+    assert_valid_output(model, pruned, feeds_for(model, entry))

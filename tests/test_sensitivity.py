@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 import spa
 from spa import importance, planner, sensitivity
 from spa.errors import SpaError
+from spa.model import Model, infer_shapes
 from tests.graphs import build, node, weight
 
 RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
@@ -95,6 +96,39 @@ def test_zero_invariant_trials_equal_physical_pruning(x):
             assert _row(sens, gid)["rel_err"][i] == pytest.approx(rel, rel=1e-4)
 
 
+def _stored_as(model, how):
+    """The chain with A's weight stored another way: a Constant node, an Identity of an
+    initializer, or IR version 3 (every initializer listed as a graph input)."""
+    graph = model.proto.graph
+    w = next(t for t in graph.initializer if t.name == "A.w")
+    if how == "constant":
+        graph.initializer.remove(w)
+        graph.node.insert(0, node("Constant", [], ["A.w"], value=w))
+    elif how == "identity":
+        w.name = "A.w.raw"
+        graph.node.insert(0, node("Identity", ["A.w.raw"], ["A.w"]))
+    elif how == "ir3":
+        model.proto.ir_version = 3
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer)
+    out = Model(model.proto)
+    infer_shapes(out)
+    return out
+
+
+@pytest.mark.parametrize("how,gid", [("constant", "A.w:0"), ("identity", "A.w.raw:0"), ("ir3", "A.w:0")])
+def test_weights_stored_otherwise_still_take_the_fast_path(x, how, gid, monkeypatch):
+    a = spa.analyze(_stored_as(chain(), how))
+    assert a.group(gid).zero_invariant
+    expected = _pruned_loss(a, gid, 0.5, x)[0]
+
+    def no_prune(*args, **kwargs):
+        raise AssertionError("a zero-invariant group was pruned instead of fed zeroed weights")
+
+    monkeypatch.setattr(spa.api, "prune", no_prune)
+    sens = sensitivity.sensitivity(a, {"x": x}, (0.5,), groups=[gid, "B.w:0"])
+    assert _row(sens, gid)["loss"][0] == pytest.approx(expected, abs=1e-6) and expected > 1e-3
+
+
 def test_not_zero_invariant_group_is_pruned_for_real(x):
     a = spa.analyze(softmax_chain())
     sens = sensitivity.sensitivity(a, {"x": x}, (0.5,))
@@ -116,8 +150,8 @@ def test_group_feeding_little_is_less_sensitive(x):
 def test_data_forms_and_sample_cap(x):
     a = spa.analyze(chain())
     from_dict = sensitivity.sensitivity(a, {"x": x, "labels": np.zeros(40)}, (0.5,), max_samples=10, batch_size=4)
-    feeds = ({"x": x[i:i + 7]} for i in range(0, 40, 7))  # a one-shot iterable of feed dicts
-    from_iter = sensitivity.sensitivity(a, feeds, (0.5,), max_samples=10)
+    feeds = ({"x": x[i:i + 5]} for i in range(0, 40, 5))  # a one-shot iterable of feed dicts, used whole
+    from_iter = sensitivity.sensitivity(a, feeds, (0.5,), max_samples=8)
     assert from_dict["samples"] == from_iter["samples"] == 10
     for g, h in zip(from_dict["groups"], from_iter["groups"]):
         assert g["loss"][0] == pytest.approx(h["loss"][0], abs=1e-6) and g["loss"][0] > 0
@@ -136,6 +170,15 @@ def test_progress_and_json(x):
     assert sens["schema_version"] == 1 and sens["criterion"] == "l1"
 
 
+@pytest.mark.parametrize("criterion", ["l2", "fpgm", "random", "mean-act", "apoz", "obspa"])
+def test_every_criterion_including_data_ones(x, criterion):
+    """Criteria that need activation statistics get them from the calibration samples."""
+    a = spa.analyze(chain())
+    sens = sensitivity.sensitivity(a, {"x": x}, (0.5,), criterion=criterion)
+    assert sens["criterion"] == criterion and all(g["channels_dropped"] == [4] for g in sens["groups"])
+    assert all(0 < g["loss"][0] <= sensitivity.WORST for g in sens["groups"])
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"groups": ["nope:0"]}, "no channel group 'nope:0'"),
     ({"groups": ["C.w:0"]}, "not prunable"),
@@ -143,6 +186,7 @@ def test_progress_and_json(x):
     ({"ratios": ()}, "no ratios"),
     ({"output": "z"}, "no float output 'z'"),
     ({"max_samples": 0}, "must be positive"),
+    ({"criterion": "nope"}, "unknown criterion 'nope'"),
 ])
 def test_errors(x, kwargs, message):
     a = spa.analyze(chain())
@@ -156,6 +200,18 @@ def test_missing_input_in_data(x):
         sensitivity.sensitivity(a, {"z": x}, (0.5,))
     with pytest.raises(SpaError, match="lack model input"):
         sensitivity.sensitivity(a, [{"z": x}], (0.5,))
+
+
+def test_infinite_outputs():
+    """-inf in the dense outputs (a mask) counts only where a trial differs; NaN data is refused."""
+    dense = [{"y": np.array([1.0, 2.0, -np.inf], np.float32)}]
+    same = [{"y": np.array([1.0, 2.0, -np.inf], np.float32)}]
+    assert sensitivity._fidelity(same, dense) == (0.0, 0.0)
+    for bad in ([1.0, 2.0, 0.0], [1.0, np.nan, -np.inf], [np.inf, 2.0, -np.inf]):
+        assert sensitivity._fidelity([{"y": np.array(bad, np.float32)}], dense) == (sensitivity.WORST, None)
+    a = spa.analyze(chain())
+    with pytest.raises(SpaError, match="NaN outputs"):
+        sensitivity.sensitivity(a, {"x": np.full((2, 3, 6, 6), np.nan, np.float32)}, (0.5,))
 
 
 def _fake():
@@ -174,6 +230,21 @@ def test_protect_honours_max_loss():
     assert sensitivity.protect(sens, 0.05, 1.0) == {"g1": 0.0, "g2": 0.0, "g3": 0.0}
     with pytest.raises(SpaError, match="invalid max loss"):
         sensitivity.protect(sens, 0.5, -1)
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "no such file"), ("{", "not valid JSON"), ('{"schema_version": 2, "ratios": [], "groups": []}', "not a spa"),
+    ('{"schema_version": 1, "ratios": [0.5], "groups": [{"id": "g", "loss": []}]}', "one loss per ratio"),
+])
+def test_read(tmp_path, text, message):
+    good = tmp_path / "sens.json"
+    good.write_text(json.dumps(_fake()))
+    assert sensitivity.read(good) == _fake()
+    bad = tmp_path / "bad.json"
+    if text is not None:
+        bad.write_text(text)
+    with pytest.raises(SpaError, match=message):
+        sensitivity.read(bad)
 
 
 def test_table_rows_most_sensitive_first():

@@ -1,7 +1,7 @@
 """spa versus Torch-Pruning (the reference tool) on the digits models, same ratio, same criterion.
 
     python tools/compare_torch_pruning.py [--out DIR] [--ratios 0.3 0.5 0.7] [--criteria l1 l2 fpgm random]
-                                          [--exporters torchscript dynamo] [--detail]
+                                          [--exporters torchscript dynamo] [--detail] [--explain]
 
 Needs ``pip install torch-pruning`` (used only here) and the ``digits`` extra. Trains the two
 models of models/digits.py (seconds on a CPU), then for every ratio and criterion prunes
@@ -21,12 +21,17 @@ residual stream (patch conv, attention out, MLP fc2), and gets ``num_heads`` hin
 whole heads (``head_pruning_ratio``) and head_dim (``pruning_ratio``) like spa. Differences that
 remain: TP couples q, k and v head_dim into one group (spa: q/k and v separately); TP keeps
 ``int(n * (1 - ratio))`` channels (spa drops ``int(n * ratio)``) and removes ``ceil(heads * ratio)``
-heads, so at 0.3/0.7 the counts differ by one.
+heads, so at 0.3/0.7 TP removes one channel (one head) more per group than spa.
 
 Agreement (column ``kept sets``): per torch layer whose output channels either tool prunes, is the
 set of kept output channels identical? ``a/n`` as pruned, ``(b/m)``: TP's importance ranked within
 the same group but cut at spa's channel count (isolates the criterion from the rounding; plain
-groups only, not attention heads). Criteria spa knows but Torch-Pruning does not show ``n/a``.
+groups only, not attention heads). Criteria spa knows but Torch-Pruning does not show ``n/a``;
+those that need calibration data score on the train split (up to 512 images), ``obspa`` data-free.
+``--detail`` lists each layer's dropped channels (stderr); ``--explain`` adds a table for the CNN
+with l1/l2: each combination of the three scoring differences (BatchNorm folded into the Conv
+weights by the exporters, BN gamma as a group member in TP, spa's per-member mean-1
+normalisation) and how many groups then keep the same channels as spa and as Torch-Pruning.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ TP_IMPORTANCE = {
     "l2": ("GroupMagnitudeImportance", {"p": 2}),
     "fpgm": ("FPGMImportance", {}),
     "random": ("RandomImportance", {}),
+    "bn-scale": ("BNScaleImportance", {}),  # TP: BatchNorm gamma only (no BN, no pruning); spa falls back to l1
 }
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -160,14 +166,16 @@ def spa_dropped(analysis, plan: dict, layers: set[str]) -> dict[str, set[int]]:
 # ---------------------------------------------------------------------------
 
 
-def run_spa(path: Path, ratio: float, criterion: str, test: dict, layers: set[str]) -> dict:
+def run_spa(path: Path, ratio: float, criterion: str, data: dict, layers: set[str]) -> dict:
+    """Prune the export at `path`; criteria that need calibration data score on the train split."""
     analysis = spa.analyze(spa.load(path))
-    plan = spa.make_plan(analysis, ratio, criterion)
+    calibrated = importance.NEEDS.get(criterion) == "calibration"
+    plan = spa.make_plan(analysis, ratio, criterion, stats=spa.statistics(analysis, data["train"]) if calibrated else None)
     pruned = spa.prune(analysis, plan)
     cost = spa.cost.summary(api.reinfer(pruned))
     prunable = sum(1 for g in analysis.groups if g.prunable and not g.stats_only)
     return {"groups": f"{len(plan)}/{prunable}", "params": cost["params"], "macs": cost["macs"],
-            "top1": spa.evaluate(pruned, test, "labels")["accuracy"], "dropped": spa_dropped(analysis, plan, layers)}
+            "top1": spa.evaluate(pruned, data["test"], "labels")["accuracy"], "dropped": spa_dropped(analysis, plan, layers)}
 
 
 # ---------------------------------------------------------------------------
@@ -311,6 +319,87 @@ def detail(model: str, ratio: float, criterion: str, tool: str, spa_row: dict, t
               f"{'-' if at_k is None else sorted(at_k)} | {mine == theirs}", file=sys.stderr)
 
 
+def _bn_after(mods: dict, conv: str):
+    """The BatchNorm2d right after `conv` in its conv_bn Sequential, or None."""
+    from torch import nn
+
+    parent, _, idx = conv.rpartition(".")
+    bn = mods.get(f"{parent}.{int(idx) + 1}") if idx.isdigit() else None
+    return bn if isinstance(bn, nn.BatchNorm2d) else None
+
+
+def _member_scores(dg, group, names: dict, p: int, fold: bool, gamma: bool) -> list[np.ndarray]:
+    """Per member of a TP group, sum |w|^p per channel: Conv out/in, Linear in, BN gamma (if `gamma`);
+    with `fold`, Conv weights scaled by gamma / sqrt(var + eps) as the ONNX exporters do."""
+    from torch import nn
+
+    mods = {n: m for m, n in names.items()}
+    out = []
+    for item in group:
+        m, is_out = item.dep.target.module, dg.is_out_channel_pruning_fn(item.dep.handler)
+        w = getattr(m, "weight", None)
+        if w is None or m not in names:
+            continue
+        w = w.detach().double().numpy()
+        bn = _bn_after(mods, names[m]) if isinstance(m, nn.Conv2d) else None
+        if isinstance(m, nn.BatchNorm2d):
+            if gamma:
+                out.append(np.abs(w[item.idxs]) ** p)
+            continue
+        if fold and bn is not None:
+            w = w * (bn.weight / (bn.running_var + bn.eps).sqrt()).detach().double().numpy().reshape(-1, *[1] * (w.ndim - 1))
+        mag = np.abs(w) ** p
+        per = mag.reshape(w.shape[0], -1).sum(1) if is_out else np.moveaxis(mag, 1, 0).reshape(w.shape[1], -1).sum(1)
+        out.append(per[item.idxs])
+    return out
+
+
+def explain_cnn(tp, trained, path: Path, ratios, example) -> None:
+    """Which of spa's and TP's three l1/l2 differences moves the kept channels: BN folded into the
+    Conv weights (the exporters do it), BN gamma as a member (TP), per-member mean-1 normalisation (spa).
+    Each variant's kept set per group, cut at spa's count, compared with spa's and with TP's."""
+    import torch
+
+    model = copy.deepcopy(trained)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    names = {m: n for n, m in model.named_modules()}
+    dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    groups = list(dg.get_all_groups(ignored_layers=[model.head[-1]], root_module_types=[torch.nn.Conv2d]))
+    variants = [(fold, gamma, norm) for fold in (True, False) for gamma in (False, True) for norm in (True, False)]
+    label = {(True, False, True): " (= spa)", (False, True, False): " (= TP)"}
+    cols = [f"{c} {r}" for c in ("l1", "l2") for r in ratios]
+    print(f"\ncnn, l1/l2: of {len(groups)} groups, how many keep the same channels as spa / as Torch-Pruning when "
+          "scored with each variant (cut at spa's channel count)\n")
+    print("| BN folded into Conv | BN gamma a member | per-member mean 1 | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    plans = {}
+    for crit in ("l1", "l2"):
+        for ratio in ratios:
+            analysis = spa.analyze(spa.load(path))
+            plans[crit, ratio] = spa_dropped(analysis, spa.make_plan(analysis, ratio, crit), set(names.values()))
+
+    def kept(scores, k):
+        return set(np.argsort(scores, kind="stable")[:k].tolist())
+
+    for fold, gamma, norm in variants:
+        cells = []
+        for crit, p in (("l1", 1), ("l2", 2)):
+            for ratio in ratios:
+                to_spa = to_tp = 0
+                for g in groups:
+                    root = names[g[0].dep.target.module]
+                    k = len(plans[crit, ratio].get(root, ()))
+                    ms = _member_scores(dg, g, names, p, fold, gamma)
+                    score = np.mean([s / s.mean() for s in ms] if norm else ms, axis=0)
+                    ref = tp.importance.GroupMagnitudeImportance(p=p)(g).numpy()
+                    to_spa += kept(score, k) == plans[crit, ratio].get(root, set())
+                    to_tp += kept(score, k) == kept(ref, k)
+                cells.append(f"{to_spa} / {to_tp}")
+        yes = {True: "yes", False: "no"}
+        print(f"| {yes[fold]} | {yes[gamma]} | {yes[norm]}{label.get((fold, gamma, norm), '')} | " + " | ".join(cells) + " |")
+
+
 def fmt_row(model, ratio, criterion, tool, r: dict | None, agree="", tp_count="") -> str:
     if r is None:
         cells = ["n/a"] * 4
@@ -335,6 +424,9 @@ def main() -> None:
     ap.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"], choices=digits.EXPORTERS,
                     help="exports pruned by spa (Torch-Pruning's result is always exported with TorchScript)")
     ap.add_argument("--detail", action="store_true", help="per-layer dropped channels on stderr")
+    ap.add_argument("--explain", action="store_true",
+                    help="after the table: which l1/l2 difference (BN folding, BN gamma, normalisation) moves the CNN's "
+                         "kept channels")
     args = ap.parse_args()
     unknown = [c for c in args.criteria if c not in importance.CRITERIA]
     if unknown:
@@ -343,12 +435,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = digits.load_data()
-    test = spa.load_npz(digits.save_npz(out / "digits_test.npz", "test"))
+    splits = {s: spa.load_npz(digits.save_npz(out / f"digits_{s}.npz", s)) for s in ("test", "train")}
     start = time.perf_counter()
     tool_tp = f"Torch-Pruning {tp_version(tp)}"
     lines = ["| model | ratio | criterion | tool | groups pruned/prunable | params | MACs | top-1 | kept sets | tp count |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    explained = None
     for name in ("cnn", "vit"):
         t0 = time.perf_counter()
         trained, _ = digits.train(name, data=data)
@@ -360,11 +453,11 @@ def main() -> None:
         dense = spa.cost.summary(spa.load(main_path))
         tp_macs, tp_params = tp.utils.count_ops_and_params(trained, torch.from_numpy(data["x_test"][:1]))
         dense_row = {"groups": "-", "params": dense["params"], "macs": dense["macs"],
-                     "top1": spa.evaluate(str(main_path), test, "labels")["accuracy"]}
+                     "top1": spa.evaluate(str(main_path), splits["test"], "labels")["accuracy"]}
         print(fmt_row(name, 0, "-", "dense", dense_row, "", f"{int(tp_params):,} / {int(tp_macs):,}"), flush=True)
         for ratio in args.ratios:
             for criterion in args.criteria:
-                spa_rows = {e: run_spa(p, ratio, criterion, test, layers) for e, p in paths.items()}
+                spa_rows = {e: run_spa(p, ratio, criterion, splits, layers) for e, p in paths.items()}
                 tp_row = None
                 if criterion in TP_IMPORTANCE:
                     counts = {n: len(d) for n, d in spa_rows[args.exporters[0]]["dropped"].items()}
@@ -375,6 +468,10 @@ def main() -> None:
                         detail(name, ratio, criterion, f"spa ({e})", r, tp_row, sizes)
                 print(fmt_row(name, ratio, criterion, tool_tp, tp_row, "", tp_row["tp_count"] if tp_row else "n/a"),
                       flush=True)
+        if name == "cnn" and args.explain:
+            explained = (trained, main_path)
+    if args.explain and explained:
+        explain_cnn(tp, *explained, args.ratios, torch.from_numpy(data["x_test"][:2]))
     print(f"\ntotal {time.perf_counter() - start:.0f} s; torch {torch.__version__}, {tool_tp}", file=sys.stderr)
 
 

@@ -1,0 +1,238 @@
+"""Member roles, activation statistics, the data criteria, OBS compensation and budget targets.
+
+The graph used throughout::
+
+    x[N,4,6,6] -> Conv A (4->6, 3x3) -> BatchNorm -> Relu -> Conv B (6->5, 1x1) -> y
+                  channel 5 of A is an exact copy of channel 1 (filter, bias, BN)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from graphs import build, node
+from onnx import numpy_helper
+from spa.backends import ort as ort_backend
+
+import spa
+from spa import api, cost, importance, moments, stats
+from spa.errors import SpaError
+
+
+def _model(gamma=None, scale_b=1.0):
+    rng = np.random.default_rng(0)
+    wa, ba = rng.standard_normal((6, 4, 3, 3)), rng.standard_normal(6) * 0.5
+    wa[5], ba[5] = wa[1], ba[1]
+    gamma = np.array([1.0, 0.8, 1.2, 0.9, 1.1, 0.8]) if gamma is None else np.asarray(gamma, dtype=float)
+    bn = {"g": gamma, "b": rng.standard_normal(6) * 0.3, "m": rng.standard_normal(6) * 0.1, "v": np.ones(6) * 4}
+    bn["b"][5], bn["m"][5] = bn["b"][1], bn["m"][1]
+    wb = rng.standard_normal((5, 6, 1, 1)) * scale_b
+    inits = {"A.w": wa, "A.b": ba, "B.w": wb, **{f"bn.{k}": v for k, v in bn.items()}}
+    nodes = [node("Conv", ["x", "A.w", "A.b"], ["a"], kernel_shape=[3, 3], pads=[1] * 4),
+             node("BatchNormalization", ["a", "bn.g", "bn.b", "bn.m", "bn.v"], ["n"]),
+             node("Relu", ["n"], ["r"]),
+             node("Conv", ["r", "B.w"], ["y"], kernel_shape=[1, 1])]
+    return build(nodes, {"x": [None, 4, 6, 6]}, {"y": [None, 5, 6, 6]},
+                 [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()])
+
+
+def _data(n=256, seed=1):
+    return {"x": np.random.default_rng(seed).standard_normal((n, 4, 6, 6)).astype(np.float32)}
+
+
+def _group(analysis):
+    return analysis.group("A.w:0")
+
+
+def test_rules_give_members_their_roles():
+    g = _group(spa.analyze(_model()))
+    roles = {(m.tensor, m.axis): (m.role, m.reads) for m in g.members}
+    assert roles[("B.w", 1)] == ("in", ("r", 1))
+    assert roles[("bn.g", 0)] == ("scale", None)
+    assert roles[("A.w", 0)] == (None, None)
+    assert {"tensor": "B.w", "axis": 1, "role": "in"}.items() <= next(
+        m.to_json() for m in g.members if m.tensor == "B.w").items()
+
+
+def test_calibrated_moments_are_the_sample_moments():
+    model = _model()
+    analysis = spa.analyze(model)
+    data = _data(64)
+    st = stats.calibrate(analysis, data, batch_size=20)
+    r = ort_backend.run_with_outputs(model, ["r"], data)["r"]
+    rows = np.moveaxis(r, 1, -1).reshape(-1, 6).astype(np.float64)
+    mom = st.get(("r", 1))
+    assert st.samples == 64 and st.source == "calibration"
+    np.testing.assert_allclose(mom.gram, rows.T @ rows / len(rows), rtol=1e-5)
+    np.testing.assert_allclose(mom.zeros, (rows == 0).mean(0))
+    np.testing.assert_allclose(mom.abs_mean, np.abs(rows).mean(0), rtol=1e-6)
+
+
+def test_data_free_moments_after_batchnorm_and_relu():
+    """BatchNorm fixes N(beta, gamma^2); the rectified Gaussian's mean is closed-form."""
+    from math import erf, exp, pi, sqrt
+
+    model = _model()
+    analysis = spa.analyze(model)
+    dist = moments.propagate(analysis)["r"]
+    g = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "bn.g"))
+    b = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "bn.b"))
+    for mu, s, got in zip(b, g, dist.mean):
+        want = mu * 0.5 * (1 + erf(mu / (s * sqrt(2)))) + s * exp(-mu * mu / (2 * s * s)) / sqrt(2 * pi)
+        assert got == pytest.approx(want, rel=1e-2)  # quadrature across the kink
+    cov = dist.cov()
+    # the copies stay strongly correlated (Stein's linearization keeps ~0.8 of a Relu's self-covariance)
+    assert cov[1, 5] > 0.75 * cov[1, 1]
+    assert abs(cov[0, 2]) < 0.5 * np.sqrt(cov[0, 0] * cov[2, 2])
+
+
+def _error_after(analysis, plan, values, data):
+    want = ort_backend.run(analysis.model.proto, data)["y"]
+    got = ort_backend.run(api.prune(analysis, plan, compensate=values), data)["y"]
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+
+def test_calibrated_compensation_recovers_a_copied_channel():
+    analysis = spa.analyze(_model())
+    plan, data = {"A.w:0": [5]}, _data()
+    values, notes = api.compensation(analysis, plan, calib=data)
+    plain = _error_after(analysis, plan, None, data)
+    assert not notes and plain > 0.1
+    assert _error_after(analysis, plan, values, data) < plain / 10
+
+
+def test_data_free_compensation_helps_without_data():
+    analysis = spa.analyze(_model())
+    plan, data = {"A.w:0": [5, 3]}, _data()
+    values, _ = api.compensation(analysis, plan)
+    assert set(values) == {"B.w"}
+    assert _error_after(analysis, plan, values, data) < 0.8 * _error_after(analysis, plan, None, data)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_obspa_drops_a_copy_first(calibrated):
+    """One of the two copies costs nothing once the other takes over; l1 ranks by size instead."""
+    analysis = spa.analyze(_model(scale_b=1.0))
+    st = api.statistics(analysis, _data() if calibrated else None)
+    scores = importance.score(analysis, "obspa", data=st)["A.w:0"]
+    assert int(np.argmin(scores)) in (1, 5)
+    plan = api.make_plan(analysis, 0.34, "obspa", stats=st)["A.w:0"]
+    assert len(plan) == 2 and len({1, 5} & set(plan)) == 1  # never both copies
+
+
+def test_bn_scale_ranks_by_gamma_and_falls_back_without_one():
+    analysis = spa.analyze(_model(gamma=[1.0, 0.9, 0.05, 1.1, 1.2, 0.9]))
+    assert int(np.argmin(importance.score(analysis, "bn-scale")["A.w:0"])) == 2
+    st = stats.Stats("calibration")
+    no_bn = spa.analyze(_model_without_bn())
+    scores = importance.score(no_bn, "bn-scale", data=st)
+    assert st.notes and "no normalization scale" in st.notes[0]
+    np.testing.assert_allclose(next(iter(scores.values())), next(iter(importance.score(no_bn, "l1").values())))
+
+
+def _model_without_bn():
+    nodes = [node("Conv", ["x", "A.w"], ["a"], kernel_shape=[1, 1]), node("Relu", ["a"], ["r"]),
+             node("Conv", ["r", "B.w"], ["y"], kernel_shape=[1, 1])]
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("A.w", (6, 4, 1, 1)), ("B.w", (5, 6, 1, 1)))]
+    return build(nodes, {"x": [None, 4, 6, 6]}, {"y": [None, 5, 6, 6]}, inits)
+
+
+@pytest.mark.parametrize("name", ["apoz", "mean-act"])
+def test_activation_criteria_rank_a_dead_channel_lowest(name):
+    model = _model()
+    for t in model.graph.initializer:  # channel 3's BN output is always far below zero: Relu kills it
+        if t.name == "bn.b":
+            b = numpy_helper.to_array(t).copy()
+            b[3] = -50.0
+            t.CopyFrom(numpy_helper.from_array(b, "bn.b"))
+    analysis = spa.analyze(model)
+    st = api.statistics(analysis, _data(64))
+    assert int(np.argmin(importance.score(analysis, name, data=st)["A.w:0"])) == 3
+    with pytest.raises(SpaError, match="needs calibration data"):
+        api.make_plan(analysis, 0.5, name)
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_targets_keep_at_most_the_fraction_and_estimate_is_exact(kind):
+    model = spa.load(Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx")
+    analysis = spa.analyze(model)
+    full = cost.summary(model)[kind]
+    plan = api.plan_for_target(analysis, kind, 0.5)
+    after = cost.summary(api.reinfer(api.prune(analysis, plan)))
+    assert after == cost.estimate(analysis, plan)
+    assert 0.4 < after[kind] / full <= 0.5
+    with pytest.raises(SpaError, match="cannot keep only"):
+        api.plan_for_target(analysis, kind, 0.001)
+    with pytest.raises(SpaError, match="fraction"):
+        api.plan_for_target(analysis, kind, 1.5)
+
+
+# ---------------------------------------------------------------- CLI
+
+TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx"
+
+
+@pytest.fixture
+def calib(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, input=np.random.default_rng(0).standard_normal((48, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+def test_cli_obspa_calibrated_compensates(capsys, tmp_path, calib):
+    from tests.test_cli import spa as run
+
+    r = run(capsys, "prune", TINY, "--ratio", "0.3", "--criterion", "obspa", "--calib", calib, "-o",
+            tmp_path / "o.onnx", "--json")
+    doc = json.loads(r.out)
+    assert r.rc == 0 and doc["compensated"] is True
+    assert doc["statistics"] == {"source": "calibration", "samples": 48}
+    r = run(capsys, "prune", TINY, "--ratio", "0.3", "--criterion", "obspa", "--no-compensate", "-o",
+            tmp_path / "p.onnx", "--json")
+    assert r.rc == 0 and json.loads(r.out)["compensated"] is False
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+def test_cli_target(capsys, tmp_path, kind):
+    from tests.test_cli import spa as run
+
+    r = run(capsys, "prune", TINY, f"--target-{kind}", "0.6", "-o", tmp_path / "o.onnx", "--json")
+    doc = json.loads(r.out)
+    assert r.rc == 0 and doc["target"] == {kind: 0.6}
+    assert 0.5 < doc["after"][kind] / doc["before"][kind] <= 0.6
+
+
+def test_cli_sensitivity_then_protected_prune(capsys, tmp_path, calib):
+    from tests.test_cli import spa as run
+
+    r = run(capsys, "sensitivity", TINY, "--calib", calib, "--ratios", "0.25", "0.5", "--json")
+    sens = json.loads(r.out)
+    assert r.rc == 0 and sens["ratios"] == [0.25, 0.5] and sens["groups"]
+    (tmp_path / "s.json").write_text(r.out)
+    limit = sorted(g["loss"][1] for g in sens["groups"])[len(sens["groups"]) // 2]  # half the groups pass
+    r = run(capsys, "prune", TINY, "--ratio", "0.5", "--sensitivity", tmp_path / "s.json", "--max-loss", limit,
+            "--save-plan", tmp_path / "plan.json", "-o", tmp_path / "o.onnx")
+    plan = json.loads((tmp_path / "plan.json").read_text())["groups"]
+    assert r.rc == 0
+    for g in sens["groups"]:
+        allowed = max([0.0] + [ratio for ratio, loss in zip(sens["ratios"], g["loss"]) if loss <= limit])
+        assert len(plan.get(g["id"], [])) <= int(g["size"] * allowed)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ratio", "0.3", "--criterion", "apoz"], "needs calibration data"),
+    (["--target-params", "1.5"], "fraction"),
+    (["--target-macs", "0.0001"], "cannot keep only"),
+    (["--ratio", "0.3", "--calib", "missing.npz"], "missing.npz"),
+])
+def test_cli_bad_input_is_one_line(capsys, tmp_path, args, message):
+    from tests.test_cli import spa as run
+
+    r = run(capsys, "prune", TINY, *args, "-o", tmp_path / "o.onnx")
+    assert r.rc == 1 and len(r.error_lines) == 1 and message in r.error_lines[0]
+    assert not (tmp_path / "o.onnx").exists()
