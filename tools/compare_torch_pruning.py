@@ -23,11 +23,14 @@ remain: TP couples q, k and v head_dim into one group (spa: q/k and v separately
 ``int(n * (1 - ratio))`` channels (spa drops ``int(n * ratio)``) and removes ``ceil(heads * ratio)``
 heads, so at 0.3/0.7 TP removes one channel (one head) more per group than spa.
 
-Agreement (column ``kept sets``): per torch layer whose output channels either tool prunes, is the
-set of kept output channels identical? ``a/n`` as pruned, ``(b/m)``: TP's importance ranked within
-the same group but cut at spa's channel count (isolates the criterion from the rounding; plain
-groups only, not attention heads). Criteria spa knows but Torch-Pruning does not show ``n/a``;
-those that need calibration data score on the train split (up to 512 images), ``obspa`` data-free.
+Agreement (column ``kept sets``), over the torch layers whose output channels either tool prunes:
+``a/n, j%``: in ``a`` of ``n`` layers both keep the identical set of output channels; ``j``: mean
+Jaccard index of the two sets of removed channels (a random pair of halves scores about 33%). As
+pruned, then in parentheses TP's importance ranked within the same group but cut at spa's channel
+count (isolates the criterion from the rounding; plain groups only, not attention heads).
+
+Criteria spa knows but Torch-Pruning does not show ``n/a`` for TP; those that need calibration data
+score on the train split (up to 512 images), ``obspa`` runs data-free.
 ``--detail`` lists each layer's dropped channels (stderr); ``--explain`` adds a table for the CNN
 with l1/l2: each combination of the three scoring differences (BatchNorm folded into the Conv
 weights by the exporters, BN gamma as a group member in TP, spa's per-member mean-1
@@ -290,21 +293,25 @@ def run_tp(tp, name: str, trained, ratio: float, criterion: str, data: dict, out
 # ---------------------------------------------------------------------------
 
 
-def agreement(mine: dict[str, set[int]], theirs: dict[str, set[int]]) -> tuple[int, int]:
-    """(layers whose kept output channels are identical, layers either side prunes)."""
+def agreement(mine: dict[str, set[int]], theirs: dict[str, set[int]]) -> str:
+    """"same/layers, overlap%": layers (either side prunes) whose kept output channels are identical, and
+    the mean Jaccard index of the two sets of removed channels over those layers."""
     layers = [n for n in set(mine) | set(theirs) if mine.get(n) or theirs.get(n)]
-    return sum(mine.get(n, set()) == theirs.get(n, set()) for n in layers), len(layers)
+    if not layers:
+        return "0/0"
+    a, b = ([d.get(n, set()) for n in layers] for d in (mine, theirs))
+    same = sum(x == y for x, y in zip(a, b))
+    jaccard = np.mean([len(x & y) / len(x | y) for x, y in zip(a, b)])
+    return f"{same}/{len(layers)}, {100 * jaccard:.0f}%"
 
 
 def agreement_cell(spa_row: dict, tp_row: dict | None) -> str:
     if tp_row is None:
         return "n/a"
-    same, total = agreement(spa_row["dropped"], tp_row["dropped"])
-    cell = f"{same}/{total}"
+    cell = agreement(spa_row["dropped"], tp_row["dropped"])
     if tp_row.get("at_counts") is not None:
         counted = {n: d for n, d in spa_row["dropped"].items() if n in tp_row["at_counts"]}
-        same_k, total_k = agreement(counted, tp_row["at_counts"])
-        cell += f" ({same_k}/{total_k})"
+        cell += f" ({agreement(counted, tp_row['at_counts'])})"
     return cell
 
 
