@@ -153,6 +153,11 @@ def checker_message(model, full: bool = True) -> str | None:
 def zeroed(analysis: Analysis, plan: dict, values: dict | None = None) -> onnx.ModelProto:
     """The original model with every member slice of the planned channels set to zero
     (`values`: arrays that replace some parameters first, e.g. compensated weights)."""
+    return with_values(analysis.model.proto, zeroed_values(analysis, plan, values))
+
+
+def zeroed_values(analysis: Analysis, plan: dict, values: dict | None = None) -> dict:
+    """{member tensor: its value (or `values`' array) with the planned channels' slices zeroed}."""
     values = {k: np.array(v) for k, v in (values or {}).items()}
     for gid, channels in plan.items():
         for m in analysis.group(gid).members:
@@ -161,7 +166,7 @@ def zeroed(analysis: Analysis, plan: dict, values: dict | None = None) -> onnx.M
                 idx = [slice(None)] * arr.ndim
                 idx[m.axis] = np.asarray(m.positions[c])
                 arr[tuple(idx)] = 0
-    return with_values(analysis.model.proto, values)
+    return values
 
 
 def with_values(source: onnx.ModelProto, values: dict) -> onnx.ModelProto:

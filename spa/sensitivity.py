@@ -151,16 +151,10 @@ def _calibration(data, inputs: list[str], batch_size: int, max_samples: int) -> 
 
 
 def _zeroed_values(analysis, plan: dict) -> dict[str, np.ndarray]:
-    """{member tensor: its value with the planned channels' slices set to zero} (as api.zeroed)."""
-    values = {}
-    for gid, channels in plan.items():
-        for m in analysis.group(gid).members:
-            arr = values.setdefault(m.tensor, np.array(analysis.index.value(m.tensor)))
-            for c in channels:
-                idx = [slice(None)] * arr.ndim
-                idx[m.axis] = np.asarray(m.positions[c])
-                arr[tuple(idx)] = 0
-    return values
+    """{member tensor: its value with the planned channels' slices set to zero}."""
+    from .api import zeroed_values
+
+    return zeroed_values(analysis, plan)
 
 
 def _fidelity(got: list[dict], dense: list[dict]) -> tuple[float, float | None]:
