@@ -1,7 +1,7 @@
 """spa versus Torch-Pruning (the reference tool) on the digits models, same ratio, same criterion.
 
     python tools/compare_torch_pruning.py [--out DIR] [--ratios 0.3 0.5 0.7] [--criteria l1 l2 fpgm random]
-                                          [--exporters torchscript dynamo] [--detail] [--explain]
+                                          [--exporters torchscript dynamo] [--threads N] [--detail] [--explain]
 
 Needs ``pip install torch-pruning`` (used only here) and the ``digits`` extra. Trains the two
 models of models/digits.py (seconds on a CPU), then for every ratio and criterion prunes
@@ -64,7 +64,7 @@ TP_IMPORTANCE = {
     "l2": ("GroupMagnitudeImportance", {"p": 2}),
     "fpgm": ("FPGMImportance", {}),
     "random": ("RandomImportance", {}),
-    "bn-scale": ("BNScaleImportance", {}),  # TP: BatchNorm gamma only (no BN, no pruning); spa falls back to l1
+    "bn-scale": ("BNScaleImportance", {}),  # TP: BN gamma (groups without one stay); spa: l1 where BN is folded
 }
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -169,16 +169,16 @@ def spa_dropped(analysis, plan: dict, layers: set[str]) -> dict[str, set[int]]:
 # ---------------------------------------------------------------------------
 
 
-def run_spa(path: Path, ratio: float, criterion: str, data: dict, layers: set[str]) -> dict:
+def run_spa(path: Path, ratio: float, criterion: str, splits: dict, layers: set[str]) -> dict:
     """Prune the export at `path`; criteria that need calibration data score on the train split."""
     analysis = spa.analyze(spa.load(path))
     calibrated = importance.NEEDS.get(criterion) == "calibration"
-    plan = spa.make_plan(analysis, ratio, criterion, stats=spa.statistics(analysis, data["train"]) if calibrated else None)
+    plan = spa.make_plan(analysis, ratio, criterion, stats=spa.statistics(analysis, splits["train"]) if calibrated else None)
     pruned = spa.prune(analysis, plan)
     cost = spa.cost.summary(api.reinfer(pruned))
     prunable = sum(1 for g in analysis.groups if g.prunable and not g.stats_only)
     return {"groups": f"{len(plan)}/{prunable}", "params": cost["params"], "macs": cost["macs"],
-            "top1": spa.evaluate(pruned, data["test"], "labels")["accuracy"], "dropped": spa_dropped(analysis, plan, layers)}
+            "top1": spa.evaluate(pruned, splits["test"], "labels")["accuracy"], "dropped": spa_dropped(analysis, plan, layers)}
 
 
 # ---------------------------------------------------------------------------
@@ -430,6 +430,8 @@ def main() -> None:
                          "Torch-Pruning equivalent are run for spa only")
     ap.add_argument("--exporters", nargs="+", default=["torchscript", "dynamo"], choices=digits.EXPORTERS,
                     help="exports pruned by spa (Torch-Pruning's result is always exported with TorchScript)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's); the trained weights depend on it, "
+                    "and on a busy machine 1 trains far faster")
     ap.add_argument("--detail", action="store_true", help="per-layer dropped channels on stderr")
     ap.add_argument("--explain", action="store_true",
                     help="after the table: which l1/l2 difference (BN folding, BN gamma, normalisation) moves the CNN's "
@@ -439,6 +441,8 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown criteria {unknown}; spa knows: {', '.join(sorted(importance.CRITERIA))}")
     tp = import_torch_pruning()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = digits.load_data()
