@@ -8,7 +8,7 @@ import onnx
 from . import importance, planner
 from .analysis import Analysis
 from .errors import SpaError, VerificationError, first_line
-from .model import TWO_GB, Model, check_model, infer_shapes, weight_bytes
+from .model import CONSTANT_OPS, TWO_GB, Model, check_model, infer_shapes, weight_bytes
 
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
              "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
@@ -46,6 +46,11 @@ def _scores(analysis: Analysis, criterion: str, seed: int, stats) -> dict:
     return importance.score(analysis, criterion, seed=seed, data=stats)
 
 
+def _candidates(analysis: Analysis, prune_hidden: bool) -> list:
+    """The groups a plan may prune: the hidden size (stats_only) only on request."""
+    return [g for g in analysis.groups if prune_hidden or not g.stats_only]
+
+
 def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", global_rank: bool = False,
               round_to: int = 1, max_group_ratio: float = 0.9, seed: int = 0,
               prune_hidden: bool = False, stats=None) -> dict:
@@ -58,7 +63,7 @@ def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", global_ra
     if ratio == 0:
         return {}
     scores = _scores(analysis, criterion, seed, stats)
-    groups = [g for g in analysis.groups if prune_hidden or not g.stats_only]
+    groups = _candidates(analysis, prune_hidden)
     if global_rank:
         return planner.global_(groups, scores, ratio, round_to, max_group_ratio)
     return planner.uniform(groups, scores, ratio, round_to)
@@ -76,7 +81,7 @@ def plan_for_target(analysis: Analysis, kind: str, keep: float, criterion: str =
     if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
         raise SpaError(f"invalid --target-{kind} {keep}: it must be in (0, 1], the fraction of {kind} to keep")
     scores = _scores(analysis, criterion, seed, stats)
-    groups = [g for g in analysis.groups if prune_hidden or not g.stats_only]
+    groups = _candidates(analysis, prune_hidden)
     full = cost.estimate(analysis, {})[kind]
     fraction = lambda plan: cost.estimate(analysis, plan)[kind] / max(full, 1)
     plan_at = lambda r: planner.global_(groups, scores, r, round_to, max_group_ratio)
@@ -179,7 +184,7 @@ def with_values(source: onnx.ModelProto, values: dict) -> onnx.ModelProto:
         if t.name in values:
             t.CopyFrom(numpy_helper.from_array(values[t.name], t.name))
     for node in proto.graph.node:
-        if node.op_type in ("Constant", "ConstantOfShape", "Identity") and node.output[0] in values:
+        if node.op_type in CONSTANT_OPS and node.output[0] in values:
             node.op_type = "Constant"
             del node.input[:]
             del node.attribute[:]

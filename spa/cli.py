@@ -30,7 +30,7 @@ from .analysis import analyze
 from .blocks import attention_blocks
 from .data import load_npz
 from .errors import SpaError, first_line
-from .model import check_writable, load, save, write_text_atomic
+from .model import check_writable, load, read_json, save, write_text_atomic
 from .planner import check_ratio, from_json, to_json
 
 ANALYZE_SCHEMA = 1
@@ -144,8 +144,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _statistics(args, analysis, calib, quiet: bool):
-    """Activation statistics when the criterion or --compensate needs them, else None."""
-    if not (importance.NEEDS.get(args.criterion) or args.compensate):
+    """Activation statistics when the criterion needs them, else None (compensation measures its
+    own group by group with --calib, or derives them from the graph without)."""
+    if not importance.NEEDS.get(args.criterion):
         return None
     what = f"calibration, {args.calib_samples} samples" if calib is not None else "data-free"
     with step(f"activation statistics ({what})", quiet):
@@ -306,13 +307,7 @@ def _output_path(args) -> Path:
 
 
 def _read_plan(path: str) -> dict:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SpaError(f"cannot read plan '{path}': no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpaError(f"cannot read plan '{path}': not valid JSON ({exc})") from None
-    return from_json(doc)
+    return from_json(read_json(path, "plan"))
 
 
 def _prune(args) -> int:

@@ -14,16 +14,18 @@ from .model import COPY, Model, constant_node_value
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
-def params(model: Model) -> int:
-    """Elements of floating-point initializers and Constant nodes."""
+def params(model: Model, shapes: dict | None = None) -> int:
+    """Elements of floating-point initializers and Constant nodes (`shapes`: other shapes for
+    some of them, as they will be once pruned)."""
+    shapes = shapes or {}
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    total = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer
+    total = sum(_numel(shapes.get(t.name, dims[t.name])) for t in model.graph.initializer
                 if t.data_type in FLOAT_TYPES and not _is_copy(t.name, dims))
     for node in model.graph.node:
         if node.op_type == "Constant":
             value = constant_node_value(node)
             if value is not None and np.issubdtype(value.dtype, np.floating):
-                total += int(value.size)
+                total += _numel(shapes[node.output[0]]) if node.output[0] in shapes else int(value.size)
     return total
 
 
@@ -74,12 +76,5 @@ def estimate(analysis, plan: dict) -> dict:
     for tensor, cut in cuts.items():
         if shapes.get(tensor) is not None:
             shapes[tensor] = tuple(d - cut.get(k, 0) if d else d for k, d in enumerate(shapes[tensor]))
-    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_type in FLOAT_TYPES and not _is_copy(t.name, dims):
-            total += _numel(shapes.get(t.name, dims[t.name]) if t.name in cuts else dims[t.name])
-    for node in model.graph.node:
-        if node.op_type == "Constant" and model.dtypes.get(node.output[0]) in FLOAT_TYPES:
-            total += _numel(shapes.get(node.output[0]) or ())
-    return {"params": total, "macs": sum(_node_macs(n, shapes) for n in model.graph.node)}
+    pruned = {t: shapes[t] for t in cuts if shapes.get(t) is not None}
+    return {"params": params(model, pruned), "macs": sum(_node_macs(n, shapes) for n in model.graph.node)}

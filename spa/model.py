@@ -287,6 +287,7 @@ def _run_fallback(model: Model) -> None:
 # ---------------------------------------------------------------- copies without the weights
 
 SMALL = 4096  # elements: initializers at most this large are kept in skeletons (shape constants)
+CONSTANT_OPS = ("Constant", "ConstantOfShape", "Identity")  # nodes that can hold a parameter's value
 COPY = ".spa_use"  # name suffix of the per-use copies of a shared uniform constant (analysis.untie_uniform)
 
 
@@ -394,6 +395,18 @@ def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = raw
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON document in `path`; a one-line SpaError naming `what` (plan, sensitivity) if not."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpaError(f"cannot read {what} '{path}': no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpaError(f"cannot read {what} '{path}': not valid JSON ({exc})") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

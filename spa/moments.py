@@ -239,12 +239,12 @@ def _concat(node, dists, rank) -> Dist | None:
 def _step(node, dists, index) -> Dist | None:
     out = node.output[0] if node.output else ""
     rank = index.rank(out)
-    dist = next((dists[i] for i in node.input if i in dists), None)
+    dist = dists.get(node.input[0]) if node.input else None
     op = node.op_type
     if rank is None or node.domain not in ("", "ai.onnx"):
         return None
-    if dist is not None and op not in ELEMENTWISE and op != "Concat" and node.input[0] not in dists:
-        dist = None  # only elementwise ops take their tracked operand from any slot
+    if op in ELEMENTWISE:  # the tracked operand may be in any slot (Add(bias, x))
+        return _elementwise(node, dists, index, rank) if any(i in dists for i in node.input) else None
     if op in ("BatchNormalization", "InstanceNormalization"):
         gamma, beta = _value(index, node.input[1]), _value(index, node.input[2])
         return None if gamma is None else _normalized(dist if dist and dist.axis == 1 else None, gamma, beta, 1, rank)
@@ -256,8 +256,6 @@ def _step(node, dists, index) -> Dist | None:
         return _concat(node, dists, rank)
     if dist is None:
         return None
-    if op in ELEMENTWISE:
-        return _elementwise(node, dists, index, rank)
     if op in SAME_CHANNELS:
         return dist if dist.axis == 1 else None
     handlers = {"Conv": _conv, "Gemm": _gemm, "MatMul": _matmul}

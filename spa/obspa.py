@@ -35,12 +35,9 @@ def rows(w: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(np.asarray(w, dtype=np.float64), axis, 0).reshape(w.shape[axis], -1)
 
 
-def member_saliency(w: np.ndarray, member, h: np.ndarray) -> np.ndarray:
-    """Relative output error of the consumer when each channel alone is removed (OBS)."""
-    w2 = rows(w, member.axis)
-    hinv = inverse(h)
-    energy = max(float(np.sum((h @ w2) * w2)), 1e-30)
-    return _block_saliency(w2, hinv, member.positions) / energy
+def _energy(w2: np.ndarray, h: np.ndarray) -> float:
+    """tr(Wᵀ H W): the consumer's output energy, what saliencies are relative to."""
+    return max(float(np.sum((h @ w2) * w2)), 1e-30)
 
 
 def _block_saliency(w2: np.ndarray, hinv: np.ndarray, pos) -> np.ndarray:
@@ -62,18 +59,13 @@ def greedy(group, weights, stats) -> np.ndarray | None:
     update to the consumers (weights and inverse Hessians), repeat. Score = the accumulated error
     when the channel went, so redundant channels (copies of each other) are not all dropped.
     Falls back to one-shot `saliency` when the group is too large for the budget."""
-    found = []
-    for m in consumers(group):
-        w = weights[m.tensor]
-        h = hessian(stats, m, w.shape[m.axis])
-        if h is not None:
-            found.append((m, rows(w, m.axis), h))
+    found = _analysable(group, weights, stats)
     if not found:
         return None
     cost = sum(group.size * (len(h) ** 2 + w2.size) for _, w2, h in found)
     if cost * max(np.size(found[0][0].positions[0]), 1) > GREEDY_BUDGET:
         return saliency(group, weights, stats)
-    state = [(m.positions, w2.copy(), inverse(h), max(float(np.sum((h @ w2) * w2)), 1e-30)) for m, w2, h in found]
+    state = [(m.positions, w2.copy(), inverse(h), _energy(w2, h)) for m, w2, h in found]
     alive = np.ones(group.size, dtype=bool)
     scores, total = np.zeros(group.size), 0.0
     for _ in range(group.size):
@@ -87,9 +79,20 @@ def greedy(group, weights, stats) -> np.ndarray | None:
             step = hinv[:, p] @ np.linalg.inv(hinv[np.ix_(p, p)])
             w2 -= step @ w2[p]
             hinv -= step @ hinv[p, :]
-            hinv[p, :] = hinv[:, p].T * 0
-            hinv[np.ix_(p, p)] = np.eye(len(p))  # removed: decoupled, never chosen again
+            hinv[p, :], hinv[:, p] = 0.0, 0.0  # removed: decoupled (an identity block keeps the
+            hinv[np.ix_(p, p)] = np.eye(len(p))  # solves regular), never chosen again
     return scores
+
+
+def _analysable(group, weights, stats) -> list:
+    """(member, its weight as rows, H) for each consumer of the group with known statistics."""
+    found = []
+    for m in consumers(group):
+        w = weights[m.tensor]
+        h = hessian(stats, m, w.shape[m.axis])
+        if h is not None:
+            found.append((m, rows(w, m.axis), h))
+    return found
 
 
 def consumers(group) -> list:
@@ -99,13 +102,10 @@ def consumers(group) -> list:
 def saliency(group, weights, stats) -> np.ndarray | None:
     """Summed relative error over the group's analysable consumers, each channel removed alone
     (one shot); None if it has none."""
-    total, used = np.zeros(group.size), 0
-    for m in consumers(group):
-        h = hessian(stats, m, weights[m.tensor].shape[m.axis])
-        if h is not None:
-            total += member_saliency(weights[m.tensor], m, h)
-            used += 1
-    return total if used else None
+    found = _analysable(group, weights, stats)
+    if not found:
+        return None
+    return sum(_block_saliency(w2, inverse(h), m.positions) / _energy(w2, h) for m, w2, h in found)
 
 
 def _dropped(analysis, plan: dict) -> dict:
@@ -156,14 +156,16 @@ def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: 
     their updates also absorb what the earlier removals changed (errors do not compound).
     Returns ({tensor: array}, Stats of the last step, for its notes)."""
     from .api import zeroed
-    from .stats import calibrate, read_spaces
+    from .stats import calibrate, read_spaces, reference_session
 
     values, notes = {}, []
     order = [g for g in analysis.groups if plan.get(g.id)]
+    dense = reference_session(analysis, read_spaces(analysis, order))  # built once, read at every step
     done: dict = {}
     for k, group in enumerate(order):
         current = zeroed(analysis, done, values)
-        stats = calibrate(analysis, calib, read_spaces(analysis, [group]), max_samples, batch_size, source=current)
+        stats = calibrate(analysis, calib, read_spaces(analysis, [group]), max_samples, batch_size, source=current,
+                          reference=dense)
         values.update(compensate(analysis, {group.id: plan[group.id]}, stats, values))
         notes += [n for n in stats.notes if n not in notes]
         done[group.id] = plan[group.id]

@@ -20,7 +20,6 @@ and rel_err None.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +30,12 @@ from . import importance, planner
 from .data import as_batches, split_labels
 from .errors import SpaError
 from .evaluate import _Fidelity, _session
+from .model import CONSTANT_OPS, read_json
 
 SCHEMA = 1
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
 WORST = 2.0  # 1 - cosine is at most 2
 PLOT_FORMATS = (".png", ".svg")
-CONSTANT_OPS = ("Constant", "ConstantOfShape", "Identity")  # as api.zeroed
 FLOAT_OUTPUTS = {"tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)"}
 LEGEND_TOP = 10
 
@@ -150,13 +149,6 @@ def _calibration(data, inputs: list[str], batch_size: int, max_samples: int) -> 
     return out
 
 
-def _zeroed_values(analysis, plan: dict) -> dict[str, np.ndarray]:
-    """{member tensor: its value with the planned channels' slices set to zero}."""
-    from .api import zeroed_values
-
-    return zeroed_values(analysis, plan)
-
-
 def _fidelity(got: list[dict], dense: list[dict]) -> tuple[float, float | None]:
     """(1 - cosine, relative error) over every output of every batch, flattened together.
     Positions where the dense output is infinite (masks) count only if the trial differs there."""
@@ -200,7 +192,9 @@ class _Probe:
 
     def trial(self, analysis, group, plan: dict, feeds: list[dict], dense: list[dict]):
         if group.zero_invariant and all(m.tensor in self.overridable for m in group.members):
-            got = self.outputs(feeds, _zeroed_values(analysis, plan))
+            from .api import zeroed_values
+
+            got = self.outputs(feeds, zeroed_values(analysis, plan))
         else:  # not exact by zeroing: prune for real (shapes inside change, outputs do not)
             from .api import prune
 
@@ -314,12 +308,7 @@ def check_plot(path) -> Path:
 
 def read(path) -> dict:
     """A sensitivity document written as JSON (by `spa sensitivity --json` or a Python user)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SpaError(f"cannot read sensitivity '{path}': no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpaError(f"cannot read sensitivity '{path}': not valid JSON ({exc})") from None
+    doc = read_json(path, "sensitivity")
     ok = isinstance(doc, dict) and doc.get("schema_version") == SCHEMA and isinstance(doc.get("ratios"), list)
     if not ok or not isinstance(doc.get("groups"), list) or not all(
             isinstance(g, dict) and "id" in g and len(g.get("loss") or ()) == len(doc["ratios"]) for g in doc["groups"]):

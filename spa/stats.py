@@ -104,18 +104,24 @@ def _with_outputs(proto, names: list, dtypes: dict):
     return _session(out)
 
 
+def reference_session(analysis, spaces):
+    """An ONNX Runtime session of the analysed model that also returns the tensors of `spaces`."""
+    return _with_outputs(analysis.model.proto, list(dict.fromkeys(t for t, _ in spaces)), analysis.model.dtypes)
+
+
 def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: int = 64, progress=None,
-              source=None) -> Stats:
+              source=None, reference=None) -> Stats:
     """Run `data` (arrays keyed by input name, or an iterable of feed dicts) through ONNX
     Runtime once, with every space's tensor as an extra output, and accumulate its moments.
     `source`: a ModelProto of the same graph with other weights (pruned ones zeroed and
-    compensated); its moments are then paired with the analysed model's (`Moments.cross`)."""
+    compensated); its moments are then paired with the analysed model's (`Moments.cross`).
+    `reference`: a `reference_session` covering `spaces`, when the caller calibrates repeatedly."""
     from .data import as_batches, split_labels
 
     spaces = read_spaces(analysis) if spaces is None else list(spaces)
     tensors = list(dict.fromkeys(t for t, _ in spaces))
     dtypes = analysis.model.dtypes
-    ref = _with_outputs(analysis.model.proto, tensors, dtypes)
+    ref = reference if reference is not None else _with_outputs(analysis.model.proto, tensors, dtypes)
     sess = ref if source is None else _with_outputs(source, tensors, dtypes)
     if isinstance(data, dict):
         data, _ = split_labels(data, [i.name for i in sess.get_inputs()], None)
