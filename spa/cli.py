@@ -158,7 +158,7 @@ def _plan(args, analysis, stats, quiet: bool) -> dict:
         if args.sensitivity:
             from . import sensitivity
 
-            ratios = sensitivity.protect(sensitivity.read(args.sensitivity), args.ratio, args.max_loss)
+            ratios = sensitivity.protect(args.sensitivity_doc, args.ratio, args.max_loss)
             scores = api._scores(analysis, args.criterion, args.seed, stats)
             return sensitivity.plan_with_ratios(analysis, scores, ratios, args.round_to)
         if args.target_params is not None or args.target_macs is not None:
@@ -336,6 +336,10 @@ def _prune(args) -> int:
     if plan is None and importance.NEEDS.get(args.criterion) == "calibration" and not args.calib:
         raise SpaError(f"criterion '{args.criterion}' needs calibration data", "pass --calib DATA.npz")
     calib = load_npz(args.calib) if args.calib else None
+    if args.sensitivity:  # a bad file fails before any slow work
+        from .sensitivity import read
+
+        args.sensitivity_doc = read(args.sensitivity)
     quiet = args.json
     with step("load + shape inference", quiet):
         model = load(args.model)
