@@ -35,9 +35,22 @@ def statistics(analysis: Analysis, calib=None, max_samples: int = 512, batch_siz
     return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
 
 
+def saliency(analysis: Analysis, criterion: str, data, labels=None, max_samples: int = 512, batch_size: int = 64,
+             output: str | None = None, device: str = "cpu", progress=None):
+    """Per-weight saliency of a gradient criterion (taylor, snip, grasp, crop) on `data`
+    ({input: array}), with `labels` or, without them, the model's own predictions as targets."""
+    from . import gradients
+
+    return gradients.measure(analysis, data, criterion, labels, output, max_samples, batch_size, device, progress)
+
+
 def _scores(analysis: Analysis, criterion: str, seed: int, stats) -> dict:
     importance.get(criterion)
     need = importance.NEEDS.get(criterion)
+    if need == "gradients" and (stats is None or getattr(stats, "kind", None) != criterion):
+        raise SpaError(f"criterion '{criterion}' needs data for its gradients",
+                       "pass --calib DATA.npz (with --labels KEY if it holds labels; without, the model's own "
+                       "predictions are the targets)")
     if need == "calibration" and (stats is None or stats.source != "calibration"):
         raise SpaError(f"criterion '{criterion}' needs calibration data",
                        "pass --calib DATA.npz (arrays keyed by input name)")

@@ -29,10 +29,11 @@ from . import __version__, api, cost, importance, report
 from .analysis import analyze
 from .blocks import attention_blocks
 from .data import load_npz
-from .errors import SpaError, first_line
+from .errors import SpaError, VerificationError, first_line
 from .model import check_writable, load, read_json, save, write_text_atomic
 from .planner import check_ratio, from_json, to_json
 
+ZEROS_TOL = 1e-5  # spa prune --zeros: removing all-zero channels must leave the outputs as they were
 ANALYZE_SCHEMA = 1
 PRUNE_SCHEMA = 1
 EVAL_SCHEMA = 1
@@ -97,11 +98,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="keep at most this fraction of the parameters, channels ranked globally")
     how.add_argument("--target-macs", type=float, metavar="F",
                      help="keep at most this fraction of the MACs, channels ranked globally")
+    how.add_argument("--zeros", action="store_true",
+                     help="remove exactly the channels whose weights are all zero (after spa train-sparse); "
+                          "the outputs must not change (else exit 3)")
     r.add_argument("-o", "--output", help="output model (default: MODEL.pruned.onnx beside the input)")
     r.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA),
                    help="channel scores (default l1); obspa, mean-act and apoz use activation statistics")
     r.add_argument("--calib", metavar="DATA", help=CALIB_HELP)
     r.add_argument("--calib-samples", type=int, default=512, metavar="N", help="samples of --calib to use (512)")
+    r.add_argument("--labels", metavar="KEY", help="key of the labels in --calib for the gradient criteria (taylor, "
+                   "snip, grasp, crop); without it the model's own predictions are the targets")
     r.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                    help="update the consumers of removed channels (OBS) so no fine-tuning is needed "
                         "(default: on for obspa); calibrated with --calib, else data-free")
@@ -140,14 +146,74 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", metavar="OUT", help="loss vs ratio per group (.png or .svg)")
     s.add_argument("--json", action="store_true", help="print the result as JSON (input of prune --sensitivity)")
     s.add_argument("-v", "--verbose", action="store_true")
+    _training_parsers(sub)
     return p
+
+
+def _training_options(t, what: str) -> None:
+    t.add_argument("model")
+    t.add_argument("--data", required=True, metavar="TRAIN", help=".npz of training inputs keyed by input name "
+                   "(first axis: samples), with labels under --labels KEY")
+    t.add_argument("--labels", metavar="KEY", help="key of the integer class labels in --data (and --val)")
+    t.add_argument("--val", metavar="VAL", help=".npz for validation after each epoch (default: hold out --val-split)")
+    t.add_argument("--val-split", type=float, default=0.1, metavar="F",
+                   help="fraction of --data held out for validation when there is no --val (0.1)")
+    t.add_argument("--distill-from", metavar="TEACHER", help="an ONNX model whose outputs the trained one learns to "
+                   "match (KL divergence at --temperature), with or instead of labels")
+    t.add_argument("--epochs", type=int, default=5, help="passes over the training data (5)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-decayed (1e-3)")
+    t.add_argument("--batch", type=int, default=64, help="batch size (64)")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (4)")
+    t.add_argument("--alpha", type=float, default=0.5, help="weight of distillation when labels are given too (0.5)")
+    t.add_argument("--logits", metavar="NAME", help="the output trained against labels/teacher (default: the first)")
+    t.add_argument("--checkpoint", metavar="CKPT", help="checkpoint written after every epoch (default: OUT.ckpt)")
+    t.add_argument("--resume", action="store_true", help="continue from --checkpoint instead of starting over")
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("-o", "--output", help=f"output model (default: MODEL.{what}.onnx beside the input)")
+    t.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    t.add_argument("-v", "--verbose", action="store_true")
+
+
+def _training_parsers(sub) -> None:
+    f = sub.add_parser("finetune", help="train a model's weights in place (the same graph comes back)")
+    _training_options(f, "finetuned")
+    f.add_argument("--ratio", type=float, help="prune this fraction of each group first (then fine-tune, "
+                   "distilling from the dense model unless --no-distill)")
+    f.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA),
+                   help="with --ratio: channel scores (l1); gradient and calibration criteria use --data")
+    f.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="with --ratio: train on labels only, not towards the dense model")
+    g = sub.add_parser("train-sparse", help="train with group sparsity until whole channels are exactly zero "
+                       "(then spa prune --zeros removes them)")
+    _training_options(g, "sparse")
+    g.add_argument("--target-ratio", type=float, required=True, metavar="R",
+                   help="fraction of each prunable group's channels driven to zero")
+    g.add_argument("--periods", type=int, default=5, help="pruning periods within the window (5)")
+    g.add_argument("--warmup", type=float, default=0.2, help="fraction of training before any channel shrinks (0.2)")
+    g.add_argument("--window", type=float, default=0.5,
+                   help="fraction of training over which channels shrink to zero (0.5); the rest fine-tunes")
+    g.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
+    g.add_argument("--prune-hidden", action="store_true", help="also sparsify a transformer's hidden size")
+    g.add_argument("--save-plan", metavar="PLAN", help="write the zeroed channels as a plan (spa prune --plan)")
 
 
 def _statistics(args, analysis, calib, quiet: bool):
     """Activation statistics when the criterion needs them, else None (compensation measures its
     own group by group with --calib, or derives them from the graph without)."""
-    if not importance.NEEDS.get(args.criterion):
+    need = importance.NEEDS.get(args.criterion)
+    if not need:
         return None
+    if need == "gradients":
+        from .data import split_labels
+        from .gradients import require_torch
+
+        require_torch()
+        feeds, labels = split_labels(calib, analysis.model.input_names, args.labels)
+        with step(f"gradients ({args.criterion}, {min(args.calib_samples, len(next(iter(feeds.values()))))} "
+                  "samples)", quiet):
+            return api.saliency(analysis, args.criterion, feeds, labels, max_samples=args.calib_samples)
     what = f"calibration, {args.calib_samples} samples" if calib is not None else "data-free"
     with step(f"activation statistics ({what})", quiet):
         return api.statistics(analysis, calib, max_samples=args.calib_samples)
@@ -321,20 +387,25 @@ def _prune(args) -> int:
             raise SpaError(f"--save-plan and -o both name '{out}'", "write the plan to another file")
     plan = _read_plan(args.plan) if args.plan else None
     targeted = args.target_params is not None or args.target_macs is not None
-    if plan is None:  # bad numbers fail before any slow work
+    if plan is None and not args.zeros:  # bad numbers fail before any slow work
         if not targeted:
             check_ratio(args.ratio)
         check_ratio(args.max_group_ratio, "--max-group-ratio")
         if args.round_to < 1:
             raise SpaError(f"invalid --round-to {args.round_to}: it must be a positive integer")
-    if args.sensitivity and (plan is not None or targeted):
+    if args.sensitivity and (plan is not None or targeted or args.zeros):
         raise SpaError("--sensitivity goes with --ratio (the most any group is pruned)")
     if args.calib_samples < 1:
         raise SpaError(f"invalid --calib-samples {args.calib_samples}: it must be a positive integer")
     if args.compensate is None:
-        args.compensate = plan is None and args.criterion == "obspa"
-    if plan is None and importance.NEEDS.get(args.criterion) == "calibration" and not args.calib:
-        raise SpaError(f"criterion '{args.criterion}' needs calibration data", "pass --calib DATA.npz")
+        args.compensate = plan is None and not args.zeros and args.criterion == "obspa"
+    if args.zeros and args.compensate:
+        raise SpaError("--zeros removes channels that carry nothing: there is nothing to compensate")
+    if plan is None and importance.NEEDS.get(args.criterion) in ("calibration", "gradients") and not args.calib:
+        raise SpaError(f"criterion '{args.criterion}' needs calibration data", "pass --calib DATA.npz"
+                       + (" (with --labels KEY when it holds labels)" if args.criterion in importance.GRADIENT else ""))
+    if args.labels and not args.calib:
+        raise SpaError("--labels names a key of --calib", "pass --calib DATA.npz")
     calib = load_npz(args.calib) if args.calib else None
     if args.sensitivity:  # a bad file fails before any slow work
         from .sensitivity import read
@@ -350,6 +421,12 @@ def _prune(args) -> int:
     with step("analysis", quiet):
         analysis = analyze(model, exclude=args.exclude)
     stats = None
+    if args.zeros:
+        from .train import zero_plan
+
+        plan = zero_plan(analysis)
+        if not plan and not args.json:
+            err.print("note: no prunable channel is all zero; the output equals the input", markup=False)
     if plan is None:
         if (targeted or args.ratio > 0) and not any(g.prunable for g in analysis.groups):
             raise SpaError(f"nothing to prune in '{args.model}': {report.why_nothing(analysis)}")
@@ -368,10 +445,13 @@ def _prune(args) -> int:
 
     def verify(tmp_file):  # runs on the written temp file, before it is renamed into place
         api.check_against(tmp_file, model.path)
-        if args.check:
-            checked["result"] = report.output_check(model, pruned, args.seed, pruned_file=tmp_file)
+        if args.check or args.zeros:
+            checked["result"] = check = report.output_check(model, pruned, args.seed, pruned_file=tmp_file)
+            if args.zeros and check.get("status") == "ok" and check["max_rel_err"] > ZEROS_TOL:
+                raise VerificationError(f"removing the zero channels changed the outputs (max rel. error "
+                                        f"{check['max_rel_err']:.2e} > {ZEROS_TOL:g}); nothing written")
 
-    with step("saving + checking" if args.check else "saving + ONNX checker", quiet):
+    with step("saving + checking" if args.check or args.zeros else "saving + ONNX checker", quiet):
         save(pruned, out, source=Path(args.model), verify=verify)
     check = checked.get("result")
     if args.save_plan:
@@ -380,6 +460,8 @@ def _prune(args) -> int:
     doc["simplify"] = simplified
     doc["compensated"] = values is not None
     doc["statistics"] = None if stats is None else {"source": stats.source, "samples": stats.samples}
+    if stats is not None and stats.source == "gradients":
+        doc["statistics"]["labels"] = "data" if stats.labels else "own predictions"
     doc["notes"] = notes
     if args.json:
         print(json.dumps(doc))
@@ -392,7 +474,10 @@ def _prune(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity}[args.command](args)
+        from .cli_train import finetune, train_sparse
+
+        return {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity,
+                "finetune": finetune, "train-sparse": train_sparse}[args.command](args)
     except SpaError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -6,6 +6,7 @@ as biases or BatchNorm statistics only when a group has no weight member), norma
 member's scores to mean 1 so a large layer does not drown a small one, and average over
 members. Criteria that need activation statistics (`needs`) get a spa.stats.Stats as `data`:
 "calibration" ones only from data, "moments" ones also from the graph alone (data-free).
+"gradients" ones get a spa.gradients.Saliency (per-weight scores through spa.torch).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 CRITERIA: dict[str, Callable] = {}
-NEEDS: dict[str, str] = {}  # criterion -> "calibration" | "moments"
+NEEDS: dict[str, str] = {}  # criterion -> "calibration" | "moments" | "gradients"
 
 
 def criterion(name: str, needs: str | None = None):
@@ -157,6 +158,24 @@ def obspa(group, weights, data=None, seed=0) -> np.ndarray:
     if sal is None:
         return _fallback(group, weights, data, "has no analysable consumer (no weight reads it with known statistics)")
     return sal
+
+
+def _gradient(kind: str):
+    def fn(group, weights, data=None, seed=0) -> np.ndarray:
+        from .gradients import channel_scores
+
+        sal = channel_scores(group, data)
+        if sal is None:
+            return _fallback(group, weights, data, "has no trainable member (no gradient reaches it)")
+        return sal
+
+    fn.__doc__ = f"Gradient criterion '{kind}' summed over each channel's member slices (spa.gradients)."
+    return criterion(kind, needs="gradients")(fn)
+
+
+GRADIENT = ("taylor", "snip", "grasp", "crop")
+for _kind in GRADIENT:
+    _gradient(_kind)
 
 
 def score(analysis, name: str, groups=None, seed: int = 0, data=None) -> dict[str, np.ndarray]:

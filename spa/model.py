@@ -60,6 +60,12 @@ class Model:
     def graph(self) -> onnx.GraphProto:
         return self.proto.graph
 
+    @property
+    def input_names(self) -> list[str]:
+        """The graph inputs a caller feeds (not initializers listed as inputs)."""
+        inits = {t.name for t in self.proto.graph.initializer}
+        return [i.name for i in self.proto.graph.input if i.name not in inits]
+
 
 def _all_tensors(model: onnx.ModelProto):
     return external_data_helper._get_all_tensors(model)
