@@ -11,17 +11,44 @@ Public API (the CLI is a thin shell over it)::
     plan = spa.make_plan(analysis, ratio=0.3, criterion="obspa", stats=stats)
     pruned = spa.prune(analysis, plan, compensate=spa.compensation(analysis, plan, calib=...)[0])
     spa.evaluate(pruned, spa.load_npz("test.npz"), labels=..., reference="model.onnx")
+    # gradient criteria (taylor, snip, grasp, crop) and training, through spa.torch (needs torch)
+    sal = spa.saliency(analysis, "snip", {"x": x}, labels=y)
+    plan = spa.make_plan(analysis, ratio=0.5, criterion="snip", stats=sal)
+    result = spa.fit(pruned, {"x": x}, y, teacher=dense_proto, cfg=spa.FitConfig(epochs=10))  # .proto: same graph
 """
 
 from . import cost
 from .analysis import Analysis, Group, Member, analyze
-from .api import compare, compensation, make_plan, plan_for_target, prune, statistics
+from .api import compare, compensation, make_plan, plan_for_target, prune, saliency, statistics
 from .data import load_npz
 from .errors import SpaError, VerificationError
 from .evaluate import evaluate
 from .model import Model, load, save
+from .train import FitConfig, HessoSchedule, fit, zero_plan
 
-__all__ = ["Analysis", "Group", "Member", "Model", "SpaError", "VerificationError", "analyze", "compare",
-           "compensation", "cost", "evaluate", "load", "load_npz", "make_plan", "plan_for_target", "prune", "save",
-           "statistics"]
+__all__ = [
+           "Analysis",
+           "FitConfig",
+           "Group",
+           "HessoSchedule",
+           "Member",
+           "Model",
+           "SpaError",
+           "VerificationError",
+           "analyze",
+           "compare",
+           "compensation",
+           "cost",
+           "evaluate",
+           "fit",
+           "load",
+           "load_npz",
+           "make_plan",
+           "plan_for_target",
+           "prune",
+           "saliency",
+           "save",
+           "statistics",
+           "zero_plan",
+]
 __version__ = "0.1.0"

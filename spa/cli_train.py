@@ -35,7 +35,7 @@ def _output(args, what: str) -> Path:
     return src.with_name(f"{src.stem}.{what}.onnx")
 
 
-def _prepare(args, what: str):
+def _prepare(args, what: str, teacher: bool):
     """Checks that fail fast (before loading torch or the model), then the data."""
     from .gradients import require_torch
 
@@ -53,8 +53,16 @@ def _prepare(args, what: str):
     cfg = FitConfig(args.epochs, args.lr, args.batch, args.weight_decay, args.temperature, args.alpha, args.seed,
                     args.device, args.logits)
     cfg.check()
+    if args.labels is None and not teacher:
+        raise SpaError("nothing to train towards: no labels and no teacher",
+                       "pass --labels KEY (a key of the data), or --distill-from DENSE.onnx")
+    if not args.val and not 0 < args.val_split < 1:
+        raise SpaError(f"invalid --val-split {args.val_split}: it must be in (0, 1)")
     arrays = load_npz(args.data)
     val_arrays = load_npz(args.val) if args.val else None
+    for name, found in (("--data", arrays), ("--val", val_arrays)):
+        if found is not None and args.labels is not None and args.labels not in found:
+            raise SpaError(f"{name} has no labels key '{args.labels}' (it has {sorted(found)})")
     require_torch()
     return out, ckpt, cfg, arrays, val_arrays
 
@@ -136,7 +144,8 @@ def _print(doc: dict) -> None:
 
 
 def finetune(args) -> int:
-    out, ckpt, cfg, arrays, val_arrays = _prepare(args, "finetuned")
+    out, ckpt, cfg, arrays, val_arrays = _prepare(args, "finetuned", bool(args.distill_from)
+                                                  or (args.ratio is not None and args.distill))
     if args.ratio is not None:
         check_ratio(args.ratio)
     with step("load + shape inference", args.json):
@@ -187,7 +196,7 @@ def _prune_first(args, model, arrays):
 def train_sparse(args) -> int:
     from .train import HessoSchedule
 
-    out, ckpt, cfg, arrays, val_arrays = _prepare(args, "sparse")
+    out, ckpt, cfg, arrays, val_arrays = _prepare(args, "sparse", bool(args.distill_from))
     check_ratio(args.target_ratio, "--target-ratio")
     if args.save_plan:
         check_writable(args.save_plan, args.model)
