@@ -164,7 +164,7 @@ def _gradient(kind: str):
     def fn(group, weights, data=None, seed=0) -> np.ndarray:
         from .gradients import channel_scores
 
-        sal = channel_scores(group, data)
+        sal = channel_scores(group, data) if data is not None else None
         if sal is None:
             return _fallback(group, weights, data, "has no trainable member (no gradient reaches it)")
         return sal
