@@ -98,6 +98,11 @@ def _statistics(analysis, criterion: str, groups: list, feeds: list[dict], stats
     """`stats`, or for a criterion that needs activation statistics, those of `feeds`."""
     if stats is not None or criterion not in importance.NEEDS:
         return stats
+    if importance.NEEDS[criterion] == "gradients":  # the model's own predictions are the targets
+        from . import gradients
+
+        merged = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        return gradients.measure(analysis, merged, criterion, max_samples=_count(merged))
     from . import stats as activation_stats
 
     spaces = activation_stats.read_spaces(analysis, groups)

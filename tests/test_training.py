@@ -260,3 +260,12 @@ def test_half_precision_runs_the_float32_graph(data, dtype, tol):
     # written back in the graph's own dtype
     back = write_back(proto, module)
     assert all(t.data_type == TensorProto.FLOAT for t in back.graph.initializer)
+
+
+def test_sensitivity_ranks_with_a_gradient_criterion(data):
+    from spa import sensitivity
+
+    analysis = spa.analyze(api.reinfer(tiny_cnn(dead=3)))
+    doc = sensitivity.sensitivity(analysis, {"x": data["x_test"][:64]}, [0.5], "snip")
+    assert doc["criterion"] == "snip" and {g["id"] for g in doc["groups"]} == {"w1:0", "w2:0"}
+    assert all(g["channels_dropped"] == [g["size"] // 2] and 0 <= g["loss"][0] < 1 for g in doc["groups"])
