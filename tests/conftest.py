@@ -50,3 +50,13 @@ def zoo(tmp_path_factory):
     from models import cnn_zoo
 
     return export_zoo(cnn_zoo, tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """{(name, exporter): path} of every models/hf_zoo.py model, exported once per session."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from models import hf_zoo
+
+    return export_zoo(hf_zoo, tmp_path_factory.mktemp("hfzoo"))

@@ -13,7 +13,6 @@ import pytest
 import spa
 from spa import api
 from tests.conftest import ZOO_EXPORTERS as EXPORTERS
-from tests.conftest import export_zoo
 from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
 
 pytest.importorskip("torch")
@@ -31,12 +30,6 @@ HEADS = ("bert", "gpt2", "llama", "vit", "deit", "distilbert", "whisper_encoder"
 # export is followed through those folds, its TorchScript export recovers the batch as
 # Shape(x)[0] / heads, arithmetic spa does not follow (the heads then say so)
 HEAD_CASES = [(n, e) for n in HEADS for e in EXPORTERS] + [("bloom", "dynamo")]
-
-
-@pytest.fixture(scope="session")
-def hf_models(tmp_path_factory):
-    """{(name, exporter): path} of every models/hf_zoo.py model, exported once per session."""
-    return export_zoo(hf_zoo, tmp_path_factory.mktemp("hfzoo"))
 
 
 def _other_size(name, seed=1):

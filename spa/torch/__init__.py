@@ -109,6 +109,7 @@ class OnnxModule(nn.Module):
         super().__init__()
         self.opsets = {o.domain or "": o.version for o in proto.opset_import}
         self.cast_to = None  # the float dtype of .to(dtype); None: every tensor keeps its ONNX type
+        self._float_sources: dict = {}
         self.keys: dict[str, str] = {}  # ONNX initializer name -> parameter/buffer attribute
         self.source_dtypes: dict[str, np.dtype] = {}
         self.params = nn.ParameterDict()
@@ -132,6 +133,8 @@ class OnnxModule(nn.Module):
         self.output_names = [o.name for o in proto.graph.output]
         self.input_types = {i.name: i.type.tensor_type.elem_type for i in proto.graph.input}
         self.graph = self._build(proto.graph)
+        # the float dtype every parameter and buffer had in the ONNX file (.to(dtype) is seen against it)
+        self._float_sources = {k: t.dtype for k, t in self.state_dict(keep_vars=True).items() if t.is_floating_point()}
 
     # -- construction --------------------------------------------------------------------
     def _build(self, graph: onnx.GraphProto) -> Graph:
@@ -150,7 +153,12 @@ class OnnxModule(nn.Module):
                     raise UnsupportedOp(f"node '{n.name}' ({n.op_type}) has a list of subgraphs, "
                                         "which spa.torch does not run")
                 else:
-                    attrs[a.name] = helper.get_attribute_value(a)
+                    value = helper.get_attribute_value(a)
+                    if isinstance(value, bytes):  # STRING attributes: str, as the spec writes them
+                        value = value.decode()
+                    elif isinstance(value, list) and value and isinstance(value[0], bytes):
+                        value = [v.decode() for v in value]
+                    attrs[a.name] = value
             if "value" in attrs and isinstance(attrs["value"], onnx.TensorProto):
                 attrs["value"] = _ops.to_tensor(numpy_helper.to_array(attrs["value"]))
                 if n.op_type == "Constant":  # a buffer, so .to(device/dtype) moves it once
@@ -194,8 +202,8 @@ class OnnxModule(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.cast_to = None
-        for name, t in self.named_initializers():
-            if t.is_floating_point() and t.dtype != _ops.to_tensor(np.zeros(0, self.source_dtypes[name])).dtype:
+        for key, t in self.state_dict(keep_vars=True).items():
+            if t.is_floating_point() and t.dtype != self._float_sources.get(key, t.dtype):
                 self.cast_to = t.dtype
                 break
         return out

@@ -207,9 +207,22 @@ def where(ctx, c, a, b):
     return torch.where(c, a, _same(b, a))
 
 
-@op("Identity", "Dropout")
+@op("Identity")
 def identity(ctx, x, *rest):
     return x
+
+
+@op("Dropout")
+def dropout(ctx, x, *rest):
+    """Inference: the identity, and an all-true mask when the mask output is asked for."""
+    if len(ctx.node.outputs) > 1 and ctx.node.outputs[1]:
+        return x, torch.ones_like(x, dtype=torch.bool)
+    return x
+
+
+@op("BitShift")
+def bit_shift(ctx, a, b):
+    return a << b if ctx.attr("direction") == "LEFT" else a >> b
 
 
 def _softmax(fn):
@@ -312,20 +325,26 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 def conv_transpose(ctx, x, w, b=None):
     n = w.dim() - 2
     group = ctx.attr("group", 1)
-    kernel = ctx.attr("kernel_shape") or list(w.shape[2:])
     strides = ctx.attr("strides") or [1] * n
     dilations = ctx.attr("dilations") or [1] * n
     out_pad = ctx.attr("output_padding") or [0] * n
     out_shape = ctx.attr("output_shape")
     auto = ctx.attr("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
+    y = _CONV_T[n](x, w, None, strides, 0, out_pad, group, dilations)
     if out_shape or auto in ("SAME_UPPER", "SAME_LOWER"):
+        # the spec's total padding = full size - wanted size; SAME_UPPER puts the smaller half
+        # first, NOTSET/SAME_LOWER the larger; a wanted size beyond the full one pads the tail
         target = list(out_shape)[-n:] if out_shape else [x.shape[2 + i] * strides[i] for i in range(n)]
         begin, end = [], []
         for i in range(n):
-            total = strides[i] * (x.shape[2 + i] - 1) + out_pad[i] + ((kernel[i] - 1) * dilations[i] + 1) - target[i]
+            total = y.shape[2 + i] - target[i]
+            if total < 0:
+                begin.append(0)
+                end.append(total)
+                continue
             small, large = total // 2, total - total // 2
-            upper = auto != "SAME_LOWER"
+            upper = auto == "SAME_UPPER"
             begin.append(small if upper else large)
             end.append(large if upper else small)
     elif auto == "VALID":
@@ -333,9 +352,12 @@ def conv_transpose(ctx, x, w, b=None):
     else:
         pads = ctx.attr("pads") or [0] * (2 * n)
         begin, end = list(pads[:n]), list(pads[n:])
-    y = _CONV_T[n](x, w, b, strides, 0, out_pad, group, dilations)
-    crop = [slice(None), slice(None)] + [slice(bg, y.shape[2 + i] - e) for i, (bg, e) in enumerate(zip(begin, end))]
-    return y[tuple(crop)]
+    if any(begin) or any(end):
+        spec = []
+        for bg, e in zip(reversed(begin), reversed(end)):
+            spec += [-bg, -e]
+        y = F.pad(y, spec)
+    return y if b is None else y + _channel(b, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,12 +385,15 @@ def layer_norm(ctx, x, scale, bias=None):
     axis = ctx.attr("axis", -1) % x.dim()
     eps = ctx.attr("epsilon", 1e-5)
     shape = list(x.shape[axis:])
-    if list(scale.shape) == shape and (bias is None or list(bias.shape) == shape):
+    extra = len([o for o in ctx.node.outputs[1:] if o])
+    if not extra and list(scale.shape) == shape and (bias is None or list(bias.shape) == shape):
         return F.layer_norm(x, shape, scale, bias, eps)
     dims = tuple(range(axis, x.dim()))
     mu = x.mean(dims, keepdim=True)
-    y = (x - mu) * torch.rsqrt((x - mu).pow(2).mean(dims, keepdim=True) + eps) * scale
-    return y + bias if bias is not None else y
+    inv = torch.rsqrt((x - mu).pow(2).mean(dims, keepdim=True) + eps)
+    y = (x - mu) * inv * scale
+    y = y + bias if bias is not None else y
+    return (y, mu, inv) if extra else y
 
 
 @op("GroupNormalization")
@@ -423,6 +448,16 @@ def max_pool(ctx, x):
         x, pad = _pad_input(x, begin, end, value=-math.inf), 0
     else:
         pad = begin
+    if len(ctx.node.outputs) > 1 and ctx.node.outputs[1]:
+        if pad == 0 and any(begin):
+            raise NotImplementedError("MaxPool Indices with asymmetric pads")
+        y, idx = _MAXPOOL[n](x, kernel, strides, pad, dilations, ceil_mode=ceil, return_indices=True)
+        # torch: flat index within each (N, C) plane; ONNX: within the whole tensor (row-major)
+        plane = math.prod(x.shape[2:])
+        base = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1], *[1] * n)
+        if ctx.attr("storage_order", 0):
+            raise NotImplementedError("MaxPool Indices with storage_order=1")
+        return y, idx + base * plane
     return _MAXPOOL[n](x, kernel, strides, pad, dilations, ceil_mode=ceil)
 
 
@@ -436,14 +471,24 @@ def avg_pool(ctx, x):
         if n == 1:
             return F.avg_pool1d(x, kernel, strides, begin, ceil_mode=ceil, count_include_pad=include)
         return _AVGPOOL[n](x, kernel, strides, begin, ceil_mode=ceil, count_include_pad=include)
-    # asymmetric pads: sum over the padded input divided by the count of real (or all) cells
-    padded = _pad_input(x, begin, end)
-    total = _AVGPOOL[n](padded, kernel, strides, 0, ceil_mode=ceil) * math.prod(kernel)
+    # asymmetric pads or dilations: window sums over the padded input (a convolution with a
+    # kernel of ones) divided by the count of real (or all) cells
+    if ceil and set(dilations) != {1}:
+        raise NotImplementedError("AveragePool with dilations and ceil_mode")
+
+    def window_sum(t):
+        flat = _pad_input(t, begin, end).reshape(-1, 1, *[t.shape[2 + i] + begin[i] + end[i] for i in range(n)])
+        if set(dilations) == {1}:
+            return _AVGPOOL[n](flat, kernel, strides, 0, ceil_mode=ceil) * math.prod(kernel)
+        ones = torch.ones([1, 1, *kernel], dtype=t.dtype, device=t.device)
+        return _CONV[n](flat, ones, None, strides, 0, dilations)
+
+    total = window_sum(x)
+    total = total.reshape(*x.shape[:2], *total.shape[2:])
     if include:
         return total / math.prod(kernel)
-    ones = _pad_input(torch.ones_like(x[:1, :1]), begin, end)
-    count = _AVGPOOL[n](ones, kernel, strides, 0, ceil_mode=ceil) * math.prod(kernel)
-    return total / count
+    count = window_sum(torch.ones_like(x[:1, :1]))
+    return total / count.reshape(1, 1, *count.shape[2:])
 
 
 @op("GlobalAveragePool")
@@ -559,9 +604,9 @@ def reshape(ctx, x, shape_):
 
 @op("Flatten")
 def flatten(ctx, x):
-    axis = ctx.attr("axis", 1) % (x.dim() + 1) if x.dim() else 0
-    return x.reshape(int(np.prod(x.shape[:axis])), -1) if x.numel() else \
-        x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
+    axis = ctx.attr("axis", 1)
+    axis = axis + x.dim() if axis < 0 else axis
+    return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
 
 
 @op("Transpose")
