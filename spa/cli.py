@@ -170,6 +170,8 @@ def _training_options(t, what: str) -> None:
     t.add_argument("--checkpoint", metavar="CKPT", help="checkpoint written after every epoch (default: OUT.ckpt)")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint instead of starting over")
     t.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    t.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's); small "
+                   "models train fastest with 1, and a busy machine slows down a lot with more")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("-o", "--output", help=f"output model (default: MODEL.{what}.onnx beside the input)")
     t.add_argument("--json", action="store_true", help="print the result as JSON on stdout")

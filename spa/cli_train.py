@@ -53,6 +53,8 @@ def _prepare(args, what: str, teacher: bool):
     cfg = FitConfig(args.epochs, args.lr, args.batch, args.weight_decay, args.temperature, args.alpha, args.seed,
                     args.device, args.logits)
     cfg.check()
+    if args.threads is not None and args.threads < 1:
+        raise SpaError(f"invalid --threads {args.threads}: it must be a positive integer")
     if args.labels is None and not teacher:
         raise SpaError("nothing to train towards: no labels and no teacher",
                        "pass --labels KEY (a key of the data), or --distill-from DENSE.onnx")
@@ -64,6 +66,10 @@ def _prepare(args, what: str, teacher: bool):
         if found is not None and args.labels is not None and args.labels not in found:
             raise SpaError(f"{name} has no labels key '{args.labels}' (it has {sorted(found)})")
     require_torch()
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return out, ckpt, cfg, arrays, val_arrays
 
 
@@ -187,9 +193,14 @@ def _prune_first(args, model, arrays):
         elif need:
             stats = api.statistics(analysis, feeds if need == "calibration" or args.criterion == "obspa" else None)
         plan = api.make_plan(analysis, args.ratio, args.criterion, seed=args.seed, stats=stats)
+    values = None
+    if args.criterion == "obspa":  # as spa prune does by default: refit the consumers (calibrated)
+        with step("compensating the consumers (OBS, group by group)", args.json):
+            values, _ = api.compensation(analysis, plan, calib=feeds)
     with step("pruning", args.json):
-        pruned = api.prune(analysis, plan)
-    doc = {"ratio": args.ratio, "criterion": args.criterion, "channels_removed": int(sum(map(len, plan.values())))}
+        pruned = api.prune(analysis, plan, compensate=values)
+    doc = {"ratio": args.ratio, "criterion": args.criterion, "channels_removed": int(sum(map(len, plan.values()))),
+           "compensated": values is not None}
     return api.reinfer(pruned), doc
 
 

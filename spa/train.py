@@ -215,7 +215,7 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
                 seen += m
                 if y is not None:
                     correct += int((out.argmax(-1) == y).sum())
-            return correct / max(seen, 1) if metric == "accuracy" else loss_sum / max(seen, 1)
+            return (correct / max(seen, 1) if vy is not None else None), loss_sum / max(seen, 1)
 
     done = state["epoch"] * steps_per_epoch
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
@@ -240,14 +240,19 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
         entry = {"epoch": epoch, "train_loss": running / steps_per_epoch, "lr": sched.get_last_lr()[0],
                  "seconds": round(time.perf_counter() - t0, 2)}
         if val is not None:
-            entry[metric] = evaluate()
+            accuracy, entry["val_loss"] = evaluate()
+            if accuracy is not None:
+                entry["accuracy"] = accuracy
         if schedule is not None:
             entry.update(schedule.summary())
         eligible = schedule is None or schedule.finished(done)
-        value = entry.get(metric, -entry["train_loss"] if metric == "accuracy" else entry["train_loss"])
-        better = state["best"] is None or (value > state["best"] if metric == "accuracy" else value < state["best"])
-        if eligible and better:
-            state["best"], state["best_epoch"] = value, epoch
+        # higher is better: accuracy first, then the lower validation (or training) loss; a tie
+        # goes to the later epoch (a small validation set saturates early, training goes on)
+        loss_key = -entry.get("val_loss", entry["train_loss"])
+        key = (entry["accuracy"], loss_key) if "accuracy" in entry else (loss_key,)
+        if eligible and (state.get("best_key") is None or tuple(key) >= tuple(state["best_key"])):
+            state["best"] = entry.get(metric, entry["train_loss"])
+            state["best_key"], state["best_epoch"] = key, epoch
             state["best_state"] = {k: v.detach().clone() for k, v in module.state_dict().items()}
             entry["best"] = True
         state["history"].append(entry)

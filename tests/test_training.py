@@ -184,10 +184,14 @@ def test_resume_continues_to_the_same_weights(files, data):
     assert all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_finetune_with_ratio_prunes_then_distills(files, capsys):
+@pytest.mark.parametrize("criterion", ["taylor", "obspa"])
+def test_finetune_with_ratio_prunes_then_distills(files, capsys, criterion):
     doc = _cli_json(capsys, "finetune", files / "tiny.onnx", "--data", files / "train.npz", "--labels", "labels",
-                    "--ratio", "0.5", "--criterion", "taylor", "--epochs", "1", "-o", files / "pft.onnx")
-    assert doc["pruned_first"]["criterion"] == "taylor" and doc["pruned_first"]["channels_removed"] > 0
+                    "--ratio", "0.5", "--criterion", criterion, "--epochs", "1", "--threads", "1",
+                    "-o", files / "pft.onnx")
+    first = doc["pruned_first"]
+    assert first["criterion"] == criterion and first["channels_removed"] > 0
+    assert first["compensated"] == (criterion == "obspa")  # as spa prune's default
     assert doc["after"]["params"] < doc["before"]["params"]
     assert doc["distill_from"] is None  # the dense input is the teacher unless --no-distill
     assert spa.load(files / "pft.onnx").proto.graph.initializer
