@@ -126,35 +126,32 @@ def measure(analysis, data, kind: str, labels=None, output: str | None = None, m
             target = out.detach().argmax(-1)
         return task_loss(out, target)
 
-    grads = {k: torch.zeros_like(p) for k, p in params.items()}
     steps = -(-n // batch_size) * (2 if kind in SECOND_ORDER else 1)
     done = 0
-    for i, batch in enumerate(batches(feeds, batch_size)):
-        m = len(next(iter(batch.values())))
-        loss = loss_of(batch, i * batch_size) * (m / n)
-        g = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for k, gi in zip(params, g):
-            if gi is not None:
-                grads[k] += gi
-        done += 1
-        if progress:
-            progress(done, steps)
-    if kind in SECOND_ORDER:
-        hg = {k: torch.zeros_like(p) for k, p in params.items()}
+
+    def one_pass(along=None) -> dict:
+        """Σ over batches of ∇L, or with `along` (a fixed gradient) of H·along = ∇(∇L·along)."""
+        nonlocal done
+        total = {k: torch.zeros_like(p) for k, p in params.items()}
         for i, batch in enumerate(batches(feeds, batch_size)):
             m = len(next(iter(batch.values())))
             loss = loss_of(batch, i * batch_size) * (m / n)
-            g = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-            z = sum((gi * grads[k]).sum() for k, gi in zip(params, g) if gi is not None)
-            if z.requires_grad:
-                h = torch.autograd.grad(z, list(params.values()), allow_unused=True)
-                for k, hi in zip(params, h):
-                    if hi is not None:
-                        hg[k] += hi
+            g = torch.autograd.grad(loss, list(params.values()), create_graph=along is not None, allow_unused=True)
+            if along is not None:
+                z = sum((gi * along[k]).sum() for k, gi in zip(params, g) if gi is not None)
+                g = torch.autograd.grad(z, list(params.values()), allow_unused=True) if z.requires_grad \
+                    else [None] * len(params)
+            for k, gi in zip(params, g):
+                if gi is not None:
+                    total[k] += gi
             done += 1
             if progress:
                 progress(done, steps)
-        grads = hg
+        return total
+
+    grads = one_pass()
+    if kind in SECOND_ORDER:
+        grads = one_pass(along=grads)
     scores = {}
     with torch.no_grad():
         for k, p in params.items():
