@@ -43,6 +43,7 @@ class Node:
     attrs: dict
     fn: object
     graphs: dict = field(default_factory=dict)  # attribute name -> Graph (If/Loop/Scan bodies)
+    free: list = field(default_factory=list)  # values read here for the last time (dropped after)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class OnnxModule(nn.Module):
         self.opsets = {o.domain or "": o.version for o in proto.opset_import}
         self.cast_to = None  # the float dtype of .to(dtype); None: every tensor keeps its ONNX type
         self._float_sources: dict = {}
+        self._device = torch.device("cpu")
         self.keys: dict[str, str] = {}  # ONNX initializer name -> parameter/buffer attribute
         self.source_dtypes: dict[str, np.dtype] = {}
         self.params = nn.ParameterDict()
@@ -178,6 +180,10 @@ class OnnxModule(nn.Module):
                     g.last_use[name] = i
         for name in g.outputs:
             g.last_use[name] = len(nodes)
+        keep = set(g.outputs) | set(g.inputs)
+        for i, n in enumerate(nodes):
+            n.free = [x for x in dict.fromkeys(n.inputs)
+                      if x and g.last_use.get(x) == i and x not in keep and x not in self.keys]
         return g
 
     # -- values --------------------------------------------------------------------------
@@ -202,6 +208,7 @@ class OnnxModule(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.cast_to = None
+        self._device = next((t.device for t in self.state_dict(keep_vars=True).values()), torch.device("cpu"))
         for key, t in self.state_dict(keep_vars=True).items():
             if t.is_floating_point() and t.dtype != self._float_sources.get(key, t.dtype):
                 self.cast_to = t.dtype
@@ -214,9 +221,8 @@ class OnnxModule(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for t in list(self.params.values()) + list(self.buffers()):
-            return t.device
-        return torch.device("cpu")
+        """Where the parameters live (kept by _apply: ops ask for it on every call)."""
+        return self._device
 
     # -- running -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -243,8 +249,7 @@ class OnnxModule(nn.Module):
         return dict(zip(self.output_names, outs))
 
     def _run(self, graph: Graph, env: dict) -> list:
-        keep = set(graph.outputs) | set(graph.inputs)
-        for i, node in enumerate(graph.nodes):
+        for node in graph.nodes:
             args = [env[n] if n else None for n in node.inputs]
             try:
                 result = node.fn(Context(self, node, env), *args)
@@ -258,9 +263,8 @@ class OnnxModule(nn.Module):
             for name, value in zip(node.outputs, result):
                 if name:
                     env[name] = value
-            for name in node.inputs:
-                if name and graph.last_use.get(name) == i and name not in keep and name not in self.keys:
-                    env.pop(name, None)
+            for name in node.free:
+                env.pop(name, None)
         return [env[n] for n in graph.outputs]
 
 
