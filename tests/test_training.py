@@ -273,3 +273,21 @@ def test_sensitivity_ranks_with_a_gradient_criterion(data):
     doc = sensitivity.sensitivity(analysis, {"x": data["x_test"][:64]}, [0.5], "snip")
     assert doc["criterion"] == "snip" and {g["id"] for g in doc["groups"]} == {"w1:0", "w2:0"}
     assert all(g["channels_dropped"] == [g["size"] // 2] and 0 <= g["loss"][0] < 1 for g in doc["groups"])
+
+
+def test_python_api_sparse_training_then_exact_removal(data):
+    """The same path as the CLI, from Python: HessoSchedule + fit, zero_plan, prune."""
+    from spa.train import FitConfig, HessoSchedule, fit, zero_plan
+
+    analysis = spa.analyze(api.reinfer(tiny_cnn(seed=3)))
+    schedule = HessoSchedule(analysis, 0.25, periods=2, warmup=0.25, window=0.5)
+    result = fit(analysis.model.proto, {"x": data["x_train"][:512]}, data["y_train"][:512],
+                 cfg=FitConfig(epochs=4, lr=0.01), schedule=schedule)
+    assert result.best_epoch >= 3  # only epochs after the pruning window count
+    trained = spa.analyze(api.reinfer(result.proto))
+    plan = zero_plan(trained)
+    assert plan == schedule.plan() and sum(map(len, plan.values())) == 2 + 3  # a quarter of 8 and of 12
+    pruned = api.prune(trained, plan)
+    a = ort_backend.run(result.proto, {"x": data["x_test"]})["logits"]
+    b = ort_backend.run(pruned, {"x": data["x_test"]})["logits"]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
