@@ -23,6 +23,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 
 from . import __version__, api, cost, importance, report
@@ -178,7 +179,19 @@ def _training_options(t, what: str) -> None:
     t.add_argument("-v", "--verbose", action="store_true")
 
 
+def _sparsify_parser(sub) -> None:
+    z = sub.add_parser("sparsify", help="N:M semi-structured sparsity (2:4) on Conv/Gemm/MatMul weights")
+    z.add_argument("model")
+    z.add_argument("--pattern", default="2:4", help="N:M: at most N non-zeros in every M along the reduction (2:4)")
+    z.add_argument("--min-size", type=int, default=16, metavar="N",
+                   help="smallest reduction/output size a layer needs to be sparsified (16)")
+    z.add_argument("-o", "--output", help="output model (default: MODEL.sparse.onnx beside the input)")
+    z.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    z.add_argument("-v", "--verbose", action="store_true")
+
+
 def _training_parsers(sub) -> None:
+    _sparsify_parser(sub)
     f = sub.add_parser("finetune", help="train a model's weights in place (the same graph comes back)")
     _training_options(f, "finetuned")
     f.add_argument("--ratio", type=float, help="prune this fraction of each group first (then fine-tune, "
@@ -319,6 +332,9 @@ def _analyze(args) -> int:
     blocks = attention_blocks(analysis, plan)
     doc = report.analysis_json(analysis, ANALYZE_SCHEMA, blocks)
     doc["simplify"] = simplified
+    from .passes import sparsify as sp
+
+    doc["sparsity"] = sp.report(model.proto)
     if plan is not None:
         doc["preview"] = {"ratio": args.ratio, "plan_file": args.plan,
                           "channels_removed": int(sum(len(c) for c in plan.values()))}
@@ -328,6 +344,9 @@ def _analyze(args) -> int:
         report.print_analysis(analysis, doc)
         what = "plan file" if args.plan else f"ratio {args.ratio}"
         report.print_blocks(blocks, "attention blocks" + (f" (before -> after, {what})" if plan is not None else ""))
+        sparsity = doc["sparsity"]
+        err.print(f"{sparsity['pattern']} sparsity: {sparsity['holding']} of {sparsity['eligible']} eligible layers "
+                  f"hold the pattern ({sparsity['layers']} Conv/Gemm/MatMul layers)", markup=False, highlight=False)
         if not args.simplify and report.shape_locked(analysis):
             err.print("hint: some channels are locked by shape arithmetic computed at run time; "
                       "--simplify folds it where sizes are static", markup=False, highlight=False)
@@ -473,13 +492,66 @@ def _prune(args) -> int:
     return 0
 
 
+def _sparsify(args) -> int:
+    from rich.table import Table
+
+    from .passes import sparsify as sp
+
+    n, m = sp.parse_pattern(args.pattern)
+    if args.min_size < 1:
+        raise SpaError(f"invalid --min-size {args.min_size}: it must be a positive integer")
+    src = Path(args.model)
+    out = Path(args.output) if args.output else src.with_name(src.stem + ".sparse.onnx")
+    if not src.is_file():
+        raise SpaError(f"cannot load model '{args.model}': no such file")
+    check_writable(out, args.model)
+    with step("load + shape inference", args.json):
+        model = load(args.model)
+    model.refuse_overwrite(out)
+    with step(f"masking {n}:{m}", args.json):
+        sparse, found = sp.sparsify(model.proto, n, m, args.min_size)
+    checked = {}
+
+    def verify(tmp):
+        api.check_against(tmp, model.path)
+        checked["result"] = report.output_check(model, sparse, pruned_file=tmp)
+        again = {x.node: x.holds for x in sp.layers(load(tmp, infer=False).proto, n, m, args.min_size)
+                 if x.eligible}
+        if not all(again.values()):
+            raise VerificationError(f"the {n}:{m} pattern does not hold on the written weights; nothing written")
+
+    with step("saving + checking", args.json):
+        save(sparse, out, source=src, verify=verify)
+    eligible = [x for x in found if x.eligible]
+    doc = {"schema_version": 1, "input": args.model, "output": str(out), "pattern": f"{n}:{m}",
+           "min_size": args.min_size, "layers": [x.to_json() for x in found], "eligible": len(eligible),
+           "retained_magnitude": (float(np.mean([x.retained for x in eligible])) if eligible else None),
+           "check": checked.get("result")}
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    table = Table(title=f"{args.model} -> {out} ({n}:{m})", title_justify="left")
+    for col in ("layer", "op", "weight", "reduction", "sparsified", "retained |w|"):
+        table.add_column(col, justify="left" if col in ("layer", "op", "weight", "sparsified") else "right",
+                         overflow="fold")
+    for x in found:
+        table.add_row(x.node, x.op, x.weight or "-", str(x.reduction or "-"), "yes" if x.eligible else f"no: {x.reason}",
+                      f"{x.retained:.3f}" if x.retained is not None else "-")
+    report.out.print(table)
+    check = doc["check"] or {}
+    err.print(f"{len(eligible)} of {len(found)} layers sparsified {n}:{m}"
+              + (f"; output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
+                 if check.get("status") == "ok" else ""), markup=False, highlight=False)
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         from .cli_train import finetune, train_sparse
 
         return {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity,
-                "finetune": finetune, "train-sparse": train_sparse}[args.command](args)
+                "finetune": finetune, "train-sparse": train_sparse, "sparsify": _sparsify}[args.command](args)
     except SpaError as exc:
         if args.verbose:
             traceback.print_exc()

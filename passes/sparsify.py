@@ -1,0 +1,237 @@
+"""N:M semi-structured sparsity as a graph pass (2:4 for NVIDIA sparse tensor cores).
+
+    Conv W [Cout, Cin/g, k...]     pattern along Cin/g (axis 1), per output position
+    MatMul A @ B, B [..., K, N]    pattern along K (axis -2)
+    Gemm, B [K, N] / [N, K]        pattern along K (axis 0, or 1 with transB)
+
+In every run of M consecutive weights along the reduction axis at most N are non-zero;
+magnitude keeps the N largest |w|. The weight is found by following Identity, Cast,
+DequantizeLinear and Transpose back to its initializer or Constant (a Transpose maps the
+axis; a DequantizeLinear's masked values are set to the zero point so they dequantize to 0).
+
+Eligibility (TensorRT picks sparse kernels only for constant weights whose reduction size
+is a multiple of M): the reduction size divisible by M, and both the reduction and output
+sizes at least `min_size` (default 16, in line with NVIDIA ASP's whitelist of layers whose
+sizes are multiples of 16). Every other layer is listed with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import SpaError
+
+CHAIN = ("Identity", "Cast", "DequantizeLinear", "Transpose")
+
+
+@dataclass
+class Layer:
+    node: str
+    op: str
+    weight: str | None  # the initializer / Constant output holding the values
+    shape: list | None
+    axis: int | None  # reduction axis in the stored weight
+    reduction: int | None
+    eligible: bool
+    reason: str | None = None
+    retained: float | None = None  # sum |kept| / sum |w| (after sparsify)
+    holds: bool | None = None  # the stored weight holds the pattern
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def parse_pattern(text: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in str(text).split(":"))
+    except ValueError:
+        raise SpaError(f"invalid --pattern '{text}'", "write N:M, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise SpaError(f"invalid --pattern '{text}': it needs 0 < N < M")
+    return n, m
+
+
+class _Weights:
+    """Constant tensors of a model by name (initializers and Constant nodes), and producers."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+        self.inits = {t.name: t for t in proto.graph.initializer}
+        self.producer = {o: n for n in proto.graph.node for o in n.output}
+        self.constants = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
+
+    def value(self, name: str) -> np.ndarray | None:
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.constants.get(name)
+        if node is not None:
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def set(self, name: str, value: np.ndarray) -> None:
+        if name in self.inits:
+            self.inits[name].CopyFrom(numpy_helper.from_array(value, name))
+            return
+        for a in self.constants[name].attribute:
+            if a.name == "value":
+                a.t.CopyFrom(numpy_helper.from_array(value))
+
+    def trace(self, name: str, axis: int, rank: int):
+        """(stored name, axis there, zero point or None) of the weight `name` seen with
+        reduction `axis`; or (None, reason, None)."""
+        zero_point = None
+        for _ in range(16):
+            if name in self.inits or name in self.constants:
+                return name, axis, zero_point
+            node = self.producer.get(name)
+            if node is None:
+                return None, "the weight is not a constant (a graph input or computed)", None
+            if node.op_type not in CHAIN:
+                return None, f"the weight is computed ({node.op_type} '{node.name}')", None
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), list(range(rank))[::-1])
+                axis = perm[axis % rank]
+            if node.op_type == "DequantizeLinear":
+                per_axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                scale = self.value(node.input[1])
+                if scale is not None and scale.size > 1 and per_axis % rank == axis % rank:
+                    return None, "quantized per channel along the reduction axis", None
+                zp = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+                if zp is not None and zp.size > 1:
+                    return None, "a per-channel zero point", None
+                zero_point = zp
+            name = node.input[0]
+        return None, "the weight chain is too long", None
+
+
+def _reduction(node, weights: _Weights):
+    """(weight input name, reduction axis as consumed, output size) of a layer, or a reason."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type in ("Conv", "ConvTranspose"):
+        if node.op_type == "ConvTranspose":
+            return None, "ConvTranspose (TensorRT's sparse kernels are for Conv, Gemm and MatMul)", None
+        return node.input[1], 1, None
+    if node.op_type == "Gemm":
+        return node.input[1], 1 if attrs.get("transB", 0) else 0, None
+    if node.op_type == "MatMul":
+        return node.input[1], -2, None
+    return None, None, None
+
+
+def layers(proto: onnx.ModelProto, n: int, m: int, min_size: int = 16, weights: _Weights | None = None) -> list:
+    """Every Conv/Gemm/MatMul with its stored weight, reduction axis and eligibility."""
+    weights = weights or _Weights(proto)
+    out = []
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.domain not in ("", "ai.onnx"):
+            continue
+        label = node.name or node.output[0]
+        name, axis, _ = _reduction(node, weights)
+        if name is None:
+            out.append(Layer(label, node.op_type, None, None, None, None, False, axis))
+            continue
+        first = weights.trace(node.input[0], -1, 2)[0] if node.op_type == "MatMul" else None
+        stored, where, zp = weights.trace(name, axis, _rank(weights, name))
+        if stored is None:
+            reason = where if first is None else "the constant is the first operand"
+            out.append(Layer(label, node.op_type, None, None, None, None, False, reason))
+            continue
+        w = weights.value(stored)
+        rank = w.ndim
+        where %= rank
+        red = w.shape[where]
+        outs = int(np.prod(w.shape)) // max(red, 1)
+        if w.dtype.kind not in "fiu":
+            reason = f"weight dtype {w.dtype} is not numeric"
+        elif red % m:
+            reason = f"reduction size {red} is not a multiple of {m}"
+        elif min(red, outs) < min_size:
+            reason = f"too small for sparse kernels (reduction {red}, outputs {outs}; --min-size {min_size})"
+        else:
+            reason = None
+        layer = Layer(label, node.op_type, stored, list(w.shape), where, red, reason is None, reason)
+        layer.holds = reason is None and holds(w, where, n, m, zp)
+        out.append(layer)
+    return out
+
+
+def _rank(weights: _Weights, name: str) -> int:
+    """Rank of the weight as its consumer sees it (followed to the stored tensor)."""
+    for _ in range(16):
+        v = weights.value(name)
+        if v is not None:
+            return v.ndim
+        node = weights.producer.get(name)
+        if node is None or node.op_type not in CHAIN:
+            return 2
+        name = node.input[0]
+    return 2
+
+
+def _groups(w: np.ndarray, axis: int, m: int) -> np.ndarray:
+    """[runs, M] view order: the reduction axis last, cut into runs of M."""
+    return np.moveaxis(w, axis, -1).reshape(-1, m)
+
+
+def holds(w: np.ndarray, axis: int, n: int, m: int, zero_point=None) -> bool:
+    """Every run of M along `axis` has at most N values that are not zero (or the zero point)."""
+    zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
+    return bool(((_groups(w, axis, m) != zero).sum(axis=1) <= n).all())
+
+
+def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.ndarray | None = None):
+    """(masked copy, retained magnitude): keep the N largest `scores` (default |w|) of each run."""
+    zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
+    mag = np.abs(w.astype(np.float64) - zero) if scores is None else np.abs(scores)
+    runs = _groups(mag, axis, m)
+    drop = np.argsort(runs, axis=1, kind="stable")[:, : m - n]
+    keep = np.ones_like(runs, dtype=bool)
+    np.put_along_axis(keep, drop, False, axis=1)
+    moved = np.moveaxis(w, axis, -1)
+    kept = np.where(keep.reshape(moved.shape), moved, np.asarray(zero, dtype=w.dtype))
+    total = float(mag.sum())
+    retained = float((runs * keep).sum()) / total if total > 0 else 1.0
+    return np.moveaxis(kept, -1, axis).astype(w.dtype), retained
+
+
+def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16) -> tuple[onnx.ModelProto, list]:
+    """A copy of `proto` with every eligible weight masked to N:M by magnitude, and the layers."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    weights = _Weights(out)
+    found = layers(out, n, m, min_size, weights)
+    done: dict[tuple, float] = {}
+    for layer in found:
+        if not layer.eligible:
+            continue
+        key = (layer.weight, layer.axis)
+        if key not in done:
+            w = weights.value(layer.weight)
+            zp = _zero_point(out, weights, layer.weight)
+            masked, done[key] = mask(w, layer.axis, n, m, zp)
+            weights.set(layer.weight, masked)
+        layer.retained = done[key]
+        layer.holds = True
+    return out, found
+
+
+def _zero_point(proto, weights: _Weights, stored: str):
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] == stored and len(node.input) > 2 and node.input[2]:
+            return weights.value(node.input[2])
+    return None
+
+
+def report(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16) -> dict:
+    """Existing N:M sparsity: eligible layers and how many of them hold the pattern."""
+    found = layers(proto, n, m, min_size)
+    eligible = [x for x in found if x.eligible]
+    return {"pattern": f"{n}:{m}", "min_size": min_size, "layers": len(found), "eligible": len(eligible),
+            "holding": sum(1 for x in eligible if x.holds),
+            "fraction_holding": (sum(1 for x in eligible if x.holds) / len(eligible)) if eligible else None}

@@ -1,0 +1,143 @@
+"""N:M semi-structured sparsity (spa sparsify, passes/sparsify.py): the pattern holds on the
+right axis of every eligible weight, ineligible layers say why, the models still run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from spa.backends import ort as ort_backend
+from spa.passes import sparsify as sp
+
+import spa
+from spa.cli import main
+from tests.conftest import CORPUS, corpus_params
+from tests.oracles import feeds_for
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([(1, 2), (2, 4), (1, 4), (4, 8)]), st.integers(0, 10_000))
+def test_mask_keeps_the_n_largest_of_every_run(rank_extra, nm, seed):
+    n, m = nm
+    rng = np.random.default_rng(seed)
+    shape = [int(rng.integers(1, 4)) for _ in range(rank_extra)] + [m * int(rng.integers(1, 4))]
+    axis = int(rng.integers(0, len(shape)))
+    shape[axis], shape[-1] = shape[-1], shape[axis]  # the reduction axis anywhere, a multiple of M
+    w = rng.standard_normal(shape).astype(np.float32)
+    masked, retained = sp.mask(w, axis, n, m)
+    assert sp.holds(masked, axis, n, m)
+    runs, orig = np.moveaxis(masked, axis, -1).reshape(-1, m), np.moveaxis(w, axis, -1).reshape(-1, m)
+    assert ((runs != 0).sum(1) == n).all()  # exactly N kept (random weights have no zeros)
+    kept_min = np.where(runs != 0, np.abs(orig), np.inf).min(1)
+    dropped_max = np.where(runs == 0, np.abs(orig), -np.inf).max(1)
+    assert (kept_min >= dropped_max).all()  # the N largest magnitudes are the ones kept
+    assert retained == pytest.approx(float(np.abs(runs).sum() / np.abs(orig).sum()))
+
+
+def _model(nodes, inits, x_shape, y_shape=None):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_reduction_axis_follows_trans_b(trans_b):
+    w = RNG.standard_normal((32, 16) if trans_b else (16, 32)).astype(np.float32)  # K = 32 when transB
+    k_axis = 1 if trans_b else 0
+    proto = _model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=trans_b)], {"w": w},
+                   [2, 32 if trans_b else 16])
+    out, found = sp.sparsify(proto)
+    got = numpy_helper.to_array(out.graph.initializer[0])
+    assert found[0].eligible and found[0].axis == k_axis
+    assert sp.holds(got, k_axis, 2, 4) and not sp.holds(got, 1 - k_axis, 2, 4)
+
+
+def test_matmul_weight_through_transpose_and_cast():
+    w = RNG.standard_normal((24, 32)).astype(np.float32)  # stored [N, K]; Transpose gives B = [K, N]
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("Cast", ["wt"], ["wc"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "wc"], ["y"])]
+    proto = _model(nodes, {"w": w}, [2, 32])
+    out, found = sp.sparsify(proto)
+    assert found[0].weight == "w" and found[0].axis == 1 and found[0].reduction == 32
+    assert sp.holds(numpy_helper.to_array(out.graph.initializer[0]), 1, 2, 4)
+
+
+def test_quantized_weight_masks_to_the_zero_point():
+    q = RNG.integers(-100, 100, (16, 32)).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w"]),
+             helper.make_node("MatMul", ["x", "w"], ["y"])]
+    proto = _model(nodes, {"q": q, "s": np.array(0.01, np.float32), "zp": np.array(3, np.int8)}, [2, 16])
+    out, found = sp.sparsify(proto)
+    got = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "q"))
+    assert found[0].eligible and sp.holds(got, 0, 2, 4, zero_point=3)
+    assert ((got == 3).sum() >= got.size // 2)
+
+
+def test_ineligible_layers_say_why():
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),   # Cin 3
+             helper.make_node("Conv", ["c", "w2"], ["d"], group=8),             # depthwise: Cin/g 1
+             helper.make_node("Flatten", ["d"], ["f"]),
+             helper.make_node("MatMul", ["f", "f2"], ["y"])]                   # computed weight
+    inits = {"w1": RNG.standard_normal((8, 3, 3, 3)).astype(np.float32),
+             "w2": RNG.standard_normal((8, 1, 1, 1)).astype(np.float32)}
+    proto = _model(nodes, inits, [1, 3, 4, 4])
+    proto.graph.input.append(helper.make_tensor_value_info("f2", TensorProto.FLOAT, [128, 4]))
+    found = sp.layers(proto, 2, 4)
+    reasons = [x.reason for x in found]
+    assert not any(x.eligible for x in found)
+    assert "reduction size 3 is not a multiple of 4" in reasons[0]
+    assert "reduction size 1" in reasons[1] and "not a constant" in reasons[2]
+
+
+def test_cli_sparsify_then_analyze_reports_it(tmp_path, capsys):
+    w1 = RNG.standard_normal((32, 16, 3, 3)).astype(np.float32)
+    w2 = RNG.standard_normal((32, 10)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["y"])]
+    onnx.save(_model(nodes, {"w1": w1, "w2": w2}, ["N", 16, 8, 8], ["N", 10]), tmp_path / "m.onnx")
+    assert main(["sparsify", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s.onnx"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["eligible"] == 1 and doc["check"]["status"] == "ok"  # the MatMul has 10 outputs < 16
+    assert 0.5 < doc["layers"][0]["retained"] < 1
+    assert main(["analyze", str(tmp_path / "s.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"]["fraction_holding"] == 1.0
+    assert main(["analyze", str(tmp_path / "m.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparsity"]["holding"] == 0
+
+
+@pytest.mark.parametrize("pattern", ["2-4", "4:2", "0:4", "x"])
+def test_cli_bad_pattern_is_one_line(tmp_path, capsys, pattern):
+    onnx.save(_model([helper.make_node("Relu", ["x"], ["y"])], {}, [1], [1]), tmp_path / "m.onnx")
+    code = main(["sparsify", str(tmp_path / "m.onnx"), "--pattern", pattern, "-o", str(tmp_path / "s.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and "invalid --pattern" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.onnx").exists()
+
+
+@pytest.mark.parametrize("entry", corpus_params())
+def test_corpus_pattern_holds_and_runs(entry):
+    model = spa.load(CORPUS / entry["file"])
+    out, found = sp.sparsify(model.proto)
+    again = sp.layers(out, 2, 4)
+    assert [x.eligible for x in again] == [x.eligible for x in found]
+    assert all(x.holds for x in again if x.eligible)
+    assert all(x.reason for x in found if not x.eligible)
+    if any(x.eligible for x in found):
+        feeds = feeds_for(model, entry)
+        try:
+            ort_backend.run(model.proto, feeds)
+        except Exception:  # noqa: BLE001 - the input itself does not run on these feeds
+            pytest.skip("the input model does not run on random feeds")
+        res = ort_backend.run(out, feeds)
+        assert all(np.isfinite(v).all() for v in res.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f")
