@@ -198,6 +198,8 @@ def _training_parsers(sub) -> None:
                    "distilling from the dense model unless --no-distill)")
     f.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA),
                    help="with --ratio: channel scores (l1); gradient and calibration criteria use --data")
+    f.add_argument("--keep-sparsity", action="store_true",
+                   help="weights that are exactly zero stay zero (keeps a 2:4 pattern from spa sparsify)")
     f.add_argument("--no-distill", dest="distill", action="store_false",
                    help="with --ratio: train on labels only, not towards the dense model")
     g = sub.add_parser("train-sparse", help="train with group sparsity until whole channels are exactly zero "

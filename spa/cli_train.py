@@ -51,7 +51,7 @@ def _prepare(args, what: str, teacher: bool):
     from .train import FitConfig
 
     cfg = FitConfig(args.epochs, args.lr, args.batch, args.weight_decay, args.temperature, args.alpha, args.seed,
-                    args.device, args.logits)
+                    args.device, args.logits, getattr(args, "keep_sparsity", False))
     cfg.check()
     if args.threads is not None and args.threads < 1:
         raise SpaError(f"invalid --threads {args.threads}: it must be a positive integer")

@@ -47,6 +47,7 @@ class FitConfig:
     seed: int = 0
     device: str = "cpu"
     output: str | None = None  # scored output (default: the first)
+    keep_sparsity: bool = False  # weights (rank >= 2) that are exactly zero stay zero (e.g. 2:4)
 
     def check(self) -> None:
         if not (isinstance(self.epochs, int) and self.epochs >= 1):
@@ -159,6 +160,7 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
     steps_per_epoch = -(-n // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     params = [p for p in module.params.values() if p.requires_grad]
+    masks = [(p, p.detach() != 0) for p in params if p.dim() >= 2] if cfg.keep_sparsity else []
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     if schedule is not None:
@@ -231,6 +233,9 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
             loss.backward()
             opt.step()
             sched.step()
+            with torch.no_grad():
+                for p, keep in masks:
+                    p.mul_(keep)
             done += 1
             if schedule is not None:
                 schedule.after_step(done)

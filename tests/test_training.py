@@ -291,3 +291,16 @@ def test_python_api_sparse_training_then_exact_removal(data):
     a = ort_backend.run(result.proto, {"x": data["x_test"]})["logits"]
     b = ort_backend.run(pruned, {"x": data["x_test"]})["logits"]
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_finetune_keep_sparsity_keeps_a_2_4_pattern(files, capsys):
+    from spa.passes import sparsify as sp
+
+    _cli_json(capsys, "sparsify", files / "tiny.onnx", "--min-size", "4", "-o", files / "s.onnx")
+    _cli_json(capsys, "finetune", files / "s.onnx", "--data", files / "train.npz", "--labels", "labels",
+              "--epochs", "2", "--keep-sparsity", "-o", files / "sft.onnx")
+    _cli_json(capsys, "finetune", files / "s.onnx", "--data", files / "train.npz", "--labels", "labels",
+              "--epochs", "2", "-o", files / "dense_again.onnx")
+    held = [x.holds for x in sp.layers(onnx.load(files / "sft.onnx"), 2, 4, 4) if x.eligible]
+    lost = [x.holds for x in sp.layers(onnx.load(files / "dense_again.onnx"), 2, 4, 4) if x.eligible]
+    assert held and all(held) and not any(lost)  # without the flag, training refills the zeros
