@@ -14,9 +14,12 @@ QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul
              "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
 
 
-def refuse_quantized(model: Model) -> None:
+def refuse_quantized(model: Model, action: str = "prune") -> None:
     for node in model.graph.node:
         if node.op_type in QUANT_OPS:
+            if action == "quantize":
+                raise SpaError(f"cannot quantize an already quantized model: found {node.op_type} "
+                               f"'{node.name or '#'}'", "quantize the float model")
             raise SpaError(
                 f"cannot prune quantized model: found {node.op_type} '{node.name or '#'}' "
                 "(pruning QDQ graphs is not supported yet)",

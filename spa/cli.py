@@ -190,8 +190,27 @@ def _sparsify_parser(sub) -> None:
     z.add_argument("-v", "--verbose", action="store_true")
 
 
+def _quantize_parser(sub) -> None:
+    q = sub.add_parser("quantize", help="INT8 QDQ (calibrated, placed for TensorRT) or FP16, with ONNX Runtime's "
+                       "tooling")
+    q.add_argument("model")
+    how = q.add_mutually_exclusive_group(required=True)
+    how.add_argument("--calib", metavar="DATA", help=".npz of calibration inputs keyed by input name: INT8")
+    how.add_argument("--fp16", action="store_true", help="float16 weights and math, float32 inputs/outputs and "
+                     "sensitive ops (normalizations, reductions, exp/log/pow/sqrt)")
+    q.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
+                   help="INT8 calibration (minmax)")
+    q.add_argument("--calib-samples", type=int, default=256, metavar="N", help="samples of --calib to use (256)")
+    q.add_argument("--no-per-channel", dest="per_channel", action="store_false",
+                   help="one weight scale per tensor instead of per output channel")
+    q.add_argument("-o", "--output", help="output model (default: MODEL.int8.onnx / MODEL.fp16.onnx)")
+    q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    q.add_argument("-v", "--verbose", action="store_true")
+
+
 def _training_parsers(sub) -> None:
     _sparsify_parser(sub)
+    _quantize_parser(sub)
     f = sub.add_parser("finetune", help="train a model's weights in place (the same graph comes back)")
     _training_options(f, "finetuned")
     f.add_argument("--ratio", type=float, help="prune this fraction of each group first (then fine-tune, "
@@ -337,6 +356,9 @@ def _analyze(args) -> int:
     from .passes import sparsify as sp
 
     doc["sparsity"] = sp.report(model.proto)
+    from .quantize import coverage
+
+    doc["quantization"] = coverage(model.proto)
     if plan is not None:
         doc["preview"] = {"ratio": args.ratio, "plan_file": args.plan,
                           "channels_removed": int(sum(len(c) for c in plan.values()))}
@@ -349,6 +371,11 @@ def _analyze(args) -> int:
         sparsity = doc["sparsity"]
         err.print(f"{sparsity['pattern']} sparsity: {sparsity['holding']} of {sparsity['eligible']} eligible layers "
                   f"hold the pattern ({sparsity['layers']} Conv/Gemm/MatMul layers)", markup=False, highlight=False)
+        quant = doc["quantization"]
+        if quant["qdq_nodes"] or quant["float16_initializers"]:
+            err.print(f"quantization: {quant['quantized']} of {quant['layers']} layers read QDQ inputs "
+                      f"({quant['qdq_nodes']} Q/DQ nodes); {quant['float16_initializers']} float16 initializers",
+                      markup=False, highlight=False)
         if not args.simplify and report.shape_locked(analysis):
             err.print("hint: some channels are locked by shape arithmetic computed at run time; "
                       "--simplify folds it where sizes are static", markup=False, highlight=False)
@@ -547,13 +574,66 @@ def _sparsify(args) -> int:
     return 0
 
 
+def _quantize(args) -> int:
+    from . import quantize
+
+    src = Path(args.model)
+    kind = "fp16" if args.fp16 else "int8"
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{kind}.onnx")
+    if not src.is_file():
+        raise SpaError(f"cannot load model '{args.model}': no such file")
+    if args.calib_samples < 1:
+        raise SpaError(f"invalid --calib-samples {args.calib_samples}: it must be a positive integer")
+    check_writable(out, args.model)
+    calib = load_npz(args.calib) if args.calib else None
+    with step("load + shape inference", args.json):
+        model = load(args.model)
+    model.refuse_overwrite(out)
+    api.refuse_quantized(model, "quantize")
+    with step("FP16 conversion" if args.fp16 else f"INT8 calibration ({args.method}) + QDQ", args.json):
+        result = quantize.fp16(model.proto) if args.fp16 else \
+            quantize.int8(model.proto, calib, args.method, args.per_channel, args.calib_samples)
+    checked = {}
+
+    def verify(tmp):
+        api.check_against(tmp, model.path)
+        checked["result"] = report.output_check(model, result, pruned_file=tmp)
+
+    with step("saving + checking", args.json):
+        save(result, out, source=src, verify=verify)
+    before, after = src.stat().st_size, out.stat().st_size
+    fidelity = None
+    if calib is not None:  # random inputs say little about a calibrated range: measure on the data too
+        feeds = {k: calib[k][:64] for k in model.input_names}
+        rep = api.compare(str(src), str(out), feeds)
+        errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
+        fidelity = {"samples": len(next(iter(feeds.values()))), "max_rel_err": max(errs) if errs else 0.0}
+    doc = {"schema_version": 1, "input": args.model, "output": str(out), "kind": kind, "fidelity_on_calib": fidelity,
+           "method": None if args.fp16 else args.method, "per_channel": None if args.fp16 else args.per_channel,
+           "bytes": {"before": before, "after": after}, "coverage": quantize.coverage(result),
+           "check": checked.get("result")}
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    cov, check = doc["coverage"], doc["check"] or {}
+    err.print(f"{args.model} -> {out} ({kind}): {before:,} -> {after:,} bytes ({after / max(before, 1):.2f}x); "
+              + (f"{cov['quantized']} of {cov['layers']} Conv/Gemm/MatMul layers quantized; " if kind == "int8" else "")
+              + (f"rel. error on {fidelity['samples']} calibration samples {fidelity['max_rel_err']:.3g}; "
+                 if fidelity else "")
+              + (f"output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
+                 if check.get("status") == "ok" else f"output check: {check.get('reason', 'skipped')}"),
+              markup=False, highlight=False)
+    return 0
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         from .cli_train import finetune, train_sparse
 
         return {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity,
-                "finetune": finetune, "train-sparse": train_sparse, "sparsify": _sparsify}[args.command](args)
+                "finetune": finetune, "train-sparse": train_sparse, "sparsify": _sparsify,
+                "quantize": _quantize}[args.command](args)
     except SpaError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -1,0 +1,124 @@
+"""INT8 QDQ placed for TensorRT and FP16 with float32 edges (spa quantize, spa/quantize.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from spa.backends import ort as ort_backend
+
+from spa import quantize
+from spa.cli import main
+
+RNG = np.random.default_rng(0)
+
+
+def residual_model() -> onnx.ModelProto:
+    """x -> Conv -> Relu (a) -> Conv (b) -> Add(b, a) -> Relu -> GAP -> Flatten -> Gemm, and a
+    LayerNormalization on the logits (a sensitive op for FP16)."""
+    inits = {"w1": RNG.standard_normal((16, 3, 3, 3)).astype(np.float32) * 0.3,
+             "b1": RNG.standard_normal(16).astype(np.float32) * 0.1,
+             "w2": RNG.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1,
+             "b2": np.zeros(16, np.float32),
+             "w3": RNG.standard_normal((10, 16)).astype(np.float32) * 0.3,
+             "b3": np.zeros(10, np.float32), "g": np.ones(10, np.float32), "be": np.zeros(10, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["a"]),
+             helper.make_node("Conv", ["a", "w2", "b2"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["b", "a"], ["s"]),
+             helper.make_node("Relu", ["s"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["l"], transB=1),
+             helper.make_node("LayerNormalization", ["l", "g", "be"], ["y"], axis=-1)]
+    graph = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def calib(n=64):
+    return {"x": np.abs(RNG.standard_normal((n, 3, 8, 8))).astype(np.float32)}
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+@pytest.mark.parametrize("method", quantize.METHODS)
+def test_int8_qdq_is_placed_for_tensorrt(method):
+    proto = residual_model()
+    q = quantize.int8(proto, calib(), method)
+    onnx.checker.check_model(q, full_check=True)
+    producer = {o: n for n in q.graph.node for o in n.output}
+    layers = [n for n in q.graph.node if n.op_type in ("Conv", "Gemm")]
+    cov = quantize.coverage(q)
+    assert cov["quantized"] == cov["layers"] == 3
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    for n in q.graph.node:  # symmetric: every zero point is 0
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2:
+            assert not inits[n.input[2]].any()
+    for layer in layers:
+        w_dq = producer[layer.input[1]]
+        assert inits[w_dq.input[1]].size == {"Conv": 16, "Gemm": 10}[layer.op_type]  # a scale per output channel
+        assert len(layer.input) < 3 or layer.input[2] in inits and inits[layer.input[2]].dtype == np.float32  # bias
+    add = next(n for n in q.graph.node if n.op_type == "Add")
+    kinds = sorted(producer[i].op_type for i in add.input)
+    assert kinds == ["Conv", "DequantizeLinear"]  # the conv branch fuses, the residual is quantized
+    feeds = calib(16)
+    assert _rel(ort_backend.run(proto, feeds)["y"], ort_backend.run(q, feeds)["y"]) < 0.1
+
+
+def test_fp16_keeps_float32_edges_and_sensitive_ops():
+    proto = residual_model()
+    h = quantize.fp16(proto)
+    onnx.checker.check_model(h, full_check=True)  # topologically sorted again
+    assert h.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert h.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    types = {t.name: t.data_type for t in h.graph.initializer}
+    assert types["w1"] == TensorProto.FLOAT16 and types["g"] == TensorProto.FLOAT
+    producer = {o: n for n in h.graph.node for o in n.output}
+    ln = next(n for n in h.graph.node if n.op_type == "LayerNormalization")
+    assert producer[ln.input[0]].op_type == "Cast"  # fed float32
+    feeds = calib(8)
+    assert _rel(ort_backend.run(proto, feeds)["y"], ort_backend.run(h, feeds)["y"]) < 1e-2
+
+
+def test_cli_quantize_reports_size_coverage_and_fidelity(tmp_path, capsys):
+    onnx.save(residual_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **calib())
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib.npz"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["kind"] == "int8" and doc["output"].endswith("m.int8.onnx")
+    assert doc["coverage"]["quantized"] == 3 and doc["fidelity_on_calib"]["max_rel_err"] < 0.1
+    assert doc["bytes"]["after"] < doc["bytes"]["before"]
+    assert main(["analyze", doc["output"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"]["quantized"] == 3
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--fp16", "--json"]) == 0
+    fp = json.loads(capsys.readouterr().out)
+    assert fp["kind"] == "fp16" and fp["coverage"]["float16_initializers"] > 0
+    # a quantized model is not quantized again
+    code = main(["quantize", doc["output"], "--fp16", "-o", str(tmp_path / "again.onnx"), "--json"])
+    err = capsys.readouterr().err
+    assert code == 1 and "already quantized" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "again.onnx").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--calib", "missing.npz"], "no such file"),
+    (["--calib", "CALIB", "--calib-samples", "0"], "invalid --calib-samples"),
+    (["--calib", "WRONG"], "no array for model input"),
+])
+def test_cli_quantize_bad_input_is_one_line(tmp_path, capsys, args, message):
+    onnx.save(residual_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **calib())
+    np.savez(tmp_path / "wrong.npz", z=np.zeros((4, 3)))
+    args = [str(tmp_path / "calib.npz") if a == "CALIB" else str(tmp_path / "wrong.npz") if a == "WRONG" else a
+            for a in args]
+    code = main(["quantize", str(tmp_path / "m.onnx"), *args, "-o", str(tmp_path / "q.onnx"), "--json"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "q.onnx").exists()
