@@ -42,9 +42,10 @@ class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over arrays keyed by input name."""
 
     def __init__(self, feeds: dict, batch: int):
-        from .data import batches
-
-        self._it = iter(list(batches(feeds, batch)))
+        arrays = {k: v for k, v in feeds.items() if np.ndim(v)}
+        scalars = {k: v for k, v in feeds.items() if not np.ndim(v)}  # e.g. a sample rate: every batch
+        n = len(next(iter(arrays.values()))) if arrays else 1
+        self._it = iter([{**{k: v[i:i + batch] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)])
 
     def get_next(self):
         return next(self._it, None)
@@ -70,7 +71,11 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channe
     missing = sorted(inputs - set(feeds))
     if missing:
         raise SpaError(f"calibration data has no array for model input(s) {missing} (it has {sorted(feeds)})")
-    feeds = {k: np.asarray(v)[:max_samples] for k, v in feeds.items() if k in inputs}
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
+        raise SpaError("cannot quantize a float16 model to INT8", "quantize the float32 model")
+    feeds = {k: (np.asarray(v)[:max_samples] if np.ndim(v) else np.asarray(v)) for k, v in feeds.items() if k in inputs}
+    batch = _static_batch(proto, batch)
+    proto = _opset_13(proto)
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
@@ -95,10 +100,53 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channe
             raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {first_line(exc)}") from None
         finally:
             os.chdir(cwd)
-        return fuse_residuals(onnx.load(str(out)))
+        result = toposort(fuse_residuals(onnx.load(str(out))))
+    # opset 13 needs IR version 7 (and initializers no longer have to be graph inputs)
+    result.ir_version = max(result.ir_version, 7)
+    return result
 
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _reads(graph) -> set:
+    """Every tensor name a node reads, subgraphs (If/Loop bodies reading outer values) included."""
+    out = set()
+    for n in graph.node:
+        out.update(n.input)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out |= _reads(a.g)
+            for g in a.graphs:
+                out |= _reads(g)
+    return out
+
+
+def _static_batch(proto: onnx.ModelProto, batch: int) -> int:
+    """A model whose inputs have a fixed first dimension is calibrated in batches of that size."""
+    inits = {t.name for t in proto.graph.initializer}
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return batch
+
+
+def _opset_13(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Per-channel QDQ needs opset 13: older models are converted first (or refused)."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if version >= 13:
+        return proto
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(proto, 13)
+    except Exception as exc:  # noqa: BLE001 - the converter's assertion messages, as one line
+        from .errors import first_line
+
+        raise SpaError(f"cannot quantize an opset {version} model: converting it to opset 13 (needed for "
+                       f"per-channel Q/DQ) failed ({first_line(exc)})", "export the model at opset 13 or later") \
+            from None
 
 
 def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -119,13 +167,23 @@ def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
                 break
     # drop Q/DQ nodes nobody reads any more
     while True:
-        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        read = _reads(graph) | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                 and not any(o in read for o in n.output)]
         if not dead:
-            return proto
+            break
         for n in dead:
             graph.node.remove(n)
+    # and the scales/zero points they read (old IR versions also list initializers as inputs)
+    read = _reads(graph) | {o.name for o in graph.output}
+    unused = {t.name for t in graph.initializer if t.name not in read}
+    keep = [t for t in graph.initializer if t.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in unused]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return proto
 
 
 def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS) -> onnx.ModelProto:
@@ -144,29 +202,47 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS) -> onnx.ModelProto:
 
 
 def toposort(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Nodes in an order where every input is made before it is read (the converter appends
-    its edge Casts at the end). Stable: nodes keep their relative order where they can."""
-    graph = proto.graph
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    """Nodes in an order where every input is made before it is read, in subgraphs too (the
+    converter appends its edge Casts at the end; the quantizer can misplace nodes in If
+    bodies). Stable: nodes keep their relative order where they can."""
+    _sort_graph(proto.graph, set())
+    return proto
+
+
+def _sort_graph(graph, outer: set) -> None:
+    ready = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    every = ready | {o for n in graph.node for o in n.output}
     pending, ordered = list(graph.node), []
     while pending:
         rest = []
         for n in pending:
-            if all(i in ready for i in n.input):
+            # an input nobody in this graph makes comes from further out: not waited for
+            if all(i in ready or i not in every for i in n.input) and _subgraph_reads_ready(n, ready, every):
                 ordered.append(n)
                 ready.update(n.output)
             else:
                 rest.append(n)
-        if len(rest) == len(pending):  # a cycle or an outer-scope read: keep the remainder as is
+        if len(rest) == len(pending):  # a cycle: keep the remainder as it is
             ordered += rest
             break
         pending = rest
+    for n in ordered:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _sort_graph(a.g, every)
     nodes = [onnx.NodeProto() for _ in ordered]
     for dst, src in zip(nodes, ordered):
         dst.CopyFrom(src)
     del graph.node[:]
     graph.node.extend(nodes)
-    return proto
+
+
+def _subgraph_reads_ready(node, ready: set, every: set) -> bool:
+    reads = set()
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            reads |= _reads(a.g)
+    return all(r in ready or r not in every for r in reads)
 
 
 def coverage(proto: onnx.ModelProto) -> dict:

@@ -10,8 +10,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from spa.backends import ort as ort_backend
 
+import spa
 from spa import quantize
 from spa.cli import main
+from spa.errors import SpaError
+from tests.conftest import CORPUS, corpus_params
+from tests.oracles import feeds_for
 
 RNG = np.random.default_rng(0)
 
@@ -122,3 +126,24 @@ def test_cli_quantize_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "q.onnx").exists()
+
+
+# corpus models spa refuses to quantize, with the reason it gives
+REFUSED = {"winml/SqueezeNet_fp16.onnx": "float16 model", "winml/candy.onnx": "opset 7",
+           "winml/mnist_uwp_model.onnx": "opset 7"}
+
+
+@pytest.mark.parametrize("entry", corpus_params())
+def test_corpus_int8_works_or_refuses_with_a_reason(entry):
+    model = spa.load(CORPUS / entry["file"])
+    feeds = feeds_for(model, entry)
+    if entry["file"] in REFUSED:
+        with pytest.raises(SpaError, match=REFUSED[entry["file"]]):
+            quantize.int8(model.proto, feeds, max_samples=4)
+        return
+    q = quantize.int8(model.proto, feeds, max_samples=4)
+    onnx.checker.check_model(q)
+    out = ort_backend.run(q, feeds)
+    assert set(out) == {o.name for o in model.proto.graph.output}
+    assert quantize.coverage(q)["qdq_nodes"] > 0 or not quantize.coverage(model.proto)["layers"] \
+        or "gpt2" in entry["file"] or "silero_vad" in entry["file"]  # contrib Attention / If bodies: no QDQ
