@@ -415,11 +415,29 @@ def _eval(args) -> int:
     return 0
 
 
-def _output_path(args) -> Path:
+def _output_path(args, what: str = "pruned") -> Path:
+    """-o, or MODEL.<what>.onnx beside the input."""
     if args.output:
         return Path(args.output)
     src = Path(args.model)
-    return src.with_name(src.stem + ".pruned.onnx")
+    return src.with_name(f"{src.stem}.{what}.onnx")
+
+
+def _save_checked(model, proto, out: Path, quiet: bool, also=None) -> dict | None:
+    """Write `proto` to `out` once the written file passes the checker (no worse than the
+    input) and runs in ONNX Runtime like the input on random inputs (`also(tmp)`: one more
+    check); nothing is left behind when a check fails. Returns the output check."""
+    checked = {}
+
+    def verify(tmp):
+        api.check_against(tmp, model.path)
+        checked["result"] = report.output_check(model, proto, pruned_file=tmp)
+        if also is not None:
+            also(tmp)
+
+    with step("saving + checking", quiet):
+        save(proto, out, source=Path(model.path), verify=verify)
+    return checked.get("result")
 
 
 def _read_plan(path: str) -> dict:
@@ -530,7 +548,7 @@ def _sparsify(args) -> int:
     if args.min_size < 1:
         raise SpaError(f"invalid --min-size {args.min_size}: it must be a positive integer")
     src = Path(args.model)
-    out = Path(args.output) if args.output else src.with_name(src.stem + ".sparse.onnx")
+    out = _output_path(args, "sparse")
     if not src.is_file():
         raise SpaError(f"cannot load model '{args.model}': no such file")
     check_writable(out, args.model)
@@ -539,23 +557,19 @@ def _sparsify(args) -> int:
     model.refuse_overwrite(out)
     with step(f"masking {n}:{m}", args.json):
         sparse, found = sp.sparsify(model.proto, n, m, args.min_size)
-    checked = {}
 
-    def verify(tmp):
-        api.check_against(tmp, model.path)
-        checked["result"] = report.output_check(model, sparse, pruned_file=tmp)
+    def pattern_holds(tmp):
         again = {x.node: x.holds for x in sp.layers(load(tmp, infer=False).proto, n, m, args.min_size)
                  if x.eligible}
         if not all(again.values()):
             raise VerificationError(f"the {n}:{m} pattern does not hold on the written weights; nothing written")
 
-    with step("saving + checking", args.json):
-        save(sparse, out, source=src, verify=verify)
+    check = _save_checked(model, sparse, out, args.json, pattern_holds)
     eligible = [x for x in found if x.eligible]
     doc = {"schema_version": 1, "input": args.model, "output": str(out), "pattern": f"{n}:{m}",
            "min_size": args.min_size, "layers": [x.to_json() for x in found], "eligible": len(eligible),
            "retained_magnitude": (float(np.mean([x.retained for x in eligible])) if eligible else None),
-           "check": checked.get("result")}
+           "check": check}
     if args.json:
         print(json.dumps(doc))
         return 0
@@ -579,7 +593,7 @@ def _quantize(args) -> int:
 
     src = Path(args.model)
     kind = "fp16" if args.fp16 else "int8"
-    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{kind}.onnx")
+    out = _output_path(args, kind)
     if not src.is_file():
         raise SpaError(f"cannot load model '{args.model}': no such file")
     if args.calib_samples < 1:
@@ -593,14 +607,7 @@ def _quantize(args) -> int:
     with step("FP16 conversion" if args.fp16 else f"INT8 calibration ({args.method}) + QDQ", args.json):
         result = quantize.fp16(model.proto) if args.fp16 else \
             quantize.int8(model.proto, calib, args.method, args.per_channel, args.calib_samples)
-    checked = {}
-
-    def verify(tmp):
-        api.check_against(tmp, model.path)
-        checked["result"] = report.output_check(model, result, pruned_file=tmp)
-
-    with step("saving + checking", args.json):
-        save(result, out, source=src, verify=verify)
+    check = _save_checked(model, result, out, args.json)
     before, after = src.stat().st_size, out.stat().st_size
     fidelity = None
     if calib is not None:  # random inputs say little about a calibrated range: measure on the data too
@@ -611,7 +618,7 @@ def _quantize(args) -> int:
     doc = {"schema_version": 1, "input": args.model, "output": str(out), "kind": kind, "fidelity_on_calib": fidelity,
            "method": None if args.fp16 else args.method, "per_channel": None if args.fp16 else args.per_channel,
            "bytes": {"before": before, "after": after}, "coverage": quantize.coverage(result),
-           "check": checked.get("result")}
+           "check": check}
     if args.json:
         print(json.dumps(doc))
         return 0

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import api, cost
 from .analysis import analyze
-from .cli import _notes, err, step
+from .cli import _notes, _output_path, err, step
 from .data import load_npz, split_labels
 from .errors import SpaError, VerificationError
 from .model import check_writable, load, save, write_text_atomic
@@ -28,18 +28,11 @@ TRAIN_SCHEMA = 1
 WRITE_BACK_TOL = 1e-4  # ORT on the written model vs the torch module it came from
 
 
-def _output(args, what: str) -> Path:
-    if args.output:
-        return Path(args.output)
-    src = Path(args.model)
-    return src.with_name(f"{src.stem}.{what}.onnx")
-
-
 def _prepare(args, what: str, teacher: bool):
     """Checks that fail fast (before loading torch or the model), then the data."""
     from .gradients import require_torch
 
-    out = _output(args, what)
+    out = _output_path(args, what)
     for path in filter(None, (args.model, args.distill_from)):
         if not Path(path).is_file():
             raise SpaError(f"cannot load model '{path}': no such file")
@@ -190,8 +183,8 @@ def _prune_first(args, model, arrays):
     with step(f"scoring ({args.criterion}) + planning", args.json):
         if need == "gradients":
             stats = api.saliency(analysis, args.criterion, feeds, labels)
-        elif need:
-            stats = api.statistics(analysis, feeds if need == "calibration" or args.criterion == "obspa" else None)
+        elif need:  # calibration and moments criteria: measured on the data
+            stats = api.statistics(analysis, feeds)
         plan = api.make_plan(analysis, args.ratio, args.criterion, seed=args.seed, stats=stats)
     values = None
     if args.criterion == "obspa":  # as spa prune does by default: refit the consumers (calibrated)

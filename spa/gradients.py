@@ -62,12 +62,10 @@ def require_torch():
 
 
 def scored_output(module, output: str | None) -> str:
-    names = module.output_names
-    if output is None:
-        return names[0]
-    if output not in names:
-        raise SpaError(f"model has no output '{output}' (outputs: {names})")
-    return output
+    """The output the loss is computed on: `output`, or the module's first."""
+    from .evaluate import _scored_output
+
+    return _scored_output(module.output_names, output)
 
 
 def task_loss(logits, labels):
@@ -84,10 +82,9 @@ def task_loss(logits, labels):
 def trainable_names(proto) -> set:
     """Float initializers that training may change: all but BatchNormalization's running
     statistics (mean and variance are not learned; a gradient could drive a variance negative)."""
-    from onnx import TensorProto
+    from .torch import FLOAT_TYPES
 
-    floats = {t.name for t in proto.graph.initializer
-              if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)}
+    floats = {t.name for t in proto.graph.initializer if t.data_type in FLOAT_TYPES}
     stats = {n.input[i] for n in proto.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)
              if len(n.input) > i}
     return floats - stats
@@ -100,7 +97,7 @@ def measure(analysis, data, kind: str, labels=None, output: str | None = None, m
     require_torch()
     import torch
 
-    from .data import batches
+    from .data import batches, split_labels
     from .torch import to_torch
 
     if kind not in KINDS:
@@ -109,10 +106,8 @@ def measure(analysis, data, kind: str, labels=None, output: str | None = None, m
     module = to_torch(proto, trainable=trainable_names(proto)).to(device)
     module.eval()
     out_name = scored_output(module, output)
-    feeds = {k: v[:max_samples] for k, v in data.items() if k in module.input_names}
-    missing = [n for n in module.input_names if n not in feeds]
-    if missing:
-        raise SpaError(f"data has no array for model input(s) {missing} (it has {sorted(data)})")
+    feeds, _ = split_labels(data, module.input_names, None)
+    feeds = {k: v[:max_samples] for k, v in feeds.items()}
     y = None if labels is None else np.asarray(labels)[:max_samples]
     n = len(next(iter(feeds.values())))
     params = {name: p for name, p in module.params.items()}

@@ -47,17 +47,8 @@ class _Reader:
         n = len(next(iter(arrays.values()))) if arrays else 1
         self._it = iter([{**{k: v[i:i + batch] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)])
 
-    def get_next(self):
+    def get_next(self):  # all ORT's calibrators call: None ends the data
         return next(self._it, None)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        item = self.get_next()
-        if item is None:
-            raise StopIteration
-        return item
 
 
 def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channel: bool = True,

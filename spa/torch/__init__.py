@@ -23,7 +23,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from ..errors import SpaError
+from ..errors import SpaError, first_line
 from . import ops as _ops
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
@@ -110,7 +110,6 @@ class OnnxModule(nn.Module):
         super().__init__()
         self.opsets = {o.domain or "": o.version for o in proto.opset_import}
         self.cast_to = None  # the float dtype of .to(dtype); None: every tensor keeps its ONNX type
-        self._float_sources: dict = {}
         self._device = torch.device("cpu")
         self.keys: dict[str, str] = {}  # ONNX initializer name -> parameter/buffer attribute
         self.source_dtypes: dict[str, np.dtype] = {}
@@ -257,7 +256,7 @@ class OnnxModule(nn.Module):
                 raise
             except Exception as exc:
                 raise SpaError(f"node '{node.name}' ({node.op}) failed in spa.torch: "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+                               f"{type(exc).__name__}: {first_line(exc)}") from exc
             if not isinstance(result, (tuple, list)) or node.op in _ops.RETURNS_LIST:
                 result = (result,)
             for name, value in zip(node.outputs, result):

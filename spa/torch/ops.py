@@ -44,13 +44,18 @@ def op(*names, domain: str = ""):
     return deco
 
 
-def ints(t) -> list[int]:
-    """A shape/axes input or attribute as Python ints."""
+def numbers(t, kind=int) -> list:
+    """A shape/axes/scales input or attribute as a list of Python `kind` ([] for None)."""
     if t is None:
         return []
     if isinstance(t, torch.Tensor):
-        return [int(v) for v in t.reshape(-1).tolist()]
-    return [int(v) for v in t]
+        t = t.reshape(-1).tolist()
+    return [kind(v) for v in t]
+
+
+def ints(t) -> list[int]:
+    """A shape/axes input or attribute as Python ints."""
+    return numbers(t, int)
 
 
 def _float_like(ctx, value, like=None) -> torch.Tensor:
@@ -275,8 +280,6 @@ def _pads(ctx, x, kernel, strides, dilations) -> tuple[list, list]:
     """(begin pads, end pads) per spatial axis, auto_pad resolved."""
     n = len(kernel)
     auto = ctx.attr("auto_pad", "NOTSET")
-    if isinstance(auto, bytes):
-        auto = auto.decode()
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         begin, end = [], []
         for i in range(n):
@@ -330,7 +333,6 @@ def conv_transpose(ctx, x, w, b=None):
     out_pad = ctx.attr("output_padding") or [0] * n
     out_shape = ctx.attr("output_shape")
     auto = ctx.attr("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
     y = _CONV_T[n](x, w, None, strides, 0, out_pad, group, dilations)
     if out_shape or auto in ("SAME_UPPER", "SAME_LOWER"):
         # the spec's total padding = full size - wanted size; SAME_UPPER puts the smaller half
@@ -723,10 +725,12 @@ def scatter_nd(ctx, x, idx, updates):
     upd = updates.reshape([flat.shape[0]] + list(x.shape[k:]))
     reduction = ctx.attr("reduction", "none")
     key = tuple(flat[:, j] for j in range(k))
-    if reduction in ("none", b"none"):
+    if reduction == "none":
         out[key] = upd
-    else:
+    elif reduction == "add":
         out = out.index_put(key, upd, accumulate=True)
+    else:
+        raise NotImplementedError(f"ScatterND with reduction '{reduction}'")
     return out
 
 
@@ -735,7 +739,6 @@ def scatter_elements(ctx, x, idx, updates):
     axis = ctx.attr("axis", 0) % x.dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx).long()
     reduction = ctx.attr("reduction", "none")
-    reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
     if reduction == "none":
         return x.scatter(axis, idx, updates)
     return x.scatter_reduce(axis, idx, updates, {"add": "sum", "mul": "prod"}.get(reduction, reduction))
@@ -811,7 +814,6 @@ def pad(ctx, x, pads=None, value=None, axes=None):
     for i, a in enumerate(axes):
         begin[a], end[a] = pads[i], pads[i + n]
     mode = ctx.attr("mode", "constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
     spec = []
     for a in reversed(range(rank)):
         spec += [begin[a], end[a]]
@@ -830,7 +832,7 @@ def pad(ctx, x, pads=None, value=None, axes=None):
 def depth_to_space(ctx, x):
     b = ctx.attr("blocksize")
     n, c, h, w = x.shape
-    if ctx.attr("mode", "DCR") in ("CRD", b"CRD"):
+    if ctx.attr("mode", "DCR") == "CRD":
         y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
     else:
         y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)

@@ -15,20 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops import RETURNS_LIST, ints, op
-
-
-def _str(ctx, name: str, default: str) -> str:
-    value = ctx.attr(name, default)
-    return value.decode() if isinstance(value, bytes) else value
+from .ops import RETURNS_LIST, ints, numbers, op
 
 
 def _floats(t) -> list[float]:
-    if t is None:
-        return []
-    if isinstance(t, torch.Tensor):
-        return [float(v) for v in t.reshape(-1).tolist()]
-    return [float(v) for v in t]
+    return numbers(t, float)
 
 
 def _present(t) -> bool:
@@ -228,12 +219,12 @@ def resize(ctx, x, roi=None, scales=None, sizes=None):
         roi, scales, sizes = None, roi, None
         ctm, nearest_mode = "asymmetric", "simple"
     else:
-        ctm = _str(ctx, "coordinate_transformation_mode", "half_pixel")
-        nearest_mode = _str(ctx, "nearest_mode", "round_prefer_floor")
-    mode = _str(ctx, "mode", "nearest")
+        ctm = ctx.attr("coordinate_transformation_mode", "half_pixel")
+        nearest_mode = ctx.attr("nearest_mode", "round_prefer_floor")
+    mode = ctx.attr("mode", "nearest")
     rank = x.dim()
     axes = [a % rank for a in (ctx.attr("axes") or range(rank))]
-    policy = _str(ctx, "keep_aspect_ratio_policy", "stretch")
+    policy = ctx.attr("keep_aspect_ratio_policy", "stretch")
     in_dims = list(x.shape)
     if _present(sizes):
         wanted = ints(sizes)
@@ -279,7 +270,7 @@ def resize(ctx, x, roi=None, scales=None, sizes=None):
 
 @op("Upsample")
 def upsample(ctx, x, scales=None):
-    mode = _str(ctx, "mode", "nearest")
+    mode = ctx.attr("mode", "nearest")
     mode = "linear" if mode == "bilinear" else mode
     given = [_F32(s) for s in (_floats(scales) if scales is not None else ctx.attr("scales"))]
     out_sizes = [int(s * _F32(n)) for s, n in zip(given, x.shape)]
@@ -323,7 +314,7 @@ def _activation(name: str, alpha, beta):
 
 def _activations(ctx, defaults: list[str], num_dirs: int) -> list[list]:
     """Per direction, the activation functions (alpha/beta consumed in order, as ORT does)."""
-    names = [n.decode() if isinstance(n, bytes) else n for n in (ctx.attr("activations") or [])]
+    names = list(ctx.attr("activations") or [])
     if not names:
         names = defaults * num_dirs
     elif len(names) == len(defaults) and num_dirs == 2:
@@ -399,7 +390,7 @@ def _clip(ctx):
 
 
 def _directions(ctx):
-    direction = _str(ctx, "direction", "forward")
+    direction = ctx.attr("direction", "forward")
     return {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
 
 
@@ -640,7 +631,7 @@ def array_feature_extractor(ctx, x, idx):
 def zipmap(ctx, x):
     labels = ctx.attr("classlabels_int64s")
     if labels is None:
-        labels = [s.decode() if isinstance(s, bytes) else s for s in ctx.attr("classlabels_strings")]
+        labels = list(ctx.attr("classlabels_strings"))
     rows = x.reshape(1, -1) if x.dim() == 1 else x
     order = sorted(range(len(labels)), key=lambda i: labels[i])  # ORT returns ordered maps
     return [{labels[i]: row[i] for i in order} for row in rows.detach().cpu().tolist()]
