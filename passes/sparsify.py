@@ -40,6 +40,8 @@ class Layer:
     reason: str | None = None
     retained: float | None = None  # sum |kept| / sum |w| (after sparsify)
     holds: bool | None = None  # the stored weight holds the pattern
+    method: str | None = None  # how the kept weights were chosen: "magnitude" or "obs"
+    note: str | None = None  # why a calibrated layer fell back to magnitude
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -200,12 +202,29 @@ def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.n
     return np.moveaxis(kept, -1, axis).astype(w.dtype), retained
 
 
-def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16) -> tuple[onnx.ModelProto, list]:
-    """A copy of `proto` with every eligible weight masked to N:M by magnitude, and the layers."""
+def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16, method: str = "magnitude",
+             data=None, dtypes: dict | None = None, max_samples: int = 256, permute=None,
+             budget_s: float = 2.0) -> tuple[onnx.ModelProto, list, list]:
+    """A copy of `proto` with every eligible weight masked to N:M, and the layers.
+
+    method "magnitude": keep the N largest |w| of each run. "obs": calibrated (`data`: arrays
+    keyed by input name; `dtypes`: tensor element types, from spa.model.load) second-order
+    selection with compensation (passes/sparsegpt.py); layers it cannot see directly keep
+    magnitude, with the reason in `Layer.note`.
+
+    permute: an Analysis of `proto` to search channel permutations first (passes/permute.py,
+    `budget_s` per group); the permuted model is checked to compute what the input does, or the
+    permutations are dropped. Returns (model, layers, permutation report rows)."""
+    if method not in METHODS:
+        raise SpaError(f"unknown selection method '{method}'", f"use one of {', '.join(METHODS)}")
+    if method == "obs" and data is None:
+        raise SpaError("calibrated 2:4 selection needs calibration data", "pass --calib DATA.npz")
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     weights = _Weights(out)
     found = layers(out, n, m, min_size, weights)
+    permuted = _permute(proto, out, permute, found, n, m, weights, budget_s) if permute is not None else []
+    hs = _hessians(out, found, weights, n, m, data, dtypes or {}, max_samples) if method == "obs" else {}
     done: dict[tuple, float] = {}
     for layer in found:
         if not layer.eligible:
@@ -214,11 +233,118 @@ def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16)
         if key not in done:
             w = weights.value(layer.weight)
             zp = _zero_point(out, weights, layer.weight)
-            masked, done[key] = mask(w, layer.axis, n, m, zp)
-            weights.set(layer.weight, masked)
+            if key in hs:
+                from . import sparsegpt
+
+                new = sparsegpt.reconstruct(w, layer.axis, hs[key], n, m)
+                mag = np.abs(w.astype(np.float64))
+                done[key] = float(mag[new != 0].sum() / mag.sum()) if mag.sum() > 0 else 1.0
+            else:
+                new, done[key] = mask(w, layer.axis, n, m, zp)
+            weights.set(layer.weight, new)
         layer.retained = done[key]
         layer.holds = True
-    return out, found
+        layer.method = "obs" if key in hs else "magnitude"
+    return out, found, permuted
+
+
+# A permutation is exact up to float summation order; deep detection heads amplify that reordering
+# noise to ~1e-3 relative (picodet in the corpus), while a wrong permutation moves whole channels
+# (errors of order 1).
+PERMUTE_TOL = 5e-3
+
+
+def _permute(proto, out, analysis, found, n, m, weights: _Weights, budget_s: float) -> list:
+    """Permute the groups worth it in `out` (in place); undone when the outputs change."""
+    from spa import api
+    from spa.backends import ort as ort_backend
+
+    from . import permute
+
+    orders, rows = permute.plan(analysis, found, n, m, weights, budget_s)
+    if not orders:
+        return rows
+    saved = {t: weights.value(t) for gid in orders for (t, _) in analysis.group(gid).positions
+             if analysis.index.is_const(t) and weights.value(t) is not None}
+    permute.apply(analysis, orders, weights)
+    try:
+        feeds = ort_backend.random_feeds(proto, seed=0)
+        rep = api.compare(ort_backend.run(proto, feeds, light=True), out, feeds, light=True)
+        worst = max((o.get("rel_err", 0.0) for o in rep["outputs"].values()), default=0.0)
+        why = None if rep["ok"] and worst <= PERMUTE_TOL else f"they changed the outputs (rel. error {worst:.2g})"
+    except Exception as exc:  # noqa: BLE001 - a model that does not run on random inputs: keep it unpermuted
+        why = f"they could not be checked ({type(exc).__name__})"
+    if why is not None:
+        for t, w in saved.items():
+            weights.set(t, w)
+        for row in rows:
+            row["permuted"], row["note"] = False, f"permutations undone: {why}"
+    return rows
+
+
+METHODS = ("magnitude", "obs")
+
+
+def _direct(weights: _Weights, name: str) -> bool:
+    """The consumer reads the stored tensor through Identity/Cast only (same layout and grid)."""
+    for _ in range(16):
+        if name in weights.inits or name in weights.constants:
+            return True
+        node = weights.producer.get(name)
+        if node is None or node.op_type not in ("Identity", "Cast"):
+            return False
+        name = node.input[0]
+    return False
+
+
+def _hessians(proto, found: list, weights: _Weights, n: int, m: int, data, dtypes: dict, max_samples: int) -> dict:
+    """{(stored weight, axis): [H per conv group]} for the eligible layers OBS can compensate;
+    the others get a note. A weight read by several layers sums their statistics."""
+    from . import sparsegpt
+
+    nodes = {(x.name or x.output[0]): x for x in proto.graph.node}
+    targets, keys = {}, {}
+    for layer in found:
+        if not layer.eligible:
+            continue
+        node = nodes[layer.node]
+        w = weights.value(layer.weight)
+        columns = w.size // w.shape[0] if node.op_type == "Conv" else layer.reduction
+        if _chain_has(weights, node.input[1], "DequantizeLinear"):
+            layer.note = "the weight is quantized (DequantizeLinear): magnitude"
+        elif node.op_type == "Conv" and not _direct(weights, node.input[1]):
+            layer.note = "the conv weight is transposed on its way to the layer: magnitude"
+        elif node.op_type != "Conv" and w.ndim != 2:
+            layer.note = f"a batched weight (rank {w.ndim}): magnitude"
+        elif columns > sparsegpt.MAX_COLUMNS:
+            layer.note = f"{columns} columns (more than {sparsegpt.MAX_COLUMNS}): magnitude"
+        elif dtypes.get(node.input[0]) not in (1, 10, 11, 16):
+            layer.note = "the layer input is not a float tensor: magnitude"
+        else:
+            targets[layer.node] = (node, w.shape)
+            keys[layer.node] = (layer.weight, layer.axis)
+    if not targets:
+        return {}
+    per_layer = sparsegpt.hessians(proto, targets, dtypes, data, max_samples)
+    out: dict = {}
+    for label, hs in per_layer.items():
+        key = keys[label]
+        if key in out and [h.shape for h in out[key]] == [h.shape for h in hs]:
+            out[key] = [a + b for a, b in zip(out[key], hs)]
+        else:
+            out.setdefault(key, hs)
+    return out
+
+
+def _chain_has(weights: _Weights, name: str, op: str) -> bool:
+    for _ in range(16):
+        node = weights.producer.get(name)
+        if node is None or name in weights.inits or name in weights.constants or node.op_type not in CHAIN:
+            return False
+        if node.op_type == op:
+            return True
+        name = node.input[0]
+    return False
 
 
 def _zero_point(proto, weights: _Weights, stored: str):

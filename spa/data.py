@@ -57,3 +57,13 @@ def as_batches(data, size: int = 64) -> Iterable[dict[str, np.ndarray]]:
     if isinstance(data, dict):
         return batches(data, size)
     return data
+
+
+def calibration_batches(feeds: dict, batch: int, max_samples: int | None = None) -> list[dict]:
+    """Feed dicts of up to `batch` samples (sliced along the first axis of the first array) from
+    arrays keyed by input name; 0-d arrays (a sample rate) go with every batch unchanged."""
+    arrays = {k: np.asarray(v) for k, v in feeds.items() if np.ndim(v)}
+    scalars = {k: np.asarray(v) for k, v in feeds.items() if not np.ndim(v)}
+    n = len(next(iter(arrays.values()))) if arrays else 1
+    n = n if max_samples is None else min(n, max_samples)
+    return [{**{k: v[i:i + batch] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)]

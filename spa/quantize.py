@@ -42,10 +42,9 @@ class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over arrays keyed by input name."""
 
     def __init__(self, feeds: dict, batch: int):
-        arrays = {k: v for k, v in feeds.items() if np.ndim(v)}
-        scalars = {k: v for k, v in feeds.items() if not np.ndim(v)}  # e.g. a sample rate: every batch
-        n = len(next(iter(arrays.values()))) if arrays else 1
-        self._it = iter([{**{k: v[i:i + batch] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)])
+        from .data import calibration_batches
+
+        self._it = iter(calibration_batches(feeds, batch))
 
     def get_next(self):  # all ORT's calibrators call: None ends the data
         return next(self._it, None)
@@ -65,7 +64,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channe
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
         raise SpaError("cannot quantize a float16 model to INT8", "quantize the float32 model")
     feeds = {k: (np.asarray(v)[:max_samples] if np.ndim(v) else np.asarray(v)) for k, v in feeds.items() if k in inputs}
-    batch = _static_batch(proto, batch)
+    batch = static_batch(proto, batch)
     proto = _opset_13(proto)
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
@@ -113,7 +112,7 @@ def _reads(graph) -> set:
     return out
 
 
-def _static_batch(proto: onnx.ModelProto, batch: int) -> int:
+def static_batch(proto: onnx.ModelProto, batch: int) -> int:
     """A model whose inputs have a fixed first dimension is calibrated in batches of that size."""
     inits = {t.name for t in proto.graph.initializer}
     for i in proto.graph.input:

@@ -55,7 +55,7 @@ def test_gemm_reduction_axis_follows_trans_b(trans_b):
     k_axis = 1 if trans_b else 0
     proto = _model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=trans_b)], {"w": w},
                    [2, 32 if trans_b else 16])
-    out, found = sp.sparsify(proto)
+    out, found, _ = sp.sparsify(proto)
     got = numpy_helper.to_array(out.graph.initializer[0])
     assert found[0].eligible and found[0].axis == k_axis
     assert sp.holds(got, k_axis, 2, 4) and not sp.holds(got, 1 - k_axis, 2, 4)
@@ -67,7 +67,7 @@ def test_matmul_weight_through_transpose_and_cast():
              helper.make_node("Cast", ["wt"], ["wc"], to=TensorProto.FLOAT),
              helper.make_node("MatMul", ["x", "wc"], ["y"])]
     proto = _model(nodes, {"w": w}, [2, 32])
-    out, found = sp.sparsify(proto)
+    out, found, _ = sp.sparsify(proto)
     assert found[0].weight == "w" and found[0].axis == 1 and found[0].reduction == 32
     assert sp.holds(numpy_helper.to_array(out.graph.initializer[0]), 1, 2, 4)
 
@@ -77,7 +77,7 @@ def test_quantized_weight_masks_to_the_zero_point():
     nodes = [helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["w"]),
              helper.make_node("MatMul", ["x", "w"], ["y"])]
     proto = _model(nodes, {"q": q, "s": np.array(0.01, np.float32), "zp": np.array(3, np.int8)}, [2, 16])
-    out, found = sp.sparsify(proto)
+    out, found, _ = sp.sparsify(proto)
     got = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "q"))
     assert found[0].eligible and sp.holds(got, 0, 2, 4, zero_point=3)
     assert ((got == 3).sum() >= got.size // 2)
@@ -128,7 +128,7 @@ def test_cli_bad_pattern_is_one_line(tmp_path, capsys, pattern):
 @pytest.mark.parametrize("entry", corpus_params())
 def test_corpus_pattern_holds_and_runs(entry):
     model = spa.load(CORPUS / entry["file"])
-    out, found = sp.sparsify(model.proto)
+    out, found, _ = sp.sparsify(model.proto)
     again = sp.layers(out, 2, 4)
     assert [x.eligible for x in again] == [x.eligible for x in found]
     assert all(x.holds for x in again if x.eligible)
@@ -141,3 +141,115 @@ def test_corpus_pattern_holds_and_runs(entry):
             pytest.skip("the input model does not run on random feeds")
         res = ort_backend.run(out, feeds)
         assert all(np.isfinite(v).all() for v in res.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f")
+
+
+# calibrated selection (passes/sparsegpt.py) ---------------------------------------------
+
+from spa.passes import permute, sparsegpt  # noqa: E402
+
+
+@pytest.mark.parametrize("attrs", [dict(pads=[1, 1, 1, 1]), dict(strides=[2, 1], dilations=[1, 2]),
+                                   dict(group=2, auto_pad="SAME_UPPER", strides=[2, 2]),
+                                   dict(group=4, pads=[0, 2, 1, 0])])
+def test_unfold_times_weight_rows_is_the_conv(attrs):
+    """The unfolded input (the Hessian's x) in the column order of the weight rows: x @ W_g^T
+    reproduces ONNX Runtime's convolution, for pads, strides, dilations, groups, auto_pad."""
+    g = attrs.get("group", 1)
+    w = RNG.standard_normal((8, 16 // g, 3, 3)).astype(np.float32)
+    x = RNG.standard_normal((2, 16, 7, 6)).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], **attrs)
+    y = ort_backend.run(_model([node], {"w": w}, list(x.shape)), {"x": x})["y"]
+    rows = sparsegpt.unfold(node, x, w.shape)
+    w2 = sparsegpt.rows_view(w, 1)
+    per = len(w2) // g
+    got = np.concatenate([rows[k] @ w2[k * per:(k + 1) * per].T for k in range(g)], axis=1)  # [N*positions, Cout]
+    want = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_obs_beats_magnitude_on_correlated_inputs_and_keeps_the_pattern():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4000, 8)) @ rng.standard_normal((8, 64)) + 0.3 * rng.standard_normal((4000, 64))
+    w = rng.standard_normal((32, 64))
+    h = x.T @ x / len(x)
+
+    def err(wn):
+        return np.linalg.norm(x @ (w - wn).T) / np.linalg.norm(x @ w.T)
+
+    obs = sparsegpt.prune_columns(w, h, 2, 4)
+    assert sp.holds(obs, 1, 2, 4)
+    assert err(obs) < 0.5 * err(sp.mask(w, 1, 2, 4)[0])
+
+
+def _conv_net():
+    """Conv -> Relu -> Conv -> GAP -> Flatten -> Gemm, inputs with correlated channels."""
+    rng = np.random.default_rng(2)
+    inits = {"w1": rng.standard_normal((32, 16, 3, 3)).astype(np.float32),
+             "b1": rng.standard_normal(32).astype(np.float32),
+             "w2": rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.2,
+             "w3": rng.standard_normal((16, 32)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "w3"], ["y"], transB=1, name="fc")]
+    base = rng.standard_normal((96, 4, 6, 6))
+    x = (np.repeat(base, 4, axis=1) + 0.2 * rng.standard_normal((96, 16, 6, 6))).astype(np.float32)
+    return _model(nodes, inits, ["N", 16, 6, 6], ["N", 16]), x
+
+
+def test_obs_selection_is_closer_to_the_dense_model(tmp_path):
+    proto, x = _conv_net()
+    onnx.save(proto, tmp_path / "m.onnx")
+    model = spa.load(tmp_path / "m.onnx")
+    dense = ort_backend.run(proto, {"x": x[64:]})["y"]
+    errs = {}
+    for method in ("magnitude", "obs"):
+        out, found, _ = sp.sparsify(model.proto, 2, 4, 16, method, {"x": x[:64]}, model.dtypes)
+        assert all(layer.holds for layer in sp.layers(out, 2, 4, 16) if layer.eligible)
+        assert [layer.method for layer in found if layer.eligible] == [method] * 3
+        y = ort_backend.run(out, {"x": x[64:]})["y"]  # held-out samples
+        errs[method] = np.linalg.norm(y - dense) / np.linalg.norm(dense)
+    assert errs["obs"] < 0.7 * errs["magnitude"]
+
+
+def test_obs_falls_back_to_magnitude_with_the_reason():
+    w = RNG.standard_normal((2, 32, 32)).astype(np.float32)  # a batched MatMul weight
+    proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": w}, [2, 4, 32])
+    out, found, _ = sp.sparsify(proto, method="obs", data={"x": RNG.standard_normal((3, 2, 4, 32)).astype(np.float32)},
+                                dtypes={"x": TensorProto.FLOAT})
+    assert found[0].method == "magnitude" and "batched" in found[0].note and found[0].holds
+
+
+def test_permutation_is_exact_and_keeps_more_magnitude(tmp_path):
+    proto, x = _conv_net()
+    onnx.save(proto, tmp_path / "m.onnx")
+    model = spa.load(tmp_path / "m.onnx")
+    analysis = spa.analyze(model)
+    weights = sp._Weights(onnx.ModelProto.FromString(proto.SerializeToString()))
+    found = sp.layers(weights.proto, 2, 4, 16, weights)
+    orders, rows = permute.plan(analysis, found, 2, 4, weights, budget_s=5)
+    assert orders and all(r["retained_after"] > r["retained_before"] for r in rows if r["permuted"])
+    assert all(sorted(o) == list(range(len(o))) for o in orders.values())
+    permute.apply(analysis, orders, weights)
+    np.testing.assert_allclose(ort_backend.run(weights.proto, {"x": x})["y"], ort_backend.run(proto, {"x": x})["y"],
+                               rtol=1e-4, atol=1e-4)  # the same function before masking
+    plain = sp.sparsify(model.proto)[1]
+    out, permuted_layers, report = sp.sparsify(model.proto, permute=analysis, budget_s=5)
+    assert any(r["permuted"] for r in report)
+    assert sum(x.retained for x in permuted_layers if x.eligible) > sum(x.retained for x in plain if x.eligible)
+    assert all(layer.holds for layer in sp.layers(out, 2, 4, 16) if layer.eligible)
+
+
+def test_cli_obs_and_permute(tmp_path, capsys):
+    proto, x = _conv_net()
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    assert main(["sparsify", str(tmp_path / "m.onnx"), "--method", "obs", "--calib", str(tmp_path / "calib.npz"),
+                 "--permute", "-o", str(tmp_path / "s.onnx"), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"] == "obs" and any(r["permuted"] for r in doc["permutation"])
+    assert [x["method"] for x in doc["layers"] if x["eligible"]] == ["obs"] * 3
+    code = main(["sparsify", str(tmp_path / "m.onnx"), "--method", "obs", "-o", str(tmp_path / "t.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and "needs calibration data" in err and not (tmp_path / "t.onnx").exists()
