@@ -105,9 +105,9 @@ class _Weights:
                 if scale is not None and scale.size > 1 and per_axis % rank == axis % rank:
                     return None, "quantized per channel along the reduction axis", None
                 zp = self.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-                if zp is not None and zp.size > 1:
-                    return None, "a per-channel zero point", None
-                zero_point = zp
+                if zp is not None and zp.size > 1 and not (zp == zp.reshape(-1)[0]).all():
+                    return None, "per-channel zero points that differ", None
+                zero_point = None if zp is None else zp.reshape(-1)[:1].reshape(())  # symmetric: all 0
             name = node.input[0]
         return None, "the weight chain is too long", None
 
@@ -350,7 +350,8 @@ def _chain_has(weights: _Weights, name: str, op: str) -> bool:
 def _zero_point(proto, weights: _Weights, stored: str):
     for node in proto.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] == stored and len(node.input) > 2 and node.input[2]:
-            return weights.value(node.input[2])
+            zp = weights.value(node.input[2])
+            return None if zp is None else zp.reshape(-1)[:1].reshape(())  # uniform (checked by trace)
     return None
 
 

@@ -148,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result as JSON (input of prune --sensitivity)")
     s.add_argument("-v", "--verbose", action="store_true")
     _training_parsers(sub)
+    from .cli_compress import parser as compress_parser
+
+    compress_parser(sub)
     return p
 
 
@@ -667,11 +670,12 @@ def _quantize(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        from .cli_compress import compress
         from .cli_train import finetune, train_sparse
 
         return {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity,
                 "finetune": finetune, "train-sparse": train_sparse, "sparsify": _sparsify,
-                "quantize": _quantize}[args.command](args)
+                "quantize": _quantize, "compress": compress}[args.command](args)
     except SpaError as exc:
         if args.verbose:
             traceback.print_exc()

@@ -20,6 +20,7 @@ networks from the precisions written in the ONNX.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -77,6 +78,8 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channe
         os.chdir(tmp)  # the calibrator writes its augmented model to the working directory
         work = onnx.ModelProto()
         work.CopyFrom(proto)  # the tooling rewrites the proto it is given (weights to external data)
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # the tooling's "consider pre-processing" advice
         try:
             quantize_static(work, str(out), _Reader(feeds, batch), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
@@ -90,6 +93,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channe
             raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {first_line(exc)}") from None
         finally:
             os.chdir(cwd)
+            logging.getLogger().setLevel(quiet)
         result = toposort(fuse_residuals(onnx.load(str(out))))
     # opset 13 needs IR version 7 (and initializers no longer have to be graph inputs)
     result.ir_version = max(result.ir_version, 7)

@@ -22,11 +22,13 @@ def corpus_entries() -> list[dict]:
     return json.loads(manifest.read_text())["files"]
 
 
-def corpus_params():
+def corpus_params(slow: tuple = ()):
+    """One param per corpus entry; files containing any of `slow` are marked slow."""
     entries = corpus_entries()
     if not entries:
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"corpus not found at {CORPUS}"))]
-    return [pytest.param(e, id=e["file"]) for e in entries]
+    return [pytest.param(e, id=e["file"], marks=[pytest.mark.slow] if any(s in e["file"] for s in slow) else [])
+            for e in entries]
 
 
 ZOO_EXPORTERS = ("torchscript", "dynamo")
