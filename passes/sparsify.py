@@ -256,8 +256,9 @@ PERMUTE_TOL = 5e-3
 
 def _permute(proto, out, analysis, found, n, m, weights: _Weights, budget_s: float) -> list:
     """Permute the groups worth it in `out` (in place); undone when the outputs change."""
-    from spa import api
     from spa.backends import ort as ort_backend
+
+    from spa import api
 
     from . import permute
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from spa.backends import ort as ort_backend
+from spa.passes import permute, sparsegpt
 from spa.passes import sparsify as sp
 
 import spa
@@ -145,12 +146,10 @@ def test_corpus_pattern_holds_and_runs(entry):
 
 # calibrated selection (passes/sparsegpt.py) ---------------------------------------------
 
-from spa.passes import permute, sparsegpt  # noqa: E402
 
-
-@pytest.mark.parametrize("attrs", [dict(pads=[1, 1, 1, 1]), dict(strides=[2, 1], dilations=[1, 2]),
-                                   dict(group=2, auto_pad="SAME_UPPER", strides=[2, 2]),
-                                   dict(group=4, pads=[0, 2, 1, 0])])
+@pytest.mark.parametrize("attrs", [{"pads": [1, 1, 1, 1]}, {"strides": [2, 1], "dilations": [1, 2]},
+                                   {"group": 2, "auto_pad": "SAME_UPPER", "strides": [2, 2]},
+                                   {"group": 4, "pads": [0, 2, 1, 0]}])
 def test_unfold_times_weight_rows_is_the_conv(attrs):
     """The unfolded input (the Hessian's x) in the column order of the weight rows: x @ W_g^T
     reproduces ONNX Runtime's convolution, for pads, strides, dilations, groups, auto_pad."""
@@ -216,7 +215,7 @@ def test_obs_selection_is_closer_to_the_dense_model(tmp_path):
 def test_obs_falls_back_to_magnitude_with_the_reason():
     w = RNG.standard_normal((2, 32, 32)).astype(np.float32)  # a batched MatMul weight
     proto = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": w}, [2, 4, 32])
-    out, found, _ = sp.sparsify(proto, method="obs", data={"x": RNG.standard_normal((3, 2, 4, 32)).astype(np.float32)},
+    _out, found, _ = sp.sparsify(proto, method="obs", data={"x": RNG.standard_normal((3, 2, 4, 32)).astype(np.float32)},
                                 dtypes={"x": TensorProto.FLOAT})
     assert found[0].method == "magnitude" and "batched" in found[0].note and found[0].holds
 
