@@ -46,7 +46,8 @@ def parser(sub) -> None:
     prec.add_argument("--int8", action="store_true", help="INT8 QDQ (needs --calib)")
     prec.add_argument("--fp16", action="store_true", help="float16 with float32 I/O and sensitive ops")
     c.add_argument("--calib", metavar="DATA", help=".npz of calibration inputs keyed by input name")
-    c.add_argument("--calib-samples", type=int, default=256, metavar="N", help="samples of --calib to use (256)")
+    c.add_argument("--calib-samples", type=int, metavar="N",
+                   help="samples of --calib each stage uses (default: each command's own, prune 512, others 256)")
     c.add_argument("--quant-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="INT8 calibration (minmax)")
     c.add_argument("--eval", metavar="DATA", help=".npz of held-out inputs: fidelity (and accuracy with --labels) "
@@ -80,13 +81,15 @@ def _check(args) -> None:
         raise SpaError(f"{what} needs calibration data", "pass --calib DATA.npz")
     if args.labels and not args.eval:
         raise SpaError("--labels names a key of --eval", "pass --eval DATA.npz")
-    if args.calib_samples < 1 or args.min_size < 1:
+    if (args.calib_samples is not None and args.calib_samples < 1) or args.min_size < 1:
         raise SpaError("--calib-samples and --min-size must be positive integers")
 
 
 def _stages(args, work: Path) -> list:
     """(name, argv builder) for each requested stage; argv gets (input file, output file)."""
-    calib = ["--calib", args.calib, "--calib-samples", str(args.calib_samples)] if args.calib else []
+    calib = ["--calib", args.calib] if args.calib else []
+    if args.calib and args.calib_samples is not None:
+        calib += ["--calib-samples", str(args.calib_samples)]
     stages = []
     if args.ratio > 0:
         criterion = args.criterion or ("obspa" if args.calib else "l1")

@@ -180,19 +180,39 @@ def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS) -> onnx.ModelProto:
-    """`proto` in float16, float32 inputs/outputs and the `keep` ops in float32."""
+RECURRENT = ("LSTM", "GRU", "RNN")  # ONNX Runtime's float16 recurrent kernels crash on some models: float32
+
+
+def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.ModelProto:
+    """`proto` in float16, float32 inputs/outputs, the `keep` ops and every op outside the default
+    domain (ai.onnx.ml, contrib) in float32. The result must pass the ONNX checker and load in
+    ONNX Runtime, else a SpaError says why (onnxruntime's converter fails on some graphs)."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from .errors import first_line
 
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    foreign = []
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            node.name = node.name or f"spa_fp32_{i}"  # the converter blocks nodes by name
+            foreign.append(node.name)
     try:
-        out = convert_float_to_float16(model, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep))
+        out = convert_float_to_float16(model, keep_io_types=True, node_block_list=foreign,
+                                       op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep))
+        out = toposort(out)
     except Exception as exc:  # noqa: BLE001
-        from .errors import first_line
-
         raise SpaError(f"FP16 conversion failed: {first_line(exc)}") from None
-    return toposort(out)
+    try:
+        onnx.checker.check_model(out)
+        import onnxruntime as ort
+
+        ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise SpaError(f"FP16 conversion (onnxruntime.transformers.float16) gives an invalid model: "
+                       f"{first_line(exc, limit=200)}", "keep this model in float32") from None
+    return out
 
 
 def toposort(proto: onnx.ModelProto) -> onnx.ModelProto:
