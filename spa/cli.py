@@ -645,10 +645,11 @@ def _quantize(args) -> int:
     before, after = src.stat().st_size, out.stat().st_size
     fidelity = None
     if calib is not None:  # random inputs say little about a calibrated range: measure on the data too
-        feeds = {k: calib[k][:64] for k in model.input_names}
-        rep = api.compare(str(src), str(out), feeds)
-        errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
-        fidelity = {"samples": len(next(iter(feeds.values()))), "max_rel_err": max(errs) if errs else 0.0}
+        from .evaluate import evaluate_arrays
+
+        rep = evaluate_arrays(out, calib, reference=str(src), max_samples=64)
+        errs = [f["rel_err"] for f in (rep.get("fidelity") or {}).values()]
+        fidelity = {"samples": rep["samples"], "max_rel_err": max(errs) if errs else 0.0}
     doc = {"schema_version": 1, "input": args.model, "output": str(out), "kind": kind, "fidelity_on_calib": fidelity,
            "method": None if args.fp16 else args.method, "per_channel": None if args.fp16 else args.per_channel,
            "bytes": {"before": before, "after": after}, "coverage": quantize.coverage(result),

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import importance
 from .cli import _output_path, err, step
 from .data import load_npz
-from .errors import SpaError
+from .errors import SpaError, first_line
 from .model import check_writable, load, save
 from .planner import check_ratio
 
@@ -127,20 +127,28 @@ class _StageFailed(Exception):
 
 
 def _measure(path: Path, source: Path, calib: dict | None, held_out: dict | None, labels: str | None) -> dict:
-    from .evaluate import evaluate
+    """Size and weights of a stage's file, and its fidelity to the input (and accuracy) on the
+    data; a measurement ORT cannot make is recorded as an error, the pipeline goes on."""
+    from .evaluate import evaluate_arrays
 
-    model = load(path, infer=False)
-    params, nonzero = _params(model)
+    params, nonzero = _params(load(path, infer=False))
     doc = {"bytes": _bytes(path), "params": params, "nonzero": nonzero}
-    if calib is not None:
-        inputs = {i.name for i in model.proto.graph.input}
-        feeds = {k: v[:FIDELITY_SAMPLES] for k, v in calib.items() if k in inputs}
-        doc["calib"] = _fidelity(evaluate(str(path), feeds, reference=str(source)))
-    if held_out is not None:
-        rep = evaluate(str(path), held_out, labels, reference=str(source))
-        doc["eval"] = _fidelity(rep)
+    for key, data, lab, limit in (("calib", calib, None, FIDELITY_SAMPLES), ("eval", held_out, labels, None)):
+        if data is None:
+            continue
+        try:
+            rep = evaluate_arrays(path, data, lab, reference=str(source), max_samples=limit)
+        except SpaError as exc:
+            if key == "eval":  # the user's own data must fit the model
+                raise
+            doc[key] = {"error": str(exc)}
+            continue
+        except Exception as exc:  # noqa: BLE001 - ORT cannot run the data: say so, go on
+            doc[key] = {"error": first_line(exc, limit=200)}
+            continue
+        doc[key] = _fidelity(rep)
         if "accuracy" in rep:
-            doc["eval"]["accuracy"] = rep["accuracy"]
+            doc[key]["accuracy"] = rep["accuracy"]
     return doc
 
 

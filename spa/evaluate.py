@@ -102,3 +102,28 @@ def evaluate(model, data, labels=None, reference=None, output: str | None = None
     if ref_sess is not None:
         doc["fidelity"] = {n: f.result() for n, f in fid.items()}
     return doc
+
+
+def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, reference=None,
+                    max_samples: int | None = None, batch_size: int = 64) -> dict:
+    """`evaluate` over arrays keyed by input name, batched the way the model takes them: in its
+    fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch."""
+    import onnx
+
+    from .data import calibration_batches
+    from .quantize import static_batch
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in inits]
+    missing = [n for n in inputs if n not in arrays]
+    if missing:
+        raise SpaError(f"data has no array for model input(s) {missing} (it has {sorted(arrays)})",
+                       "save the data keyed by the model's input names")
+    if labels is not None and labels not in arrays:
+        raise SpaError(f"data has no labels key '{labels}' (it has {sorted(arrays)})")
+    feeds = calibration_batches({n: arrays[n] for n in inputs}, static_batch(proto, batch_size), max_samples)
+    y = None
+    if labels is not None:
+        y = np.asarray(arrays[labels])[:sum(len(next(iter(f.values()))) for f in feeds)]
+    return evaluate(str(model_path), feeds, y, reference)

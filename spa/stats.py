@@ -116,22 +116,35 @@ def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: i
     `source`: a ModelProto of the same graph with other weights (pruned ones zeroed and
     compensated); its moments are then paired with the analysed model's (`Moments.cross`).
     `reference`: a `reference_session` covering `spaces`, when the caller calibrates repeatedly."""
-    from .data import as_batches, split_labels
+    from .data import as_batches, calibration_batches
 
     spaces = read_spaces(analysis) if spaces is None else list(spaces)
     tensors = list(dict.fromkeys(t for t, _ in spaces))
     dtypes = analysis.model.dtypes
     ref = reference if reference is not None else _with_outputs(analysis.model.proto, tensors, dtypes)
     sess = ref if source is None else _with_outputs(source, tensors, dtypes)
-    if isinstance(data, dict):
-        data, _ = split_labels(data, [i.name for i in sess.get_inputs()], None)
+    if isinstance(data, dict):  # batched as the model takes them (a fixed batch size; 0-d arrays with every batch)
+        from .quantize import static_batch
+
+        inputs = [i.name for i in sess.get_inputs()]
+        missing = [n for n in inputs if n not in data]
+        if missing:
+            raise SpaError(f"data has no array for model input(s) {missing} (it has {sorted(data)})",
+                           "save the data keyed by the model's input names")
+        data = calibration_batches({n: data[n] for n in inputs}, static_batch(analysis.model.proto, batch_size))
     acc: dict = {}
     seen = 0
     for feeds in as_batches(data, batch_size):
         take = min(len(next(iter(feeds.values()))), max_samples - seen)
         feeds = {k: v[:take] for k, v in feeds.items()}
-        got = dict(zip(tensors, sess.run(tensors, feeds)))
-        want = got if source is None else dict(zip(tensors, ref.run(tensors, feeds)))
+        try:
+            got = dict(zip(tensors, sess.run(tensors, feeds)))
+            want = got if source is None else dict(zip(tensors, ref.run(tensors, feeds)))
+        except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
+            from .errors import first_line
+
+            raise SpaError(f"the calibration data does not run through the model: {first_line(exc, limit=200)}",
+                           "give arrays of the model's input shapes, samples along the first axis") from None
         for space in spaces:
             rows = _rows(got[space[0]], space[1])
             acc.setdefault(space, _Accumulator(rows.shape[1], source is not None)).add(rows, _rows(want[space[0]], space[1]))

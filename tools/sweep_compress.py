@@ -52,8 +52,11 @@ def main(argv=None) -> int:
             if code == 0:
                 doc = json.loads(out.getvalue())
                 st = doc["stages"]
-                outcome = (f"ok: {' -> '.join(f'{s['stage']} {s['bytes'] / st[0]['bytes']:.2f}x' for s in st[1:])}, "
-                           f"cosine {st[-1]['calib']['cosine']:.4f}")
+                sizes = " -> ".join(f"{s['stage']} {s['bytes'] / st[0]['bytes']:.2f}x" for s in st[1:])
+                fid = st[-1].get("calib") or {}
+                cos = f"cosine {fid['cosine']:.4f}" if fid.get("cosine") is not None else \
+                    f"fidelity not measured ({fid.get('error', 'no outputs')})"
+                outcome = f"ok: {sizes}, {cos}"
             else:
                 outcome = f"refused (exit {code}): {line[0][7:] if line else '?'}"
                 bugs += "internal error" in outcome
