@@ -111,7 +111,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
              batch_size: int = 32) -> dict:
     """{key: [H per conv group]} for targets {key: (node, consumer-view weight shape)}, from one
     pass of `data` (arrays keyed by input name) through ONNX Runtime."""
-    from spa.data import calibration_batches
+    from spa.data import calibration_batches, require_keys
     from spa.quantize import static_batch
     from spa.stats import _with_outputs
 
@@ -121,10 +121,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
         raise SpaError(f"no type known for layer input '{missing[0]}'", "run shape inference first")
     sess = _with_outputs(proto, names, dtypes)
     inputs = [i.name for i in sess.get_inputs()]
-    absent = [i for i in inputs if i not in data]
-    if absent:
-        raise SpaError(f"calibration data has no array for model input(s) {absent} (it has {sorted(data)})",
-                       "save the data keyed by the model's input names")
+    require_keys(data, inputs)
     acc: dict = {}
     seen = 0
     for feeds in calibration_batches({k: data[k] for k in inputs}, static_batch(proto, batch_size), max_samples):

@@ -29,14 +29,19 @@ def load_npz(path) -> dict[str, np.ndarray]:
         raise SpaError(f"cannot read data '{path}': not a valid .npz file ({exc})") from None
 
 
-def split_labels(arrays: dict, inputs: list[str], labels: str | None) -> tuple[dict, np.ndarray | None]:
-    """(feed arrays for `inputs`, labels or None); clear errors for missing keys and sizes."""
+def require_keys(arrays: dict, inputs: list[str], labels: str | None = None) -> None:
+    """A clear error when the data lacks an array for a model input or the labels key."""
     missing = [n for n in inputs if n not in arrays]
     if missing:
         raise SpaError(f"data has no array for model input(s) {missing} (it has {sorted(arrays)})",
                        "save the data keyed by the model's input names")
     if labels is not None and labels not in arrays:
         raise SpaError(f"data has no labels key '{labels}' (it has {sorted(arrays)})")
+
+
+def split_labels(arrays: dict, inputs: list[str], labels: str | None) -> tuple[dict, np.ndarray | None]:
+    """(feed arrays for `inputs`, labels or None); clear errors for missing keys and sizes."""
+    require_keys(arrays, inputs, labels)
     feeds = {n: arrays[n] for n in inputs}
     y = arrays[labels] if labels is not None else None
     sizes = {len(a) for a in feeds.values()} | ({len(y)} if y is not None else set())

@@ -110,18 +110,13 @@ def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, referen
     fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch."""
     import onnx
 
-    from .data import calibration_batches
+    from .data import calibration_batches, require_keys
     from .quantize import static_batch
 
     proto = onnx.load(str(model_path), load_external_data=False)
     inits = {t.name for t in proto.graph.initializer}
     inputs = [i.name for i in proto.graph.input if i.name not in inits]
-    missing = [n for n in inputs if n not in arrays]
-    if missing:
-        raise SpaError(f"data has no array for model input(s) {missing} (it has {sorted(arrays)})",
-                       "save the data keyed by the model's input names")
-    if labels is not None and labels not in arrays:
-        raise SpaError(f"data has no labels key '{labels}' (it has {sorted(arrays)})")
+    require_keys(arrays, inputs, labels)
     feeds = calibration_batches({n: arrays[n] for n in inputs}, static_batch(proto, batch_size), max_samples)
     y = None
     if labels is not None:

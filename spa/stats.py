@@ -116,7 +116,7 @@ def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: i
     `source`: a ModelProto of the same graph with other weights (pruned ones zeroed and
     compensated); its moments are then paired with the analysed model's (`Moments.cross`).
     `reference`: a `reference_session` covering `spaces`, when the caller calibrates repeatedly."""
-    from .data import as_batches, calibration_batches
+    from .data import as_batches, calibration_batches, require_keys
 
     spaces = read_spaces(analysis) if spaces is None else list(spaces)
     tensors = list(dict.fromkeys(t for t, _ in spaces))
@@ -127,10 +127,7 @@ def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: i
         from .quantize import static_batch
 
         inputs = [i.name for i in sess.get_inputs()]
-        missing = [n for n in inputs if n not in data]
-        if missing:
-            raise SpaError(f"data has no array for model input(s) {missing} (it has {sorted(data)})",
-                           "save the data keyed by the model's input names")
+        require_keys(data, inputs)
         data = calibration_batches({n: data[n] for n in inputs}, static_batch(analysis.model.proto, batch_size))
     acc: dict = {}
     seen = 0

@@ -26,11 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
+    import spa
     from spa.cli import main as spa_main
     from tests.conftest import CORPUS, corpus_entries
     from tests.oracles import feeds_for
-
-    import spa
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
