@@ -94,18 +94,20 @@ def search(v: np.ndarray, n: int, m: int, budget_s: float = 2.0, seed: int = 0) 
         return order
     deadline = time.perf_counter() + budget_s
     rng = np.random.default_rng(seed)
+    cur = v.reshape(runs, m, -1).copy()  # the runs in the current order, swapped along with `order`
+    least = 1e-6 * max(float(cur.sum()), 1e-30)
     improved = True
     while improved and time.perf_counter() < deadline:
         improved = False
         for a in rng.permutation(runs):
             if time.perf_counter() > deadline:
                 break
-            cur = v[order].reshape(runs, m, -1)
             gain, others = _gains(cur, a, n, m)
             b, i, j = np.unravel_index(int(np.argmax(gain)), gain.shape)
-            if gain[b, i, j] > 1e-6 * max(float(cur.sum()), 1e-30):
-                pa, pb = a * m + i, others[b] * m + j
-                order[pa], order[pb] = order[pb], order[pa]
+            if gain[b, i, j] > least:
+                b = others[b]
+                order[a * m + i], order[b * m + j] = order[b * m + j], order[a * m + i]
+                cur[[a, b], [i, j]] = cur[[b, a], [j, i]]
                 improved = True
     return order
 
@@ -143,10 +145,10 @@ def plan(analysis, found: list, n: int, m: int, weights, budget_s: float = 2.0) 
         consumers = _consumers(group, eligible, m)
         if not consumers or not _safe(analysis, group):
             continue
-        v = _vectors(consumers, weights, group.size)
-        before = float(_kept(v.reshape(group.size // m, m, -1), n).sum()) if group.size % m == 0 else None
-        if before is None:
+        if group.size % m:
             continue
+        v = _vectors(consumers, weights, group.size)
+        before = float(_kept(v.reshape(group.size // m, m, -1), n).sum())
         order = search(v, n, m, budget_s)
         after = float(_kept(v[order].reshape(group.size // m, m, -1), n).sum())
         total = max(float(v.sum()), 1e-30)

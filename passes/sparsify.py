@@ -84,6 +84,20 @@ class _Weights:
             if a.name == "value":
                 a.t.CopyFrom(numpy_helper.from_array(value))
 
+    def chain(self, name: str) -> tuple[list, str | None]:
+        """(the Identity/Cast/DequantizeLinear/Transpose nodes from the consumer back, the stored
+        tensor they lead to, or None when the chain ends elsewhere or is too long)."""
+        nodes = []
+        for _ in range(16):
+            if name in self.inits or name in self.constants:
+                return nodes, name
+            node = self.producer.get(name)
+            if node is None or node.op_type not in CHAIN:
+                return nodes, None
+            nodes.append(node)
+            name = node.input[0]
+        return nodes, None
+
     def trace(self, name: str, axis: int, rank: int):
         """(stored name, axis there, zero point or None) of the weight `name` seen with
         reduction `axis`; or (None, reason, None)."""
@@ -165,15 +179,8 @@ def layers(proto: onnx.ModelProto, n: int, m: int, min_size: int = 16, weights: 
 
 def _rank(weights: _Weights, name: str) -> int:
     """Rank of the weight as its consumer sees it (followed to the stored tensor)."""
-    for _ in range(16):
-        v = weights.value(name)
-        if v is not None:
-            return v.ndim
-        node = weights.producer.get(name)
-        if node is None or node.op_type not in CHAIN:
-            return 2
-        name = node.input[0]
-    return 2
+    stored = weights.chain(name)[1]
+    return 2 if stored is None else weights.value(stored).ndim
 
 
 def _groups(w: np.ndarray, axis: int, m: int) -> np.ndarray:
@@ -224,7 +231,7 @@ def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16,
     weights = _Weights(out)
     found = layers(out, n, m, min_size, weights)
     permuted = _permute(proto, out, permute, found, n, m, weights, budget_s) if permute is not None else []
-    hs = _hessians(out, found, weights, n, m, data, dtypes or {}, max_samples) if method == "obs" else {}
+    hs = _hessians(out, found, weights, data, dtypes or {}, max_samples) if method == "obs" else {}
     done: dict[tuple, float] = {}
     for layer in found:
         if not layer.eligible:
@@ -286,19 +293,7 @@ def _permute(proto, out, analysis, found, n, m, weights: _Weights, budget_s: flo
 METHODS = ("magnitude", "obs")
 
 
-def _direct(weights: _Weights, name: str) -> bool:
-    """The consumer reads the stored tensor through Identity/Cast only (same layout and grid)."""
-    for _ in range(16):
-        if name in weights.inits or name in weights.constants:
-            return True
-        node = weights.producer.get(name)
-        if node is None or node.op_type not in ("Identity", "Cast"):
-            return False
-        name = node.input[0]
-    return False
-
-
-def _hessians(proto, found: list, weights: _Weights, n: int, m: int, data, dtypes: dict, max_samples: int) -> dict:
+def _hessians(proto, found: list, weights: _Weights, data, dtypes: dict, max_samples: int) -> dict:
     """{(stored weight, axis): [H per conv group]} for the eligible layers OBS can compensate;
     the others get a note. A weight read by several layers sums their statistics."""
     from . import sparsegpt
@@ -311,9 +306,10 @@ def _hessians(proto, found: list, weights: _Weights, n: int, m: int, data, dtype
         node = nodes[layer.node]
         w = weights.value(layer.weight)
         columns = w.size // w.shape[0] if node.op_type == "Conv" else layer.reduction
-        if _chain_has(weights, node.input[1], "DequantizeLinear"):
+        chain = [x.op_type for x in weights.chain(node.input[1])[0]]
+        if "DequantizeLinear" in chain:
             layer.note = "the weight is quantized (DequantizeLinear): magnitude"
-        elif node.op_type == "Conv" and not _direct(weights, node.input[1]):
+        elif node.op_type == "Conv" and not set(chain) <= {"Identity", "Cast"}:
             layer.note = "the conv weight is transposed on its way to the layer: magnitude"
         elif node.op_type != "Conv" and w.ndim != 2:
             layer.note = f"a batched weight (rank {w.ndim}): magnitude"
@@ -335,17 +331,6 @@ def _hessians(proto, found: list, weights: _Weights, n: int, m: int, data, dtype
         else:
             out.setdefault(key, hs)
     return out
-
-
-def _chain_has(weights: _Weights, name: str, op: str) -> bool:
-    for _ in range(16):
-        node = weights.producer.get(name)
-        if node is None or name in weights.inits or name in weights.constants or node.op_type not in CHAIN:
-            return False
-        if node.op_type == op:
-            return True
-        name = node.input[0]
-    return False
 
 
 def _zero_point(proto, weights: _Weights, stored: str):

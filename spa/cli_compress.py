@@ -85,7 +85,7 @@ def _check(args) -> None:
         raise SpaError("--calib-samples and --min-size must be positive integers")
 
 
-def _stages(args, work: Path) -> list:
+def _stages(args) -> list:
     """(name, argv builder) for each requested stage; argv gets (input file, output file)."""
     calib = ["--calib", args.calib] if args.calib else []
     if args.calib and args.calib_samples is not None:
@@ -195,7 +195,7 @@ def compress(args) -> int:
         with step("input: measuring", args.json):
             rows.append({"stage": "input", "file": str(src), **_measure(src, src, calib, held_out, args.labels)})
         current = src
-        for k, (name, argv) in enumerate(_stages(args, work), 1):
+        for k, (name, argv) in enumerate(_stages(args), 1):
             target = work / f"{k}.{name}.onnx"
             with step(f"stage {k}: {name}", args.json):
                 try:

@@ -133,7 +133,7 @@ def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: i
     seen = 0
     for feeds in as_batches(data, batch_size):
         take = min(len(next(iter(feeds.values()))), max_samples - seen)
-        feeds = {k: v[:take] for k, v in feeds.items()}
+        feeds = {k: v[:take] if np.ndim(v) else v for k, v in feeds.items()}  # 0-d inputs go as they are
         try:
             got = dict(zip(tensors, sess.run(tensors, feeds)))
             want = got if source is None else dict(zip(tensors, ref.run(tensors, feeds)))

@@ -22,16 +22,14 @@ Prints the tables (--markdown: markdown) and writes OUTDIR/bench_compress.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import SETTINGS, BenchError, log, machine, print_markdown, print_rich, spa_cli, top1, train
+from bench_train import SETTINGS, log, print_markdown, print_rich, run_models, spa_cli, top1, train
 
 SPARSE_FT_EPOCHS = 30  # after 2:4: the fine-tuning of the "2:4 by magnitude" section
 
@@ -131,22 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from models import digits
-
-    start = time.perf_counter()
-    work = args.outdir or Path(tempfile.mkdtemp(prefix="spa-bench-compress-"))
-    work.mkdir(parents=True, exist_ok=True)
-    train_npz = digits.save_npz(work / "digits_train.npz", "train")
-    test_npz = digits.save_npz(work / "digits_test.npz", "test")
-    doc = {"machine": machine(args.threads), "ratio": args.ratio, "seed": 0, "outdir": str(work), "models": {}}
-    try:
-        for name in args.models:
-            doc["models"][name] = bench_model(name, args, work, train_npz, test_npz)
-    except BenchError as exc:
-        log(f"error: {exc}")
+    doc = run_models(args, "bench_compress", bench_model)
+    if doc is None:
         return 1
-    doc["total_s"] = round(time.perf_counter() - start, 1)
-    (work / "bench_compress.json").write_text(json.dumps(doc, indent=1))
+    work = Path(doc["outdir"])
     show = print_markdown if args.markdown else print_rich
     m = doc["machine"]
     print(f"\n{m['processor']}, {m['cpu_count']} CPUs, torch {m['torch']}, onnxruntime {m['onnxruntime']}")

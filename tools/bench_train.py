@@ -300,6 +300,33 @@ def machine(threads: int) -> dict:
             "loadavg_start": loadavg()}
 
 
+def run_models(args, name: str, bench_model, **settings) -> dict | None:
+    """The digits splits in the work directory (--outdir, or a new temp dir), then
+    `bench_model(model, args, work, train_npz, test_npz)` for each of --models; the document
+    (machine, settings, results, timings) is written to WORK/NAME.json and returned, or None
+    when a spa command failed (its error logged)."""
+    from models import digits
+
+    start, cpu0 = time.perf_counter(), own_cpu_s()
+    work = args.outdir or Path(tempfile.mkdtemp(prefix=f"spa-{name.replace('_', '-')}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    train_npz = digits.save_npz(work / "digits_train.npz", "train")
+    test_npz = digits.save_npz(work / "digits_test.npz", "test")
+    doc = {"machine": machine(args.threads), "ratio": args.ratio, **settings, "seed": 0, "outdir": str(work),
+           "models": {}}
+    try:
+        for model in args.models:
+            doc["models"][model] = bench_model(model, args, work, train_npz, test_npz)
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return None
+    doc["total_s"] = round(time.perf_counter() - start, 1)
+    doc["total_cpu_s"] = round(own_cpu_s() - cpu0, 1)
+    doc["machine"]["loadavg_end"] = loadavg()
+    (work / f"{name}.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--outdir", type=Path, help="work directory (default: a new temp dir)")
@@ -323,28 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from models import digits
-
-    start, cpu0 = time.perf_counter(), own_cpu_s()
-    work = args.outdir or Path(tempfile.mkdtemp(prefix="spa-bench-train-"))
-    work.mkdir(parents=True, exist_ok=True)
     overrides = {"epochs": args.epochs, "scratch_epochs": args.scratch_epochs, "lr": args.lr,
                  "scratch_lr": args.scratch_lr, "alpha": args.alpha, "temperature": args.temperature}
     args.settings = {m: {**SETTINGS[m], **{k: v for k, v in overrides.items() if v is not None}} for m in args.models}
-    train_npz = digits.save_npz(work / "digits_train.npz", "train")
-    test_npz = digits.save_npz(work / "digits_test.npz", "test")
-    doc = {"machine": machine(args.threads), "ratio": args.ratio, "criteria": args.criteria,
-           "init_criteria": list(INIT_CRITERIA), "val_split": args.val_split, "seed": 0, "outdir": str(work), "models": {}}
-    try:
-        for name in args.models:
-            doc["models"][name] = bench_model(name, args, work, train_npz, test_npz)
-    except BenchError as exc:
-        log(f"error: {exc}")
+    doc = run_models(args, "bench_train", bench_model, criteria=args.criteria, init_criteria=list(INIT_CRITERIA),
+                     val_split=args.val_split)
+    if doc is None:
         return 1
-    doc["total_s"] = round(time.perf_counter() - start, 1)
-    doc["total_cpu_s"] = round(own_cpu_s() - cpu0, 1)
-    doc["machine"]["loadavg_end"] = loadavg()
-    (work / "bench_train.json").write_text(json.dumps(doc, indent=1))
+    work = Path(doc["outdir"])
     show = print_markdown if args.markdown else print_rich
     m = doc["machine"]
     print(f"\n{m['processor']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch thread), torch {m['torch']}, "
