@@ -29,6 +29,7 @@ DAMP = 0.01  # H + DAMP * mean(diag H) * I, as SparseGPT's percdamp
 BLOCK = 128  # columns per lazy update block (rounded to a multiple of M)
 MAX_COLUMNS = 8192  # a wider reduction keeps its magnitude mask (H would need > 512 MiB)
 CHUNK = 1 << 22  # unfolded rows x columns per matrix product while accumulating H
+MAX_ROWS = 4096  # input rows per layer per calibration batch; more are subsampled evenly at random
 
 
 def _attrs(node) -> dict:
@@ -59,9 +60,10 @@ def _conv_pads(node, x_shape, w_shape) -> list:
     return list(a.get("pads", [0] * (2 * nd)))
 
 
-def unfold(node, x: np.ndarray, w_shape) -> list:
+def unfold(node, x: np.ndarray, w_shape, max_rows: int | None = None, rng=None) -> list:
     """Per conv group: rows of the unfolded input [samples*positions, prod(kernel) * Cin/g],
-    columns ordered (kernel..., channel) like np.moveaxis(W, 1, -1)."""
+    columns ordered (kernel..., channel) like np.moveaxis(W, 1, -1). With max_rows, a random
+    subset of that many (sample, position) rows, picked before anything is copied."""
     a = _attrs(node)
     k = list(w_shape[2:])
     nd = len(k)
@@ -75,22 +77,29 @@ def unfold(node, x: np.ndarray, w_shape) -> list:
     # win: [N, C, out..., span...] -> stride the outputs, dilate the windows
     win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides)
               + tuple(slice(None, None, d) for d in dil)]
+    where = (win.shape[0],) + win.shape[2:2 + nd]  # (sample, output position...)
+    at = np.unravel_index(_pick(int(np.prod(where)), max_rows, rng), where)
+    picked = win[(at[0], slice(None)) + at[1:]]  # [rows, C, kernel...]
     cg = x.shape[1] // groups
-    order = (0,) + tuple(range(2, 2 + nd)) + tuple(range(2 + nd, 2 + 2 * nd)) + (1,)
-    out = []
-    for g in range(groups):
-        part = np.transpose(win[:, g * cg:(g + 1) * cg], order)  # [N, out..., kernel..., Cg]
-        out.append(part.reshape(-1, int(np.prod(k)) * cg))
-    return out
+    return [np.moveaxis(picked[:, g * cg:(g + 1) * cg], 1, -1).reshape(len(picked), -1) for g in range(groups)]
 
 
-def _input_rows(node, x: np.ndarray, w_shape) -> list:
-    """What the weight multiplies, as rows [samples, reduction] (one entry per conv group)."""
+def _pick(total: int, max_rows: int | None, rng) -> np.ndarray:
+    """Row indices: all of them, or max_rows of them in order, drawn without replacement."""
+    if max_rows is None or total <= max_rows:
+        return np.arange(total)
+    return np.sort((rng or np.random.default_rng(0)).choice(total, max_rows, replace=False))
+
+
+def _input_rows(node, x: np.ndarray, w_shape, max_rows: int | None = None, rng=None) -> list:
+    """What the weight multiplies, as rows [samples, reduction] (one entry per conv group),
+    at most max_rows of them."""
     if node.op_type == "Conv":
-        return unfold(node, x, w_shape)
+        return unfold(node, x, w_shape, max_rows, rng)
     if node.op_type == "Gemm" and _attrs(node).get("transA", 0):
         x = x.T
-    return [x.reshape(-1, x.shape[-1])]
+    x = x.reshape(-1, x.shape[-1])
+    return [x[_pick(len(x), max_rows, rng)]]
 
 
 class _Hessian:
@@ -108,9 +117,12 @@ class _Hessian:
 
 
 def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samples: int = 256,
-             batch_size: int = 32) -> dict:
+             batch_size: int = 32, max_rows: int = MAX_ROWS) -> dict:
     """{key: [H per conv group]} for targets {key: (node, consumer-view weight shape)}, from one
-    pass of `data` (arrays keyed by input name) through ONNX Runtime."""
+    pass of `data` (arrays keyed by input name) through ONNX Runtime. A layer that sees more
+    than max_rows input rows in a batch (conv positions, tokens) uses a random max_rows of them:
+    H is an average, and a few thousand rows estimate it well while a high-resolution conv
+    would otherwise unfold millions."""
     from spa.data import calibration_batches, require_keys
     from spa.quantize import static_batch
     from spa.stats import _with_outputs
@@ -124,6 +136,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
     require_keys(data, inputs)
     acc: dict = {}
     seen = 0
+    rng = np.random.default_rng(0)
     for feeds in calibration_batches({k: data[k] for k in inputs}, static_batch(proto, batch_size), max_samples):
         try:
             got = dict(zip(names, sess.run(names, feeds)))
@@ -132,7 +145,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
 
             raise SpaError(f"the calibration data does not run through the model: {first_line(exc)}") from None
         for key, (node, shape) in targets.items():
-            parts = _input_rows(node, np.asarray(got[node.input[0]]), shape)
+            parts = _input_rows(node, np.asarray(got[node.input[0]]), shape, max_rows, rng)
             acc.setdefault(key, _Hessian(parts[0].shape[1], len(parts))).add(parts)
         seen += 1
     if seen == 0:

@@ -148,10 +148,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result as JSON (input of prune --sensitivity)")
     s.add_argument("-v", "--verbose", action="store_true")
     _training_parsers(sub)
-    from .cli_compress import parser as compress_parser
-
-    compress_parser(sub)
+    for module in _extensions():
+        module.parser(sub)
     return p
+
+
+EXTENSIONS = ("cli_compress", "cli_bench", "cli_build", "cli_report")  # each: parser(sub), COMMANDS {name: fn}
+
+
+def _extensions() -> list:
+    import importlib
+
+    return [importlib.import_module(f"spa.{name}") for name in EXTENSIONS]
 
 
 def _training_options(t, what: str) -> None:
@@ -671,12 +679,13 @@ def _quantize(args) -> int:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from .cli_compress import compress
         from .cli_train import finetune, train_sparse
 
-        return {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity,
-                "finetune": finetune, "train-sparse": train_sparse, "sparsify": _sparsify,
-                "quantize": _quantize, "compress": compress}[args.command](args)
+        commands = {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity,
+                    "finetune": finetune, "train-sparse": train_sparse, "sparsify": _sparsify, "quantize": _quantize}
+        for module in _extensions():
+            commands.update(module.COMMANDS)
+        return commands[args.command](args)
     except SpaError as exc:
         if args.verbose:
             traceback.print_exc()

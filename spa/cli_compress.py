@@ -286,3 +286,6 @@ def _what(row: dict) -> str:
         return f"{cov.get('quantized', '-')} of {cov.get('layers', '-')} layers quantized" if row["stage"] == "int8" \
             else "float16 weights and math"
     return ""
+
+
+COMMANDS = {"compress": compress}

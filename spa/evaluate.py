@@ -18,7 +18,7 @@ from .data import as_batches, split_labels
 from .errors import SpaError, first_line
 
 
-class _Fidelity:
+class Fidelity:
     """Running sums for cosine / relative error of one output."""
 
     def __init__(self):
@@ -91,7 +91,7 @@ def evaluate(model, data, labels=None, reference=None, output: str | None = None
             want = dict(zip(names, ref_sess.run(names, feeds)))
             for n in names:
                 if np.issubdtype(np.asarray(got[n]).dtype, np.floating):
-                    fid.setdefault(n, _Fidelity()).add(got[n], want[n])
+                    fid.setdefault(n, Fidelity()).add(got[n], want[n])
     if seen == 0:
         raise SpaError("no samples in the data")
     doc = {"samples": seen, "scored_output": scored}

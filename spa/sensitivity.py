@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from . import importance, planner
 from .data import as_batches, split_labels
 from .errors import SpaError
-from .evaluate import _Fidelity, _session
+from .evaluate import Fidelity, _session
 from .model import CONSTANT_OPS, read_json
 
 SCHEMA = 1
@@ -157,7 +157,7 @@ def _calibration(data, inputs: list[str], batch_size: int, max_samples: int) -> 
 def _fidelity(got: list[dict], dense: list[dict]) -> tuple[float, float | None]:
     """(1 - cosine, relative error) over every output of every batch, flattened together.
     Positions where the dense output is infinite (masks) count only if the trial differs there."""
-    fid = _Fidelity()
+    fid = Fidelity()
     for g, d in zip(got, dense):
         for name, ref in d.items():
             fin = np.isfinite(ref)

@@ -164,6 +164,12 @@ def test_unfold_times_weight_rows_is_the_conv(attrs):
     got = np.concatenate([rows[k] @ w2[k * per:(k + 1) * per].T for k in range(g)], axis=1)  # [N*positions, Cout]
     want = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # a row cap picks the same rows in every group, each one a row of the full unfolding
+    some = sparsegpt.unfold(node, x, w.shape, max_rows=10, rng=np.random.default_rng(3))
+    at = sparsegpt._pick(len(rows[0]), 10, np.random.default_rng(3))
+    assert len(at) == 10 and len(set(at)) == 10
+    for k in range(g):
+        np.testing.assert_array_equal(some[k], rows[k][at])
 
 
 def test_obs_beats_magnitude_on_correlated_inputs_and_keeps_the_pattern():

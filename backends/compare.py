@@ -1,0 +1,75 @@
+"""Output parity of two sessions (two models, or one model on two backends) on the same inputs.
+
+    batches ─session A─▶ outputs A ┐
+            ─session B─▶ outputs B ┴─ per output: max |a-b|, max |a-b|/|b|, cosine, rel. error,
+                                      elements outside |a-b| <= atol + rtol*|b| (numpy.allclose's rule)
+
+An output passes when no element is outside the tolerance (and its cosine is at least
+min_cosine when one is asked for); integer and bool outputs must be equal. Outputs are matched
+by name; when the two sides share no name but have as many outputs, by position (said in the notes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from spa.evaluate import Fidelity
+
+
+class _Output:
+    def __init__(self):
+        self.fid = Fidelity()
+        self.max_rel = 0.0
+        self.outside = 0
+        self.elements = 0
+        self.problem = None
+
+    def add(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> None:
+        if a.shape != b.shape:
+            self.problem = f"shapes differ: {list(a.shape)} vs {list(b.shape)}"
+            return
+        self.elements += a.size
+        if a.dtype.kind not in "fc" or b.dtype.kind not in "fc":
+            self.outside += int((a != b).sum())
+            return
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        self.outside += int((~np.isclose(a64, b64, rtol=rtol, atol=atol, equal_nan=True)).sum())
+        with np.errstate(invalid="ignore"):
+            rel = np.abs(a64 - b64) / np.maximum(np.abs(b64), 1e-12)
+        if rel.size and not np.isnan(rel).all():
+            self.max_rel = max(self.max_rel, float(np.nanmax(rel)))
+        self.fid.add(a, b)
+
+    def result(self, min_cosine: float | None) -> dict:
+        if self.problem:
+            return {"pass": False, "reason": self.problem}
+        r = self.fid.result() if self.fid.aa or self.fid.bb else {}
+        r.update(max_rel=self.max_rel, elements=self.elements, outside_tolerance=self.outside)
+        ok = self.outside == 0 and (min_cosine is None or r.get("cosine", 1.0) >= min_cosine)
+        r["pass"] = bool(ok)
+        return r
+
+
+def pairs(names_a: list, names_b: list) -> tuple:
+    """[(name in A, name in B)] and a note when matched by position."""
+    common = [n for n in names_a if n in names_b]
+    if common:
+        return [(n, n) for n in common], None
+    if len(names_a) == len(names_b):
+        return list(zip(names_a, names_b)), "no output names in common: outputs matched by position"
+    return [], f"no output names in common ({names_a} vs {names_b})"
+
+
+def compare(sess_a, sess_b, batches, atol: float, rtol: float, min_cosine: float | None = None) -> dict:
+    """Run every feed dict of `batches` through both sessions; per-output parity and the verdict."""
+    matched, note = pairs([o.name for o in sess_a.outputs], [o.name for o in sess_b.outputs])
+    acc = {a: _Output() for a, _ in matched}
+    samples = 0
+    for feeds in batches:
+        out_a, out_b = sess_a.run(feeds), sess_b.run(feeds)
+        for a, b in matched:
+            acc[a].add(np.asarray(out_a[a]), np.asarray(out_b[b]), atol, rtol)
+        samples += len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 1
+    outputs = {a: acc[a].result(min_cosine) for a, _ in matched}
+    return {"samples": samples, "outputs": outputs, "notes": [note] if note else [],
+            "pass": bool(matched) and all(o["pass"] for o in outputs.values())}
