@@ -99,7 +99,7 @@ def open_session(model, backend: str = "ort", options: Options | None = None) ->
 def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, seed: int = 0) -> dict:
     """Random inputs for a session's inputs: the first axis is `batch` when it is dynamic, other
     dynamic axes take `dims[symbol]` (by their symbolic name) or 1. Integer inputs get small
-    non-negative values (token ids, indices), floats standard normal values."""
+    values 0 and 1 (valid token ids, token types, masks and indices), floats standard normal values."""
     rng = np.random.default_rng(seed)
     dims = dims or {}
     feeds = {}
@@ -118,7 +118,7 @@ def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, seed: int 
         elif dtype == np.bool_:
             feeds[info.name] = rng.integers(0, 2, shape).astype(bool)
         else:
-            feeds[info.name] = rng.integers(0, 4, shape).astype(dtype)
+            feeds[info.name] = rng.integers(0, 2, shape).astype(dtype)
     return feeds
 
 

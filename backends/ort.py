@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from spa.errors import SpaError
 
-ort.set_default_logger_severity(3)
+ort.set_default_logger_severity(4)  # errors reach the user as exceptions, in one line
 
 
 def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSession:
@@ -19,7 +19,7 @@ def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSessio
     `light`: no graph optimisations and no weight pre-packing; for checks that run a
     model once, where building an optimised session costs more than the run."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if light:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -48,7 +48,7 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray
         elif dtype == np.bool_:
             feeds[vi.name] = rng.integers(0, 2, dims).astype(bool)
         else:
-            feeds[vi.name] = rng.integers(0, 4, dims).astype(dtype)
+            feeds[vi.name] = rng.integers(0, 2, dims).astype(dtype)
     return feeds
 
 
@@ -117,7 +117,7 @@ class OrtSession:
             raise missing(backend, f"{want} in onnxruntime (this onnxruntime has "
                                    f"{', '.join(ort.get_available_providers())})")
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4
         if options.threads:
             opts.intra_op_num_threads = options.threads
         self.options = options

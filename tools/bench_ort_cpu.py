@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""ONNX Runtime CPU latency, dense versus `spa prune --ratio R`, for a ResNet-50-class CNN and a
+BERT-base-class encoder, measured with `spa bench` (one process per model, the variants taking
+turns in slices: backends/bench.py).
+
+    python tools/bench_ort_cpu.py [--cache-dir DIR] [--out-dir DIR] [--ratios 0.3,0.5,0.7]
+                                  [--batches 1,32] [--duration-s 10] [--seq 128] [--markdown]
+
+Models (random weights, built once into --cache-dir):
+  resnet50   models/resnet50.py, plain-torch ResNet-50 v1.5, TorchScript export, opset 17, 224x224
+  bert-base  models/encoders.py, transformers BertModel (hidden 768, 12 layers, 12 heads, FFN 3072),
+             TorchScript export, opset 17, sequence --seq; spa prunes heads and FFN channels
+             (the hidden size stays: --prune-hidden is not used)
+MACs are counted by spa.cost at the benchmarked shape (batch 1, sequence --seq), so the MACs
+reduction includes attention's sequence-squared products. Columns: speed-up = dense p50 / pruned
+p50 at the same batch; speed-up / MACs reduction = 1.0 when the model got as much faster as it
+got cheaper (Torch-Pruning's ResNet-50 figure, 2.19x for 3.85x fewer MACs, is 0.57).
+Raw results: OUT_DIR/bench_<model>.json (spa bench's JSON); markdown on stdout, progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from spa.cli import main as spa
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def dense_model(name: str, cache: Path) -> Path:
+    path = cache / f"{name}.onnx"
+    if not path.exists():
+        log(f"building {path}")
+        if name == "resnet50":
+            from models import resnet50
+
+            resnet50.export(path)
+        else:
+            from models import encoders
+
+            encoders.export(name, path)
+    return path
+
+
+def pruned_model(dense: Path, ratio: float, out_dir: Path) -> Path:
+    out = out_dir / f"{dense.stem}.r{ratio}.onnx"
+    if not out.exists():
+        log(f"spa prune {dense.name} --ratio {ratio}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = spa(["prune", str(dense), "--ratio", str(ratio), "-o", str(out), "--json"])
+        if code != 0:
+            raise SystemExit(f"spa prune failed for {dense} at ratio {ratio}")
+    return out
+
+
+def macs_at(path: Path, dims: dict) -> dict:
+    """spa.cost's params and MACs with the named dynamic dims fixed (batch 1)."""
+    import spa as spa_api
+    from spa import cost
+
+    proto = onnx.load(str(path))
+    for vi in proto.graph.input:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_value = dims.get(d.dim_param, 1)
+    for vi in proto.graph.output:
+        for d in vi.type.tensor_type.shape.dim:
+            d.Clear()
+    with tempfile.TemporaryDirectory() as tmp:
+        fixed = Path(tmp) / path.name
+        onnx.save(proto, str(fixed))
+        return cost.summary(spa_api.load(fixed))
+
+
+def bench(name: str, variants: dict, args, out_dir: Path) -> dict:
+    out = out_dir / f"bench_{name}.json"
+    argv = ["bench", *map(str, variants.values()), "--batch", args.batches, "--duration-s", str(args.duration_s),
+            "--warmup-ms", "1000", "--min-iterations", "8", "--threads", str(args.threads), "-o", str(out), "--json"]
+    if name != "resnet50":
+        argv += ["--dim", f"sequence={args.seq}"]
+    log(f"spa {' '.join(argv)}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        if spa(argv) != 0:
+            raise SystemExit(f"spa bench failed for {name}")
+    return json.loads(out.read_text())
+
+
+def rows(name: str, variants: dict, doc: dict, costs: dict) -> list:
+    by_path = {str(p): label for label, p in variants.items()}
+    dense = costs["dense"]
+    out = []
+    for r in doc["results"]:
+        label = by_path[r["model"]]
+        c = costs[label]
+        red = dense["macs"] / c["macs"]
+        lat = r["latency_ms"] or {}
+        out.append({"model": name, "batch": r["batch"], "ratio": label, "params": c["params"], "macs": c["macs"],
+                    "macs_reduction": red, "p50": lat.get("p50"), "p90": lat.get("p90"), "iterations": r["iterations"],
+                    "speedup": r["speedup"], "efficiency": r["speedup"] / red if r["speedup"] else None})
+    return out
+
+
+def markdown(table: list, env: dict) -> str:
+    lines = [f"Machine: {env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']} CPU; spa {env['spa']}.",
+             "", "| model | batch | ratio | params | GMACs/sample | MACs reduction | p50 ms | p90 ms | iters | "
+             "speed-up | speed-up / MACs reduction |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        dense = r["ratio"] == "dense"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['ratio']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f} | "
+                     + ("- | " if dense else f"{r['macs_reduction']:.2f}x | ")
+                     + f"{r['p50']:.1f} | {r['p90']:.1f} | {r['iterations']} | "
+                     + ("- | -" if dense else f"**{r['speedup']:.2f}x** | {r['efficiency']:.2f}") + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cache-dir", default="/tmp/spa-bench-cache")
+    ap.add_argument("--out-dir", default="/tmp/spa-bench-ort")
+    ap.add_argument("--models", default="resnet50,bert-base")
+    ap.add_argument("--ratios", default="0.3,0.5,0.7")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--duration-s", type=float, default=10.0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seq", type=int, default=128)
+    args = ap.parse_args(argv)
+    cache, out_dir = Path(args.cache_dir), Path(args.out_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table, env = [], {}
+    for name in args.models.split(","):
+        dense = dense_model(name, cache)
+        variants = {"dense": dense}
+        variants.update({r: pruned_model(dense, float(r), out_dir) for r in args.ratios.split(",")})
+        costs = {label: macs_at(p, {"sequence": args.seq}) for label, p in variants.items()}
+        doc = bench(name, variants, args, out_dir)
+        env = doc["environment"]
+        table += rows(name, variants, doc, costs)
+    print(markdown(sorted(table, key=lambda r: (r["model"], r["batch"])), env))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
