@@ -114,8 +114,8 @@ def rows(name: str, variants: dict, doc: dict, costs: dict) -> list:
 
 def markdown(table: list, env: dict) -> str:
     lines = [f"Machine: {env['cpu']}, {env['cores']} cores; onnxruntime {env['onnxruntime']} CPU; spa {env['spa']}.",
-             "", "| model | batch | ratio | params | GMACs/sample | MACs reduction | p50 ms | p90 ms | iters | "
-             "speed-up | speed-up / MACs reduction |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "", ("| model | batch | ratio | params | GMACs/sample | MACs reduction | p50 ms | p90 ms | iters | "
+                  "speed-up | speed-up / MACs reduction |"), "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in table:
         dense = r["ratio"] == "dense"
         lines.append(f"| {r['model']} | {r['batch']} | {r['ratio']} | {r['params'] / 1e6:.2f}M | {r['macs'] / 1e9:.2f} | "
