@@ -319,3 +319,26 @@ def test_compare_one_model_on_two_backends(capsys):
     assert main(["compare", str(EXAMPLE), "--backend-b", "torch", "--batch", "3"]) == 0
     text = capsys.readouterr().out
     assert "(ort) vs" in text and "(torch)" in text and "PASS" in text
+
+
+def test_gpu_table_script_runs_its_pipeline_on_the_cpu(tmp_path, capsys):
+    """tools/bench_gpu.py (the one-go GPU table) with the CPU torch backend on the example model:
+    the three variants are built by the CLI and benchmarked at every batch."""
+    pytest.importorskip("torch")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", EXAMPLE.parents[1] / "tools" / "bench_gpu.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--backend", "torch", "--precision", "fp32", "--models", "tiny", "--batches", "1,2",
+                      "--duration-s", "0.05", "--out-dir", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [r.split("|")[3].strip() for r in rows] == ["dense", "2:4", "pruned"] * 2
+    doc = json.loads((tmp_path / "gpu_tiny.json").read_text())
+    assert doc["backend"] == "torch" and doc["options"]["sparse"] and len(doc["results"]) == 6
+    from spa.passes.sparsify import layers
+
+    import spa
+
+    found = [x for x in layers(spa.load(tmp_path / "tiny_resnet.2x4.onnx").proto, 2, 4) if x.eligible]
+    assert found and all(x.holds for x in found)
