@@ -25,6 +25,8 @@ def parser(sub) -> None:
     b.add_argument("--warmup-ms", type=float, default=200.0, help="untimed warm-up per model and batch (200)")
     b.add_argument("--duration-s", type=float, default=3.0, help="timed seconds per model and batch (3)")
     b.add_argument("--min-iterations", type=int, default=10, help="timed runs at least, whatever the duration (10)")
+    b.add_argument("--min-speedup", type=float, metavar="X",
+                   help="exit 3 when a model after the first is less than X times as fast (p50) at some batch")
     b.add_argument("-o", "--output", metavar="JSON", help="also write the results to this JSON file")
     b.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     b.add_argument("-v", "--verbose", action="store_true")
@@ -138,6 +140,8 @@ def bench(args) -> int:
            "models": [{"path": p, "label": Path(p).name, **_cost(p), "session": s.describe()}
                       for p, s in zip(args.models, sessions)],
            "results": results}
+    slow = _below(results, args.min_speedup)
+    doc["min_speedup"] = {"required": args.min_speedup, "failed": slow} if args.min_speedup else None
     if args.output:
         from .model import write_text_atomic
 
@@ -146,7 +150,19 @@ def bench(args) -> int:
         print(json.dumps(doc))
     else:
         _bench_table(doc)
+    if slow:
+        err.print(f"speed-up below {args.min_speedup:g}x: {'; '.join(slow)}", markup=False, highlight=False)
+        return 3
     return 0
+
+
+def _below(results: list, required: float | None) -> list:
+    """'model at batch N: X.XXx' for every measured non-first model slower than required."""
+    if not required:
+        return []
+    first = {r["batch"]: r["model"] for r in reversed(results)}  # the first model of each batch
+    return [f"{Path(r['model']).name} at batch {r['batch']}: {r['speedup']:.2f}x" for r in results
+            if r["speedup"] is not None and r["model"] != first[r["batch"]] and r["speedup"] < required]
 
 
 def _bench_batch(paths: list, sessions: list, batch: int, dims: dict, plan, err) -> list:

@@ -71,4 +71,4 @@ def calibration_batches(feeds: dict, batch: int, max_samples: int | None = None)
     scalars = {k: np.asarray(v) for k, v in feeds.items() if not np.ndim(v)}
     n = len(next(iter(arrays.values()))) if arrays else 1
     n = n if max_samples is None else min(n, max_samples)
-    return [{**{k: v[i:i + batch] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)]
+    return [{**{k: v[i:min(i + batch, n)] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)]

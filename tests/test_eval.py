@@ -86,3 +86,12 @@ def test_cli_eval_errors(files, capsys, case, message):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_calibration_batches_stop_at_max_samples():
+    from spa.data import calibration_batches
+
+    feeds = {"x": np.arange(10)[:, None], "rate": np.array(16000)}
+    got = calibration_batches(feeds, 3, max_samples=4)
+    assert [b["x"].ravel().tolist() for b in got] == [[0, 1, 2], [3]]
+    assert all(b["rate"] == 16000 for b in got)
