@@ -270,6 +270,16 @@ def test_bench_json_contract(pruned, tmp_path, capsys):
         assert rows[("half.onnx", batch)]["throughput"] == pytest.approx(batch * 1e3 / lat["mean"])
 
 
+def test_bench_min_speedup_is_a_gate(pruned, capsys):
+    argv = ["bench", str(EXAMPLE), str(pruned), "--duration-s", "0.05", "--warmup-ms", "0", "--json"]
+    assert main(argv + ["--min-speedup", "1000"]) == 3
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["min_speedup"]["failed"][0].startswith("half.onnx at batch 1: ")
+    assert "speed-up below 1000x: half.onnx at batch 1" in captured.err
+    assert main(argv + ["--min-speedup", "0.001"]) == 0
+
+
 def test_bench_table_on_stdout(pruned, capsys):
     assert main(["bench", str(EXAMPLE), str(pruned), "--duration-s", "0.1", "--warmup-ms", "0"]) == 0
     text = capsys.readouterr().out
