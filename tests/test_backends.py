@@ -352,3 +352,26 @@ def test_gpu_table_script_runs_its_pipeline_on_the_cpu(tmp_path, capsys):
 
     found = [x for x in layers(spa.load(tmp_path / "tiny_resnet.2x4.onnx").proto, 2, 4) if x.eligible]
     assert found and all(x.holds for x in found)
+
+
+def test_the_ci_gate_steps_of_the_docs(pruned, tmp_path, capsys):
+    """docs/ci-gate.md's steps on the example model: a cosine-only parity gate, a speed gate, the
+    report; each verdict is the exit code."""
+    doc = (EXAMPLE.parents[1] / "docs" / "ci-gate.md").read_text()
+    assert "--atol inf --min-cosine 0.99" in doc and "--min-speedup 1.3" in doc
+    data = tmp_path / "val.npz"
+    np.savez(data, input=RNG.standard_normal((8, 3, 32, 32)).astype(np.float32))
+    gate = ["compare", str(EXAMPLE), str(pruned), "--data", str(data), "--atol", "inf", "--json"]
+    assert main(gate + ["--min-cosine", "-1"]) == 0  # any cosine passes
+    cosine = json.loads(capsys.readouterr().out)["outputs"]["output"]["cosine"]
+    assert cosine < 0.99  # random weights pruned by half: far from the dense outputs
+    assert main(gate + ["--min-cosine", "0.99"]) == 3
+    capsys.readouterr()
+    bench_json = tmp_path / "bench.json"
+    assert main(["bench", str(EXAMPLE), str(pruned), "--duration-s", "0.05", "--warmup-ms", "0",
+                 "--min-speedup", "0.01", "-o", str(bench_json)]) == 0
+    pytest.importorskip("matplotlib")
+    report = tmp_path / "report.html"
+    assert main(["report", str(EXAMPLE), str(pruned), "--bench", str(bench_json), "--data", str(data),
+                 "-o", str(report)]) == 0
+    assert "half.onnx" in report.read_text()

@@ -34,10 +34,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--start", type=int, default=0, metavar="K", help="skip the first K models (resume a sweep)")
     args = ap.parse_args(argv)
     rows, bugs = [], 0
     with tempfile.TemporaryDirectory(prefix="spa-sweep-") as tmp:
-        for entry in corpus_entries():
+        for entry in corpus_entries()[args.start:]:
             start = time.perf_counter()
             src = CORPUS / entry["file"]
             feeds = feeds_for(spa.load(src), entry)
