@@ -112,14 +112,16 @@ def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, seed: int 
                 shape.append(int(dims[d]))
             else:
                 shape.append(batch if k == 0 else 1)
-        dtype = np.dtype(info.dtype)
-        if dtype.kind == "f":
-            feeds[info.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[info.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[info.name] = rng.integers(0, 2, shape).astype(dtype)
+        feeds[info.name] = random_array(rng, shape, info.dtype)
     return feeds
+
+
+def random_array(rng, shape: list, dtype) -> np.ndarray:
+    """Standard normal floats; integers and bools 0 or 1 (valid token types, masks, indices)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.integers(0, 2, shape).astype(dtype)
 
 
 def fixed_batch(inputs: list) -> int | None:

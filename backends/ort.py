@@ -34,6 +34,8 @@ def _np_dtype(elem_type: int):
 
 def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs for every real graph input; dynamic dims set to `dynamic`."""
+    from .base import random_array
+
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
     feeds = {}
@@ -42,13 +44,7 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray
             continue
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dynamic for d in tt.shape.dim]
-        dtype = _np_dtype(tt.elem_type)
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[vi.name] = rng.integers(0, 2, dims).astype(bool)
-        else:
-            feeds[vi.name] = rng.integers(0, 2, dims).astype(dtype)
+        feeds[vi.name] = random_array(rng, dims, _np_dtype(tt.elem_type))
     return feeds
 
 

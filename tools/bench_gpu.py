@@ -25,43 +25,13 @@ examples/tiny_resnet.onnx (the test suite does that, to keep this script working
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spa.cli import main as spa
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def quiet_spa(argv: list) -> int:
-    with contextlib.redirect_stdout(io.StringIO()):
-        return spa(argv)
-
-
-def dense_model(name: str, cache: Path) -> Path:
-    if name == "tiny":
-        return ROOT / "examples" / "tiny_resnet.onnx"
-    path = cache / f"{name}.onnx"
-    if not path.exists():
-        log(f"building {path}")
-        if name == "resnet50":
-            from models import resnet50
-
-            resnet50.export(path)
-        else:
-            from models import encoders
-
-            encoders.export(name, path)
-    return path
+from tools._models import dense_model, log, quiet_spa
 
 
 def variants(dense: Path, out_dir: Path, ratio: float) -> dict:

@@ -21,8 +21,6 @@ Raw results: OUT_DIR/bench_<model>.json (spa bench's JSON); markdown on stdout, 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import tempfile
@@ -32,35 +30,14 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spa.cli import main as spa
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def dense_model(name: str, cache: Path) -> Path:
-    path = cache / f"{name}.onnx"
-    if not path.exists():
-        log(f"building {path}")
-        if name == "resnet50":
-            from models import resnet50
-
-            resnet50.export(path)
-        else:
-            from models import encoders
-
-            encoders.export(name, path)
-    return path
+from tools._models import dense_model, log, quiet_spa
 
 
 def pruned_model(dense: Path, ratio: float, out_dir: Path) -> Path:
     out = out_dir / f"{dense.stem}.r{ratio}.onnx"
     if not out.exists():
         log(f"spa prune {dense.name} --ratio {ratio}")
-        with contextlib.redirect_stdout(io.StringIO()):
-            code = spa(["prune", str(dense), "--ratio", str(ratio), "-o", str(out), "--json"])
-        if code != 0:
+        if quiet_spa(["prune", str(dense), "--ratio", str(ratio), "-o", str(out), "--json"]) != 0:
             raise SystemExit(f"spa prune failed for {dense} at ratio {ratio}")
     return out
 
@@ -91,9 +68,8 @@ def bench(name: str, variants: dict, args, out_dir: Path) -> dict:
     if name != "resnet50":
         argv += ["--dim", f"sequence={args.seq}"]
     log(f"spa {' '.join(argv)}")
-    with contextlib.redirect_stdout(io.StringIO()):
-        if spa(argv) != 0:
-            raise SystemExit(f"spa bench failed for {name}")
+    if quiet_spa(argv) != 0:
+        raise SystemExit(f"spa bench failed for {name}")
     return json.loads(out.read_text())
 
 
