@@ -39,3 +39,24 @@ def dense_model(name: str, cache: Path) -> Path:
 
             encoders.export(name, path)
     return path
+
+
+def parser(doc: str, out_dir: str, models: str, batches: str, duration_s: float):
+    """The options both benchmark scripts take (each adds its own)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--cache-dir", default="/tmp/spa-bench-cache", help="where the dense models are built once")
+    ap.add_argument("--out-dir", default=out_dir, help="pruned/sparse variants and the JSON results")
+    ap.add_argument("--models", default=models)
+    ap.add_argument("--batches", default=batches)
+    ap.add_argument("--duration-s", type=float, default=duration_s, help="timed seconds per model and batch")
+    ap.add_argument("--seq", type=int, default=128, help="sequence length of the text models")
+    return ap
+
+
+def folders(args) -> tuple:
+    cache, out_dir = Path(args.cache_dir), Path(args.out_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return cache, out_dir

@@ -24,14 +24,13 @@ examples/tiny_resnet.onnx (the test suite does that, to keep this script working
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._models import dense_model, log, quiet_spa
+from tools._models import dense_model, folders, log, parser, quiet_spa
 
 
 def variants(dense: Path, out_dir: Path, ratio: float) -> dict:
@@ -76,20 +75,12 @@ def markdown(name: str, paths: dict, doc: dict) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache-dir", default="/tmp/spa-bench-cache")
-    ap.add_argument("--out-dir", default="/tmp/spa-bench-gpu")
-    ap.add_argument("--models", default="bert-base,bert-large,resnet50")
-    ap.add_argument("--batches", default="1,8,64")
-    ap.add_argument("--duration-s", type=float, default=5.0)
-    ap.add_argument("--seq", type=int, default=128)
+    ap = parser(__doc__, "/tmp/spa-bench-gpu", "bert-base,bert-large,resnet50", "1,8,64", 5.0)
     ap.add_argument("--ratio", type=float, default=0.5)
     ap.add_argument("--backend", default="torch-cuda")
     ap.add_argument("--precision", default="fp16")
     args = ap.parse_args(argv)
-    cache, out_dir = Path(args.cache_dir), Path(args.out_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cache, out_dir = folders(args)
     lines, env = [], {}
     for name in args.models.split(","):
         paths = variants(dense_model(name, cache), out_dir, args.ratio)

@@ -20,7 +20,6 @@ Raw results: OUT_DIR/bench_<model>.json (spa bench's JSON); markdown on stdout, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools._models import dense_model, log, quiet_spa
+from tools._models import dense_model, folders, log, parser, quiet_spa
 
 
 def pruned_model(dense: Path, ratio: float, out_dir: Path) -> Path:
@@ -102,19 +101,11 @@ def markdown(table: list, env: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache-dir", default="/tmp/spa-bench-cache")
-    ap.add_argument("--out-dir", default="/tmp/spa-bench-ort")
-    ap.add_argument("--models", default="resnet50,bert-base")
+    ap = parser(__doc__, "/tmp/spa-bench-ort", "resnet50,bert-base", "1,32", 10.0)
     ap.add_argument("--ratios", default="0.3,0.5,0.7")
-    ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--duration-s", type=float, default=10.0)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--seq", type=int, default=128)
     args = ap.parse_args(argv)
-    cache, out_dir = Path(args.cache_dir), Path(args.out_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    cache, out_dir = folders(args)
     table, env = [], {}
     for name in args.models.split(","):
         dense = dense_model(name, cache)
