@@ -4,13 +4,15 @@ BERT-base-class encoder, measured with `spa bench` (one process per model, the v
 turns in slices: backends/bench.py).
 
     python tools/bench_ort_cpu.py [--cache-dir DIR] [--out-dir DIR] [--ratios 0.3,0.5,0.7]
-                                  [--batches 1,32] [--duration-s 10] [--seq 128] [--markdown]
+                                  [--batches 1,32] [--duration-s 10] [--seq 128] [--round-to 16]
 
 Models (random weights, built once into --cache-dir):
   resnet50   models/resnet50.py, plain-torch ResNet-50 v1.5, TorchScript export, opset 17, 224x224
   bert-base  models/encoders.py, transformers BertModel (hidden 768, 12 layers, 12 heads, FFN 3072),
              TorchScript export, opset 17, sequence --seq; spa prunes heads and FFN channels
              (the hidden size stays: --prune-hidden is not used)
+Each ratio is also pruned with `--round-to 16` (channel counts multiples of 16, which the CPU
+kernels run at full speed: docs/benchmarks.md §2), where that changes the channel counts.
 MACs are counted by spa.cost at the benchmarked shape (batch 1, sequence --seq), so the MACs
 reduction includes attention's sequence-squared products. Columns: speed-up = dense p50 / pruned
 p50 at the same batch; speed-up / MACs reduction = 1.0 when the model got as much faster as it
@@ -32,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools._models import dense_model, folders, log, parser, quiet_spa
 
 
-def pruned_model(dense: Path, ratio: float, out_dir: Path) -> Path:
-    out = out_dir / f"{dense.stem}.r{ratio}.onnx"
+def pruned_model(dense: Path, ratio: float, out_dir: Path, round_to: int = 1) -> Path:
+    out = out_dir / f"{dense.stem}.r{ratio}{f'.round{round_to}' if round_to > 1 else ''}.onnx"
     if not out.exists():
-        log(f"spa prune {dense.name} --ratio {ratio}")
-        if quiet_spa(["prune", str(dense), "--ratio", str(ratio), "-o", str(out), "--json"]) != 0:
+        log(f"spa prune {dense.name} --ratio {ratio} --round-to {round_to}")
+        argv = ["prune", str(dense), "--ratio", str(ratio), "--round-to", str(round_to), "-o", str(out), "--json"]
+        if quiet_spa(argv) != 0:
             raise SystemExit(f"spa prune failed for {dense} at ratio {ratio}")
     return out
 
@@ -104,14 +107,22 @@ def main(argv=None) -> int:
     ap = parser(__doc__, "/tmp/spa-bench-ort", "resnet50,bert-base", "1,32", 10.0)
     ap.add_argument("--ratios", default="0.3,0.5,0.7")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--round-to", type=int, default=16, help="also each ratio with --round-to N where that "
+                    "changes the channel counts (1: not)")
     args = ap.parse_args(argv)
     cache, out_dir = folders(args)
     table, env = [], {}
     for name in args.models.split(","):
         dense = dense_model(name, cache)
         variants = {"dense": dense}
-        variants.update({r: pruned_model(dense, float(r), out_dir) for r in args.ratios.split(",")})
+        for r in args.ratios.split(","):
+            variants[r] = pruned_model(dense, float(r), out_dir)
+            if args.round_to > 1:
+                variants[f"{r} (round-to {args.round_to})"] = pruned_model(dense, float(r), out_dir, args.round_to)
         costs = {label: macs_at(p, {"sequence": args.seq}) for label, p in variants.items()}
+        for label in [k for k in variants if "round-to" in k]:  # the same channel counts: not timed twice
+            if costs[label] == costs[label.split(" ")[0]]:
+                del variants[label]
         doc = bench(name, variants, args, out_dir)
         env = doc["environment"]
         table += rows(name, variants, doc, costs)
