@@ -69,6 +69,9 @@ def calibration_batches(feeds: dict, batch: int, max_samples: int | None = None)
     arrays keyed by input name; 0-d arrays (a sample rate) go with every batch unchanged."""
     arrays = {k: np.asarray(v) for k, v in feeds.items() if np.ndim(v)}
     scalars = {k: np.asarray(v) for k, v in feeds.items() if not np.ndim(v)}
-    n = len(next(iter(arrays.values()))) if arrays else 1
-    n = n if max_samples is None else min(n, max_samples)
-    return [{**{k: v[i:min(i + batch, n)] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)]
+    full = len(next(iter(arrays.values()))) if arrays else 1
+    n = full if max_samples is None else min(full, max_samples)
+    # the last batch stops at max_samples; without a cut, slices run as far as each array goes (a
+    # recurrent state whose first axis is not the samples' goes whole with a single batch)
+    end = (lambda i: i + batch) if n == full else (lambda i: min(i + batch, n))
+    return [{**{k: v[i:end(i)] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)]
