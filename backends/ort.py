@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -26,6 +29,35 @@ def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSessio
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(_model_bytes(model), opts, providers=["CPUExecutionProvider"])
+
+
+_LOAD = """
+import sys, onnxruntime as ort
+ort.set_default_logger_severity(4)
+try:
+    ort.InferenceSession(sys.stdin.buffer.read(), providers=["CPUExecutionProvider"])
+except Exception as exc:
+    sys.exit(str(exc).strip() or type(exc).__name__)
+"""
+
+
+def load_error_isolated(model: onnx.ModelProto, timeout: float = 600) -> str | None:
+    """Why ONNX Runtime cannot build a default CPU session for `model`, or None when it can.
+
+    The session is built in a child process, so a crash inside ONNX Runtime (a segfault in a
+    graph optimiser) becomes a reason instead of taking the caller's process down. For graphs
+    written by third-party converters, before they are loaded in-process."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _LOAD], input=_model_bytes(model), capture_output=True, check=False,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"ONNX Runtime {ort.__version__} did not finish loading it within {timeout:.0f} s"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"ONNX Runtime {ort.__version__} crashed ({signal.Signals(-done.returncode).name}) loading it"
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    return lines[0] if lines else f"ONNX Runtime's loader exited with code {done.returncode}"
 
 
 def _np_dtype(elem_type: int):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import onnx
 
 from spa.errors import SpaError, first_line
+from spa.model import write_atomic
 
 from . import base
 from .trt_plan import (  # noqa: F401 - the pure parts, re-exported for spa build and the tests
@@ -258,33 +258,6 @@ def _use_timing_cache(config, path) -> list:
         return []
     config.set_timing_cache(config.create_timing_cache(b""), False)
     return [f"timing cache '{path}' is from another TensorRT version or GPU: starting a new one"]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
-
-
-def write_atomic(path, data: bytes) -> None:
-    """Bytes to `path` through a temp file in the same folder and a rename: never half a file."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".spa-tmp-", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; an engine file is as readable as any other
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from None
-        raise
 
 
 def _deserialize(trt, plan: bytes, logger, what: str):

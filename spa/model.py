@@ -415,14 +415,34 @@ def read_json(path: str | os.PathLike, what: str):
         raise SpaError(f"cannot read {what} '{path}': not valid JSON ({exc})") from None
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Small text files (plans, reports): temp file in the same folder, then rename."""
-    path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=".spa-tmp-", dir=path.parent)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Bytes to `path` through a temp file in the same folder and a rename: never half a file.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
+    tmp = None
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        fd, tmp = tempfile.mkstemp(prefix=".spa-tmp-", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from None
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Small text files (plans, reports, bench results), checked writable, written atomically."""
+    write_atomic(check_writable(path), text.encode())

@@ -77,6 +77,17 @@ def test_trt_provider_options_follow_the_request(tmp_path):
     assert not ort_backend.provider_list("ort-trt", base.Options())[0][1]["trt_fp16_enable"]
 
 
+def test_isolated_load_turns_errors_and_crashes_into_reasons(monkeypatch):
+    """A graph ONNX Runtime loads gives None; one it rejects gives its message; a crash of the
+    loading process (as ORT 1.32's NCHWc optimiser segfaults on one FP16 graph) gives the signal."""
+    assert ort_backend.load_error_isolated(_linear_model()) is None
+    bad = _linear_model()
+    bad.graph.node[0].input[1] = "nowhere"
+    assert "nowhere" in ort_backend.load_error_isolated(bad)
+    monkeypatch.setattr(ort_backend, "_LOAD", "import os; os.abort()")
+    assert "crashed (SIGABRT)" in ort_backend.load_error_isolated(_linear_model())
+
+
 def test_feeds_follow_batch_and_named_dims():
     inputs = [base.TensorInfo("ids", "int64", ["batch", "seq"]), base.TensorInfo("x", "float32", [None, 3, "h"]),
               base.TensorInfo("flag", "bool", [2])]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -286,6 +287,9 @@ def test_write_atomic(tmp_path):
     target = tmp_path / "m.engine"
     T.write_atomic(target, b"plan")
     assert target.read_bytes() == b"plan" and sorted(p.name for p in tmp_path.iterdir()) == ["m.engine"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     with pytest.raises(SpaError, match="cannot write"):
         T.write_atomic(tmp_path / "missing" / "m.engine", b"plan")
 
