@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .cli import err, step
 from .errors import SpaError, first_line
-from .model import check_writable, load, quiet_stdout
+from .model import check_writable, load, quiet_stdout, write_atomic
 
 SCHEMA = 1
 
@@ -53,7 +53,7 @@ def build(args) -> int:
         built = backend.build(args.model, options, workspace_mb=args.workspace, timing_cache=args.timing_cache,
                               log=log)
     sparse, types = _inspect(backend, built)
-    backend.write_atomic(out, built.plan)
+    write_atomic(out, built.plan)
     doc = {"schema_version": SCHEMA, "input": args.model, "output": str(out), "bytes": len(built.plan),
            "tensorrt": trt.__version__,
            "precision": {"requested": precision, "used": built.precision, "strongly_typed": built.strongly_typed,

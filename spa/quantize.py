@@ -209,7 +209,7 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
         onnx.checker.check_model(out)
         why = load_error_isolated(out)  # in a child: ONNX Runtime 1.32's NCHWc optimiser crashes on one model
     except Exception as exc:  # noqa: BLE001
-        why = first_line(exc, limit=200)
+        why = first_line(exc)
     if why:
         raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why[:200]}",
                        "keep this model in float32")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import pytest
@@ -110,3 +112,15 @@ def test_public_api_round_trip(tmp_path):
     assert plan == {"w1:0": plan["w1:0"]} and len(plan["w1:0"]) == 4
     out = spa.load(spa.save(spa.prune(analysis, plan), tmp_path / "p.onnx"))
     assert out.shapes["w1"] == (4, 3, 3, 3) and out.shapes["w2"] == (4, 4, 3, 3)
+
+
+def test_write_atomic(tmp_path):
+    """Engines, bench JSON, reports and plans: whole or not at all, with the usual permissions."""
+    target = tmp_path / "m.engine"
+    spa.model.write_atomic(target, b"plan")
+    assert target.read_bytes() == b"plan" and sorted(p.name for p in tmp_path.iterdir()) == ["m.engine"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    with pytest.raises(SpaError, match="cannot write"):
+        spa.model.write_atomic(tmp_path / "missing" / "m.engine", b"plan")

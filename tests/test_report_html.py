@@ -299,7 +299,8 @@ def test_page_in_headless_chromium(capsys, run, tmp_path):
     assert rc == 0
     subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", f"--screenshot={png}", f"--window-size={WIDTH},{HEIGHT}", page.as_uri()],
+                    "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+                    f"--screenshot={png}", f"--window-size={WIDTH},{HEIGHT}", page.as_uri()],
                    check=True, capture_output=True, timeout=120)
     import matplotlib.image
 

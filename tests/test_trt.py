@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -281,17 +280,6 @@ def test_parser_error_without_a_node_name_uses_the_index_or_nothing():
     assert "for node '#3'" in T._parser_error(_Parser(_ParserError("", "", "bad")))
     assert T._parser_error(_Parser(_ParserError("", "", "bad graph", node=-1))) == \
         "TensorRT cannot parse the model: bad graph"
-
-
-def test_write_atomic(tmp_path):
-    target = tmp_path / "m.engine"
-    T.write_atomic(target, b"plan")
-    assert target.read_bytes() == b"plan" and sorted(p.name for p in tmp_path.iterdir()) == ["m.engine"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-    with pytest.raises(SpaError, match="cannot write"):
-        T.write_atomic(tmp_path / "missing" / "m.engine", b"plan")
 
 
 # ---------------------------------------------------------------- without TensorRT
