@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spa.errors import SpaError
+from spa.core.errors import SpaError
+from spa.core.runtime import random_array
 
 # name -> (module in spa.backends, what it needs, the pip extra that brings it)
 BACKENDS = {
@@ -114,14 +115,6 @@ def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, seed: int 
                 shape.append(batch if k == 0 else 1)
         feeds[info.name] = random_array(rng, shape, info.dtype)
     return feeds
-
-
-def random_array(rng, shape: list, dtype) -> np.ndarray:
-    """Standard normal floats; integers and bools 0 or 1 (valid token types, masks, indices)."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    return rng.integers(0, 2, shape).astype(dtype)
 
 
 def fixed_batch(inputs: list) -> int | None:

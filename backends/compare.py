@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.evaluate import Fidelity
+from spa.scoring.evaluate import Fidelity
 
 
 class _Output:

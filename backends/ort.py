@@ -2,100 +2,15 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 import time
 
-import numpy as np
-import onnx
 import onnxruntime as ort
 
-from spa.errors import SpaError
+from spa.core.errors import SpaError
+from spa.core.runtime import (  # noqa: F401 - the CPU helpers live in the core; re-exported for backend users
+    load_error_isolated, model_bytes, random_array, random_feeds, run, run_with_outputs, session)
 
 ort.set_default_logger_severity(4)  # errors reach the user as exceptions, in one line
-
-
-def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSession:
-    """A CPU session for a ModelProto, or for a file path (needed above 2 GB).
-
-    `light`: no graph optimisations and no weight pre-packing; for checks that run a
-    model once, where building an optimised session costs more than the run."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    if light:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(_model_bytes(model), opts, providers=["CPUExecutionProvider"])
-
-
-_LOAD = """
-import sys, onnxruntime as ort
-ort.set_default_logger_severity(4)
-try:
-    ort.InferenceSession(sys.stdin.buffer.read(), providers=["CPUExecutionProvider"])
-except Exception as exc:
-    sys.exit(str(exc).strip() or type(exc).__name__)
-"""
-
-
-def load_error_isolated(model: onnx.ModelProto, timeout: float = 600) -> str | None:
-    """Why ONNX Runtime cannot build a default CPU session for `model`, or None when it can.
-
-    The session is built in a child process, so a crash inside ONNX Runtime (a segfault in a
-    graph optimiser) becomes a reason instead of taking the caller's process down. For graphs
-    written by third-party converters, before they are loaded in-process."""
-    try:
-        done = subprocess.run([sys.executable, "-c", _LOAD], input=_model_bytes(model), capture_output=True, check=False,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"ONNX Runtime {ort.__version__} did not finish loading it within {timeout:.0f} s"
-    if done.returncode == 0:
-        return None
-    if done.returncode < 0:
-        return f"ONNX Runtime {ort.__version__} crashed ({signal.Signals(-done.returncode).name}) loading it"
-    lines = done.stderr.decode(errors="replace").strip().splitlines()
-    return lines[0] if lines else f"ONNX Runtime's loader exited with code {done.returncode}"
-
-
-def _np_dtype(elem_type: int):
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
-
-
-def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every real graph input; dynamic dims set to `dynamic`."""
-    from .base import random_array
-
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
-    feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dynamic for d in tt.shape.dim]
-        feeds[vi.name] = random_array(rng, dims, _np_dtype(tt.elem_type))
-    return feeds
-
-
-def run(model, feeds: dict[str, np.ndarray], light: bool = False) -> dict[str, np.ndarray]:
-    """Outputs by name for a ModelProto or a model file."""
-    sess = session(model, light=light)
-    names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
-
-
-def run_with_outputs(model, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run with `names` (intermediate tensors) exposed as extra graph outputs."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    present = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in present:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, model.dtypes[name], None))
-    return run(proto, feeds)
 
 
 # -- the Session interface (backends/base.py) -------------------------------------------------
@@ -124,7 +39,7 @@ def provider_list(backend: str, options) -> list:
 
 
 def _info(arg):
-    from .base import TensorInfo
+    from spa.backends.base import TensorInfo
 
     kind = arg.type[len("tensor("):-1] if arg.type.startswith("tensor(") else "float"
     dtype = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}.get(kind, kind)
@@ -137,7 +52,7 @@ class OrtSession:
     reports the providers the session really has (get_providers())."""
 
     def __init__(self, model, backend: str, options):
-        from .base import missing
+        from spa.backends.base import missing
 
         self.backend = backend
         want = PROVIDERS[backend]
@@ -149,7 +64,7 @@ class OrtSession:
         if options.threads:
             opts.intra_op_num_threads = options.threads
         self.options = options
-        self.sess = ort.InferenceSession(_model_bytes(model), opts, providers=provider_list(backend, options))
+        self.sess = ort.InferenceSession(model_bytes(model), opts, providers=provider_list(backend, options))
         self.providers = self.sess.get_providers()
         if want not in self.providers:
             raise SpaError(f"onnxruntime fell back to {self.providers[0]} instead of {want}",
@@ -203,16 +118,6 @@ class _BoundRunner:
         self.sess.run_with_iobinding(self.binding)
         self.binding.synchronize_outputs()
         return (time.perf_counter() - start) * 1e3
-
-
-def _model_bytes(model):
-    from spa.model import TWO_GB, weight_bytes
-
-    if isinstance(model, onnx.ModelProto):
-        if weight_bytes(model) >= TWO_GB:
-            raise SpaError("cannot run a >2 GB model from memory", "save it and run it from the file")
-        return model.SerializeToString()
-    return str(model)
 
 
 def open_session(model, backend: str, options) -> OrtSession:

@@ -24,9 +24,9 @@ import time
 
 import numpy as np
 
-from spa.errors import SpaError, first_line
+from spa.core.errors import SpaError, first_line
 
-from .base import TensorInfo, missing
+from spa.backends.base import TensorInfo, missing
 
 CUDA_GRAPH_MAX_BATCH = 16
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

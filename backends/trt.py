@@ -42,24 +42,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from spa.errors import SpaError, first_line
-from spa.model import write_atomic
+from spa.core.errors import SpaError, first_line
+from spa.core.model import write_atomic
 
-from . import base
-from .trt_plan import (  # noqa: F401 - the pure parts, re-exported for spa build and the tests
-    SHAPES_SYNTAX,
-    SPARSE_NOTE,
-    _fmt,
-    _inspector_doc,
-    check_precision,
-    layer_types,
-    model_float_types,
-    onnx_inputs,
-    parse_shapes,
-    profile_shapes,
-    sparse_layers,
-    sparsity_log,
-)
+from spa.backends import base
+from spa.backends.trt_plan import (  # noqa: F401 - the pure parts, re-exported for spa build and the tests
+    SHAPES_SYNTAX, SPARSE_NOTE, _fmt, _inspector_doc, check_precision, layer_types, model_float_types, onnx_inputs, parse_shapes, profile_shapes, sparse_layers, sparsity_log)
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 NO_GPU_HINT = "TensorRT needs an NVIDIA GPU and driver: check nvidia-smi and CUDA_VISIBLE_DEVICES"

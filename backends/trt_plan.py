@@ -12,7 +12,7 @@ import re
 import numpy as np
 import onnx
 
-from spa.errors import SpaError, first_line
+from spa.core.errors import SpaError, first_line
 
 SHAPES_SYNTAX = "NAME:MINxDIMS/OPTxDIMS/MAXxDIMS[,NAME2:...], e.g. input:1x3x224x224/8x3x224x224/32x3x224x224"
 SPARSE_NOTE = ("TensorRT may use a 2:4 sparse kernel only for a layer whose weights are 2:4 sparse (eligible), and "

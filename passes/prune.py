@@ -16,24 +16,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spa.errors import SpaError
-from spa.graph import attr
-from spa.model import COPY, constant_node_value, copy_without_initializers
-from spa.rules import REWRITERS
-from spa.rules import key as rule_key
-
-
-def dropped_positions(analysis, plan: dict) -> dict:
-    """{space: sorted positions to remove} from {group id: channel indices}."""
-    parts: dict = {}
-    for gid, channels in plan.items():
-        group = analysis.group(gid)
-        for space, per_channel in group.positions.items():
-            if channels:
-                pos = per_channel[channels] if isinstance(per_channel, np.ndarray) else \
-                    np.concatenate([per_channel[c] for c in channels])
-                parts.setdefault(space, []).append(np.ravel(pos))
-    return {space: np.unique(np.concatenate(p)) for space, p in parts.items()}
+from spa.core.analysis import dropped_positions
+from spa.core.errors import SpaError
+from spa.core.graph import attr
+from spa.core.model import COPY, constant_node_value, copy_without_initializers
+from spa.core.rules import REWRITERS
+from spa.core.rules import key as rule_key
 
 
 class Edit:

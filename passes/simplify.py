@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spa.errors import SpaError, first_line
-from spa.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
+from spa.core.errors import SpaError, first_line
+from spa.core.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
 
 NAME = "simplify"
 RTOL = 1e-4  # outputs of the simplified model vs the input, relative to the largest |output|

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import SpaError
+from spa.core.errors import SpaError
 
 CHAIN = ("Identity", "Cast", "DequantizeLinear", "Transpose")
 
@@ -241,7 +241,7 @@ def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16,
             w = weights.value(layer.weight)
             zp = _zero_point(out, weights, layer.weight)
             if key in hs:
-                from . import sparsegpt
+                from spa.passes import sparsegpt
 
                 new = sparsegpt.reconstruct(w, layer.axis, hs[key], n, m)
                 mag = np.abs(w.astype(np.float64))
@@ -265,9 +265,9 @@ def _permute(proto, out, analysis, found, n, m, weights: _Weights, budget_s: flo
     """Permute the groups worth it in `out` (in place); undone when the outputs change."""
     from spa.backends import ort as ort_backend
 
-    from spa import api
+    from spa.core.checks import compare_outputs
 
-    from . import permute
+    from spa.passes import permute
 
     orders, rows = permute.plan(analysis, found, n, m, weights, budget_s)
     if not orders:
@@ -277,7 +277,7 @@ def _permute(proto, out, analysis, found, n, m, weights: _Weights, budget_s: flo
     permute.apply(analysis, orders, weights)
     try:
         feeds = ort_backend.random_feeds(proto, seed=0)
-        rep = api.compare(ort_backend.run(proto, feeds, light=True), out, feeds, light=True)
+        rep = compare_outputs(ort_backend.run(proto, feeds, light=True), out, feeds, light=True)
         worst = max((o.get("rel_err", 0.0) for o in rep["outputs"].values()), default=0.0)
         why = None if rep["ok"] and worst <= PERMUTE_TOL else f"they changed the outputs (rel. error {worst:.2g})"
     except Exception as exc:  # noqa: BLE001 - a model that does not run on random inputs: keep it unpermuted
@@ -296,7 +296,7 @@ METHODS = ("magnitude", "obs")
 def _hessians(proto, found: list, weights: _Weights, data, dtypes: dict, max_samples: int) -> dict:
     """{(stored weight, axis): [H per conv group]} for the eligible layers OBS can compensate;
     the others get a note. A weight read by several layers sums their statistics."""
-    from . import sparsegpt
+    from spa.passes import sparsegpt
 
     nodes = {(x.name or x.output[0]): x for x in proto.graph.node}
     targets, keys = {}, {}

@@ -17,14 +17,15 @@ Public API (the CLI is a thin shell over it)::
     result = spa.fit(pruned, {"x": x}, y, teacher=dense_proto, cfg=spa.FitConfig(epochs=10))  # .proto: same graph
 """
 
-from . import cost
-from .analysis import Analysis, Group, Member, analyze
-from .api import compare, compensation, make_plan, plan_for_target, prune, saliency, statistics
-from .data import load_npz
-from .errors import SpaError, VerificationError
-from .evaluate import evaluate
-from .model import Model, load, save
-from .train import FitConfig, HessoSchedule, fit, zero_plan
+from spa.core import cost
+from spa.core.analysis import Analysis, Group, Member, analyze
+from spa.api import compensation, make_plan, plan_for_target, prune, saliency, statistics
+from spa.core.checks import compare_outputs as compare
+from spa.core.data import load_npz
+from spa.core.errors import SpaError, VerificationError
+from spa.scoring.evaluate import evaluate
+from spa.core.model import Model, load, save
+from spa.training.train import FitConfig, HessoSchedule, fit, zero_plan
 
 __all__ = [
            "Analysis",

@@ -9,7 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import spa
-from spa.model import Model, infer_shapes
+from spa.core.model import Model, infer_shapes
 
 
 def weight(name: str, *shape: int, seed: int = 0, dtype=np.float32) -> onnx.TensorProto:

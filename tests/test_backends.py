@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from spa.backends import base, bench, compare
 from spa.backends import ort as ort_backend
 
-from spa.cli import main
-from spa.errors import SpaError
+from spa.cli.app import main
+from spa.core.errors import SpaError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx"
 RNG = np.random.default_rng(0)

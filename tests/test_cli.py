@@ -1,6 +1,6 @@
 """The `spa` command line: exit codes, one-line errors, untouched inputs, the JSON contracts.
 
-Most cases call `spa.cli.main([...])` in-process (capsys) for speed; a few run the real
+Most cases call `spa.cli.app([...])` in-process (capsys) for speed; a few run the real
 console script in a subprocess to prove the exit codes and that stderr has no traceback.
 
 Every bad input must give (DESIGN.md "Contracts", oracle 4):
@@ -28,7 +28,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from spa import cli
+from spa.cli import app as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_resnet.onnx"

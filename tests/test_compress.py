@@ -11,7 +11,7 @@ from spa.backends import ort as ort_backend
 from spa.passes import sparsify as sp
 
 import spa
-from spa.cli import main
+from spa.cli.app import main
 from tests.conftest import CORPUS, corpus_params
 from tests.test_sparsify import _conv_net
 

@@ -76,7 +76,7 @@ def test_every_conv_model_prunes_unless_known_blocked():
 @pytest.mark.parametrize("name", sorted(NO_PRUNABLE_CONVS))
 def test_unprunable_corpus_models_exit_cleanly(name, tmp_path, capsys):
     """`spa prune` on them: exit 1, one line naming the reason, nothing written."""
-    from spa.cli import main
+    from spa.cli.app import main
 
     if not (CORPUS / name).is_file():
         pytest.skip("corpus not available")

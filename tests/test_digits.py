@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import spa
-from spa.blocks import attention_blocks
+from spa.core.blocks import attention_blocks
 from tests.conftest import ZOO_EXPORTERS
 
 torch = pytest.importorskip("torch")

@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 import spa
-from spa.cli import main
+from spa.cli.app import main
 from tests.graphs import build, node
 
 
@@ -89,7 +89,7 @@ def test_cli_eval_errors(files, capsys, case, message):
 
 
 def test_calibration_batches_stop_at_max_samples():
-    from spa.data import calibration_batches
+    from spa.core.data import calibration_batches
 
     feeds = {"x": np.arange(10)[:, None], "rate": np.array(16000)}
     got = calibration_batches(feeds, 3, max_samples=4)

@@ -93,7 +93,7 @@ def test_hidden_size_only_on_request(hf_models, exporter):
 @pytest.mark.parametrize("name,exporter", HEAD_CASES)
 def test_attention_blocks_before_after(hf_models, name, exporter):
     """`spa analyze` per attention block: heads, head_dim and MLP width, and what a plan leaves."""
-    from spa.blocks import attention_blocks
+    from spa.core.blocks import attention_blocks
 
     analysis = spa.analyze(spa.load(hf_models[(name, exporter)]))
     plan = api.make_plan(analysis, 0.5)
@@ -136,7 +136,7 @@ def test_simplify_frees_heads(hf_models, name):
     folded over the static head sizes, heads (GQA: KV heads and queries per KV head) prune."""
     from spa.passes.simplify import simplify
 
-    from spa.blocks import attention_blocks
+    from spa.core.blocks import attention_blocks
 
     path = hf_models[(name, "torchscript")]
     assert not _head_groups(spa.analyze(spa.load(path)))

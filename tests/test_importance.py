@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spa import importance
-from spa.analysis import Group, Member
+from spa.scoring import criteria as importance
+from spa.core.analysis import Group, Member
 
 
 def _group(*shapes):

@@ -10,9 +10,9 @@ import pytest
 from spa.backends import ort as ort_backend
 
 import spa
-import spa.model
+import spa.core.model
 from spa import api
-from spa.errors import SpaError
+from spa.core.errors import SpaError
 from tests.graphs import build, const, node, weight
 
 
@@ -52,7 +52,7 @@ def test_external_data_escaping_the_folder_is_refused(tmp_path):
 
 def test_big_outputs_get_one_external_data_file(tmp_path, monkeypatch):
     """Above the 2 GB protobuf limit (lowered here) the weights go to `<name>.data`."""
-    monkeypatch.setattr(spa.model, "TWO_GB", 1000)
+    monkeypatch.setattr(spa.core.model, "TWO_GB", 1000)
     model = _cnn()
     out = spa.save(model.proto, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").is_file()
@@ -60,7 +60,7 @@ def test_big_outputs_get_one_external_data_file(tmp_path, monkeypatch):
     back = spa.load(out)
     assert back.external_files == {(tmp_path / "big.onnx.data").resolve()}
     feeds = ort_backend.random_feeds(model.proto)
-    monkeypatch.setattr(spa.model, "TWO_GB", 2**31 - 1)
+    monkeypatch.setattr(spa.core.model, "TWO_GB", 2**31 - 1)
     np.testing.assert_array_equal(ort_backend.run(str(out), feeds)["y"], ort_backend.run(model.proto, feeds)["y"])
 
 
@@ -117,10 +117,10 @@ def test_public_api_round_trip(tmp_path):
 def test_write_atomic(tmp_path):
     """Engines, bench JSON, reports and plans: whole or not at all, with the usual permissions."""
     target = tmp_path / "m.engine"
-    spa.model.write_atomic(target, b"plan")
+    spa.core.model.write_atomic(target, b"plan")
     assert target.read_bytes() == b"plan" and sorted(p.name for p in tmp_path.iterdir()) == ["m.engine"]
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     with pytest.raises(SpaError, match="cannot write"):
-        spa.model.write_atomic(tmp_path / "missing" / "m.engine", b"plan")
+        spa.core.model.write_atomic(tmp_path / "missing" / "m.engine", b"plan")

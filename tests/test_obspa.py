@@ -18,8 +18,10 @@ from onnx import numpy_helper
 from spa.backends import ort as ort_backend
 
 import spa
-from spa import api, cost, importance, moments, stats
-from spa.errors import SpaError
+from spa import api
+from spa.core import cost
+from spa.scoring import criteria as importance, moments, stats
+from spa.core.errors import SpaError
 
 
 def _model(gamma=None, scale_b=1.0):

@@ -11,9 +11,9 @@ from onnx import TensorProto, helper, numpy_helper
 from spa.backends import ort as ort_backend
 
 import spa
-from spa import quantize
-from spa.cli import main
-from spa.errors import SpaError
+from spa.passes import quantize
+from spa.cli.app import main
+from spa.core.errors import SpaError
 from tests.conftest import CORPUS, corpus_params
 from tests.oracles import feeds_for
 

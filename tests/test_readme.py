@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from spa import cli
+from spa.cli import app as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -19,7 +19,7 @@ from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.rules import REWRITERS, RULES
+from spa.core.rules import REWRITERS, RULES
 from tests import graphs
 from tests.graphs import const, conv_relu, node, weight
 from tests.oracles import assert_identity_at_ratio_zero, assert_zero_invariance
@@ -1473,7 +1473,7 @@ def test_model_io_never_pruned(case):
 
 def _contrib_model(nodes, inits, x_shape=(2, 3, 4), y_shape=(2, 3, 5)):
     """A model using ONNX Runtime contrib ops (domain com.microsoft), shapes filled by spa."""
-    from spa.model import Model, infer_shapes
+    from spa.core.model import Model, infer_shapes
 
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], inits)

@@ -9,8 +9,9 @@ import pytest
 from spa.backends import ort as ort_backend
 
 import spa
-from spa import api, report
-from spa.cli import main
+from spa import api
+from spa.reporting import report
+from spa.cli.app import main
 from tests.graphs import build, const, node, weight
 from tests.oracles import assert_valid_output, assert_zero_invariance
 

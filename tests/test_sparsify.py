@@ -16,7 +16,7 @@ from spa.passes import permute, sparsegpt
 from spa.passes import sparsify as sp
 
 import spa
-from spa.cli import main
+from spa.cli.app import main
 from tests.conftest import CORPUS, corpus_params
 from tests.oracles import feeds_for
 

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
 import spa.torch as st
-from spa.errors import SpaError
+from spa.core.errors import SpaError
 
 TOL = 1e-5
 MS = "com.microsoft"

@@ -12,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 from spa.backends import ort as ort_backend
 
 import spa
-from spa import api, gradients, importance
-from spa.cli import main
+from spa import api
+from spa.scoring import gradients, criteria as importance
+from spa.cli.app import main
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -162,7 +163,7 @@ def test_finetune_learns_and_writes_back_into_the_same_graph(files, capsys, data
 
 
 def test_resume_continues_to_the_same_weights(files, data):
-    from spa.train import FitConfig, fit
+    from spa.training.train import FitConfig, fit
 
     proto = tiny_cnn()
     feeds, y = {"x": data["x_train"][:512]}, data["y_train"][:512]
@@ -229,7 +230,7 @@ def test_train_sparse_zeroes_whole_channels_and_prune_zeros_is_exact(files, caps
                     "-o", sparse)
     analysis = spa.analyze(spa.load(sparse))
     plan = json.loads((files / "plan.json").read_text())
-    from spa.train import zero_plan
+    from spa.training.train import zero_plan
 
     assert zero_plan(analysis) == plan["groups"]  # exactly the channels the schedule zeroed
     assert doc["train_sparse"]["zero_channels"] == 4 + 6  # half of 8 and of 12
@@ -267,7 +268,7 @@ def test_half_precision_runs_the_float32_graph(data, dtype, tol):
 
 
 def test_sensitivity_ranks_with_a_gradient_criterion(data):
-    from spa import sensitivity
+    from spa.planning import sensitivity
 
     analysis = spa.analyze(api.reinfer(tiny_cnn(dead=3)))
     doc = sensitivity.sensitivity(analysis, {"x": data["x_test"][:64]}, [0.5], "snip")
@@ -277,7 +278,7 @@ def test_sensitivity_ranks_with_a_gradient_criterion(data):
 
 def test_python_api_sparse_training_then_exact_removal(data):
     """The same path as the CLI, from Python: HessoSchedule + fit, zero_plan, prune."""
-    from spa.train import FitConfig, HessoSchedule, fit, zero_plan
+    from spa.training.train import FitConfig, HessoSchedule, fit, zero_plan
 
     analysis = spa.analyze(api.reinfer(tiny_cnn(seed=3)))
     schedule = HessoSchedule(analysis, 0.25, periods=2, warmup=0.25, window=0.5)

@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 from spa.backends import base
 from spa.backends import trt as T
 
-from spa import cli
-from spa.errors import SpaError
+from spa.cli import app as cli
+from spa.core.errors import SpaError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_resnet.onnx"
@@ -458,8 +458,8 @@ def test_trt_fp16_build_of_a_converted_model(tmp_path):
     _gpu()
     from spa.backends import ort
 
-    from spa import quantize
-    from spa.model import load, save
+    from spa.passes import quantize
+    from spa.core.model import load, save
 
     with pytest.raises(SpaError, match="spa quantize"):
         T.build_engine(EXAMPLE, base.Options(precision="fp16"))
@@ -477,7 +477,7 @@ def test_spa_build_sparse_reports_the_inspector(capsys, tmp_path):
     from spa.backends import ort
     from spa.passes.sparsify import sparsify
 
-    from spa.model import load, save
+    from spa.core.model import load, save
 
     sparse_model = tmp_path / "tiny.sparse.onnx"
     save(sparsify(load(EXAMPLE).proto)[0], sparse_model)

@@ -16,7 +16,7 @@ def log(msg: str) -> None:
 
 def quiet_spa(argv: list) -> int:
     """`spa ARGV` in this process, its stdout (the JSON document) swallowed."""
-    from spa.cli import main
+    from spa.cli.app import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         return main(argv)

@@ -3,7 +3,7 @@
     python tools/bench_compress.py [--outdir DIR] [--models cnn vit] [--ratio 0.5] [--markdown]
 
 The digits CNN and ViT (models/digits.py, seed 0, TorchScript export) are trained as in
-tools/bench_train.py. Every step runs spa's command line in this process (`spa.cli.main`);
+tools/bench_train.py. Every step runs spa's command line in this process (`spa.cli.app`);
 top-1 is on the held-out test split (450 images), calibration uses the first 256 images of
 the train split, fine-tuning the train split with 10% held out to pick the best epoch.
 

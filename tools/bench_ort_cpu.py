@@ -47,7 +47,7 @@ def pruned_model(dense: Path, ratio: float, out_dir: Path, round_to: int = 1) ->
 def macs_at(path: Path, dims: dict) -> dict:
     """spa.cost's params and MACs with the named dynamic dims fixed (batch 1)."""
     import spa as spa_api
-    from spa import cost
+    from spa.core import cost
 
     proto = onnx.load(str(path))
     for vi in proto.graph.input:

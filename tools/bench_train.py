@@ -6,7 +6,7 @@ sparse training, and pruning at initialization.
 
 The digits CNN and ViT (models/digits.py, seed 0, TorchScript export) are trained as in
 tools/bench_digits.py. Every step below runs spa's command line in this process
-(`spa.cli.main([...])`, torch limited to --threads threads); top-1 is `spa eval` on the
+(`spa.cli.app([...])`, torch limited to --threads threads); top-1 is `spa eval` on the
 held-out test split (450 images). Training uses the train split (1347 images) with 10% of it
 held out (`--val-split`, seeded) to pick the best epoch.
 
@@ -80,7 +80,7 @@ def log(msg: str) -> None:
 
 def spa_cli(argv: list[str]) -> tuple[dict, dict]:
     """Run `spa ARGV --json` in this process: (its JSON document, {wall_s, cpu_s})."""
-    from spa import cli
+    from spa.cli import app as cli
 
     argv = [str(a) for a in argv] + ["--json"]
     out, err = io.StringIO(), io.StringIO()
@@ -135,7 +135,7 @@ def last_epoch_model(src: Path, ckpt: Path, out: Path) -> None:
     import onnx
     import torch
 
-    from spa.gradients import trainable_names
+    from spa.scoring.gradients import trainable_names
     from spa.torch import to_torch, write_back
 
     proto = onnx.load(str(src))

@@ -3,7 +3,7 @@
     python tools/sweep_compress.py [--ratio 0.3] [--corpus DIR] [--markdown]
 
 Calibration data per model: the random feeds of tests/oracles.feeds_for, four copies along
-the first axis. Each model runs in this process through `spa.cli.main` (exactly the command
+the first axis. Each model runs in this process through `spa.cli.app` (exactly the command
 line); the outcome is ok (with the stages' sizes and the INT8 stage's fidelity on the
 calibration samples) or the one-line error of the stage that refused. Anything else (an
 internal error) is a bug. Not run in CI (minutes); the suite runs a few corpus models.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None) -> int:
     import spa
-    from spa.cli import main as spa_main
+    from spa.cli.app import main as spa_main
     from tests.conftest import CORPUS, corpus_entries
     from tests.oracles import feeds_for
 

@@ -23,8 +23,8 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
-from ..errors import SpaError, first_line
-from . import ops as _ops
+from spa.core.errors import SpaError, first_line
+from spa.torch import ops as _ops
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
@@ -288,7 +288,7 @@ def _outer_reads(graph: Graph) -> set:
 
 def to_torch(model, trainable=None) -> OnnxModule:
     """An OnnxModule of a spa.Model, a ModelProto or a path."""
-    from ..model import Model, load
+    from spa.core.model import Model, load
 
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         model = load(model, infer=False)
@@ -299,7 +299,7 @@ def to_torch(model, trainable=None) -> OnnxModule:
 def write_back(proto: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
     """A copy of `proto` with the module's current initializer values (original dtypes); the
     graph, names, shapes and dynamic axes are untouched."""
-    from ..api import with_values
+    from spa.core.values import with_values
 
     return with_values(proto, module.values())
 

@@ -868,4 +868,4 @@ def trilu(ctx, x, k=None):
     return torch.triu(x, k) if ctx.attr("upper", 1) else torch.tril(x, k)
 
 
-from . import ops_extra  # noqa: F401
+from spa.torch import ops_extra  # noqa: F401

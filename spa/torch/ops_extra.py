@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .ops import RETURNS_LIST, ints, numbers, op
+from spa.torch.ops import RETURNS_LIST, ints, numbers, op
 
 
 def _floats(t) -> list[float]:

@@ -1,0 +1,269 @@
+"""INT8 (QDQ) and FP16 as graph passes, on ONNX Runtime's own tooling.
+
+INT8, placed the way TensorRT's explicit quantization expects it (`int8`):
+
+- ONNX Runtime's `quantize_static` in QDQ format, calibrated on the given data
+  (MinMax, Entropy or Percentile);
+- signed int8, symmetric (zero point 0) for activations and weights, weights per output
+  channel (TensorRT needs symmetric scales and fuses per-channel weight scales into kernels);
+- Q/DQ on the *inputs* of Conv/ConvTranspose/Gemm/MatMul and not on their outputs
+  (`OpTypesToExcludeOutputQuantization`): TensorRT fuses DQ -> Conv -> (bias, activation)
+  -> Q of the next layer itself, and a Q/DQ pair after a conv would block that;
+- both inputs of residual `Add`s quantized, so the shortcut's Q/DQ fuses into the conv
+  that adds it; biases stay float (TensorRT folds them).
+
+FP16 (`fp16`): ONNX Runtime's `convert_float_to_float16` with the graph's inputs and outputs
+kept float32 (Cast at the edges) and numerically sensitive ops kept in float32
+(normalizations, reductions, exp/log/pow/sqrt), since TensorRT 10.12+ builds strongly typed
+networks from the precisions written in the ONNX.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from spa.core.data import static_batch
+from spa.core.errors import SpaError
+
+METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+NO_OUTPUT_QDQ = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization", "InstanceNormalization", "GroupNormalization", "BatchNormalization",
+            "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow", "Sqrt",
+            "Reciprocal", "Exp", "Log", "Erf")
+
+
+class _Reader:
+    """onnxruntime.quantization.CalibrationDataReader over arrays keyed by input name."""
+
+    def __init__(self, feeds: dict, batch: int):
+        from spa.core.data import calibration_batches
+
+        self._it = iter(calibration_batches(feeds, batch))
+
+    def get_next(self):  # all ORT's calibrators call: None ends the data
+        return next(self._it, None)
+
+
+def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channel: bool = True,
+         max_samples: int = 256, batch: int = 32, percentile: float = 99.999) -> onnx.ModelProto:
+    """The QDQ INT8 model of `proto`, calibrated on `feeds` ({input: [N, ...]})."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if method not in METHODS:
+        raise SpaError(f"unknown calibration method '{method}'", f"choose one of: {', '.join(METHODS)}")
+    inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
+    missing = sorted(inputs - set(feeds))
+    if missing:
+        raise SpaError(f"calibration data has no array for model input(s) {missing} (it has {sorted(feeds)})")
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
+        raise SpaError("cannot quantize a float16 model to INT8", "quantize the float32 model")
+    feeds = {k: (np.asarray(v)[:max_samples] if np.ndim(v) else np.asarray(v)) for k, v in feeds.items() if k in inputs}
+    batch = static_batch(proto, batch)
+    proto = _opset_13(proto)
+    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+             "percentile": CalibrationMethod.Percentile}[method]
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+             "OpTypesToExcludeOutputQuantization": list(NO_OUTPUT_QDQ), "CalibPercentile": percentile,
+             "CalibMovingAverage": method == "minmax"}
+    with tempfile.TemporaryDirectory(prefix="spa-quant-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        cwd = os.getcwd()
+        os.chdir(tmp)  # the calibrator writes its augmented model to the working directory
+        work = onnx.ModelProto()
+        work.CopyFrom(proto)  # the tooling rewrites the proto it is given (weights to external data)
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # the tooling's "consider pre-processing" advice
+        try:
+            quantize_static(work, str(out), _Reader(feeds, batch), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
+                            extra_options=extra)
+        except SpaError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT's tooling fails in many ways; one line
+            from spa.core.errors import first_line
+
+            raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {first_line(exc)}") from None
+        finally:
+            os.chdir(cwd)
+            logging.getLogger().setLevel(quiet)
+        result = toposort(fuse_residuals(onnx.load(str(out))))
+    # opset 13 needs IR version 7 (and initializers no longer have to be graph inputs)
+    result.ir_version = max(result.ir_version, 7)
+    return result
+
+
+LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _reads(graph) -> set:
+    """Every tensor name a node reads, subgraphs (If/Loop bodies reading outer values) included."""
+    out = set()
+    for n in graph.node:
+        out.update(n.input)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                out |= _reads(a.g)
+            for g in a.graphs:
+                out |= _reads(g)
+    return out
+
+
+def _opset_13(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Per-channel QDQ needs opset 13: older models are converted first (or refused)."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if version >= 13:
+        return proto
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(proto, 13)
+    except Exception as exc:  # noqa: BLE001 - the converter's assertion messages, as one line
+        from spa.core.errors import first_line
+
+        raise SpaError(f"cannot quantize an opset {version} model: converting it to opset 13 (needed for "
+                       f"per-channel Q/DQ) failed ({first_line(exc)})", "export the model at opset 13 or later") \
+            from None
+
+
+def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Take the Q/DQ pair off one layer-fed input of every residual Add (ORT quantizes both):
+    TensorRT fuses the Add into that layer and reads the other, quantized, input as the
+    residual. Q/DQ pairs left without readers are removed."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.op_type != "Add":
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            src = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            if src is not None and src.op_type in LAYERS:
+                node.input[i] = q.input[0]  # the layer's float output, straight into the Add
+                break
+    # drop Q/DQ nodes nobody reads any more
+    while True:
+        read = _reads(graph) | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    # and the scales/zero points they read (old IR versions also list initializers as inputs)
+    read = _reads(graph) | {o.name for o in graph.output}
+    unused = {t.name for t in graph.initializer if t.name not in read}
+    keep = [t for t in graph.initializer if t.name not in unused]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in unused]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    return proto
+
+
+RECURRENT = ("LSTM", "GRU", "RNN")  # ONNX Runtime's float16 recurrent kernels crash on some models: float32
+
+
+def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.ModelProto:
+    """`proto` in float16, float32 inputs/outputs, the `keep` ops and every op outside the default
+    domain (ai.onnx.ml, contrib) in float32. The result must pass the ONNX checker and load in
+    ONNX Runtime, else a SpaError says why (onnxruntime's converter fails on some graphs)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    from spa.backends.ort import load_error_isolated
+    from spa.core.errors import first_line
+
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    foreign = []
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            node.name = node.name or f"spa_fp32_{i}"  # the converter blocks nodes by name
+            foreign.append(node.name)
+    try:
+        out = convert_float_to_float16(model, keep_io_types=True, node_block_list=foreign,
+                                       op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(keep))
+        out = toposort(out)
+    except Exception as exc:  # noqa: BLE001
+        raise SpaError(f"FP16 conversion failed: {first_line(exc)}") from None
+    try:
+        onnx.checker.check_model(out)
+        why = load_error_isolated(out)  # in a child: ONNX Runtime 1.32's NCHWc optimiser crashes on one model
+    except Exception as exc:  # noqa: BLE001
+        why = first_line(exc)
+    if why:
+        raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why[:200]}",
+                       "keep this model in float32")
+    return out
+
+
+def toposort(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes in an order where every input is made before it is read, in subgraphs too (the
+    converter appends its edge Casts at the end; the quantizer can misplace nodes in If
+    bodies). Stable: nodes keep their relative order where they can."""
+    _sort_graph(proto.graph, set())
+    return proto
+
+
+def _sort_graph(graph, outer: set) -> None:
+    ready = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    every = ready | {o for n in graph.node for o in n.output}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            # an input nobody in this graph makes comes from further out: not waited for
+            if all(i in ready or i not in every for i in n.input) and _subgraph_reads_ready(n, ready, every):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):  # a cycle: keep the remainder as it is
+            ordered += rest
+            break
+        pending = rest
+    for n in ordered:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _sort_graph(a.g, every)
+    nodes = [onnx.NodeProto() for _ in ordered]
+    for dst, src in zip(nodes, ordered):
+        dst.CopyFrom(src)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _subgraph_reads_ready(node, ready: set, every: set) -> bool:
+    reads = set()
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            reads |= _reads(a.g)
+    return all(r in ready or r not in every for r in reads)
+
+
+def coverage(proto: onnx.ModelProto) -> dict:
+    """QDQ coverage: Conv/ConvTranspose/Gemm/MatMul layers whose data input and weight both come
+    from DequantizeLinear, and the float precision of the rest."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    layers = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+
+    def dq(name):
+        node = producer.get(name)
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    quantized = [n for n in layers if len(n.input) > 1 and dq(n.input[0]) and dq(n.input[1])]
+    qdq = sum(1 for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    fp16_inits = sum(1 for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
+    return {"layers": len(layers), "quantized": len(quantized),
+            "fraction_quantized": len(quantized) / len(layers) if layers else None,
+            "qdq_nodes": qdq, "float16_initializers": fp16_inits}

@@ -1,0 +1,73 @@
+"""What every API call returns: its JSON document, and the model it produced (if any).
+
+    result.to_json()   exactly the document the matching command prints with --json
+    result.model       the produced onnx.ModelProto (None for reports and measurements)
+    result.save(path)  the checked, atomic save the CLI uses (the pass's promises re-checked
+                       on the written file before it is renamed into place)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from spa.core.errors import SpaError, UsageError
+from spa.core.model import Model, check_writable, load
+
+
+@dataclass
+class Result:
+    doc: dict
+    model: onnx.ModelProto | None = None
+    verify: object = field(default=None, repr=False)  # verify(temp_file) on save, from the pass
+    source: Path | None = None
+
+    def to_json(self) -> dict:
+        return self.doc
+
+    def __getitem__(self, key):
+        return self.doc[key]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `.model` atomically to `path`, re-verified on the written file."""
+        from spa.core.model import save
+
+        if self.model is None:
+            raise SpaError("this result holds no model to save")
+        return save(self.model, path, source=self.source, verify=self.verify)
+
+
+def as_model(model, infer: bool = True) -> Model:
+    """A spa.Model from a path, an onnx.ModelProto or a spa.Model (used as it is)."""
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        from spa.core.model import infer_shapes
+
+        wrapped = Model(model)
+        if infer:
+            infer_shapes(wrapped)
+        return wrapped
+    if isinstance(model, (str, os.PathLike)):
+        return load(model, infer=infer)
+    raise UsageError(f"invalid model={type(model).__name__}: expected a path, an onnx.ModelProto or a spa.Model")
+
+
+def model_name(model) -> str | None:
+    """The path a model argument names, as the JSON documents print it (None in memory)."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    if isinstance(model, Model) and model.path is not None:
+        return str(model.path)
+    return None
+
+
+def output_target(output, model) -> Path | None:
+    """Fail early when `output` cannot be written or is a file of the input."""
+    if output is None:
+        return None
+    path = check_writable(output, model_name(model))
+    return path

@@ -1,0 +1,5 @@
+"""The command line: argument parsing and printing around one spa.api call per command."""
+
+from spa.cli.app import main
+
+__all__ = ["main"]

@@ -1,0 +1,5 @@
+import sys
+
+from spa.cli.app import main
+
+sys.exit(main())

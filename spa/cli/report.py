@@ -1,0 +1,86 @@
+"""spa report: one self-contained HTML page for a compression run.
+
+    DENSE + PRUNED... (+ bench.json from `spa bench --json`, + data.npz) ─▶ report.html
+
+The page (spa/html_report.py) shows size, parameters and MACs, output channels per layer,
+costs per op type, fidelity to DENSE and measured latency, each as a plot and a table, with
+the environment and the command line. Every input is checked before any slow work; the page
+is written atomically, only once everything was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from functools import partial
+from pathlib import Path
+
+from spa.reporting import html as html_report
+from spa.cli.app import err, step
+from spa.core.errors import SpaError
+from spa.core.model import check_writable, write_text_atomic
+
+
+def parser(sub) -> None:
+    p = sub.add_parser("report", help="one self-contained HTML page for a compression run (plots and tables)")
+    p.add_argument("dense", metavar="DENSE", help="the original model")
+    p.add_argument("pruned", metavar="PRUNED", nargs="+", help="models made from DENSE (spa prune, spa compress)")
+    p.add_argument("--bench", metavar="BENCH", help="latency measured by `spa bench DENSE PRUNED... --json`")
+    p.add_argument("--data", metavar="DATA", help=".npz keyed by input name for the fidelity section "
+                   "(default: random inputs)")
+    p.add_argument("--samples", type=int, metavar="N", help=f"fidelity samples (default {html_report.DATA_SAMPLES} "
+                   f"of --data, or {html_report.RANDOM_SAMPLES} random inputs)")
+    p.add_argument("--title", help="page title (default: spa report: DENSE)")
+    p.add_argument("-o", "--output", help="the page (default: DENSE.report.html beside DENSE)")
+    p.add_argument("--json", action="store_true", help="also print the page's data as JSON on stdout")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _check(args) -> Path:
+    """Every bad argument fails here, before any slow work; returns the output path."""
+    html_report.require_matplotlib()
+    models = [args.dense, *args.pruned]
+    for path in models:
+        if not Path(path).is_file():
+            raise SpaError(f"cannot load model '{path}': " + ("it is a directory" if Path(path).is_dir()
+                                                              else "no such file"))
+    if args.samples is not None and args.samples < 1:
+        raise SpaError(f"invalid --samples {args.samples}: it must be a positive integer")
+    src = Path(args.dense)
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.report.html")
+    if out.is_dir():
+        raise SpaError(f"cannot write '{out}': it is a directory", "give a file name such as report.html")
+    check_writable(out)
+    for path in models + [args.bench, args.data]:
+        if path and Path(path).resolve() == out.resolve():
+            raise SpaError(f"refusing to write '{out}': it is an input of the report", "choose another -o path")
+    return out
+
+
+def _command(args) -> str:
+    """The command line as typed when run as `spa report ...`, else rebuilt from the arguments."""
+    if Path(sys.argv[0]).name == "spa" and sys.argv[1:2] == ["report"]:
+        return shlex.join(["spa", *sys.argv[1:]])
+    argv = ["spa", "report", args.dense, *args.pruned]
+    for flag in ("bench", "data", "samples", "title", "output"):
+        if getattr(args, flag) is not None:
+            argv += ["-o" if flag == "output" else f"--{flag}", str(getattr(args, flag))]
+    return shlex.join(argv + (["--json"] if args.json else []))
+
+
+def report(args) -> int:
+    out = _check(args)
+    doc = html_report.collect(args.dense, args.pruned, bench=args.bench, data=args.data, samples=args.samples,
+                              title=args.title, command=_command(args), step=partial(step, quiet=args.json))
+    with step("rendering", args.json):
+        page = html_report.render(doc)
+    write_text_atomic(out, page)
+    if args.json:
+        print(json.dumps({**doc, "output": str(out)}))
+    else:
+        err.print(f"wrote {out} ({len(page):,} bytes)", markup=False, highlight=False)
+    return 0
+
+
+COMMANDS = {"report": report}

@@ -1,0 +1,137 @@
+"""Attention blocks as the groups see them: heads, head_dim, MLP width, before and after a plan.
+
+    Softmax(scores) ─▶ scores = MatMul(Q, Kᵀ) [· scale + mask] ─▶ heads = scores' leading axes
+                                                                  head_dim = Q's last axis
+    MatMul(Softmax(..), V)                                      ─▶ V's head_dim = V's last axis
+    prunable groups anchored after this Softmax, before the next ─▶ intermediate (MLP widths)
+
+Nothing here knows an architecture: a block is found from the graph's own attention
+arithmetic, and each size is read from the channel groups that touch that axis (a
+position dropped by any of them is gone), so GQA's query heads (KV heads x queries per
+KV head) and heads that are locked come out right. Sizes of axes no group touches are
+reported as fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from spa.core.analysis import Analysis, Group
+
+# ops between the score MatMul and Softmax, and between Softmax and the value MatMul
+_SCORE_OPS = {"Add", "Mul", "Div", "Sub", "Where", "Cast", "Identity", "Dropout", "Max", "Min", "Reshape", "Squeeze",
+              "Unsqueeze"}
+_DEPTH = 6
+
+
+@dataclass
+class Axis:
+    """One attention dimension: its size before/after and the groups that change it."""
+
+    before: int | None
+    after: int | None
+    groups: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"before": self.before, "after": self.after, "groups": self.groups}
+
+    def text(self) -> str:
+        if self.before is None:
+            return "?"
+        if not self.groups:
+            return f"{self.before} (fixed)"
+        return str(self.before) if self.after == self.before else f"{self.before} -> {self.after}"
+
+
+@dataclass
+class Block:
+    softmax: str
+    heads: Axis
+    head_dim: Axis
+    v_head_dim: Axis
+    intermediate: list[Axis]
+
+    def to_json(self) -> dict:
+        return {"softmax": self.softmax, "heads": self.heads.to_json(), "head_dim": self.head_dim.to_json(),
+                "v_head_dim": self.v_head_dim.to_json(), "intermediate": [a.to_json() for a in self.intermediate]}
+
+
+def _walk(index, start: str, up: bool):
+    """The first MatMul reached from `start` through score arithmetic (producers if `up`)."""
+    frontier = [start]
+    for _ in range(_DEPTH):
+        nxt = []
+        for name in frontier:
+            nodes = [index.producer.get(name)] if up else index.consumers.get(name, [])
+            for node in filter(None, nodes):
+                if node.op_type == "MatMul":
+                    return node
+                if node.op_type in _SCORE_OPS:
+                    nxt += [i for i in node.input if i and not index.is_const(i)] if up else list(node.output)
+        frontier = nxt
+    return None
+
+
+def _touching(analysis: Analysis, spaces: list[tuple]) -> list[Group]:
+    return [g for g in analysis.groups if any(s in g.positions for s in spaces)]
+
+
+def _axis(analysis: Analysis, spaces: list[tuple], plan: dict) -> Axis:
+    """Size of the first of `spaces` with a static size, before and after `plan`."""
+    spaces = [s for s in spaces if isinstance(_size(analysis, s), int)]
+    if not spaces:
+        return Axis(None, None)
+    groups = _touching(analysis, spaces)
+    space = next((s for s in spaces if any(s in g.positions for g in groups)), spaces[0])
+    before = _size(analysis, space)
+    gone = set()
+    for g in groups:
+        for ch in plan.get(g.id, []):
+            if space in g.positions:
+                gone.update(int(p) for p in g.positions[space][ch])
+    return Axis(before, before - len(gone), [g.id for g in groups if space in g.positions])
+
+
+def _size(analysis: Analysis, space: tuple):
+    shape = analysis.index.shape(space[0])
+    return shape[space[1]] if shape is not None and 0 <= space[1] < len(shape) else None
+
+
+def _node_order(analysis: Analysis) -> dict[str, int]:
+    first_use = {}
+    for i, node in enumerate(analysis.index.graph.node):
+        for name in node.input:
+            first_use.setdefault(name, i)
+    return first_use
+
+
+def attention_blocks(analysis: Analysis, plan: dict | None = None) -> list[Block]:
+    """One Block per Softmax that sits between two MatMuls (an attention), in graph order."""
+    plan = plan or {}
+    index = analysis.index
+    found = []
+    for i, node in enumerate(index.graph.node):
+        if node.op_type != "Softmax":
+            continue
+        qk, av = _walk(index, node.input[0], up=True), _walk(index, node.output[0], up=False)
+        if qk is None or av is None:
+            continue
+        found.append((i, node, qk, av))
+    first_use = _node_order(analysis)
+    anchor = {g.id: first_use.get(g.members[0].tensor, 1 << 30) for g in analysis.groups}
+    blocks, attention_groups = [], set()
+    for i, node, qk, av in found:
+        scores, q, v, out = node.input[0], qk.input[0], av.input[1], av.output[0]
+        lead = lambda name: [(name, a) for a in range(max((index.rank(name) or 0) - 2, 0))]
+        heads = _axis(analysis, lead(scores) + lead(out) + lead(q), plan)
+        head_dim = _axis(analysis, [(q, (index.rank(q) or 0) - 1)], plan)
+        v_head_dim = _axis(analysis, [(v, (index.rank(v) or 0) - 1)], plan)
+        attention_groups.update(heads.groups + head_dim.groups + v_head_dim.groups)
+        blocks.append(Block(index.label(node).strip("'"), heads, head_dim, v_head_dim, []))
+    ends = [i for i, *_ in found[1:]] + [1 << 31]
+    for block, (start, *_), end in zip(blocks, found, ends):
+        for g in analysis.groups:
+            if g.prunable and g.id not in attention_groups and not g.stats_only and start < anchor[g.id] < end:
+                dropped = len(plan.get(g.id, []))
+                block.intermediate.append(Axis(g.size, g.size - dropped, [g.id]))
+    return blocks

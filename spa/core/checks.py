@@ -1,0 +1,84 @@
+"""What every pass ensures of the model it writes: the ONNX checker (no worse than its input)
+and a run in ONNX Runtime with the input's outputs' names, dtypes and shapes, all finite."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from spa.core.errors import VerificationError, first_line
+from spa.core.model import check_model
+from spa.core.runtime import random_feeds, run
+
+
+def check_against(candidate, original) -> None:
+    """Raise VerificationError unless `candidate` passes the full ONNX check.
+
+    A model whose input already fails the full check (some exporters declare wrong output
+    ranks) is held to the plain check plus the same full-check complaint as its input.
+    Both arguments may be ModelProtos or file paths (files avoid a serialised copy)."""
+    after = checker_message(candidate)
+    if after is not None:
+        before = checker_message(original)
+        if after != before or checker_message(candidate, full=False) is not None:
+            raise VerificationError(f"pruned model fails the ONNX checker: {after}")
+
+
+def checker_message(model, full: bool = True) -> str | None:
+    """First line of the ONNX checker's complaint about a ModelProto or a file, or None."""
+    try:
+        check_model(model if isinstance(model, onnx.ModelProto) else str(model), full=full)
+    except Exception as exc:  # noqa: BLE001
+        return first_line(exc, default=type(exc).__name__)
+    return None
+
+
+def compare_outputs(reference, candidate, feeds: dict, light: bool = False) -> dict:
+    """Run both in ONNX Runtime on `feeds`; per-output shapes and errors.
+
+    `reference` may also be its outputs already computed ({name: array})."""
+    ref = reference if isinstance(reference, dict) else run(reference, feeds, light)
+    out = run(candidate, feeds, light)
+    report = {"outputs": {}, "ok": set(ref) == set(out)}
+    for name, r in ref.items():
+        o = out.get(name)
+        if not isinstance(r, np.ndarray):  # sequences/maps (ZipMap): same kind and length
+            same = type(o) is type(r) and len(o) == len(r)
+            report["outputs"][name] = {"kind": type(r).__name__, "same_shape": same}
+            report["ok"] &= same
+            continue
+        entry = {"shape": list(r.shape), "same_shape": o is not None and o.shape == r.shape}
+        if entry["same_shape"] and np.issubdtype(r.dtype, np.floating):
+            r64, o64 = r.astype(np.float64), o.astype(np.float64)
+            entry["max_abs"] = float(np.max(np.abs(r64 - o64))) if r.size else 0.0
+            entry["rel_err"] = float(np.linalg.norm(r64 - o64) / max(np.linalg.norm(r64), 1e-12))
+            entry["finite"] = bool(np.isfinite(o64).all())
+        report["ok"] &= entry["same_shape"] and (o is None or o.dtype == r.dtype)
+        report["outputs"][name] = entry
+    return report
+
+
+def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
+    """Run original and pruned on the same random inputs; raise if the pruned model breaks.
+
+    Models run from their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
+    feeds = random_feeds(model.proto, seed=seed)
+    # from files where we have them: ORT reads them directly, no serialisation copy
+    original = model.path if model.path is not None else model.proto
+    candidate = pruned_file if pruned_file is not None else pruned
+    try:
+        reference = run(original, feeds, light=True)
+    except Exception as exc:  # noqa: BLE001
+        why = first_line(exc, limit=200, default=type(exc).__name__)
+        return {"status": "skipped", "reason": f"the input model does not run on random inputs ({why})"}
+    try:
+        rep = compare_outputs(reference, candidate, feeds, light=True)
+    except Exception as exc:
+        why = first_line(exc, default=type(exc).__name__)
+        raise VerificationError(f"pruned model fails in ONNX Runtime: {why}") from exc
+    if not rep["ok"]:
+        raise VerificationError("pruned model changes the outputs' names, dtypes or shapes")
+    if any(o.get("finite") is False for o in rep["outputs"].values()):
+        raise VerificationError("pruned model gives non-finite outputs")
+    errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
+    return {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"]}

@@ -1,0 +1,80 @@
+"""Parameter and multiply-accumulate counts from a model's graph and inferred shapes.
+
+Dynamic dims (batch, sequence) count as 1, so MACs are per sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from spa.core.graph import attr
+from spa.core.model import COPY, Model, constant_node_value
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def params(model: Model, shapes: dict | None = None) -> int:
+    """Elements of floating-point initializers and Constant nodes (`shapes`: other shapes for
+    some of them, as they will be once pruned)."""
+    shapes = shapes or {}
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    total = sum(_numel(shapes.get(t.name, dims[t.name])) for t in model.graph.initializer
+                if t.data_type in FLOAT_TYPES and not _is_copy(t.name, dims))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = constant_node_value(node)
+            if value is not None and np.issubdtype(value.dtype, np.floating):
+                total += _numel(shapes[node.output[0]]) if node.output[0] in shapes else int(value.size)
+    return total
+
+
+def _is_copy(name: str, dims: dict) -> bool:
+    """A per-use copy of a uniform constant with its original's shape stores nothing new."""
+    base = name.split(COPY)[0]
+    return base != name and dims.get(base) == dims[name]
+
+
+def _numel(shape) -> int:
+    return int(np.prod([d or 1 for d in shape], dtype=np.int64)) if shape is not None else 0
+
+
+def _node_macs(node, shapes) -> int:
+    get = shapes.get
+    if node.op_type == "Conv" and get(node.input[1]) and get(node.output[0]):
+        w = get(node.input[1])
+        return _numel(get(node.output[0])) * _numel(w[1:])
+    if node.op_type == "ConvTranspose" and get(node.input[1]) and get(node.input[0]):
+        w = get(node.input[1])
+        return _numel(get(node.input[0])) * _numel(w[1:])
+    if node.op_type in ("Gemm", "MatMul") and get(node.input[0]) and get(node.output[0]):
+        a = get(node.input[0])
+        trans = node.op_type == "Gemm" and attr(node, "transA", 0)
+        k = (a[0] if trans else a[-1]) or 1
+        return _numel(get(node.output[0])) * k
+    return 0
+
+
+def macs(model: Model) -> int:
+    return sum(_node_macs(n, model.shapes) for n in model.graph.node)
+
+
+def summary(model: Model) -> dict:
+    return {"params": params(model), "macs": macs(model)}
+
+
+def estimate(analysis, plan: dict) -> dict:
+    """Params and MACs the model will have once `plan` is applied, from shapes alone (the
+    planner's budget search runs it many times; pruning would copy every weight each time)."""
+    from spa.core.analysis import dropped_positions
+
+    cuts: dict = {}
+    for (tensor, axis), pos in dropped_positions(analysis, plan).items():
+        cuts.setdefault(tensor, {})[axis] = len(pos)
+    model = analysis.model
+    shapes = dict(model.shapes)
+    for tensor, cut in cuts.items():
+        if shapes.get(tensor) is not None:
+            shapes[tensor] = tuple(d - cut.get(k, 0) if d else d for k, d in enumerate(shapes[tensor]))
+    pruned = {t: shapes[t] for t in cuts if shapes.get(t) is not None}
+    return {"params": params(model, pruned), "macs": sum(_node_macs(n, shapes) for n in model.graph.node)}

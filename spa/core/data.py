@@ -1,0 +1,88 @@
+"""Calibration and evaluation data: `.npz` files keyed by graph input name, or any iterable of feeds.
+
+    data.npz {"x": [N, ...], "labels": [N]} ─load_npz─▶ arrays ─batches─▶ {"x": [b, ...]}, ...
+
+The first axis of every array is the sample axis. A labels array (any key that is not a
+graph input) is taken apart with `split_labels`. Python users may pass any iterable of
+feed dicts instead of a file; nothing here needs the whole set in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from spa.core.errors import SpaError
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """All arrays of an `.npz` file (object arrays refused: no pickles are loaded)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpaError(f"cannot read data '{path}': no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise SpaError(f"cannot read data '{path}': not a valid .npz file ({exc})") from None
+
+
+def require_keys(arrays: dict, inputs: list[str], labels: str | None = None) -> None:
+    """A clear error when the data lacks an array for a model input or the labels key."""
+    missing = [n for n in inputs if n not in arrays]
+    if missing:
+        raise SpaError(f"data has no array for model input(s) {missing} (it has {sorted(arrays)})",
+                       "save the data keyed by the model's input names")
+    if labels is not None and labels not in arrays:
+        raise SpaError(f"data has no labels key '{labels}' (it has {sorted(arrays)})")
+
+
+def split_labels(arrays: dict, inputs: list[str], labels: str | None) -> tuple[dict, np.ndarray | None]:
+    """(feed arrays for `inputs`, labels or None); clear errors for missing keys and sizes."""
+    require_keys(arrays, inputs, labels)
+    feeds = {n: arrays[n] for n in inputs}
+    y = arrays[labels] if labels is not None else None
+    sizes = {len(a) for a in feeds.values()} | ({len(y)} if y is not None else set())
+    if len(sizes) != 1:
+        raise SpaError(f"data arrays disagree on the number of samples ({sorted(sizes)})")
+    return feeds, y
+
+
+def batches(feeds: dict[str, np.ndarray], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Slices of `size` samples along the first axis."""
+    n = len(next(iter(feeds.values())))
+    for start in range(0, n, size):
+        yield {k: v[start:start + size] for k, v in feeds.items()}
+
+
+def as_batches(data, size: int = 64) -> Iterable[dict[str, np.ndarray]]:
+    """A dict of arrays (split into batches) or an iterable of feed dicts (used as they are)."""
+    if isinstance(data, dict):
+        return batches(data, size)
+    return data
+
+
+def calibration_batches(feeds: dict, batch: int, max_samples: int | None = None) -> list[dict]:
+    """Feed dicts of up to `batch` samples (sliced along the first axis of the first array) from
+    arrays keyed by input name; 0-d arrays (a sample rate) go with every batch unchanged."""
+    arrays = {k: np.asarray(v) for k, v in feeds.items() if np.ndim(v)}
+    scalars = {k: np.asarray(v) for k, v in feeds.items() if not np.ndim(v)}
+    full = len(next(iter(arrays.values()))) if arrays else 1
+    n = full if max_samples is None else min(full, max_samples)
+    # the last batch stops at max_samples; without a cut, slices run as far as each array goes (a
+    # recurrent state whose first axis is not the samples' goes whole with a single batch)
+    end = (lambda i: i + batch) if n == full else (lambda i: min(i + batch, n))
+    return [{**{k: v[i:end(i)] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)]
+
+
+def static_batch(proto: onnx.ModelProto, batch: int) -> int:
+    """A model whose inputs have a fixed first dimension is calibrated in batches of that size."""
+    inits = {t.name for t in proto.graph.initializer}
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        if i.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return dims[0].dim_value
+    return batch

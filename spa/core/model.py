@@ -1,0 +1,435 @@
+"""Model I/O: load (with safe external data), shape inference, atomic save.
+
+    path ─load─▶ Model(proto, shapes) ─save─▶ path'   (temp file + rename; input never touched)
+
+Shapes come from ONNX shape inference; where it leaves a tensor's rank or a dim
+unknown we try ONNX Runtime's symbolic shape inference, then running the model twice
+(dynamic dims fed as 1 and 2: a dim that differs between the runs is dynamic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, numpy_helper
+
+from spa.core.errors import SpaError, first_line
+from spa.core.runtime import random_feeds, run_with_outputs
+from spa.core.sizes import TWO_GB, file_bytes, weight_bytes  # noqa: F401 - re-exported: model I/O's sizes
+
+Shape = tuple  # tuple[int | None, ...]: static dims as int, dynamic/unknown as None
+
+
+@dataclass
+class Model:
+    """An ONNX model plus what spa knows about its tensors."""
+
+    proto: onnx.ModelProto
+    path: Path | None = None
+    shapes: dict[str, Shape] = field(default_factory=dict)
+    dtypes: dict[str, int] = field(default_factory=dict)
+    unknown: set[str] = field(default_factory=set)  # tensors with a dim neither static nor symbolic
+    external_files: set[Path] = field(default_factory=set)  # external data the model was loaded from
+
+    def drop_weights(self) -> None:
+        """Keep the graph, free the initializers' data (the file still has them)."""
+        self.proto = skeleton(self.proto)
+
+    def refuse_overwrite(self, *targets) -> None:
+        """Error if writing `targets` (or their `.data` companions) would clobber this model's files."""
+        mine = {p.resolve() for p in self.external_files}
+        if self.path is not None:
+            mine.add(Path(self.path).resolve())
+        for target in targets:
+            if target is None:
+                continue
+            target = Path(target)
+            for candidate in (target, target.with_name(target.name + ".data")):
+                if candidate.resolve() in mine:
+                    raise SpaError(f"refusing to write '{candidate}': it is a file of the input model",
+                                   "choose another output path")
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.proto.graph
+
+    @property
+    def input_names(self) -> list[str]:
+        """The graph inputs a caller feeds (not initializers listed as inputs)."""
+        inits = {t.name for t in self.proto.graph.initializer}
+        return [i.name for i in self.proto.graph.input if i.name not in inits]
+
+
+def _all_tensors(model: onnx.ModelProto):
+    return external_data_helper._get_all_tensors(model)
+
+
+def _check_external_data(model: onnx.ModelProto, base: Path) -> set[Path]:
+    """Validate external data locations; return the files they name."""
+    root = base.resolve()
+    files = set()
+    for tensor in _all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        info = external_data_helper.ExternalDataInfo(tensor)
+        loc = info.location
+        target = (root / loc).resolve()
+        if os.path.isabs(loc) or root not in target.parents:
+            raise SpaError(
+                f"refusing external data for tensor '{tensor.name}': location '{loc}' "
+                f"escapes the model's folder {root}",
+                "external data files must sit beside the model (relative paths inside its folder)",
+            )
+        if not target.is_file():
+            raise SpaError(
+                f"external data file '{loc}' for tensor '{tensor.name}' is missing",
+                "copy the .data file next to the model",
+            )
+        files.add(target)
+        end = (info.offset or 0) + (info.length or 0)
+        if end > target.stat().st_size:
+            raise SpaError(
+                f"external data for tensor '{tensor.name}' reads past the end of '{loc}' "
+                f"({end} > {target.stat().st_size} bytes): the file is truncated"
+            )
+    return files
+
+
+def load(path: str | os.PathLike, infer: bool = True) -> Model:
+    """Load an ONNX model (external data checked and loaded) and infer its shapes."""
+    path = Path(path)
+    if not path.exists():
+        raise SpaError(f"cannot load model '{path}': no such file")
+    if path.is_dir():
+        raise SpaError(f"cannot load model '{path}': it is a directory", "pass the .onnx file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for garbage input
+        raise SpaError(
+            f"cannot load model '{path}': not a valid ONNX file ({type(exc).__name__})",
+            "check that the file is an .onnx model and is complete",
+        ) from exc
+    if not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise SpaError(
+            f"cannot load model '{path}': not a valid ONNX file (no graph or no nodes)",
+            "check that the file is an .onnx model and is complete",
+        )
+    external = _check_external_data(proto, path.parent)
+    external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    _check_proto(proto, path, from_file=bool(external))
+    model = Model(proto, path, external_files=external)
+    if infer:
+        infer_shapes(model)
+    return model
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Silence C++ code that prints to fd 1 (the ONNX checker's experimental-op warnings),
+    so `--json` output on stdout stays one clean document."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def check_model(model, full: bool = False) -> None:
+    with quiet_stdout():
+        onnx.checker.check_model(model, full_check=full)
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path, from_file: bool) -> None:
+    """The ONNX checker; models with external data are checked from their file (no copy)."""
+    try:
+        check_model(str(path) if from_file else proto)
+    except onnx.checker.ValidationError as exc:
+        first = first_line(exc, limit=200, default="invalid model")
+        raise SpaError(
+            f"cannot load model '{path}': the ONNX checker rejects it ({first})",
+            "the file may be truncated or written by a broken exporter",
+        ) from exc
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _dims(type_proto: onnx.TypeProto) -> Shape | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        for d in type_proto.tensor_type.shape.dim
+    )
+
+
+def _unknown_dims(type_proto: onnx.TypeProto, known_params: set) -> bool:
+    """A dim is unknown when it has no value and no symbol the model's inputs declare
+    (inference invents symbols such as `unk__3` for sizes it could not compute)."""
+    return any(not d.HasField("dim_value") and d.dim_param not in known_params
+               for d in type_proto.tensor_type.shape.dim)
+
+
+def _input_params(graph: onnx.GraphProto) -> set:
+    return {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+
+
+def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, params: set) -> None:
+    for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
+        dims = _dims(vi.type)
+        if dims is not None and (vi.name not in shapes or vi.name in unknown):
+            shapes[vi.name] = dims
+            if _unknown_dims(vi.type, params):
+                unknown.add(vi.name)
+            else:
+                unknown.discard(vi.name)
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            dtypes.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    for init in graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+        dtypes[init.name] = init.data_type
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = constant_node_value(node)
+            if value is not None:
+                shapes[node.output[0]] = tuple(value.shape)
+                dtypes[node.output[0]] = onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """Value of a Constant node, whatever attribute holds it (None if sparse/unknown)."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def _missing(model: Model) -> list[str]:
+    """Node outputs whose shape is still unknown (unused outputs, e.g. Dropout masks, don't count)."""
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    outs = [o for n in model.graph.node for o in n.output if o in used]
+    return [o for o in outs if o not in model.shapes or o in model.unknown]
+
+
+def infer_shapes(model: Model) -> None:
+    """Fill model.shapes/dtypes: ONNX inference, then ORT symbolic, then a real run."""
+    model.shapes, model.dtypes, model.unknown = {}, {}, set()
+    params = _input_params(model.graph)
+    _collect(model.graph, model.shapes, model.dtypes, model.unknown, params)
+    bones = skeleton(model.proto)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(bones, data_prop=True)
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
+    except Exception:  # noqa: BLE001, S110
+        pass  # partial knowledge is fine: the fallbacks below fill the gaps
+    if _missing(model):
+        _symbolic_fallback(model, bones, params)
+    if _missing(model):
+        _run_fallback(model)
+
+
+def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> None:
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(bones, auto_merge=True, guess_output_rank=True)
+    except Exception:  # noqa: BLE001
+        return
+    if inferred is not None:
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
+
+
+def _run_fallback(model: Model) -> None:
+    """Run the model with every unknown tensor as an output, dynamic dims at 1 and 2."""
+    names = [n for n in _missing(model) if n in model.dtypes]
+    if not names or weight_bytes(model.proto) >= TWO_GB:
+        return
+    try:
+        runs = [run_with_outputs(model, names, random_feeds(model, dynamic=d)) for d in (1, 2)]
+    except Exception:  # noqa: BLE001
+        return
+    for name in names:
+        a, b = runs[0].get(name), runs[1].get(name)
+        if a is None or b is None or a.ndim != b.ndim:
+            continue
+        model.shapes[name] = tuple(x if x == y else None for x, y in zip(a.shape, b.shape))
+        model.unknown.discard(name)
+
+
+# ---------------------------------------------------------------- copies without the weights
+
+SMALL = 4096  # elements: initializers at most this large are kept in skeletons (shape constants)
+CONSTANT_OPS = ("Constant", "ConstantOfShape", "Identity")  # nodes that can hold a parameter's value
+COPY = ".spa_use"  # name suffix of the per-use copies of a shared uniform constant (analysis.untie_uniform)
+
+
+def _copy_except(msg, skip: set):
+    """A copy of a protobuf message without the fields named in `skip`."""
+    new = type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.name in skip:
+            continue
+        target = getattr(new, fd.name)
+        if hasattr(value, "extend") and not isinstance(value, (str, bytes)):
+            target.extend(value)
+        elif fd.message_type is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(new, fd.name, value)
+    return new
+
+
+def copy_without_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with an empty initializer list (the caller adds what it needs)."""
+    out = _copy_except(proto, {"graph"})
+    out.graph.CopyFrom(_copy_except(proto.graph, {"initializer"}))
+    return out
+
+
+def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose large initializers keep name, dtype and dims but no data: enough for
+    shape inference, and it never copies the weights (nor hits the 2 GB protobuf limit)."""
+    out = copy_without_initializers(proto)
+    for t in proto.graph.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= SMALL:
+            out.graph.initializer.append(t)
+        else:
+            out.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
+    return out
+
+
+# ---------------------------------------------------------------- saving
+
+
+def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """Fail early (before any work) when `path` cannot be written or is the input."""
+    path = Path(path)
+    folder = path.parent
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise SpaError(f"refusing to write '{path}': it is the input model", "choose another -o path")
+    if path.is_dir():
+        raise SpaError(f"cannot write '{path}': it is a directory", "give a file name such as model.pruned.onnx")
+    if not folder.is_dir():
+        raise SpaError(f"cannot write '{path}': folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SpaError(f"cannot write '{path}': permission denied", "choose a writable -o path")
+    return path
+
+
+def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, verify=None) -> Path:
+    """Write atomically: temp files in the target folder, then rename into place.
+
+    Models whose weights exceed 2 GB get one external data file `<name>.data` beside them.
+    `verify(temp_path)` runs on the written file before the rename; if it raises, nothing
+    is left behind.
+    """
+    path = check_writable(path, source)
+    folder = path.parent
+    tmpdir = Path(tempfile.mkdtemp(prefix=".spa-tmp-", dir=folder))
+    try:
+        tmp = tmpdir / path.name
+        external = weight_bytes(proto) >= TWO_GB
+        if external:
+            _save_with_external_data(proto, tmp, path.name + ".data")
+        else:
+            onnx.save_model(proto, str(tmp))
+        if verify is not None:
+            verify(tmp)
+        if external:
+            os.replace(tmpdir / (path.name + ".data"), folder / (path.name + ".data"))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as exc:
+        raise SpaError(f"cannot write '{path}': {getattr(exc, 'strerror', None) or exc}") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return path
+
+
+def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -> None:
+    """Move raw tensor bytes >= 1 KiB to `location` beside `tmp`, write the graph, then put
+    the bytes back so the caller's proto is unchanged (no second copy of the weights)."""
+    moved = []
+    try:
+        with open(tmp.parent / location, "wb") as data:
+            for tensor in _all_tensors(proto):
+                if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
+                    raw = tensor.raw_data
+                    offset = data.tell()
+                    data.write(raw)
+                    moved.append((tensor, raw))
+                    external_data_helper.set_external_data(tensor, location, offset=offset, length=len(raw))
+                    tensor.data_location = onnx.TensorProto.EXTERNAL
+                    tensor.ClearField("raw_data")
+        with open(tmp, "wb") as f:
+            f.write(proto.SerializeToString())
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON document in `path`; a one-line SpaError naming `what` (plan, sensitivity) if not."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SpaError(f"cannot read {what} '{path}': no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpaError(f"cannot read {what} '{path}': not valid JSON ({exc})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Bytes to `path` through a temp file in the same folder and a rename: never half a file.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".spa-tmp-", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise SpaError(f"cannot write '{path}': {exc.strerror or exc}") from None
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Small text files (plans, reports, bench results), checked writable, written atomically."""
+    write_atomic(check_writable(path), text.encode())

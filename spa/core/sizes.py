@@ -1,0 +1,30 @@
+"""Sizes of models in memory and on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+TWO_GB = 2**31 - 1  # protobuf's limit: larger models live in external data files
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes held by initializers, from dims and dtype (reading raw_data would copy it)."""
+    total = 0
+    for t in proto.graph.initializer:
+        try:
+            item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError, ValueError):
+            item = 4
+        total += int(np.prod(t.dims, dtype=np.int64)) * item
+    return total
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a model file plus its `<file>.data` external weights, when there are some."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)

@@ -1,0 +1,161 @@
+"""What spa shows: analysis tables, before/after summaries, JSON documents."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+from spa.api.prune import reinfer
+from spa.core import cost
+from spa.core.sizes import file_bytes
+
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
+
+
+def analysis_json(analysis, schema: int, blocks=()) -> dict:
+    c = cost.summary(analysis.model)
+    return {
+        "schema_version": schema,
+        "model": str(analysis.model.path) if analysis.model.path else None,
+        "params": c["params"],
+        "macs": c["macs"],
+        "groups": [g.to_json() for g in analysis.groups],
+        "barriers": analysis.barriers,
+        "attention_blocks": [b.to_json() for b in blocks],
+    }
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def print_analysis(analysis, doc: dict) -> None:
+    table = Table(title=f"channel groups of {doc['model']}", title_justify="left")
+    for col in ("id", "channels", "members", "prunable", "zero-invariant"):
+        table.add_column(col, overflow="fold")
+    for g in analysis.groups:
+        prunable = "yes" if g.prunable else f"no: {g.reason}"
+        if g.prunable and g.locked:
+            prunable = f"yes ({len(g.locked)} locked)"
+        zi = "yes" if g.zero_invariant else f"no: {g.zi_reason}"
+        if g.stats_only:
+            zi = f"no, hidden size (pruned with --prune-hidden): {g.zi_reason}"
+        table.add_row(g.id, str(g.size), str(len(g.members)), prunable, zi)
+    out.print(table)
+    n_prunable = sum(g.prunable for g in analysis.groups)
+    n_zi = sum(g.prunable and g.zero_invariant for g in analysis.groups)
+    out.print(f"{len(analysis.groups)} groups, {n_prunable} prunable ({n_zi} zero-invariant); "
+              f"params {_fmt(doc['params'])}, MACs {_fmt(doc['macs'])}")
+    if analysis.barriers:
+        kinds = Counter(n.op_type for n in analysis.index.graph.node if (n.name or n.op_type) in analysis.barriers)
+        out.print("barriers (ops without a coupling rule): " + ", ".join(f"{k} x{v}" for k, v in kinds.most_common()))
+
+
+def print_blocks(blocks, title: str) -> None:
+    """Per attention block: heads, head_dim (Q/K and V) and MLP widths, 'before -> after'."""
+    if not blocks:
+        return
+    table = Table(title=title, title_justify="left")
+    for col in ("block", "softmax", "heads", "head_dim q/k", "head_dim v", "intermediate"):
+        table.add_column(col, overflow="fold")
+    for i, b in enumerate(blocks):
+        widths = ", ".join(a.text() for a in b.intermediate) or "-"
+        table.add_row(str(i), b.softmax, b.heads.text(), b.head_dim.text(), b.v_head_dim.text(), widths)
+    out.print(table)
+
+
+SHAPE_LOCKS = ("computed shape", "read by Shape", "computed at run time", "computed as a product")
+
+
+def shape_locked(analysis) -> bool:
+    """Some channels are locked by run-time shape arithmetic (what --simplify may fold)."""
+    reasons = [g.reason or "" for g in analysis.groups]
+    return any(key in r for r in reasons for key in SHAPE_LOCKS)
+
+
+def print_eval(doc: dict) -> None:
+    line = f"{doc['model']}: {doc['samples']} samples"
+    if "accuracy" in doc:
+        line += f", top-1 accuracy {100 * doc['accuracy']:.2f}% (output '{doc['scored_output']}')"
+    out.print(line, highlight=False)
+    if "fidelity" in doc:
+        table = Table(title=f"fidelity to {doc['reference']}", title_justify="left")
+        for col in ("output", "cosine", "relative error", "max abs error"):
+            table.add_column(col, justify="right")
+        for name, f in doc["fidelity"].items():
+            table.add_row(name, f"{f['cosine']:.6f}", f"{f['rel_err']:.3g}", f"{f['max_abs']:.3g}")
+        out.print(table)
+
+
+def why_nothing(analysis) -> str:
+    if not analysis.groups:
+        graph = analysis.index.graph
+        layers = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+        sub = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+        bodies = [n for n in graph.node if any(a.type in sub for a in n.attribute)]
+        if not layers and bodies:
+            kinds = sorted({n.op_type for n in bodies})
+            return (f"its layers sit inside {'/'.join(kinds)} subgraphs, which spa does not rewrite "
+                    "(control flow is a barrier)")
+        return "it has no channel group with constant weights (weights computed at run time, or no Conv/Gemm/MatMul)"
+    reasons = Counter(g.reason for g in analysis.groups)
+    top, n = reasons.most_common(1)[0]
+    return f"none of its {len(analysis.groups)} channel groups is prunable (most common reason, {n}x: {top})"
+
+
+def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, check, schema: int,
+               blocks=()) -> dict:
+    before = dict(before)
+    after = cost.summary(reinfer(pruned))
+    before["bytes"], after["bytes"] = file_bytes(args.model), file_bytes(out_path)
+    return {
+        "schema_version": schema,
+        "input": str(args.model),
+        "output": str(out_path),
+        "ratio": args.ratio,
+        "target": {k: getattr(args, f"target_{k}", None) for k in ("params", "macs")
+                   if getattr(args, f"target_{k}", None) is not None} or None,
+        "plan_file": args.plan,
+        "criterion": None if args.plan or getattr(args, "zeros", False) else args.criterion,
+        "zeros": bool(getattr(args, "zeros", False)),
+        "global": bool(args.global_rank),
+        "groups": counts[0],
+        "groups_prunable": counts[1],
+        "groups_pruned": sum(1 for c in plan.values() if c),
+        "prune_hidden": bool(getattr(args, "prune_hidden", False)),
+        "channels_removed": int(sum(len(c) for c in plan.values())),
+        "before": before,
+        "after": after,
+        "check": check,
+        "attention_blocks": [b.to_json() for b in blocks],
+    }
+
+
+def print_prune(doc: dict) -> None:
+    table = Table(title=f"{doc['input']} -> {doc['output']}", title_justify="left")
+    for col in ("", "before", "after", "after/before"):
+        table.add_column(col, justify="right")
+    for key, label in (("params", "params"), ("macs", "MACs"), ("bytes", "file size")):
+        b, a = doc["before"][key], doc["after"][key]
+        table.add_row(label, _fmt(b), _fmt(a), f"{a / b:.3f}" if b else "-")
+    out.print(table)
+    out.print(f"pruned {doc['channels_removed']} channels in {doc['groups_pruned']} of "
+              f"{doc['groups_prunable']} prunable groups ({doc['groups']} groups in all)")
+    check = doc["check"]
+    if check is None:
+        out.print("output check: not run (--no-check)")
+    elif check["status"] == "skipped":
+        out.print(f"output check: skipped: {check['reason']}")
+    else:
+        out.print(f"output check: runs in ONNX Runtime, same outputs' names/dtypes/shapes; "
+                  f"max relative error vs the input model {check['max_rel_err']:.3g} (random inputs)")
+
+

@@ -1,0 +1,112 @@
+"""Measured quality of a model on data: top-1 accuracy, and fidelity to a reference model.
+
+    model (+ reference) ─ONNX Runtime, batch by batch─▶ {accuracy, outputs: {cosine, rel_err, max_abs}}
+
+Fidelity compares every float output of `model` with the same output of `reference` over
+all samples: cosine similarity of the flattened outputs, relative error
+||a - b|| / ||b||, and the largest absolute difference. Accuracy is the share of samples
+whose arg-max over the last axis of the scored output equals the label.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+
+from spa.core.data import as_batches, split_labels
+from spa.core.errors import SpaError
+from spa.core.runtime import checked_session
+
+
+class Fidelity:
+    """Running sums for cosine / relative error of one output."""
+
+    def __init__(self):
+        self.dot = self.aa = self.bb = self.dd = 0.0
+        self.max_abs = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        self.dot += float(a @ b)
+        self.aa += float(a @ a)
+        self.bb += float(b @ b)
+        d = a - b
+        self.dd += float(d @ d)
+        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
+
+    def result(self) -> dict:
+        cos = self.dot / max(np.sqrt(self.aa * self.bb), 1e-300) if self.aa and self.bb else float(self.aa == self.bb)
+        return {"cosine": cos, "rel_err": float(np.sqrt(self.dd) / max(np.sqrt(self.bb), 1e-300)),
+                "max_abs": self.max_abs}
+
+
+def _scored_output(names: list[str], output: str | None) -> str:
+    if output is None:
+        return names[0]
+    if output not in names:
+        raise SpaError(f"model has no output '{output}' (outputs: {names})")
+    return output
+
+
+def evaluate(model, data, labels=None, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
+    """Accuracy (with `labels`) and fidelity to `reference` (a model file or ModelProto).
+
+    `data`: arrays keyed by input name (batched here; other keys are ignored) or any iterable
+    of feed dicts. `labels`: an array, or with array `data` the key of its labels array."""
+    sess = checked_session(model)
+    if isinstance(data, dict):
+        key = labels if isinstance(labels, str) else None
+        data, found = split_labels(data, [i.name for i in sess.get_inputs()], key)
+        labels = found if key is not None else labels
+    ref_sess = checked_session(reference) if reference is not None else None
+    names = [o.name for o in sess.get_outputs()]
+    scored = _scored_output(names, output)
+    if ref_sess is not None and not set(names) <= {o.name for o in ref_sess.get_outputs()}:
+        raise SpaError(f"the reference model lacks outputs of the model ({names})")
+    fid = {}
+    correct = seen = 0
+    for feeds in as_batches(data, batch_size):
+        got = dict(zip(names, sess.run(names, feeds)))
+        if labels is not None:
+            pred = np.argmax(got[scored], axis=-1)
+            y = np.asarray(labels[seen:seen + len(pred)])
+            if pred.shape != y.shape:
+                raise SpaError(f"output '{scored}' of shape {list(got[scored].shape)} does not give one class per "
+                               f"sample (labels {list(y.shape)})", "pick the class scores with --output")
+            correct += int((pred == y).sum())
+        seen += len(got[scored])
+        if ref_sess is not None:
+            want = dict(zip(names, ref_sess.run(names, feeds)))
+            for n in names:
+                if np.issubdtype(np.asarray(got[n]).dtype, np.floating):
+                    fid.setdefault(n, Fidelity()).add(got[n], want[n])
+    if seen == 0:
+        raise SpaError("no samples in the data")
+    doc = {"samples": seen, "scored_output": scored}
+    if labels is not None:
+        if len(labels) != seen:
+            raise SpaError(f"{len(labels)} labels for {seen} samples")
+        doc["accuracy"] = correct / seen
+    if ref_sess is not None:
+        doc["fidelity"] = {n: f.result() for n, f in fid.items()}
+    return doc
+
+
+def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, reference=None,
+                    max_samples: int | None = None, batch_size: int = 64) -> dict:
+    """`evaluate` over arrays keyed by input name, batched the way the model takes them: in its
+    fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch."""
+    import onnx
+
+    from spa.core.data import calibration_batches, require_keys
+    from spa.core.data import static_batch
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in inits]
+    require_keys(arrays, inputs, labels)
+    feeds = calibration_batches({n: arrays[n] for n in inputs}, static_batch(proto, batch_size), max_samples)
+    y = None
+    if labels is not None:
+        y = np.asarray(arrays[labels])[:sum(len(next(iter(f.values()))) for f in feeds)]
+    return evaluate(str(model_path), feeds, y, reference)

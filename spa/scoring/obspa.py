@@ -1,0 +1,174 @@
+"""OBSPA: group-level Optimal Brain Surgeon saliency and compensation (docs/obspa.md).
+
+    group ─"in" members─▶ consumer weights W (rows: positions along the read axis)
+          ─Stats─▶ H = E[x xᵀ] of what they read ─▶ saliency of channel c (positions P):
+                   tr(W_Pᵀ [(H⁻¹)_PP]⁻¹ W_P) / tr(Wᵀ H W)        (relative output error)
+    plan ─▶ per consumer: R = kept positions ─▶ W_R ← (H_RR)⁻¹ E[x_R xᵀ] W,  W_S ← 0
+
+The update is the least-squares optimum (the OBS update in closed form): the remaining inputs
+take over what the removed ones carried, as far as their correlations allow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAMP = 0.01  # H + DAMP * mean(diag H) * I: removed channels may be (near) constant
+
+
+def hessian(stats, member, d: int) -> np.ndarray | None:
+    """E[x xᵀ] of what `member` reads (d x d), or None when unknown, of another width or wider
+    than spa.stats.GRAM_MAX (a Flatten into a classifier: no full matrix is kept)."""
+    mom = stats.get(member.reads) if stats is not None and member.reads is not None else None
+    if mom is None or len(mom.sq) != d or mom.gram is None:
+        return None
+    return mom.gram
+
+
+def inverse(h: np.ndarray) -> np.ndarray:
+    damp = DAMP * max(float(np.mean(np.diag(h))), 1e-12)
+    return np.linalg.inv(h + damp * np.eye(len(h)))
+
+
+def rows(w: np.ndarray, axis: int) -> np.ndarray:
+    """`w` with `axis` first, flattened to (d, rest): each row one position of the read axis."""
+    return np.moveaxis(np.asarray(w, dtype=np.float64), axis, 0).reshape(w.shape[axis], -1)
+
+
+def _energy(w2: np.ndarray, h: np.ndarray) -> float:
+    """tr(Wᵀ H W): the consumer's output energy, what saliencies are relative to."""
+    return max(float(np.sum((h @ w2) * w2)), 1e-30)
+
+
+def _block_saliency(w2: np.ndarray, hinv: np.ndarray, pos) -> np.ndarray:
+    if isinstance(pos, np.ndarray) and pos.shape[1] == 1:  # one position per channel: no solves
+        p = pos[:, 0]
+        return np.einsum("ij,ij->i", w2[p], w2[p]) / np.maximum(np.diag(hinv)[p], 1e-30)
+    if isinstance(pos, np.ndarray):
+        blocks = hinv[pos[:, :, None], pos[:, None, :]]
+        wp = w2[pos]
+        return np.sum(np.linalg.solve(blocks, wp) * wp, axis=(1, 2))
+    return np.array([np.sum(np.linalg.solve(hinv[np.ix_(p, p)], w2[p]) * w2[p]) for p in pos])
+
+
+GREEDY_BUDGET = 3e8  # multiply-adds: above this a group is scored in one shot
+
+
+def greedy(group, weights, stats) -> np.ndarray | None:
+    """OBS removal order: remove the channel of least summed relative error, apply the OBS
+    update to the consumers (weights and inverse Hessians), repeat. Score = the accumulated error
+    when the channel went, so redundant channels (copies of each other) are not all dropped.
+    Falls back to one-shot `saliency` when the group is too large for the budget."""
+    found = _analysable(group, weights, stats)
+    if not found:
+        return None
+    cost = sum(group.size * (len(h) ** 2 + w2.size) for _, w2, h in found)
+    if cost * max(np.size(found[0][0].positions[0]), 1) > GREEDY_BUDGET:
+        return saliency(group, weights, stats)
+    state = [(m.positions, w2.copy(), inverse(h), _energy(w2, h)) for m, w2, h in found]
+    alive = np.ones(group.size, dtype=bool)
+    scores, total = np.zeros(group.size), 0.0
+    for _ in range(group.size):
+        err = sum(_block_saliency(w2, hinv, pos) / energy for pos, w2, hinv, energy in state)
+        err[~alive] = np.inf
+        c = int(np.argmin(err))
+        total += float(err[c])
+        scores[c], alive[c] = total, False
+        for pos, w2, hinv, _ in state:
+            p = np.ravel(pos[c])
+            step = hinv[:, p] @ np.linalg.inv(hinv[np.ix_(p, p)])
+            w2 -= step @ w2[p]
+            hinv -= step @ hinv[p, :]
+            hinv[p, :], hinv[:, p] = 0.0, 0.0  # removed: decoupled (an identity block keeps the
+            hinv[np.ix_(p, p)] = np.eye(len(p))  # solves regular), never chosen again
+    return scores
+
+
+def _analysable(group, weights, stats) -> list:
+    """(member, its weight as rows, H) for each consumer of the group with known statistics."""
+    found = []
+    for m in consumers(group):
+        w = weights[m.tensor]
+        h = hessian(stats, m, w.shape[m.axis])
+        if h is not None:
+            found.append((m, rows(w, m.axis), h))
+    return found
+
+
+def consumers(group) -> list:
+    return [m for m in group.members if m.role == "in"]
+
+
+def saliency(group, weights, stats) -> np.ndarray | None:
+    """Summed relative error over the group's analysable consumers, each channel removed alone
+    (one shot); None if it has none."""
+    found = _analysable(group, weights, stats)
+    if not found:
+        return None
+    return sum(_block_saliency(w2, inverse(h), m.positions) / _energy(w2, h) for m, w2, h in found)
+
+
+def _dropped(analysis, plan: dict) -> dict:
+    """(tensor, axis) -> (member, set of dropped positions) for every "in" member of the plan."""
+    out = {}
+    for gid, channels in plan.items():
+        for m in consumers(analysis.group(gid)):
+            entry = out.setdefault((m.tensor, m.axis), (m, set()))
+            for c in channels:
+                entry[1].update(int(p) for p in np.ravel(m.positions[c]))
+    return out
+
+
+def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
+    """{tensor: updated array}: consumer weights with the OBS update for the dropped channels
+    (`base`: current arrays of some tensors). Consumers without statistics keep their weights
+    (listed in `stats.notes`).
+
+    The update is least squares on the kept positions R: W_R <- (H_RR + damp)⁻¹ E[x'_R xᵀ] W, so
+    the layer's output from the kept inputs x' best matches its output from all inputs x (x' = x
+    one-shot; with paired statistics x is the reference model's and x' the pruned model's)."""
+    base = base or {}
+    updated = {}
+    for (tensor, axis), (member, dropped) in _dropped(analysis, plan).items():
+        w = updated.get(tensor, base.get(tensor))
+        w = analysis.index.value(tensor) if w is None else w
+        h = hessian(stats, member, w.shape[axis])
+        if h is None or not dropped:
+            if h is None:
+                stats.note(f"no statistics for what '{tensor}' reads: not compensated")
+            continue
+        mom = stats.get(member.reads)
+        cross = mom.cross if mom.cross is not None else h
+        w2 = rows(w, axis)
+        keep = np.setdiff1d(np.arange(len(h)), np.array(sorted(dropped)))
+        h_rr = h[np.ix_(keep, keep)]
+        damp = DAMP * max(float(np.mean(np.diag(h_rr))), 1e-12)
+        new = np.zeros_like(w2)
+        new[keep] = np.linalg.solve(h_rr + damp * np.eye(len(keep)), cross[:, keep].T @ w2)
+        moved = np.moveaxis(np.asarray(w), axis, 0)
+        updated[tensor] = np.moveaxis(new.reshape(moved.shape), 0, axis).astype(w.dtype)
+    return updated
+
+
+def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: int = 64, progress=None):
+    """Calibrated compensation one group at a time, in graph order: each group's consumers are
+    measured on the model with the earlier groups already removed (zeroed) and compensated, so
+    their updates also absorb what the earlier removals changed (errors do not compound).
+    Returns ({tensor: array}, Stats of the last step, for its notes)."""
+    from spa.core.values import zeroed
+    from spa.scoring.stats import calibrate, read_spaces, reference_session
+
+    values, notes = {}, []
+    order = [g for g in analysis.groups if plan.get(g.id)]
+    dense = reference_session(analysis, read_spaces(analysis, order))  # built once, read at every step
+    done: dict = {}
+    for k, group in enumerate(order):
+        current = zeroed(analysis, done, values)
+        stats = calibrate(analysis, calib, read_spaces(analysis, [group]), max_samples, batch_size, source=current,
+                          reference=dense)
+        values.update(compensate(analysis, {group.id: plan[group.id]}, stats, values))
+        notes += [n for n in stats.notes if n not in notes]
+        done[group.id] = plan[group.id]
+        if progress is not None:
+            progress(k + 1, len(order))
+    return values, notes

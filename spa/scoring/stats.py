@@ -1,0 +1,169 @@
+"""Activation statistics of the channel spaces that weights read.
+
+    calibration data ─ONNX Runtime (extra outputs)─▶ per space: mean, E[x xᵀ], E|x|, P(x = 0)
+    the graph alone  ─spa.moments (BatchNorm/LayerNorm statistics, weights)─▶ mean, E[x xᵀ]
+
+A space is `(tensor, axis)`: statistics are taken along `axis`, every other axis (batch,
+spatial, sequence) counts as samples. Criteria that need data (`obspa`, `mean-act`, `apoz`)
+get a `Stats` and never see op types; compensation (spa.obspa) uses the same second moments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from spa.core.errors import SpaError
+
+GRAM_MAX = 4096  # a space wider than this keeps only the diagonal of E[x xᵀ]
+
+
+@dataclass
+class Moments:
+    """Statistics of one space along its axis (d channels)."""
+
+    mean: np.ndarray  # (d,)
+    gram: np.ndarray | None  # (d, d) = E[x xᵀ], None when d > GRAM_MAX
+    sq: np.ndarray  # (d,) = E[x²]
+    abs_mean: np.ndarray | None = None  # (d,) E|x| (calibration only)
+    zeros: np.ndarray | None = None  # (d,) fraction of exact zeros (calibration only)
+    cross: np.ndarray | None = None  # (d, d) = E[x_ref x'ᵀ]: reference model's x with this model's x'
+
+
+@dataclass
+class Stats:
+    source: str  # "calibration" or "data-free"
+    spaces: dict = field(default_factory=dict)  # space -> Moments
+    samples: int = 0
+    notes: list = field(default_factory=list)  # what a criterion could not use, one line each
+
+    def get(self, space) -> Moments | None:
+        return self.spaces.get(space)
+
+    def note(self, line: str) -> None:
+        if line not in self.notes:
+            self.notes.append(line)
+
+
+def read_spaces(analysis, groups=None) -> list:
+    """The activation spaces read by the "in" members of `groups` (default: the prunable ones)."""
+    groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
+    seen = {}
+    for g in groups:
+        for m in g.members:
+            if m.role == "in" and m.reads is not None:
+                seen.setdefault(m.reads, None)
+    return list(seen)
+
+
+class _Accumulator:
+    def __init__(self, d: int, paired: bool = False):
+        self.cross = np.zeros((d, d)) if paired and d <= GRAM_MAX else None
+        self.n = 0
+        self.sum = np.zeros(d)
+        self.sq = np.zeros(d)
+        self.abs = np.zeros(d)
+        self.zeros = np.zeros(d)
+        self.gram = np.zeros((d, d)) if d <= GRAM_MAX else None
+
+    def add(self, rows: np.ndarray, ref: np.ndarray | None = None) -> None:
+        if self.cross is not None:
+            self.cross += ref.T @ rows
+        self.n += len(rows)
+        self.sum += rows.sum(0)
+        self.sq += np.einsum("ij,ij->j", rows, rows)
+        self.abs += np.abs(rows).sum(0)
+        self.zeros += (rows == 0).sum(0)
+        if self.gram is not None:
+            self.gram += rows.T @ rows
+
+    def result(self) -> Moments:
+        n = max(self.n, 1)
+        gram = None if self.gram is None else self.gram / n
+        cross = None if self.cross is None else self.cross / n
+        return Moments(self.sum / n, gram, self.sq / n, self.abs / n, self.zeros / n, cross)
+
+
+def _rows(array: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(np.asarray(array, dtype=np.float64), axis, -1).reshape(-1, array.shape[axis])
+
+
+def _with_outputs(proto, names: list, dtypes: dict):
+    """An ONNX Runtime session of `proto` that also returns the tensors `names`."""
+    import onnx
+
+    from spa.core.runtime import checked_session
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in present and name in dtypes:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None))
+    return checked_session(out)
+
+
+def reference_session(analysis, spaces):
+    """An ONNX Runtime session of the analysed model that also returns the tensors of `spaces`."""
+    return _with_outputs(analysis.model.proto, list(dict.fromkeys(t for t, _ in spaces)), analysis.model.dtypes)
+
+
+def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: int = 64, progress=None,
+              source=None, reference=None) -> Stats:
+    """Run `data` (arrays keyed by input name, or an iterable of feed dicts) through ONNX
+    Runtime once, with every space's tensor as an extra output, and accumulate its moments.
+    `source`: a ModelProto of the same graph with other weights (pruned ones zeroed and
+    compensated); its moments are then paired with the analysed model's (`Moments.cross`).
+    `reference`: a `reference_session` covering `spaces`, when the caller calibrates repeatedly."""
+    from spa.core.data import as_batches, calibration_batches, require_keys
+
+    spaces = read_spaces(analysis) if spaces is None else list(spaces)
+    tensors = list(dict.fromkeys(t for t, _ in spaces))
+    dtypes = analysis.model.dtypes
+    ref = reference if reference is not None else _with_outputs(analysis.model.proto, tensors, dtypes)
+    sess = ref if source is None else _with_outputs(source, tensors, dtypes)
+    if isinstance(data, dict):  # batched as the model takes them (a fixed batch size; 0-d arrays with every batch)
+        from spa.core.data import static_batch
+
+        inputs = [i.name for i in sess.get_inputs()]
+        require_keys(data, inputs)
+        data = calibration_batches({n: data[n] for n in inputs}, static_batch(analysis.model.proto, batch_size))
+    acc: dict = {}
+    seen = 0
+    for feeds in as_batches(data, batch_size):
+        take = min(len(next(iter(feeds.values()))), max_samples - seen)
+        feeds = {k: v[:take] if np.ndim(v) else v for k, v in feeds.items()}  # 0-d inputs go as they are
+        try:
+            got = dict(zip(tensors, sess.run(tensors, feeds)))
+            want = got if source is None else dict(zip(tensors, ref.run(tensors, feeds)))
+        except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
+            from spa.core.errors import first_line
+
+            raise SpaError(f"the calibration data does not run through the model: {first_line(exc, limit=200)}",
+                           "give arrays of the model's input shapes, samples along the first axis") from None
+        for space in spaces:
+            rows = _rows(got[space[0]], space[1])
+            acc.setdefault(space, _Accumulator(rows.shape[1], source is not None)).add(rows, _rows(want[space[0]], space[1]))
+        seen += take
+        if progress is not None:
+            progress(seen, max_samples)
+        if seen >= max_samples:
+            break
+    if seen == 0:
+        raise SpaError("no samples in the calibration data")
+    return Stats("calibration", {s: a.result() for s, a in acc.items()}, seen)
+
+
+def data_free(analysis, spaces=None) -> Stats:
+    """Moments derived from the graph alone (spa.moments)."""
+    from spa.scoring import moments
+
+    spaces = read_spaces(analysis) if spaces is None else list(spaces)
+    found = moments.propagate(analysis, {t for t, _ in spaces})
+    stats = Stats("data-free")
+    for space in spaces:
+        dist = found.get(space[0])
+        if dist is not None and dist.axis == space[1]:
+            stats.spaces[space] = dist.moments()
+    return stats
