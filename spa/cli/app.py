@@ -23,7 +23,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
 from spa import __version__
@@ -158,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-EXTENSIONS = ("compress", "bench", "build", "report")  # each: parser(sub), COMMANDS {name: fn}
+EXTENSIONS = ("sparsify", "quantize", "compress", "bench", "build", "report")  # each: parser(sub), COMMANDS {name: fn}
 
 
 def _extensions() -> list:
@@ -195,47 +194,7 @@ def _training_options(t, what: str) -> None:
     t.add_argument("-v", "--verbose", action="store_true")
 
 
-def _sparsify_parser(sub) -> None:
-    z = sub.add_parser("sparsify", help="N:M semi-structured sparsity (2:4) on Conv/Gemm/MatMul weights")
-    z.add_argument("model")
-    z.add_argument("--pattern", default="2:4", help="N:M: at most N non-zeros in every M along the reduction (2:4)")
-    z.add_argument("--min-size", type=int, default=16, metavar="N",
-                   help="smallest reduction/output size a layer needs to be sparsified (16)")
-    z.add_argument("--method", default="magnitude", choices=["magnitude", "obs"],
-                   help="which weights to keep: magnitude, or obs (calibrated second-order selection with "
-                   "compensation, SparseGPT-style; needs --calib)")
-    z.add_argument("--calib", metavar="DATA", help=".npz of calibration inputs keyed by input name (--method obs)")
-    z.add_argument("--calib-samples", type=int, default=256, metavar="N", help="samples of --calib to use (256)")
-    z.add_argument("--permute", action="store_true",
-                   help="search channel permutations of coupled groups first (as NVIDIA ASP) to keep more magnitude")
-    z.add_argument("--permute-budget", type=float, default=2.0, metavar="S",
-                   help="seconds of permutation search per channel group (2)")
-    z.add_argument("-o", "--output", help="output model (default: MODEL.sparse.onnx beside the input)")
-    z.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    z.add_argument("-v", "--verbose", action="store_true")
-
-
-def _quantize_parser(sub) -> None:
-    q = sub.add_parser("quantize", help="INT8 QDQ (calibrated, placed for TensorRT) or FP16, with ONNX Runtime's "
-                       "tooling")
-    q.add_argument("model")
-    how = q.add_mutually_exclusive_group(required=True)
-    how.add_argument("--calib", metavar="DATA", help=".npz of calibration inputs keyed by input name: INT8")
-    how.add_argument("--fp16", action="store_true", help="float16 weights and math, float32 inputs/outputs and "
-                     "sensitive ops (normalizations, reductions, exp/log/pow/sqrt)")
-    q.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
-                   help="INT8 calibration (minmax)")
-    q.add_argument("--calib-samples", type=int, default=256, metavar="N", help="samples of --calib to use (256)")
-    q.add_argument("--no-per-channel", dest="per_channel", action="store_false",
-                   help="one weight scale per tensor instead of per output channel")
-    q.add_argument("-o", "--output", help="output model (default: MODEL.int8.onnx / MODEL.fp16.onnx)")
-    q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    q.add_argument("-v", "--verbose", action="store_true")
-
-
 def _training_parsers(sub) -> None:
-    _sparsify_parser(sub)
-    _quantize_parser(sub)
     f = sub.add_parser("finetune", help="train a model's weights in place (the same graph comes back)")
     _training_options(f, "finetuned")
     f.add_argument("--ratio", type=float, help="prune this fraction of each group first (then fine-tune, "
@@ -564,130 +523,13 @@ def _prune(args) -> int:
     return 0
 
 
-def _sparsify(args) -> int:
-    from rich.table import Table
-
-    from spa.passes import sparsify as sp
-
-    n, m = sp.parse_pattern(args.pattern)
-    if args.min_size < 1:
-        raise SpaError(f"invalid --min-size {args.min_size}: it must be a positive integer")
-    if args.method == "obs" and not args.calib:
-        raise SpaError("--method obs needs calibration data", "pass --calib DATA.npz")
-    if args.calib and args.method != "obs":
-        raise SpaError("--calib is for --method obs", "add --method obs, or leave out --calib")
-    if args.calib_samples < 1 or args.permute_budget <= 0:
-        raise SpaError("--calib-samples and --permute-budget must be positive")
-    src = Path(args.model)
-    out = _output_path(args, "sparse")
-    if not src.is_file():
-        raise SpaError(f"cannot load model '{args.model}': no such file")
-    check_writable(out, args.model)
-    with step("load + shape inference", args.json):
-        model = load(args.model)
-    model.refuse_overwrite(out)
-    calib = load_npz(args.calib) if args.calib else None
-    analysis = None
-    if args.permute:
-        with step("analysis", args.json):
-            analysis = analyze(model)
-    what = f"masking {n}:{m}" + (" (calibrated OBS)" if args.method == "obs" else "") + \
-        (" + permutation search" if args.permute else "")
-    with step(what, args.json):
-        sparse, found, permuted = sp.sparsify(model.proto, n, m, args.min_size, args.method, calib, model.dtypes,
-                                              args.calib_samples, analysis, args.permute_budget)
-
-    def pattern_holds(tmp):
-        again = {x.node: x.holds for x in sp.layers(load(tmp, infer=False).proto, n, m, args.min_size)
-                 if x.eligible}
-        if not all(again.values()):
-            raise VerificationError(f"the {n}:{m} pattern does not hold on the written weights; nothing written")
-
-    check = _save_checked(model, sparse, out, args.json, pattern_holds)
-    eligible = [x for x in found if x.eligible]
-    doc = {"schema_version": 1, "input": args.model, "output": str(out), "pattern": f"{n}:{m}",
-           "min_size": args.min_size, "layers": [x.to_json() for x in found], "eligible": len(eligible),
-           "retained_magnitude": (float(np.mean([x.retained for x in eligible])) if eligible else None),
-           "method": args.method, "permutation": permuted if args.permute else None, "check": check}
-    if args.json:
-        print(json.dumps(doc))
-        return 0
-    table = Table(title=f"{args.model} -> {out} ({n}:{m})", title_justify="left")
-    for col in ("layer", "op", "weight", "reduction", "sparsified", "retained |w|"):
-        table.add_column(col, justify="left" if col in ("layer", "op", "weight", "sparsified") else "right",
-                         overflow="fold")
-    for x in found:
-        how = (x.method if x.method == "obs" or args.method == "magnitude" else f"magnitude ({x.note})")
-        table.add_row(x.node, x.op, x.weight or "-", str(x.reduction or "-"),
-                      f"yes, {how}" if x.eligible else f"no: {x.reason}",
-                      f"{x.retained:.3f}" if x.retained is not None else "-")
-    report.out.print(table)
-    if args.permute:
-        moved = [r for r in permuted if r["permuted"]]
-        err.print(f"permutation: {len(moved)} of {len(permuted)} candidate groups permuted"
-                  + (f"; kept magnitude of their consumers {np.mean([r['retained_before'] for r in moved]):.3f} -> "
-                     f"{np.mean([r['retained_after'] for r in moved]):.3f}" if moved else "")
-                  + "".join(f"; {r['note']}" for r in permuted[:1] if r.get("note")), markup=False, highlight=False)
-    check = doc["check"] or {}
-    err.print(f"{len(eligible)} of {len(found)} layers sparsified {n}:{m}"
-              + (f"; output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
-                 if check.get("status") == "ok" else ""), markup=False, highlight=False)
-    return 0
-
-
-def _quantize(args) -> int:
-    from spa.passes import quantize
-
-    src = Path(args.model)
-    kind = "fp16" if args.fp16 else "int8"
-    out = _output_path(args, kind)
-    if not src.is_file():
-        raise SpaError(f"cannot load model '{args.model}': no such file")
-    if args.calib_samples < 1:
-        raise SpaError(f"invalid --calib-samples {args.calib_samples}: it must be a positive integer")
-    check_writable(out, args.model)
-    calib = load_npz(args.calib) if args.calib else None
-    with step("load + shape inference", args.json):
-        model = load(args.model)
-    model.refuse_overwrite(out)
-    api.refuse_quantized(model, "quantize")
-    with step("FP16 conversion" if args.fp16 else f"INT8 calibration ({args.method}) + QDQ", args.json):
-        result = quantize.fp16(model.proto) if args.fp16 else \
-            quantize.int8(model.proto, calib, args.method, args.per_channel, args.calib_samples)
-    check = _save_checked(model, result, out, args.json)
-    before, after = src.stat().st_size, out.stat().st_size
-    fidelity = None
-    if calib is not None:  # random inputs say little about a calibrated range: measure on the data too
-        from spa.scoring.evaluate import evaluate_arrays
-
-        rep = evaluate_arrays(out, calib, reference=str(src), max_samples=64)
-        errs = [f["rel_err"] for f in (rep.get("fidelity") or {}).values()]
-        fidelity = {"samples": rep["samples"], "max_rel_err": max(errs) if errs else 0.0}
-    doc = {"schema_version": 1, "input": args.model, "output": str(out), "kind": kind, "fidelity_on_calib": fidelity,
-           "method": None if args.fp16 else args.method, "per_channel": None if args.fp16 else args.per_channel,
-           "bytes": {"before": before, "after": after}, "coverage": quantize.coverage(result),
-           "check": check}
-    if args.json:
-        print(json.dumps(doc))
-        return 0
-    cov, check = doc["coverage"], doc["check"] or {}
-    err.print(f"{args.model} -> {out} ({kind}): {before:,} -> {after:,} bytes ({after / max(before, 1):.2f}x); "
-              + (f"{cov['quantized']} of {cov['layers']} Conv/Gemm/MatMul layers quantized; " if kind == "int8" else "")
-              + (f"rel. error on {fidelity['samples']} calibration samples {fidelity['max_rel_err']:.3g}; "
-                 if fidelity else "")
-              + (f"output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
-                 if check.get("status") == "ok" else f"output check: {check.get('reason', 'skipped')}"),
-              markup=False, highlight=False)
-    return 0
-
-
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         from spa.cli.train import finetune, train_sparse
 
         commands = {"analyze": _analyze, "prune": _prune, "eval": _eval, "sensitivity": _sensitivity,
-                    "finetune": finetune, "train-sparse": train_sparse, "sparsify": _sparsify, "quantize": _quantize}
+                    "finetune": finetune, "train-sparse": train_sparse, }
         for module in _extensions():
             commands.update(module.COMMANDS)
         return commands[args.command](args)
