@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from spa.core.errors import SpaError, UsageError
-from spa.core.model import Model, check_writable, load
+from spa.core.model import Model, check_writable, load, save
 
 
 @dataclass
@@ -33,8 +34,6 @@ class Result:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `.model` atomically to `path`, re-verified on the written file."""
-        from spa.core.model import save
-
         if self.model is None:
             raise SpaError("this result holds no model to save")
         return save(self.model, path, source=self.source, verify=self.verify)
@@ -71,3 +70,9 @@ def output_target(output, model) -> Path | None:
         return None
     path = check_writable(output, model_name(model))
     return path
+
+
+def stepper(progress):
+    """`progress(what)` -> a context manager around each named step of a call (the CLI's spinner
+    and timing line); None runs the steps silently."""
+    return progress if progress is not None else (lambda what: contextlib.nullcontext())
