@@ -7,7 +7,9 @@
 
 Requires: an Analysis of the model and a plan of its prunable groups.
 Ensures: every tensor's pruned axes have their new sizes; names of nodes, inputs and
-outputs are unchanged; the graph passes the ONNX checker (checked by spa.api.prune).
+outputs are unchanged; the graph passes the ONNX checker and runs in ONNX Runtime like the
+input (PrunePass.ensures, on the written file when there is one); with `exact`, the outputs
+equal the input's within ZEROS_TOL (removing all-zero channels, spa prune --zeros).
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ import onnx
 from onnx import numpy_helper
 
 from spa.core.analysis import dropped_positions
-from spa.core.errors import SpaError
+from spa.core.errors import SpaError, VerificationError
 from spa.core.graph import attr
 from spa.core.model import COPY, constant_node_value, copy_without_initializers
 from spa.core.rules import REWRITERS
 from spa.core.rules import key as rule_key
+from spa.passes.base import Pass
+
+ZEROS_TOL = 1e-5  # removing all-zero channels must leave the outputs as they were
 
 
 class Edit:
@@ -289,3 +294,24 @@ def retie_copies(proto: onnx.ModelProto) -> None:
 
 def _same_node(a: onnx.NodeProto, b: onnx.NodeProto) -> bool:
     return (a.op_type, a.domain, list(a.input), list(a.attribute)) == (b.op_type, b.domain, list(b.input), list(b.attribute))
+
+
+class PrunePass(Pass):
+    """plan (+ compensated consumer weights) -> the smaller model, verified (module docstring)."""
+
+    name = "prune"
+
+    def __init__(self, analysis, plan: dict, values: dict | None = None, check: bool = True, exact: bool = False,
+                 seed: int = 0):  # noqa: PLR0913 - the pass's whole configuration, all of it used
+        self.analysis, self.plan, self.values = analysis, plan, values
+        self.run_check, self.exact, self.seed = check or exact, exact, seed
+
+    def rewrite(self, model) -> tuple[onnx.ModelProto, dict]:
+        return apply(self.analysis, self.plan, self.values), {"channels_removed": sum(map(len, self.plan.values()))}
+
+    def ensures(self, model, proto, file=None):
+        check = super().ensures(model, proto, file)
+        if self.exact and check and check.get("status") == "ok" and check["max_rel_err"] > ZEROS_TOL:
+            raise VerificationError(f"removing the zero channels changed the outputs (max rel. error "
+                                    f"{check['max_rel_err']:.2e} > {ZEROS_TOL:g}); nothing written")
+        return check

@@ -146,3 +146,12 @@ def simplify(model: Model) -> tuple[Model, dict]:
     new = Model(slim, model.path, external_files=set(model.external_files))
     infer_shapes(new)
     return new, {**stats, "nodes_after": len(slim.graph.node), "status": "ok"}
+
+
+def simplify_model(model: Model, wanted: bool, step) -> tuple[Model, dict | None]:
+    """The simplified model and the pass's stats when `wanted` (else the model and None);
+    `step(what)`: the caller's progress context."""
+    if not wanted:
+        return model, None
+    with step("simplify (onnxslim)"):
+        return simplify(model)

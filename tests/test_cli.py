@@ -77,9 +77,10 @@ def snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file() or p.is_symlink() and p.exists()}
 
 
-def assert_clean_error(res: Result, verbose: bool = False) -> str:
-    """exit 1, one `error:` line (the last one), traceback only with -v. Returns the line."""
-    assert res.rc == 1, res
+def assert_clean_error(res: Result, verbose: bool = False, code: int = 1) -> str:
+    """exit `code` (1: a refusal; 2: a bad option value), one `error:` line (the last one),
+    traceback only with -v. Returns the line."""
+    assert res.rc == code, res
     assert len(res.error_lines) == 1, res.err
     assert res.err.strip().splitlines()[-1] == res.error_lines[0], res.err
     assert ("Traceback" in res.err) == verbose, res.err
@@ -280,7 +281,7 @@ def test_verbose_shows_traceback(capsys, work):
 @pytest.mark.parametrize("ratio", ["-0.1", "1.0", "1.5", "nan", "inf", "-inf"])
 def test_ratio_outside_range(capsys, work, ratio):
     before = snapshot(work)
-    line = assert_clean_error(spa(capsys, "prune", "m.onnx", f"--ratio={ratio}", "-o", "out.onnx"))
+    line = assert_clean_error(spa(capsys, "prune", "m.onnx", f"--ratio={ratio}", "-o", "out.onnx"), code=2)
     assert "[0, 1)" in line
     assert_untouched(work, before)
 
@@ -288,7 +289,7 @@ def test_ratio_outside_range(capsys, work, ratio):
 def test_max_group_ratio_outside_range(capsys, work):
     before = snapshot(work)
     line = assert_clean_error(spa(capsys, "prune", "m.onnx", "--global", "--ratio", "0.5", "--max-group-ratio", "1.5",
-                                  "-o", "out.onnx"))
+                                  "-o", "out.onnx"), code=2)
     assert "max-group-ratio" in line
     assert_untouched(work, before)
 
@@ -296,7 +297,7 @@ def test_max_group_ratio_outside_range(capsys, work):
 @pytest.mark.parametrize("n", ["0", "-8"])
 def test_round_to_must_be_positive(capsys, work, n):
     before = snapshot(work)
-    line = assert_clean_error(spa(capsys, "prune", "m.onnx", "--ratio", "0.5", f"--round-to={n}", "-o", "out.onnx"))
+    line = assert_clean_error(spa(capsys, "prune", "m.onnx", "--ratio", "0.5", f"--round-to={n}", "-o", "out.onnx"), code=2)
     assert "round-to" in line
     assert_untouched(work, before)
 
@@ -379,7 +380,7 @@ def test_save_plan_into_missing_folder(capsys, work):
 
 def test_save_plan_and_output_same_file_is_refused(capsys, work):
     before = snapshot(work)
-    assert_clean_error(spa(capsys, "prune", "m.onnx", "--ratio", "0.5", "--save-plan", "same.onnx", "-o", "same.onnx"))
+    assert_clean_error(spa(capsys, "prune", "m.onnx", "--ratio", "0.5", "--save-plan", "same.onnx", "-o", "same.onnx"), code=2)
     assert_untouched(work, before)
 
 
@@ -572,21 +573,21 @@ def test_bad_plan_cases_name_real_groups(capsys, work):
 @pytest.mark.parametrize("argv, rc, traceback", [
     pytest.param(["prune", "nope.onnx", "--ratio", "0.5"], 1, False, id="missing"),
     pytest.param(["prune", "h.onnx", "--ratio", "0.5", "-o", "out.onnx"], 1, False, id="truncated"),
-    pytest.param(["prune", "m.onnx", "--ratio", "1.5", "-o", "out.onnx"], 1, False, id="ratio-1.5"),
+    pytest.param(["prune", "m.onnx", "--ratio", "1.5", "-o", "out.onnx"], 2, False, id="ratio-1.5"),
     pytest.param(["analyze", "h.onnx", "-v"], 1, True, id="verbose"),
-    pytest.param(["prune", "m.onnx", "--ratio", "0.5", "--criterion", "magic"], 2, False, id="bad-criterion"),
-    pytest.param([], 2, False, id="no-subcommand"),
+    pytest.param(["prune", "m.onnx", "--ratio", "0.5", "--criterion", "magic"], "usage", False, id="bad-criterion"),
+    pytest.param([], "usage", False, id="no-subcommand"),
 ])
 def test_console_script_errors(work, argv, rc, traceback):
     BAD_FILES["truncated"](work)
     before = snapshot(work)
     res = spa_proc(*argv, cwd=work)
-    assert res.rc == rc, res
+    assert res.rc == (2 if rc == "usage" else rc), res
     assert ("Traceback" in res.err) == traceback, res.err
-    if rc == 1:
-        assert_clean_error(res, verbose=traceback)
-    else:
+    if rc == "usage":  # argparse's own: the usage line
         assert "usage:" in res.err
+    else:  # ours: one line, 1 for a refusal, 2 for a bad option value
+        assert_clean_error(res, verbose=traceback, code=rc)
     assert res.out == ""
     assert_untouched(work, before)
 

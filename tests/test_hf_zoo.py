@@ -82,7 +82,7 @@ def test_hidden_size_only_on_request(hf_models, exporter):
     not zero-invariant; left alone unless prune_hidden."""
     model = spa.load(hf_models[("llama", exporter)])
     analysis = spa.analyze(model)
-    hidden = [g for g in analysis.groups if g.prunable and g.stats_only]
+    hidden = [g for g in analysis.groups if g.prunable and g.hidden]
     assert hidden, "the hidden size should be a prunable statistics-only group"
     assert not set(api.make_plan(analysis, 0.3)) & {g.id for g in hidden}
     plan = api.make_plan(analysis, 0.3, prune_hidden=True)

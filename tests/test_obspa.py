@@ -226,15 +226,15 @@ def test_cli_sensitivity_then_protected_prune(capsys, tmp_path, calib):
         assert len(plan.get(g["id"], [])) <= int(g["size"] * allowed)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ratio", "0.3", "--criterion", "apoz"], "needs calibration data"),
-    (["--target-params", "1.5"], "fraction"),
-    (["--target-macs", "0.0001"], "cannot keep only"),
-    (["--ratio", "0.3", "--calib", "missing.npz"], "missing.npz"),
+@pytest.mark.parametrize("args, message, code", [  # 2: a bad option, 1: a refusal
+    (["--ratio", "0.3", "--criterion", "apoz"], "needs calibration data", 2),
+    (["--target-params", "1.5"], "fraction", 2),
+    (["--target-macs", "0.0001"], "cannot keep only", 1),
+    (["--ratio", "0.3", "--calib", "missing.npz"], "missing.npz", 1),
 ])
-def test_cli_bad_input_is_one_line(capsys, tmp_path, args, message):
+def test_cli_bad_input_is_one_line(capsys, tmp_path, args, message, code):
     from tests.test_cli import spa as run
 
     r = run(capsys, "prune", TINY, *args, "-o", tmp_path / "o.onnx")
-    assert r.rc == 1 and len(r.error_lines) == 1 and message in r.error_lines[0]
+    assert r.rc == code and len(r.error_lines) == 1 and message in r.error_lines[0]
     assert not (tmp_path / "o.onnx").exists()

@@ -767,7 +767,7 @@ def test_reduce(op, opset, axes, keepdims):
     zi = axes != [1] or op in ("ReduceSum", "ReduceL2")  # zeros add nothing to a sum (of squares)
     g = group_of(a, "c1.w", 0)
     expect(g, 8, mem, zi=zi, zi_reason=None if zi else f"{op}")
-    assert g.stats_only is (op == "ReduceMean" and not zi)  # a mean over channels: the hidden-size kind
+    assert g.hidden is (op == "ReduceMean" and not zi)  # a mean over channels: the hidden-size kind
     assert "axes" not in {m_.tensor for g in a.groups for m_ in g.members}
     plan = oracles(m, a)
     assert bool(plan) is zi
@@ -1512,7 +1512,7 @@ def test_contrib_skip_layernorm():
     hidden = group_of(a, "Wi", 1)
     expect(hidden, 6, {("Wi", 1): ident(6), ("Ws", 1): ident(6), ("gamma", 0): ident(6), ("beta", 0): ident(6),
                        ("Wo", 0): ident(6)}, zi=False, zi_reason="normalises over this axis")
-    assert hidden.stats_only and api.make_plan(a, 0.5) == {}
+    assert hidden.hidden and api.make_plan(a, 0.5) == {}
     pruned = api.prune(a, api.make_plan(a, 0.5, prune_hidden=True))
     out = ort_backend.run(pruned, {"x": np.ones((2, 3, 4), np.float32)})["y"]
     assert out.shape == (2, 3, 5) and np.isfinite(out).all()
@@ -1584,7 +1584,7 @@ def test_attention_heads(shape_mode):
     assert head_dim_qk is not head_dim_v and head_dim_qk.size == 3
     assert members(head_dim_qk)[("Wq", 1)] == [[0, 3], [1, 4], [2, 5]]
     hidden = group_of(a, "Wi", 1)
-    assert hidden.prunable and not hidden.zero_invariant and hidden.stats_only
+    assert hidden.prunable and not hidden.zero_invariant and hidden.hidden
     oracles(m, a)
     proto = prune(a, {heads.id: [0], head_dim_qk.id: [1]})
     out = api.reinfer(proto)
@@ -1602,7 +1602,7 @@ def test_hidden_size_through_norms(norm):
     m = _attention([2, 3, 4], "const", norm)
     a = analyze(m)
     hidden = group_of(a, "Wi", 1)
-    assert hidden.size == 4 and hidden.prunable and hidden.stats_only and not hidden.zero_invariant
+    assert hidden.size == 4 and hidden.prunable and hidden.hidden and not hidden.zero_invariant
     assert {("g", 0), ("Wq", 0), ("Wo", 1), ("Wh", 0)} <= set(members(hidden))
     assert hidden.id not in api.make_plan(a, 0.5)
     plan = api.make_plan(a, 0.5, prune_hidden=True)

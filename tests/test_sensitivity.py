@@ -183,7 +183,7 @@ def test_every_criterion_including_data_ones(x, criterion):
 @pytest.mark.parametrize("kwargs,message", [
     ({"groups": ["nope:0"]}, "no channel group 'nope:0'"),
     ({"groups": ["C.w:0"]}, "not prunable"),
-    ({"ratios": (0.5, 1.0)}, "invalid ratio 1.0"),
+    ({"ratios": (0.5, 1.0)}, "invalid ratios=1.0"),
     ({"ratios": ()}, "no ratios"),
     ({"output": "z"}, "no float output 'z'"),
     ({"max_samples": 0}, "must be positive"),

@@ -58,7 +58,7 @@ def _run(model, ratio):
     softmax_in = {n.input[0] for n in model.graph.node if n.op_type == "Softmax"}
     heads = sum(1 for g in analysis.groups if g.prunable and any(
         tt in softmax_in and k == 1 for tt, k in g.positions))
-    hidden = "yes" if any(g.prunable and g.stats_only for g in analysis.groups) else "no"
+    hidden = "yes" if any(g.prunable and g.hidden for g in analysis.groups) else "no"
     return heads, hidden, spa.cost.params(pruned), spa.cost.macs(pruned)
 
 

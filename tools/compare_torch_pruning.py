@@ -177,7 +177,7 @@ def run_spa(path: Path, ratio: float, criterion: str, splits: dict, layers: set[
     plan = spa.make_plan(analysis, ratio, criterion, stats=spa.statistics(analysis, splits["train"]) if calibrated else None)
     pruned = spa.prune(analysis, plan)
     cost = spa.cost.summary(api.reinfer(pruned))
-    prunable = sum(1 for g in analysis.groups if g.prunable and not g.stats_only)
+    prunable = sum(1 for g in analysis.groups if g.prunable and not g.hidden)
     return {"groups": f"{len(plan)}/{prunable}", "params": cost["params"], "macs": cost["macs"],
             "top1": spa.evaluate(pruned, splits["test"], "labels")["accuracy"], "dropped": spa_dropped(analysis, plan, layers)}
 

@@ -3,7 +3,8 @@
     load -> analyze -> plan -> prune -> sparsify -> quantize -> evaluate / compare / bench -> report
 """
 
-from spa.api.prune import prune, refuse_quantized, reinfer
+from spa.api.prune import prune, refuse_quantized
+from spa.core.model import reinfer
 from spa.core.checks import check_against, checker_message
 from spa.core.values import with_values, zeroed, zeroed_values
 from spa.planning.plan import make_plan, plan_for_target

@@ -1,18 +1,41 @@
-"""spa.prune: a plan applied to the model, every member of every planned group shrunk.
+"""spa.prune: remove channels and hand back a smaller model, verified.
 
-    analysis + plan (+ compensated consumers) ─prune pass─▶ smaller model, checked"""
+    model ─load─▶ (simplify) ─analyze─▶ groups ─statistics─▶ scores ─plan─▶ plan
+          ─compensate (OBS)─▶ values ─PrunePass─▶ smaller model ─ensures─▶ Result
+
+Two ways to call it:
+- `spa.prune(model, ratio=0.5, ...)` (a path, ModelProto or spa.Model) runs the whole `spa prune`
+  command and returns a Result whose `.to_json()` is what `spa prune --json` prints;
+- `spa.prune(analysis, plan)` (an Analysis and a plan dict) is the single step: the plan applied,
+  the ModelProto returned, checked by the ONNX checker.
+"""
 
 from __future__ import annotations
 
-import onnx
+import json
+from pathlib import Path
 
-from spa.core.analysis import Analysis
+
+from spa.api.result import Result, as_model, model_name, output_target, stepper
+from spa.core import cost
+from spa.core.analysis import Analysis, analyze
+from spa.core.blocks import attention_blocks
 from spa.core.checks import check_against
-from spa.core.errors import SpaError
-from spa.core.model import TWO_GB, Model, infer_shapes, weight_bytes
+from spa.core.data import load_npz, split_labels
+from spa.core.errors import SpaError, UsageError, positive_int, require
+from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
+from spa.core.sizes import file_bytes
 from spa.passes import prune as prune_pass
-from spa.scoring.measure import compensation
+from spa.passes.simplify import simplify_model
+from spa.planning import planner, sensitivity
+from spa.planning.plan import make_plan, plan_for_target, scores
+from spa.reporting.report import why_nothing
+from spa.scoring import criteria
+from spa.scoring.gradients import require_torch
+from spa.scoring.measure import compensation, saliency, statistics
+from spa.training.train import zero_plan
 
+SCHEMA = 1
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
              "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
 
@@ -30,21 +53,211 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
             )
 
 
-def prune(analysis: Analysis, plan: dict, check: bool = True, compensate=None) -> onnx.ModelProto:
-    """Apply `plan`; with `check`, the result passes onnx.checker with full_check (else
-    VerificationError). Over 2 GB a model can only be checked from its file: save it, then
-    `check_against(path, original)` (the CLI does this on the temp file before renaming).
-    `compensate`: updated weights from `compensation` (or Stats, compensated in one shot), so
-    the remaining channels take over what the removed ones carried."""
+def prune(model, plan=None, *, check: bool = True, compensate=None, **options):
+    """The `spa prune` command on `model` (see `prune_model` for the options), or, given an
+    Analysis and a plan, the plan applied: the ModelProto, passing the ONNX checker when `check`
+    (over 2 GB only the written file can be checked: `check_against(path, original)`).
+    `compensate` there: updated weights from `compensation` (or Stats, compensated in one shot)."""
+    if not isinstance(model, Analysis):
+        return prune_model(model, plan=plan, check=check, compensate=compensate, **options)
+    if options:
+        raise UsageError(f"unexpected {', '.join(sorted(options))} with an Analysis: those are for a model")
     if compensate is not None and not isinstance(compensate, dict):
-        compensate = compensation(analysis, plan, stats=compensate)[0]
-    proto = prune_pass.apply(analysis, plan, compensate)
+        compensate = compensation(model, plan, stats=compensate)[0]
+    proto = prune_pass.apply(model, plan, compensate)
     if check and weight_bytes(proto) < TWO_GB:
-        check_against(proto, analysis.model.proto)
+        check_against(proto, model.model.proto)
     return proto
 
 
-def reinfer(proto: onnx.ModelProto) -> Model:
-    model = Model(proto)
-    infer_shapes(model)
-    return model
+def _check_options(o: dict) -> None:
+    """Every bad value or combination fails here, before any slow work (UsageError, exit 2)."""
+    ways = [k for k in ("ratio", "plan", "target_params", "target_macs") if o[k] is not None] + \
+        (["zeros"] if o["zeros"] else [])
+    require(len(ways) == 1, "give exactly one of ratio=, plan=, target_params=, target_macs=, zeros=True"
+            + (f" (got {', '.join(ways)})" if ways else ""))
+    if o["plan"] is None and not o["zeros"]:
+        if o["ratio"] is not None:
+            planner.check_ratio(o["ratio"])
+        planner.check_ratio(o["max_group_ratio"], "max_group_ratio")
+        positive_int("round_to", o["round_to"])
+    require(not (o["sensitivity"] is not None and o["ratio"] is None),
+            "sensitivity= goes with ratio= (the most any group is pruned)")
+    positive_int("calib_samples", o["calib_samples"])
+    require(o["criterion"] in criteria.CRITERIA, f"unknown criterion={o['criterion']}",
+            f"choose one of: {', '.join(sorted(criteria.CRITERIA))}")
+    require(not (o["zeros"] and o["compensate"]),
+            "zeros=True removes channels that carry nothing: there is nothing to compensate")
+    need = criteria.NEEDS.get(o["criterion"])
+    require(o["plan"] is not None or need not in ("calibration", "gradients") or o["calib"] is not None,
+            f"criterion '{o['criterion']}' needs calibration data", "pass calib=DATA.npz"
+            + (" (with labels=KEY when it holds labels)" if o["criterion"] in criteria.GRADIENT else ""))
+    require(not (o["labels"] and o["calib"] is None), "labels= names a key of calib=", "pass calib=DATA.npz")
+
+
+DEFAULTS = dict(ratio=None, target_params=None, target_macs=None, zeros=False, criterion="l1", calib=None,
+                calib_samples=512, labels=None, global_rank=False, max_group_ratio=0.9, round_to=1,
+                prune_hidden=False, exclude=(), simplify=False, sensitivity=None, max_loss=0.01, save_plan=None,
+                seed=0, output=None, progress=None)
+
+
+def prune_model(model, *, plan=None, check: bool = True, compensate=None, **options) -> Result:
+    """`spa prune` as a call. `plan`: a plan dict or plan file; else `ratio` (each group), `target_params` /
+    `target_macs` (keep at most this fraction, channels ranked globally) or `zeros=True` (remove exactly the
+    all-zero channels; the outputs must not change). `criterion`, `calib` (.npz path or arrays),
+    `calib_samples`, `labels`, `compensate` (OBS update of the consumers; default on for obspa),
+    `global_rank`, `max_group_ratio`, `round_to`, `prune_hidden`, `exclude` (name globs), `simplify`,
+    `sensitivity` (+ `max_loss`), `save_plan` (path), `seed`, `check` (run the result in ONNX Runtime),
+    `output` (written atomically, verified on the written file), `progress`."""
+    unknown = set(options) - set(DEFAULTS)
+    require(not unknown, f"unexpected option {', '.join(sorted(unknown))}=",
+            f"choose from: plan, check, compensate, {', '.join(DEFAULTS)}")
+    o = {**DEFAULTS, **options, "plan": plan, "check": check, "compensate": compensate}
+    _check_options(o)
+    return _Run(model, o).result()
+
+
+class _Run:
+    """One `spa prune`: the steps in order, each a small method over the options `o`."""
+
+    def __init__(self, source, o: dict):
+        self.source, self.o, self.step = source, o, stepper(o["progress"])
+        self.name = model_name(source)
+        self.out = output_target(o["output"], source)
+        if o["save_plan"] is not None:
+            check_writable(o["save_plan"], self.name)
+            require(self.out is None or Path(o["save_plan"]).resolve() != self.out.resolve(),
+                    f"save_plan= and output= both name '{self.out}'", "write the plan to another file")
+        self.plan = _read_plan(o["plan"]) if o["plan"] is not None else None
+        self.calib = _arrays(o["calib"])
+        self.sens = sensitivity.read(o["sensitivity"]) if isinstance(o["sensitivity"], (str, Path)) \
+            else o["sensitivity"]
+        if o["compensate"] is None:
+            o["compensate"] = self.plan is None and not o["zeros"] and o["criterion"] == "obspa"
+
+    def result(self) -> Result:
+        self._load()
+        self._choose()
+        values, notes = self._compensation()
+        notes = list(dict.fromkeys((self.stats.notes if self.stats else []) + notes))
+        with self.step("pruning"):
+            rewrite = prune_pass.PrunePass(self.analysis, self.plan, values, self.o["check"], self.o["zeros"],
+                                           self.o["seed"])
+            pruned, _ = rewrite.rewrite(self.model)
+        blocks = attention_blocks(self.analysis, self.plan)
+        counts = (len(self.analysis.groups), sum(g.prunable for g in self.analysis.groups))
+        rewrite.analysis = self.analysis = None  # it holds the input's weights; the checks read its file
+        if self.model.path is not None:
+            self.model.drop_weights()
+        with self.step("saving + checking" if self.o["check"] or self.o["zeros"] else "saving + ONNX checker"):
+            done = rewrite.verify(self.model, pruned, {}, self.out)
+        if self.o["save_plan"] is not None:
+            write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
+        doc = self._doc(counts, pruned, done.check, blocks)
+        doc.update(compensated=values is not None, statistics=self._stats_doc(), notes=notes)
+        return Result(doc, pruned, lambda tmp: rewrite.ensures(self.model, pruned, tmp), self.model.path)
+
+    def _load(self) -> None:
+        with self.step("load + shape inference"):
+            self.model = as_model(self.source)
+        self.model.refuse_overwrite(self.out, self.o["save_plan"])
+        refuse_quantized(self.model)
+        self.before = cost.summary(self.model)  # of the input, whatever the pre-pass does
+        self.model, self.simplified = simplify_model(self.model, self.o["simplify"], self.step)
+        with self.step("analysis"):
+            self.analysis = analyze(self.model, exclude=list(self.o["exclude"]))
+
+    def _choose(self) -> None:
+        """The plan: given, all-zero channels, or scored and planned."""
+        self.stats = None
+        if self.o["zeros"]:
+            self.plan = zero_plan(self.analysis)
+        if self.plan is not None:
+            return
+        if not any(g.prunable for g in self.analysis.groups) and (self.o["ratio"] is None or self.o["ratio"] > 0):
+            raise SpaError(f"nothing to prune in '{self.name or '(in memory)'}': {why_nothing(self.analysis)}")
+        self.stats = self._statistics()
+        with self.step(f"scoring ({self.o['criterion']}) + planning"):
+            self.plan = self._plan()
+
+    def _statistics(self):
+        """Activation statistics when the criterion needs them, else None (compensation measures its
+        own group by group with calib=, or derives them from the graph without)."""
+        o, need = self.o, criteria.NEEDS.get(self.o["criterion"])
+        if not need:
+            return None
+        if need == "gradients":
+            return self._saliency()
+        what = f"calibration, {o['calib_samples']} samples" if self.calib is not None else "data-free"
+        with self.step(f"activation statistics ({what})"):
+            return statistics(self.analysis, self.calib, max_samples=o["calib_samples"])
+
+    def _saliency(self):
+        o = self.o
+        require_torch()
+        feeds, labels = split_labels(self.calib, self.analysis.model.input_names, o["labels"])
+        n = min(o["calib_samples"], len(next(iter(feeds.values()))))
+        with self.step(f"gradients ({o['criterion']}, {n} samples)"):
+            return saliency(self.analysis, o["criterion"], feeds, labels, max_samples=o["calib_samples"])
+
+    def _plan(self) -> dict:
+        o, a = self.o, self.analysis
+        if self.sens is not None:
+            ratios = sensitivity.protect(self.sens, o["ratio"], o["max_loss"])
+            return sensitivity.plan_with_ratios(a, scores(a, o["criterion"], o["seed"], self.stats), ratios,
+                                                o["round_to"])
+        shared = dict(criterion=o["criterion"], round_to=o["round_to"], max_group_ratio=o["max_group_ratio"],
+                      seed=o["seed"], prune_hidden=o["prune_hidden"], stats=self.stats)
+        if o["target_params"] is not None or o["target_macs"] is not None:
+            kind = "params" if o["target_params"] is not None else "macs"
+            return plan_for_target(a, kind, o[f"target_{kind}"], **shared)
+        return make_plan(a, o["ratio"], global_rank=o["global_rank"], **shared)
+
+    def _compensation(self):
+        if not self.o["compensate"] or not self.plan:
+            return None, []
+        how = ", group by group)" if self.calib is not None else ", data-free)"
+        with self.step("compensating the consumers (OBS" + how):
+            return compensation(self.analysis, self.plan, self.calib, self.stats,
+                                max_samples=self.o["calib_samples"])
+
+    def _stats_doc(self):
+        if self.stats is None:
+            return None
+        doc = {"source": self.stats.source, "samples": self.stats.samples}
+        if self.stats.source == "gradients":
+            doc["labels"] = "data" if self.stats.labels else "own predictions"
+        return doc
+
+    def _doc(self, counts: tuple, pruned, check, blocks) -> dict:
+        o, plan = self.o, self.plan
+        before = {**self.before, "bytes": file_bytes(self.name) if self.name else self.model.proto.ByteSize()}
+        after = {**cost.summary(reinfer(pruned)),
+                 "bytes": file_bytes(self.out) if self.out is not None else pruned.ByteSize()}
+        return {
+            "schema_version": SCHEMA, "input": self.name, "output": None if self.out is None else str(self.out),
+            "ratio": o["ratio"],
+            "target": {k: o[f"target_{k}"] for k in ("params", "macs") if o[f"target_{k}"] is not None} or None,
+            "plan_file": str(o["plan"]) if isinstance(o["plan"], (str, Path)) else None,
+            "criterion": None if o["plan"] is not None or o["zeros"] else o["criterion"], "zeros": bool(o["zeros"]),
+            "global": bool(o["global_rank"]), "groups": counts[0], "groups_prunable": counts[1],
+            "groups_pruned": sum(1 for c in plan.values() if c), "prune_hidden": bool(o["prune_hidden"]),
+            "channels_removed": int(sum(len(c) for c in plan.values())), "before": before, "after": after,
+            "check": check, "attention_blocks": [b.to_json() for b in blocks], "simplify": self.simplified,
+        }
+
+
+def _read_plan(plan) -> dict:
+    """A plan dict ({group id: channels}), a plan document, or a plan file's path."""
+    if isinstance(plan, (str, Path)):
+        return planner.from_json(read_json(plan, "plan"))
+    if isinstance(plan, dict) and "schema_version" in plan:
+        return planner.from_json(plan)
+    if isinstance(plan, dict):
+        return {str(k): [int(c) for c in v] for k, v in plan.items()}
+    raise UsageError(f"invalid plan={type(plan).__name__}: expected a plan dict, a plan document or a file path")
+
+
+def _arrays(data):
+    """Arrays keyed by input name from an .npz path, or the dict itself (None stays None)."""
+    return load_npz(data) if isinstance(data, (str, Path)) else data

@@ -32,6 +32,12 @@ class Result:
     def __getitem__(self, key):
         return self.doc[key]
 
+    def __contains__(self, key) -> bool:
+        return key in self.doc
+
+    def get(self, key, default=None):
+        return self.doc.get(key, default)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write `.model` atomically to `path`, re-verified on the written file."""
         if self.model is None:

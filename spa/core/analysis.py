@@ -72,12 +72,12 @@ class Group:
     locked: list[int] = field(default_factory=list)  # channels that must stay
     # not zero-invariant only through normalization statistics: the hidden size of a
     # transformer (LayerNorm/RMSNorm), pruned only on request (--prune-hidden)
-    stats_only: bool = False
+    hidden: bool = False
 
     def to_json(self) -> dict:
         return {
             "id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
-            "zero_invariant": self.zero_invariant, "hidden": self.stats_only, "locked": self.locked,
+            "zero_invariant": self.zero_invariant, "hidden": self.hidden, "locked": self.locked,
             "members": [m.to_json() for m in self.members],
         }
 
@@ -89,6 +89,14 @@ class Analysis:
     groups: list[Group]
     sizes: dict  # space -> size
     barriers: list[str]
+    document: dict | None = field(default=None, repr=False)  # the `spa analyze` document (spa.api.analyze)
+
+    def to_json(self) -> dict:
+        """What `spa analyze --json` prints (set by spa.api.analyze); the groups and barriers alone
+        for an Analysis made by the core's analyze."""
+        if self.document is not None:
+            return self.document
+        return {"groups": [g.to_json() for g in self.groups], "barriers": self.barriers}
 
     def group(self, gid: str) -> Group:
         """The group with id `gid` (KeyError if none)."""
@@ -667,7 +675,7 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, n
     zi_reason = plain[0] if plain else (marks[0][0] if marks else None)
     tensor, axis = sp.names[anchor]
     return Group(f"{tensor}:{axis}", n, prunable, reason, zi_reason is None, zi_reason,
-                 members, positions, locked if prunable else [], stats_only=bool(marks) and not plain)
+                 members, positions, locked if prunable else [], hidden=bool(marks) and not plain)
 
 
 def _route(b: _Builder, start, end) -> str:

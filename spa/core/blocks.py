@@ -131,7 +131,7 @@ def attention_blocks(analysis: Analysis, plan: dict | None = None) -> list[Block
     ends = [i for i, *_ in found[1:]] + [1 << 31]
     for block, (start, *_), end in zip(blocks, found, ends):
         for g in analysis.groups:
-            if g.prunable and g.id not in attention_groups and not g.stats_only and start < anchor[g.id] < end:
+            if g.prunable and g.id not in attention_groups and not g.hidden and start < anchor[g.id] < end:
                 dropped = len(plan.get(g.id, []))
                 block.intermediate.append(Axis(g.size, g.size - dropped, [g.id]))
     return blocks

@@ -44,18 +44,21 @@ def positive_int(name: str, value) -> None:
             f"invalid {name}={value}: it must be a positive integer")
 
 
-PARAM = re.compile(r"\b([a-z][a-z0-9_]*)=(?=[^=]|$)")
+PARAM = re.compile(r"\b([a-z][a-z0-9_]*)=(True\b)?(?=[^=]|$)")
 
 
 def with_flags(text: str, flags: dict) -> str:
     """`text` with each ``name=`` of a known parameter written as its flag (``round_to=0`` ->
-    ``--round-to 0``, ``pass calib=DATA`` -> ``pass --calib DATA``): library errors in the
+    ``--round-to 0``, ``pass calib=DATA`` -> ``pass --calib DATA``, ``prune_hidden=True`` ->
+    ``--prune-hidden``): library errors in the
     CLI's words. `flags`: {parameter name: flag}."""
     def flag(match):
-        name = match.group(1)
-        return f"{flags[name]} " if name in flags else match.group(0)
+        name, rest = match.group(1), text[match.end():match.end() + 1]
+        if name not in flags:
+            return match.group(0)
+        return flags[name] if match.group(2) or rest in ("", " ", ",", ".", ";", ")") else f"{flags[name]} "
 
-    return PARAM.sub(flag, text).replace(" ,", ",")
+    return PARAM.sub(flag, text)
 
 
 class VerificationError(SpaError):

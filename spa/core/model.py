@@ -249,6 +249,13 @@ def infer_shapes(model: Model) -> None:
         _run_fallback(model)
 
 
+def reinfer(proto: onnx.ModelProto) -> Model:
+    """A Model of `proto` with its shapes inferred (a rewritten model, before analysis or costing)."""
+    model = Model(proto)
+    infer_shapes(model)
+    return model
+
+
 def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from spa.core.errors import SpaError
+from spa.core.errors import SpaError, UsageError
 
 PLAN_SCHEMA = 1
 
@@ -33,8 +33,8 @@ def _lowest(scores: np.ndarray, n: int, locked: list[int]) -> list[int]:
 
 def check_ratio(ratio: float, what: str = "ratio") -> None:
     if not (isinstance(ratio, (int, float)) and 0 <= ratio < 1) or math.isnan(ratio):
-        hint = "e.g. --ratio 0.5 removes half the channels" if what == "ratio" else None
-        raise SpaError(f"invalid {what} {ratio}: it must be in [0, 1)", hint)
+        hint = "e.g. ratio=0.5 removes half the channels" if what == "ratio" else None
+        raise UsageError(f"invalid {what}={ratio}: it must be in [0, 1)", hint)
 
 
 def uniform(groups, scores: dict, ratio: float, round_to: int = 1) -> dict[str, list[int]]:
@@ -54,7 +54,7 @@ def uniform(groups, scores: dict, ratio: float, round_to: int = 1) -> dict[str, 
 def global_(groups, scores: dict, ratio: float, round_to: int = 1, max_group_ratio: float = 0.9):
     """Drop `ratio` of all prunable channels, ranked together; each group capped."""
     check_ratio(ratio)
-    check_ratio(max_group_ratio, "--max-group-ratio")
+    check_ratio(max_group_ratio, "max_group_ratio")
     cands = []
     for g in groups:
         if g.prunable and g.id in scores:

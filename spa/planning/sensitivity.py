@@ -92,7 +92,7 @@ def _check_ratios(ratios) -> list[float]:
     if not ratios:
         raise SpaError("no ratios to measure", "e.g. --ratios 0.1 0.3 0.5 0.7 0.9")
     for r in ratios:
-        planner.check_ratio(r)
+        planner.check_ratio(r, "ratios")
     return ratios
 
 
@@ -113,7 +113,7 @@ def _statistics(analysis, criterion: str, groups: list, feeds: list[dict], stats
 
 def _pick_groups(analysis, groups) -> list:
     if groups is None:
-        return [g for g in analysis.groups if g.prunable and not g.stats_only]
+        return [g for g in analysis.groups if g.prunable and not g.hidden]
     picked = []
     for g in groups:
         if isinstance(g, str):

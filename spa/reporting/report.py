@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -10,24 +11,24 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from spa.api.prune import reinfer
+from spa.core.model import reinfer
 from spa.core import cost
+from spa.core.blocks import Axis
 from spa.core.sizes import file_bytes
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
+err = Console(stderr=True)
 
 
-def analysis_json(analysis, schema: int, blocks=()) -> dict:
-    c = cost.summary(analysis.model)
-    return {
-        "schema_version": schema,
-        "model": str(analysis.model.path) if analysis.model.path else None,
-        "params": c["params"],
-        "macs": c["macs"],
-        "groups": [g.to_json() for g in analysis.groups],
-        "barriers": analysis.barriers,
-        "attention_blocks": [b.to_json() for b in blocks],
-    }
+def print_json(doc: dict) -> int:
+    """The one JSON document of a command's --json, on stdout; returns exit code 0."""
+    print(json.dumps(doc))
+    return 0
+
+
+def note(text: str) -> None:
+    """One `note:` line on stderr."""
+    err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _fmt(n: float) -> str:
@@ -46,7 +47,7 @@ def print_analysis(analysis, doc: dict) -> None:
         if g.prunable and g.locked:
             prunable = f"yes ({len(g.locked)} locked)"
         zi = "yes" if g.zero_invariant else f"no: {g.zi_reason}"
-        if g.stats_only:
+        if g.hidden:
             zi = f"no, hidden size (pruned with --prune-hidden): {g.zi_reason}"
         table.add_row(g.id, str(g.size), str(len(g.members)), prunable, zi)
     out.print(table)
@@ -59,16 +60,33 @@ def print_analysis(analysis, doc: dict) -> None:
         out.print("barriers (ops without a coupling rule): " + ", ".join(f"{k} x{v}" for k, v in kinds.most_common()))
 
 
-def print_blocks(blocks, title: str) -> None:
-    """Per attention block: heads, head_dim (Q/K and V) and MLP widths, 'before -> after'."""
+def _axis(a: dict) -> str:
+    """One attention dimension as 'before -> after' (the `attention_blocks` JSON entries)."""
+    return Axis(**a).text()
+
+
+def print_coverage(doc: dict) -> None:
+    """The analysis' N:M sparsity and quantization lines (stderr)."""
+    sparsity = doc["sparsity"]
+    err.print(f"{sparsity['pattern']} sparsity: {sparsity['holding']} of {sparsity['eligible']} eligible layers "
+              f"hold the pattern ({sparsity['layers']} Conv/Gemm/MatMul layers)", markup=False, highlight=False)
+    quant = doc["quantization"]
+    if quant["qdq_nodes"] or quant["float16_initializers"]:
+        err.print(f"quantization: {quant['quantized']} of {quant['layers']} layers read QDQ inputs "
+                  f"({quant['qdq_nodes']} Q/DQ nodes); {quant['float16_initializers']} float16 initializers",
+                  markup=False, highlight=False)
+
+
+def print_blocks(blocks: list, title: str) -> None:
+    """Per attention block (JSON form): heads, head_dim (Q/K and V) and MLP widths, 'before -> after'."""
     if not blocks:
         return
     table = Table(title=title, title_justify="left")
     for col in ("block", "softmax", "heads", "head_dim q/k", "head_dim v", "intermediate"):
         table.add_column(col, overflow="fold")
     for i, b in enumerate(blocks):
-        widths = ", ".join(a.text() for a in b.intermediate) or "-"
-        table.add_row(str(i), b.softmax, b.heads.text(), b.head_dim.text(), b.v_head_dim.text(), widths)
+        widths = ", ".join(_axis(a) for a in b["intermediate"]) or "-"
+        table.add_row(str(i), b["softmax"], _axis(b["heads"]), _axis(b["head_dim"]), _axis(b["v_head_dim"]), widths)
     out.print(table)
 
 

@@ -291,7 +291,7 @@ class HessoSchedule:
                  round_to: int = 1, prune_hidden: bool = False):
         from spa.planning.planner import check_ratio
 
-        check_ratio(target_ratio, "--target-ratio")
+        check_ratio(target_ratio, "target_ratio")
         if periods < 1:
             raise SpaError(f"invalid --periods {periods}: it must be a positive integer")
         if not (0 <= warmup and 0 < window and warmup + window <= 1):
@@ -299,7 +299,7 @@ class HessoSchedule:
         self.analysis, self.ratio, self.periods = analysis, target_ratio, periods
         self.warmup, self.window, self.round_to = warmup, window, round_to
         self.groups = [g for g in analysis.groups if g.prunable and g.zero_invariant
-                       and (prune_hidden or not g.stats_only)]
+                       and (prune_hidden or not g.hidden)]
         self.selected: dict[str, list[int]] = {}
         self.shrinking: dict[str, list[int]] = {}
         self.notes: list[str] = []

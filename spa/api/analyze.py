@@ -1,0 +1,74 @@
+"""spa.analyze: the channel groups of a model, and what a plan would do to its attention blocks.
+
+    model ─load─▶ (simplify) ─analyze─▶ Analysis (groups, barriers) + params, MACs, N:M and QDQ
+    coverage, attention blocks (before -> after a previewed ratio or plan)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spa.api.result import as_model, stepper
+from spa.core import cost
+from spa.core.analysis import Analysis
+from spa.core.analysis import analyze as group_channels
+from spa.core.blocks import attention_blocks
+from spa.core.data import load_npz
+from spa.core.model import read_json
+from spa.passes import quantize, sparsify
+from spa.passes.simplify import simplify_model
+from spa.planning import planner
+from spa.planning.plan import make_plan
+from spa.scoring import criteria
+from spa.scoring.measure import statistics
+
+SCHEMA = 1
+
+
+def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=None, criterion: str = "l1",
+            prune_hidden: bool = False, calib=None, seed: int = 0, progress=None) -> Analysis:
+    """The Analysis of `model` (a path, ModelProto or spa.Model; `exclude`: name globs to protect).
+    Its `.to_json()` is what `spa analyze --json` prints. `ratio` (planned with `criterion`,
+    `prune_hidden`, `calib`, `seed`) or `plan` (dict or plan file) preview a plan: the attention
+    blocks' sizes before -> after. `simplify`: fold static shape arithmetic first (onnxslim)."""
+    step = stepper(progress)
+    if ratio is not None:
+        planner.check_ratio(ratio)
+    with step("load + shape inference"):
+        loaded = as_model(model)
+    loaded, simplified = simplify_model(loaded, simplify, step)
+    if isinstance(plan, (str, Path)):
+        plan_file, plan = str(plan), planner.from_json(read_json(plan, "plan"))
+    else:
+        plan_file = None
+    with step("analysis"):
+        analysis = group_channels(loaded, exclude=list(exclude or []))
+    if ratio is not None:
+        plan = _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step)
+    blocks = attention_blocks(analysis, plan)
+    analysis.document = _doc(analysis, blocks, simplified)
+    if plan is not None:
+        analysis.document["preview"] = {"ratio": ratio, "plan_file": plan_file,
+                                        "channels_removed": int(sum(len(c) for c in plan.values()))}
+    analysis.blocks = blocks
+    return analysis
+
+
+def _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step) -> dict:  # noqa: PLR0913 - analyze's
+    stats = None
+    if calib is not None and criteria.NEEDS.get(criterion):
+        with step("activation statistics (calibration)"):
+            stats = statistics(analysis, load_npz(calib) if isinstance(calib, (str, Path)) else calib)
+    with step(f"scoring ({criterion}) + planning"):
+        return make_plan(analysis, ratio, criterion, seed=seed, prune_hidden=prune_hidden, stats=stats)
+
+
+def _doc(analysis, blocks, simplified) -> dict:
+    c = cost.summary(analysis.model)
+    model = analysis.model
+    return {
+        "schema_version": SCHEMA, "model": str(model.path) if model.path else None, "params": c["params"],
+        "macs": c["macs"], "groups": [g.to_json() for g in analysis.groups], "barriers": analysis.barriers,
+        "attention_blocks": [b.to_json() for b in blocks], "simplify": simplified,
+        "sparsity": sparsify.report(model.proto), "quantization": quantize.coverage(model.proto),
+    }

@@ -1,0 +1,76 @@
+"""spa prune: parsing and printing around spa.api.prune.prune_model."""
+
+from __future__ import annotations
+
+import argparse
+
+from spa.api.prune import prune_model
+from spa.cli.app import CALIB_HELP, EXCLUDE_HELP, SIMPLIFY_HELP, add_common, output_path, progress, show_notes
+from spa.reporting import report
+from spa.scoring import criteria
+
+
+def parser(sub) -> None:
+    r = sub.add_parser("prune", help="remove channels and write a smaller model")
+    r.add_argument("model")
+    how = r.add_mutually_exclusive_group(required=True)
+    how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
+    how.add_argument("--plan", help="apply an explicit plan file (from --save-plan)")
+    how.add_argument("--target-params", type=float, metavar="F",
+                     help="keep at most this fraction of the parameters, channels ranked globally")
+    how.add_argument("--target-macs", type=float, metavar="F",
+                     help="keep at most this fraction of the MACs, channels ranked globally")
+    how.add_argument("--zeros", action="store_true",
+                     help="remove exactly the channels whose weights are all zero (after spa train-sparse); "
+                          "the outputs must not change (else exit 3)")
+    r.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA),
+                   help="channel scores (default l1); obspa, mean-act and apoz use activation statistics")
+    r.add_argument("--calib", metavar="DATA", help=CALIB_HELP)
+    r.add_argument("--calib-samples", type=int, default=512, metavar="N", help="samples of --calib to use (512)")
+    r.add_argument("--labels", metavar="KEY", help="key of the labels in --calib for the gradient criteria (taylor, "
+                   "snip, grasp, crop); without it the model's own predictions are the targets")
+    r.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
+                   help="update the consumers of removed channels (OBS) so no fine-tuning is needed "
+                        "(default: on for obspa); calibrated with --calib, else data-free")
+    r.add_argument("--global", dest="global_rank", action="store_true",
+                   help="rank channels across all groups instead of the same ratio in each")
+    r.add_argument("--max-group-ratio", type=float, default=0.9,
+                   help="with --global: the most any one group may lose (default 0.9)")
+    r.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
+    r.add_argument("--prune-hidden", action="store_true",
+                   help="also prune groups that are not exact only through normalization statistics "
+                        "(a transformer's hidden size: LayerNorm/RMSNorm); the output check shows the cost")
+    r.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=EXCLUDE_HELP)
+    r.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
+    r.add_argument("--sensitivity", metavar="SENS", help="with --ratio: a `spa sensitivity --json` result; each "
+                   "group is pruned at most as far as its measured loss stays within --max-loss")
+    r.add_argument("--max-loss", type=float, default=0.01, help="with --sensitivity: 1 - cosine allowed per group")
+    r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
+    r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
+    r.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip running the pruned model in ONNX Runtime before writing it")
+    add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
+
+
+OPTIONS = ("plan", "ratio", "target_params", "target_macs", "zeros", "criterion", "calib", "calib_samples", "labels",
+           "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden", "exclude", "simplify",
+           "sensitivity", "max_loss", "save_plan", "seed", "check")
+
+
+def prune(args) -> int:
+    result = prune_model(args.model, output=output_path(args, "pruned"), progress=progress(args),
+                         **{k: getattr(args, k) for k in OPTIONS})
+    doc = result.to_json()
+    if args.json:
+        return report.print_json(doc)
+    if doc["zeros"] and not doc["channels_removed"]:
+        report.note("no prunable channel is all zero; the output equals the input")
+    if (doc["simplify"] or {}).get("status", "ok") != "ok":
+        report.note(f"not simplified: {doc['simplify']['reason']}")
+    show_notes(doc["notes"])
+    report.print_prune(doc)
+    report.print_blocks(doc["attention_blocks"], "attention blocks (before -> after)")
+    return 0
+
+
+COMMANDS = {"prune": prune}
