@@ -10,10 +10,10 @@ whose arg-max over the last axis of the scored output equals the label.
 
 from __future__ import annotations
 
-
 import numpy as np
+import onnx
 
-from spa.core.data import as_batches, split_labels
+from spa.core.data import as_batches, calibration_batches, require_keys, split_labels, static_batch
 from spa.core.errors import SpaError
 from spa.core.runtime import checked_session
 
@@ -97,11 +97,6 @@ def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, referen
     """`evaluate` over arrays keyed by input name, batched the way the model takes them: in its
     fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch.
     `model_path`: a model file or a ModelProto."""
-    import onnx
-
-    from spa.core.data import calibration_batches, require_keys
-    from spa.core.data import static_batch
-
     in_memory = isinstance(model_path, onnx.ModelProto)
     proto = model_path if in_memory else onnx.load(str(model_path), load_external_data=False)
     inits = {t.name for t in proto.graph.initializer}
