@@ -16,6 +16,10 @@ FP16 (`fp16`): ONNX Runtime's `convert_float_to_float16` with the graph's inputs
 kept float32 (Cast at the edges) and numerically sensitive ops kept in float32
 (normalizations, reductions, exp/log/pow/sqrt), since TensorRT 10.12+ builds strongly typed
 networks from the precisions written in the ONNX.
+
+The pass forms (passes/base.Pass): `Int8Pass` and `Fp16Pass`, rewrite = the conversion above,
+ensures = the base promises (ONNX checker, ONNX Runtime on random inputs like the input);
+stats = {"coverage": coverage(result)}.
 """
 
 from __future__ import annotations
@@ -27,9 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import version_converter
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-from spa.core.data import static_batch
-from spa.core.errors import SpaError
+from spa.backends.ort import load_error_isolated
+from spa.core.data import calibration_batches, static_batch
+from spa.core.errors import SpaError, first_line
+from spa.core.model import Model
+from spa.passes.base import Pass
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
@@ -44,8 +54,6 @@ class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over arrays keyed by input name."""
 
     def __init__(self, feeds: dict, batch: int):
-        from spa.core.data import calibration_batches
-
         self._it = iter(calibration_batches(feeds, batch))
 
     def get_next(self):  # all ORT's calibrators call: None ends the data
@@ -55,8 +63,6 @@ class _Reader:
 def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channel: bool = True,
          max_samples: int = 256, batch: int = 32, percentile: float = 99.999) -> onnx.ModelProto:
     """The QDQ INT8 model of `proto`, calibrated on `feeds` ({input: [N, ...]})."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     if method not in METHODS:
         raise SpaError(f"unknown calibration method '{method}'", f"choose one of: {', '.join(METHODS)}")
     inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
@@ -89,8 +95,6 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channe
         except SpaError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT's tooling fails in many ways; one line
-            from spa.core.errors import first_line
-
             raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {first_line(exc)}") from None
         finally:
             os.chdir(cwd)
@@ -122,13 +126,9 @@ def _opset_13(proto: onnx.ModelProto) -> onnx.ModelProto:
     version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
     if version >= 13:
         return proto
-    from onnx import version_converter
-
     try:
         return version_converter.convert_version(proto, 13)
     except Exception as exc:  # noqa: BLE001 - the converter's assertion messages, as one line
-        from spa.core.errors import first_line
-
         raise SpaError(f"cannot quantize an opset {version} model: converting it to opset 13 (needed for "
                        f"per-channel Q/DQ) failed ({first_line(exc)})", "export the model at opset 13 or later") \
             from None
@@ -178,11 +178,6 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
     """`proto` in float16, float32 inputs/outputs, the `keep` ops and every op outside the default
     domain (ai.onnx.ml, contrib) in float32. The result must pass the ONNX checker and load in
     ONNX Runtime, else a SpaError says why (onnxruntime's converter fails on some graphs)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    from spa.backends.ort import load_error_isolated
-    from spa.core.errors import first_line
-
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     foreign = []
@@ -267,3 +262,26 @@ def coverage(proto: onnx.ModelProto) -> dict:
     return {"layers": len(layers), "quantized": len(quantized),
             "fraction_quantized": len(quantized) / len(layers) if layers else None,
             "qdq_nodes": qdq, "float16_initializers": fp16_inits}
+
+
+class Int8Pass(Pass):
+    """Model -> its QDQ INT8 form, calibrated on `data` ({input: [N, ...]})."""
+
+    name = "int8"
+
+    def __init__(self, data: dict, method: str = "minmax", per_channel: bool = True, max_samples: int = 256):
+        self.data, self.method, self.per_channel, self.max_samples = data, method, per_channel, max_samples
+
+    def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
+        proto = int8(model.proto, self.data, self.method, self.per_channel, self.max_samples)
+        return proto, {"coverage": coverage(proto)}
+
+
+class Fp16Pass(Pass):
+    """Model -> float16 weights and math, float32 at the edges and in the sensitive ops."""
+
+    name = "fp16"
+
+    def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
+        proto = fp16(model.proto)
+        return proto, {"coverage": coverage(proto)}

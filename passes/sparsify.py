@@ -13,6 +13,9 @@ Eligibility (TensorRT picks sparse kernels only for constant weights whose reduc
 is a multiple of M): the reduction size divisible by M, and both the reduction and output
 sizes at least `min_size` (default 16, in line with NVIDIA ASP's whitelist of layers whose
 sizes are multiples of 16). Every other layer is listed with the reason.
+
+`SparsifyPass` is the pass form (passes/base.Pass): rewrite = the masking, ensures = the base
+promises plus the N:M pattern re-read from the written file (or the proto in memory).
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spa.core.errors import SpaError
+from spa.backends import ort as ort_backend
+from spa.core.checks import compare_outputs
+from spa.core.errors import SpaError, UsageError, VerificationError
+from spa.core.model import Model, load
+from spa.passes import permute as permute_search
+from spa.passes import sparsegpt
+from spa.passes.base import Pass
 
 CHAIN = ("Identity", "Cast", "DequantizeLinear", "Transpose")
 
@@ -47,13 +56,14 @@ class Layer:
         return asdict(self)
 
 
-def parse_pattern(text: str) -> tuple[int, int]:
+def parse_pattern(text: str, name: str = "pattern") -> tuple[int, int]:
+    """(N, M) of "N:M"; UsageError naming the parameter `name` otherwise."""
     try:
         n, m = (int(v) for v in str(text).split(":"))
     except ValueError:
-        raise SpaError(f"invalid --pattern '{text}'", "write N:M, e.g. 2:4") from None
+        raise UsageError(f"invalid {name}={str(text)!r}", "write N:M, e.g. 2:4") from None
     if not 0 < n < m:
-        raise SpaError(f"invalid --pattern '{text}': it needs 0 < N < M")
+        raise UsageError(f"invalid {name}={str(text)!r}: it needs 0 < N < M")
     return n, m
 
 
@@ -225,7 +235,7 @@ def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16,
     if method not in METHODS:
         raise SpaError(f"unknown selection method '{method}'", f"use one of {', '.join(METHODS)}")
     if method == "obs" and data is None:
-        raise SpaError("calibrated 2:4 selection needs calibration data", "pass --calib DATA.npz")
+        raise SpaError("calibrated 2:4 selection needs calibration data", "pass calib=DATA.npz")
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     weights = _Weights(out)
@@ -241,8 +251,6 @@ def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16,
             w = weights.value(layer.weight)
             zp = _zero_point(out, weights, layer.weight)
             if key in hs:
-                from spa.passes import sparsegpt
-
                 new = sparsegpt.reconstruct(w, layer.axis, hs[key], n, m)
                 mag = np.abs(w.astype(np.float64))
                 done[key] = float(mag[new != 0].sum() / mag.sum()) if mag.sum() > 0 else 1.0
@@ -263,18 +271,12 @@ PERMUTE_TOL = 5e-3
 
 def _permute(proto, out, analysis, found, n, m, weights: _Weights, budget_s: float) -> list:
     """Permute the groups worth it in `out` (in place); undone when the outputs change."""
-    from spa.backends import ort as ort_backend
-
-    from spa.core.checks import compare_outputs
-
-    from spa.passes import permute
-
-    orders, rows = permute.plan(analysis, found, n, m, weights, budget_s)
+    orders, rows = permute_search.plan(analysis, found, n, m, weights, budget_s)
     if not orders:
         return rows
     saved = {t: weights.value(t) for gid in orders for (t, _) in analysis.group(gid).positions
              if analysis.index.is_const(t) and weights.value(t) is not None}
-    permute.apply(analysis, orders, weights)
+    permute_search.apply(analysis, orders, weights)
     try:
         feeds = ort_backend.random_feeds(proto, seed=0)
         rep = compare_outputs(ort_backend.run(proto, feeds, light=True), out, feeds, light=True)
@@ -296,8 +298,6 @@ METHODS = ("magnitude", "obs")
 def _hessians(proto, found: list, weights: _Weights, data, dtypes: dict, max_samples: int) -> dict:
     """{(stored weight, axis): [H per conv group]} for the eligible layers OBS can compensate;
     the others get a note. A weight read by several layers sums their statistics."""
-    from spa.passes import sparsegpt
-
     nodes = {(x.name or x.output[0]): x for x in proto.graph.node}
     targets, keys = {}, {}
     for layer in found:
@@ -348,3 +348,30 @@ def report(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16) -
     return {"pattern": f"{n}:{m}", "min_size": min_size, "layers": len(found), "eligible": len(eligible),
             "holding": sum(1 for x in eligible if x.holds),
             "fraction_holding": (sum(1 for x in eligible if x.holds) / len(eligible)) if eligible else None}
+
+
+class SparsifyPass(Pass):
+    """Model -> the same model with every eligible Conv/Gemm/MatMul weight masked to N:M.
+
+    stats: {"layers": [Layer], "permutation": [rows]}; ensures: the base promises, then every
+    eligible layer holds the pattern when re-read from the written file (or the proto)."""
+
+    name = "sparsify"
+
+    def __init__(self, n: int = 2, m: int = 4, min_size: int = 16, method: str = "magnitude", data=None,
+                 max_samples: int = 256, permute=None, budget_s: float = 2.0):
+        self.n, self.m, self.min_size, self.method = n, m, min_size, method
+        self.data, self.max_samples, self.permute, self.budget_s = data, max_samples, permute, budget_s
+
+    def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
+        proto, found, permuted = sparsify(model.proto, self.n, self.m, self.min_size, self.method, self.data,
+                                          model.dtypes, self.max_samples, self.permute, self.budget_s)
+        return proto, {"layers": found, "permutation": permuted}
+
+    def ensures(self, model: Model, proto: onnx.ModelProto, file=None) -> dict | None:
+        check = super().ensures(model, proto, file)
+        written = load(file, infer=False).proto if file is not None else proto
+        if not all(x.holds for x in layers(written, self.n, self.m, self.min_size) if x.eligible):
+            raise VerificationError(f"the {self.n}:{self.m} pattern does not hold on the written weights; "
+                                    "nothing written")
+        return check

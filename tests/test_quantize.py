@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from spa.backends import ort as ort_backend
 
 import spa
-from spa.passes import quantize
+from spa.api.quantize import quantize as quantize_api
+from spa.backends import ort as ort_backend
 from spa.cli.app import main
-from spa.core.errors import SpaError
+from spa.core.errors import SpaError, UsageError
+from spa.passes import quantize
 from tests.conftest import CORPUS, corpus_params
 from tests.oracles import feeds_for
 
@@ -111,12 +113,12 @@ def test_cli_quantize_reports_size_coverage_and_fidelity(tmp_path, capsys):
     assert not (tmp_path / "again.onnx").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--calib", "missing.npz"], "no such file"),
-    (["--calib", "CALIB", "--calib-samples", "0"], "invalid --calib-samples"),
-    (["--calib", "WRONG"], "no array for model input"),
+@pytest.mark.parametrize("args,message,exit_code", [
+    (["--calib", "missing.npz"], "no such file", 1),
+    (["--calib", "CALIB", "--calib-samples", "0"], "invalid --calib-samples", 2),
+    (["--calib", "WRONG"], "no array for model input", 1),
 ])
-def test_cli_quantize_bad_input_is_one_line(tmp_path, capsys, args, message):
+def test_cli_quantize_bad_input_is_one_line(tmp_path, capsys, args, message, exit_code):
     onnx.save(residual_model(), tmp_path / "m.onnx")
     np.savez(tmp_path / "calib.npz", **calib())
     np.savez(tmp_path / "wrong.npz", z=np.zeros((4, 3)))
@@ -124,7 +126,7 @@ def test_cli_quantize_bad_input_is_one_line(tmp_path, capsys, args, message):
             for a in args]
     code = main(["quantize", str(tmp_path / "m.onnx"), *args, "-o", str(tmp_path / "q.onnx"), "--json"])
     err = capsys.readouterr().err
-    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert code == exit_code and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "q.onnx").exists()
 
 
@@ -190,3 +192,35 @@ def test_corpus_fp16_runs_with_float32_io(entry):
     for name, v in out.items():
         if isinstance(v, np.ndarray) and v.dtype.kind == "f" and np.isfinite(ref[name]).all():
             assert v.dtype == ref[name].dtype and np.isfinite(v).all(), name
+
+
+def test_api_quantize_is_the_cli_document(tmp_path, capsys):
+    """spa.api.quantize.quantize without the CLI: the same document as `spa quantize --json` (INT8 and
+    FP16), and from a ModelProto in memory the same numbers, bytes counted serialized."""
+    proto, data = residual_model(), calib()
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **data)
+    for kind, options in (("int8", {"calib": str(tmp_path / "calib.npz")}), ("fp16", {"fp16": True})):
+        out = str(tmp_path / f"q.{kind}.onnx")
+        argv = ["--calib", options["calib"]] if kind == "int8" else ["--fp16"]
+        assert main(["quantize", str(tmp_path / "m.onnx"), *argv, "-o", out, "--json"]) == 0
+        cli = json.loads(capsys.readouterr().out)
+        result = quantize_api(str(tmp_path / "m.onnx"), output=out, **options)
+        assert result.to_json() == cli
+        onnx.checker.check_model(result.model)
+        memory = quantize_api(proto, **({"calib": data} if kind == "int8" else options)).to_json()
+        assert memory["bytes"] == {"before": proto.ByteSize(), "after": result.model.ByteSize()}
+        assert {**memory, "bytes": cli["bytes"]} == {**cli, "input": None, "output": None}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({}, "give exactly one of calib=DATA"),
+    ({"calib": "CALIB", "fp16": True}, "give exactly one of calib=DATA"),
+    ({"calib": "CALIB", "calib_samples": 0}, "invalid calib_samples=0"),
+    ({"calib": "CALIB", "method": "nope"}, "invalid method='nope'"),
+])
+def test_api_quantize_bad_values_are_usage_errors(tmp_path, options, message):
+    options = {k: calib(4) if v == "CALIB" else v for k, v in options.items()}
+    with pytest.raises(UsageError, match=re.escape(message)):
+        quantize_api(residual_model(), output=tmp_path / "q.onnx", **options)
+    assert not (tmp_path / "q.onnx").exists()

@@ -4,6 +4,7 @@ right axis of every eligible weight, ineligible layers say why, the models still
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -11,12 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
-from spa.backends import ort as ort_backend
-from spa.passes import permute, sparsegpt
-from spa.passes import sparsify as sp
 
 import spa
+from spa.api.sparsify import sparsify as sparsify_api
+from spa.backends import ort as ort_backend
 from spa.cli.app import main
+from spa.core.errors import UsageError
+from spa.passes import permute, sparsegpt
+from spa.passes import sparsify as sp
 from tests.conftest import CORPUS, corpus_params
 from tests.oracles import feeds_for
 
@@ -122,7 +125,7 @@ def test_cli_bad_pattern_is_one_line(tmp_path, capsys, pattern):
     onnx.save(_model([helper.make_node("Relu", ["x"], ["y"])], {}, [1], [1]), tmp_path / "m.onnx")
     code = main(["sparsify", str(tmp_path / "m.onnx"), "--pattern", pattern, "-o", str(tmp_path / "s.onnx")])
     err = capsys.readouterr().err
-    assert code == 1 and "invalid --pattern" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "invalid --pattern" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.onnx").exists()
 
 
@@ -257,7 +260,7 @@ def test_cli_obs_and_permute(tmp_path, capsys):
     assert [x["method"] for x in doc["layers"] if x["eligible"]] == ["obs"] * 3
     code = main(["sparsify", str(tmp_path / "m.onnx"), "--method", "obs", "-o", str(tmp_path / "t.onnx")])
     err = capsys.readouterr().err
-    assert code == 1 and "needs calibration data" in err and not (tmp_path / "t.onnx").exists()
+    assert code == 2 and "needs calibration data" in err and not (tmp_path / "t.onnx").exists()
 
 
 # over 5 s each on the 2-core CI machine (large activations or many groups): run with -m slow
@@ -296,3 +299,45 @@ def test_corpus_obs_and_permutation(entry):
             return
         res = ort_backend.run(out, feeds)
         assert all(np.isfinite(v).all() for v in res.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f")
+
+
+def test_api_sparsify_is_the_cli_document(tmp_path, capsys):
+    """spa.api.sparsify.sparsify without the CLI: the same document as `spa sparsify --json`, from a
+    path or from a ModelProto in memory; .model is the checked ModelProto, .save re-checks it."""
+    proto, x = _conv_net()
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = str(tmp_path / "s.onnx")
+    assert main(["sparsify", str(tmp_path / "m.onnx"), "--method", "obs", "--calib", str(tmp_path / "calib.npz"),
+                 "--calib-samples", "32", "-o", out, "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    result = sparsify_api(str(tmp_path / "m.onnx"), method="obs", calib=str(tmp_path / "calib.npz"),
+                          calib_samples=32, output=out)
+    assert result.to_json() == cli
+    onnx.checker.check_model(result.model, full_check=True)
+    memory = sparsify_api(proto, method="obs", calib={"x": x}, calib_samples=32)
+    assert memory.to_json() == {**cli, "input": None, "output": None}
+    assert all(x.holds for x in sp.layers(memory.model, 2, 4) if x.eligible)
+    memory.save(tmp_path / "again.onnx")
+    assert all(x.holds for x in sp.layers(onnx.load(tmp_path / "again.onnx"), 2, 4) if x.eligible)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_size": 0}, "invalid min_size=0"),
+    ({"pattern": "4:2"}, "invalid pattern='4:2'"),
+    ({"method": "obs"}, "method=obs needs calibration data"),
+    ({"calib": {"x": np.zeros((1, 16, 8, 8), np.float32)}}, "only used by method=obs"),
+    ({"permute_budget": 0}, "invalid permute_budget=0"),
+])
+def test_api_sparsify_bad_values_are_usage_errors(tmp_path, options, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        sparsify_api(_conv_net()[0], output=tmp_path / "s.onnx", **options)
+    assert not (tmp_path / "s.onnx").exists()
+
+
+def test_cli_sparsify_bad_value_exits_2_naming_the_flag(tmp_path, capsys):
+    onnx.save(_conv_net()[0], tmp_path / "m.onnx")
+    code = main(["sparsify", str(tmp_path / "m.onnx"), "--min-size", "0", "-o", str(tmp_path / "s.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid --min-size 0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.onnx").exists()

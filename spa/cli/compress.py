@@ -67,7 +67,7 @@ def _check(args) -> None:
     if args.sparsify:
         from spa.passes.sparsify import parse_pattern
 
-        parse_pattern(args.sparsify)
+        parse_pattern(args.sparsify, "sparsify")
     elif args.sparsify_method or args.permute:
         raise SpaError("--sparsify-method and --permute go with --sparsify N:M")
     if not (args.ratio > 0 or args.sparsify or args.int8 or args.fp16):

@@ -1,16 +1,14 @@
-"""spa quantize: INT8 QDQ or FP16."""
+"""spa quantize: INT8 QDQ or FP16, a thin shell over spa.api.quantize.
+
+    argv ─parser─▶ options ─spa.api.quantize.quantize(...)─▶ Result ─▶ --json document | one summary line
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-
-from spa import api
-from spa.cli.app import _output_path, _save_checked, err, step
-from spa.core.data import load_npz
-from spa.core.errors import SpaError
-from spa.core.model import check_writable, load
+from spa.api.quantize import quantize as quantize_model
+from spa.cli.app import _output_path, err, step
 
 
 def parser(sub) -> None:
@@ -32,50 +30,30 @@ def parser(sub) -> None:
 
 
 def quantize(args) -> int:
-    from spa.passes import quantize
-
-    src = Path(args.model)
-    kind = "fp16" if args.fp16 else "int8"
-    out = _output_path(args, kind)
-    if not src.is_file():
-        raise SpaError(f"cannot load model '{args.model}': no such file")
-    if args.calib_samples < 1:
-        raise SpaError(f"invalid --calib-samples {args.calib_samples}: it must be a positive integer")
-    check_writable(out, args.model)
-    calib = load_npz(args.calib) if args.calib else None
-    with step("load + shape inference", args.json):
-        model = load(args.model)
-    model.refuse_overwrite(out)
-    api.refuse_quantized(model, "quantize")
-    with step("FP16 conversion" if args.fp16 else f"INT8 calibration ({args.method}) + QDQ", args.json):
-        result = quantize.fp16(model.proto) if args.fp16 else \
-            quantize.int8(model.proto, calib, args.method, args.per_channel, args.calib_samples)
-    check = _save_checked(model, result, out, args.json)
-    before, after = src.stat().st_size, out.stat().st_size
-    fidelity = None
-    if calib is not None:  # random inputs say little about a calibrated range: measure on the data too
-        from spa.scoring.evaluate import evaluate_arrays
-
-        rep = evaluate_arrays(out, calib, reference=str(src), max_samples=64)
-        errs = [f["rel_err"] for f in (rep.get("fidelity") or {}).values()]
-        fidelity = {"samples": rep["samples"], "max_rel_err": max(errs) if errs else 0.0}
-    doc = {"schema_version": 1, "input": args.model, "output": str(out), "kind": kind, "fidelity_on_calib": fidelity,
-           "method": None if args.fp16 else args.method, "per_channel": None if args.fp16 else args.per_channel,
-           "bytes": {"before": before, "after": after}, "coverage": quantize.coverage(result),
-           "check": check}
+    result = quantize_model(args.model, calib=args.calib, fp16=args.fp16, method=args.method,
+                            per_channel=args.per_channel, calib_samples=args.calib_samples,
+                            output=_output_path(args, "fp16" if args.fp16 else "int8"),
+                            progress=lambda what: step(what, args.json))
+    doc = result.to_json()
     if args.json:
         print(json.dumps(doc))
         return 0
-    cov, check = doc["coverage"], doc["check"] or {}
-    err.print(f"{args.model} -> {out} ({kind}): {before:,} -> {after:,} bytes ({after / max(before, 1):.2f}x); "
-              + (f"{cov['quantized']} of {cov['layers']} Conv/Gemm/MatMul layers quantized; " if kind == "int8" else "")
-              + (f"rel. error on {fidelity['samples']} calibration samples {fidelity['max_rel_err']:.3g}; "
-                 if fidelity else "")
-              + (f"output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
-                 if check.get("status") == "ok" else f"output check: {check.get('reason', 'skipped')}"),
-              markup=False, highlight=False)
+    err.print(_summary(doc), markup=False, highlight=False)
     return 0
 
+
+def _summary(doc: dict) -> str:
+    """input -> output (kind): bytes, coverage, fidelity on the data, the output check."""
+    cov, check, fidelity = doc["coverage"], doc["check"] or {}, doc["fidelity_on_calib"]
+    before, after = doc["bytes"]["before"], doc["bytes"]["after"]
+    return (f"{doc['input']} -> {doc['output']} ({doc['kind']}): {before:,} -> {after:,} bytes "
+            f"({after / max(before, 1):.2f}x); "
+            + (f"{cov['quantized']} of {cov['layers']} Conv/Gemm/MatMul layers quantized; "
+               if doc["kind"] == "int8" else "")
+            + (f"rel. error on {fidelity['samples']} calibration samples {fidelity['max_rel_err']:.3g}; "
+               if fidelity else "")
+            + (f"output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
+               if check.get("status") == "ok" else f"output check: {check.get('reason', 'skipped')}"))
 
 
 COMMANDS = {"quantize": quantize}

@@ -10,10 +10,10 @@ whose arg-max over the last axis of the scored output equals the label.
 
 from __future__ import annotations
 
-
 import numpy as np
+import onnx
 
-from spa.core.data import as_batches, split_labels
+from spa.core.data import as_batches, calibration_batches, require_keys, split_labels, static_batch
 from spa.core.errors import SpaError
 from spa.core.runtime import checked_session
 
@@ -95,13 +95,10 @@ def evaluate(model, data, labels=None, reference=None, output: str | None = None
 def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, reference=None,
                     max_samples: int | None = None, batch_size: int = 64) -> dict:
     """`evaluate` over arrays keyed by input name, batched the way the model takes them: in its
-    fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch."""
-    import onnx
-
-    from spa.core.data import calibration_batches, require_keys
-    from spa.core.data import static_batch
-
-    proto = onnx.load(str(model_path), load_external_data=False)
+    fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch.
+    `model_path`: a model file or a ModelProto."""
+    in_memory = isinstance(model_path, onnx.ModelProto)
+    proto = model_path if in_memory else onnx.load(str(model_path), load_external_data=False)
     inits = {t.name for t in proto.graph.initializer}
     inputs = [i.name for i in proto.graph.input if i.name not in inits]
     require_keys(arrays, inputs, labels)
@@ -109,4 +106,4 @@ def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, referen
     y = None
     if labels is not None:
         y = np.asarray(arrays[labels])[:sum(len(next(iter(f.values()))) for f in feeds)]
-    return evaluate(str(model_path), feeds, y, reference)
+    return evaluate(model_path if in_memory else str(model_path), feeds, y, reference)

@@ -1,0 +1,41 @@
+"""Helpers the API functions share: data arguments, and a pass run in named progress steps.
+
+    calib="DATA.npz" | {input: array} ─arrays─▶ {input: array}
+    pass ─run_pass─▶ requires ─step(what)─▶ rewrite ─step("saving + checking")─▶ ensures (on the written file)
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from spa.core.data import load_npz
+from spa.core.errors import UsageError
+from spa.core.model import Model
+from spa.passes.base import Pass, PassResult
+
+
+def arrays(data, name: str = "calib") -> dict | None:
+    """Arrays keyed by input name from a path to an .npz or a dict of arrays (None stays None)."""
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)):
+        return load_npz(data)
+    if isinstance(data, dict):
+        return {k: np.asarray(v) for k, v in data.items()}
+    raise UsageError(f"invalid {name}={type(data).__name__}: expected a path to an .npz or a dict of arrays")
+
+
+def run_pass(rewrite: Pass, model: Model, output, step, what: str) -> PassResult:
+    """`rewrite.run(model, output)` with its rewrite and its checks as two named progress steps."""
+    rewrite.requires(model)
+    with step(what):
+        proto, stats = rewrite.rewrite(model)
+    with step("saving + checking" if output is not None else "checking"):
+        return rewrite.verify(model, proto, stats, output)
+
+
+def saver(rewrite: Pass, model: Model, done: PassResult):
+    """`verify(file)` for Result.save: the pass's promises re-checked on the written file."""
+    return lambda file: rewrite.ensures(model, done.model, file)

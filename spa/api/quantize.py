@@ -1,0 +1,69 @@
+"""spa.quantize: INT8 QDQ (calibrated, placed for TensorRT) or FP16, verified and measured.
+
+    model ─load─▶ Int8Pass (calib=) | Fp16Pass (fp16=True) ─ensures: ONNX checker, ONNX Runtime vs the input─▶
+          quantized model ─measured: bytes before/after, QDQ coverage, fidelity on the calibration data─▶ Result
+
+The Result's document is `spa quantize --json`'s: schema_version, input, output, kind,
+fidelity_on_calib, method, per_channel, bytes, coverage, check. `bytes` are file sizes where
+there is a file (the input's path, `output`); a model only in memory counts its serialized size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from spa.api.common import arrays, run_pass, saver
+from spa.api.prune import refuse_quantized
+from spa.api.result import Result, as_model, model_name, output_target, stepper
+from spa.core.errors import positive_int, require
+from spa.core.model import Model
+from spa.passes.quantize import METHODS, Fp16Pass, Int8Pass
+from spa.scoring.evaluate import evaluate_arrays
+
+SCHEMA = 1
+FIDELITY_SAMPLES = 64  # calibration samples the fidelity on the data is measured on
+
+
+def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", per_channel: bool = True,
+             calib_samples: int = 256, output=None, progress=None) -> Result:
+    """INT8 QDQ calibrated on `calib` (a path to an .npz or arrays keyed by input name; `method`
+    minmax, entropy or percentile over `calib_samples` samples; weight scales per output channel
+    unless `per_channel=False`), or FP16 with `fp16=True`: exactly one of the two. `output`: write
+    there (checked on the written file before it is renamed into place), else checked in memory."""
+    require((calib is not None) != bool(fp16), "give exactly one of calib=DATA (INT8) and fp16=True (FP16)")
+    require(method in METHODS, f"invalid method={method!r}", f"choose one of: {', '.join(METHODS)}")
+    positive_int("calib_samples", calib_samples)
+    out = output_target(output, model)
+    data = arrays(calib)
+    step = stepper(progress)
+    with step("load + shape inference"):
+        loaded = as_model(model)
+    loaded.refuse_overwrite(out)
+    refuse_quantized(loaded, "quantize")
+    rewrite = Fp16Pass() if fp16 else Int8Pass(data, method, per_channel, calib_samples)
+    done = run_pass(rewrite, loaded, out, step, "FP16 conversion" if fp16 else f"INT8 calibration ({method}) + QDQ")
+    produced = out if out is not None else done.model
+    doc = {"schema_version": SCHEMA, "input": model_name(model), "output": None if out is None else str(out),
+           "kind": rewrite.name, "fidelity_on_calib": _fidelity(produced, loaded, data),
+           "method": None if fp16 else method, "per_channel": None if fp16 else per_channel,
+           "bytes": {"before": _bytes(loaded.path or loaded.proto), "after": _bytes(produced)},
+           "coverage": done.stats["coverage"], "check": done.check}
+    return Result(doc, done.model, saver(rewrite, loaded, done), loaded.path)
+
+
+def _fidelity(produced, original: Model, data: dict | None) -> dict | None:
+    """Relative error against the input on the calibration data (random inputs say little about a
+    calibrated range); None for FP16."""
+    if data is None:
+        return None
+    reference = str(original.path) if original.path is not None else original.proto
+    rep = evaluate_arrays(produced, data, reference=reference, max_samples=FIDELITY_SAMPLES)
+    errs = [f["rel_err"] for f in (rep.get("fidelity") or {}).values()]
+    return {"samples": rep["samples"], "max_rel_err": max(errs) if errs else 0.0}
+
+
+def _bytes(model) -> int:
+    """Size of a model file (as `ls` shows it), or of a ModelProto serialized."""
+    return model.ByteSize() if isinstance(model, onnx.ModelProto) else Path(model).stat().st_size
