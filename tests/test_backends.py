@@ -15,6 +15,7 @@ from spa.backends import base, bench, compare
 from spa.backends import ort as ort_backend
 
 from spa.cli.app import main
+from spa.core import runtime
 from spa.core.errors import SpaError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx"
@@ -84,7 +85,7 @@ def test_isolated_load_turns_errors_and_crashes_into_reasons(monkeypatch):
     bad = _linear_model()
     bad.graph.node[0].input[1] = "nowhere"
     assert "nowhere" in ort_backend.load_error_isolated(bad)
-    monkeypatch.setattr(ort_backend, "_LOAD", "import os; os.abort()")
+    monkeypatch.setattr(runtime, "_LOAD", "import os; os.abort()")
     assert "crashed (SIGABRT)" in ort_backend.load_error_isolated(_linear_model())
 
 
@@ -297,21 +298,22 @@ def test_bench_table_on_stdout(pruned, capsys):
     assert "half.onnx" in text and "speed-up" in text and "1.00x" in text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["bench", "nope.onnx"], "cannot read model 'nope.onnx': no such file"),
-    (["bench", str(EXAMPLE), "--batch", "1,x"], "bad --batch '1,x'"),
-    (["bench", str(EXAMPLE), "--dim", "seq"], "bad --dim 'seq'"),
-    (["bench", str(EXAMPLE), "--backend", "torch-cuda"], "needs"),
-    (["bench", str(EXAMPLE), "-o", "/nonexistent/dir/b.json"], "cannot write"),
-    (["compare", str(EXAMPLE)], "nothing to compare"),
-    (["compare", str(EXAMPLE), str(EXAMPLE), "--data", "missing.npz"], "cannot read data 'missing.npz'"),
+@pytest.mark.parametrize("argv,message,code", [
+    (["bench", "nope.onnx"], "cannot read model 'nope.onnx': no such file", 1),
+    (["bench", str(EXAMPLE), "--batch", "1,x"], "bad --batch '1,x'", 2),
+    (["bench", str(EXAMPLE), "--dim", "seq"], "bad --dim 'seq'", 2),
+    (["bench", str(EXAMPLE), "--backend", "torch-cuda"], "needs", 1),
+    (["bench", str(EXAMPLE), "-o", "/nonexistent/dir/b.json"], "cannot write", 1),
+    (["compare", str(EXAMPLE)], "nothing to compare", 2),
+    (["compare", str(EXAMPLE), str(EXAMPLE), "--data", "missing.npz"], "cannot read data 'missing.npz'", 1),
 ])
-def test_bad_input_is_one_line_and_exit_1(argv, message, capsys):
+def test_bad_input_is_one_line_and_exit_1(argv, message, code, capsys):
+    """Runtime refusals exit 1; bad option values and combinations are usage errors (exit 2)."""
     if "torch-cuda" in argv:
         torch = pytest.importorskip("torch")
         if torch.cuda.is_available():
             pytest.skip("a GPU is here")
-    assert main(argv) == 1
+    assert main(argv) == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
 
