@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 import pytest
 
+from spa import load
 from spa.cli import app as cli
 from spa.core import cost
 from spa.reporting import html as html_report
-from spa import load
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_resnet.onnx"
