@@ -5,16 +5,18 @@ exist; elsewhere their refusal (a one-line error naming the install) is what is 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from spa.backends import base, bench, compare
 from spa.backends import ort as ort_backend
-
 from spa.cli.app import main
+from spa.core import runtime
 from spa.core.errors import SpaError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx"
@@ -84,7 +86,7 @@ def test_isolated_load_turns_errors_and_crashes_into_reasons(monkeypatch):
     bad = _linear_model()
     bad.graph.node[0].input[1] = "nowhere"
     assert "nowhere" in ort_backend.load_error_isolated(bad)
-    monkeypatch.setattr(ort_backend, "_LOAD", "import os; os.abort()")
+    monkeypatch.setattr(runtime, "_LOAD", "import os; os.abort()")
     assert "crashed (SIGABRT)" in ort_backend.load_error_isolated(_linear_model())
 
 
@@ -128,7 +130,6 @@ def test_semi_structured_takes_exactly_the_2_4_layers():
     with an identity conversion the outputs are ONNX Runtime's."""
     pytest.importorskip("torch")
     from spa.backends.torch_exec import semi_structured
-
     from spa.torch import OnnxModule
 
     proto = _linear_model()
@@ -148,7 +149,6 @@ def test_semi_structured_takes_exactly_the_2_4_layers():
 def test_a_refused_conversion_keeps_the_layer_dense():
     pytest.importorskip("torch")
     from spa.backends.torch_exec import semi_structured
-
     from spa.torch import OnnxModule
 
     def refuse(t):
@@ -297,21 +297,22 @@ def test_bench_table_on_stdout(pruned, capsys):
     assert "half.onnx" in text and "speed-up" in text and "1.00x" in text
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["bench", "nope.onnx"], "cannot read model 'nope.onnx': no such file"),
-    (["bench", str(EXAMPLE), "--batch", "1,x"], "bad --batch '1,x'"),
-    (["bench", str(EXAMPLE), "--dim", "seq"], "bad --dim 'seq'"),
-    (["bench", str(EXAMPLE), "--backend", "torch-cuda"], "needs"),
-    (["bench", str(EXAMPLE), "-o", "/nonexistent/dir/b.json"], "cannot write"),
-    (["compare", str(EXAMPLE)], "nothing to compare"),
-    (["compare", str(EXAMPLE), str(EXAMPLE), "--data", "missing.npz"], "cannot read data 'missing.npz'"),
+@pytest.mark.parametrize("argv,message,code", [
+    (["bench", "nope.onnx"], "cannot read model 'nope.onnx': no such file", 1),
+    (["bench", str(EXAMPLE), "--batch", "1,x"], "bad --batch '1,x'", 2),
+    (["bench", str(EXAMPLE), "--dim", "seq"], "bad --dim 'seq'", 2),
+    (["bench", str(EXAMPLE), "--backend", "torch-cuda"], "needs", 1),
+    (["bench", str(EXAMPLE), "-o", "/nonexistent/dir/b.json"], "cannot write", 1),
+    (["compare", str(EXAMPLE)], "nothing to compare", 2),
+    (["compare", str(EXAMPLE), str(EXAMPLE), "--data", "missing.npz"], "cannot read data 'missing.npz'", 1),
 ])
-def test_bad_input_is_one_line_and_exit_1(argv, message, capsys):
+def test_bad_input_is_one_line_and_exit_1(argv, message, code, capsys):
+    """Runtime refusals exit 1; bad option values and combinations are usage errors (exit 2)."""
     if "torch-cuda" in argv:
         torch = pytest.importorskip("torch")
         if torch.cuda.is_available():
             pytest.skip("a GPU is here")
-    assert main(argv) == 1
+    assert main(argv) == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
 
@@ -333,6 +334,76 @@ def test_compare_is_a_ci_gate(pruned, tmp_path, capsys):
     np.savez(data, other=np.zeros(3))
     assert main(["compare", str(EXAMPLE), str(EXAMPLE), "--data", str(data)]) == 1
     assert "input" in capsys.readouterr().err
+
+
+TIMED = ("latency_ms", "throughput", "iterations", "speedup")
+
+
+def _untimed(doc: dict) -> dict:
+    """A bench document without what differs run to run (times, the date)."""
+    return {**doc, "environment": {k: v for k, v in doc["environment"].items() if k != "date"},
+            "results": [{k: v for k, v in r.items() if k not in TIMED} for r in doc["results"]],
+            "min_speedup": doc["min_speedup"] and {**doc["min_speedup"], "failed": None}}
+
+
+def test_bench_api_document_is_the_commands(pruned, tmp_path, capsys):
+    """spa.api.bench.bench without the CLI: the document `spa bench --json` prints (times aside),
+    written to output=, with the --min-speedup verdict in the document and result.check()."""
+    from spa.api.bench import bench as api_bench
+    from spa.core.errors import VerificationError
+
+    fast = ["--duration-s", "0.05", "--warmup-ms", "0", "--min-iterations", "2"]
+    assert main(["bench", str(EXAMPLE), str(pruned), "--batch", "1,2", *fast, "--min-speedup", "1000", "--json"]) == 3
+    cli_doc = json.loads(capsys.readouterr().out)
+    out = tmp_path / "b.json"
+    result = api_bench([str(EXAMPLE), str(pruned)], batch=[1, 2], duration_s=0.05, warmup_ms=0, min_iterations=2,
+                       min_speedup=1000, output=out)
+    assert _untimed(result.to_json()) == _untimed(cli_doc) and json.loads(out.read_text()) == result.to_json()
+    assert result.failure.startswith("speed-up below 1000x: half.onnx at batch 1")
+    with pytest.raises(VerificationError, match="speed-up below 1000x"):
+        result.check()
+    single = api_bench(onnx.load(str(EXAMPLE)), duration_s=0.02, warmup_ms=0, min_iterations=1)
+    assert single.check() is single and single["models"][0]["path"] is None and single["results"][0]["speedup"] == 1
+
+
+def test_compare_api_document_is_the_commands(pruned, tmp_path, capsys):
+    """spa.api.bench.compare without the CLI: the same document as `spa compare --json`; a
+    failed tolerance is the verdict in the document (exit 3), not an exception."""
+    from spa.api.bench import compare as api_compare
+
+    data = tmp_path / "data.npz"
+    arrays = {"input": RNG.standard_normal((6, 3, 32, 32)).astype(np.float32)}
+    np.savez(data, **arrays)
+    assert main(["compare", str(EXAMPLE), str(pruned), "--data", str(data), "--batch", "4", "--json"]) == 3
+    cli_doc = json.loads(capsys.readouterr().out)
+    result = api_compare(str(EXAMPLE), str(pruned), data=str(data), batch=4)
+    assert result.to_json() == cli_doc and result.failure == "outputs outside the tolerance: output"
+    in_memory = api_compare(str(EXAMPLE), str(pruned), data=arrays, batch=4)
+    assert in_memory["outputs"] == cli_doc["outputs"] and in_memory["inputs"] == "data (6 samples)"
+    assert api_compare(str(EXAMPLE), str(EXAMPLE)).check()["pass"]
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda f: f["bench"](str(EXAMPLE), batch="1,0"), "bad batch='1,0'"),
+    (lambda f: f["bench"](str(EXAMPLE), duration_s=0), "invalid duration_s=0"),
+    (lambda f: f["bench"](str(EXAMPLE), backend="tpu"), "invalid backend='tpu'"),
+    (lambda f: f["compare"](str(EXAMPLE)), "nothing to compare"),
+    (lambda f: f["compare"](str(EXAMPLE), str(EXAMPLE), atol=-1), "invalid atol=-1"),
+    (lambda f: f["compare"](str(EXAMPLE), str(EXAMPLE), samples=0), "invalid samples=0"),
+])
+def test_api_bad_values_are_usage_errors(call, says):
+    from spa.api import bench as api
+    from spa.core.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(says)):
+        call({"bench": api.bench, "compare": api.compare})
+
+
+def test_cli_bad_values_exit_2_naming_the_flag(capsys):
+    assert main(["bench", str(EXAMPLE), "--duration-s", "0"]) == 2
+    assert "invalid --duration-s 0" in capsys.readouterr().err
+    assert main(["compare", str(EXAMPLE), str(EXAMPLE), "--samples", "0"]) == 2
+    assert "invalid --samples 0" in capsys.readouterr().err
 
 
 def test_compare_one_model_on_two_backends(capsys):
@@ -357,9 +428,8 @@ def test_gpu_table_script_runs_its_pipeline_on_the_cpu(tmp_path, capsys):
     assert [r.split("|")[3].strip() for r in rows] == ["dense", "2:4", "pruned"] * 2
     doc = json.loads((tmp_path / "gpu_tiny.json").read_text())
     assert doc["backend"] == "torch" and doc["options"]["sparse"] and len(doc["results"]) == 6
-    from spa.passes.sparsify import layers
-
     import spa
+    from spa.passes.sparsify import layers
 
     found = [x for x in layers(spa.load(tmp_path / "tiny_resnet.2x4.onnx").proto, 2, 4) if x.eligible]
     assert found and all(x.holds for x in found)

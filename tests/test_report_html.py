@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 import pytest
 
+from spa import load
 from spa.cli import app as cli
 from spa.core import cost
 from spa.reporting import html as html_report
-from spa import load
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_resnet.onnx"
@@ -236,6 +236,43 @@ def test_cli_writes_the_page_and_json(capsys, run, tmp_path):
     assert got["output"] == str(out) and got["title"] == "tiny" and got["schema_version"] == 1
     assert got["environment"]["command"].startswith("spa report ") and "--bench" in got["environment"]["command"]
     assert "<title>tiny</title>" in out.read_text()
+
+
+def _untimed(doc: dict) -> dict:
+    """The document without the time it was made."""
+    return {**doc, "environment": {k: v for k, v in doc["environment"].items() if k != "date"}}
+
+
+def test_api_document_is_the_commands(capsys, run, tmp_path):
+    """spa.api.report.report without the CLI: the document `spa report --json` prints (the date
+    aside) and the same page; in memory (no output=) the page is only in result.html."""
+    from spa.api.report import report
+
+    out = tmp_path / "report.html"
+    rc, stdout, _ = spa(capsys, "report", run / "dense.onnx", run / "r5.onnx", "--bench", run / "bench.json",
+                        "-o", out, "--json")
+    assert rc == 0
+    cli_doc = json.loads(stdout)
+    page = out.read_text()
+    result = report(str(run / "dense.onnx"), [str(run / "r5.onnx")], bench=str(run / "bench.json"),
+                    command=cli_doc["environment"]["command"], output=out)
+    assert _untimed(result.to_json()) == _untimed(cli_doc) and result.model is None
+    assert result.html.replace(result["environment"]["date"], "") == page.replace(cli_doc["environment"]["date"], "")
+    arrays = {"input": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    memory = report(run / "dense.onnx", run / "r5.onnx", data=arrays)
+    assert memory["output"] is None and memory["fidelity"]["models"][0]["samples"] == 4
+    assert memory.save(tmp_path / "again.html").read_text() == memory.html
+
+
+def test_bad_samples_is_a_usage_error(capsys, run, tmp_path):
+    from spa.api.report import report
+    from spa.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="invalid samples=0"):
+        report(run / "dense.onnx", run / "r5.onnx", samples=0)
+    rc, stdout, stderr = spa(capsys, "report", run / "dense.onnx", run / "r5.onnx", "--samples", "0",
+                             "-o", tmp_path / "r.html")
+    assert rc == 2 and stdout == "" and "invalid --samples 0" in stderr and not (tmp_path / "r.html").exists()
 
 
 def _bad_cases(run: Path, tmp: Path) -> dict:

@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from spa.backends import base
 from spa.backends import trt as T
-
 from spa.cli import app as cli
 from spa.core.errors import SpaError
 
@@ -312,9 +312,9 @@ def model(tmp_path) -> Path:
     return path
 
 
-def _assert_clean_failure(rc, out, err, folder: Path, model: Path, digest: str, says: str):
+def _assert_clean_failure(rc, out, err, folder: Path, model: Path, digest: str, says: str, code: int = 1):
     lines = err.strip().splitlines()
-    assert rc == 1 and out == ""
+    assert rc == code and out == ""
     assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], err
     assert sorted(p.name for p in folder.iterdir()) == [model.name]  # no engine, no temp file
     assert _digest(model) == digest
@@ -323,7 +323,7 @@ def _assert_clean_failure(rc, out, err, folder: Path, model: Path, digest: str, 
 def test_build_without_trt_says_it_is_the_only_format(capsys, model):
     digest = _digest(model)
     rc, out, err = _run(capsys, "build", model, "-o", model.with_suffix(".engine"))
-    _assert_clean_failure(rc, out, err, model.parent, model, digest, "--trt")
+    _assert_clean_failure(rc, out, err, model.parent, model, digest, "--trt", code=2)
 
 
 def test_build_without_tensorrt_names_the_install(capsys, model, no_tensorrt):
@@ -375,18 +375,63 @@ def test_build_asks_for_shapes_of_dynamic_non_batch_axes(capsys, tmp_path, no_te
     _assert_clean_failure(rc, out, err, tmp_path, path, digest, "--shapes x:1x1/8x8/32x32")
 
 
-@pytest.mark.parametrize("extra, says", [
-    (["-o", "{tmp}/no/such/dir/m.engine"], "does not exist"),
-    (["-o", "{model}"], "it is the input model"),
-    (["-o", "{tmp}/m.onnx"], "name it .engine"),
-    (["--workspace", "0"], "--workspace must be a positive"),
-    (["--timing-cache", "{tmp}/nowhere/t.cache"], "does not exist"),
+@pytest.mark.parametrize("extra, says, code", [
+    (["-o", "{tmp}/no/such/dir/m.engine"], "does not exist", 1),
+    (["-o", "{model}"], "it is the input model", 1),
+    (["-o", "{tmp}/m.onnx"], "name it .engine", 1),
+    (["--workspace", "0"], "--workspace 0: it must be a positive", 2),  # a usage error
+    (["--timing-cache", "{tmp}/nowhere/t.cache"], "does not exist", 1),
 ])
-def test_build_checks_arguments_before_tensorrt(capsys, model, no_tensorrt, extra, says):
+def test_build_checks_arguments_before_tensorrt(capsys, model, no_tensorrt, extra, says, code):
     digest = _digest(model)
     args = [a.format(tmp=model.parent, model=model) for a in extra]
     rc, out, err = _run(capsys, "build", model, "--trt", *args)
-    _assert_clean_failure(rc, out, err, model.parent, model, digest, says)
+    _assert_clean_failure(rc, out, err, model.parent, model, digest, says, code)
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """The TensorRT backend's three TensorRT calls replaced: a build gives fixed engine bytes and
+    an inspector report with one sparse layer, so spa build's own logic runs without a GPU."""
+    info = {"Layers": [{"Name": "conv1", "TacticName": "sm80_xmma_fprop_sparse_conv", "Outputs": [
+        {"DataType": "Float"}], "Metadata": "[ONNX Layer: /conv1/Conv]"}]}
+    built = T.Built(b"fake engine", "fp32", True, {"input": ((1, 3, 32, 32),) * 3}, {"eligible": ["conv1"]}, 1.5,
+                    ["a note"])
+    monkeypatch.setattr(T, "tensorrt", lambda: types.SimpleNamespace(__version__="10.0-fake"))
+    monkeypatch.setattr(T, "build", lambda *a, **k: built)
+    monkeypatch.setattr(T, "inspect_plan", lambda plan, what="": info)
+
+
+def test_build_api_document_is_the_commands(capsys, model, fake_tensorrt):
+    """spa.api.build.build without the CLI: the same document as `spa build --json`, the engine
+    written to output= (or only held by the result, and saved by result.save)."""
+    from spa.api.build import build
+
+    engine = model.with_suffix(".engine")
+    rc, out, err = _run(capsys, "build", model, "--trt", "--sparse", "-o", engine, "--json")
+    assert rc == 0, err
+    cli_doc = json.loads(out)
+    engine.unlink()
+    result = build(str(model), sparse=True, output=engine)
+    assert result.to_json() == cli_doc and engine.read_bytes() == b"fake engine"
+    assert cli_doc["sparse"]["sparse"] == ["conv1"] and cli_doc["precision"]["layer_types"] == {"float32": 1}
+    in_memory = build(onnx.load(str(model)), sparse=True)
+    assert in_memory.to_json()["output"] is None and in_memory.to_json()["input"] is None
+    assert in_memory.save(model.parent / "m2.engine").read_bytes() == b"fake engine"
+
+
+def test_build_api_without_tensorrt_and_bad_values(model, no_tensorrt, capsys):
+    from spa.api.build import build
+    from spa.core.errors import UsageError
+
+    with pytest.raises(SpaError, match=r"spa\[tensorrt\]"):
+        build(model)
+    with pytest.raises(UsageError, match="invalid workspace=0"):
+        build(model, workspace=0)
+    with pytest.raises(UsageError, match="exclude each other"):
+        build(model, fp16=True, bf16=True)
+    rc, out, err = _run(capsys, "build", model, "--trt", "--workspace", "-1")
+    assert rc == 2 and out == "" and "invalid --workspace -1" in err
 
 
 def test_open_session_without_tensorrt_names_the_install(no_tensorrt):
@@ -457,9 +502,8 @@ def test_trt_runner_times_with_cuda_events():
 def test_trt_fp16_build_of_a_converted_model(tmp_path):
     _gpu()
     from spa.backends import ort
-
-    from spa.passes import quantize
     from spa.core.model import load, save
+    from spa.passes import quantize
 
     with pytest.raises(SpaError, match="spa quantize"):
         T.build_engine(EXAMPLE, base.Options(precision="fp16"))
@@ -475,9 +519,8 @@ def test_trt_fp16_build_of_a_converted_model(tmp_path):
 def test_spa_build_sparse_reports_the_inspector(capsys, tmp_path):
     _gpu()
     from spa.backends import ort
-    from spa.passes.sparsify import sparsify
-
     from spa.core.model import load, save
+    from spa.passes.sparsify import sparsify
 
     sparse_model = tmp_path / "tiny.sparse.onnx"
     save(sparsify(load(EXAMPLE).proto)[0], sparse_model)

@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from spa.core.errors import SpaError
+from rich.table import Table
 
-SCHEMA = 1
+from spa.api.bench import bench as run_bench
+from spa.api.bench import compare as run_compare
+from spa.backends.base import BACKENDS, PRECISIONS
+from spa.cli.app import err
+from spa.reporting.report import out
 
 
 def parser(sub) -> None:
@@ -47,8 +51,6 @@ def parser(sub) -> None:
 
 
 def _backend_options(p) -> None:
-    from spa.backends.base import BACKENDS, PRECISIONS
-
     p.add_argument("--backend", default="ort", choices=list(BACKENDS), help="runtime (ort: ONNX Runtime CPU)")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="torch/TensorRT math precision (ORT runs the model's own types)")
@@ -61,150 +63,27 @@ def _backend_options(p) -> None:
     p.add_argument("--shapes", help="TensorRT profiles, trtexec-like: name:MIN/OPT/MAX with dims as 1x3x224x224")
 
 
-def _options(args):
-    from spa.backends.base import Options
-
-    shapes = {}
-    if getattr(args, "shapes", None):
-        from spa.backends.trt import parse_shapes
-
-        shapes = parse_shapes(args.shapes)
-    return Options(precision=args.precision, sparse=args.sparse, threads=args.threads, cache_dir=args.cache_dir,
-                   cuda_graph=args.cuda_graph, shapes=shapes)
-
-
-def _dims(items: list) -> dict:
-    dims = {}
-    for item in items:
-        name, _, size = item.partition("=")
-        if not name or not size.isdigit() or int(size) < 1:
-            raise SpaError(f"bad --dim '{item}'", "write NAME=SIZE with a positive size, e.g. --dim sequence=128")
-        dims[name] = int(size)
-    return dims
-
-
-def _batches(text: str) -> list:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise SpaError(f"bad --batch '{text}'", "give positive batch sizes separated by commas, e.g. 1,8,32")
-    return sizes
-
-
-def _open(path: str, backend: str, options):
-    from spa.backends.base import open_session
-
-    if not Path(path).is_file():
-        raise SpaError(f"cannot read model '{path}': no such file")
-    try:
-        return open_session(path, backend, options)
-    except SpaError as exc:
-        raise SpaError(f"{path}: {exc.message}", exc.hint) from None
-    except Exception as exc:  # noqa: BLE001 - a runtime's own load errors, as one line
-        from spa.core.errors import first_line
-
-        raise SpaError(f"cannot load model '{path}' on '{backend}': {first_line(exc)}") from None
-
-
-def _cost(path: str) -> dict:
-    """Params and MACs per sample (None for files spa cannot read as ONNX, e.g. engines)."""
-    from spa.core import cost
-    from spa.core.model import load
-
-    try:
-        return cost.summary(load(path))
-    except SpaError:
-        return {"params": None, "macs": None}
+def _backend(args) -> dict:
+    """The backend options of bench and compare, as the API takes them."""
+    return {"backend": args.backend, "precision": args.precision, "sparse": args.sparse, "threads": args.threads,
+            "cache_dir": args.cache_dir, "cuda_graph": args.cuda_graph, "dim": args.dim, "shapes": args.shapes}
 
 
 def bench(args) -> int:
-    from spa.backends import bench as method
-    from spa.cli.app import err
-    from spa.core.model import check_writable
-
-    batches, dims, options = _batches(args.batch), _dims(args.dim), _options(args)
-    if args.duration_s <= 0 or args.warmup_ms < 0:
-        raise SpaError("--duration-s must be positive and --warmup-ms not negative")
-    if args.output:
-        check_writable(args.output)
-    sessions = [_open(p, args.backend, options) for p in args.models]
-    plan = method.Plan(args.warmup_ms, args.duration_s, args.min_iterations)
-    results = []
-    for batch in batches:
-        results += _bench_batch(args.models, sessions, batch, dims, plan, err)
-    doc = {"schema_version": SCHEMA, "backend": args.backend, "environment": method.environment(),
-           "options": {"batches": batches, "warmup_ms": args.warmup_ms, "duration_s": args.duration_s,
-                       "precision": args.precision, "sparse": args.sparse, "threads": args.threads, "dims": dims},
-           "models": [{"path": p, "label": Path(p).name, **_cost(p), "session": s.describe()}
-                      for p, s in zip(args.models, sessions)],
-           "results": results}
-    slow = _below(results, args.min_speedup)
-    doc["min_speedup"] = {"required": args.min_speedup, "failed": slow} if args.min_speedup else None
-    if args.output:
-        from spa.core.model import write_text_atomic
-
-        write_text_atomic(args.output, json.dumps(doc, indent=1))
+    result = run_bench(args.models, batch=args.batch, warmup_ms=args.warmup_ms, duration_s=args.duration_s,
+                       min_iterations=args.min_iterations, min_speedup=args.min_speedup, output=args.output,
+                       progress=err.status, **_backend(args))
     if args.json:
-        print(json.dumps(doc))
+        print(json.dumps(result.to_json()))
     else:
-        _bench_table(doc)
-    if slow:
-        err.print(f"speed-up below {args.min_speedup:g}x: {'; '.join(slow)}", markup=False, highlight=False)
+        _bench_table(result.to_json())
+    if result.failure:
+        err.print(result.failure, markup=False, highlight=False)
         return 3
     return 0
 
 
-def _below(results: list, required: float | None) -> list:
-    """'model at batch N: X.XXx' for every measured non-first model slower than required."""
-    if not required:
-        return []
-    first = {r["batch"]: r["model"] for r in reversed(results)}  # the first model of each batch
-    return [f"{Path(r['model']).name} at batch {r['batch']}: {r['speedup']:.2f}x" for r in results
-            if r["speedup"] is not None and r["model"] != first[r["batch"]] and r["speedup"] < required]
-
-
-def _bench_batch(paths: list, sessions: list, batch: int, dims: dict, plan, err) -> list:
-    """Results of every model at one batch size (a fixed-batch model that cannot take it: skipped)."""
-    from spa.backends import bench as method
-    from spa.backends.base import feeds_for, fixed_batch
-
-    runners, rows = [], []
-    for path, sess in zip(paths, sessions):
-        fixed = fixed_batch(sess.inputs)
-        row = {"model": path, "batch": batch, "clock": None, "iterations": 0, "skipped": None,
-               "latency_ms": None, "throughput": None}
-        if fixed is not None and fixed != batch:
-            row["skipped"] = f"the model's batch size is fixed to {fixed}"
-        else:
-            try:
-                runner = sess.runner(feeds_for(sess.inputs, batch, dims))
-                runner()
-                row["clock"] = runner.clock
-                runners.append((row, runner))
-            except Exception as exc:  # noqa: BLE001 - a runtime refusing these inputs: a reason, not a crash
-                from spa.core.errors import first_line
-
-                row["skipped"] = f"does not run at batch {batch}: {first_line(exc, limit=200)}"
-        rows.append(row)
-    if runners:
-        with err.status(f"batch {batch}: timing {len(runners)} model(s)") as status:
-            def progress(done: float) -> None:
-                status.update(f"batch {batch}: timing {len(runners)} model(s), {done:.0%}")
-
-            measured = method.measure([r for _, r in runners], batch, plan, progress)
-        for (row, _), m in zip(runners, measured):
-            row.update(m)
-    method.speedups(rows)
-    return rows
-
-
 def _bench_table(doc: dict) -> None:
-    from rich.table import Table
-
-    from spa.reporting.report import out
-
     env = doc["environment"]
     t = Table(title=f"spa bench: {doc['backend']} on {env.get('gpu') or env['cpu']} ({env['cores']} cores)")
     for col in ("model", "batch", "min", "p50", "p90", "p99", "max", "samples/s", "speed-up", "clock"):
@@ -221,48 +100,17 @@ def _bench_table(doc: dict) -> None:
 
 
 def compare(args) -> int:
-    from spa.backends.compare import compare as parity
-
-    backend_b = args.backend_b or args.backend
-    model_b = args.model_b or args.model_a
-    if args.model_b is None and backend_b == args.backend:
-        raise SpaError("nothing to compare: one model on one backend", "give a second model, or --backend-b")
-    if min(args.atol, args.rtol) < 0 or args.samples < 1 or args.batch < 1:
-        raise SpaError("--atol/--rtol must not be negative, --samples and --batch must be positive")
-    options = _options(args)
-    a = _open(args.model_a, args.backend, options)
-    b = _open(model_b, backend_b, options)
-    batches, source = _inputs(args, a)
-    result = parity(a, b, batches, args.atol, args.rtol, args.min_cosine)
-    doc = {"schema_version": SCHEMA, "a": {"model": args.model_a, **a.describe()},
-           "b": {"model": model_b, **b.describe()}, "inputs": source,
-           "tolerance": {"atol": args.atol, "rtol": args.rtol, "min_cosine": args.min_cosine}, **result}
+    result = run_compare(args.model_a, args.model_b, data=args.data, backend_b=args.backend_b, samples=args.samples,
+                         batch=args.batch, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
+                         progress=err.status, **_backend(args))
     if args.json:
-        print(json.dumps(doc))
+        print(json.dumps(result.to_json()))
     else:
-        _compare_table(doc)
-    return 0 if result["pass"] else 3
-
-
-def _inputs(args, sess) -> tuple:
-    from spa.backends.base import feeds_for
-    from spa.core.data import calibration_batches, load_npz, require_keys
-
-    if args.data:
-        data = load_npz(args.data)
-        names = [i.name for i in sess.inputs]
-        require_keys(data, names)
-        batches = calibration_batches({n: data[n] for n in names}, args.batch, args.samples)
-        return batches, f"{args.data} ({sum(len(next(iter(f.values()))) for f in batches)} samples)"
-    feeds = feeds_for(sess.inputs, args.batch, _dims(args.dim))
-    return [feeds], f"random (seed 0, batch {args.batch})"
+        _compare_table(result.to_json())
+    return 3 if result.failure else 0
 
 
 def _compare_table(doc: dict) -> None:
-    from rich.table import Table
-
-    from spa.reporting.report import out
-
     a, b = doc["a"], doc["b"]
     t = Table(title=f"spa compare: {a['model']} ({a['backend']}) vs {b['model']} ({b['backend']}) on {doc['inputs']}")
     for col in ("output", "max abs", "max rel", "cosine", "outside tol.", "verdict"):

@@ -1,12 +1,11 @@
-"""spa build: an ONNX model -> a TensorRT engine file, and what TensorRT really picked.
+"""spa build: an ONNX model -> a TensorRT engine file, and what TensorRT really picked (spa.api.build).
 
     MODEL.onnx ─checks─▶ TensorRT builder (strongly typed; --sparse; --shapes profile; timing cache)
                ─▶ engine bytes ─inspector─▶ report: layer types, sparse kernels picked
                ─▶ OUT.engine (temp file + rename: never half an engine)
 
-Every check that needs no TensorRT runs first (the model, --shapes against its inputs, the output
-path), then tensorrt is imported (missing: one line naming `pip install 'spa[tensorrt]'`), then
-the precision is checked against the model's types, and only then does the build start.
+--trt is required (the only engine format so far; without it: a usage error); the default output
+is MODEL.engine beside the input. Every check that needs no TensorRT runs first, in the API.
 """
 
 from __future__ import annotations
@@ -14,11 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from spa.api.build import build as run_build
 from spa.cli.app import err, step
-from spa.core.errors import SpaError, first_line
-from spa.core.model import check_writable, load, quiet_stdout, write_atomic
-
-SCHEMA = 1
+from spa.core.errors import require
 
 
 def parser(sub) -> None:
@@ -41,65 +38,17 @@ def parser(sub) -> None:
 
 
 def build(args) -> int:
-    out, shapes = _check(args)
-    from spa.backends import base
-    from spa.backends import trt as backend
-
-    trt = backend.tensorrt()
-    precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
-    options = base.Options(precision=precision, sparse=args.sparse, shapes=shapes)
-    log = (lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)) if args.verbose else None
-    with step("building the TensorRT engine", args.json), quiet_stdout():
-        built = backend.build(args.model, options, workspace_mb=args.workspace, timing_cache=args.timing_cache,
-                              log=log)
-    sparse, types = _inspect(backend, built)
-    write_atomic(out, built.plan)
-    doc = {"schema_version": SCHEMA, "input": args.model, "output": str(out), "bytes": len(built.plan),
-           "tensorrt": trt.__version__,
-           "precision": {"requested": precision, "used": built.precision, "strongly_typed": built.strongly_typed,
-                         "layer_types": types},
-           "sparse": {"requested": bool(args.sparse), **sparse},
-           "profiles": {k: {"min": list(lo), "opt": list(opt), "max": list(hi)}
-                        for k, (lo, opt, hi) in built.profiles.items()},
-           "timing_cache": args.timing_cache, "build_seconds": round(built.seconds, 3), "notes": built.notes}
-    if args.json:
-        print(json.dumps(doc))
-    else:
-        _print(doc)
-    return 0
-
-
-def _check(args) -> tuple[Path, dict]:
-    """Every check that needs no TensorRT, cheapest first; returns (output path, --shapes)."""
-    from spa.backends.trt import onnx_inputs, parse_shapes, profile_shapes
-
-    if not args.trt:
-        raise SpaError("spa build needs an engine format: --trt (TensorRT) is the only one so far", "add --trt")
-    model = load(args.model, infer=False)
-    shapes = parse_shapes(args.shapes) if args.shapes is not None else {}
-    profile_shapes(onnx_inputs(model.proto), shapes)
-    if args.workspace is not None and args.workspace <= 0:
-        raise SpaError(f"--workspace must be a positive number of MiB, got {args.workspace}")
+    require(args.trt, "spa build needs an engine format: --trt (TensorRT) is the only one so far", "add --trt")
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".engine")
-    check_writable(out, args.model)
-    if out.suffix.lower() == ".onnx":
-        raise SpaError(f"refusing to write a TensorRT engine to '{out}'", "name it .engine")
-    if args.timing_cache:
-        check_writable(args.timing_cache, args.model)
-    return out, shapes
-
-
-def _inspect(backend, built) -> tuple[dict, dict | None]:
-    """(sparse kernels picked, layer types) from the engine inspector; a failure is reported, the
-    engine is still written."""
-    eligible = built.sparsity.get("eligible")
-    try:
-        info = backend.inspect_plan(built.plan, "the engine just built")
-    except SpaError as exc:
-        return {"error": str(exc), "eligible": eligible}, None
-    except Exception as exc:  # noqa: BLE001 - the inspector is a report; the engine is fine
-        return {"error": f"engine inspector failed: {first_line(exc, 200)}", "eligible": eligible}, None
-    return backend.sparse_layers(info, eligible), backend.layer_types(info)
+    log = (lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)) if args.verbose else None
+    result = run_build(args.model, fp16=args.fp16, bf16=args.bf16, sparse=args.sparse, shapes=args.shapes,
+                       timing_cache=args.timing_cache, workspace=args.workspace, output=out, log=log,
+                       progress=lambda what: step(what, args.json))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        _print(result.to_json())
+    return 0
 
 
 def _print(doc: dict) -> None:

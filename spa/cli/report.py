@@ -2,10 +2,10 @@
 
     DENSE + PRUNED... (+ bench.json from `spa bench --json`, + data.npz) ─▶ report.html
 
-The page (spa/html_report.py) shows size, parameters and MACs, output channels per layer,
+The page (spa.api.report, spa/reporting/html.py) shows size, parameters and MACs, output channels per layer,
 costs per op type, fidelity to DENSE and measured latency, each as a plot and a table, with
-the environment and the command line. Every input is checked before any slow work; the page
-is written atomically, only once everything was measured.
+the environment and the command line (as typed, or rebuilt from the arguments). The default
+output is DENSE.report.html beside DENSE.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from functools import partial
 from pathlib import Path
 
-from spa.reporting import html as html_report
+from spa.api.report import report as run_report
 from spa.cli.app import err, step
-from spa.core.errors import SpaError
-from spa.core.model import check_writable, write_text_atomic
+from spa.reporting import html as html_report
 
 
 def parser(sub) -> None:
@@ -37,27 +35,6 @@ def parser(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
-def _check(args) -> Path:
-    """Every bad argument fails here, before any slow work; returns the output path."""
-    html_report.require_matplotlib()
-    models = [args.dense, *args.pruned]
-    for path in models:
-        if not Path(path).is_file():
-            raise SpaError(f"cannot load model '{path}': " + ("it is a directory" if Path(path).is_dir()
-                                                              else "no such file"))
-    if args.samples is not None and args.samples < 1:
-        raise SpaError(f"invalid --samples {args.samples}: it must be a positive integer")
-    src = Path(args.dense)
-    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.report.html")
-    if out.is_dir():
-        raise SpaError(f"cannot write '{out}': it is a directory", "give a file name such as report.html")
-    check_writable(out)
-    for path in models + [args.bench, args.data]:
-        if path and Path(path).resolve() == out.resolve():
-            raise SpaError(f"refusing to write '{out}': it is an input of the report", "choose another -o path")
-    return out
-
-
 def _command(args) -> str:
     """The command line as typed when run as `spa report ...`, else rebuilt from the arguments."""
     if Path(sys.argv[0]).name == "spa" and sys.argv[1:2] == ["report"]:
@@ -70,16 +47,15 @@ def _command(args) -> str:
 
 
 def report(args) -> int:
-    out = _check(args)
-    doc = html_report.collect(args.dense, args.pruned, bench=args.bench, data=args.data, samples=args.samples,
-                              title=args.title, command=_command(args), step=partial(step, quiet=args.json))
-    with step("rendering", args.json):
-        page = html_report.render(doc)
-    write_text_atomic(out, page)
+    src = Path(args.dense)
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.report.html")
+    result = run_report(args.dense, args.pruned, bench=args.bench, data=args.data, samples=args.samples,
+                        title=args.title, command=_command(args), output=out,
+                        progress=lambda what: step(what, args.json))
     if args.json:
-        print(json.dumps({**doc, "output": str(out)}))
+        print(json.dumps(result.to_json()))
     else:
-        err.print(f"wrote {out} ({len(page):,} bytes)", markup=False, highlight=False)
+        err.print(f"wrote {out} ({len(result.html):,} bytes)", markup=False, highlight=False)
     return 0
 
 

@@ -11,6 +11,7 @@ matched to DENSE's by node name, else by weight initializer name.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import shlex
 from datetime import datetime, timezone
@@ -18,13 +19,19 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 
 from spa import __version__
 from spa.core import cost
 from spa.core.data import load_npz, require_keys
 from spa.core.errors import SpaError, first_line
 from spa.core.graph import attr
-from spa.core.model import load, read_json
+from spa.core.model import constant_node_value, load, read_json
+from spa.core.runtime import random_feeds
+from spa.core.sizes import file_bytes
+from spa.reporting import html_render
+from spa.scoring.evaluate import evaluate, evaluate_arrays
 
 SCHEMA = 1
 BENCH_SCHEMA = 1
@@ -50,10 +57,12 @@ def require_matplotlib() -> None:
 def collect(dense, pruned: list, bench=None, data=None, samples: int | None = None, title: str | None = None,
             command: str | None = None, step=None) -> dict:
     """Everything the page shows. `bench`: a `spa bench --json` file; `data`: an .npz keyed by
-    input name (else random inputs); `step(what)`: a context manager around each slow part."""
+    input name, or its arrays (else random inputs); `step(what)`: a context manager around each slow part."""
     step = step or (lambda what: contextlib.nullcontext())
     bench_doc = read_bench(bench) if bench else None
-    arrays = load_npz(data) if data else None
+    is_file = isinstance(data, (str, os.PathLike))
+    arrays = load_npz(data) if is_file else data
+    data = str(data) if is_file else "the data"
     paths = [str(dense), *map(str, pruned)]
     with step(f"loading {len(paths)} models"):
         facts = [model_facts(paths[0])]
@@ -81,13 +90,6 @@ def model_facts(path) -> dict:
     model = load(path)
     return {"path": str(path), "bytes": file_bytes(path), **cost.summary(model), "inputs": model.input_names,
             "layers": layers(model), "by_op": op_costs(model)}
-
-
-def file_bytes(path) -> int:
-    """The model file plus its external data companion, if any."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def layers(model) -> list[dict]:
@@ -157,8 +159,6 @@ def op_costs(model) -> dict:
 
 def _param_tensors(model):
     """(tensor, elements) of what cost.params counts: float initializers and Constant outputs."""
-    from spa.core.model import constant_node_value
-
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     for t in model.graph.initializer:
         if t.data_type in cost.FLOAT_TYPES and not cost._is_copy(t.name, dims):
@@ -234,16 +234,11 @@ def breakdown_table(facts: list) -> dict:
 def fidelity(dense, paths: list, arrays: dict | None = None, samples: int | None = None, source=None) -> dict:
     """Cosine, relative error and largest difference of every float output of each model vs DENSE's,
     on `arrays` (keyed by input name) or on random inputs; a model ORT cannot run gets an error."""
-    from spa.backends.ort import random_feeds
-    from spa.scoring.evaluate import evaluate, evaluate_arrays
-
     if arrays is not None:
         n = samples or DATA_SAMPLES
         what = f"the first {n} samples (at most) of {source or 'the data'}"
         measure = partial(evaluate_arrays, arrays=arrays, reference=str(dense), max_samples=n)
     else:
-        import onnx
-
         n = samples or RANDOM_SAMPLES
         proto = onnx.load(str(dense), load_external_data=False)
         feeds = [random_feeds(proto, seed=s) for s in range(n)]
@@ -313,9 +308,6 @@ def _latency_row(result: dict, k, paths: list, removed: list):
 
 
 def environment(command: str | None = None) -> dict:
-    import onnx
-    import onnxruntime
-
     env = {"spa": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
     with contextlib.suppress(ImportError):
@@ -328,6 +320,4 @@ def environment(command: str | None = None) -> dict:
 
 def render(doc: dict) -> str:
     """The page for a collected doc (spa/html_render.py)."""
-    from spa.reporting.html_render import render as _render
-
-    return _render(doc)
+    return html_render.render(doc)

@@ -1,0 +1,257 @@
+"""spa.bench and spa.compare: latency and output parity of models on any backend (spa.backends).
+
+    bench([A, B, ...], backend=, batch=[1, 8]) ─sessions─▶ per batch: every model timed in turns
+        ─▶ {environment, options, models (params, MACs, session), results (min/mean/p50.../max ms,
+            throughput, speed-up vs the first model), min_speedup}  (also written to output=)
+    compare(A, B | backend_b=) ─the same inputs (data= or random)─▶ per output: max abs/rel error,
+        cosine, elements outside |a-b| <= atol + rtol*|b| ─▶ {a, b, inputs, tolerance, outputs, pass}
+
+Thresholds do not raise: a failed min_speedup= (bench) or tolerance (compare) still gives the
+complete document (bench writes it to output= first) carrying the verdict (doc["min_speedup"]
+["failed"], doc["pass"]); `result.failure` says what failed and `result.check()` raises
+VerificationError with it (the CLI's exit code 3). Models are paths (ONNX files, or TensorRT
+engines with backend="trt"), onnx.ModelProtos or spa.Models; in memory a model's path is None.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from spa.api.result import Result, as_model, model_name, stepper
+from spa.backends import bench as method
+from spa.backends.base import BACKENDS, PRECISIONS, Options, feeds_for, fixed_batch, open_session
+from spa.backends.compare import compare as parity
+from spa.backends.trt_plan import parse_shapes
+from spa.core import cost
+from spa.core.data import calibration_batches, load_npz, require_keys
+from spa.core.errors import SpaError, UsageError, VerificationError, first_line, require
+from spa.core.model import Model, check_writable, write_text_atomic
+
+SCHEMA = 1
+
+
+@dataclass
+class Measurement(Result):
+    """A Result with the verdict of a requested threshold: `failure` is None when it held (or
+    none was asked for), else what failed."""
+
+    failure: str | None = None
+
+    def check(self) -> Measurement:
+        """Raise VerificationError when a requested threshold failed; else return self."""
+        if self.failure:
+            raise VerificationError(self.failure)
+        return self
+
+
+# -- options ---------------------------------------------------------------------------------
+
+
+def batch_sizes(batch) -> list:
+    """`batch`: an int, a list of ints or text '1,8,32' -> [1, 8, 32] (each positive)."""
+    text = batch if isinstance(batch, str) else ",".join(map(str, [batch] if isinstance(batch, int) else batch))
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    require(bool(sizes) and min(sizes) >= 1, f"bad batch='{text}'",
+            "give positive batch sizes separated by commas, e.g. 1,8,32")
+    return sizes
+
+
+def named_dims(dim) -> dict:
+    """`dim`: {name: size} or ['NAME=SIZE', ...] -> {name: size}, each size positive."""
+    items = [f"{k}={v}" for k, v in dim.items()] if isinstance(dim, dict) else list(dim or [])
+    dims = {}
+    for item in items:
+        name, _, size = str(item).partition("=")
+        require(bool(name) and size.isdigit() and int(size) >= 1, f"bad dim='{item}'",
+                "write NAME=SIZE with a positive size, e.g. dim=sequence=128")
+        dims[name] = int(size)
+    return dims
+
+
+def check_backend(backend: str, name: str = "backend") -> None:
+    require(backend in BACKENDS, f"invalid {name}='{backend}'", f"choose one of {', '.join(BACKENDS)}")
+
+
+def backend_options(backend: str, precision="fp32", sparse=False, threads=0, cache_dir=None, cuda_graph=True,
+                    shapes=None) -> Options:
+    """The backend's Options; `shapes`: TensorRT profiles as text 'name:MIN/OPT/MAX' or a dict."""
+    check_backend(backend)
+    require(precision in PRECISIONS, f"invalid precision='{precision}'", f"choose one of {', '.join(PRECISIONS)}")
+    require(isinstance(threads, int) and threads >= 0, f"invalid threads={threads}: it must not be negative")
+    profiles = parse_shapes(shapes) if isinstance(shapes, str) else dict(shapes or {})
+    return Options(precision=precision, sparse=sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,
+                   shapes=profiles)
+
+
+def _models(models) -> list:
+    if isinstance(models, (str, os.PathLike, onnx.ModelProto, Model)):
+        return [models]
+    models = list(models)
+    require(bool(models), "models= is empty", "give one or more models")
+    return models
+
+
+def _open(model, backend: str, options: Options):
+    """A session of one model, with load failures as one line naming the model."""
+    if isinstance(model, Model):
+        model = model.path if model.path is not None else model.proto
+    name = model_name(model) or "the model in memory"
+    if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
+        raise SpaError(f"cannot read model '{model}': no such file")
+    try:
+        return open_session(model, backend, options)
+    except SpaError as exc:
+        raise SpaError(f"{name}: {exc.message}", exc.hint) from None
+    except Exception as exc:  # noqa: BLE001 - a runtime's own load errors, as one line
+        raise SpaError(f"cannot load model '{name}' on '{backend}': {first_line(exc)}") from None
+
+
+def _cost(model) -> dict:
+    """Params and MACs per sample (None for files spa cannot read as ONNX, e.g. engines)."""
+    try:
+        return cost.summary(as_model(model))
+    except SpaError:
+        return {"params": None, "macs": None}
+
+
+# -- bench -----------------------------------------------------------------------------------
+
+
+def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", sparse: bool = False,
+          threads: int = 0, cache_dir=None, cuda_graph: bool = True, dim=None, shapes=None, warmup_ms: float = 200.0,
+          duration_s: float = 3.0, min_iterations: int = 10, min_speedup: float | None = None, output=None,
+          progress=None) -> Measurement:
+    """Latency of each model at each batch size (speed-ups against the first model), trtexec's
+    method with the models taking turns; `output=`: also write the document there (JSON)."""
+    models = _models(models)
+    batches, dims = batch_sizes(batch), named_dims(dim)
+    options = backend_options(backend, precision, sparse, threads, cache_dir, cuda_graph, shapes)
+    require(duration_s > 0, f"invalid duration_s={duration_s}: it must be positive")
+    require(warmup_ms >= 0, f"invalid warmup_ms={warmup_ms}: it must not be negative")
+    if output is not None:
+        check_writable(output)
+    sessions = [_open(m, backend, options) for m in models]
+    names = [model_name(m) or f"model{k}" for k, m in enumerate(models)]
+    plan = method.Plan(warmup_ms, duration_s, min_iterations)
+    step = stepper(progress)
+    results = []
+    for size in batches:
+        results += _bench_batch(names, sessions, size, dims, plan, step)
+    doc = {"schema_version": SCHEMA, "backend": backend, "environment": method.environment(),
+           "options": {"batches": batches, "warmup_ms": warmup_ms, "duration_s": duration_s,
+                       "precision": precision, "sparse": sparse, "threads": threads, "dims": dims},
+           "models": [{"path": model_name(m), "label": Path(n).name, **_cost(m), "session": s.describe()}
+                      for m, n, s in zip(models, names, sessions)],
+           "results": results}
+    slow = below(results, min_speedup)
+    doc["min_speedup"] = {"required": min_speedup, "failed": slow} if min_speedup else None
+    if output is not None:
+        write_text_atomic(output, json.dumps(doc, indent=1))
+    failure = f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None
+    return Measurement(doc, failure=failure)
+
+
+def below(results: list, required: float | None) -> list:
+    """'model at batch N: X.XXx' for every measured non-first model slower than required."""
+    if not required:
+        return []
+    first = {r["batch"]: r["model"] for r in reversed(results)}  # the first model of each batch
+    return [f"{Path(r['model']).name} at batch {r['batch']}: {r['speedup']:.2f}x" for r in results
+            if r["speedup"] is not None and r["model"] != first[r["batch"]] and r["speedup"] < required]
+
+
+def _runnable(name: str, sess, batch: int, dims: dict):
+    """(result row, runner or None): a fixed-batch model that cannot take `batch`, or a runtime
+    refusing the inputs, is a row with the reason it was skipped."""
+    row = {"model": name, "batch": batch, "clock": None, "iterations": 0, "skipped": None,
+           "latency_ms": None, "throughput": None}
+    fixed = fixed_batch(sess.inputs)
+    if fixed is not None and fixed != batch:
+        row["skipped"] = f"the model's batch size is fixed to {fixed}"
+        return row, None
+    try:
+        runner = sess.runner(feeds_for(sess.inputs, batch, dims))
+        runner()
+    except Exception as exc:  # noqa: BLE001 - a runtime refusing these inputs: a reason, not a crash
+        row["skipped"] = f"does not run at batch {batch}: {first_line(exc, limit=200)}"
+        return row, None
+    row["clock"] = runner.clock
+    return row, runner
+
+
+def _bench_batch(names: list, sessions: list, batch: int, dims: dict, plan, step) -> list:
+    """Results of every model at one batch size. The step's context may show the share done
+    (a rich Status: its update())."""
+    rows = [_runnable(n, s, batch, dims) for n, s in zip(names, sessions)]
+    runners = [(row, runner) for row, runner in rows if runner is not None]
+    if runners:
+        what = f"batch {batch}: timing {len(runners)} model(s)"
+        with step(what) as status:
+            def tick(done: float) -> None:
+                if hasattr(status, "update"):
+                    status.update(f"{what}, {done:.0%}")
+
+            measured = method.measure([r for _, r in runners], batch, plan, tick)
+        for (row, _), m in zip(runners, measured):
+            row.update(m)
+    rows = [row for row, _ in rows]
+    method.speedups(rows)
+    return rows
+
+
+# -- compare ---------------------------------------------------------------------------------
+
+
+def compare(reference, candidate=None, *, data=None, backend: str = "ort", backend_b: str | None = None,
+            precision: str = "fp32", sparse: bool = False, threads: int = 0, cache_dir=None, cuda_graph: bool = True,
+            dim=None, shapes=None, samples: int = 64, batch: int = 1, atol: float = 1e-4, rtol: float = 1e-3,
+            min_cosine: float | None = None, progress=None) -> Measurement:
+    """Output parity of `reference` and `candidate` (default: `reference` again, on `backend_b`)
+    on `data` (an .npz path or arrays keyed by input name; its first `samples` in runs of
+    `batch`) or on random inputs of `batch` samples (seed 0)."""
+    backend_b = backend_b or backend
+    require(candidate is not None or backend_b != backend, "nothing to compare: one model on one backend",
+            "give a second model, or backend_b=NAME")
+    candidate = reference if candidate is None else candidate
+    require(min(atol, rtol) >= 0, f"invalid atol={atol}, rtol={rtol}: tolerances must not be negative")
+    for name, value in (("samples", samples), ("batch", batch)):
+        require(isinstance(value, int) and value >= 1, f"invalid {name}={value}: it must be a positive integer")
+    dims = named_dims(dim)
+    options = backend_options(backend, precision, sparse, threads, cache_dir, cuda_graph, shapes)
+    check_backend(backend_b, "backend_b")
+    arrays = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
+    step = stepper(progress)
+    with step("opening the sessions"):
+        a, b = _open(reference, backend, options), _open(candidate, backend_b, options)
+    batches, source = _inputs(a, arrays, data, samples, batch, dims)
+    with step(f"comparing ({source})"):
+        result = parity(a, b, batches, atol, rtol, min_cosine)
+    doc = {"schema_version": SCHEMA, "a": {"model": model_name(reference), **a.describe()},
+           "b": {"model": model_name(candidate), **b.describe()}, "inputs": source,
+           "tolerance": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine}, **result}
+    failed = [name for name, o in result["outputs"].items() if not o["pass"]]
+    failure = None if result["pass"] else ("outputs outside the tolerance: " + ", ".join(failed) if failed
+                                           else "no outputs to compare: " + "; ".join(result["notes"]))
+    return Measurement(doc, failure=failure)
+
+
+def _inputs(sess, arrays, data, samples: int, batch: int, dims: dict) -> tuple:
+    """(feed dicts, what they are): `samples` of the arrays in runs of `batch`, else random."""
+    if arrays is None:
+        return [feeds_for(sess.inputs, batch, dims)], f"random (seed 0, batch {batch})"
+    if not isinstance(arrays, dict):
+        raise UsageError(f"invalid data={type(arrays).__name__}: expected an .npz path or a dict of arrays")
+    names = [i.name for i in sess.inputs]
+    require_keys(arrays, names)
+    batches = calibration_batches({n: np.asarray(arrays[n]) for n in names}, batch, samples)
+    label = str(data) if isinstance(data, (str, os.PathLike)) else "data"
+    return batches, f"{label} ({sum(len(next(iter(f.values()))) for f in batches)} samples)"
