@@ -3,18 +3,23 @@ spa train-sparse and the exact removal of its zeroed channels (spa prune --zeros
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.scoring import gradients, criteria as importance
+from spa.api.train import finetune, train_sparse
+from spa.backends import ort as ort_backend
 from spa.cli.app import main
+from spa.core import cost
+from spa.core.errors import UsageError
+from spa.scoring import criteria as importance
+from spa.scoring import gradients
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -70,6 +75,10 @@ def _cli_json(capsys, *args) -> dict:
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return json.loads(captured.out)
+
+
+def _params(proto) -> int:
+    return cost.summary(api.reinfer(proto))["params"]
 
 
 def _first_group(analysis):
@@ -198,20 +207,91 @@ def test_finetune_with_ratio_prunes_then_distills(files, capsys, criterion):
     assert spa.load(files / "pft.onnx").proto.graph.initializer
 
 
-@pytest.mark.parametrize("extra,message", [
-    ([], "no labels and no teacher"),
-    (["--labels", "nope"], "no labels key 'nope'"),
-    (["--labels", "labels", "--epochs", "0"], "invalid --epochs 0"),
-    (["--labels", "labels", "--resume"], "cannot resume: no checkpoint"),
-    (["--labels", "labels", "--distill-from", "missing.onnx"], "no such file"),
-    (["--labels", "labels", "--val-split", "1.5"], "invalid --val-split"),
+@pytest.mark.parametrize("extra,message,exit_code", [
+    ([], "no labels and no teacher", 2),
+    (["--labels", "nope"], "no labels key 'nope'", 1),
+    (["--labels", "labels", "--epochs", "0"], "invalid --epochs 0", 2),
+    (["--labels", "labels", "--resume"], "cannot resume: no checkpoint", 1),
+    (["--labels", "labels", "--distill-from", "missing.onnx"], "no such file", 1),
+    (["--labels", "labels", "--val-split", "1.5"], "invalid --val-split", 2),
 ])
-def test_finetune_bad_input_is_one_line(files, capsys, extra, message):
+def test_finetune_bad_input_is_one_line(files, capsys, extra, message, exit_code):
     out = files / "bad.onnx"
     code = main(["finetune", str(files / "tiny.onnx"), "--data", str(files / "train.npz"), *extra, "-o", str(out)])
     err = capsys.readouterr().err
-    assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert code == exit_code and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+# -- the Python API: spa.api.train.finetune / train_sparse, the same documents as the commands ------
+
+def _without_timings(doc: dict) -> dict:
+    """The document less what depends on the run's speed: each epoch's "seconds"."""
+    return {**doc, "history": [{k: v for k, v in h.items() if k != "seconds"} for h in doc["history"]]}
+
+
+def test_finetune_api_gives_the_cli_document(files, capsys):
+    out = files / "ft.onnx"
+    cli = _cli_json(capsys, "finetune", files / "tiny.onnx", "--data", files / "train.npz", "--labels", "labels",
+                    "--ratio", "0.5", "--epochs", "1", "--lr", "0.01", "--threads", "1", "-o", out)
+    steps = []
+    result = finetune(str(files / "tiny.onnx"), data=str(files / "train.npz"), labels="labels", ratio=0.5, epochs=1,
+                      lr=0.01, threads=1, output=str(out), progress=lambda what: steps.append(what) or contextlib.nullcontext())
+    assert _without_timings(result.to_json()) == _without_timings(cli)
+    assert steps == ["load + shape inference", "analysis", "scoring (l1) + planning", "pruning", "saving + checking"]
+    assert capsys.readouterr().out == ""  # the API prints nothing
+    onnx.checker.check_model(result.model)
+    assert _params(result.model) == cli["after"]["params"] < cli["before"]["params"]
+
+
+def test_train_sparse_api_gives_the_cli_document(files, capsys):
+    out, plan_file = files / "sparse.onnx", files / "plan.json"
+    cli = _cli_json(capsys, "train-sparse", files / "tiny.onnx", "--data", files / "train.npz", "--labels", "labels",
+                    "--target-ratio", "0.5", "--epochs", "2", "--lr", "0.01", "--threads", "1",
+                    "--save-plan", plan_file, "-o", out)
+    result = train_sparse(str(files / "tiny.onnx"), data=str(files / "train.npz"), labels="labels", target_ratio=0.5,
+                          epochs=2, lr=0.01, threads=1, save_plan=str(plan_file), output=str(out))
+    assert _without_timings(result.to_json()) == _without_timings(cli)
+    assert json.loads(plan_file.read_text())["groups"] == result.plan
+    onnx.checker.check_model(result.model)
+
+
+def test_finetune_api_in_memory(data, tmp_path):
+    """A ModelProto and arrays in, a ModelProto out; nothing written until .save()."""
+    arrays = {"x": data["x_train"][:256], "labels": data["y_train"][:256]}
+    result = finetune(tiny_cnn(), data=arrays, labels="labels", epochs=1, threads=1)
+    doc = result.to_json()
+    assert doc["input"] is None and doc["output"] is None and doc["checkpoint"] is None
+    assert doc["write_back_max_rel_err"] < 1e-5 and [h["epoch"] for h in doc["history"]] == [1]
+    assert isinstance(result.model, onnx.ModelProto) and list(tmp_path.iterdir()) == []
+    result.save(tmp_path / "ft.onnx")  # re-checked on the written file
+    assert [t.name for t in onnx.load(tmp_path / "ft.onnx").graph.initializer] == \
+        [t.name for t in tiny_cnn().graph.initializer]
+
+
+@pytest.mark.parametrize("kwargs,param,flag", [
+    ({"epochs": 0}, "epochs=0", ["--epochs", "0"]),
+    ({"val_split": 1.5}, "val_split=1.5", ["--val-split", "1.5"]),
+    ({"threads": 0}, "threads=0", ["--threads", "0"]),
+])
+def test_bad_training_values_are_usage_errors(files, capsys, kwargs, param, flag):
+    with pytest.raises(UsageError, match=param):
+        finetune(str(files / "tiny.onnx"), data=str(files / "train.npz"), labels="labels", **kwargs,
+                 output=str(files / "bad.onnx"))
+    code = main(["finetune", str(files / "tiny.onnx"), "--data", str(files / "train.npz"), "--labels", "labels",
+                 *flag, "-o", str(files / "bad.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"invalid {' '.join(flag)}" in err, err
+    assert not (files / "bad.onnx").exists()
+
+
+def test_bad_sparse_training_values_are_usage_errors(files, capsys):
+    with pytest.raises(UsageError, match="target_ratio=1.5"):
+        train_sparse(str(files / "tiny.onnx"), data=str(files / "train.npz"), labels="labels", target_ratio=1.5)
+    code = main(["train-sparse", str(files / "tiny.onnx"), "--data", str(files / "train.npz"), "--labels", "labels",
+                 "--target-ratio", "0.5", "--warmup", "0.8", "-o", str(files / "bad.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid --warmup 0.8, --window 0.5" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")

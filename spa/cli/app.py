@@ -67,76 +67,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"spa {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    _training_parsers(sub)
-    from spa.cli.train import finetune, train_sparse
-
-    COMMANDS.update({"finetune": finetune, "train-sparse": train_sparse})
     for module in _extensions():
         module.parser(sub)
         COMMANDS.update(module.COMMANDS)
     return p
 
 
-EXTENSIONS = ("analyze", "prune", "measure", "sparsify", "quantize", "compress", "bench", "build", "report")  # each: parser(sub), COMMANDS {name: fn}
+# each command module: parser(sub) adds its subcommand, COMMANDS {name: function(args) -> exit code}
+EXTENSIONS = ("analyze", "prune", "measure", "train", "sparsify", "quantize", "compress", "bench", "build", "report")
 
 
 def _extensions() -> list:
     import importlib
 
     return [importlib.import_module(f"spa.cli.{name}") for name in EXTENSIONS]
-
-
-def _training_options(t, what: str) -> None:
-    t.add_argument("model")
-    t.add_argument("--data", required=True, metavar="TRAIN", help=".npz of training inputs keyed by input name "
-                   "(first axis: samples), with labels under --labels KEY")
-    t.add_argument("--labels", metavar="KEY", help="key of the integer class labels in --data (and --val)")
-    t.add_argument("--val", metavar="VAL", help=".npz for validation after each epoch (default: hold out --val-split)")
-    t.add_argument("--val-split", type=float, default=0.1, metavar="F",
-                   help="fraction of --data held out for validation when there is no --val (0.1)")
-    t.add_argument("--distill-from", metavar="TEACHER", help="an ONNX model whose outputs the trained one learns to "
-                   "match (KL divergence at --temperature), with or instead of labels")
-    t.add_argument("--epochs", type=int, default=5, help="passes over the training data (5)")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-decayed (1e-3)")
-    t.add_argument("--batch", type=int, default=64, help="batch size (64)")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (4)")
-    t.add_argument("--alpha", type=float, default=0.5, help="weight of distillation when labels are given too (0.5)")
-    t.add_argument("--logits", metavar="NAME", help="the output trained against labels/teacher (default: the first)")
-    t.add_argument("--checkpoint", metavar="CKPT", help="checkpoint written after every epoch (default: OUT.ckpt)")
-    t.add_argument("--resume", action="store_true", help="continue from --checkpoint instead of starting over")
-    t.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
-    t.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's); small "
-                   "models train fastest with 1, and a busy machine slows down a lot with more")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("-o", "--output", help=f"output model (default: MODEL.{what}.onnx beside the input)")
-    t.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    t.add_argument("-v", "--verbose", action="store_true")
-
-
-def _training_parsers(sub) -> None:
-    f = sub.add_parser("finetune", help="train a model's weights in place (the same graph comes back)")
-    _training_options(f, "finetuned")
-    f.add_argument("--ratio", type=float, help="prune this fraction of each group first (then fine-tune, "
-                   "distilling from the dense model unless --no-distill)")
-    f.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA),
-                   help="with --ratio: channel scores (l1); gradient and calibration criteria use --data")
-    f.add_argument("--keep-sparsity", action="store_true",
-                   help="weights that are exactly zero stay zero (keeps a 2:4 pattern from spa sparsify)")
-    f.add_argument("--no-distill", dest="distill", action="store_false",
-                   help="with --ratio: train on labels only, not towards the dense model")
-    g = sub.add_parser("train-sparse", help="train with group sparsity until whole channels are exactly zero "
-                       "(then spa prune --zeros removes them)")
-    _training_options(g, "sparse")
-    g.add_argument("--target-ratio", type=float, required=True, metavar="R",
-                   help="fraction of each prunable group's channels driven to zero")
-    g.add_argument("--periods", type=int, default=5, help="pruning periods within the window (5)")
-    g.add_argument("--warmup", type=float, default=0.2, help="fraction of training before any channel shrinks (0.2)")
-    g.add_argument("--window", type=float, default=0.5,
-                   help="fraction of training over which channels shrink to zero (0.5); the rest fine-tunes")
-    g.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
-    g.add_argument("--prune-hidden", action="store_true", help="also sparsify a transformer's hidden size")
-    g.add_argument("--save-plan", metavar="PLAN", help="write the zeroed channels as a plan (spa prune --plan)")
 
 
 def show_notes(notes: list) -> None:

@@ -1,138 +1,129 @@
-"""`spa finetune` and `spa train-sparse`: the CLI side of spa.train.
+"""`spa finetune` and `spa train-sparse`: parser + one call to spa.finetune / spa.train_sparse + printing.
 
     spa finetune MODEL --data TRAIN.npz [--labels KEY] [--val VAL.npz] [--epochs N] [--lr LR]
                        [--distill-from DENSE.onnx] [--ratio R --criterion C] [--resume] -o OUT
     spa train-sparse MODEL --data TRAIN.npz --target-ratio R [...] -o OUT   # then: spa prune OUT --zeros
 
 Both write the same graph with new weights (atomically, after checking that ONNX Runtime
-gives the trained module's outputs), print one line per epoch on stderr, and with --json
-one document on stdout.
+gives the trained module's outputs), show a progress bar and one line per epoch on stderr,
+and with --json print one document on stdout.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import Self
 
-import numpy as np
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from spa import api
-from spa.core import cost
-from spa.core.analysis import analyze
+from spa.api import train as api_train
 from spa.cli.app import _notes, _output_path, err, step
-from spa.core.data import load_npz, split_labels
-from spa.core.errors import SpaError, VerificationError
-from spa.core.model import check_writable, load, save, write_text_atomic
-from spa.planning.planner import check_ratio, to_json
+from spa.scoring import criteria as importance
 
-TRAIN_SCHEMA = 1
-WRITE_BACK_TOL = 1e-4  # ORT on the written model vs the torch module it came from
+COMMON = ("data", "labels", "val", "val_split", "distill_from", "epochs", "lr", "batch", "weight_decay",
+          "temperature", "alpha", "logits", "checkpoint", "resume", "device", "threads", "seed")
 
 
-def _prepare(args, what: str, teacher: bool):
-    """Checks that fail fast (before loading torch or the model), then the data."""
-    from spa.scoring.gradients import require_torch
-
-    out = _output_path(args, what)
-    for path in filter(None, (args.model, args.distill_from)):
-        if not Path(path).is_file():
-            raise SpaError(f"cannot load model '{path}': no such file")
-    check_writable(out, args.model)
-    ckpt = Path(args.checkpoint) if args.checkpoint else out.with_name(out.name + ".ckpt")
-    check_writable(ckpt, args.model)
-    if args.resume and not ckpt.is_file():
-        raise SpaError(f"cannot resume: no checkpoint '{ckpt}'", "drop --resume to start a new run")
-    from spa.training.train import FitConfig
-
-    cfg = FitConfig(args.epochs, args.lr, args.batch, args.weight_decay, args.temperature, args.alpha, args.seed,
-                    args.device, args.logits, getattr(args, "keep_sparsity", False))
-    cfg.check()
-    if args.threads is not None and args.threads < 1:
-        raise SpaError(f"invalid --threads {args.threads}: it must be a positive integer")
-    if args.labels is None and not teacher:
-        raise SpaError("nothing to train towards: no labels and no teacher",
-                       "pass --labels KEY (a key of the data), or --distill-from DENSE.onnx")
-    if not args.val and not 0 < args.val_split < 1:
-        raise SpaError(f"invalid --val-split {args.val_split}: it must be in (0, 1)")
-    arrays = load_npz(args.data)
-    val_arrays = load_npz(args.val) if args.val else None
-    for name, found in (("--data", arrays), ("--val", val_arrays)):
-        if found is not None and args.labels is not None and args.labels not in found:
-            raise SpaError(f"{name} has no labels key '{args.labels}' (it has {sorted(found)})")
-    require_torch()
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    return out, ckpt, cfg, arrays, val_arrays
+def parser(sub) -> None:
+    f = sub.add_parser("finetune", help="train a model's weights in place (the same graph comes back)")
+    _training_options(f, "finetuned")
+    f.add_argument("--ratio", type=float, help="prune this fraction of each group first (then fine-tune, "
+                   "distilling from the dense model unless --no-distill)")
+    f.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA),
+                   help="with --ratio: channel scores (l1); gradient and calibration criteria use --data")
+    f.add_argument("--keep-sparsity", action="store_true",
+                   help="weights that are exactly zero stay zero (keeps a 2:4 pattern from spa sparsify)")
+    f.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="with --ratio: train on labels only, not towards the dense model")
+    g = sub.add_parser("train-sparse", help="train with group sparsity until whole channels are exactly zero "
+                       "(then spa prune --zeros removes them)")
+    _training_options(g, "sparse")
+    g.add_argument("--target-ratio", type=float, required=True, metavar="R",
+                   help="fraction of each prunable group's channels driven to zero")
+    g.add_argument("--periods", type=int, default=5, help="pruning periods within the window (5)")
+    g.add_argument("--warmup", type=float, default=0.2, help="fraction of training before any channel shrinks (0.2)")
+    g.add_argument("--window", type=float, default=0.5,
+                   help="fraction of training over which channels shrink to zero (0.5); the rest fine-tunes")
+    g.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
+    g.add_argument("--prune-hidden", action="store_true", help="also sparsify a transformer's hidden size")
+    g.add_argument("--save-plan", metavar="PLAN", help="write the zeroed channels as a plan (spa prune --plan)")
 
 
-def _split(model, arrays, val_arrays, args):
-    from spa.training.train import split_validation
+def _training_options(t, what: str) -> None:
+    t.add_argument("model")
+    t.add_argument("--data", required=True, metavar="TRAIN", help=".npz of training inputs keyed by input name "
+                   "(first axis: samples), with labels under --labels KEY")
+    t.add_argument("--labels", metavar="KEY", help="key of the integer class labels in --data (and --val)")
+    t.add_argument("--val", metavar="VAL", help=".npz for validation after each epoch (default: hold out --val-split)")
+    t.add_argument("--val-split", type=float, default=0.1, metavar="F",
+                   help="fraction of --data held out for validation when there is no --val (0.1)")
+    t.add_argument("--distill-from", metavar="TEACHER", help="an ONNX model whose outputs the trained one learns to "
+                   "match (KL divergence at --temperature), with or instead of labels")
+    t.add_argument("--epochs", type=int, default=5, help="passes over the training data (5)")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate, cosine-decayed (1e-3)")
+    t.add_argument("--batch", type=int, default=64, help="batch size (64)")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (4)")
+    t.add_argument("--alpha", type=float, default=0.5, help="weight of distillation when labels are given too (0.5)")
+    t.add_argument("--logits", metavar="NAME", help="the output trained against labels/teacher (default: the first)")
+    t.add_argument("--checkpoint", metavar="CKPT", help="checkpoint written after every epoch (default: OUT.ckpt)")
+    t.add_argument("--resume", action="store_true", help="continue from --checkpoint instead of starting over")
+    t.add_argument("--device", default="cpu", help="cpu or cuda[:N] (cpu)")
+    t.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's); small "
+                   "models train fastest with 1, and a busy machine slows down a lot with more")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("-o", "--output", help=f"output model (default: MODEL.{what}.onnx beside the input)")
+    t.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    t.add_argument("-v", "--verbose", action="store_true")
 
-    feeds, labels = split_labels(arrays, model.input_names, args.labels)
-    if val_arrays is not None:
-        vf, vy = split_labels(val_arrays, model.input_names, args.labels)
-        return feeds, labels, (vf, vy)
-    tf, ty, vf, vy = split_validation(feeds, labels, args.val_split, args.seed)
-    return tf, ty, (vf, vy)
 
+class _Bar:
+    """The training progress bar on stderr: started at the first step (or epoch line), gone
+    before the next named step's spinner; silent with --json."""
 
-def _fit(args, proto, feeds, labels, val, teacher, cfg, ckpt, schedule=None):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from spa.training.train import fit
-
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+    COLUMNS = (TextColumn("[progress.description]{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} steps"), TextColumn("loss {task.fields[loss]:.4f}"),
                TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True, disable=args.json) as bar:
-        task = bar.add_task("training", total=None, loss=float("nan"))
-        log = None if args.json else (lambda line: bar.console.print(line, markup=False, highlight=False))
-        return fit(proto, feeds, labels, val, teacher, cfg, ckpt, args.resume, schedule,
-                   progress=lambda done, total, loss: bar.update(task, completed=done, total=total, loss=loss),
-                   log=log)
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.bar, self.task = quiet, None, None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def step(self, what: str):
+        self.stop()
+        return step(what, self.quiet)
+
+    def update(self, done: int, total: int, loss: float) -> None:
+        self._start().update(self.task, completed=done, total=total, loss=loss)
+
+    def log(self, line: str) -> None:
+        self._start().console.print(line, markup=False, highlight=False)
+
+    def _start(self) -> Progress:
+        if self.bar is None:
+            self.bar = Progress(*self.COLUMNS, console=err, transient=True, disable=self.quiet)
+            self.bar.start()
+            self.task = self.bar.add_task("training", total=None, loss=float("nan"))
+        return self.bar
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
-def write_back_error(proto, feeds: dict, samples: int = 16) -> float:
-    """Max rel. error between ONNX Runtime on `proto` and spa.torch on it (float outputs)."""
-    import torch
-
-    from spa.backends import ort as ort_backend
-    from spa.torch import to_torch
-
-    batch = {k: v[:samples] for k, v in feeds.items()}
-    ref = ort_backend.run(proto, batch)
-    with torch.no_grad():
-        got = to_torch(proto).run(batch)
-    worst = 0.0
-    for name, r in ref.items():
-        if isinstance(r, np.ndarray) and r.dtype.kind == "f":
-            o = got[name].float().numpy().astype(np.float64)
-            worst = max(worst, float(np.linalg.norm(r - o) / max(np.linalg.norm(r), 1e-12)))
-    return worst
-
-
-def _save(args, proto, out: Path, feeds: dict) -> float:
-    measured = {}
-
-    def verify(tmp):
-        measured["err"] = e = write_back_error(str(tmp), feeds)
-        if e > WRITE_BACK_TOL:
-            raise VerificationError(f"the written model's outputs differ from the trained module's "
-                                    f"(rel. error {e:.2e}); nothing written")
-
-    with step("saving + checking", args.json):
-        save(proto, out, source=Path(args.model), verify=verify)
-    return measured["err"]
-
-
-def _doc(args, out, ckpt, result, write_err, before, after) -> dict:
-    return {"schema_version": TRAIN_SCHEMA, "input": args.model, "output": str(out), "checkpoint": str(ckpt),
-            "epochs": args.epochs, "resumed_from_epoch": result.resumed_from, "metric": result.metric,
-            "best_epoch": result.best_epoch, "best": result.best, "history": result.history,
-            "distill_from": args.distill_from, "labels": args.labels, "write_back_max_rel_err": write_err,
-            "before": before, "after": after}
+def _train(args, call, what: str, *extra: str):
+    """One API call with the command's options, its progress on stderr."""
+    options = {name: getattr(args, name) for name in COMMON + extra}
+    with _Bar(args.json) as bar:
+        result = call(args.model, **options, output=_output_path(args, what), progress=bar.step,
+                      on_step=bar.update, log=None if args.json else bar.log)
+    return result
 
 
 def _print(doc: dict) -> None:
@@ -144,93 +135,27 @@ def _print(doc: dict) -> None:
 
 
 def finetune(args) -> int:
-    out, ckpt, cfg, arrays, val_arrays = _prepare(args, "finetuned", bool(args.distill_from)
-                                                  or (args.ratio is not None and args.distill))
-    if args.ratio is not None:
-        check_ratio(args.ratio)
-    with step("load + shape inference", args.json):
-        model = load(args.model)
-    teacher = load(args.distill_from, infer=False).proto if args.distill_from else None
-    before = cost.summary(model)
-    pruned_doc = None
-    if args.ratio is not None:
-        model, pruned_doc = _prune_first(args, model, arrays)
-        if args.distill and teacher is None:
-            teacher = load(args.model, infer=False).proto
-    feeds, labels, val = _split(model, arrays, val_arrays, args)
-    result = _fit(args, model.proto, feeds, labels, val, teacher, cfg, ckpt)
-    write_err = _save(args, result.proto, out, val[0])
-    doc = _doc(args, out, ckpt, result, write_err, before, cost.summary(api.reinfer(result.proto)))
-    doc["pruned_first"] = pruned_doc
+    doc = _train(args, api_train.finetune, "finetuned", "ratio", "criterion", "keep_sparsity", "distill").to_json()
     if args.json:
         print(json.dumps(doc))
     else:
         _print(doc)
     return 0
-
-
-def _prune_first(args, model, arrays):
-    """`--ratio`: plan with the criterion (data from --data where it needs some), prune."""
-    from spa.scoring import criteria as importance
-
-    api.refuse_quantized(model)
-    with step("analysis", args.json):
-        analysis = analyze(model)
-    if not any(g.prunable for g in analysis.groups):
-        raise SpaError(f"nothing to prune in '{args.model}'")
-    need = importance.NEEDS.get(args.criterion)
-    stats = None
-    feeds, labels = split_labels(arrays, model.input_names, args.labels)
-    with step(f"scoring ({args.criterion}) + planning", args.json):
-        if need == "gradients":
-            stats = api.saliency(analysis, args.criterion, feeds, labels)
-        elif need:  # calibration and moments criteria: measured on the data
-            stats = api.statistics(analysis, feeds)
-        plan = api.make_plan(analysis, args.ratio, args.criterion, seed=args.seed, stats=stats)
-    values = None
-    if args.criterion == "obspa":  # as spa prune does by default: refit the consumers (calibrated)
-        with step("compensating the consumers (OBS, group by group)", args.json):
-            values, _ = api.compensation(analysis, plan, calib=feeds)
-    with step("pruning", args.json):
-        pruned = api.prune(analysis, plan, compensate=values)
-    doc = {"ratio": args.ratio, "criterion": args.criterion, "channels_removed": int(sum(map(len, plan.values()))),
-           "compensated": values is not None}
-    return api.reinfer(pruned), doc
 
 
 def train_sparse(args) -> int:
-    from spa.training.train import HessoSchedule
-
-    out, ckpt, cfg, arrays, val_arrays = _prepare(args, "sparse", bool(args.distill_from))
-    check_ratio(args.target_ratio, "--target-ratio")
-    if args.save_plan:
-        check_writable(args.save_plan, args.model)
-    with step("load + shape inference", args.json):
-        model = load(args.model)
-    api.refuse_quantized(model)
-    with step("analysis", args.json):
-        analysis = analyze(model)
-    schedule = HessoSchedule(analysis, args.target_ratio, args.periods, args.warmup, args.window, args.round_to,
-                             args.prune_hidden)
-    if not schedule.groups:
-        raise SpaError(f"nothing to train sparse in '{args.model}': no prunable zero-invariant group")
-    teacher = load(args.distill_from, infer=False).proto if args.distill_from else None
-    before = cost.summary(model)
-    feeds, labels, val = _split(model, arrays, val_arrays, args)
-    result = _fit(args, analysis.model.proto, feeds, labels, val, teacher, cfg, ckpt, schedule)
-    _notes(schedule.notes, args.json)
-    plan = schedule.plan()
-    write_err = _save(args, result.proto, out, val[0])
-    if args.save_plan:
-        write_text_atomic(args.save_plan, json.dumps(to_json(plan), indent=1))
-    doc = _doc(args, out, ckpt, result, write_err, before, before)
-    doc["train_sparse"] = {"target_ratio": args.target_ratio, "groups": len(schedule.groups),
-                           "zero_channels": int(sum(map(len, plan.values()))), "notes": schedule.notes,
-                           "plan_file": args.save_plan, "next": f"spa prune {out} --zeros"}
+    result = _train(args, api_train.train_sparse, "sparse", "target_ratio", "periods", "warmup", "window",
+                    "round_to", "prune_hidden", "save_plan")
+    doc = result.to_json()
     if args.json:
         print(json.dumps(doc))
-    else:
-        _print(doc)
-        err.print(f"{doc['train_sparse']['zero_channels']} channels in {len(plan)} groups are exactly zero; "
-                  f"remove them with: spa prune {out} --zeros", markup=False, highlight=False)
+        return 0
+    sparse = doc["train_sparse"]
+    _notes(sparse["notes"], False)
+    _print(doc)
+    err.print(f"{sparse['zero_channels']} channels in {len(result.plan)} groups are exactly zero; "
+              f"remove them with: {sparse['next']}", markup=False, highlight=False)
     return 0
+
+
+COMMANDS = {"finetune": finetune, "train-sparse": train_sparse}

@@ -31,9 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from spa.core.errors import SpaError
+from spa.backends import ort as ort_backend
+from spa.core.errors import SpaError, positive_int, require
+from spa.planning import planner
+from spa.scoring import criteria as importance
 
 CHECKPOINT_VERSION = 1
+WRITE_BACK_TOL = 1e-4  # ORT on the written model vs the torch module it came from
 
 
 @dataclass
@@ -50,16 +54,12 @@ class FitConfig:
     keep_sparsity: bool = False  # weights (rank >= 2) that are exactly zero stay zero (e.g. 2:4)
 
     def check(self) -> None:
-        if not (isinstance(self.epochs, int) and self.epochs >= 1):
-            raise SpaError(f"invalid --epochs {self.epochs}: it must be a positive integer")
-        if not self.lr > 0:
-            raise SpaError(f"invalid --lr {self.lr}: it must be positive")
-        if self.batch_size < 1:
-            raise SpaError(f"invalid --batch {self.batch_size}: it must be a positive integer")
-        if not 0 <= self.alpha <= 1:
-            raise SpaError(f"invalid --alpha {self.alpha}: it must be in [0, 1]")
-        if not self.temperature > 0:
-            raise SpaError(f"invalid --temperature {self.temperature}: it must be positive")
+        """UsageError for a bad value, in the words of spa.finetune's keywords (batch= is batch_size)."""
+        positive_int("epochs", self.epochs)
+        require(self.lr > 0, f"invalid lr={self.lr}: it must be positive")
+        positive_int("batch", self.batch_size)
+        require(0 <= self.alpha <= 1, f"invalid alpha={self.alpha}: it must be in [0, 1]")
+        require(self.temperature > 0, f"invalid temperature={self.temperature}: it must be positive")
 
 
 @dataclass
@@ -76,18 +76,30 @@ class FitResult:
 def device_of(name: str) -> str:
     import torch
 
+    check_device(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SpaError(f"device '{name}' asked for, but torch sees no CUDA GPU",
-                       "use --device cpu, or install a CUDA build of torch on a GPU machine")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise SpaError(f"unknown device '{name}'", "use cpu or cuda[:N]")
+                       "use device=cpu, or install a CUDA build of torch on a GPU machine")
     return name
+
+
+def check_device(name: str) -> None:
+    require(name == "cpu" or name.startswith("cuda"), f"invalid device={name!r}: unknown device", "use cpu or cuda[:N]")
+
+
+def check_val_split(val_split: float) -> None:
+    require(0 < val_split < 1, f"invalid val_split={val_split}: it must be in (0, 1)")
+
+
+def check_target(labels, teacher) -> None:
+    """Training needs labels, a teacher, or both."""
+    require(labels is not None or teacher is not None, "nothing to train towards: no labels and no teacher",
+            "pass labels=KEY (a key of the data), or distill_from=DENSE.onnx")
 
 
 def split_validation(feeds: dict, labels, val_split: float, seed: int):
     """(train feeds, train labels, val feeds, val labels): a seeded hold-out of `val_split`."""
-    if not 0 < val_split < 1:
-        raise SpaError(f"invalid --val-split {val_split}: it must be in (0, 1)")
+    check_val_split(val_split)
     n = len(next(iter(feeds.values())))
     k = max(1, round(n * val_split))
     if n - k < 1:
@@ -141,9 +153,7 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
 
     cfg = cfg or FitConfig()
     cfg.check()
-    if labels is None and teacher is None:
-        raise SpaError("nothing to train towards: no labels and no teacher",
-                       "pass --labels KEY (a key of the data), or --distill-from DENSE.onnx")
+    check_target(labels, teacher)
     device = device_of(cfg.device)
     torch.manual_seed(cfg.seed)
     module = to_torch(proto, trainable=trainable_names(proto)).to(device)
@@ -172,7 +182,7 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
     resumed_from = 0
     if ckpt is not None and resume:
         if not ckpt.is_file():
-            raise SpaError(f"cannot resume: no checkpoint '{ckpt}'", "drop --resume to start a new run")
+            raise SpaError(f"cannot resume: no checkpoint '{ckpt}'", "start a new run instead")
         try:
             saved = torch.load(ckpt, map_location=device, weights_only=False)
         except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
@@ -181,7 +191,7 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
             raise SpaError(f"cannot resume from '{ckpt}': not a spa checkpoint")
         if saved["fingerprint"] != fingerprint:
             raise SpaError(f"cannot resume from '{ckpt}': it belongs to another model, data size or settings",
-                           "run with the same model, data, --epochs, --batch and --seed, or drop --resume")
+                           "resume with the same epochs=, batch=, seed=, model and data, or start a new run")
         module.load_state_dict(saved["module"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -278,6 +288,25 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
     return FitResult(trained, state["history"], state["best_epoch"], metric, state["best"], resumed_from)
 
 
+def write_back_error(proto, feeds: dict, samples: int = 16) -> float:
+    """Max rel. error between ONNX Runtime on `proto` (a ModelProto or a path) and spa.torch on
+    it (float outputs), on the first `samples` of `feeds`."""
+    import torch
+
+    from spa.torch import to_torch
+
+    batch = {k: v[:samples] for k, v in feeds.items()}
+    ref = ort_backend.run(proto, batch)
+    with torch.no_grad():
+        got = to_torch(proto).run(batch)
+    worst = 0.0
+    for name, r in ref.items():
+        if isinstance(r, np.ndarray) and r.dtype.kind == "f":
+            o = got[name].float().numpy().astype(np.float64)
+            worst = max(worst, float(np.linalg.norm(r - o) / max(np.linalg.norm(r), 1e-12)))
+    return worst
+
+
 # ---------------------------------------------------------------------------------------------
 # group-sparse training
 # ---------------------------------------------------------------------------------------------
@@ -289,20 +318,24 @@ class HessoSchedule:
 
     def __init__(self, analysis, target_ratio: float, periods: int = 5, warmup: float = 0.2, window: float = 0.5,
                  round_to: int = 1, prune_hidden: bool = False):
-        from spa.planning.planner import check_ratio
-
-        check_ratio(target_ratio, "target_ratio")
-        if periods < 1:
-            raise SpaError(f"invalid --periods {periods}: it must be a positive integer")
-        if not (0 <= warmup and 0 < window and warmup + window <= 1):
-            raise SpaError("the warm-up and pruning window must fit in the training (warmup + window <= 1)")
+        self.check_options(target_ratio, periods, warmup, window, round_to)
         self.analysis, self.ratio, self.periods = analysis, target_ratio, periods
         self.warmup, self.window, self.round_to = warmup, window, round_to
         self.groups = [g for g in analysis.groups if g.prunable and g.zero_invariant
-                       and (prune_hidden or not g.hidden)]
+                       and (prune_hidden or not g.stats_only)]
         self.selected: dict[str, list[int]] = {}
         self.shrinking: dict[str, list[int]] = {}
         self.notes: list[str] = []
+
+    @staticmethod
+    def check_options(target_ratio: float, periods: int, warmup: float, window: float, round_to: int) -> None:
+        """UsageError for a bad value (before any model is loaded)."""
+        planner.check_ratio(target_ratio, "target_ratio")
+        positive_int("periods", periods)
+        require(0 <= warmup and 0 < window and warmup + window <= 1,
+                f"invalid warmup={warmup}, window={window}: the warm-up and pruning window must fit in the "
+                "training (warmup + window <= 1)")
+        positive_int("round_to", round_to)
 
     def describe(self):
         return (self.ratio, self.periods, self.warmup, self.window, self.round_to, sorted(g.id for g in self.groups))
@@ -362,9 +395,6 @@ class HessoSchedule:
         return {n: self.module.tensor(n).detach().float().cpu().numpy() for n in names}
 
     def _choose(self, period: int) -> None:
-        from spa.scoring import criteria as importance
-        from spa.planning import planner
-
         ratio = self.ratio * (period + 1) / self.periods
         scores = {}
         held = self._current({m.tensor for g in self.groups for m in g.members})
