@@ -1,55 +1,34 @@
 """spa: structured pruning of ONNX models, exact and verified.
 
-Public API (the CLI is a thin shell over it)::
+The Python API is the product; the `spa` command line is a thin shell over it. Every command
+has one function here that does all the command does (its checks included) and returns a
+Result: `.to_json()` is what the command prints with --json, `.model` the produced
+onnx.ModelProto, `.save(path)` the checked atomic save. `model` arguments take a path, an
+onnx.ModelProto or a spa.Model; options after the first one or two parameters are keywords::
 
-    model = spa.load("model.onnx")
-    analysis = spa.analyze(model)
-    plan = spa.make_plan(analysis, ratio=0.5)
-    pruned = spa.prune(analysis, plan)
-    # OBSPA: calibrated (or data-free without `calib`), with compensation of the consumers
-    stats = spa.statistics(analysis, calib=spa.load_npz("calib.npz"))
-    plan = spa.make_plan(analysis, ratio=0.3, criterion="obspa", stats=stats)
-    pruned = spa.prune(analysis, plan, compensate=spa.compensation(analysis, plan, calib=...)[0])
-    spa.evaluate(pruned, spa.load_npz("test.npz"), labels=..., reference="model.onnx")
-    # gradient criteria (taylor, snip, grasp, crop) and training, through spa.torch (needs torch)
-    sal = spa.saliency(analysis, "snip", {"x": x}, labels=y)
-    plan = spa.make_plan(analysis, ratio=0.5, criterion="snip", stats=sal)
-    result = spa.fit(pruned, {"x": x}, y, teacher=dense_proto, cfg=spa.FitConfig(epochs=10))  # .proto: same graph
+    pruned = spa.prune("model.onnx", ratio=0.3, criterion="obspa", calib="calib.npz")
+    sparse = spa.sparsify(pruned.model, pattern="2:4", method="obs", calib="calib.npz")
+    int8 = spa.quantize(sparse.model, calib="calib.npz")
+    int8.save("model.small.onnx")
+    spa.evaluate("model.small.onnx", "test.npz", "labels", reference="model.onnx").to_json()
+    spa.compress("model.onnx", ratio=0.3, sparsify="2:4", int8=True, calib="calib.npz", output="small.onnx")
+
+The steps are public too: spa.analyze -> spa.statistics / spa.saliency -> spa.make_plan ->
+spa.compensation -> spa.prune(analysis, plan) (the single step: a ModelProto back).
 """
 
+from spa.api import (Result, analyze, bench, build, compare, compensation, compress, evaluate, finetune, make_plan,
+                     plan_for_target, prune, quantize, report, saliency, sensitivity, sparsify, statistics,
+                     train_sparse)
 from spa.core import cost
-from spa.core.analysis import Analysis, Group, Member, analyze
-from spa.api import compensation, make_plan, plan_for_target, prune, saliency, statistics
-from spa.core.checks import compare_outputs as compare
+from spa.core.analysis import Analysis, Group, Member
 from spa.core.data import load_npz
-from spa.core.errors import SpaError, VerificationError
-from spa.scoring.evaluate import evaluate
+from spa.core.errors import SpaError, UsageError, VerificationError
 from spa.core.model import Model, load, save
 from spa.training.train import FitConfig, HessoSchedule, fit, zero_plan
 
-__all__ = [
-           "Analysis",
-           "FitConfig",
-           "Group",
-           "HessoSchedule",
-           "Member",
-           "Model",
-           "SpaError",
-           "VerificationError",
-           "analyze",
-           "compare",
-           "compensation",
-           "cost",
-           "evaluate",
-           "fit",
-           "load",
-           "load_npz",
-           "make_plan",
-           "plan_for_target",
-           "prune",
-           "saliency",
-           "save",
-           "statistics",
-           "zero_plan",
-]
-__version__ = "0.1.0"
+__all__ = ["Analysis", "FitConfig", "Group", "HessoSchedule", "Member", "Model", "Result", "SpaError", "UsageError",
+           "VerificationError", "analyze", "bench", "build", "compare", "compensation", "compress", "cost", "evaluate",
+           "finetune", "fit", "load", "load_npz", "make_plan", "plan_for_target", "prune", "quantize", "report",
+           "saliency", "save", "sensitivity", "sparsify", "statistics", "train_sparse", "zero_plan"]
+from spa.core import __version__  # noqa: E402,F401 - one version, kept in the core

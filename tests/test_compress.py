@@ -60,14 +60,14 @@ def test_save_stages_and_fp16_without_data(net, capsys):
     assert "calib" not in doc["stages"][1]
 
 
-@pytest.mark.parametrize("argv, message, exit_code", [
-    ([], "nothing to do", 1),
-    (["--int8"], "--int8 needs calibration data", 1),
-    (["--sparsify", "2:4", "--sparsify-method", "obs"], "needs calibration data", 1),
-    (["--permute"], "go with --sparsify", 1),
+@pytest.mark.parametrize("argv, message, exit_code", [  # all usage errors: exit 2
+    ([], "nothing to do", 2),
+    (["--int8"], "--int8 needs calibration data", 2),
+    (["--sparsify", "2:4", "--sparsify-method", "obs"], "needs calibration data", 2),
+    (["--permute"], "go with --sparsify", 2),
     (["--sparsify", "5:4"], "invalid --sparsify '5:4'", 2),  # a usage error, in compress's own flag
-    (["--ratio", "1.5"], "ratio", 1),
-    (["--ratio", "0.5", "--criterion", "nope"], "unknown criterion", 1),
+    (["--ratio", "1.5"], "ratio", 2),
+    (["--ratio", "0.5", "--criterion", "nope"], "unknown criterion", 2),
 ])
 def test_bad_arguments_fail_in_one_line_before_any_work(net, capsys, argv, message, exit_code):
     code = main(["compress", str(net / "m.onnx"), "-o", str(net / "c.onnx")] + argv)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from spa.api.result import as_model, stepper
@@ -25,8 +26,33 @@ from spa.scoring.measure import statistics
 SCHEMA = 1
 
 
+@dataclass
+class AnalysisResult(Analysis):
+    """An Analysis (use it wherever one is expected) whose `.to_json()` is `spa analyze --json`'s
+    document, built when asked for: params, MACs, groups, barriers, attention blocks (before ->
+    after the previewed plan), N:M sparsity and quantization coverage, simplify stats, preview."""
+
+    simplified: dict | None = None
+    plan: dict | None = None
+    preview: dict | None = None
+
+    @property
+    def blocks(self) -> list:
+        return attention_blocks(self, self.plan)
+
+    def to_json(self) -> dict:
+        c = cost.summary(self.model)
+        doc = {"schema_version": SCHEMA, "model": str(self.model.path) if self.model.path else None,
+               "params": c["params"], "macs": c["macs"], **super().to_json(),
+               "attention_blocks": [b.to_json() for b in self.blocks], "simplify": self.simplified,
+               "sparsity": sparsify.report(self.model.proto), "quantization": quantize.coverage(self.model.proto)}
+        if self.preview is not None:
+            doc["preview"] = self.preview
+        return doc
+
+
 def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=None, criterion: str = "l1",
-            prune_hidden: bool = False, calib=None, seed: int = 0, progress=None) -> Analysis:
+            prune_hidden: bool = False, calib=None, seed: int = 0, progress=None) -> AnalysisResult:
     """The Analysis of `model` (a path, ModelProto or spa.Model; `exclude`: name globs to protect).
     Its `.to_json()` is what `spa analyze --json` prints. `ratio` (planned with `criterion`,
     `prune_hidden`, `calib`, `seed`) or `plan` (dict or plan file) preview a plan: the attention
@@ -45,13 +71,10 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
         analysis = group_channels(loaded, exclude=list(exclude or []))
     if ratio is not None:
         plan = _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step)
-    blocks = attention_blocks(analysis, plan)
-    analysis.document = _doc(analysis, blocks, simplified)
-    if plan is not None:
-        analysis.document["preview"] = {"ratio": ratio, "plan_file": plan_file,
-                                        "channels_removed": int(sum(len(c) for c in plan.values()))}
-    analysis.blocks = blocks
-    return analysis
+    preview = None if plan is None else {"ratio": ratio, "plan_file": plan_file,
+                                         "channels_removed": int(sum(len(c) for c in plan.values()))}
+    return AnalysisResult(**{f.name: getattr(analysis, f.name) for f in fields(Analysis)}, simplified=simplified,
+                          plan=plan, preview=preview)
 
 
 def _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step) -> dict:  # noqa: PLR0913 - analyze's
@@ -61,14 +84,3 @@ def _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step) -> dic
             stats = statistics(analysis, load_npz(calib) if isinstance(calib, (str, Path)) else calib)
     with step(f"scoring ({criterion}) + planning"):
         return make_plan(analysis, ratio, criterion, seed=seed, prune_hidden=prune_hidden, stats=stats)
-
-
-def _doc(analysis, blocks, simplified) -> dict:
-    c = cost.summary(analysis.model)
-    model = analysis.model
-    return {
-        "schema_version": SCHEMA, "model": str(model.path) if model.path else None, "params": c["params"],
-        "macs": c["macs"], "groups": [g.to_json() for g in analysis.groups], "barriers": analysis.barriers,
-        "attention_blocks": [b.to_json() for b in blocks], "simplify": simplified,
-        "sparsity": sparsify.report(model.proto), "quantization": quantize.coverage(model.proto),
-    }

@@ -24,11 +24,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from spa import __version__
-from spa.core.checks import check_against, output_check
+from spa.core import __version__
 from spa.core.errors import SpaError, first_line, with_flags
-from spa.core.model import save
-from spa.scoring import criteria as importance
 
 err = Console(stderr=True)
 SIMPLIFY_HELP = ("fold shape arithmetic over static sizes first (onnxslim), which frees axes that dynamic-axes "
@@ -93,37 +90,12 @@ def show_notes(notes: list) -> None:
         err.print(f"note: ... and {len(notes) - 5} more (--json lists them all)", markup=False, highlight=False)
 
 
-def _notes(notes: list, quiet: bool) -> None:
-    if not quiet:
-        show_notes(notes)
-
-
 def output_path(args, what: str = "pruned") -> Path:
     """-o, or MODEL.<what>.onnx beside the input."""
     if args.output:
         return Path(args.output)
     src = Path(args.model)
     return src.with_name(f"{src.stem}.{what}.onnx")
-
-
-_output_path = output_path
-
-
-def _save_checked(model, proto, out: Path, quiet: bool, also=None) -> dict | None:
-    """Write `proto` to `out` once the written file passes the checker (no worse than the
-    input) and runs in ONNX Runtime like the input on random inputs (`also(tmp)`: one more
-    check); nothing is left behind when a check fails. Returns the output check."""
-    checked = {}
-
-    def verify(tmp):
-        check_against(tmp, model.path)
-        checked["result"] = output_check(model, proto, pruned_file=tmp)
-        if also is not None:
-            also(tmp)
-
-    with step("saving + checking", quiet):
-        save(proto, out, source=Path(model.path), verify=verify)
-    return checked.get("result")
 
 
 def flags_of(parser, command: str) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from spa.api.quantize import quantize as quantize_model
-from spa.cli.app import _output_path, err, step
+from spa.cli.app import err, output_path, step
 
 
 def parser(sub) -> None:
@@ -32,7 +32,7 @@ def parser(sub) -> None:
 def quantize(args) -> int:
     result = quantize_model(args.model, calib=args.calib, fp16=args.fp16, method=args.method,
                             per_channel=args.per_channel, calib_samples=args.calib_samples,
-                            output=_output_path(args, "fp16" if args.fp16 else "int8"),
+                            output=output_path(args, "fp16" if args.fp16 else "int8"),
                             progress=lambda what: step(what, args.json))
     doc = result.to_json()
     if args.json:

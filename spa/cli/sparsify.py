@@ -11,7 +11,7 @@ import numpy as np
 from rich.table import Table
 
 from spa.api.sparsify import sparsify as sparsify_model
-from spa.cli.app import _output_path, err, step
+from spa.cli.app import err, output_path, step
 from spa.reporting import report
 
 
@@ -38,7 +38,7 @@ def parser(sub) -> None:
 def sparsify(args) -> int:
     result = sparsify_model(args.model, pattern=args.pattern, method=args.method, calib=args.calib,
                             calib_samples=args.calib_samples, min_size=args.min_size, permute=args.permute,
-                            permute_budget=args.permute_budget, output=_output_path(args, "sparse"),
+                            permute_budget=args.permute_budget, output=output_path(args, "sparse"),
                             progress=lambda what: step(what, args.json))
     doc = result.to_json()
     if args.json:

@@ -17,7 +17,7 @@ from typing import Self
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from spa.api import train as api_train
-from spa.cli.app import _notes, _output_path, err, step
+from spa.cli.app import err, output_path, show_notes, step
 from spa.scoring import criteria as importance
 
 COMMON = ("data", "labels", "val", "val_split", "distill_from", "epochs", "lr", "batch", "weight_decay",
@@ -121,7 +121,7 @@ def _train(args, call, what: str, *extra: str):
     """One API call with the command's options, its progress on stderr."""
     options = {name: getattr(args, name) for name in COMMON + extra}
     with _Bar(args.json) as bar:
-        result = call(args.model, **options, output=_output_path(args, what), progress=bar.step,
+        result = call(args.model, **options, output=output_path(args, what), progress=bar.step,
                       on_step=bar.update, log=None if args.json else bar.log)
     return result
 
@@ -151,7 +151,7 @@ def train_sparse(args) -> int:
         print(json.dumps(doc))
         return 0
     sparse = doc["train_sparse"]
-    _notes(sparse["notes"], False)
+    show_notes(sparse["notes"])
     _print(doc)
     err.print(f"{sparse['zero_channels']} channels in {len(result.plan)} groups are exactly zero; "
               f"remove them with: {sparse['next']}", markup=False, highlight=False)

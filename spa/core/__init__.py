@@ -1,0 +1,5 @@
+"""The core: load a model, index its graph, group its coupled channels, cost and check it.
+
+It imports nothing of spa outside itself (tests/test_layout.py)."""
+
+__version__ = "0.1.0"

@@ -89,13 +89,9 @@ class Analysis:
     groups: list[Group]
     sizes: dict  # space -> size
     barriers: list[str]
-    document: dict | None = field(default=None, repr=False)  # the `spa analyze` document (spa.api.analyze)
 
     def to_json(self) -> dict:
-        """What `spa analyze --json` prints (set by spa.api.analyze); the groups and barriers alone
-        for an Analysis made by the core's analyze."""
-        if self.document is not None:
-            return self.document
+        """The groups and barriers (spa.analyze's result adds params, MACs, coverage and blocks)."""
         return {"groups": [g.to_json() for g in self.groups], "barriers": self.barriers}
 
     def group(self, gid: str) -> Group:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from spa import __version__
+from spa.core import __version__
 from spa.core import cost
 from spa.core.data import load_npz, require_keys
 from spa.core.errors import SpaError, first_line

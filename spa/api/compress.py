@@ -1,0 +1,226 @@
+"""spa.compress: prune -> sparsify -> quantize as one pipeline of API calls, each stage verified.
+
+    model ─spa.prune─▶ stage 1 ─spa.sparsify─▶ stage 2 ─spa.quantize─▶ stage 3 ─▶ output
+          each stage is the single call with its own checks (ONNX checker, ONNX Runtime on random
+          inputs, the N:M pattern re-read from the written file), then measured against the input
+          on calibration samples (and on `eval` data): size, parameters, fidelity, accuracy
+
+Stages are written in a temporary folder (beside `output`); `output` is written only when every
+stage passed (`save_stages` keeps OUT.<stage>.onnx too). Defaults follow the data: with `calib`
+the pruning criterion is obspa (compensated) and the N:M selection is obs (SparseGPT-style), the
+best data-aware choices we measured (docs/benchmarks.md); without it l1 and magnitude.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from onnx import numpy_helper
+
+from spa.api.common import arrays
+from spa.api.prune import prune_model
+from spa.api.quantize import quantize
+from spa.api.result import Result, as_model, model_name, output_target, stepper
+from spa.api.sparsify import sparsify
+from spa.core.errors import SpaError, UsageError, first_line, positive_int, require
+from spa.core.model import load, save
+from spa.core.sizes import file_bytes
+from spa.passes.sparsify import parse_pattern
+from spa.planning import planner
+from spa.scoring import criteria
+from spa.scoring.evaluate import evaluate_arrays
+
+SCHEMA = 1
+FIDELITY_SAMPLES = 64
+QUANT_METHODS = ("minmax", "entropy", "percentile")
+
+
+def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = False, prune_hidden: bool = False,
+             sparsify=None, sparsify_method=None, permute: bool = False, min_size: int = 16, int8: bool = False,
+             fp16: bool = False, calib=None, calib_samples=None, quant_method: str = "minmax", eval=None,
+             labels=None, save_stages: bool = False, output=None, progress=None) -> Result:
+    """Prune `ratio` of each group (`criterion`, `global_rank`, `prune_hidden`), then N:M `sparsify`
+    (e.g. "2:4"; `sparsify_method`, `permute`, `min_size`), then `int8` (needs `calib`;
+    `quant_method`) or `fp16`; every stage measured on `calib` and on `eval` (with `labels`: the
+    key of its labels, for accuracy). `calib_samples`: per stage (default: each call's own).
+    `output`: the final model's path (None: kept in memory, `.model`)."""
+    options = dict(ratio=ratio, criterion=criterion, global_rank=global_rank, prune_hidden=prune_hidden,
+                   sparsify=sparsify, sparsify_method=sparsify_method, permute=permute, min_size=min_size,
+                   int8=int8, fp16=fp16, calib=calib, calib_samples=calib_samples, quant_method=quant_method,
+                   eval=eval, labels=labels, save_stages=save_stages)
+    _check(model, options)
+    return _Pipeline(model, options, output_target(output, model), stepper(progress)).run()
+
+
+def _check(model, o: dict) -> None:
+    """Every bad value or combination, before any slow work."""
+    if isinstance(model, (str, Path)) and not Path(model).is_file():
+        raise SpaError(f"cannot load model '{model}': no such file")
+    planner.check_ratio(o["ratio"])
+    if o["sparsify"]:
+        parse_pattern(o["sparsify"], "sparsify")
+    require(o["sparsify"] or not (o["sparsify_method"] or o["permute"]),
+            "sparsify_method= and permute= go with sparsify=N:M")
+    require(o["ratio"] > 0 or o["sparsify"] or o["int8"] or o["fp16"], "nothing to do",
+            "give ratio=R, sparsify=N:M, int8=True or fp16=True")
+    require(not (o["int8"] and o["fp16"]), "int8= and fp16= exclude each other")
+    require(o["criterion"] is None or o["criterion"] in criteria.CRITERIA, f"unknown criterion '{o['criterion']}'",
+            f"choose one of: {', '.join(criteria.CRITERIA)}")
+    require(o["sparsify_method"] in (None, "magnitude", "obs"), f"invalid sparsify_method={o['sparsify_method']}",
+            "choose magnitude or obs")
+    require(o["quant_method"] in QUANT_METHODS, f"invalid quant_method={o['quant_method']}",
+            f"choose one of: {', '.join(QUANT_METHODS)}")
+    needs = criteria.NEEDS.get(o["criterion"] or "l1") in ("calibration", "gradients")
+    if o["calib"] is None and (o["int8"] or o["sparsify_method"] == "obs" or (o["ratio"] > 0 and needs)):
+        what = "int8=True" if o["int8"] else ("sparsify_method=obs" if o["sparsify_method"] == "obs"
+                                              else f"criterion '{o['criterion']}'")
+        raise UsageError(f"{what} needs calibration data", "pass calib=DATA.npz")
+    require(not (o["labels"] and o["eval"] is None), "labels= names a key of eval=", "pass eval=DATA.npz")
+    if o["calib_samples"] is not None:
+        positive_int("calib_samples", o["calib_samples"])
+    positive_int("min_size", o["min_size"])
+
+
+class _Pipeline:
+    """The stages in order over the options `o`, in a work folder removed at the end."""
+
+    def __init__(self, model, o: dict, out: Path | None, step):
+        self.model, self.o, self.out, self.step = model, o, out, step
+        self.calib, self.held_out = arrays(o["calib"]), arrays(o["eval"], "eval")
+
+    def run(self) -> Result:
+        with self.step("load + shape inference"):
+            source = as_model(self.model, infer=False)
+        source.refuse_overwrite(self.out)
+        parent = self.out.parent if self.out is not None else None
+        work = Path(tempfile.mkdtemp(prefix=".spa-compress-", dir=parent))
+        try:
+            src = self._input_file(source, work)
+            with self.step("input: measuring"):
+                rows = [{"stage": "input", "file": model_name(self.model), **self._measure(src, src)}]
+            final = self._stages(src, work, rows)
+            proto = load(final, infer=False).proto
+            if self.out is not None:
+                with self.step("saving"):
+                    save(proto, self.out, source=source.path)
+                self._keep_stages(rows, source)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for row in rows[1:] if not (self.o["save_stages"] and self.out is not None) else []:
+            row["file"] = None
+        rows[-1]["file"] = None if self.out is None else str(self.out)
+        doc = {"schema_version": SCHEMA, "input": model_name(self.model),
+               "output": None if self.out is None else str(self.out), "stages": rows}
+        return Result(doc, proto, None, source.path)
+
+    def _input_file(self, source, work: Path) -> Path:
+        """The input as a file: its own, or (in memory) written into the work folder."""
+        if source.path is not None:
+            return Path(source.path)
+        return save(source.proto, work / "0.input.onnx")
+
+    def _stages(self, src: Path, work: Path, rows: list) -> Path:
+        current = src
+        for k, (name, call) in enumerate(self._calls(), 1):
+            target = work / f"{k}.{name}.onnx"
+            with self.step(f"stage {k}: {name}"):
+                try:
+                    detail = call(str(current), target).to_json()
+                except SpaError as exc:
+                    raise type(exc)(f"stage '{name}' failed: {exc.message}; nothing written", exc.hint) from exc
+                rows.append({"stage": name, "file": str(target), **self._measure(target, src),
+                             "detail": _summary(name, detail)})
+            current = target
+        return current
+
+    def _calls(self) -> list:
+        """(stage name, call(input file, output file) -> Result) for each requested stage."""
+        o, calib = self.o, self.calib
+        samples = {} if o["calib_samples"] is None else {"calib_samples": o["calib_samples"]}
+        calls = []
+        if o["ratio"] > 0:
+            criterion = o["criterion"] or ("obspa" if calib is not None else "l1")
+            data = dict(calib=calib, **samples) if criterion in criteria.NEEDS and calib is not None else {}
+            calls.append(("pruned", lambda i, t: prune_model(
+                i, ratio=o["ratio"], criterion=criterion, global_rank=o["global_rank"],
+                prune_hidden=o["prune_hidden"], output=t, **data)))
+        if o["sparsify"]:
+            method = o["sparsify_method"] or ("obs" if calib is not None else "magnitude")
+            data = dict(calib=calib, **samples) if method == "obs" else {}
+            calls.append(("sparse", lambda i, t: sparsify(i, pattern=o["sparsify"], method=method,
+                                                           min_size=o["min_size"], permute=o["permute"],
+                                                           output=t, **data)))
+        if o["int8"]:
+            calls.append(("int8", lambda i, t: quantize(i, calib=calib, method=o["quant_method"], output=t,
+                                                        **samples)))
+        elif o["fp16"]:
+            calls.append(("fp16", lambda i, t: quantize(i, fp16=True, output=t)))
+        return calls
+
+    def _keep_stages(self, rows: list, source) -> None:
+        if not self.o["save_stages"]:
+            return
+        for row in rows[1:]:
+            kept = self.out.with_name(f"{self.out.stem}.{row['stage']}.onnx")
+            save(load(Path(row["file"]), infer=False).proto, kept, source=source.path)
+            row["file"] = str(kept)
+
+    def _measure(self, path: Path, source: Path) -> dict:
+        """Size and weights of a stage's file, and its fidelity to the input (and accuracy) on the
+        data; a measurement ORT cannot make on the calibration data is recorded, the pipeline goes on."""
+        params, nonzero = _params(load(path, infer=False))
+        doc = {"bytes": file_bytes(path), "params": params, "nonzero": nonzero}
+        for key, data, lab, limit in (("calib", self.calib, None, FIDELITY_SAMPLES),
+                                      ("eval", self.held_out, self.o["labels"], None)):
+            if data is not None:
+                doc[key] = _fidelity_on(path, source, data, lab, limit, strict=key == "eval")
+        return doc
+
+
+def _fidelity_on(path: Path, source: Path, data: dict, labels, limit, strict: bool) -> dict:
+    """Cosine / relative error against the input (and accuracy with `labels`) on `data`. `strict`:
+    the user's own evaluation data must fit the model (else the error is raised)."""
+    try:
+        rep = evaluate_arrays(path, data, labels, reference=str(source), max_samples=limit)
+    except SpaError as exc:
+        if strict:
+            raise
+        return {"error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - ORT cannot run the data: say so, go on
+        return {"error": first_line(exc, limit=200)}
+    fid = rep.get("fidelity") or {}
+    doc = {"samples": rep["samples"], "cosine": min((f["cosine"] for f in fid.values()), default=None),
+           "rel_err": max((f["rel_err"] for f in fid.values()), default=None)}
+    if "accuracy" in rep:
+        doc["accuracy"] = rep["accuracy"]
+    return doc
+
+
+def _params(model) -> tuple[int, int]:
+    """(weights, non-zero weights): elements of the numeric initializers of more than one value,
+    Q/DQ scales and zero points left out, so a quantized stage counts the same weights."""
+    qparams = {i for n in model.proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+               for i in n.input[1:]}
+    total = nonzero = 0
+    for t in model.proto.graph.initializer:
+        if t.name in qparams or int(np.prod(t.dims)) <= 1 or t.data_type not in (1, 2, 3, 10, 11, 16):
+            continue
+        a = numpy_helper.to_array(t)
+        total += a.size
+        nonzero += int(np.count_nonzero(a))
+    return total, nonzero
+
+
+def _summary(name: str, detail: dict) -> dict:
+    """The few numbers of a stage's own document that the summary shows."""
+    if name == "pruned":
+        return {"criterion": detail["criterion"], "ratio": detail["ratio"], "channels_removed": detail["channels_removed"],
+                "macs_before": detail["before"].get("macs"), "macs_after": detail["after"].get("macs")}
+    if name == "sparse":
+        return {"pattern": detail["pattern"], "method": detail["method"], "eligible": detail["eligible"],
+                "layers": len(detail["layers"]), "retained_magnitude": detail["retained_magnitude"],
+                "permuted_groups": sum(r["permuted"] for r in detail["permutation"] or [])}
+    return {"coverage": detail.get("coverage"), "fidelity_on_calib": detail.get("fidelity_on_calib")}
