@@ -1,4 +1,4 @@
-"""Attention blocks as `spa analyze` shows them (spa/blocks.py), on the one-block graph of
+"""Attention blocks as `spa analyze` shows them (spa/core/blocks.py), on the one-block graph of
 tests/test_rules.py (H=2 heads of D=3 over hidden 4) and from the CLI."""
 
 from __future__ import annotations

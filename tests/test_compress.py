@@ -1,4 +1,4 @@
-"""spa compress: prune -> sparsify -> quantize as one verified pipeline (spa/cli_compress.py)."""
+"""spa compress: prune -> sparsify -> quantize as one verified pipeline (spa/api/compress.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""INT8 QDQ placed for TensorRT and FP16 with float32 edges (spa quantize, spa/quantize.py)."""
+"""INT8 QDQ placed for TensorRT and FP16 with float32 edges (spa quantize, passes/quantize.py)."""
 
 from __future__ import annotations
 

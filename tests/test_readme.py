@@ -216,3 +216,23 @@ def test_parser_and_sandbox_on_a_sample_readme(tmp_path):
 def test_no_spa_block_means_no_commands():
     assert readme_commands("# title\n\n```python\nimport spa\n```\n") == []
     assert readme_commands("no code at all") == []
+
+
+def readme_python(markdown: str, heading: str = "## Python API") -> str:
+    """The first ```python block after `heading` (what the README shows Python users)."""
+    section = markdown[markdown.index(heading):]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"no python block under {heading!r}"
+    return match.group(1)
+
+
+def test_readme_python_api_runs(tmp_path):
+    """The README's Python API section, run as written (in a folder that has examples/)."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    code = readme_python(README.read_text())
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "tiny_resnet.small.onnx").is_file() and (tmp_path / "tiny_resnet.compressed.onnx").is_file()
+    assert "'int8'" in done.stdout  # the compress stages were printed
+    assert "spa.cli" not in code

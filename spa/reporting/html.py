@@ -319,5 +319,5 @@ def environment(command: str | None = None) -> dict:
 
 
 def render(doc: dict) -> str:
-    """The page for a collected doc (spa/html_render.py)."""
+    """The page for a collected doc (spa/reporting/html_render.py)."""
     return html_render.render(doc)

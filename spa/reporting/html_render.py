@@ -1,4 +1,4 @@
-"""Rendering of `spa report`'s page from the collected doc (spa/html_report.py): inline CSS,
+"""Rendering of `spa report`'s page from the collected doc (spa/reporting/html.py): inline CSS,
 matplotlib figures as base64 PNG, every text escaped; nothing but the doc is read.
 """
 
