@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 import onnx
 from rich.console import Console
 from rich.table import Table
 
-from spa.core.model import reinfer
-from spa.core import cost
 from spa.core.blocks import Axis
-from spa.core.sizes import file_bytes
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
 err = Console(stderr=True)
@@ -127,34 +123,6 @@ def why_nothing(analysis) -> str:
     reasons = Counter(g.reason for g in analysis.groups)
     top, n = reasons.most_common(1)[0]
     return f"none of its {len(analysis.groups)} channel groups is prunable (most common reason, {n}x: {top})"
-
-
-def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, check, schema: int,
-               blocks=()) -> dict:
-    before = dict(before)
-    after = cost.summary(reinfer(pruned))
-    before["bytes"], after["bytes"] = file_bytes(args.model), file_bytes(out_path)
-    return {
-        "schema_version": schema,
-        "input": str(args.model),
-        "output": str(out_path),
-        "ratio": args.ratio,
-        "target": {k: getattr(args, f"target_{k}", None) for k in ("params", "macs")
-                   if getattr(args, f"target_{k}", None) is not None} or None,
-        "plan_file": args.plan,
-        "criterion": None if args.plan or getattr(args, "zeros", False) else args.criterion,
-        "zeros": bool(getattr(args, "zeros", False)),
-        "global": bool(args.global_rank),
-        "groups": counts[0],
-        "groups_prunable": counts[1],
-        "groups_pruned": sum(1 for c in plan.values() if c),
-        "prune_hidden": bool(getattr(args, "prune_hidden", False)),
-        "channels_removed": int(sum(len(c) for c in plan.values())),
-        "before": before,
-        "after": after,
-        "check": check,
-        "attention_blocks": [b.to_json() for b in blocks],
-    }
 
 
 def print_prune(doc: dict) -> None:
