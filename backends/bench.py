@@ -23,6 +23,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+import onnxruntime
+
+from spa.core import __version__
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -100,12 +104,7 @@ def _cpu_name() -> str:
 
 def environment(extra: dict | None = None) -> dict:
     """Versions, machine and threads, recorded with every result."""
-    import onnx
-    import onnxruntime
-
-    import spa
-
-    env = {"spa": spa.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+    env = {"spa": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
            "cpu": _cpu_name(), "cores": os.cpu_count(), "onnx": onnx.__version__,
            "onnxruntime": onnxruntime.__version__, "onnxruntime_providers": onnxruntime.get_available_providers(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

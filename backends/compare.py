@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.scoring.evaluate import Fidelity
+from spa.core.checks import Fidelity
 
 
 class _Output:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spa.core.analysis import dropped_positions
+from spa.core.cost import dropped_positions
 from spa.core.errors import SpaError, VerificationError
 from spa.core.graph import attr
 from spa.core.model import COPY, constant_node_value, copy_without_initializers

@@ -23,7 +23,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.core.errors import SpaError
+from spa.core.data import calibration_batches, require_keys, static_batch
+from spa.core.errors import SpaError, first_line
+from spa.core.runtime import session_with_outputs
 
 DAMP = 0.01  # H + DAMP * mean(diag H) * I, as SparseGPT's percdamp
 BLOCK = 128  # columns per lazy update block (rounded to a multiple of M)
@@ -123,15 +125,11 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
     than max_rows input rows in a batch (conv positions, tokens) uses a random max_rows of them:
     H is an average, and a few thousand rows estimate it well while a high-resolution conv
     would otherwise unfold millions."""
-    from spa.core.data import calibration_batches, require_keys
-    from spa.core.data import static_batch
-    from spa.scoring.stats import _with_outputs
-
     names = list(dict.fromkeys(node.input[0] for node, _ in targets.values()))
     missing = [n for n in names if n not in dtypes]
     if missing:
         raise SpaError(f"no type known for layer input '{missing[0]}'", "run shape inference first")
-    sess = _with_outputs(proto, names, dtypes)
+    sess = session_with_outputs(proto, names, dtypes)
     inputs = [i.name for i in sess.get_inputs()]
     require_keys(data, inputs)
     acc: dict = {}
@@ -141,8 +139,6 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
         try:
             got = dict(zip(names, sess.run(names, feeds)))
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
-            from spa.core.errors import first_line
-
             raise SpaError(f"the calibration data does not run through the model: {first_line(exc)}") from None
         for key, (node, shape) in targets.items():
             parts = _input_rows(node, np.asarray(got[node.input[0]]), shape, max_rows, rng)

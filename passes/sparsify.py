@@ -30,6 +30,8 @@ from spa.backends import ort as ort_backend
 from spa.core.checks import compare_outputs
 from spa.core.errors import SpaError, UsageError, VerificationError
 from spa.core.model import Model, load
+from spa.core.pattern import holds
+from spa.core.pattern import runs as _groups
 from spa.passes import permute as permute_search
 from spa.passes import sparsegpt
 from spa.passes.base import Pass
@@ -191,17 +193,6 @@ def _rank(weights: _Weights, name: str) -> int:
     """Rank of the weight as its consumer sees it (followed to the stored tensor)."""
     stored = weights.chain(name)[1]
     return 2 if stored is None else weights.value(stored).ndim
-
-
-def _groups(w: np.ndarray, axis: int, m: int) -> np.ndarray:
-    """[runs, M] view order: the reduction axis last, cut into runs of M."""
-    return np.moveaxis(w, axis, -1).reshape(-1, m)
-
-
-def holds(w: np.ndarray, axis: int, n: int, m: int, zero_point=None) -> bool:
-    """Every run of M along `axis` has at most N values that are not zero (or the zero point)."""
-    zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
-    return bool(((_groups(w, axis, m) != zero).sum(axis=1) <= n).all())
 
 
 def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.ndarray | None = None):

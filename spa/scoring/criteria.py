@@ -15,6 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from spa.core.errors import SpaError
+from spa.scoring import obspa as obs
+from spa.scoring.gradients import channel_scores
+
 CRITERIA: dict[str, Callable] = {}
 NEEDS: dict[str, str] = {}  # criterion -> "calibration" | "moments" | "gradients"
 
@@ -30,8 +34,6 @@ def criterion(name: str, needs: str | None = None):
 
 
 def get(name: str) -> Callable:
-    from spa.core.errors import SpaError
-
     if name not in CRITERIA:
         raise SpaError(f"unknown criterion '{name}'", f"choose one of: {', '.join(sorted(CRITERIA))}")
     return CRITERIA[name]
@@ -152,8 +154,6 @@ def apoz(group, weights, data=None, seed=0) -> np.ndarray:
 def obspa(group, weights, data=None, seed=0) -> np.ndarray:
     """Optimal Brain Surgeon saliency of each channel on the group's consumers (spa.obspa):
     the reconstruction error their outputs suffer when it goes. Lower = safer to remove."""
-    from spa.scoring import obspa as obs
-
     sal = obs.greedy(group, weights, data)
     if sal is None:
         return _fallback(group, weights, data, "has no analysable consumer (no weight reads it with known statistics)")
@@ -162,8 +162,6 @@ def obspa(group, weights, data=None, seed=0) -> np.ndarray:
 
 def _gradient(kind: str):
     def fn(group, weights, data=None, seed=0) -> np.ndarray:
-        from spa.scoring.gradients import channel_scores
-
         sal = channel_scores(group, data) if data is not None else None
         if sal is None:
             return _fallback(group, weights, data, "has no trainable member (no gradient reaches it)")

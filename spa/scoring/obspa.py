@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from spa.core.values import zeroed
+from spa.scoring.stats import calibrate, read_spaces, reference_session
+
 DAMP = 0.01  # H + DAMP * mean(diag H) * I: removed channels may be (near) constant
 
 
@@ -155,8 +158,6 @@ def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: 
     measured on the model with the earlier groups already removed (zeroed) and compensated, so
     their updates also absorb what the earlier removals changed (errors do not compound).
     Returns ({tensor: array}, Stats of the last step, for its notes)."""
-    from spa.core.values import zeroed
-    from spa.scoring.stats import calibrate, read_spaces, reference_session
 
     values, notes = {}, []
     order = [g for g in analysis.groups if plan.get(g.id)]

@@ -866,6 +866,3 @@ def one_hot(ctx, idx, depth, values):
 def trilu(ctx, x, k=None):
     k = int(k.reshape(-1)[0]) if k is not None else 0
     return torch.triu(x, k) if ctx.attr("upper", 1) else torch.tril(x, k)
-
-
-from spa.torch import ops_extra  # noqa: F401

@@ -35,6 +35,7 @@ from spa.backends import ort as ort_backend
 from spa.core.errors import SpaError, positive_int, require
 from spa.planning import planner
 from spa.scoring import criteria as importance
+from spa.scoring.gradients import require_torch, scored_output, task_loss, trainable_names
 
 CHECKPOINT_VERSION = 1
 WRITE_BACK_TOL = 1e-4  # ORT on the written model vs the torch module it came from
@@ -143,12 +144,9 @@ def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig 
     """Train `proto` on `feeds` ({input: [N, ...]}) with `labels` [N, ...] and/or `teacher` (a
     ModelProto whose outputs the student distils); `val` = (feeds, labels) checked every epoch.
     `schedule` (HessoSchedule) acts after every step. `progress(done, total, loss)`, `log(line)`."""
-    from spa.scoring.gradients import require_torch
-
     require_torch()
     import torch
 
-    from spa.scoring.gradients import scored_output, task_loss, trainable_names
     from spa.torch import to_torch, write_back
 
     cfg = cfg or FitConfig()
