@@ -167,10 +167,16 @@ def cycle_violations(graph):
 
 
 def _marked(lines, node, marker):
-    """A `# long:` / `# positional:` comment on the def line or the line before it."""
-    line = node.lineno
-    first = min([line] + [d.lineno for d in node.decorator_list])
-    return any(marker in lines[i - 1] for i in {line, first - 1, line - 1} if 1 <= i <= len(lines))
+    """A `# long:` / `# positional:` comment on the def line or in the comment lines right above
+    it (above its decorators)."""
+    if marker in lines[node.lineno - 1]:
+        return True
+    i = min([node.lineno] + [d.lineno for d in node.decorator_list]) - 2
+    while i >= 0 and lines[i].strip().startswith("#"):
+        if marker in lines[i]:
+            return True
+        i -= 1
+    return False
 
 
 def _positional(node, method):

@@ -33,7 +33,7 @@ def checker_message(model, full: bool = True) -> str | None:
     return None
 
 
-def compare_outputs(reference, candidate, feeds: dict, light: bool = False) -> dict:
+def compare_outputs(reference, candidate, feeds: dict, *, light: bool = False) -> dict:
     """Run both in ONNX Runtime on `feeds`; per-output shapes and errors.
 
     `reference` may also be its outputs already computed ({name: array})."""
@@ -58,7 +58,7 @@ def compare_outputs(reference, candidate, feeds: dict, light: bool = False) -> d
     return report
 
 
-def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
+def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     """Run original and pruned on the same random inputs; raise if the pruned model breaks.
 
     Models run from their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""

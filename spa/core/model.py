@@ -345,7 +345,7 @@ def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = N
     return path
 
 
-def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, verify=None) -> Path:
+def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, *, verify=None) -> Path:
     """Write atomically: temp files in the target folder, then rename into place.
 
     Models whose weights exceed 2 GB get one external data file `<name>.data` beside them.

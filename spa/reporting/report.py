@@ -11,9 +11,9 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-from spa.core.model import reinfer
 from spa.core import cost
 from spa.core.blocks import Axis
+from spa.core.model import reinfer
 from spa.core.sizes import file_bytes
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes: no folding
@@ -129,7 +129,7 @@ def why_nothing(analysis) -> str:
     return f"none of its {len(analysis.groups)} channel groups is prunable (most common reason, {n}x: {top})"
 
 
-def prune_json(args, counts: tuple, before: dict, pruned, plan, out_path: Path, check, schema: int,
+def prune_json(args, counts: tuple, before: dict, *, pruned, plan, out_path: Path, check, schema: int,
                blocks=()) -> dict:
     before = dict(before)
     after = cost.summary(reinfer(pruned))

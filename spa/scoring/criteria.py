@@ -56,18 +56,21 @@ def _member_norms(group, weights, power: int) -> list[np.ndarray]:
     return out
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("l1")
 def l1(group, weights, data=None, seed=0) -> np.ndarray:
     """Sum of |w| over each channel's slices."""
     return np.mean(_member_norms(group, weights, 1), axis=0)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("l2")
 def l2(group, weights, data=None, seed=0) -> np.ndarray:
     """Euclidean norm of each channel's slices."""
     return np.sqrt(np.mean(_member_norms(group, weights, 2), axis=0))
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("random")
 def random(group, weights, data=None, seed=0) -> np.ndarray:
     """Uniform random scores (a baseline), seeded per group id so runs repeat."""
@@ -85,6 +88,7 @@ def _channel_vectors(w: np.ndarray, m) -> np.ndarray:
     return np.stack([np.pad(f, (0, width - len(f))) for f in flat])
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("fpgm")
 def fpgm(group, weights, data=None, seed=0) -> np.ndarray:
     """Filter pruning via geometric median (He et al., CVPR 2019): a channel whose slices lie
@@ -108,6 +112,7 @@ def _fallback(group, weights, data, why: str) -> np.ndarray:
     return l1(group, weights)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("bn-scale")
 def bn_scale(group, weights, data=None, seed=0) -> np.ndarray:
     """|gamma| of the group's normalization scales (Network Slimming, Liu et al. 2017); groups
@@ -137,12 +142,14 @@ def _activation(group, weights, data, stat) -> np.ndarray:
     return np.mean(out, axis=0)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("mean-act", needs="calibration")
 def mean_activation(group, weights, data=None, seed=0) -> np.ndarray:
     """Mean |activation| of each channel where its consumers read it (calibration data)."""
     return _activation(group, weights, data, lambda m: m.abs_mean)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("apoz", needs="calibration")
 def apoz(group, weights, data=None, seed=0) -> np.ndarray:
     """1 - APoZ, the average percentage of zeros of each channel's activations (Hu et al. 2016):
@@ -150,6 +157,7 @@ def apoz(group, weights, data=None, seed=0) -> np.ndarray:
     return _activation(group, weights, data, lambda m: 1.0 - m.zeros)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("obspa", needs="moments")
 def obspa(group, weights, data=None, seed=0) -> np.ndarray:
     """Optimal Brain Surgeon saliency of each channel on the group's consumers (spa.obspa):
@@ -176,7 +184,7 @@ for _kind in GRADIENT:
     _gradient(_kind)
 
 
-def score(analysis, name: str, groups=None, seed: int = 0, data=None) -> dict[str, np.ndarray]:
+def score(analysis, name: str, groups=None, *, seed: int = 0, data=None) -> dict[str, np.ndarray]:
     """Scores for every prunable group (or `groups`); `data`: a spa.stats.Stats where the
     criterion needs one."""
     fn = get(name)

@@ -27,6 +27,7 @@ def _scored_output(names: list[str], output: str | None) -> str:
     return output
 
 
+# positional: callers pass these positionally (e.g. spa/scoring/evaluate.py:88)
 def evaluate(model, data, labels=None, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
     """Accuracy (with `labels`) and fidelity to `reference` (a model file or ModelProto).
 
@@ -71,7 +72,7 @@ def evaluate(model, data, labels=None, reference=None, output: str | None = None
     return doc
 
 
-def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, reference=None,
+def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, *, reference=None,
                     max_samples: int | None = None, batch_size: int = 64) -> dict:
     """`evaluate` over arrays keyed by input name, batched the way the model takes them: in its
     fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch.

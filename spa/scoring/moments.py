@@ -63,6 +63,7 @@ class Dist:
     samples: np.ndarray
     basis: int
 
+    # positional: callers pass these positionally (e.g. spa/scoring/moments.py:113)
     @classmethod
     def gaussian(cls, axis: int, rank: int, mean: np.ndarray, cov: np.ndarray) -> Dist | None:
         if len(mean) > GRAM_MAX:
