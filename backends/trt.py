@@ -128,7 +128,7 @@ def build_engine(onnx_path, options: base.Options, workspace_mb: int | None = No
     return build(onnx_path, options, workspace_mb, timing_cache, log, batch).plan
 
 
-# positional: callers pass these positionally (e.g. backends/trt.py:117)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def build(model, options: base.Options, workspace_mb: int | None = None, timing_cache=None, log=None,
           batch: int = 1) -> Built:
     """Build an engine: strongly typed network where TensorRT has it, SPARSE_WEIGHTS with

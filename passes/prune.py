@@ -108,7 +108,7 @@ class Edit:
         node.input[idx] = new
 
 
-    # positional: callers pass these positionally (e.g. spa/core/rules/shape.py:679)
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def set_const_element(self, node, slot, element, value):
         """Set one element of the constant input `slot` of `node` (a private copy if shared);
         two different values for one element of one node are a conflict."""

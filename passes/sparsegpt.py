@@ -62,7 +62,7 @@ def _conv_pads(node, x_shape, w_shape) -> list:
     return list(a.get("pads", [0] * (2 * nd)))
 
 
-# positional: callers pass these positionally (e.g. passes/sparsegpt.py:100)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def unfold(node, x: np.ndarray, w_shape, max_rows: int | None = None, rng=None) -> list:
     """Per conv group: rows of the unfolded input [samples*positions, prod(kernel) * Cin/g],
     columns ordered (kernel..., channel) like np.moveaxis(W, 1, -1). With max_rows, a random
@@ -119,7 +119,7 @@ class _Hessian:
         self.rows += len(parts[0])
 
 
-# positional: callers pass these positionally (e.g. passes/sparsify.py:316)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samples: int = 256,
              batch_size: int = 32, max_rows: int = MAX_ROWS) -> dict:
     """{key: [H per conv group]} for targets {key: (node, consumer-view weight shape)}, from one
@@ -151,7 +151,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
     return {key: [h / max(a.rows, 1) for h in a.h] for key, a in acc.items()}
 
 
-# positional: callers pass these positionally (e.g. passes/sparsegpt.py:206)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def prune_columns(w: np.ndarray, h: np.ndarray, n: int, m: int, damp: float = DAMP) -> np.ndarray:
     """W [rows, d] (runs of M consecutive columns) made N:M with the OBS update, given H [d, d]."""
     w = np.array(w, dtype=np.float64)
@@ -200,7 +200,7 @@ def from_rows(w2: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(w2.reshape(moved.shape), -1, axis).astype(like.dtype)
 
 
-# positional: callers pass these positionally (e.g. passes/sparsify.py:245)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def reconstruct(w: np.ndarray, axis: int, hs: list, n: int, m: int) -> np.ndarray:
     """The stored weight made N:M with OBS compensation (`hs`: one H per conv group)."""
     w2 = rows_view(w, axis)

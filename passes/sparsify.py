@@ -152,7 +152,7 @@ def _reduction(node, weights: _Weights):
     return None, None, None
 
 
-# positional: callers pass these positionally (e.g. passes/sparsify.py:233)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def layers(proto: onnx.ModelProto, n: int, m: int, min_size: int = 16, weights: _Weights | None = None) -> list:
     """Every Conv/Gemm/MatMul with its stored weight, reduction axis and eligibility."""
     weights = weights or _Weights(proto)
@@ -196,7 +196,7 @@ def _rank(weights: _Weights, name: str) -> int:
     return 2 if stored is None else weights.value(stored).ndim
 
 
-# positional: callers pass these positionally (e.g. passes/sparsify.py:249)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.ndarray | None = None):
     """(masked copy, retained magnitude): keep the N largest `scores` (default |w|) of each run."""
     zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
@@ -212,7 +212,7 @@ def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.n
     return np.moveaxis(kept, -1, axis).astype(w.dtype), retained
 
 
-# positional: callers pass these positionally (e.g. passes/sparsify.py:358)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16, method: str = "magnitude",
              data=None, dtypes: dict | None = None, max_samples: int = 256, permute=None,
              budget_s: float = 2.0) -> tuple[onnx.ModelProto, list, list]:

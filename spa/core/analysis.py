@@ -227,7 +227,7 @@ class _Builder:
             self.pin_ids.append(ids)
             self.pin_reason.append(np.full(len(ids), len(self.reasons) - 1))
 
-    # positional: callers pass these positionally (e.g. spa/core/analysis.py:261)
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def couple(self, a, b, pairs, node_name):
         known_a, known_b = a in self.sp.offset, b in self.sp.offset
         if not (known_a and known_b):
@@ -245,7 +245,7 @@ class _Builder:
         self.edges_b.append(self.sp.ids(b, pairs[:, 1]))
         self.edges.append((a, b, node_name))
 
-    # positional: callers pass these positionally (e.g. spa/core/analysis.py:264)
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def tie(self, whole, parts, dims, node_name):
         spaces = [whole] + list(parts)
         if not all(s in self.sp.offset for s in spaces) or \

@@ -49,7 +49,7 @@ LEGEND_TOP = 10
 # ---------------------------------------------------------------- measuring
 
 
-# positional: callers pass these positionally (e.g. spa/api/measure.py:73)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=None, batch_size: int = 64,
                 progress=None, seed: int = 0, max_samples: int = 256, output: str | None = None,
                 stats=None) -> dict:
@@ -199,7 +199,7 @@ class _Probe:
         sess = session or self.session
         return [dict(zip(self.names, sess.run(self.names, {**f, **overrides}))) for f in feeds]
 
-    # positional: callers pass these positionally (e.g. spa/planning/sensitivity.py:81)
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def trial(self, analysis, group, plan: dict, feeds: list[dict], dense: list[dict]):
         if group.zero_invariant and all(m.tensor in self.overridable for m in group.members):
             got = self.outputs(feeds, zeroed_values(analysis, plan))
@@ -248,7 +248,7 @@ def protect(sens: dict, ratio: float, max_loss: float) -> dict[str, float]:
     return out
 
 
-# positional: callers pass these positionally (e.g. spa/api/prune.py:207)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def plan_with_ratios(analysis, scores: dict, ratios_by_group: dict[str, float], round_to: int = 1) -> dict:
     """A plan dropping `ratios_by_group[id]` of each named group (lowest scores first)."""
     plan = {}

@@ -230,7 +230,7 @@ def breakdown_table(facts: list) -> dict:
     return {"ops": ops, "models": [f["by_op"] for f in facts]}
 
 
-# positional: callers pass these positionally (e.g. spa/reporting/html.py:74)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def fidelity(dense, paths: list, arrays: dict | None = None, samples: int | None = None, source=None) -> dict:
     """Cosine, relative error and largest difference of every float output of each model vs DENSE's,
     on `arrays` (keyed by input name) or on random inputs; a model ORT cannot run gets an error."""
@@ -272,7 +272,7 @@ def read_bench(path) -> dict:
     return doc
 
 
-# positional: callers pass these positionally (e.g. spa/reporting/html.py:78)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def latency(bench: dict | None, bench_path, paths: list, removed: list) -> dict:
     """Bench results of the report's models (matched by resolved path), with each model's
     fraction of channels removed; bench models that are not in the report are listed."""

@@ -27,7 +27,7 @@ def _scored_output(names: list[str], output: str | None) -> str:
     return output
 
 
-# positional: callers pass these positionally (e.g. spa/scoring/evaluate.py:88)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def evaluate(model, data, labels=None, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
     """Accuracy (with `labels`) and fidelity to `reference` (a model file or ModelProto).
 

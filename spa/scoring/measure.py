@@ -16,7 +16,7 @@ def statistics(analysis: Analysis, calib=None, max_samples: int = 512, *, batch_
     return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
 
 
-# positional: callers pass these positionally (e.g. spa/api/prune.py:201)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def saliency(analysis: Analysis, criterion: str, data, labels=None, max_samples: int = 512, batch_size: int = 64,
              output: str | None = None, device: str = "cpu", progress=None):
     """Per-weight saliency of a gradient criterion (taylor, snip, grasp, crop) on `data`
@@ -24,7 +24,7 @@ def saliency(analysis: Analysis, criterion: str, data, labels=None, max_samples:
     return gradients.measure(analysis, data, criterion, labels, output, max_samples, batch_size, device, progress)
 
 
-# positional: callers pass these positionally (e.g. spa/api/prune.py:221)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def compensation(analysis: Analysis, plan: dict, calib=None, stats=None, max_samples: int = 512,
                  batch_size: int = 64, progress=None) -> tuple[dict, list[str]]:
     """({tensor: updated weights}, notes): the OBS update of the consumers of the planned

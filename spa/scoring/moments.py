@@ -63,7 +63,7 @@ class Dist:
     samples: np.ndarray
     basis: int
 
-    # positional: callers pass these positionally (e.g. spa/scoring/moments.py:113)
+    # positional: internal callers pass these positionally (a signature kept as it was)
     @classmethod
     def gaussian(cls, axis: int, rank: int, mean: np.ndarray, cov: np.ndarray) -> Dist | None:
         if len(mean) > GRAM_MAX:

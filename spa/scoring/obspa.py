@@ -122,7 +122,7 @@ def _dropped(analysis, plan: dict) -> dict:
     return out
 
 
-# positional: callers pass these positionally (e.g. spa/scoring/obspa.py:170)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
     """{tensor: updated array}: consumer weights with the OBS update for the dropped channels
     (`base`: current arrays of some tensors). Consumers without statistics keep their weights
@@ -154,7 +154,7 @@ def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
     return updated
 
 
-# positional: callers pass these positionally (e.g. spa/scoring/measure.py:33)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: int = 64, progress=None):
     """Calibrated compensation one group at a time, in graph order: each group's consumers are
     measured on the model with the earlier groups already removed (zeroed) and compensated, so

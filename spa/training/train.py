@@ -98,7 +98,7 @@ def check_target(labels, teacher) -> None:
             "pass labels=KEY (a key of the data), or distill_from=DENSE.onnx")
 
 
-# positional: callers pass these positionally (e.g. spa/api/train.py:148)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def split_validation(feeds: dict, labels, val_split: float, seed: int):
     """(train feeds, train labels, val feeds, val labels): a seeded hold-out of `val_split`."""
     check_val_split(val_split)
@@ -140,7 +140,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 # long: one training loop whose state (optimizer, schedule, checkpoint, best weights) every step shares
-# positional: callers pass these positionally (e.g. spa/api/train.py:159)
+# positional: internal callers pass these positionally (a signature kept as it was)
 def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig | None = None,
         checkpoint: str | os.PathLike | None = None, resume: bool = False, schedule=None, progress=None,
         log=None) -> FitResult:
@@ -328,7 +328,7 @@ class HessoSchedule:
         self.shrinking: dict[str, list[int]] = {}
         self.notes: list[str] = []
 
-    # positional: callers pass these positionally (e.g. spa/training/train.py:319)
+    # positional: internal callers pass these positionally (a signature kept as it was)
     @staticmethod
     def check_options(target_ratio: float, periods: int, warmup: float, window: float, round_to: int) -> None:
         """UsageError for a bad value (before any model is loaded)."""
