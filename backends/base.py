@@ -97,7 +97,7 @@ def open_session(model, backend: str = "ort", options: Options | None = None) ->
     return module.open_session(model, backend, options)
 
 
-def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, seed: int = 0) -> dict:
+def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, *, seed: int = 0) -> dict:
     """Random inputs for a session's inputs: the first axis is `batch` when it is dynamic, other
     dynamic axes take `dims[symbol]` (by their symbolic name) or 1. Integer inputs get small
     values 0 and 1 (valid token ids, token types, masks and indices), floats standard normal values."""

@@ -23,6 +23,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+import onnxruntime
+
+from spa.core import __version__
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -51,6 +55,7 @@ def _warm(runner, ms: float) -> None:
         runner()
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def measure(runners: list, batch: int, plan: Plan, progress=None) -> list:
     """Timed iterations of every runner (one per model) in rotated slices; a summary per runner."""
     for r in runners:
@@ -100,12 +105,7 @@ def _cpu_name() -> str:
 
 def environment(extra: dict | None = None) -> dict:
     """Versions, machine and threads, recorded with every result."""
-    import onnx
-    import onnxruntime
-
-    import spa
-
-    env = {"spa": spa.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+    env = {"spa": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
            "cpu": _cpu_name(), "cores": os.cpu_count(), "onnx": onnx.__version__,
            "onnxruntime": onnxruntime.__version__, "onnxruntime_providers": onnxruntime.get_available_providers(),
            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.scoring.evaluate import Fidelity
+from spa.core.checks import Fidelity
 
 
 class _Output:
@@ -24,6 +24,7 @@ class _Output:
         self.elements = 0
         self.problem = None
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def add(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> None:
         if a.shape != b.shape:
             self.problem = f"shapes differ: {list(a.shape)} vs {list(b.shape)}"
@@ -62,6 +63,7 @@ def pairs(names_a: list, names_b: list) -> tuple:
     return [], f"no output names in common ({names_a} vs {names_b})"
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def compare(sess_a, sess_b, batches, atol: float, rtol: float, min_cosine: float | None = None) -> dict:
     """Run every feed dict of `batches` through both sessions; per-output parity and the verdict."""
     matched, note = pairs([o.name for o in sess_a.outputs], [o.name for o in sess_b.outputs])

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import onnxruntime as ort
 
+from spa.backends.base import TensorInfo, missing
 from spa.core.errors import SpaError
 from spa.core.runtime import (  # noqa: F401 - the CPU helpers live in the core; re-exported for backend users
-    load_error_isolated, model_bytes, random_array, random_feeds, run, run_with_outputs, session)
+    load_error_isolated,
+    model_bytes,
+    random_array,
+    random_feeds,
+    run,
+    run_with_outputs,
+    session,
+)
 
 ort.set_default_logger_severity(4)  # errors reach the user as exceptions, in one line
 
@@ -21,8 +30,6 @@ PROVIDERS = {"ort": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
 
 def provider_list(backend: str, options) -> list:
     """The provider chain for a backend name, with the options ORT documents for each."""
-    from pathlib import Path
-
     cpu = "CPUExecutionProvider"
     cuda = ("CUDAExecutionProvider", {"device_id": 0})
     if backend == "ort":
@@ -39,8 +46,6 @@ def provider_list(backend: str, options) -> list:
 
 
 def _info(arg):
-    from spa.backends.base import TensorInfo
-
     kind = arg.type[len("tensor("):-1] if arg.type.startswith("tensor(") else "float"
     dtype = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}.get(kind, kind)
     return TensorInfo(arg.name, dtype, [d if isinstance(d, int) else (d or None) for d in arg.shape])
@@ -52,8 +57,6 @@ class OrtSession:
     reports the providers the session really has (get_providers())."""
 
     def __init__(self, model, backend: str, options):
-        from spa.backends.base import missing
-
         self.backend = backend
         want = PROVIDERS[backend]
         if want not in ort.get_available_providers():

@@ -23,10 +23,11 @@ import functools
 import time
 
 import numpy as np
-
-from spa.core.errors import SpaError, first_line
+import onnx
 
 from spa.backends.base import TensorInfo, missing
+from spa.core.errors import SpaError, first_line
+from spa.core.pattern import holds
 
 CUDA_GRAPH_MAX_BATCH = 16
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -59,8 +60,6 @@ def semi_structured(module, convert=None) -> dict:
     """Run every MatMul/Gemm with a 2:4 constant weight through sparse F.linear; returns
     {"sparse": [node names], "dense": {node name: why}}. `convert` turns a dense [out, in]
     tensor into the sparse one (default: torch.sparse.to_sparse_semi_structured)."""
-    from spa.passes.sparsify import holds
-
     if convert is None:
         from torch.sparse import to_sparse_semi_structured as convert
     done, dense = [], {}
@@ -93,8 +92,6 @@ def semi_structured(module, convert=None) -> dict:
 class TorchSession:
     def __init__(self, model, backend: str, options):
         torch = _torch(backend)
-        import onnx
-
         from spa.torch import OnnxModule
 
         self.torch, self.backend, self.options = torch, backend, options
@@ -206,8 +203,6 @@ def _numpy(t, dtype: str) -> np.ndarray:
 
 
 def _info(vi) -> TensorInfo:
-    import onnx
-
     tt = vi.type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
     return TensorInfo(vi.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name, dims)

@@ -42,12 +42,23 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from spa.core.errors import SpaError, first_line
-from spa.core.model import write_atomic
-
 from spa.backends import base
 from spa.backends.trt_plan import (  # noqa: F401 - the pure parts, re-exported for spa build and the tests
-    SHAPES_SYNTAX, SPARSE_NOTE, _fmt, _inspector_doc, check_precision, layer_types, model_float_types, onnx_inputs, parse_shapes, profile_shapes, sparse_layers, sparsity_log)
+    SHAPES_SYNTAX,
+    SPARSE_NOTE,
+    _fmt,
+    _inspector_doc,
+    check_precision,
+    layer_types,
+    model_float_types,
+    onnx_inputs,
+    parse_shapes,
+    profile_shapes,
+    sparse_layers,
+    sparsity_log,
+)
+from spa.core.errors import SpaError, first_line
+from spa.core.model import write_atomic
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 NO_GPU_HINT = "TensorRT needs an NVIDIA GPU and driver: check nvidia-smi and CUDA_VISIBLE_DEVICES"
@@ -111,12 +122,13 @@ class Built:
     notes: list = field(default_factory=list)
 
 
-def build_engine(onnx_path, options: base.Options, workspace_mb: int | None = None, timing_cache=None,
+def build_engine(onnx_path, options: base.Options, workspace_mb: int | None = None, *, timing_cache=None,
                  log=None, batch: int = 1) -> bytes:
     """The serialized engine (plan) of an ONNX file or ModelProto; see build() for the details."""
     return build(onnx_path, options, workspace_mb, timing_cache, log, batch).plan
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def build(model, options: base.Options, workspace_mb: int | None = None, timing_cache=None, log=None,
           batch: int = 1) -> Built:
     """Build an engine: strongly typed network where TensorRT has it, SPARSE_WEIGHTS with

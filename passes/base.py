@@ -61,6 +61,7 @@ class Pass:
         proto, stats = self.rewrite(model)
         return self.verify(model, proto, stats, output)
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def verify(self, model: Model, proto: onnx.ModelProto, stats: dict, output=None) -> PassResult:
         if output is None:
             if weight_bytes(proto) >= TWO_GB:

@@ -84,6 +84,7 @@ def _kept(v: np.ndarray, n: int) -> np.ndarray:
     return np.sort(v, axis=-2)[..., -n:, :].sum(axis=(-2, -1))
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def search(v: np.ndarray, n: int, m: int, budget_s: float = 2.0, seed: int = 0) -> np.ndarray:
     """A channel order that raises the kept magnitude, by greedy swaps of two channels in two
     runs (the best swap for each run in turn), until no swap helps or the time budget ends."""
@@ -135,6 +136,7 @@ def _gains(cur: np.ndarray, a: int, n: int, m: int) -> tuple[np.ndarray, np.ndar
 CHUNK = 1 << 23  # float32 values per candidate batch in the swap search
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def plan(analysis, found: list, n: int, m: int, weights, budget_s: float = 2.0) -> tuple[dict, list]:
     """({group id: order}, per-group report) for the groups worth permuting."""
     eligible = {x.weight: x for x in found if x.eligible}

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spa.core.analysis import dropped_positions
+from spa.core.cost import dropped_positions
 from spa.core.errors import SpaError, VerificationError
 from spa.core.graph import attr
 from spa.core.model import COPY, constant_node_value, copy_without_initializers
@@ -108,6 +108,7 @@ class Edit:
         node.input[idx] = new
 
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def set_const_element(self, node, slot, element, value):
         """Set one element of the constant input `slot` of `node` (a private copy if shared);
         two different values for one element of one node are a conflict."""

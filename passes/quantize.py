@@ -60,6 +60,7 @@ class _Reader:
         return next(self._it, None)
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channel: bool = True,
          max_samples: int = 256, batch: int = 32, percentile: float = 99.999) -> onnx.ModelProto:
     """The QDQ INT8 model of `proto`, calibrated on `feeds` ({input: [N, ...]})."""

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from spa.backends import ort as ort_backend
 from spa.core.errors import SpaError, first_line
 from spa.core.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
 
@@ -92,8 +93,6 @@ def _restore_weight_inputs(slim: onnx.ModelProto, original: onnx.ModelProto) -> 
 def _differs(slim: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
     """Why the simplified model is not a drop-in for the input (checker, ONNX Runtime, outputs
     on random inputs with dynamic dims at 3), or None."""
-    from spa.backends import ort as ort_backend
-
     try:
         check_model(slim)
     except Exception as exc:  # noqa: BLE001

@@ -23,7 +23,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.core.errors import SpaError
+from spa.core.data import calibration_batches, require_keys, static_batch
+from spa.core.errors import SpaError, first_line
+from spa.core.runtime import session_with_outputs
 
 DAMP = 0.01  # H + DAMP * mean(diag H) * I, as SparseGPT's percdamp
 BLOCK = 128  # columns per lazy update block (rounded to a multiple of M)
@@ -60,6 +62,7 @@ def _conv_pads(node, x_shape, w_shape) -> list:
     return list(a.get("pads", [0] * (2 * nd)))
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def unfold(node, x: np.ndarray, w_shape, max_rows: int | None = None, rng=None) -> list:
     """Per conv group: rows of the unfolded input [samples*positions, prod(kernel) * Cin/g],
     columns ordered (kernel..., channel) like np.moveaxis(W, 1, -1). With max_rows, a random
@@ -116,6 +119,7 @@ class _Hessian:
         self.rows += len(parts[0])
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samples: int = 256,
              batch_size: int = 32, max_rows: int = MAX_ROWS) -> dict:
     """{key: [H per conv group]} for targets {key: (node, consumer-view weight shape)}, from one
@@ -123,15 +127,11 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
     than max_rows input rows in a batch (conv positions, tokens) uses a random max_rows of them:
     H is an average, and a few thousand rows estimate it well while a high-resolution conv
     would otherwise unfold millions."""
-    from spa.core.data import calibration_batches, require_keys
-    from spa.core.data import static_batch
-    from spa.scoring.stats import _with_outputs
-
     names = list(dict.fromkeys(node.input[0] for node, _ in targets.values()))
     missing = [n for n in names if n not in dtypes]
     if missing:
         raise SpaError(f"no type known for layer input '{missing[0]}'", "run shape inference first")
-    sess = _with_outputs(proto, names, dtypes)
+    sess = session_with_outputs(proto, names, dtypes)
     inputs = [i.name for i in sess.get_inputs()]
     require_keys(data, inputs)
     acc: dict = {}
@@ -141,8 +141,6 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
         try:
             got = dict(zip(names, sess.run(names, feeds)))
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
-            from spa.core.errors import first_line
-
             raise SpaError(f"the calibration data does not run through the model: {first_line(exc)}") from None
         for key, (node, shape) in targets.items():
             parts = _input_rows(node, np.asarray(got[node.input[0]]), shape, max_rows, rng)
@@ -153,6 +151,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
     return {key: [h / max(a.rows, 1) for h in a.h] for key, a in acc.items()}
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def prune_columns(w: np.ndarray, h: np.ndarray, n: int, m: int, damp: float = DAMP) -> np.ndarray:
     """W [rows, d] (runs of M consecutive columns) made N:M with the OBS update, given H [d, d]."""
     w = np.array(w, dtype=np.float64)
@@ -201,6 +200,7 @@ def from_rows(w2: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(w2.reshape(moved.shape), -1, axis).astype(like.dtype)
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def reconstruct(w: np.ndarray, axis: int, hs: list, n: int, m: int) -> np.ndarray:
     """The stored weight made N:M with OBS compensation (`hs`: one H per conv group)."""
     w2 = rows_view(w, axis)

@@ -30,6 +30,8 @@ from spa.backends import ort as ort_backend
 from spa.core.checks import compare_outputs
 from spa.core.errors import SpaError, UsageError, VerificationError
 from spa.core.model import Model, load
+from spa.core.pattern import holds
+from spa.core.pattern import runs as _groups
 from spa.passes import permute as permute_search
 from spa.passes import sparsegpt
 from spa.passes.base import Pass
@@ -150,6 +152,7 @@ def _reduction(node, weights: _Weights):
     return None, None, None
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def layers(proto: onnx.ModelProto, n: int, m: int, min_size: int = 16, weights: _Weights | None = None) -> list:
     """Every Conv/Gemm/MatMul with its stored weight, reduction axis and eligibility."""
     weights = weights or _Weights(proto)
@@ -193,17 +196,7 @@ def _rank(weights: _Weights, name: str) -> int:
     return 2 if stored is None else weights.value(stored).ndim
 
 
-def _groups(w: np.ndarray, axis: int, m: int) -> np.ndarray:
-    """[runs, M] view order: the reduction axis last, cut into runs of M."""
-    return np.moveaxis(w, axis, -1).reshape(-1, m)
-
-
-def holds(w: np.ndarray, axis: int, n: int, m: int, zero_point=None) -> bool:
-    """Every run of M along `axis` has at most N values that are not zero (or the zero point)."""
-    zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
-    return bool(((_groups(w, axis, m) != zero).sum(axis=1) <= n).all())
-
-
+# positional: internal callers pass these positionally (a signature kept as it was)
 def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.ndarray | None = None):
     """(masked copy, retained magnitude): keep the N largest `scores` (default |w|) of each run."""
     zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
@@ -219,6 +212,7 @@ def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.n
     return np.moveaxis(kept, -1, axis).astype(w.dtype), retained
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16, method: str = "magnitude",
              data=None, dtypes: dict | None = None, max_samples: int = 256, permute=None,
              budget_s: float = 2.0) -> tuple[onnx.ModelProto, list, list]:
@@ -341,7 +335,7 @@ def _zero_point(proto, weights: _Weights, stored: str):
     return None
 
 
-def report(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16) -> dict:
+def report(proto: onnx.ModelProto, n: int = 2, m: int = 4, *, min_size: int = 16) -> dict:
     """Existing N:M sparsity: eligible layers and how many of them hold the pattern."""
     found = layers(proto, n, m, min_size)
     eligible = [x for x in found if x.eligible]

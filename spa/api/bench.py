@@ -81,6 +81,7 @@ def check_backend(backend: str, name: str = "backend") -> None:
     require(backend in BACKENDS, f"invalid {name}='{backend}'", f"choose one of {', '.join(BACKENDS)}")
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def backend_options(backend: str, precision="fp32", sparse=False, threads=0, cache_dir=None, cuda_graph=True,
                     shapes=None) -> Options:
     """The backend's Options; `shapes`: TensorRT profiles as text 'name:MIN/OPT/MAX' or a dict."""

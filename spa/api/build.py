@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spa.api.result import Result, as_model, model_name, stepper
 from spa.backends import base
+from spa.backends import trt as trt_backend  # tensorrt itself is imported when used
 from spa.backends.trt_plan import layer_types, onnx_inputs, parse_shapes, profile_shapes, sparse_layers
 from spa.core.errors import SpaError, first_line, positive_int, require
 from spa.core.model import check_writable, quiet_stdout, write_atomic
@@ -46,14 +47,12 @@ def build(model, *, fp16: bool = False, bf16: bool = False, sparse: bool = False
     `timing_cache`: a file read and updated; `workspace`: MiB; `log(line)`: TensorRT's warnings.
     Without `output` the engine is only in `result.engine` (`result.save(path)` writes it)."""
     out, profiles, source = _check(model, fp16, bf16, shapes, timing_cache, workspace, output)
-    from spa.backends import trt as backend  # the TensorRT backend: loaded when used
-
-    trt = backend.tensorrt()
+    trt = trt_backend.tensorrt()
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
     options = base.Options(precision=precision, sparse=sparse, shapes=profiles)
     with stepper(progress)("building the TensorRT engine"), quiet_stdout():
-        built = backend.build(source, options, workspace_mb=workspace, timing_cache=timing_cache, log=log)
-    sparse_doc, types = _inspect(backend, built)
+        built = trt_backend.build(source, options, workspace_mb=workspace, timing_cache=timing_cache, log=log)
+    sparse_doc, types = _inspect(trt_backend, built)
     if out is not None:
         write_atomic(out, built.plan)
     doc = {"schema_version": SCHEMA, "input": model_name(model), "output": None if out is None else str(out),

@@ -27,6 +27,7 @@ def arrays(data, name: str = "calib") -> dict | None:
     raise UsageError(f"invalid {name}={type(data).__name__}: expected a path to an .npz or a dict of arrays")
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def run_pass(rewrite: Pass, model: Model, output, step, what: str) -> PassResult:
     """`rewrite.run(model, output)` with its rewrite and its checks as two named progress steps."""
     rewrite.requires(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from spa.core.errors import SpaError, UsageError
-from spa.core.model import Model, check_writable, load, save
+from spa.core.model import Model, check_writable, infer_shapes, load, save
 
 
 @dataclass
@@ -50,8 +50,6 @@ def as_model(model, infer: bool = True) -> Model:
     if isinstance(model, Model):
         return model
     if isinstance(model, onnx.ModelProto):
-        from spa.core.model import infer_shapes
-
         wrapped = Model(model)
         if infer:
             infer_shapes(wrapped)

@@ -31,7 +31,19 @@ from spa.core.model import check_writable, save, write_text_atomic
 from spa.planning.plan import make_plan
 from spa.planning.planner import check_ratio, to_json
 from spa.scoring import criteria as importance
+from spa.scoring.gradients import require_torch
 from spa.scoring.measure import compensation, saliency, statistics
+from spa.training.train import (
+    WRITE_BACK_TOL,
+    FitConfig,
+    HessoSchedule,
+    check_device,
+    check_target,
+    check_val_split,
+    fit,
+    split_validation,
+    write_back_error,
+)
 
 TRAIN_SCHEMA = 1
 
@@ -78,8 +90,6 @@ class _Run:
 
 def _check_values(s: _Setup, teacher: bool):
     """UsageError for bad values and combinations (nothing read yet); the fit settings."""
-    from spa.training.train import FitConfig, check_target, check_val_split
-
     cfg = FitConfig(s.epochs, s.lr, s.batch, s.weight_decay, s.temperature, s.alpha, s.seed, s.device, s.logits,
                     s.keep_sparsity)
     cfg.check()
@@ -103,8 +113,6 @@ def _arrays(data) -> dict:
 
 def _prepare(s: _Setup, model, teacher: bool) -> _Run:
     """The checks that fail fast (before torch or the model is loaded), then the data."""
-    from spa.scoring.gradients import require_torch
-    from spa.training.train import check_device
 
     cfg = _check_values(s, teacher)
     check_device(s.device)
@@ -133,8 +141,6 @@ def _prepare(s: _Setup, model, teacher: bool) -> _Run:
 
 def _split(model, run: _Run, s: _Setup):
     """(train feeds, train labels, (val feeds, val labels)): --val, or a seeded hold-out of the data."""
-    from spa.training.train import split_validation
-
     feeds, labels = split_labels(run.arrays, model.input_names, s.labels)
     if run.val_arrays is not None:
         vf, vy = split_labels(run.val_arrays, model.input_names, s.labels)
@@ -149,8 +155,6 @@ def _teacher(model):
 
 
 def _fit(run: _Run, s: _Setup, proto, model, teacher, schedule, on_step, log):
-    from spa.training.train import fit
-
     feeds, labels, val = _split(model, run, s)
     result = fit(proto, feeds, labels, val, teacher, run.cfg, run.ckpt, s.resume, schedule, progress=on_step,
                  log=log)
@@ -160,8 +164,6 @@ def _fit(run: _Run, s: _Setup, proto, model, teacher, schedule, on_step, log):
 def _write(proto, out: Path | None, source, feeds: dict, step):
     """(write-back error, verify): ONNX Runtime on the written model (or, without `out`, on the
     proto) against the trained module; over WRITE_BACK_TOL nothing is written."""
-    from spa.training.train import WRITE_BACK_TOL, write_back_error
-
     measured = {}
 
     def verify(target):
@@ -263,8 +265,6 @@ def train_sparse(model, *, data, target_ratio, labels=None, val=None, val_split=
     group's channels is exactly zero (HESSO: after `warmup`, over `window` of the training in
     `periods`); the rest of training fine-tunes. `save_plan`: write the zeroed channels as a plan
     (also `.plan` of the result). Options as for `finetune`; `.to_json()` is `spa train-sparse --json`."""
-    from spa.training.train import HessoSchedule
-
     s = _Setup.of(locals())
     HessoSchedule.check_options(target_ratio, periods, warmup, window, round_to)
     step = stepper(progress)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 import time
 import traceback
@@ -75,8 +76,6 @@ EXTENSIONS = ("analyze", "prune", "measure", "train", "sparsify", "quantize", "c
 
 
 def _extensions() -> list:
-    import importlib
-
     return [importlib.import_module(f"spa.cli.{name}") for name in EXTENSIONS]
 
 

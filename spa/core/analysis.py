@@ -22,15 +22,16 @@ import fnmatch
 import itertools
 from dataclasses import dataclass, field
 
+import networkx as nx
 import numpy as np
 import onnx
 
-from spa.core.cost import FLOAT_TYPES
+from spa.core.cost import FLOAT_TYPES, dropped_positions  # noqa: F401 - dropped_positions re-exported
 from spa.core.graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, uniform
 from spa.core.model import COPY, Model
 from spa.core.rules import RULES, Result
 from spa.core.rules import key as rule_key
-from spa.core.rules.shape import _digits
+from spa.core.rules.shape import SHAPE_SINKS, _digits
 from spa.core.unionfind import components
 
 
@@ -226,6 +227,7 @@ class _Builder:
             self.pin_ids.append(ids)
             self.pin_reason.append(np.full(len(ids), len(self.reasons) - 1))
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def couple(self, a, b, pairs, node_name):
         known_a, known_b = a in self.sp.offset, b in self.sp.offset
         if not (known_a and known_b):
@@ -243,6 +245,7 @@ class _Builder:
         self.edges_b.append(self.sp.ids(b, pairs[:, 1]))
         self.edges.append((a, b, node_name))
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def tie(self, whole, parts, dims, node_name):
         spaces = [whole] + list(parts)
         if not all(s in self.sp.offset for s in spaces) or \
@@ -496,8 +499,6 @@ def untie_shapes(model: Model) -> int:
     MLP output with it; sinks of one shape tensor must agree, which would prune all those
     layers alike. One Concat per sink lets each layer keep its own width. The prune pass
     drops copies that still equal their original."""
-    from spa.core.rules.shape import SHAPE_SINKS
-
     graph = model.graph
     sinks = _readers(graph, lambda node, slot: (node.op_type, slot) in SHAPE_SINKS and node.domain in DEFAULT_DOMAINS)
     made = 0
@@ -676,8 +677,6 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, n
 
 def _route(b: _Builder, start, end) -> str:
     """ ' (via Relu 'r' -> Gemm 'fc')': the ops the channels cross to reach a pinned space."""
-    import networkx as nx  # only needed to explain locked groups
-
     if b._graph is None:
         b._graph = nx.Graph()
         b._graph.add_edges_from((u, v, {"node": op}) for u, v, op in b.edges)
@@ -691,16 +690,3 @@ def _route(b: _Builder, start, end) -> str:
         if not ops or ops[-1] != op:
             ops.append(op)
     return f" (via {' -> '.join(ops)})" if ops else ""
-
-
-def dropped_positions(analysis, plan: dict) -> dict:
-    """{space: sorted positions to remove} from {group id: channel indices}."""
-    parts: dict = {}
-    for gid, channels in plan.items():
-        group = analysis.group(gid)
-        for space, per_channel in group.positions.items():
-            if channels:
-                pos = per_channel[channels] if isinstance(per_channel, np.ndarray) else \
-                    np.concatenate([per_channel[c] for c in channels])
-                parts.setdefault(space, []).append(np.ravel(pos))
-    return {space: np.unique(np.concatenate(p)) for space, p in parts.items()}

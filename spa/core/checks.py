@@ -33,7 +33,7 @@ def checker_message(model, full: bool = True) -> str | None:
     return None
 
 
-def compare_outputs(reference, candidate, feeds: dict, light: bool = False) -> dict:
+def compare_outputs(reference, candidate, feeds: dict, *, light: bool = False) -> dict:
     """Run both in ONNX Runtime on `feeds`; per-output shapes and errors.
 
     `reference` may also be its outputs already computed ({name: array})."""
@@ -58,7 +58,7 @@ def compare_outputs(reference, candidate, feeds: dict, light: bool = False) -> d
     return report
 
 
-def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
+def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     """Run original and pruned on the same random inputs; raise if the pruned model breaks.
 
     Models run from their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
@@ -82,3 +82,25 @@ def output_check(model, pruned, seed: int = 0, pruned_file=None) -> dict:
         raise VerificationError("pruned model gives non-finite outputs")
     errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
     return {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"]}
+
+
+class Fidelity:
+    """Running sums for cosine / relative error of one output."""
+
+    def __init__(self):
+        self.dot = self.aa = self.bb = self.dd = 0.0
+        self.max_abs = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        self.dot += float(a @ b)
+        self.aa += float(a @ a)
+        self.bb += float(b @ b)
+        d = a - b
+        self.dd += float(d @ d)
+        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
+
+    def result(self) -> dict:
+        cos = self.dot / max(np.sqrt(self.aa * self.bb), 1e-300) if self.aa and self.bb else float(self.aa == self.bb)
+        return {"cosine": cos, "rel_err": float(np.sqrt(self.dd) / max(np.sqrt(self.bb), 1e-300)),
+                "max_abs": self.max_abs}

@@ -66,8 +66,6 @@ def summary(model: Model) -> dict:
 def estimate(analysis, plan: dict) -> dict:
     """Params and MACs the model will have once `plan` is applied, from shapes alone (the
     planner's budget search runs it many times; pruning would copy every weight each time)."""
-    from spa.core.analysis import dropped_positions
-
     cuts: dict = {}
     for (tensor, axis), pos in dropped_positions(analysis, plan).items():
         cuts.setdefault(tensor, {})[axis] = len(pos)
@@ -78,3 +76,16 @@ def estimate(analysis, plan: dict) -> dict:
             shapes[tensor] = tuple(d - cut.get(k, 0) if d else d for k, d in enumerate(shapes[tensor]))
     pruned = {t: shapes[t] for t in cuts if shapes.get(t) is not None}
     return {"params": params(model, pruned), "macs": sum(_node_macs(n, shapes) for n in model.graph.node)}
+
+
+def dropped_positions(analysis, plan: dict) -> dict:
+    """{space: sorted positions to remove} from {group id: channel indices}."""
+    parts: dict = {}
+    for gid, channels in plan.items():
+        group = analysis.group(gid)
+        for space, per_channel in group.positions.items():
+            if channels:
+                pos = per_channel[channels] if isinstance(per_channel, np.ndarray) else \
+                    np.concatenate([per_channel[c] for c in channels])
+                parts.setdefault(space, []).append(np.ravel(pos))
+    return {space: np.unique(np.concatenate(p)) for space, p in parts.items()}

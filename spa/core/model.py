@@ -10,6 +10,7 @@ unknown we try ONNX Runtime's symbolic shape inference, then running the model t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -344,7 +345,7 @@ def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = N
     return path
 
 
-def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, verify=None) -> Path:
+def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, *, verify=None) -> Path:
     """Write atomically: temp files in the target folder, then rename into place.
 
     Models whose weights exceed 2 GB get one external data file `<name>.data` beside them.
@@ -399,8 +400,6 @@ def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -
 
 def read_json(path: str | os.PathLike, what: str):
     """The JSON document in `path`; a one-line SpaError naming `what` (plan, sensitivity) if not."""
-    import json
-
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:

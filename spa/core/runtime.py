@@ -125,3 +125,14 @@ def model_bytes(model):
             raise SpaError("cannot run a >2 GB model from memory", "save it and run it from the file")
         return model.SerializeToString()
     return str(model)
+
+
+def session_with_outputs(proto, names: list, dtypes: dict):
+    """An ONNX Runtime session of `proto` that also returns the tensors `names`."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in present and name in dtypes:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None))
+    return checked_session(out)

@@ -12,6 +12,7 @@ from spa.scoring import criteria as importance
 from spa.scoring.measure import statistics
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def scores(analysis: Analysis, criterion: str, seed: int = 0, stats=None) -> dict:
     """{group id: channel scores} of `criterion`; the data criteria read `stats`."""
     importance.get(criterion)

@@ -26,13 +26,17 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spa.scoring import criteria as importance
-from spa.planning import planner
+from spa.core.checks import Fidelity
 from spa.core.data import as_batches, split_labels
 from spa.core.errors import SpaError
-from spa.core.runtime import checked_session
-from spa.scoring.evaluate import Fidelity
 from spa.core.model import CONSTANT_OPS, read_json
+from spa.core.runtime import checked_session
+from spa.core.values import zeroed_values
+from spa.passes import prune as prune_pass
+from spa.planning import planner
+from spa.scoring import criteria as importance
+from spa.scoring import gradients
+from spa.scoring import stats as activation_stats
 
 SCHEMA = 1
 RATIOS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -45,6 +49,7 @@ LEGEND_TOP = 10
 # ---------------------------------------------------------------- measuring
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=None, batch_size: int = 64,
                 progress=None, seed: int = 0, max_samples: int = 256, output: str | None = None,
                 stats=None) -> dict:
@@ -101,11 +106,8 @@ def _statistics(analysis, criterion: str, groups: list, feeds: list[dict], stats
     if stats is not None or criterion not in importance.NEEDS:
         return stats
     if importance.NEEDS[criterion] == "gradients":  # the model's own predictions are the targets
-        from spa.scoring import gradients
-
         merged = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
         return gradients.measure(analysis, merged, criterion, max_samples=_count(merged))
-    from spa.scoring import stats as activation_stats
 
     spaces = activation_stats.read_spaces(analysis, groups)
     return activation_stats.calibrate(analysis, feeds, spaces, max_samples=sum(_count(f) for f in feeds))
@@ -197,15 +199,12 @@ class _Probe:
         sess = session or self.session
         return [dict(zip(self.names, sess.run(self.names, {**f, **overrides}))) for f in feeds]
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     def trial(self, analysis, group, plan: dict, feeds: list[dict], dense: list[dict]):
         if group.zero_invariant and all(m.tensor in self.overridable for m in group.members):
-            from spa.core.values import zeroed_values
-
             got = self.outputs(feeds, zeroed_values(analysis, plan))
         else:  # not exact by zeroing: prune for real (shapes inside change, outputs do not)
-            from spa.api.prune import prune
-
-            got = self.outputs(feeds, {}, checked_session(prune(analysis, plan, check=False)))
+            got = self.outputs(feeds, {}, checked_session(prune_pass.apply(analysis, plan, None)))
         return _fidelity(got, dense)
 
 
@@ -249,6 +248,7 @@ def protect(sens: dict, ratio: float, max_loss: float) -> dict[str, float]:
     return out
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def plan_with_ratios(analysis, scores: dict, ratios_by_group: dict[str, float], round_to: int = 1) -> dict:
     """A plan dropping `ratios_by_group[id]` of each named group (lowest scores first)."""
     plan = {}

@@ -22,8 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from spa.core import __version__
-from spa.core import cost
+from spa.core import __version__, cost
 from spa.core.data import load_npz, require_keys
 from spa.core.errors import SpaError, first_line
 from spa.core.graph import attr
@@ -54,7 +53,7 @@ def require_matplotlib() -> None:
 # ------------------------------------------------------------------ collection
 
 
-def collect(dense, pruned: list, bench=None, data=None, samples: int | None = None, title: str | None = None,
+def collect(dense, pruned: list, bench=None, *, data=None, samples: int | None = None, title: str | None = None,
             command: str | None = None, step=None) -> dict:
     """Everything the page shows. `bench`: a `spa bench --json` file; `data`: an .npz keyed by
     input name, or its arrays (else random inputs); `step(what)`: a context manager around each slow part."""
@@ -231,6 +230,7 @@ def breakdown_table(facts: list) -> dict:
     return {"ops": ops, "models": [f["by_op"] for f in facts]}
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def fidelity(dense, paths: list, arrays: dict | None = None, samples: int | None = None, source=None) -> dict:
     """Cosine, relative error and largest difference of every float output of each model vs DENSE's,
     on `arrays` (keyed by input name) or on random inputs; a model ORT cannot run gets an error."""
@@ -272,6 +272,7 @@ def read_bench(path) -> dict:
     return doc
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def latency(bench: dict | None, bench_path, paths: list, removed: list) -> dict:
     """Bench results of the report's models (matched by resolved path), with each model's
     fraction of channels removed; bench models that are not in the report are listed."""

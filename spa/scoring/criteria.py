@@ -15,6 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from spa.core.errors import SpaError
+from spa.scoring import obspa as obs
+from spa.scoring.gradients import channel_scores
+
 CRITERIA: dict[str, Callable] = {}
 NEEDS: dict[str, str] = {}  # criterion -> "calibration" | "moments" | "gradients"
 
@@ -30,8 +34,6 @@ def criterion(name: str, needs: str | None = None):
 
 
 def get(name: str) -> Callable:
-    from spa.core.errors import SpaError
-
     if name not in CRITERIA:
         raise SpaError(f"unknown criterion '{name}'", f"choose one of: {', '.join(sorted(CRITERIA))}")
     return CRITERIA[name]
@@ -54,18 +56,21 @@ def _member_norms(group, weights, power: int) -> list[np.ndarray]:
     return out
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("l1")
 def l1(group, weights, data=None, seed=0) -> np.ndarray:
     """Sum of |w| over each channel's slices."""
     return np.mean(_member_norms(group, weights, 1), axis=0)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("l2")
 def l2(group, weights, data=None, seed=0) -> np.ndarray:
     """Euclidean norm of each channel's slices."""
     return np.sqrt(np.mean(_member_norms(group, weights, 2), axis=0))
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("random")
 def random(group, weights, data=None, seed=0) -> np.ndarray:
     """Uniform random scores (a baseline), seeded per group id so runs repeat."""
@@ -83,6 +88,7 @@ def _channel_vectors(w: np.ndarray, m) -> np.ndarray:
     return np.stack([np.pad(f, (0, width - len(f))) for f in flat])
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("fpgm")
 def fpgm(group, weights, data=None, seed=0) -> np.ndarray:
     """Filter pruning via geometric median (He et al., CVPR 2019): a channel whose slices lie
@@ -106,6 +112,7 @@ def _fallback(group, weights, data, why: str) -> np.ndarray:
     return l1(group, weights)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("bn-scale")
 def bn_scale(group, weights, data=None, seed=0) -> np.ndarray:
     """|gamma| of the group's normalization scales (Network Slimming, Liu et al. 2017); groups
@@ -135,12 +142,14 @@ def _activation(group, weights, data, stat) -> np.ndarray:
     return np.mean(out, axis=0)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("mean-act", needs="calibration")
 def mean_activation(group, weights, data=None, seed=0) -> np.ndarray:
     """Mean |activation| of each channel where its consumers read it (calibration data)."""
     return _activation(group, weights, data, lambda m: m.abs_mean)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("apoz", needs="calibration")
 def apoz(group, weights, data=None, seed=0) -> np.ndarray:
     """1 - APoZ, the average percentage of zeros of each channel's activations (Hu et al. 2016):
@@ -148,12 +157,11 @@ def apoz(group, weights, data=None, seed=0) -> np.ndarray:
     return _activation(group, weights, data, lambda m: 1.0 - m.zeros)
 
 
+# positional: the criterion contract fn(group, weights, data, seed), called positionally through CRITERIA
 @criterion("obspa", needs="moments")
 def obspa(group, weights, data=None, seed=0) -> np.ndarray:
     """Optimal Brain Surgeon saliency of each channel on the group's consumers (spa.obspa):
     the reconstruction error their outputs suffer when it goes. Lower = safer to remove."""
-    from spa.scoring import obspa as obs
-
     sal = obs.greedy(group, weights, data)
     if sal is None:
         return _fallback(group, weights, data, "has no analysable consumer (no weight reads it with known statistics)")
@@ -162,8 +170,6 @@ def obspa(group, weights, data=None, seed=0) -> np.ndarray:
 
 def _gradient(kind: str):
     def fn(group, weights, data=None, seed=0) -> np.ndarray:
-        from spa.scoring.gradients import channel_scores
-
         sal = channel_scores(group, data) if data is not None else None
         if sal is None:
             return _fallback(group, weights, data, "has no trainable member (no gradient reaches it)")
@@ -178,7 +184,7 @@ for _kind in GRADIENT:
     _gradient(_kind)
 
 
-def score(analysis, name: str, groups=None, seed: int = 0, data=None) -> dict[str, np.ndarray]:
+def score(analysis, name: str, groups=None, *, seed: int = 0, data=None) -> dict[str, np.ndarray]:
     """Scores for every prunable group (or `groups`); `data`: a spa.stats.Stats where the
     criterion needs one."""
     fn = get(name)

@@ -13,31 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from spa.core.checks import Fidelity
 from spa.core.data import as_batches, calibration_batches, require_keys, split_labels, static_batch
 from spa.core.errors import SpaError
 from spa.core.runtime import checked_session
-
-
-class Fidelity:
-    """Running sums for cosine / relative error of one output."""
-
-    def __init__(self):
-        self.dot = self.aa = self.bb = self.dd = 0.0
-        self.max_abs = 0.0
-
-    def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-        self.dot += float(a @ b)
-        self.aa += float(a @ a)
-        self.bb += float(b @ b)
-        d = a - b
-        self.dd += float(d @ d)
-        self.max_abs = max(self.max_abs, float(np.abs(d).max()) if d.size else 0.0)
-
-    def result(self) -> dict:
-        cos = self.dot / max(np.sqrt(self.aa * self.bb), 1e-300) if self.aa and self.bb else float(self.aa == self.bb)
-        return {"cosine": cos, "rel_err": float(np.sqrt(self.dd) / max(np.sqrt(self.bb), 1e-300)),
-                "max_abs": self.max_abs}
 
 
 def _scored_output(names: list[str], output: str | None) -> str:
@@ -48,6 +27,7 @@ def _scored_output(names: list[str], output: str | None) -> str:
     return output
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def evaluate(model, data, labels=None, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
     """Accuracy (with `labels`) and fidelity to `reference` (a model file or ModelProto).
 
@@ -92,7 +72,7 @@ def evaluate(model, data, labels=None, reference=None, output: str | None = None
     return doc
 
 
-def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, reference=None,
+def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, *, reference=None,
                     max_samples: int | None = None, batch_size: int = 64) -> dict:
     """`evaluate` over arrays keyed by input name, batched the way the model takes them: in its
     fixed batch size when its first input has one, 0-d arrays (a sample rate) with every batch.

@@ -31,7 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spa.core.cost import FLOAT_TYPES
+from spa.core.data import batches, split_labels
 from spa.core.errors import SpaError
+from spa.scoring.evaluate import _scored_output
 
 KINDS = ("taylor", "snip", "grasp", "crop")
 SECOND_ORDER = ("grasp", "crop")
@@ -63,8 +66,6 @@ def require_torch():
 
 def scored_output(module, output: str | None) -> str:
     """The output the loss is computed on: `output`, or the module's first."""
-    from spa.scoring.evaluate import _scored_output
-
     return _scored_output(module.output_names, output)
 
 
@@ -82,14 +83,14 @@ def task_loss(logits, labels):
 def trainable_names(proto) -> set:
     """Float initializers that training may change: all but BatchNormalization's running
     statistics (mean and variance are not learned; a gradient could drive a variance negative)."""
-    from spa.torch import FLOAT_TYPES
-
     floats = {t.name for t in proto.graph.initializer if t.data_type in FLOAT_TYPES}
     stats = {n.input[i] for n in proto.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)
              if len(n.input) > i}
     return floats - stats
 
 
+# long: one pass over the batches; the torch setup and the per-kind accumulation share its locals
+# positional: internal callers pass these positionally (a signature kept as it was)
 def measure(analysis, data, kind: str, labels=None, output: str | None = None, max_samples: int = 512,
             batch_size: int = 64, device: str = "cpu", progress=None) -> Saliency:
     """Per-weight saliency of `kind` on `data` ({input: array [N, ...]}), `labels` [N, ...] or
@@ -97,7 +98,6 @@ def measure(analysis, data, kind: str, labels=None, output: str | None = None, m
     require_torch()
     import torch
 
-    from spa.core.data import batches, split_labels
     from spa.torch import to_torch
 
     if kind not in KINDS:

@@ -7,7 +7,7 @@ from spa.core.analysis import Analysis
 from spa.scoring import gradients, obspa, stats
 
 
-def statistics(analysis: Analysis, calib=None, max_samples: int = 512, batch_size: int = 64, progress=None):
+def statistics(analysis: Analysis, calib=None, max_samples: int = 512, *, batch_size: int = 64, progress=None):
     """Activation statistics of what the prunable groups' consumers read: measured on `calib`
     (arrays keyed by input name, or an iterable of feed dicts), or without it derived from the
     graph alone (data-free: spa.moments)."""
@@ -16,6 +16,7 @@ def statistics(analysis: Analysis, calib=None, max_samples: int = 512, batch_siz
     return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def saliency(analysis: Analysis, criterion: str, data, labels=None, max_samples: int = 512, batch_size: int = 64,
              output: str | None = None, device: str = "cpu", progress=None):
     """Per-weight saliency of a gradient criterion (taylor, snip, grasp, crop) on `data`
@@ -23,6 +24,7 @@ def saliency(analysis: Analysis, criterion: str, data, labels=None, max_samples:
     return gradients.measure(analysis, data, criterion, labels, output, max_samples, batch_size, device, progress)
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def compensation(analysis: Analysis, plan: dict, calib=None, stats=None, max_samples: int = 512,
                  batch_size: int = 64, progress=None) -> tuple[dict, list[str]]:
     """({tensor: updated weights}, notes): the OBS update of the consumers of the planned

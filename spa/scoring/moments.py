@@ -20,9 +20,24 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+from onnx.reference import ReferenceEvaluator
 
 from spa.core.graph import attr
-from spa.scoring.stats import GRAM_MAX, Moments
+
+GRAM_MAX = 4096  # a space wider than this keeps only the diagonal of E[x xᵀ]
+
+
+@dataclass
+class Moments:
+    """Statistics of one space along its axis (d channels)."""
+
+    mean: np.ndarray  # (d,)
+    gram: np.ndarray | None  # (d, d) = E[x xᵀ], None when d > GRAM_MAX
+    sq: np.ndarray  # (d,) = E[x²]
+    abs_mean: np.ndarray | None = None  # (d,) E|x| (calibration only)
+    zeros: np.ndarray | None = None  # (d,) fraction of exact zeros (calibration only)
+    cross: np.ndarray | None = None  # (d, d) = E[x_ref x'ᵀ]: reference model's x with this model's x'
+
 
 # a fine grid under the standard normal, not Gauss-Hermite: activations have kinks (Relu, Clip)
 # that polynomial quadrature integrates poorly
@@ -48,6 +63,7 @@ class Dist:
     samples: np.ndarray
     basis: int
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     @classmethod
     def gaussian(cls, axis: int, rank: int, mean: np.ndarray, cov: np.ndarray) -> Dist | None:
         if len(mean) > GRAM_MAX:
@@ -157,8 +173,6 @@ def _matmul(node, dist, index, rank) -> Dist | None:
 
 
 def _elementwise(node, dists, index, rank) -> Dist | None:
-    from onnx.reference import ReferenceEvaluator
-
     tracked = [dists[i] for i in node.input if i in dists]
     if len({(t.basis, t.axis, t.rank) for t in tracked}) != 1:
         if node.op_type in ("Add", "Sub") and len(tracked) == 2 and tracked[0].axis == tracked[1].axis:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from spa.core.values import zeroed
+from spa.scoring.stats import calibrate, read_spaces, reference_session
+
 DAMP = 0.01  # H + DAMP * mean(diag H) * I: removed channels may be (near) constant
 
 
@@ -119,6 +122,7 @@ def _dropped(analysis, plan: dict) -> dict:
     return out
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
     """{tensor: updated array}: consumer weights with the OBS update for the dropped channels
     (`base`: current arrays of some tensors). Consumers without statistics keep their weights
@@ -150,13 +154,12 @@ def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
     return updated
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: int = 64, progress=None):
     """Calibrated compensation one group at a time, in graph order: each group's consumers are
     measured on the model with the earlier groups already removed (zeroed) and compensated, so
     their updates also absorb what the earlier removals changed (errors do not compound).
     Returns ({tensor: array}, Stats of the last step, for its notes)."""
-    from spa.core.values import zeroed
-    from spa.scoring.stats import calibrate, read_spaces, reference_session
 
     values, notes = {}, []
     order = [g for g in analysis.groups if plan.get(g.id)]

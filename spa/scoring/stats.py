@@ -14,21 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spa.core.errors import SpaError
-
-GRAM_MAX = 4096  # a space wider than this keeps only the diagonal of E[x xᵀ]
-
-
-@dataclass
-class Moments:
-    """Statistics of one space along its axis (d channels)."""
-
-    mean: np.ndarray  # (d,)
-    gram: np.ndarray | None  # (d, d) = E[x xᵀ], None when d > GRAM_MAX
-    sq: np.ndarray  # (d,) = E[x²]
-    abs_mean: np.ndarray | None = None  # (d,) E|x| (calibration only)
-    zeros: np.ndarray | None = None  # (d,) fraction of exact zeros (calibration only)
-    cross: np.ndarray | None = None  # (d, d) = E[x_ref x'ᵀ]: reference model's x with this model's x'
+from spa.core.data import as_batches, calibration_batches, require_keys, static_batch
+from spa.core.errors import SpaError, first_line
+from spa.core.runtime import session_with_outputs
+from spa.scoring import moments
+from spa.scoring.moments import GRAM_MAX, Moments
 
 
 @dataclass
@@ -89,26 +79,12 @@ def _rows(array: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(np.asarray(array, dtype=np.float64), axis, -1).reshape(-1, array.shape[axis])
 
 
-def _with_outputs(proto, names: list, dtypes: dict):
-    """An ONNX Runtime session of `proto` that also returns the tensors `names`."""
-    import onnx
-
-    from spa.core.runtime import checked_session
-
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    present = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in present and name in dtypes:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None))
-    return checked_session(out)
-
-
 def reference_session(analysis, spaces):
     """An ONNX Runtime session of the analysed model that also returns the tensors of `spaces`."""
-    return _with_outputs(analysis.model.proto, list(dict.fromkeys(t for t, _ in spaces)), analysis.model.dtypes)
+    return session_with_outputs(analysis.model.proto, list(dict.fromkeys(t for t, _ in spaces)), analysis.model.dtypes)
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: int = 64, progress=None,
               source=None, reference=None) -> Stats:
     """Run `data` (arrays keyed by input name, or an iterable of feed dicts) through ONNX
@@ -116,16 +92,12 @@ def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: i
     `source`: a ModelProto of the same graph with other weights (pruned ones zeroed and
     compensated); its moments are then paired with the analysed model's (`Moments.cross`).
     `reference`: a `reference_session` covering `spaces`, when the caller calibrates repeatedly."""
-    from spa.core.data import as_batches, calibration_batches, require_keys
-
     spaces = read_spaces(analysis) if spaces is None else list(spaces)
     tensors = list(dict.fromkeys(t for t, _ in spaces))
     dtypes = analysis.model.dtypes
-    ref = reference if reference is not None else _with_outputs(analysis.model.proto, tensors, dtypes)
-    sess = ref if source is None else _with_outputs(source, tensors, dtypes)
+    ref = reference if reference is not None else session_with_outputs(analysis.model.proto, tensors, dtypes)
+    sess = ref if source is None else session_with_outputs(source, tensors, dtypes)
     if isinstance(data, dict):  # batched as the model takes them (a fixed batch size; 0-d arrays with every batch)
-        from spa.core.data import static_batch
-
         inputs = [i.name for i in sess.get_inputs()]
         require_keys(data, inputs)
         data = calibration_batches({n: data[n] for n in inputs}, static_batch(analysis.model.proto, batch_size))
@@ -138,8 +110,6 @@ def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: i
             got = dict(zip(tensors, sess.run(tensors, feeds)))
             want = got if source is None else dict(zip(tensors, ref.run(tensors, feeds)))
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
-            from spa.core.errors import first_line
-
             raise SpaError(f"the calibration data does not run through the model: {first_line(exc, limit=200)}",
                            "give arrays of the model's input shapes, samples along the first axis") from None
         for space in spaces:
@@ -157,8 +127,6 @@ def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: i
 
 def data_free(analysis, spaces=None) -> Stats:
     """Moments derived from the graph alone (spa.moments)."""
-    from spa.scoring import moments
-
     spaces = read_spaces(analysis) if spaces is None else list(spaces)
     found = moments.propagate(analysis, {t for t, _ in spaces})
     stats = Stats("data-free")

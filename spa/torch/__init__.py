@@ -24,7 +24,10 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from spa.core.errors import SpaError, first_line
+from spa.core.model import Model, load
+from spa.core.values import with_values
 from spa.torch import ops as _ops
+from spa.torch import ops_extra  # noqa: F401 - registers the extra operators in ops' table
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
@@ -288,8 +291,6 @@ def _outer_reads(graph: Graph) -> set:
 
 def to_torch(model, trainable=None) -> OnnxModule:
     """An OnnxModule of a spa.Model, a ModelProto or a path."""
-    from spa.core.model import Model, load
-
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         model = load(model, infer=False)
     proto = model.proto if isinstance(model, Model) else model
@@ -299,8 +300,6 @@ def to_torch(model, trainable=None) -> OnnxModule:
 def write_back(proto: onnx.ModelProto, module: OnnxModule) -> onnx.ModelProto:
     """A copy of `proto` with the module's current initializer values (original dtypes); the
     graph, names, shapes and dynamic axes are untouched."""
-    from spa.core.values import with_values
-
     return with_values(proto, module.values())
 
 

@@ -192,6 +192,7 @@ def prelu(ctx, x, slope):
     return torch.where(x >= 0, x, x * slope)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Clip")
 def clip(ctx, x, lo=None, hi=None):
     if ctx.opset < 11:
@@ -207,6 +208,7 @@ def clip(ctx, x, lo=None, hi=None):
     return x
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Where")
 def where(ctx, c, a, b):
     return torch.where(c, a, _same(b, a))
@@ -256,6 +258,7 @@ def matmul(ctx, a, b):
     return torch.matmul(a, b)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Gemm")
 def gemm(ctx, a, b, c=None):
     if ctx.attr("transA", 0):
@@ -307,6 +310,7 @@ def _pad_input(x, begin, end, value=0.0):
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Conv")
 def conv(ctx, x, w, b=None):
     n = w.dim() - 2
@@ -324,6 +328,7 @@ def conv(ctx, x, w, b=None):
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("ConvTranspose")
 def conv_transpose(ctx, x, w, b=None):
     n = w.dim() - 2
@@ -370,6 +375,7 @@ def _channel(v, x):
     return v.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("BatchNormalization")
 def batch_norm(ctx, x, scale, bias, mean_, var):
     eps = ctx.attr("epsilon", 1e-5)
@@ -377,11 +383,13 @@ def batch_norm(ctx, x, scale, bias, mean_, var):
     return (x - _channel(mean_, x)) * _channel(inv * scale, x) + _channel(bias, x)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("InstanceNormalization")
 def instance_norm(ctx, x, scale, bias):
     return F.instance_norm(x, weight=scale, bias=bias, eps=ctx.attr("epsilon", 1e-5))
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("LayerNormalization")
 def layer_norm(ctx, x, scale, bias=None):
     axis = ctx.attr("axis", -1) % x.dim()
@@ -398,6 +406,7 @@ def layer_norm(ctx, x, scale, bias=None):
     return (y, mu, inv) if extra else y
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("GroupNormalization")
 def group_norm(ctx, x, scale, bias):
     groups, eps = ctx.attr("num_groups"), ctx.attr("epsilon", 1e-5)
@@ -659,6 +668,7 @@ def split(ctx, x, sizes=None):
     return tuple(torch.split(x, list(sizes), axis))
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Slice")
 def slice_(ctx, x, starts=None, ends=None, axes=None, steps=None):
     if ctx.opset < 10:
@@ -716,6 +726,7 @@ def gather_nd(ctx, x, idx):
     return out.reshape(list(idx.shape[:-1]) + list(x.shape[k:]))
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("ScatterND")
 def scatter_nd(ctx, x, idx, updates):
     idx = idx.long()
@@ -734,6 +745,7 @@ def scatter_nd(ctx, x, idx, updates):
     return out
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("ScatterElements", "Scatter")
 def scatter_elements(ctx, x, idx, updates):
     axis = ctx.attr("axis", 0) % x.dim()
@@ -786,6 +798,7 @@ def constant(ctx):
     raise NotImplementedError("Constant without a tensor, float or int value")
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Range")
 def range_(ctx, start, limit, delta):
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
@@ -801,6 +814,7 @@ def cast_like(ctx, x, like):
     return x.to(like.dtype)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Pad")
 def pad(ctx, x, pads=None, value=None, axes=None):
     if ctx.opset < 11:
@@ -852,6 +866,7 @@ def nonzero(ctx, x):
     return torch.stack(torch.nonzero(x, as_tuple=True)) if x.dim() else _i64([[0]] if x else [[]], x.device)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("OneHot")
 def one_hot(ctx, idx, depth, values):
     axis = ctx.attr("axis", -1)
@@ -866,6 +881,3 @@ def one_hot(ctx, idx, depth, values):
 def trilu(ctx, x, k=None):
     k = int(k.reshape(-1)[0]) if k is not None else 0
     return torch.triu(x, k) if ctx.attr("upper", 1) else torch.tril(x, k)
-
-
-from spa.torch import ops_extra  # noqa: F401

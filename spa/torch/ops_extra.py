@@ -213,6 +213,7 @@ def _resize(ctx, x, out_sizes, scales, roi, mode, ctm, nearest_mode, cubic_a=-0.
     return x
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Resize")
 def resize(ctx, x, roi=None, scales=None, sizes=None):
     if ctx.opset < 11:  # Resize-10: (X, scales); asymmetric coordinates, ORT's legacy nearest rounding
@@ -402,6 +403,7 @@ def _init(state, d, batch, hidden, like):
     return state[d] if state is not None else torch.zeros(batch, hidden, dtype=like.dtype, device=like.device)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("LSTM")
 def lstm(ctx, x, w, r, b=None, lens=None, init_h=None, init_c=None, p=None):
     layout, x, init_h, init_c = _rnn_inputs(ctx, x, init_h, init_c)
@@ -440,6 +442,7 @@ def lstm(ctx, x, w, r, b=None, lens=None, init_h=None, init_c=None, p=None):
     return _rnn_outputs(layout, ys, hs, cs)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("GRU")
 def gru(ctx, x, w, r, b=None, lens=None, init_h=None):
     layout, x, init_h, _ = _rnn_inputs(ctx, x, init_h)
@@ -484,6 +487,7 @@ def gru(ctx, x, w, r, b=None, lens=None, init_h=None):
     return _rnn_outputs(layout, ys, hs)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("RNN")
 def rnn(ctx, x, w, r, b=None, lens=None, init_h=None):
     layout, x, init_h, _ = _rnn_inputs(ctx, x, init_h)
@@ -690,6 +694,7 @@ def _layer_norm_stats(x, eps):
     return mean, torch.rsqrt(var.clamp_min(0) + eps)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("SkipLayerNormalization", domain=_MS)
 def skip_layer_norm(ctx, x, skip, gamma, beta=None, bias=None):
     eps = ctx.attr("epsilon", 1e-12)
@@ -705,6 +710,7 @@ def skip_layer_norm(ctx, x, skip, gamma, beta=None, bias=None):
     return y, mean, inv, total
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("SkipSimplifiedLayerNormalization", domain=_MS)
 def skip_simplified_layer_norm(ctx, x, skip, gamma, bias=None):
     eps = ctx.attr("epsilon", 1e-12)
@@ -728,6 +734,7 @@ def simplified_layer_norm(ctx, x, scale):
 op("SimplifiedLayerNormalization", domain=_MS)(simplified_layer_norm)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("EmbedLayerNormalization", domain=_MS)
 def embed_layer_norm(ctx, ids, segment_ids, word, position, segment_emb=None, gamma=None, beta=None, mask=None,
                      position_ids=None):
@@ -774,6 +781,7 @@ def _attention_mask(mask, batch, seq, past, total, dtype, filter_value):
     return torch.where(masked, torch.as_tensor(filter_value, dtype=dtype, device=device), zero)
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("Attention", domain=_MS)
 def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_bias=None, past_seq_len=None):
     heads = ctx.attr("num_heads")
@@ -818,6 +826,7 @@ def attention(ctx, x, weights, bias=None, mask_index=None, past=None, attention_
     return (out, present) if present is not None else out
 
 
+# positional: ONNX operator: the node's inputs arrive positionally, in the node's order
 @op("RotaryEmbedding", domain=_MS)
 def rotary_embedding(ctx, x, position_ids, cos_cache, sin_cache):
     interleaved = bool(ctx.attr("interleaved", 0))

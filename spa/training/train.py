@@ -35,6 +35,7 @@ from spa.backends import ort as ort_backend
 from spa.core.errors import SpaError, positive_int, require
 from spa.planning import planner
 from spa.scoring import criteria as importance
+from spa.scoring.gradients import require_torch, scored_output, task_loss, trainable_names
 
 CHECKPOINT_VERSION = 1
 WRITE_BACK_TOL = 1e-4  # ORT on the written model vs the torch module it came from
@@ -97,6 +98,7 @@ def check_target(labels, teacher) -> None:
             "pass labels=KEY (a key of the data), or distill_from=DENSE.onnx")
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def split_validation(feeds: dict, labels, val_split: float, seed: int):
     """(train feeds, train labels, val feeds, val labels): a seeded hold-out of `val_split`."""
     check_val_split(val_split)
@@ -137,18 +139,17 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+# long: one training loop whose state (optimizer, schedule, checkpoint, best weights) every step shares
+# positional: internal callers pass these positionally (a signature kept as it was)
 def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig | None = None,
         checkpoint: str | os.PathLike | None = None, resume: bool = False, schedule=None, progress=None,
         log=None) -> FitResult:
     """Train `proto` on `feeds` ({input: [N, ...]}) with `labels` [N, ...] and/or `teacher` (a
     ModelProto whose outputs the student distils); `val` = (feeds, labels) checked every epoch.
     `schedule` (HessoSchedule) acts after every step. `progress(done, total, loss)`, `log(line)`."""
-    from spa.scoring.gradients import require_torch
-
     require_torch()
     import torch
 
-    from spa.scoring.gradients import scored_output, task_loss, trainable_names
     from spa.torch import to_torch, write_back
 
     cfg = cfg or FitConfig()
@@ -327,6 +328,7 @@ class HessoSchedule:
         self.shrinking: dict[str, list[int]] = {}
         self.notes: list[str] = []
 
+    # positional: internal callers pass these positionally (a signature kept as it was)
     @staticmethod
     def check_options(target_ratio: float, periods: int, warmup: float, window: float, round_to: int) -> None:
         """UsageError for a bad value (before any model is loaded)."""

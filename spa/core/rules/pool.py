@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from spa.core.graph import DimRef
 from spa.core.rules import rule
 from spa.core.rules.shape import shape_entries
 
@@ -129,8 +130,6 @@ def resize(node, ctx, res):
             if scales[k] == 1:
                 res.same((x, k), (y, k), ctx)
     elif sizes_name:
-        from spa.core.graph import DimRef
-
         entries = _full(ctx.shape_value(sizes_name), axes, rank, [DimRef(x, k) for k in range(rank)])
         if entries is not None and len(entries) == rank:
             for k in (0, 1):

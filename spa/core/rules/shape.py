@@ -512,6 +512,7 @@ def _unfolded_downstream(name, ctx, depth=0) -> set:
     return found
 
 
+# positional: internal callers pass these positionally (a signature kept as it was)
 def shape_entries(node, shape_name, out, entries, ctx, res, skip=lambda j: False):
     """Couple output axes with the `Shape(t)[a]` entries that size them; pin unknown sizes.
 
