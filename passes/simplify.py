@@ -33,6 +33,7 @@ from onnx import numpy_helper
 from spa.backends import ort as ort_backend
 from spa.core.errors import SpaError, first_line
 from spa.core.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
+from spa.passes.base import Pass, PassResult
 
 NAME = "simplify"
 RTOL = 1e-4  # outputs of the simplified model vs the input, relative to the largest |output|
@@ -119,32 +120,66 @@ def _differs(slim: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
     return None
 
 
+class SimplifyPass(Pass):
+    """onnxslim's folding as a pass (module docstring). A pre-pass: when a promise breaks (or
+    onnxslim fails, or the model is over 2 GB) the input comes back unchanged and the stats say why."""
+
+    name = "simplify"
+
+    def requires(self, model: Model) -> None:
+        if weight_bytes(model.proto) >= TWO_GB:
+            raise _Skip("over 2 GB of weights (onnxslim works in memory)")
+        try:
+            import onnxslim  # noqa: F401 - the optional extra, loaded when asked for
+        except ImportError:
+            raise SpaError("--simplify needs onnxslim, which is not installed", "pip install 'spa[simplify]'") from None
+
+    def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
+        import onnxslim
+
+        source = onnx.ModelProto()
+        source.CopyFrom(model.proto)
+        try:
+            with quiet_stdout():
+                slim = onnxslim.slim(source, skip_fusion_patterns=NUMERIC_FUSIONS)
+        except Exception as exc:  # noqa: BLE001 - a failed pre-pass leaves the model as it was
+            raise _Skip(f"onnxslim failed: {first_line(exc, default=type(exc).__name__)}") from exc
+        if slim is None or _io(slim) != _io(model.proto):
+            raise _Skip("onnxslim would change the graph inputs/outputs")
+        _reshare(slim, model.proto)
+        return slim, {"nodes_after": len(slim.graph.node)}
+
+    def ensures(self, model: Model, proto: onnx.ModelProto, file=None) -> None:
+        """Interface and weight inputs as the input's, the checker, the same outputs (_differs)."""
+        why = _restore_weight_inputs(proto, model.proto) or _differs(proto, model.proto)
+        if why:
+            raise _Skip(why)
+
+    def run(self, model: Model, output=None) -> PassResult:
+        """The simplified graph and its stats; the input's graph, with the reason, when a promise
+        breaks. In memory only: simplify feeds the analysis, it writes no file."""
+        stats = {"nodes_before": len(model.graph.node), "nodes_after": len(model.graph.node)}
+        try:
+            self.requires(model)
+            proto, found = self.rewrite(model)
+            self.ensures(model, proto)
+        except _Skip as skip:
+            return PassResult(model.proto, {**stats, "status": "skipped", "reason": str(skip)})
+        return PassResult(proto, {**stats, **found, "status": "ok"})
+
+
+class _Skip(Exception):
+    """Why the simplified graph is not used (the input is, unchanged)."""
+
+
 def simplify(model: Model) -> tuple[Model, dict]:
     """(simplified model, stats); the model itself when onnxslim fails or would change the interface."""
-    stats = {"nodes_before": len(model.graph.node), "nodes_after": len(model.graph.node)}
-    if weight_bytes(model.proto) >= TWO_GB:
-        return model, {**stats, "status": "skipped", "reason": "over 2 GB of weights (onnxslim works in memory)"}
-    try:
-        import onnxslim
-    except ImportError:
-        raise SpaError("--simplify needs onnxslim, which is not installed", "pip install 'spa[simplify]'") from None
-    source = onnx.ModelProto()
-    source.CopyFrom(model.proto)
-    try:
-        with quiet_stdout():
-            slim = onnxslim.slim(source, skip_fusion_patterns=NUMERIC_FUSIONS)
-    except Exception as exc:  # noqa: BLE001 - a failed pre-pass leaves the model as it was
-        why = first_line(exc, default=type(exc).__name__)
-        return model, {**stats, "status": "skipped", "reason": f"onnxslim failed: {why}"}
-    if slim is None or _io(slim) != _io(model.proto):
-        return model, {**stats, "status": "skipped", "reason": "onnxslim would change the graph inputs/outputs"}
-    _reshare(slim, model.proto)
-    why = _restore_weight_inputs(slim, model.proto) or _differs(slim, model.proto)
-    if why:
-        return model, {**stats, "status": "skipped", "reason": why}
-    new = Model(slim, model.path, external_files=set(model.external_files))
+    done = SimplifyPass().run(model)
+    if done.stats["status"] != "ok":
+        return model, done.stats
+    new = Model(done.model, model.path, external_files=set(model.external_files))
     infer_shapes(new)
-    return new, {**stats, "nodes_after": len(slim.graph.node), "status": "ok"}
+    return new, done.stats
 
 
 def simplify_model(model: Model, wanted: bool, step) -> tuple[Model, dict | None]:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+import spa
 from onnx import TensorProto, helper, numpy_helper
 
 from spa.backends import base, bench, compare
@@ -392,11 +394,8 @@ def test_compare_api_document_is_the_commands(pruned, tmp_path, capsys):
     (lambda f: f["compare"](str(EXAMPLE), str(EXAMPLE), samples=0), "invalid samples=0"),
 ])
 def test_api_bad_values_are_usage_errors(call, says):
-    from spa.api import bench as api
-    from spa.core.errors import UsageError
-
-    with pytest.raises(UsageError, match=re.escape(says)):
-        call({"bench": api.bench, "compare": api.compare})
+    with pytest.raises(spa.UsageError, match=re.escape(says)):
+        call({"bench": spa.bench, "compare": spa.compare})
 
 
 def test_cli_bad_values_exit_2_naming_the_flag(capsys):

@@ -169,7 +169,7 @@ def build_typed(nodes, inputs, outputs, inits=(), opset=17, domains=(), value_in
             o.CopyFrom(inferred[o.name])
     onnx.checker.check_model(proto, full_check=not domains)
     m = spa.Model(proto)
-    spa.model.infer_shapes(m)
+    spa.core.model.infer_shapes(m)
     return m
 
 

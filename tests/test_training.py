@@ -142,7 +142,7 @@ def test_gradient_criterion_without_data_is_one_line(files, capsys):
     code = main(["prune", str(files / "tiny.onnx"), "--ratio", "0.5", "--criterion", "snip", "-o",
                  str(files / "out.onnx")])
     err = capsys.readouterr().err
-    assert code == 1 and "needs calibration data" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "needs calibration data" in err and len(err.strip().splitlines()) == 1  # a usage error
     assert not (files / "out.onnx").exists()
 
 

@@ -35,17 +35,17 @@ def _exists(model) -> None:
         raise SpaError(f"cannot load model '{model}': no such file")
 
 
-def evaluate(model, data, labels=None, *, reference=None, output=None, batch: int = 64, progress=None) -> Result:
+def evaluate(model, data, labels=None, *, reference=None, output=None, batch_size: int = 64, progress=None) -> Result:
     """`spa eval`: top-1 accuracy on `data` (with `labels`: an array, or the key of the labels in
     `data`) and fidelity to `reference`. `data`: an .npz path, arrays keyed by input name, or an
     iterable of feed dicts; `output`: the output holding the class scores (default: the first)."""
     for m in filter(lambda m: m is not None, (model, reference)):
         _exists(m)
-    positive_int("batch", batch)
+    positive_int("batch_size", batch_size)
     arrays = _arrays(data)
     with stepper(progress)("evaluating"):
         doc = measure(model if not hasattr(model, "proto") else model.proto, arrays, labels,
-                      reference if not hasattr(reference, "proto") else reference.proto, output, batch)
+                      reference if not hasattr(reference, "proto") else reference.proto, output, batch_size)
     return Result({"schema_version": EVAL_SCHEMA, "model": model_name(model), "data": _name(data),
                    "reference": model_name(reference) if reference is not None else None, **doc})
 

@@ -11,6 +11,8 @@ from spa.planning import sensitivity as sens
 from spa.reporting import report
 from spa.scoring import criteria
 
+FLAGS = {"batch_size": "--batch"}  # spa.evaluate keeps the name it always had
+
 
 def parser(sub) -> None:
     e = sub.add_parser("eval", help="top-1 accuracy on data, and fidelity to a reference model")
@@ -39,7 +41,7 @@ def parser(sub) -> None:
 
 def run_eval(args) -> int:
     doc = evaluate(args.model, args.data, args.labels, reference=args.reference, output=args.output,
-                   batch=args.batch, progress=progress(args)).to_json()
+                   batch_size=args.batch, progress=progress(args)).to_json()
     if args.json:
         return report.print_json(doc)
     report.print_eval(doc)

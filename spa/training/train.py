@@ -323,7 +323,7 @@ class HessoSchedule:
         self.analysis, self.ratio, self.periods = analysis, target_ratio, periods
         self.warmup, self.window, self.round_to = warmup, window, round_to
         self.groups = [g for g in analysis.groups if g.prunable and g.zero_invariant
-                       and (prune_hidden or not g.stats_only)]
+                       and (prune_hidden or not g.hidden)]
         self.selected: dict[str, list[int]] = {}
         self.shrinking: dict[str, list[int]] = {}
         self.notes: list[str] = []
