@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spa
-from spa.api import pipeline as api
+from spa import api
 from spa.scoring import criteria as importance
 
 MODES = ("none", "data-free", "calibrated")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spa.passes.simplify import simplify
 
 import spa
-from spa.api import pipeline as api
+from spa import api
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import spa
-from spa.api import pipeline as api
+from spa import api
 from spa.scoring import criteria as importance
 
 # spa criterion -> Torch-Pruning importance (class name, kwargs); spa-only criteria are left out

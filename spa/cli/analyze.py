@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spa.api.analyze import analyze
-from spa.cli.app import CALIB_HELP, EXCLUDE_HELP, SIMPLIFY_HELP, add_common, progress
+from spa.cli.app import CALIB_HELP, EXCLUDE_HELP, SIMPLIFY_HELP, add_calib, add_common, progress
 from spa.reporting import report
 from spa.scoring import criteria
 
@@ -19,7 +19,7 @@ def parser(sub) -> None:
     preview.add_argument("--plan", help="preview a plan file: attention blocks' sizes before -> after")
     a.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA), help="with --ratio")
     a.add_argument("--prune-hidden", action="store_true", help="with --ratio: as for prune")
-    a.add_argument("--calib", metavar="DATA", help="with --ratio: " + CALIB_HELP)
+    add_calib(a, help="with --ratio: " + CALIB_HELP)
     a.add_argument("--seed", type=int, default=0, help="with --ratio and --criterion random")
     add_common(a, json_help="print the analysis as JSON on stdout")
 

@@ -60,6 +60,16 @@ def add_common(p, output: str | None = None, json_help: str = "print the result 
     p.add_argument("-v", "--verbose", action="store_true", help="a traceback with every error")
 
 
+def add_calib(p, help: str = CALIB_HELP, samples: int | None = None, required: bool = False, into=None,  # noqa: A002
+              samples_help: str | None = None) -> None:
+    """--calib DATA (into a mutually exclusive group when given) and, when `samples` is given (or
+    `samples_help`), --calib-samples N: the calibration options, declared once for every command."""
+    (into or p).add_argument("--calib", metavar="DATA", required=required, help=help)
+    if samples is not None or samples_help is not None:
+        p.add_argument("--calib-samples", type=int, default=samples, metavar="N",
+                       help=samples_help or f"samples of --calib to use ({samples})")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="Structured pruning of ONNX models.")
     p.add_argument("--version", action="version", version=f"spa {__version__}")

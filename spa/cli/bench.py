@@ -16,7 +16,7 @@ from rich.table import Table
 from spa.api.bench import bench as run_bench
 from spa.api.bench import compare as run_compare
 from spa.backends.base import BACKENDS, PRECISIONS
-from spa.cli.app import err
+from spa.cli.app import add_common, err
 from spa.reporting.report import out
 
 
@@ -31,9 +31,7 @@ def parser(sub) -> None:
     b.add_argument("--min-iterations", type=int, default=10, help="timed runs at least, whatever the duration (10)")
     b.add_argument("--min-speedup", type=float, metavar="X",
                    help="exit 3 when a model after the first is less than X times as fast (p50) at some batch")
-    b.add_argument("-o", "--output", metavar="JSON", help="also write the results to this JSON file")
-    b.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
-    b.add_argument("-v", "--verbose", action="store_true")
+    add_common(b, output="also write the results to this JSON file", json_help="print the results as JSON on stdout")
     c = sub.add_parser("compare", help="output parity of two models, or of one model on two backends; "
                        "exit 3 when outside the tolerance")
     c.add_argument("model_a", metavar="A")
@@ -46,8 +44,7 @@ def parser(sub) -> None:
     c.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (1e-4)")
     c.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (1e-3): |a-b| <= atol + rtol*|b|")
     c.add_argument("--min-cosine", type=float, help="also fail when an output's cosine similarity is below this")
-    c.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    c.add_argument("-v", "--verbose", action="store_true")
+    add_common(c)
 
 
 def _backend_options(p) -> None:

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from spa.api.build import build as run_build
-from spa.cli.app import err, step
+from spa.cli.app import add_common, err, step
 from spa.core.errors import require
 
 
@@ -22,7 +22,6 @@ def parser(sub) -> None:
     b = sub.add_parser("build", help="build a TensorRT engine from an ONNX model (--trt)")
     b.add_argument("model")
     b.add_argument("--trt", action="store_true", help="build a TensorRT engine (the only engine format so far)")
-    b.add_argument("-o", "--output", help="engine file (default: MODEL.engine beside the input)")
     prec = b.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="float16: TensorRT's strongly typed networks take the "
                       "precision from the ONNX types, so the model must compute in float16 (spa quantize --fp16)")
@@ -33,8 +32,7 @@ def parser(sub) -> None:
                    "[,NAME2:...] (one shape: fixed); a dynamic batch axis alone defaults to 1")
     b.add_argument("--timing-cache", metavar="FILE", help="read and update this TensorRT timing cache (faster rebuilds)")
     b.add_argument("--workspace", type=int, metavar="MB", help="builder workspace limit in MiB (default: TensorRT's)")
-    b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    b.add_argument("-v", "--verbose", action="store_true", help="tracebacks and TensorRT's warnings")
+    add_common(b, output="engine file (default: MODEL.engine beside the input)")
 
 
 def build(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from spa.api.compress import compress
-from spa.cli.app import add_common, output_path, progress
+from spa.cli.app import add_calib, add_common, output_path, progress
 from spa.reporting import report
 from spa.reporting.report import out as console
 
@@ -27,9 +27,8 @@ def parser(sub) -> None:
     prec = c.add_mutually_exclusive_group()
     prec.add_argument("--int8", action="store_true", help="INT8 QDQ (needs --calib)")
     prec.add_argument("--fp16", action="store_true", help="float16 with float32 I/O and sensitive ops")
-    c.add_argument("--calib", metavar="DATA", help=".npz of calibration inputs keyed by input name")
-    c.add_argument("--calib-samples", type=int, metavar="N",
-                   help="samples of --calib each stage uses (default: each command's own, prune 512, others 256)")
+    add_calib(c, help=".npz of calibration inputs keyed by input name",
+              samples_help="samples of --calib each stage uses (default: each command's own, prune 512, others 256)")
     c.add_argument("--quant-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="INT8 calibration (minmax)")
     c.add_argument("--eval", metavar="DATA", help=".npz of held-out inputs: fidelity (and accuracy with --labels) "

@@ -6,7 +6,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from spa.api.measure import evaluate, sensitivity
-from spa.cli.app import CALIB_HELP, EXCLUDE_HELP, SIMPLIFY_HELP, add_common, progress, show_notes
+from spa.cli.app import EXCLUDE_HELP, SIMPLIFY_HELP, add_calib, add_common, progress, show_notes
 from spa.planning import sensitivity as sens
 from spa.reporting import report
 from spa.scoring import criteria
@@ -25,7 +25,7 @@ def parser(sub) -> None:
     add_common(e)
     s = sub.add_parser("sensitivity", help="fidelity loss of each group pruned alone, per ratio")
     s.add_argument("model")
-    s.add_argument("--calib", required=True, help=CALIB_HELP)
+    add_calib(s, required=True)
     s.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], metavar="R")
     s.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA))
     s.add_argument("--group", action="append", metavar="ID", help="measure only these groups (repeatable)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spa.api.prune import prune_model
-from spa.cli.app import CALIB_HELP, EXCLUDE_HELP, SIMPLIFY_HELP, add_common, output_path, progress, show_notes
+from spa.cli.app import EXCLUDE_HELP, SIMPLIFY_HELP, add_calib, add_common, output_path, progress, show_notes
 from spa.reporting import report
 from spa.scoring import criteria
 
@@ -25,8 +25,7 @@ def parser(sub) -> None:
                           "the outputs must not change (else exit 3)")
     r.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA),
                    help="channel scores (default l1); obspa, mean-act and apoz use activation statistics")
-    r.add_argument("--calib", metavar="DATA", help=CALIB_HELP)
-    r.add_argument("--calib-samples", type=int, default=512, metavar="N", help="samples of --calib to use (512)")
+    add_calib(r, samples=512)
     r.add_argument("--labels", metavar="KEY", help="key of the labels in --calib for the gradient criteria (taylor, "
                    "snip, grasp, crop); without it the model's own predictions are the targets")
     r.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,

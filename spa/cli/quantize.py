@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from spa.api.quantize import quantize as quantize_model
-from spa.cli.app import err, output_path, step
+from spa.cli.app import add_calib, add_common, err, output_path, step
 
 
 def parser(sub) -> None:
@@ -16,17 +16,14 @@ def parser(sub) -> None:
                        "tooling")
     q.add_argument("model")
     how = q.add_mutually_exclusive_group(required=True)
-    how.add_argument("--calib", metavar="DATA", help=".npz of calibration inputs keyed by input name: INT8")
+    add_calib(q, help=".npz of calibration inputs keyed by input name: INT8", samples=256, into=how)
     how.add_argument("--fp16", action="store_true", help="float16 weights and math, float32 inputs/outputs and "
                      "sensitive ops (normalizations, reductions, exp/log/pow/sqrt)")
     q.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="INT8 calibration (minmax)")
-    q.add_argument("--calib-samples", type=int, default=256, metavar="N", help="samples of --calib to use (256)")
     q.add_argument("--no-per-channel", dest="per_channel", action="store_false",
                    help="one weight scale per tensor instead of per output channel")
-    q.add_argument("-o", "--output", help="output model (default: MODEL.int8.onnx / MODEL.fp16.onnx)")
-    q.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    q.add_argument("-v", "--verbose", action="store_true")
+    add_common(q, output="output model (default: MODEL.int8.onnx / MODEL.fp16.onnx)")
 
 
 def quantize(args) -> int:

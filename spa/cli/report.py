@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from spa.api.report import report as run_report
-from spa.cli.app import err, step
+from spa.cli.app import add_common, err, step
 from spa.reporting import html as html_report
 
 
@@ -30,9 +30,8 @@ def parser(sub) -> None:
     p.add_argument("--samples", type=int, metavar="N", help=f"fidelity samples (default {html_report.DATA_SAMPLES} "
                    f"of --data, or {html_report.RANDOM_SAMPLES} random inputs)")
     p.add_argument("--title", help="page title (default: spa report: DENSE)")
-    p.add_argument("-o", "--output", help="the page (default: DENSE.report.html beside DENSE)")
-    p.add_argument("--json", action="store_true", help="also print the page's data as JSON on stdout")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_common(p, output="the page (default: DENSE.report.html beside DENSE)",
+               json_help="also print the page's data as JSON on stdout")
 
 
 def _command(args) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 from rich.table import Table
 
 from spa.api.sparsify import sparsify as sparsify_model
-from spa.cli.app import err, output_path, step
+from spa.cli.app import add_calib, add_common, err, output_path, step
 from spa.reporting import report
 
 
@@ -24,15 +24,12 @@ def parser(sub) -> None:
     z.add_argument("--method", default="magnitude", choices=["magnitude", "obs"],
                    help="which weights to keep: magnitude, or obs (calibrated second-order selection with "
                    "compensation, SparseGPT-style; needs --calib)")
-    z.add_argument("--calib", metavar="DATA", help=".npz of calibration inputs keyed by input name (--method obs)")
-    z.add_argument("--calib-samples", type=int, default=256, metavar="N", help="samples of --calib to use (256)")
+    add_calib(z, help=".npz of calibration inputs keyed by input name (--method obs)", samples=256)
     z.add_argument("--permute", action="store_true",
                    help="search channel permutations of coupled groups first (as NVIDIA ASP) to keep more magnitude")
     z.add_argument("--permute-budget", type=float, default=2.0, metavar="S",
                    help="seconds of permutation search per channel group (2)")
-    z.add_argument("-o", "--output", help="output model (default: MODEL.sparse.onnx beside the input)")
-    z.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    z.add_argument("-v", "--verbose", action="store_true")
+    add_common(z, output="output model (default: MODEL.sparse.onnx beside the input)")
 
 
 def sparsify(args) -> int:

@@ -17,7 +17,7 @@ from typing import Self
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from spa.api import train as api_train
-from spa.cli.app import err, output_path, show_notes, step
+from spa.cli.app import add_common, err, output_path, show_notes, step
 from spa.scoring import criteria as importance
 
 COMMON = ("data", "labels", "val", "val_split", "distill_from", "epochs", "lr", "batch", "weight_decay",
@@ -72,9 +72,7 @@ def _training_options(t, what: str) -> None:
     t.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's); small "
                    "models train fastest with 1, and a busy machine slows down a lot with more")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("-o", "--output", help=f"output model (default: MODEL.{what}.onnx beside the input)")
-    t.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    t.add_argument("-v", "--verbose", action="store_true")
+    add_common(t, output=f"output model (default: MODEL.{what}.onnx beside the input)")
 
 
 class _Bar:
