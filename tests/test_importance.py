@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 from spa.core.analysis import Group, Member
 
 
@@ -22,8 +22,8 @@ def test_fpgm_drops_the_redundant_channel_l1_the_small_one():
     the others cannot replace) and a near-copy lowest."""
     w = np.array([[1.0, 0.0], [1.1, 0.0], [0.95, 0.0], [0.0, 0.05]])
     g, weights = _group(w.shape), {"W0": w}
-    assert np.argmin(importance.l1(g, weights)) == 3
-    scores = importance.fpgm(g, weights)
+    assert np.argmin(criteria.l1(g, weights)) == 3
+    scores = criteria.fpgm(g, weights)
     assert np.argmax(scores) == 3 and np.argmin(scores) in (0, 2)
 
 
@@ -33,13 +33,13 @@ def test_fpgm_ragged_positions_and_many_members():
     g.members[1] = Member("W1", 0, [np.array([0]), np.array([1, 2]), np.array([3]), np.array([4, 5])])
     rng = np.random.default_rng(0)
     weights = {"W0": rng.standard_normal((4, 3)), "W1": rng.standard_normal((6, 2))}
-    scores = importance.fpgm(g, weights)
+    scores = criteria.fpgm(g, weights)
     assert scores.shape == (4,) and np.isfinite(scores).all() and scores.mean() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("name", sorted(importance.CRITERIA))
+@pytest.mark.parametrize("name", sorted(criteria.CRITERIA))
 def test_every_criterion_scores_every_channel(name):
     rng = np.random.default_rng(1)
     g = _group((4, 5))
-    scores = importance.get(name)(g, {"W0": rng.standard_normal((4, 5)).astype(np.float32)})
+    scores = criteria.get(name)(g, {"W0": rng.standard_normal((4, 5)).astype(np.float32)})
     assert scores.shape == (4,) and np.isfinite(scores).all()

@@ -20,7 +20,7 @@ from spa.backends import ort as ort_backend
 import spa
 from spa import api
 from spa.core import cost
-from spa.scoring import criteria as importance, moments, stats
+from spa.scoring import criteria, moments, stats
 from spa.core.errors import SpaError
 
 
@@ -119,7 +119,7 @@ def test_obspa_drops_a_copy_first(calibrated):
     """One of the two copies costs nothing once the other takes over; l1 ranks by size instead."""
     analysis = spa.analyze(_model(scale_b=1.0))
     st = api.statistics(analysis, _data() if calibrated else None)
-    scores = importance.score(analysis, "obspa", data=st)["A.w:0"]
+    scores = criteria.score(analysis, "obspa", data=st)["A.w:0"]
     assert int(np.argmin(scores)) in (1, 5)
     plan = api.make_plan(analysis, 0.34, "obspa", stats=st)["A.w:0"]
     assert len(plan) == 2 and len({1, 5} & set(plan)) == 1  # never both copies
@@ -127,12 +127,12 @@ def test_obspa_drops_a_copy_first(calibrated):
 
 def test_bn_scale_ranks_by_gamma_and_falls_back_without_one():
     analysis = spa.analyze(_model(gamma=[1.0, 0.9, 0.05, 1.1, 1.2, 0.9]))
-    assert int(np.argmin(importance.score(analysis, "bn-scale")["A.w:0"])) == 2
+    assert int(np.argmin(criteria.score(analysis, "bn-scale")["A.w:0"])) == 2
     st = stats.Stats("calibration")
     no_bn = spa.analyze(_model_without_bn())
-    scores = importance.score(no_bn, "bn-scale", data=st)
+    scores = criteria.score(no_bn, "bn-scale", data=st)
     assert st.notes and "no normalization scale" in st.notes[0]
-    np.testing.assert_allclose(next(iter(scores.values())), next(iter(importance.score(no_bn, "l1").values())))
+    np.testing.assert_allclose(next(iter(scores.values())), next(iter(criteria.score(no_bn, "l1").values())))
 
 
 def _model_without_bn():
@@ -154,7 +154,7 @@ def test_activation_criteria_rank_a_dead_channel_lowest(name):
             t.CopyFrom(numpy_helper.from_array(b, "bn.b"))
     analysis = spa.analyze(model)
     st = api.statistics(analysis, _data(64))
-    assert int(np.argmin(importance.score(analysis, name, data=st)["A.w:0"])) == 3
+    assert int(np.argmin(criteria.score(analysis, name, data=st)["A.w:0"])) == 3
     with pytest.raises(SpaError, match="needs calibration data"):
         api.make_plan(analysis, 0.5, name)
 

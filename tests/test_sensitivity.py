@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import spa
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 from spa.planning import planner, sensitivity
 from spa.core.errors import SpaError
 from spa.core.model import Model, infer_shapes
@@ -67,7 +67,7 @@ def _row(sens, gid):
 def _pruned_loss(analysis, gid, ratio, x):
     """1 - cosine of the physically pruned model against the original, via spa.evaluate."""
     g = analysis.group(gid)
-    plan = planner.uniform([g], importance.score(analysis, "l1", groups=[g]), ratio)
+    plan = planner.uniform([g], criteria.score(analysis, "l1", groups=[g]), ratio)
     doc = spa.evaluate(spa.prune(analysis, plan), {"x": x}, reference=analysis.model.proto)
     return 1 - doc["fidelity"]["y"]["cosine"], doc["fidelity"]["y"]["rel_err"]
 
@@ -258,7 +258,7 @@ def test_table_rows_most_sensitive_first():
 
 def test_plan_with_ratios_respects_them(x):
     a = spa.analyze(branches())
-    scores = importance.score(a, "l1")
+    scores = criteria.score(a, "l1")
     plan = sensitivity.plan_with_ratios(a, scores, {"A.w:0": 0.5, "B.w:0": 0.0})
     assert list(plan) == ["A.w:0"] and plan["A.w:0"] == planner.uniform([a.group("A.w:0")], scores, 0.5)["A.w:0"]
     assert len(sensitivity.plan_with_ratios(a, scores, {"A.w:0": 0.3, "B.w:0": 0.3}, round_to=3)["B.w:0"]) == 2
@@ -272,7 +272,7 @@ def test_protect_then_plan_keeps_every_group_within_max_loss(x):
     sens = sensitivity.sensitivity(a, {"x": x}, (0.3, 0.5, 0.9))
     ratios = sensitivity.protect(sens, 0.9, 1e-3)
     assert ratios["A.w:0"] < ratios["B.w:0"] == 0.9  # the sensitive branch is protected
-    plan = sensitivity.plan_with_ratios(a, importance.score(a, "l1"), ratios)
+    plan = sensitivity.plan_with_ratios(a, criteria.score(a, "l1"), ratios)
     for gid, r in ratios.items():
         row = _row(sens, gid)
         dropped = row["channels_dropped"][sens["ratios"].index(r)] if r else 0

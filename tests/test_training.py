@@ -18,7 +18,7 @@ from spa.backends import ort as ort_backend
 from spa.cli.app import main
 from spa.core import cost
 from spa.core.errors import UsageError
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 from spa.scoring import gradients
 
 torch = pytest.importorskip("torch")
@@ -91,7 +91,7 @@ def _first_group(analysis):
 def test_dead_channel_has_zero_gradient_saliency(data, kind):
     analysis = spa.analyze(api.reinfer(tiny_cnn(dead=3)))
     sal = api.saliency(analysis, kind, {"x": data["x_train"][:128]}, data["y_train"][:128])
-    scores = importance.score(analysis, kind, data=sal)[_first_group(analysis).id]
+    scores = criteria.score(analysis, kind, data=sal)[_first_group(analysis).id]
     assert scores[3] == 0
     assert np.count_nonzero(scores) >= len(scores) // 2  # (a channel whose ReLU never fires is dead too)
     if kind != "grasp":  # grasp's sums are signed: the dead channel is not necessarily the lowest
@@ -105,7 +105,7 @@ def test_taylor_is_the_derivative_of_the_loss_along_a_channel(data):
     x, y = data["x_train"][:200], data["y_train"][:200]
     sal = api.saliency(analysis, "taylor", {"x": x}, y)
     group = _first_group(analysis)
-    scores = importance.score(analysis, "taylor", data=sal)[group.id]
+    scores = criteria.score(analysis, "taylor", data=sal)[group.id]
 
     def loss(channel, a):
         values = {}

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spa
 from spa import api
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 
 MODES = ("none", "data-free", "calibrated")
 
@@ -29,8 +29,8 @@ MODES = ("none", "data-free", "calibrated")
 def rows(stats: dict) -> list[tuple[str, str, object]]:
     """(label, criterion, scoring stats) for every criterion; obspa once per kind of statistics."""
     out = []
-    for name in sorted(importance.CRITERIA):
-        need = importance.NEEDS.get(name)
+    for name in sorted(criteria.CRITERIA):
+        need = criteria.NEEDS.get(name)
         if name == "obspa":
             out += [("obspa (data-free)", name, stats["data-free"]), ("obspa (calibrated)", name, stats["calibrated"])]
         else:

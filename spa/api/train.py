@@ -30,7 +30,7 @@ from spa.core.errors import SpaError, VerificationError, positive_int, require
 from spa.core.model import check_writable, save, write_text_atomic
 from spa.planning.plan import make_plan
 from spa.planning.planner import check_ratio, to_json
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 from spa.scoring.gradients import require_torch
 from spa.scoring.measure import compensation, saliency, statistics
 from spa.training.train import (
@@ -210,8 +210,8 @@ def finetune(model, *, data, labels=None, val=None, val_split=0.1, distill_from=
     s = _Setup.of(locals())
     if ratio is not None:
         check_ratio(ratio)
-    require(criterion in importance.CRITERIA,
-            f"invalid criterion={criterion!r}: not one of {', '.join(sorted(importance.CRITERIA))}")
+    require(criterion in criteria.CRITERIA,
+            f"invalid criterion={criterion!r}: not one of {', '.join(sorted(criteria.CRITERIA))}")
     step = stepper(progress)
     run = _prepare(s, model, distill_from is not None or (ratio is not None and distill))
     with step("load + shape inference"):
@@ -237,7 +237,7 @@ def _prune_first(loaded, model, run: _Run, s: _Setup, ratio: float, criterion: s
         analysis = analyze(loaded)
     if not any(g.prunable for g in analysis.groups):
         raise SpaError(f"nothing to prune in '{model_name(model) or 'the model'}'")
-    need = importance.NEEDS.get(criterion)
+    need = criteria.NEEDS.get(criterion)
     stats = None
     feeds, labels = split_labels(run.arrays, loaded.input_names, s.labels)
     with step(f"scoring ({criterion}) + planning"):

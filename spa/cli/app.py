@@ -52,7 +52,7 @@ def progress(args):
     return lambda what: step(what, args.json)
 
 
-def add_common(p, output: str | None = None, json_help: str = "print the result as JSON on stdout") -> None:
+def add_common(p, *, output: str | None = None, json_help: str = "print the result as JSON on stdout") -> None:
     """The options every command shares: -o/--output (when it writes a model), --json, -v."""
     if output is not None:
         p.add_argument("-o", "--output", help=output)
@@ -60,7 +60,7 @@ def add_common(p, output: str | None = None, json_help: str = "print the result 
     p.add_argument("-v", "--verbose", action="store_true", help="a traceback with every error")
 
 
-def add_calib(p, help: str = CALIB_HELP, samples: int | None = None, required: bool = False, into=None,  # noqa: A002
+def add_calib(p, *, help: str = CALIB_HELP, samples: int | None = None, required: bool = False, into=None,  # noqa: A002
               samples_help: str | None = None) -> None:
     """--calib DATA (into a mutually exclusive group when given) and, when `samples` is given (or
     `samples_help`), --calib-samples N: the calibration options, declared once for every command."""

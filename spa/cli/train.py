@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from spa.api import train as api_train
 from spa.cli.app import add_common, err, output_path, show_notes, step
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 
 COMMON = ("data", "labels", "val", "val_split", "distill_from", "epochs", "lr", "batch", "weight_decay",
           "temperature", "alpha", "logits", "checkpoint", "resume", "device", "threads", "seed")
@@ -29,7 +29,7 @@ def parser(sub) -> None:
     _training_options(f, "finetuned")
     f.add_argument("--ratio", type=float, help="prune this fraction of each group first (then fine-tune, "
                    "distilling from the dense model unless --no-distill)")
-    f.add_argument("--criterion", default="l1", choices=sorted(importance.CRITERIA),
+    f.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA),
                    help="with --ratio: channel scores (l1); gradient and calibration criteria use --data")
     f.add_argument("--keep-sparsity", action="store_true",
                    help="weights that are exactly zero stay zero (keeps a 2:4 pattern from spa sparsify)")

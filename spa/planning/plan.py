@@ -8,15 +8,15 @@ from spa.core import cost
 from spa.core.analysis import Analysis
 from spa.core.errors import SpaError, UsageError, positive_int
 from spa.planning import planner
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 from spa.scoring.measure import statistics
 
 
 # positional: internal callers pass these positionally (a signature kept as it was)
 def scores(analysis: Analysis, criterion: str, seed: int = 0, stats=None) -> dict:
     """{group id: channel scores} of `criterion`; the data criteria read `stats`."""
-    importance.get(criterion)
-    need = importance.NEEDS.get(criterion)
+    criteria.get(criterion)
+    need = criteria.NEEDS.get(criterion)
     if need == "gradients" and (stats is None or getattr(stats, "kind", None) != criterion):
         raise SpaError(f"criterion '{criterion}' needs data for its gradients",
                        "pass calib=DATA.npz (with labels=KEY if it holds labels; without, the model's own "
@@ -26,7 +26,7 @@ def scores(analysis: Analysis, criterion: str, seed: int = 0, stats=None) -> dic
                        "pass calib=DATA.npz (arrays keyed by input name)")
     if need and stats is None:
         stats = statistics(analysis)
-    return importance.score(analysis, criterion, seed=seed, data=stats)
+    return criteria.score(analysis, criterion, seed=seed, data=stats)
 
 
 def _candidates(analysis: Analysis, prune_hidden: bool) -> list:

@@ -34,7 +34,7 @@ from spa.core.runtime import checked_session
 from spa.core.values import zeroed_values
 from spa.passes import prune as prune_pass
 from spa.planning import planner
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 from spa.scoring import gradients
 from spa.scoring import stats as activation_stats
 
@@ -61,7 +61,7 @@ def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=Non
     `stats`: activation statistics (spa.scoring.measure.statistics) for the criteria that need them;
     measured on the same samples of `data` when such a criterion gets none."""
     ratios = _check_ratios(ratios)
-    importance.get(criterion)  # an unknown criterion fails before any work
+    criteria.get(criterion)  # an unknown criterion fails before any work
     groups = _pick_groups(analysis, groups)
     probe = _Probe(analysis, groups, output)
     feeds = _calibration(data, probe.inputs, batch_size, max_samples)
@@ -74,7 +74,7 @@ def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=Non
         progress(0, total)
     rows = []
     for g in groups:
-        scores = importance.score(analysis, criterion, groups=[g], seed=seed, data=stats)
+        scores = criteria.score(analysis, criterion, groups=[g], seed=seed, data=stats)
         row = {"id": g.id, "size": g.size, "zero_invariant": bool(g.zero_invariant),
                "loss": [], "rel_err": [], "channels_dropped": []}
         for r in ratios:
@@ -103,9 +103,9 @@ def _check_ratios(ratios) -> list[float]:
 
 def _statistics(analysis, criterion: str, groups: list, feeds: list[dict], stats):
     """`stats`, or for a criterion that needs activation statistics, those of `feeds`."""
-    if stats is not None or criterion not in importance.NEEDS:
+    if stats is not None or criterion not in criteria.NEEDS:
         return stats
-    if importance.NEEDS[criterion] == "gradients":  # the model's own predictions are the targets
+    if criteria.NEEDS[criterion] == "gradients":  # the model's own predictions are the targets
         merged = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
         return gradients.measure(analysis, merged, criterion, max_samples=_count(merged))
 

@@ -34,7 +34,7 @@ import numpy as np
 from spa.backends import ort as ort_backend
 from spa.core.errors import SpaError, positive_int, require
 from spa.planning import planner
-from spa.scoring import criteria as importance
+from spa.scoring import criteria
 from spa.scoring.gradients import require_torch, scored_output, task_loss, trainable_names
 
 CHECKPOINT_VERSION = 1
@@ -401,7 +401,7 @@ class HessoSchedule:
         scores = {}
         held = self._current({m.tensor for g in self.groups for m in g.members})
         for g in self.groups:
-            s = importance.l2(g, held)
+            s = criteria.l2(g, held)
             taken = set(self.selected.get(g.id, [])) | set(self.shrinking.get(g.id, []))
             s = np.where(np.isin(np.arange(g.size), list(taken)), -np.inf, s)
             scores[g.id] = s
