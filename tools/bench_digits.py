@@ -31,6 +31,8 @@ def rows(stats: dict) -> list[tuple[str, str, object]]:
     out = []
     for name in sorted(criteria.CRITERIA):
         need = criteria.NEEDS.get(name)
+        if need == "gradients":  # taylor/snip/grasp/crop need torch and labels: tools/bench_train.py measures them
+            continue
         if name == "obspa":
             out += [("obspa (data-free)", name, stats["data-free"]), ("obspa (calibrated)", name, stats["calibrated"])]
         else:

@@ -7,28 +7,44 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
 from spa.core.data import load_npz
-from spa.core.errors import UsageError
+from spa.core.errors import SpaError, UsageError
 from spa.core.model import Model
 from spa.passes.base import Pass, PassResult
 
 
-def arrays(data, name: str = "calib") -> dict | None:
-    """Arrays keyed by input name from a path to an .npz or a dict of arrays (None stays None)."""
+def arrays(data, name: str = "calib"):
+    """Arrays keyed by input name from a path to an .npz or a dict of arrays; an iterable of feed
+    dicts passes as it is (None stays None)."""
     if data is None:
         return None
     if isinstance(data, (str, os.PathLike)):
         return load_npz(data)
     if isinstance(data, dict):
         return {k: np.asarray(v) for k, v in data.items()}
-    raise UsageError(f"invalid {name}={type(data).__name__}: expected a path to an .npz or a dict of arrays")
+    if hasattr(data, "__iter__"):
+        return data
+    raise UsageError(f"invalid {name}={type(data).__name__}: expected a path to an .npz, a dict of arrays or an "
+                     "iterable of feed dicts")
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def run_pass(rewrite: Pass, model: Model, output, step, what: str) -> PassResult:
+def require_files(*models) -> None:
+    """Fail before any work when a model argument names a file that is not there."""
+    for model in models:
+        if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
+            raise SpaError(f"cannot load model '{model}': no such file")
+
+
+def data_name(data) -> str | None:
+    """The path a data argument names, as the documents print it (None for arrays in memory)."""
+    return str(data) if isinstance(data, (str, os.PathLike)) else None
+
+
+def run_pass(rewrite: Pass, model: Model, output, *, step, what: str) -> PassResult:
     """`rewrite.run(model, output)` with its rewrite and its checks as two named progress steps."""
     rewrite.requires(model)
     with step(what):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from onnx import numpy_helper
 
-from spa.api.common import arrays
+from spa.api.common import arrays, require_files
 from spa.api.prune import prune_model
 from spa.api.quantize import quantize
 from spa.api.result import Result, as_model, model_name, output_target, stepper
@@ -57,8 +57,7 @@ def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = F
 
 def _check(model, o: dict) -> None:
     """Every bad value or combination, before any slow work."""
-    if isinstance(model, (str, Path)) and not Path(model).is_file():
-        raise SpaError(f"cannot load model '{model}': no such file")
+    require_files(model)
     planner.check_ratio(o["ratio"])
     if o["sparsify"]:
         parse_pattern(o["sparsify"], "sparsify")

@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from spa.api.common import arrays, data_name, require_files
 from spa.api.result import Result, as_model, model_name, stepper
 from spa.core.analysis import analyze
-from spa.core.data import load_npz
 from spa.core.errors import SpaError, positive_int
 from spa.core.model import check_writable
 from spa.passes.simplify import simplify_model
@@ -22,31 +20,17 @@ from spa.scoring.evaluate import evaluate as measure
 EVAL_SCHEMA = 1
 
 
-def _name(data):
-    return str(data) if isinstance(data, (str, Path)) else None
-
-
-def _arrays(data):
-    return load_npz(data) if isinstance(data, (str, Path)) else data
-
-
-def _exists(model) -> None:
-    if isinstance(model, (str, Path)) and not Path(model).is_file():
-        raise SpaError(f"cannot load model '{model}': no such file")
-
-
 def evaluate(model, data, labels=None, *, reference=None, output=None, batch_size: int = 64, progress=None) -> Result:
     """`spa eval`: top-1 accuracy on `data` (with `labels`: an array, or the key of the labels in
     `data`) and fidelity to `reference`. `data`: an .npz path, arrays keyed by input name, or an
     iterable of feed dicts; `output`: the output holding the class scores (default: the first)."""
-    for m in filter(lambda m: m is not None, (model, reference)):
-        _exists(m)
+    require_files(model, reference)
     positive_int("batch_size", batch_size)
-    arrays = _arrays(data)
+    feeds = arrays(data)
     with stepper(progress)("evaluating"):
-        doc = measure(model if not hasattr(model, "proto") else model.proto, arrays, labels,
+        doc = measure(model if not hasattr(model, "proto") else model.proto, feeds, labels,
                       reference if not hasattr(reference, "proto") else reference.proto, output, batch_size)
-    return Result({"schema_version": EVAL_SCHEMA, "model": model_name(model), "data": _name(data),
+    return Result({"schema_version": EVAL_SCHEMA, "model": model_name(model), "data": data_name(data),
                    "reference": model_name(reference) if reference is not None else None, **doc})
 
 
@@ -56,13 +40,13 @@ def sensitivity(model, calib, *, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), criterion: st
     """`spa sensitivity`: the fidelity lost (1 - cosine) when each group alone is pruned at each
     ratio, on `calib` (.npz path or arrays). `group`: ids to measure (default: all prunable);
     `plot`: a .png/.svg file of loss vs ratio; `on_trial(done, total)` after each trial."""
-    _exists(model)
+    require_files(model)
     for r in ratios:
         planner.check_ratio(r, "ratios")
     if plot is not None:  # fail before the slow part
         check_writable(plot, model_name(model))
         sens.check_plot(plot)
-    arrays, step = _arrays(calib), stepper(progress)
+    feeds, step = arrays(calib), stepper(progress)
     with step("load + shape inference"):
         loaded = as_model(model)
     loaded, simplified = simplify_model(loaded, simplify, step)
@@ -70,9 +54,9 @@ def sensitivity(model, calib, *, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), criterion: st
         analysis = analyze(loaded, exclude=list(exclude))
     if not any(g.prunable for g in analysis.groups):
         raise SpaError(f"nothing to measure in '{model_name(model) or '(in memory)'}': {why_nothing(analysis)}")
-    doc = sens.sensitivity(analysis, arrays, ratios, criterion, groups=group, batch_size=batch, seed=seed,
+    doc = sens.sensitivity(analysis, feeds, ratios, criterion, groups=group, batch_size=batch, seed=seed,
                            max_samples=max_samples, output=output, progress=on_trial)
-    doc = {**doc, "model": model_name(model), "calib": _name(calib), "simplify": simplified}
+    doc = {**doc, "model": model_name(model), "calib": data_name(calib), "simplify": simplified}
     if plot is not None:
         sens.plot(doc, plot)
     return Result(doc)

@@ -16,12 +16,13 @@ import json
 from pathlib import Path
 
 
+from spa.api.common import arrays
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost
 from spa.core.analysis import Analysis, analyze
 from spa.core.blocks import attention_blocks
 from spa.core.checks import check_against
-from spa.core.data import load_npz, split_labels
+from spa.core.data import split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
 from spa.core.sizes import file_bytes
@@ -129,7 +130,7 @@ class _Run:
             require(self.out is None or Path(o["save_plan"]).resolve() != self.out.resolve(),
                     f"save_plan= and output= both name '{self.out}'", "write the plan to another file")
         self.plan = _read_plan(o["plan"]) if o["plan"] is not None else None
-        self.calib = _arrays(o["calib"])
+        self.calib = arrays(o["calib"])
         self.sens = sensitivity.read(o["sensitivity"]) if isinstance(o["sensitivity"], (str, Path)) \
             else o["sensitivity"]
         if o["compensate"] is None:
@@ -256,8 +257,3 @@ def _read_plan(plan) -> dict:
     if isinstance(plan, dict):
         return {str(k): [int(c) for c in v] for k, v in plan.items()}
     raise UsageError(f"invalid plan={type(plan).__name__}: expected a plan dict, a plan document or a file path")
-
-
-def _arrays(data):
-    """Arrays keyed by input name from an .npz path, or the dict itself (None stays None)."""
-    return load_npz(data) if isinstance(data, (str, Path)) else data

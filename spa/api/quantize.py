@@ -43,7 +43,8 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
     loaded.refuse_overwrite(out)
     refuse_quantized(loaded, "quantize")
     rewrite = Fp16Pass() if fp16 else Int8Pass(data, method, per_channel, calib_samples)
-    done = run_pass(rewrite, loaded, out, step, "FP16 conversion" if fp16 else f"INT8 calibration ({method}) + QDQ")
+    done = run_pass(rewrite, loaded, out, step=step,
+                    what="FP16 conversion" if fp16 else f"INT8 calibration ({method}) + QDQ")
     produced = out if out is not None else done.model
     doc = {"schema_version": SCHEMA, "input": model_name(model), "output": None if out is None else str(out),
            "kind": rewrite.name, "fidelity_on_calib": _fidelity(produced, loaded, data),

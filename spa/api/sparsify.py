@@ -47,7 +47,7 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
     rewrite = SparsifyPass(n, m, min_size, method, data, calib_samples, analysis, permute_budget)
     what = f"masking {n}:{m}" + (" (calibrated OBS)" if method == "obs" else "") + \
         (" + permutation search" if permute else "")
-    done = run_pass(rewrite, loaded, out, step, what)
+    done = run_pass(rewrite, loaded, out, step=step, what=what)
     doc = _doc(model, out, rewrite, done, permute)
     return Result(doc, done.model, saver(rewrite, loaded, done), loaded.path)
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import onnx
 
+from spa.api.common import arrays as as_arrays
+from spa.api.common import require_files
 from spa.api.prune import prune, refuse_quantized, reinfer
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost
 from spa.core.analysis import analyze
-from spa.core.data import load_npz, split_labels
+from spa.core.data import split_labels
 from spa.core.errors import SpaError, VerificationError, positive_int, require
 from spa.core.model import check_writable, save, write_text_atomic
 from spa.planning.plan import make_plan
@@ -107,26 +109,20 @@ def _check_values(s: _Setup, teacher: bool):
     return cfg
 
 
-def _arrays(data) -> dict:
-    return load_npz(data) if isinstance(data, (str, os.PathLike)) else dict(data)
-
-
 def _prepare(s: _Setup, model, teacher: bool) -> _Run:
     """The checks that fail fast (before torch or the model is loaded), then the data."""
 
     cfg = _check_values(s, teacher)
     check_device(s.device)
-    for path in (model, s.distill_from):
-        if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
-            raise SpaError(f"cannot load model '{path}': no such file")
+    require_files(model, s.distill_from)
     out = output_target(s.output, model)
     ckpt = Path(s.checkpoint) if s.checkpoint else out.with_name(out.name + ".ckpt") if out else None
     if ckpt is not None:
         check_writable(ckpt, model_name(model))
     if s.resume and not ckpt.is_file():
         raise SpaError(f"cannot resume: no checkpoint '{ckpt}'", "start a new run instead")
-    arrays = _arrays(s.data)
-    val_arrays = _arrays(s.val) if s.val is not None else None
+    arrays = as_arrays(s.data, "data")
+    val_arrays = as_arrays(s.val, "val")
     for name, found in (("data", arrays), ("val", val_arrays)):
         if found is not None and s.labels is not None and s.labels not in found:
             shown = getattr(s, name) if isinstance(getattr(s, name), (str, os.PathLike)) else "(arrays)"
