@@ -55,7 +55,7 @@ def _warm(runner, ms: float) -> None:
         runner()
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
+# positional: the runners, the batch and the plan are what every caller passes; progress is optional
 def measure(runners: list, batch: int, plan: Plan, progress=None) -> list:
     """Timed iterations of every runner (one per model) in rotated slices; a summary per runner."""
     for r in runners:

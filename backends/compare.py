@@ -24,8 +24,7 @@ class _Output:
         self.elements = 0
         self.problem = None
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
-    def add(self, a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> None:
+    def add(self, a: np.ndarray, b: np.ndarray, atol: float, *, rtol: float) -> None:
         if a.shape != b.shape:
             self.problem = f"shapes differ: {list(a.shape)} vs {list(b.shape)}"
             return
@@ -63,8 +62,7 @@ def pairs(names_a: list, names_b: list) -> tuple:
     return [], f"no output names in common ({names_a} vs {names_b})"
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def compare(sess_a, sess_b, batches, atol: float, rtol: float, min_cosine: float | None = None) -> dict:
+def compare(sess_a, sess_b, batches, *, atol: float, rtol: float, min_cosine: float | None = None) -> dict:
     """Run every feed dict of `batches` through both sessions; per-output parity and the verdict."""
     matched, note = pairs([o.name for o in sess_a.outputs], [o.name for o in sess_b.outputs])
     acc = {a: _Output() for a, _ in matched}
@@ -72,7 +70,7 @@ def compare(sess_a, sess_b, batches, atol: float, rtol: float, min_cosine: float
     for feeds in batches:
         out_a, out_b = sess_a.run(feeds), sess_b.run(feeds)
         for a, b in matched:
-            acc[a].add(np.asarray(out_a[a]), np.asarray(out_b[b]), atol, rtol)
+            acc[a].add(np.asarray(out_a[a]), np.asarray(out_b[b]), atol, rtol=rtol)
         samples += len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 1
     outputs = {a: acc[a].result(min_cosine) for a, _ in matched}
     return {"samples": samples, "outputs": outputs, "notes": [note] if note else [],

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import onnxruntime as ort
-
 from spa.backends.base import TensorInfo, missing
+
 from spa.core.errors import SpaError
 from spa.core.runtime import (  # noqa: F401 - the CPU helpers live in the core; re-exported for backend users
     load_error_isolated,

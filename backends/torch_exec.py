@@ -24,8 +24,8 @@ import time
 
 import numpy as np
 import onnx
-
 from spa.backends.base import TensorInfo, missing
+
 from spa.core.errors import SpaError, first_line
 from spa.core.pattern import holds
 
@@ -73,7 +73,7 @@ def semi_structured(module, convert=None) -> dict:
             dense[node.name] = "not a 2-D weight on the right of the product"
             continue
         rows = w if trans_b else w.t()  # [out, in]: the pattern must run along `in`
-        if not holds(rows.float().cpu().numpy(), 1, 2, 4):
+        if not holds(rows.float().cpu().numpy(), 1, 2, m=4):
             dense[node.name] = "the weight does not hold 2:4 along its reduction axis"
             continue
         try:

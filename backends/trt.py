@@ -41,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from spa.backends import base
 from spa.backends.trt_plan import (  # noqa: F401 - the pure parts, re-exported for spa build and the tests
     SHAPES_SYNTAX,
@@ -57,6 +56,7 @@ from spa.backends.trt_plan import (  # noqa: F401 - the pure parts, re-exported 
     sparse_layers,
     sparsity_log,
 )
+
 from spa.core.errors import SpaError, first_line
 from spa.core.model import write_atomic
 
@@ -128,8 +128,7 @@ def build_engine(onnx_path, options: base.Options, workspace_mb: int | None = No
     return build(onnx_path, options, workspace_mb, timing_cache, log, batch).plan
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def build(model, options: base.Options, workspace_mb: int | None = None, timing_cache=None, log=None,
+def build(model, options: base.Options, *, workspace_mb: int | None = None, timing_cache=None, log=None,
           batch: int = 1) -> Built:
     """Build an engine: strongly typed network where TensorRT has it, SPARSE_WEIGHTS with
     options.sparse, one optimization profile for the dynamic inputs (options.shapes), the timing

@@ -59,10 +59,9 @@ class Pass:
         """requires -> rewrite -> ensures (on the written file when `output` is given)."""
         self.requires(model)
         proto, stats = self.rewrite(model)
-        return self.verify(model, proto, stats, output)
+        return self.verify(model, proto, stats=stats, output=output)
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
-    def verify(self, model: Model, proto: onnx.ModelProto, stats: dict, output=None) -> PassResult:
+    def verify(self, model: Model, proto: onnx.ModelProto, *, stats: dict, output=None) -> PassResult:
         if output is None:
             if weight_bytes(proto) >= TWO_GB:
                 raise SpaError(f"{self.name}: the result is over 2 GB and can only be verified from a file",

@@ -84,8 +84,7 @@ def _kept(v: np.ndarray, n: int) -> np.ndarray:
     return np.sort(v, axis=-2)[..., -n:, :].sum(axis=(-2, -1))
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def search(v: np.ndarray, n: int, m: int, budget_s: float = 2.0, seed: int = 0) -> np.ndarray:
+def search(v: np.ndarray, n: int, m: int, *, budget_s: float = 2.0, seed: int = 0) -> np.ndarray:
     """A channel order that raises the kept magnitude, by greedy swaps of two channels in two
     runs (the best swap for each run in turn), until no swap helps or the time budget ends."""
     size = len(v)
@@ -136,8 +135,7 @@ def _gains(cur: np.ndarray, a: int, n: int, m: int) -> tuple[np.ndarray, np.ndar
 CHUNK = 1 << 23  # float32 values per candidate batch in the swap search
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def plan(analysis, found: list, n: int, m: int, weights, budget_s: float = 2.0) -> tuple[dict, list]:
+def plan(analysis, found: list, n: int, *, m: int, weights, budget_s: float = 2.0) -> tuple[dict, list]:
     """({group id: order}, per-group report) for the groups worth permuting."""
     eligible = {x.weight: x for x in found if x.eligible}
     orders, rows = {}, []
@@ -151,7 +149,7 @@ def plan(analysis, found: list, n: int, m: int, weights, budget_s: float = 2.0) 
             continue
         v = _vectors(consumers, weights, group.size)
         before = float(_kept(v.reshape(group.size // m, m, -1), n).sum())
-        order = search(v, n, m, budget_s)
+        order = search(v, n, m, budget_s=budget_s)
         after = float(_kept(v[order].reshape(group.size // m, m, -1), n).sum())
         total = max(float(v.sum()), 1e-30)
         rows.append({"group": group.id, "channels": group.size, "retained_before": before / total,

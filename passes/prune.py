@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from spa.passes.base import Pass
 
 from spa.core.cost import dropped_positions
 from spa.core.errors import SpaError, VerificationError
@@ -24,7 +25,6 @@ from spa.core.graph import attr
 from spa.core.model import COPY, constant_node_value, copy_without_initializers
 from spa.core.rules import REWRITERS
 from spa.core.rules import key as rule_key
-from spa.passes.base import Pass
 
 ZEROS_TOL = 1e-5  # removing all-zero channels must leave the outputs as they were
 
@@ -108,8 +108,7 @@ class Edit:
         node.input[idx] = new
 
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
-    def set_const_element(self, node, slot, element, value):
+    def set_const_element(self, node, slot, element, *, value):
         """Set one element of the constant input `slot` of `node` (a private copy if shared);
         two different values for one element of one node are a conflict."""
         node = self._twin.get(id(node), node)  # the analysed graph's node -> the output's
@@ -303,7 +302,7 @@ class PrunePass(Pass):
     name = "prune"
 
     def __init__(self, analysis, plan: dict, values: dict | None = None, check: bool = True, exact: bool = False,
-                 seed: int = 0):  # noqa: PLR0913 - the pass's whole configuration, all of it used
+                 seed: int = 0):
         self.analysis, self.plan, self.values = analysis, plan, values
         self.run_check, self.exact, self.seed = check or exact, exact, seed
 

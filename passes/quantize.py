@@ -34,12 +34,12 @@ import onnx
 from onnx import version_converter
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
 from spa.backends.ort import load_error_isolated
+from spa.passes.base import Pass
+
 from spa.core.data import calibration_batches, static_batch
 from spa.core.errors import SpaError, first_line
 from spa.core.model import Model
-from spa.passes.base import Pass
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
@@ -60,8 +60,7 @@ class _Reader:
         return next(self._it, None)
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", per_channel: bool = True,
+def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_channel: bool = True,
          max_samples: int = 256, batch: int = 32, percentile: float = 99.999) -> onnx.ModelProto:
     """The QDQ INT8 model of `proto`, calibrated on `feeds` ({input: [N, ...]})."""
     if method not in METHODS:
@@ -274,7 +273,7 @@ class Int8Pass(Pass):
         self.data, self.method, self.per_channel, self.max_samples = data, method, per_channel, max_samples
 
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
-        proto = int8(model.proto, self.data, self.method, self.per_channel, self.max_samples)
+        proto = int8(model.proto, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples)
         return proto, {"coverage": coverage(proto)}
 
 

@@ -29,11 +29,11 @@ import hashlib
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
 from spa.backends import ort as ort_backend
+from spa.passes.base import Pass, PassResult
+
 from spa.core.errors import SpaError, first_line
 from spa.core.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
-from spa.passes.base import Pass, PassResult
 
 NAME = "simplify"
 RTOL = 1e-4  # outputs of the simplified model vs the input, relative to the largest |output|
@@ -142,7 +142,7 @@ class SimplifyPass(Pass):
         try:
             with quiet_stdout():
                 slim = onnxslim.slim(source, skip_fusion_patterns=NUMERIC_FUSIONS)
-        except Exception as exc:  # noqa: BLE001 - a failed pre-pass leaves the model as it was
+        except Exception as exc:
             raise _Skip(f"onnxslim failed: {first_line(exc, default=type(exc).__name__)}") from exc
         if slim is None or _io(slim) != _io(model.proto):
             raise _Skip("onnxslim would change the graph inputs/outputs")

@@ -62,8 +62,7 @@ def _conv_pads(node, x_shape, w_shape) -> list:
     return list(a.get("pads", [0] * (2 * nd)))
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def unfold(node, x: np.ndarray, w_shape, max_rows: int | None = None, rng=None) -> list:
+def unfold(node, x: np.ndarray, w_shape, *, max_rows: int | None = None, rng=None) -> list:
     """Per conv group: rows of the unfolded input [samples*positions, prod(kernel) * Cin/g],
     columns ordered (kernel..., channel) like np.moveaxis(W, 1, -1). With max_rows, a random
     subset of that many (sample, position) rows, picked before anything is copied."""
@@ -98,7 +97,7 @@ def _input_rows(node, x: np.ndarray, w_shape, max_rows: int | None = None, rng=N
     """What the weight multiplies, as rows [samples, reduction] (one entry per conv group),
     at most max_rows of them."""
     if node.op_type == "Conv":
-        return unfold(node, x, w_shape, max_rows, rng)
+        return unfold(node, x, w_shape, max_rows=max_rows, rng=rng)
     if node.op_type == "Gemm" and _attrs(node).get("transA", 0):
         x = x.T
     x = x.reshape(-1, x.shape[-1])
@@ -119,8 +118,7 @@ class _Hessian:
         self.rows += len(parts[0])
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samples: int = 256,
+def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, *, data, max_samples: int = 256,
              batch_size: int = 32, max_rows: int = MAX_ROWS) -> dict:
     """{key: [H per conv group]} for targets {key: (node, consumer-view weight shape)}, from one
     pass of `data` (arrays keyed by input name) through ONNX Runtime. A layer that sees more
@@ -151,8 +149,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, data, max_samp
     return {key: [h / max(a.rows, 1) for h in a.h] for key, a in acc.items()}
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def prune_columns(w: np.ndarray, h: np.ndarray, n: int, m: int, damp: float = DAMP) -> np.ndarray:
+def prune_columns(w: np.ndarray, h: np.ndarray, n: int, *, m: int, damp: float = DAMP) -> np.ndarray:
     """W [rows, d] (runs of M consecutive columns) made N:M with the OBS update, given H [d, d]."""
     w = np.array(w, dtype=np.float64)
     h = np.array(h, dtype=np.float64)
@@ -200,12 +197,11 @@ def from_rows(w2: np.ndarray, like: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(w2.reshape(moved.shape), -1, axis).astype(like.dtype)
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def reconstruct(w: np.ndarray, axis: int, hs: list, n: int, m: int) -> np.ndarray:
+def reconstruct(w: np.ndarray, axis: int, hs: list, *, n: int, m: int) -> np.ndarray:
     """The stored weight made N:M with OBS compensation (`hs`: one H per conv group)."""
     w2 = rows_view(w, axis)
     out = np.empty_like(w2, dtype=np.float64)
     per = len(w2) // len(hs)
     for g, h in enumerate(hs):
-        out[g * per:(g + 1) * per] = prune_columns(w2[g * per:(g + 1) * per], h, n, m)
+        out[g * per:(g + 1) * per] = prune_columns(w2[g * per:(g + 1) * per], h, n, m=m)
     return from_rows(out, w, axis)

@@ -25,16 +25,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
 from spa.backends import ort as ort_backend
+from spa.passes import permute as permute_search
+from spa.passes import sparsegpt
+from spa.passes.base import Pass
+
 from spa.core.checks import compare_outputs
 from spa.core.errors import SpaError, UsageError, VerificationError
 from spa.core.model import Model, load
 from spa.core.pattern import holds
 from spa.core.pattern import runs as _groups
-from spa.passes import permute as permute_search
-from spa.passes import sparsegpt
-from spa.passes.base import Pass
 
 CHAIN = ("Identity", "Cast", "DequantizeLinear", "Transpose")
 
@@ -152,8 +152,7 @@ def _reduction(node, weights: _Weights):
     return None, None, None
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def layers(proto: onnx.ModelProto, n: int, m: int, min_size: int = 16, weights: _Weights | None = None) -> list:
+def layers(proto: onnx.ModelProto, n: int, m: int, *, min_size: int = 16, weights: _Weights | None = None) -> list:
     """Every Conv/Gemm/MatMul with its stored weight, reduction axis and eligibility."""
     weights = weights or _Weights(proto)
     out = []
@@ -185,7 +184,7 @@ def layers(proto: onnx.ModelProto, n: int, m: int, min_size: int = 16, weights: 
         else:
             reason = None
         layer = Layer(label, node.op_type, stored, list(w.shape), where, red, reason is None, reason)
-        layer.holds = reason is None and holds(w, where, n, m, zp)
+        layer.holds = reason is None and holds(w, where, n, m=m, zero_point=zp)
         out.append(layer)
     return out
 
@@ -196,8 +195,7 @@ def _rank(weights: _Weights, name: str) -> int:
     return 2 if stored is None else weights.value(stored).ndim
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.ndarray | None = None):
+def mask(w: np.ndarray, axis: int, n: int, *, m: int, zero_point=None, scores: np.ndarray | None = None):
     """(masked copy, retained magnitude): keep the N largest `scores` (default |w|) of each run."""
     zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
     mag = np.abs(w.astype(np.float64) - zero) if scores is None else np.abs(scores)
@@ -212,8 +210,7 @@ def mask(w: np.ndarray, axis: int, n: int, m: int, zero_point=None, scores: np.n
     return np.moveaxis(kept, -1, axis).astype(w.dtype), retained
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16, method: str = "magnitude",
+def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, *, min_size: int = 16, method: str = "magnitude",
              data=None, dtypes: dict | None = None, max_samples: int = 256, permute=None,
              budget_s: float = 2.0) -> tuple[onnx.ModelProto, list, list]:
     """A copy of `proto` with every eligible weight masked to N:M, and the layers.
@@ -233,7 +230,7 @@ def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16,
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     weights = _Weights(out)
-    found = layers(out, n, m, min_size, weights)
+    found = layers(out, n, m, min_size=min_size, weights=weights)
     permuted = _permute(proto, out, permute, found, n, m, weights, budget_s) if permute is not None else []
     hs = _hessians(out, found, weights, data, dtypes or {}, max_samples) if method == "obs" else {}
     done: dict[tuple, float] = {}
@@ -245,11 +242,11 @@ def sparsify(proto: onnx.ModelProto, n: int = 2, m: int = 4, min_size: int = 16,
             w = weights.value(layer.weight)
             zp = _zero_point(out, weights, layer.weight)
             if key in hs:
-                new = sparsegpt.reconstruct(w, layer.axis, hs[key], n, m)
+                new = sparsegpt.reconstruct(w, layer.axis, hs[key], n=n, m=m)
                 mag = np.abs(w.astype(np.float64))
                 done[key] = float(mag[new != 0].sum() / mag.sum()) if mag.sum() > 0 else 1.0
             else:
-                new, done[key] = mask(w, layer.axis, n, m, zp)
+                new, done[key] = mask(w, layer.axis, n, m=m, zero_point=zp)
             weights.set(layer.weight, new)
         layer.retained = done[key]
         layer.holds = True
@@ -265,7 +262,7 @@ PERMUTE_TOL = 5e-3
 
 def _permute(proto, out, analysis, found, n, m, weights: _Weights, budget_s: float) -> list:
     """Permute the groups worth it in `out` (in place); undone when the outputs change."""
-    orders, rows = permute_search.plan(analysis, found, n, m, weights, budget_s)
+    orders, rows = permute_search.plan(analysis, found, n, m=m, weights=weights, budget_s=budget_s)
     if not orders:
         return rows
     saved = {t: weights.value(t) for gid in orders for (t, _) in analysis.group(gid).positions
@@ -316,7 +313,7 @@ def _hessians(proto, found: list, weights: _Weights, data, dtypes: dict, max_sam
             keys[layer.node] = (layer.weight, layer.axis)
     if not targets:
         return {}
-    per_layer = sparsegpt.hessians(proto, targets, dtypes, data, max_samples)
+    per_layer = sparsegpt.hessians(proto, targets, dtypes, data=data, max_samples=max_samples)
     out: dict = {}
     for label, hs in per_layer.items():
         key = keys[label]
@@ -337,7 +334,7 @@ def _zero_point(proto, weights: _Weights, stored: str):
 
 def report(proto: onnx.ModelProto, n: int = 2, m: int = 4, *, min_size: int = 16) -> dict:
     """Existing N:M sparsity: eligible layers and how many of them hold the pattern."""
-    found = layers(proto, n, m, min_size)
+    found = layers(proto, n, m, min_size=min_size)
     eligible = [x for x in found if x.eligible]
     return {"pattern": f"{n}:{m}", "min_size": min_size, "layers": len(found), "eligible": len(eligible),
             "holding": sum(1 for x in eligible if x.holds),
@@ -358,14 +355,15 @@ class SparsifyPass(Pass):
         self.data, self.max_samples, self.permute, self.budget_s = data, max_samples, permute, budget_s
 
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
-        proto, found, permuted = sparsify(model.proto, self.n, self.m, self.min_size, self.method, self.data,
-                                          model.dtypes, self.max_samples, self.permute, self.budget_s)
+        proto, found, permuted = sparsify(model.proto, self.n, self.m, min_size=self.min_size, method=self.method,
+                                          data=self.data, dtypes=model.dtypes, max_samples=self.max_samples,
+                                          permute=self.permute, budget_s=self.budget_s)
         return proto, {"layers": found, "permutation": permuted}
 
     def ensures(self, model: Model, proto: onnx.ModelProto, file=None) -> dict | None:
         check = super().ensures(model, proto, file)
         written = load(file, infer=False).proto if file is not None else proto
-        if not all(x.holds for x in layers(written, self.n, self.m, self.min_size) if x.eligible):
+        if not all(x.holds for x in layers(written, self.n, self.m, min_size=self.min_size) if x.eligible):
             raise VerificationError(f"the {self.n}:{self.m} pattern does not hold on the written weights; "
                                     "nothing written")
         return check

@@ -17,9 +17,27 @@ The steps are public too: spa.analyze -> spa.statistics / spa.saliency -> spa.ma
 spa.compensation -> spa.prune(analysis, plan) (the single step: a ModelProto back).
 """
 
-from spa.api import (Result, analyze, bench, build, compare, compensation, compress, evaluate, finetune, make_plan,
-                     plan_for_target, prune, quantize, report, saliency, sensitivity, sparsify, statistics,
-                     train_sparse)
+from spa.api import (
+                     Result,
+                     analyze,
+                     bench,
+                     build,
+                     compare,
+                     compensation,
+                     compress,
+                     evaluate,
+                     finetune,
+                     make_plan,
+                     plan_for_target,
+                     prune,
+                     quantize,
+                     report,
+                     saliency,
+                     sensitivity,
+                     sparsify,
+                     statistics,
+                     train_sparse,
+)
 from spa.core import cost
 from spa.core.analysis import Analysis, Group, Member
 from spa.core.data import load_npz
@@ -31,4 +49,4 @@ __all__ = ["Analysis", "FitConfig", "Group", "HessoSchedule", "Member", "Model",
            "VerificationError", "analyze", "bench", "build", "compare", "compensation", "compress", "cost", "evaluate",
            "finetune", "fit", "load", "load_npz", "make_plan", "plan_for_target", "prune", "quantize", "report",
            "saliency", "save", "sensitivity", "sparsify", "statistics", "train_sparse", "zero_plan"]
-from spa.core import __version__  # noqa: E402,F401 - one version, kept in the core
+from spa.core import __version__  # noqa: F401 - one version, kept in the core

@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-import spa
 from onnx import TensorProto, helper, numpy_helper
-
 from spa.backends import base, bench, compare
 from spa.backends import ort as ort_backend
+
+import spa
 from spa.cli.app import main
 from spa.core import runtime
 from spa.core.errors import SpaError
@@ -132,6 +131,7 @@ def test_semi_structured_takes_exactly_the_2_4_layers():
     with an identity conversion the outputs are ONNX Runtime's."""
     pytest.importorskip("torch")
     from spa.backends.torch_exec import semi_structured
+
     from spa.torch import OnnxModule
 
     proto = _linear_model()
@@ -151,6 +151,7 @@ def test_semi_structured_takes_exactly_the_2_4_layers():
 def test_a_refused_conversion_keeps_the_layer_dense():
     pytest.importorskip("torch")
     from spa.backends.torch_exec import semi_structured
+
     from spa.torch import OnnxModule
 
     def refuse(t):
@@ -225,19 +226,19 @@ def test_parity_uses_allclose_rule_and_cosine():
     a[1] = -2.01
     r = compare.compare(_Outputs({"y": a}), _Outputs({"y": b}), [{"x": np.zeros(1)}], atol=1e-4, rtol=1e-3)
     assert not r["pass"] and r["outputs"]["y"]["outside_tolerance"] == 1
-    r = compare.compare(_Outputs({"y": b}), _Outputs({"y": b}), [{"x": np.zeros(1)}], 0, 0, min_cosine=1.1)
+    r = compare.compare(_Outputs({"y": b}), _Outputs({"y": b}), [{"x": np.zeros(1)}], atol=0, rtol=0, min_cosine=1.1)
     assert not r["pass"] and r["outputs"]["y"]["cosine"] == pytest.approx(1.0)
 
 
 def test_parity_of_integer_outputs_shapes_and_names():
     ints = np.array([1, 2, 3])
-    r = compare.compare(_Outputs({"i": ints}), _Outputs({"i": ints + (ints == 3)}), [{}], 1.0, 1.0)
+    r = compare.compare(_Outputs({"i": ints}), _Outputs({"i": ints + (ints == 3)}), [{}], atol=1.0, rtol=1.0)
     assert not r["pass"] and r["outputs"]["i"]["outside_tolerance"] == 1  # no tolerance for integers
-    r = compare.compare(_Outputs({"y": np.zeros(3)}), _Outputs({"y": np.zeros(4)}), [{}], 1, 1)
+    r = compare.compare(_Outputs({"y": np.zeros(3)}), _Outputs({"y": np.zeros(4)}), [{}], atol=1, rtol=1)
     assert not r["pass"] and "shapes differ" in r["outputs"]["y"]["reason"]
-    r = compare.compare(_Outputs({"p": np.ones(2)}), _Outputs({"q": np.ones(2)}), [{}], 0, 0)
+    r = compare.compare(_Outputs({"p": np.ones(2)}), _Outputs({"q": np.ones(2)}), [{}], atol=0, rtol=0)
     assert r["pass"] and r["notes"] == ["no output names in common: outputs matched by position"]
-    r = compare.compare(_Outputs({"p": np.ones(2)}), _Outputs({"q": np.ones(2), "r": np.ones(1)}), [{}], 0, 0)
+    r = compare.compare(_Outputs({"p": np.ones(2)}), _Outputs({"q": np.ones(2), "r": np.ones(1)}), [{}], atol=0, rtol=0)
     assert not r["pass"] and r["outputs"] == {}
 
 
@@ -427,8 +428,9 @@ def test_gpu_table_script_runs_its_pipeline_on_the_cpu(tmp_path, capsys):
     assert [r.split("|")[3].strip() for r in rows] == ["dense", "2:4", "pruned"] * 2
     doc = json.loads((tmp_path / "gpu_tiny.json").read_text())
     assert doc["backend"] == "torch" and doc["options"]["sparse"] and len(doc["results"]) == 6
-    import spa
     from spa.passes.sparsify import layers
+
+    import spa
 
     found = [x for x in layers(spa.load(tmp_path / "tiny_resnet.2x4.onnx").proto, 2, 4) if x.eligible]
     assert found and all(x.holds for x in found)

@@ -7,8 +7,8 @@ import json
 
 import spa
 from spa import api
-from spa.core.blocks import attention_blocks
 from spa.cli.app import main
+from spa.core.blocks import attention_blocks
 from tests.test_rules import _attention
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spa.scoring import criteria
 from spa.core.analysis import Group, Member
+from spa.scoring import criteria
 
 
 def _group(*shapes):

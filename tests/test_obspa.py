@@ -20,8 +20,8 @@ from spa.backends import ort as ort_backend
 import spa
 from spa import api
 from spa.core import cost
-from spa.scoring import criteria, moments, stats
 from spa.core.errors import SpaError
+from spa.scoring import criteria, moments, stats
 
 
 def _model(gamma=None, scale_b=1.0):

@@ -24,7 +24,7 @@ from spa.cli.app import main
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
-from models import digits  # noqa: E402
+from models import digits
 
 # measured, or a fact about the running process (bench's environment lists torch when it is loaded)
 RUN_DEPENDENT = {"latency_ms", "throughput", "speedup", "iterations", "p50", "p90", "p95", "p99", "mean", "min",

@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from spa.backends import ort as ort_backend
+from spa.passes import quantize
 
 import spa
 from spa.api.quantize import quantize as quantize_api
-from spa.backends import ort as ort_backend
 from spa.cli.app import main
 from spa.core.errors import SpaError, UsageError
-from spa.passes import quantize
 from tests.conftest import CORPUS, corpus_params
 from tests.oracles import feeds_for
 

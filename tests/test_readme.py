@@ -221,7 +221,7 @@ def test_no_spa_block_means_no_commands():
 def readme_python(markdown: str, heading: str = "## Python API") -> str:
     """The first ```python block after `heading` (what the README shows Python users)."""
     section = markdown[markdown.index(heading):]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert match, f"no python block under {heading!r}"
     return match.group(1)
 

@@ -10,10 +10,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 import spa
-from spa.scoring import criteria
-from spa.planning import planner, sensitivity
 from spa.core.errors import SpaError
 from spa.core.model import Model, infer_shapes
+from spa.planning import planner, sensitivity
+from spa.scoring import criteria
 from tests.graphs import build, node, weight
 
 RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)

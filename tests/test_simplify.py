@@ -10,8 +10,8 @@ from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.reporting import report
 from spa.cli.app import main
+from spa.reporting import report
 from tests.graphs import build, const, node, weight
 from tests.oracles import assert_valid_output, assert_zero_invariance
 

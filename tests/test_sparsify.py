@@ -12,14 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
+from spa.backends import ort as ort_backend
+from spa.passes import permute, sparsegpt
+from spa.passes import sparsify as sp
 
 import spa
 from spa.api.sparsify import sparsify as sparsify_api
-from spa.backends import ort as ort_backend
 from spa.cli.app import main
 from spa.core.errors import UsageError
-from spa.passes import permute, sparsegpt
-from spa.passes import sparsify as sp
 from tests.conftest import CORPUS, corpus_params
 from tests.oracles import feeds_for
 
@@ -33,8 +33,8 @@ def test_mask_keeps_the_n_largest_of_every_run(rank_extra, nm, seed):
     axis = int(rng.integers(0, len(shape)))
     shape[axis], shape[-1] = shape[-1], shape[axis]  # the reduction axis anywhere, a multiple of M
     w = rng.standard_normal(shape).astype(np.float32)
-    masked, retained = sp.mask(w, axis, n, m)
-    assert sp.holds(masked, axis, n, m)
+    masked, retained = sp.mask(w, axis, n, m=m)
+    assert sp.holds(masked, axis, n, m=m)
     runs, orig = np.moveaxis(masked, axis, -1).reshape(-1, m), np.moveaxis(w, axis, -1).reshape(-1, m)
     assert ((runs != 0).sum(1) == n).all()  # exactly N kept (random weights have no zeros)
     kept_min = np.where(runs != 0, np.abs(orig), np.inf).min(1)
@@ -62,7 +62,7 @@ def test_gemm_reduction_axis_follows_trans_b(trans_b):
     out, found, _ = sp.sparsify(proto)
     got = numpy_helper.to_array(out.graph.initializer[0])
     assert found[0].eligible and found[0].axis == k_axis
-    assert sp.holds(got, k_axis, 2, 4) and not sp.holds(got, 1 - k_axis, 2, 4)
+    assert sp.holds(got, k_axis, 2, m=4) and not sp.holds(got, 1 - k_axis, 2, m=4)
 
 
 def test_matmul_weight_through_transpose_and_cast():
@@ -73,7 +73,7 @@ def test_matmul_weight_through_transpose_and_cast():
     proto = _model(nodes, {"w": w}, [2, 32])
     out, found, _ = sp.sparsify(proto)
     assert found[0].weight == "w" and found[0].axis == 1 and found[0].reduction == 32
-    assert sp.holds(numpy_helper.to_array(out.graph.initializer[0]), 1, 2, 4)
+    assert sp.holds(numpy_helper.to_array(out.graph.initializer[0]), 1, 2, m=4)
 
 
 def test_quantized_weight_masks_to_the_zero_point():
@@ -83,7 +83,7 @@ def test_quantized_weight_masks_to_the_zero_point():
     proto = _model(nodes, {"q": q, "s": np.array(0.01, np.float32), "zp": np.array(3, np.int8)}, [2, 16])
     out, found, _ = sp.sparsify(proto)
     got = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "q"))
-    assert found[0].eligible and sp.holds(got, 0, 2, 4, zero_point=3)
+    assert found[0].eligible and sp.holds(got, 0, 2, m=4, zero_point=3)
     assert ((got == 3).sum() >= got.size // 2)
 
 
@@ -184,9 +184,9 @@ def test_obs_beats_magnitude_on_correlated_inputs_and_keeps_the_pattern():
     def err(wn):
         return np.linalg.norm(x @ (w - wn).T) / np.linalg.norm(x @ w.T)
 
-    obs = sparsegpt.prune_columns(w, h, 2, 4)
-    assert sp.holds(obs, 1, 2, 4)
-    assert err(obs) < 0.5 * err(sp.mask(w, 1, 2, 4)[0])
+    obs = sparsegpt.prune_columns(w, h, 2, m=4)
+    assert sp.holds(obs, 1, 2, m=4)
+    assert err(obs) < 0.5 * err(sp.mask(w, 1, 2, m=4)[0])
 
 
 def _conv_net():
@@ -213,8 +213,8 @@ def test_obs_selection_is_closer_to_the_dense_model(tmp_path):
     dense = ort_backend.run(proto, {"x": x[64:]})["y"]
     errs = {}
     for method in ("magnitude", "obs"):
-        out, found, _ = sp.sparsify(model.proto, 2, 4, 16, method, {"x": x[:64]}, model.dtypes)
-        assert all(layer.holds for layer in sp.layers(out, 2, 4, 16) if layer.eligible)
+        out, found, _ = sp.sparsify(model.proto, 2, 4, min_size=16, method=method, data={"x": x[:64]}, dtypes=model.dtypes)
+        assert all(layer.holds for layer in sp.layers(out, 2, 4, min_size=16) if layer.eligible)
         assert [layer.method for layer in found if layer.eligible] == [method] * 3
         y = ort_backend.run(out, {"x": x[64:]})["y"]  # held-out samples
         errs[method] = np.linalg.norm(y - dense) / np.linalg.norm(dense)
@@ -235,8 +235,8 @@ def test_permutation_is_exact_and_keeps_more_magnitude(tmp_path):
     model = spa.load(tmp_path / "m.onnx")
     analysis = spa.analyze(model)
     weights = sp._Weights(onnx.ModelProto.FromString(proto.SerializeToString()))
-    found = sp.layers(weights.proto, 2, 4, 16, weights)
-    orders, rows = permute.plan(analysis, found, 2, 4, weights, budget_s=5)
+    found = sp.layers(weights.proto, 2, 4, min_size=16, weights=weights)
+    orders, rows = permute.plan(analysis, found, 2, m=4, weights=weights, budget_s=5)
     assert orders and all(r["retained_after"] > r["retained_before"] for r in rows if r["permuted"])
     assert all(sorted(o) == list(range(len(o))) for o in orders.values())
     permute.apply(analysis, orders, weights)
@@ -246,7 +246,7 @@ def test_permutation_is_exact_and_keeps_more_magnitude(tmp_path):
     out, permuted_layers, report = sp.sparsify(model.proto, permute=analysis, budget_s=5)
     assert any(r["permuted"] for r in report)
     assert sum(x.retained for x in permuted_layers if x.eligible) > sum(x.retained for x in plain if x.eligible)
-    assert all(layer.holds for layer in sp.layers(out, 2, 4, 16) if layer.eligible)
+    assert all(layer.holds for layer in sp.layers(out, 2, 4, min_size=16) if layer.eligible)
 
 
 def test_cli_obs_and_permute(tmp_path, capsys):

@@ -10,16 +10,15 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
 from spa.api.train import finetune, train_sparse
-from spa.backends import ort as ort_backend
 from spa.cli.app import main
 from spa.core import cost
 from spa.core.errors import UsageError
-from spa.scoring import criteria
-from spa.scoring import gradients
+from spa.scoring import criteria, gradients
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -90,7 +89,7 @@ def _first_group(analysis):
 @pytest.mark.parametrize("kind", gradients.KINDS)
 def test_dead_channel_has_zero_gradient_saliency(data, kind):
     analysis = spa.analyze(api.reinfer(tiny_cnn(dead=3)))
-    sal = api.saliency(analysis, kind, {"x": data["x_train"][:128]}, data["y_train"][:128])
+    sal = api.saliency(analysis, kind, {"x": data["x_train"][:128]}, labels=data["y_train"][:128])
     scores = criteria.score(analysis, kind, data=sal)[_first_group(analysis).id]
     assert scores[3] == 0
     assert np.count_nonzero(scores) >= len(scores) // 2  # (a channel whose ReLU never fires is dead too)
@@ -103,7 +102,7 @@ def test_taylor_is_the_derivative_of_the_loss_along_a_channel(data):
     proto = tiny_cnn()
     analysis = spa.analyze(api.reinfer(proto))
     x, y = data["x_train"][:200], data["y_train"][:200]
-    sal = api.saliency(analysis, "taylor", {"x": x}, y)
+    sal = api.saliency(analysis, "taylor", {"x": x}, labels=y)
     group = _first_group(analysis)
     scores = criteria.score(analysis, "taylor", data=sal)[group.id]
 
@@ -133,7 +132,7 @@ def test_without_labels_the_models_own_predictions_are_the_targets(data):
     with torch.no_grad():
         own = to_torch(analysis.model.proto).run(feeds)["logits"].argmax(-1).numpy()
     a = api.saliency(analysis, "snip", feeds)
-    b = api.saliency(analysis, "snip", feeds, own)
+    b = api.saliency(analysis, "snip", feeds, labels=own)
     assert not a.labels and b.labels
     assert all(np.allclose(a.scores[k], b.scores[k]) for k in a.scores)
 
@@ -178,7 +177,7 @@ def test_resume_continues_to_the_same_weights(files, data):
     feeds, y = {"x": data["x_train"][:512]}, data["y_train"][:512]
     val = ({"x": data["x_test"][:128]}, data["y_test"][:128])
     cfg = FitConfig(epochs=4, lr=0.01, batch_size=64)
-    straight = fit(proto, feeds, y, val, cfg=cfg)
+    straight = fit(proto, feeds, y, val=val, cfg=cfg)
     ckpt = files / "run.ckpt"
 
     def interrupt(done, total, loss):
@@ -186,8 +185,8 @@ def test_resume_continues_to_the_same_weights(files, data):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(proto, feeds, y, val, cfg=cfg, checkpoint=ckpt, progress=interrupt)
-    resumed = fit(proto, feeds, y, val, cfg=cfg, checkpoint=ckpt, resume=True)
+        fit(proto, feeds, y, val=val, cfg=cfg, checkpoint=ckpt, progress=interrupt)
+    resumed = fit(proto, feeds, y, val=val, cfg=cfg, checkpoint=ckpt, resume=True)
     assert resumed.resumed_from == 2 and len(resumed.history) == 4
     a = {t.name: numpy_helper.to_array(t) for t in straight.proto.graph.initializer}
     b = {t.name: numpy_helper.to_array(t) for t in resumed.proto.graph.initializer}
@@ -351,7 +350,7 @@ def test_sensitivity_ranks_with_a_gradient_criterion(data):
     from spa.planning import sensitivity
 
     analysis = spa.analyze(api.reinfer(tiny_cnn(dead=3)))
-    doc = sensitivity.sensitivity(analysis, {"x": data["x_test"][:64]}, [0.5], "snip")
+    doc = sensitivity.sensitivity(analysis, {"x": data["x_test"][:64]}, [0.5], criterion="snip")
     assert doc["criterion"] == "snip" and {g["id"] for g in doc["groups"]} == {"w1:0", "w2:0"}
     assert all(g["channels_dropped"] == [g["size"] // 2] and 0 <= g["loss"][0] < 1 for g in doc["groups"])
 
@@ -382,6 +381,6 @@ def test_finetune_keep_sparsity_keeps_a_2_4_pattern(files, capsys):
               "--epochs", "2", "--keep-sparsity", "-o", files / "sft.onnx")
     _cli_json(capsys, "finetune", files / "s.onnx", "--data", files / "train.npz", "--labels", "labels",
               "--epochs", "2", "-o", files / "dense_again.onnx")
-    held = [x.holds for x in sp.layers(onnx.load(files / "sft.onnx"), 2, 4, 4) if x.eligible]
-    lost = [x.holds for x in sp.layers(onnx.load(files / "dense_again.onnx"), 2, 4, 4) if x.eligible]
+    held = [x.holds for x in sp.layers(onnx.load(files / "sft.onnx"), 2, 4, min_size=4) if x.eligible]
+    lost = [x.holds for x in sp.layers(onnx.load(files / "dense_again.onnx"), 2, 4, min_size=4) if x.eligible]
     assert held and all(held) and not any(lost)  # without the flag, training refills the zeros

@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from spa.backends import base
 from spa.backends import trt as T
+
 from spa.cli import app as cli
 from spa.core.errors import SpaError
 
@@ -502,8 +502,9 @@ def test_trt_runner_times_with_cuda_events():
 def test_trt_fp16_build_of_a_converted_model(tmp_path):
     _gpu()
     from spa.backends import ort
-    from spa.core.model import load, save
     from spa.passes import quantize
+
+    from spa.core.model import load, save
 
     with pytest.raises(SpaError, match="spa quantize"):
         T.build_engine(EXAMPLE, base.Options(precision="fp16"))
@@ -519,8 +520,9 @@ def test_trt_fp16_build_of_a_converted_model(tmp_path):
 def test_spa_build_sparse_reports_the_inspector(capsys, tmp_path):
     _gpu()
     from spa.backends import ort
-    from spa.core.model import load, save
     from spa.passes.sparsify import sparsify
+
+    from spa.core.model import load, save
 
     sparse_model = tmp_path / "tiny.sparse.onnx"
     save(sparsify(load(EXAMPLE).proto)[0], sparse_model)

@@ -77,7 +77,7 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
                           plan=plan, preview=preview)
 
 
-def _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step) -> dict:  # noqa: PLR0913 - analyze's
+def _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step) -> dict:
     stats = None
     if calib is not None and criteria.NEEDS.get(criterion):
         with step("activation statistics (calibration)"):

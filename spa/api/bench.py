@@ -81,8 +81,7 @@ def check_backend(backend: str, name: str = "backend") -> None:
     require(backend in BACKENDS, f"invalid {name}='{backend}'", f"choose one of {', '.join(BACKENDS)}")
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def backend_options(backend: str, precision="fp32", sparse=False, threads=0, cache_dir=None, cuda_graph=True,
+def backend_options(backend: str, precision="fp32", sparse=False, *, threads=0, cache_dir=None, cuda_graph=True,
                     shapes=None) -> Options:
     """The backend's Options; `shapes`: TensorRT profiles as text 'name:MIN/OPT/MAX' or a dict."""
     check_backend(backend)
@@ -135,7 +134,8 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     method with the models taking turns; `output=`: also write the document there (JSON)."""
     models = _models(models)
     batches, dims = batch_sizes(batch), named_dims(dim)
-    options = backend_options(backend, precision, sparse, threads, cache_dir, cuda_graph, shapes)
+    options = backend_options(backend, precision, sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,
+                              shapes=shapes)
     require(duration_s > 0, f"invalid duration_s={duration_s}: it must be positive")
     require(warmup_ms >= 0, f"invalid warmup_ms={warmup_ms}: it must not be negative")
     if output is not None:
@@ -227,7 +227,8 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
     for name, value in (("samples", samples), ("batch", batch)):
         require(isinstance(value, int) and value >= 1, f"invalid {name}={value}: it must be a positive integer")
     dims = named_dims(dim)
-    options = backend_options(backend, precision, sparse, threads, cache_dir, cuda_graph, shapes)
+    options = backend_options(backend, precision, sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,
+                              shapes=shapes)
     check_backend(backend_b, "backend_b")
     arrays = load_npz(data) if isinstance(data, (str, os.PathLike)) else data
     step = stepper(progress)

@@ -50,7 +50,7 @@ def run_pass(rewrite: Pass, model: Model, output, *, step, what: str) -> PassRes
     with step(what):
         proto, stats = rewrite.rewrite(model)
     with step("saving + checking" if output is not None else "checking"):
-        return rewrite.verify(model, proto, stats, output)
+        return rewrite.verify(model, proto, stats=stats, output=output)
 
 
 def saver(rewrite: Pass, model: Model, done: PassResult):

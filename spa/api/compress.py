@@ -47,10 +47,10 @@ def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = F
     `quant_method`) or `fp16`; every stage measured on `calib` and on `eval` (with `labels`: the
     key of its labels, for accuracy). `calib_samples`: per stage (default: each call's own).
     `output`: the final model's path (None: kept in memory, `.model`)."""
-    options = dict(ratio=ratio, criterion=criterion, global_rank=global_rank, prune_hidden=prune_hidden,
-                   sparsify=sparsify, sparsify_method=sparsify_method, permute=permute, min_size=min_size,
-                   int8=int8, fp16=fp16, calib=calib, calib_samples=calib_samples, quant_method=quant_method,
-                   eval=eval, labels=labels, save_stages=save_stages)
+    options = {"ratio": ratio, "criterion": criterion, "global_rank": global_rank, "prune_hidden": prune_hidden,
+               "sparsify": sparsify, "sparsify_method": sparsify_method, "permute": permute, "min_size": min_size,
+               "int8": int8, "fp16": fp16, "calib": calib, "calib_samples": calib_samples,
+               "quant_method": quant_method, "eval": eval, "labels": labels, "save_stages": save_stages}
     _check(model, options)
     return _Pipeline(model, options, output_target(output, model), stepper(progress)).run()
 

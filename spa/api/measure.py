@@ -54,7 +54,7 @@ def sensitivity(model, calib, *, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), criterion: st
         analysis = analyze(loaded, exclude=list(exclude))
     if not any(g.prunable for g in analysis.groups):
         raise SpaError(f"nothing to measure in '{model_name(model) or '(in memory)'}': {why_nothing(analysis)}")
-    doc = sens.sensitivity(analysis, feeds, ratios, criterion, groups=group, batch_size=batch, seed=seed,
+    doc = sens.sensitivity(analysis, feeds, ratios, criterion=criterion, groups=group, batch_size=batch, seed=seed,
                            max_samples=max_samples, output=output, progress=on_trial)
     doc = {**doc, "model": model_name(model), "calib": data_name(calib), "simplify": simplified}
     if plot is not None:

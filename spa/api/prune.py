@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from spa.api.common import arrays
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost
@@ -96,10 +95,10 @@ def _check_options(o: dict) -> None:
     require(not (o["labels"] and o["calib"] is None), "labels= names a key of calib=", "pass calib=DATA.npz")
 
 
-DEFAULTS = dict(ratio=None, target_params=None, target_macs=None, zeros=False, criterion="l1", calib=None,
-                calib_samples=512, labels=None, global_rank=False, max_group_ratio=0.9, round_to=1,
-                prune_hidden=False, exclude=(), simplify=False, sensitivity=None, max_loss=0.01, save_plan=None,
-                seed=0, output=None, progress=None)
+DEFAULTS = {"ratio": None, "target_params": None, "target_macs": None, "zeros": False, "criterion": "l1",
+            "calib": None, "calib_samples": 512, "labels": None, "global_rank": False, "max_group_ratio": 0.9,
+            "round_to": 1, "prune_hidden": False, "exclude": (), "simplify": False, "sensitivity": None,
+            "max_loss": 0.01, "save_plan": None, "seed": 0, "output": None, "progress": None}
 
 
 def prune_model(model, *, plan=None, check: bool = True, compensate=None, **options) -> Result:
@@ -151,7 +150,7 @@ class _Run:
         if self.model.path is not None:
             self.model.drop_weights()
         with self.step("saving + checking" if self.o["check"] or self.o["zeros"] else "saving + ONNX checker"):
-            done = rewrite.verify(self.model, pruned, {}, self.out)
+            done = rewrite.verify(self.model, pruned, stats={}, output=self.out)
         if self.o["save_plan"] is not None:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
@@ -199,16 +198,16 @@ class _Run:
         feeds, labels = split_labels(self.calib, self.analysis.model.input_names, o["labels"])
         n = min(o["calib_samples"], len(next(iter(feeds.values()))))
         with self.step(f"gradients ({o['criterion']}, {n} samples)"):
-            return saliency(self.analysis, o["criterion"], feeds, labels, max_samples=o["calib_samples"])
+            return saliency(self.analysis, o["criterion"], feeds, labels=labels, max_samples=o["calib_samples"])
 
     def _plan(self) -> dict:
         o, a = self.o, self.analysis
         if self.sens is not None:
             ratios = sensitivity.protect(self.sens, o["ratio"], o["max_loss"])
-            return sensitivity.plan_with_ratios(a, scores(a, o["criterion"], o["seed"], self.stats), ratios,
-                                                o["round_to"])
-        shared = dict(criterion=o["criterion"], round_to=o["round_to"], max_group_ratio=o["max_group_ratio"],
-                      seed=o["seed"], prune_hidden=o["prune_hidden"], stats=self.stats)
+            return sensitivity.plan_with_ratios(a, scores(a, o["criterion"], o["seed"], stats=self.stats), ratios,
+                                                round_to=o["round_to"])
+        shared = {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
+                  "seed": o["seed"], "prune_hidden": o["prune_hidden"], "stats": self.stats}
         if o["target_params"] is not None or o["target_macs"] is not None:
             kind = "params" if o["target_params"] is not None else "macs"
             return plan_for_target(a, kind, o[f"target_{kind}"], **shared)
@@ -219,7 +218,7 @@ class _Run:
             return None, []
         how = ", group by group)" if self.calib is not None else ", data-free)"
         with self.step("compensating the consumers (OBS" + how):
-            return compensation(self.analysis, self.plan, self.calib, self.stats,
+            return compensation(self.analysis, self.plan, self.calib, stats=self.stats,
                                 max_samples=self.o["calib_samples"])
 
     def _stats_doc(self):

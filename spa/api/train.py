@@ -141,7 +141,7 @@ def _split(model, run: _Run, s: _Setup):
     if run.val_arrays is not None:
         vf, vy = split_labels(run.val_arrays, model.input_names, s.labels)
         return feeds, labels, (vf, vy)
-    tf, ty, vf, vy = split_validation(feeds, labels, s.val_split, s.seed)
+    tf, ty, vf, vy = split_validation(feeds, labels, s.val_split, seed=s.seed)
     return tf, ty, (vf, vy)
 
 
@@ -152,7 +152,8 @@ def _teacher(model):
 
 def _fit(run: _Run, s: _Setup, proto, model, teacher, schedule, on_step, log):
     feeds, labels, val = _split(model, run, s)
-    result = fit(proto, feeds, labels, val, teacher, run.cfg, run.ckpt, s.resume, schedule, progress=on_step,
+    result = fit(proto, feeds, labels, val=val, teacher=teacher, cfg=run.cfg, checkpoint=run.ckpt, resume=s.resume,
+                 schedule=schedule, progress=on_step,
                  log=log)
     return result, val[0]
 
@@ -238,7 +239,7 @@ def _prune_first(loaded, model, run: _Run, s: _Setup, ratio: float, criterion: s
     feeds, labels = split_labels(run.arrays, loaded.input_names, s.labels)
     with step(f"scoring ({criterion}) + planning"):
         if need == "gradients":
-            stats = saliency(analysis, criterion, feeds, labels)
+            stats = saliency(analysis, criterion, feeds, labels=labels)
         elif need:  # calibration and moments criteria: measured on the data
             stats = statistics(analysis, feeds)
         plan = make_plan(analysis, ratio, criterion, seed=s.seed, stats=stats)
@@ -262,7 +263,7 @@ def train_sparse(model, *, data, target_ratio, labels=None, val=None, val_split=
     `periods`); the rest of training fine-tunes. `save_plan`: write the zeroed channels as a plan
     (also `.plan` of the result). Options as for `finetune`; `.to_json()` is `spa train-sparse --json`."""
     s = _Setup.of(locals())
-    HessoSchedule.check_options(target_ratio, periods, warmup, window, round_to)
+    HessoSchedule.check_options(target_ratio, periods, warmup, window=window, round_to=round_to)
     step = stepper(progress)
     run = _prepare(s, model, distill_from is not None)
     if save_plan:

@@ -60,7 +60,7 @@ def add_common(p, *, output: str | None = None, json_help: str = "print the resu
     p.add_argument("-v", "--verbose", action="store_true", help="a traceback with every error")
 
 
-def add_calib(p, *, help: str = CALIB_HELP, samples: int | None = None, required: bool = False, into=None,  # noqa: A002
+def add_calib(p, *, help: str = CALIB_HELP, samples: int | None = None, required: bool = False, into=None,
               samples_help: str | None = None) -> None:
     """--calib DATA (into a mutually exclusive group when given) and, when `samples` is given (or
     `samples_help`), --calib-samples N: the calibration options, declared once for every command."""

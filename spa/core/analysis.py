@@ -227,8 +227,7 @@ class _Builder:
             self.pin_ids.append(ids)
             self.pin_reason.append(np.full(len(ids), len(self.reasons) - 1))
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
-    def couple(self, a, b, pairs, node_name):
+    def couple(self, a, b, pairs, *, node_name):
         known_a, known_b = a in self.sp.offset, b in self.sp.offset
         if not (known_a and known_b):
             for s, known in ((a, known_a), (b, known_b)):
@@ -245,8 +244,7 @@ class _Builder:
         self.edges_b.append(self.sp.ids(b, pairs[:, 1]))
         self.edges.append((a, b, node_name))
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
-    def tie(self, whole, parts, dims, node_name):
+    def tie(self, whole, parts, dims, *, node_name):
         spaces = [whole] + list(parts)
         if not all(s in self.sp.offset for s in spaces) or \
                 self.sp.sizes[whole] != int(np.prod(dims)) or \
@@ -260,10 +258,10 @@ class _Builder:
     def add_result(self, res: Result, node, barrier_reason: str | None):
         mentioned = set(res.free)
         for a, b, pairs in res.couplings:
-            self.couple(a, b, pairs, f"{node.op_type} {self.label(node)}")
+            self.couple(a, b, pairs, node_name=f"{node.op_type} {self.label(node)}")
             mentioned.update((a, b))
         for whole, parts, dims in res.ties:
-            self.tie(whole, parts, dims, f"{node.op_type} {self.label(node)}")
+            self.tie(whole, parts, dims, node_name=f"{node.op_type} {self.label(node)}")
             mentioned.update([whole, *parts])
         for space, positions, why in res.pins:
             self.pin(space, why, positions)

@@ -15,8 +15,7 @@ def runs(w: np.ndarray, axis: int, m: int) -> np.ndarray:
     return np.moveaxis(w, axis, -1).reshape(-1, m)
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def holds(w: np.ndarray, axis: int, n: int, m: int, zero_point=None) -> bool:
+def holds(w: np.ndarray, axis: int, n: int, *, m: int, zero_point=None) -> bool:
     """Every run of M along `axis` has at most N values that are not zero (or the zero point)."""
     zero = 0 if zero_point is None else np.asarray(zero_point).reshape(()).item()
     return bool(((runs(w, axis, m) != zero).sum(axis=1) <= n).all())

@@ -12,8 +12,7 @@ from spa.scoring import criteria
 from spa.scoring.measure import statistics
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def scores(analysis: Analysis, criterion: str, seed: int = 0, stats=None) -> dict:
+def scores(analysis: Analysis, criterion: str, seed: int = 0, *, stats=None) -> dict:
     """{group id: channel scores} of `criterion`; the data criteria read `stats`."""
     criteria.get(criterion)
     need = criteria.NEEDS.get(criterion)
@@ -44,11 +43,11 @@ def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", *, global
     positive_int("round_to", round_to)
     if ratio == 0:
         return {}
-    ranked = scores(analysis, criterion, seed, stats)
+    ranked = scores(analysis, criterion, seed, stats=stats)
     groups = _candidates(analysis, prune_hidden)
     if global_rank:
-        return planner.global_(groups, ranked, ratio, round_to, max_group_ratio)
-    return planner.uniform(groups, ranked, ratio, round_to)
+        return planner.global_(groups, ranked, ratio, round_to=round_to, max_group_ratio=max_group_ratio)
+    return planner.uniform(groups, ranked, ratio, round_to=round_to)
 
 
 def plan_for_target(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1", round_to: int = 1,
@@ -60,11 +59,11 @@ def plan_for_target(analysis: Analysis, kind: str, keep: float, *, criterion: st
         raise UsageError(f"unknown target '{kind}'", "choose params or macs")
     if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
         raise UsageError(f"invalid target_{kind}={keep}: it must be in (0, 1], the fraction of {kind} to keep")
-    ranked = scores(analysis, criterion, seed, stats)
+    ranked = scores(analysis, criterion, seed, stats=stats)
     groups = _candidates(analysis, prune_hidden)
     full = cost.estimate(analysis, {})[kind]
     fraction = lambda plan: cost.estimate(analysis, plan)[kind] / max(full, 1)
-    plan_at = lambda r: planner.global_(groups, ranked, r, round_to, max_group_ratio)
+    plan_at = lambda r: planner.global_(groups, ranked, r, round_to=round_to, max_group_ratio=max_group_ratio)
     best = plan_at(0.999)
     if fraction(best) > keep:
         raise SpaError(f"cannot keep only {keep:g} of the {kind}: pruning every prunable group as far as allowed "

@@ -37,8 +37,7 @@ def check_ratio(ratio: float, what: str = "ratio") -> None:
         raise UsageError(f"invalid {what}={ratio}: it must be in [0, 1)", hint)
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def uniform(groups, scores: dict, ratio: float, round_to: int = 1) -> dict[str, list[int]]:
+def uniform(groups, scores: dict, ratio: float, *, round_to: int = 1) -> dict[str, list[int]]:
     """Drop `ratio` of every prunable group's channels (lowest scores first)."""
     check_ratio(ratio)
     plan = {}
@@ -52,8 +51,7 @@ def uniform(groups, scores: dict, ratio: float, round_to: int = 1) -> dict[str, 
     return plan
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def global_(groups, scores: dict, ratio: float, round_to: int = 1, max_group_ratio: float = 0.9):
+def global_(groups, scores: dict, ratio: float, *, round_to: int = 1, max_group_ratio: float = 0.9):
     """Drop `ratio` of all prunable channels, ranked together; each group capped."""
     check_ratio(ratio)
     check_ratio(max_group_ratio, "max_group_ratio")

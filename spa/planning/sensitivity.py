@@ -34,8 +34,7 @@ from spa.core.runtime import checked_session
 from spa.core.values import zeroed_values
 from spa.passes import prune as prune_pass
 from spa.planning import planner
-from spa.scoring import criteria
-from spa.scoring import gradients
+from spa.scoring import criteria, gradients
 from spa.scoring import stats as activation_stats
 
 SCHEMA = 1
@@ -49,8 +48,7 @@ LEGEND_TOP = 10
 # ---------------------------------------------------------------- measuring
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=None, batch_size: int = 64,
+def sensitivity(analysis, data, ratios=RATIOS, *, criterion: str = "l1", groups=None, batch_size: int = 64,
                 progress=None, seed: int = 0, max_samples: int = 256, output: str | None = None,
                 stats=None) -> dict:
     """Fidelity loss of each group pruned alone at each ratio (see the module docstring).
@@ -79,7 +77,7 @@ def sensitivity(analysis, data, ratios=RATIOS, criterion: str = "l1", groups=Non
                "loss": [], "rel_err": [], "channels_dropped": []}
         for r in ratios:
             plan = planner.uniform([g], scores, r)
-            loss, rel = probe.trial(analysis, g, plan, feeds, dense) if plan else (0.0, 0.0)
+            loss, rel = probe.trial(analysis, g, plan, feeds=feeds, dense=dense) if plan else (0.0, 0.0)
             row["loss"].append(loss)
             row["rel_err"].append(rel)
             row["channels_dropped"].append(len(plan.get(g.id, [])))
@@ -199,8 +197,7 @@ class _Probe:
         sess = session or self.session
         return [dict(zip(self.names, sess.run(self.names, {**f, **overrides}))) for f in feeds]
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
-    def trial(self, analysis, group, plan: dict, feeds: list[dict], dense: list[dict]):
+    def trial(self, analysis, group, plan: dict, *, feeds: list[dict], dense: list[dict]):
         if group.zero_invariant and all(m.tensor in self.overridable for m in group.members):
             got = self.outputs(feeds, zeroed_values(analysis, plan))
         else:  # not exact by zeroing: prune for real (shapes inside change, outputs do not)
@@ -248,8 +245,7 @@ def protect(sens: dict, ratio: float, max_loss: float) -> dict[str, float]:
     return out
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def plan_with_ratios(analysis, scores: dict, ratios_by_group: dict[str, float], round_to: int = 1) -> dict:
+def plan_with_ratios(analysis, scores: dict, ratios_by_group: dict[str, float], *, round_to: int = 1) -> dict:
     """A plan dropping `ratios_by_group[id]` of each named group (lowest scores first)."""
     plan = {}
     for gid, ratio in ratios_by_group.items():
@@ -258,7 +254,7 @@ def plan_with_ratios(analysis, scores: dict, ratios_by_group: dict[str, float], 
         except KeyError:
             raise SpaError(f"no channel group '{gid}'", "was the sensitivity measured on another model?") from None
         if ratio > 0:
-            plan.update(planner.uniform([group], scores, ratio, round_to))
+            plan.update(planner.uniform([group], scores, ratio, round_to=round_to))
     return plan
 
 

@@ -70,11 +70,11 @@ def collect(dense, pruned: list, bench=None, *, data=None, samples: int | None =
         facts += [model_facts(p) for p in paths[1:]]
     layers = layer_table(facts)
     with step("fidelity" + (" (random inputs)" if arrays is None else f" (on {data})")):
-        fid = fidelity(paths[0], paths[1:], arrays, samples, source=data)
+        fid = fidelity(paths[0], paths[1:], arrays, samples=samples, source=data)
     return {"schema_version": SCHEMA, "title": title or f"spa report: {Path(paths[0]).name}",
             "dense": paths[0], "models": [_label(p, paths) + (" (dense)" if k == 0 else "") for k, p in enumerate(paths)],
             "summary": summary(facts, layers), "layers": layers, "breakdown": breakdown_table(facts),
-            "fidelity": fid, "latency": latency(bench_doc, bench, paths, layers["removed"]),
+            "fidelity": fid, "latency": latency(bench_doc, bench, paths, removed=layers["removed"]),
             "environment": environment(command)}
 
 
@@ -230,8 +230,7 @@ def breakdown_table(facts: list) -> dict:
     return {"ops": ops, "models": [f["by_op"] for f in facts]}
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def fidelity(dense, paths: list, arrays: dict | None = None, samples: int | None = None, source=None) -> dict:
+def fidelity(dense, paths: list, arrays: dict | None = None, *, samples: int | None = None, source=None) -> dict:
     """Cosine, relative error and largest difference of every float output of each model vs DENSE's,
     on `arrays` (keyed by input name) or on random inputs; a model ORT cannot run gets an error."""
     if arrays is not None:
@@ -272,8 +271,7 @@ def read_bench(path) -> dict:
     return doc
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def latency(bench: dict | None, bench_path, paths: list, removed: list) -> dict:
+def latency(bench: dict | None, bench_path, paths: list, *, removed: list) -> dict:
     """Bench results of the report's models (matched by resolved path), with each model's
     fraction of channels removed; bench models that are not in the report are listed."""
     if bench is None:

@@ -27,8 +27,7 @@ def _scored_output(names: list[str], output: str | None) -> str:
     return output
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def evaluate(model, data, labels=None, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
+def evaluate(model, data, labels=None, *, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
     """Accuracy (with `labels`) and fidelity to `reference` (a model file or ModelProto).
 
     `data`: arrays keyed by input name (batched here; other keys are ignored) or any iterable
@@ -86,4 +85,4 @@ def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, *, refe
     y = None
     if labels is not None:
         y = np.asarray(arrays[labels])[:sum(len(next(iter(f.values()))) for f in feeds)]
-    return evaluate(model_path if in_memory else str(model_path), feeds, y, reference)
+    return evaluate(model_path if in_memory else str(model_path), feeds, y, reference=reference)

@@ -90,8 +90,7 @@ def trainable_names(proto) -> set:
 
 
 # long: one pass over the batches; the torch setup and the per-kind accumulation share its locals
-# positional: internal callers pass these positionally (a signature kept as it was)
-def measure(analysis, data, kind: str, labels=None, output: str | None = None, max_samples: int = 512,
+def measure(analysis, data, kind: str, *, labels=None, output: str | None = None, max_samples: int = 512,
             batch_size: int = 64, device: str = "cpu", progress=None) -> Saliency:
     """Per-weight saliency of `kind` on `data` ({input: array [N, ...]}), `labels` [N, ...] or
     None (the model's own predictions)."""

@@ -16,23 +16,22 @@ def statistics(analysis: Analysis, calib=None, max_samples: int = 512, *, batch_
     return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def saliency(analysis: Analysis, criterion: str, data, labels=None, max_samples: int = 512, batch_size: int = 64,
+def saliency(analysis: Analysis, criterion: str, data, *, labels=None, max_samples: int = 512, batch_size: int = 64,
              output: str | None = None, device: str = "cpu", progress=None):
     """Per-weight saliency of a gradient criterion (taylor, snip, grasp, crop) on `data`
     ({input: array}), with `labels` or, without them, the model's own predictions as targets."""
-    return gradients.measure(analysis, data, criterion, labels, output, max_samples, batch_size, device, progress)
+    return gradients.measure(analysis, data, criterion, labels=labels, output=output, max_samples=max_samples,
+                             batch_size=batch_size, device=device, progress=progress)
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def compensation(analysis: Analysis, plan: dict, calib=None, stats=None, max_samples: int = 512,
+def compensation(analysis: Analysis, plan: dict, calib=None, *, stats=None, max_samples: int = 512,
                  batch_size: int = 64, progress=None) -> tuple[dict, list[str]]:
     """({tensor: updated weights}, notes): the OBS update of the consumers of the planned
     channels (spa.obspa). With `calib`: group by group in graph order, each measured on the
     model with the earlier groups already removed and compensated. Without: one shot, from
     `stats` or the graph's own moments (data-free)."""
     if calib is not None:
-        return obspa.sequential(analysis, plan, calib, max_samples, batch_size, progress)
+        return obspa.sequential(analysis, plan, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
     stats = statistics(analysis) if stats is None else stats
     values = obspa.compensate(analysis, plan, stats)
     return values, list(stats.notes)

@@ -63,9 +63,8 @@ class Dist:
     samples: np.ndarray
     basis: int
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
     @classmethod
-    def gaussian(cls, axis: int, rank: int, mean: np.ndarray, cov: np.ndarray) -> Dist | None:
+    def gaussian(cls, axis: int, rank: int, mean: np.ndarray, *, cov: np.ndarray) -> Dist | None:
         if len(mean) > GRAM_MAX:
             return None  # too wide to carry a covariance: the trail ends
         std = np.sqrt(np.maximum(np.diag(cov), 0.0))
@@ -111,7 +110,7 @@ def _normalized(dist, gamma, beta, axis, rank) -> Dist:
     d = len(gamma)
     corr = _correlation(dist, d) if dist is not None and dist.samples.shape[1] == d else np.eye(d)
     beta = np.zeros(d) if beta is None else beta
-    return Dist.gaussian(axis, rank, beta.astype(np.float64), corr * np.outer(gamma, gamma))
+    return Dist.gaussian(axis, rank, beta.astype(np.float64), cov=corr * np.outer(gamma, gamma))
 
 
 def _value(index, name):
@@ -129,7 +128,7 @@ def _linear(dist: Dist, w: np.ndarray, bias, axis: int, rank: int) -> Dist | Non
         out_cov = np.diag(np.diag(cov) @ np.square(w))
     else:
         out_cov = w.T @ cov @ w
-    return Dist.gaussian(axis, rank, out_mean, out_cov)
+    return Dist.gaussian(axis, rank, out_mean, cov=out_cov)
 
 
 def _conv(node, dist, index, rank) -> Dist | None:
@@ -147,11 +146,11 @@ def _conv(node, dist, index, rank) -> Dist | None:
             out_cov = np.diag(np.einsum("mck,c->m", np.square(taps), np.diag(cov)))
         else:
             out_cov = np.einsum("mck,cd,ndk->mn", taps, cov, taps, optimize=True)
-        return Dist.gaussian(1, rank, out_mean, out_cov)
+        return Dist.gaussian(1, rank, out_mean, cov=out_cov)
     if g == m == len(mean) and c == 1:  # depthwise
         taps = taps[:, 0, :]
         out_mean = mean * taps.sum(1) + (0.0 if b is None else b)
-        return Dist.gaussian(1, rank, out_mean, cov * (taps @ taps.T))
+        return Dist.gaussian(1, rank, out_mean, cov=cov * (taps @ taps.T))
     return None
 
 
@@ -178,7 +177,7 @@ def _elementwise(node, dists, index, rank) -> Dist | None:
         if node.op_type in ("Add", "Sub") and len(tracked) == 2 and tracked[0].axis == tracked[1].axis:
             a, b = tracked
             sign = 1.0 if node.op_type == "Add" else -1.0
-            return Dist.gaussian(a.axis, rank, a.mean + sign * b.mean, a.cov() + b.cov())
+            return Dist.gaussian(a.axis, rank, a.mean + sign * b.mean, cov=a.cov() + b.cov())
         return None
     first = tracked[0]
     feeds = {}
@@ -247,7 +246,7 @@ def _concat(node, dists, rank) -> Dist | None:
         n = len(p.mean)
         cov[o:o + n, o:o + n] = p.cov()
         o += n
-    return Dist.gaussian(axis, rank, mean, cov)
+    return Dist.gaussian(axis, rank, mean, cov=cov)
 
 
 def _step(node, dists, index) -> Dist | None:
@@ -291,7 +290,7 @@ def propagate(analysis, wanted: set | None = None) -> dict:
     for name in index.graph_inputs:
         shape = index.shapes.get(name)
         if shape and len(shape) >= 2 and shape[1] and index.model.dtypes.get(name) in (1, 10, 11, 16):
-            dists[name] = Dist.gaussian(1, len(shape), np.zeros(shape[1]), np.eye(shape[1]))
+            dists[name] = Dist.gaussian(1, len(shape), np.zeros(shape[1]), cov=np.eye(shape[1]))
     for node in index.graph.node:
         if wanted is not None and wanted <= dists.keys():
             break

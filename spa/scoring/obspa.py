@@ -122,8 +122,7 @@ def _dropped(analysis, plan: dict) -> dict:
     return out
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
+def compensate(analysis, plan: dict, stats, *, base: dict | None = None) -> dict:
     """{tensor: updated array}: consumer weights with the OBS update for the dropped channels
     (`base`: current arrays of some tensors). Consumers without statistics keep their weights
     (listed in `stats.notes`).
@@ -154,8 +153,7 @@ def compensate(analysis, plan: dict, stats, base: dict | None = None) -> dict:
     return updated
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: int = 64, progress=None):
+def sequential(analysis, plan: dict, calib, *, max_samples: int = 512, batch_size: int = 64, progress=None):
     """Calibrated compensation one group at a time, in graph order: each group's consumers are
     measured on the model with the earlier groups already removed (zeroed) and compensated, so
     their updates also absorb what the earlier removals changed (errors do not compound).
@@ -167,9 +165,9 @@ def sequential(analysis, plan: dict, calib, max_samples: int = 512, batch_size: 
     done: dict = {}
     for k, group in enumerate(order):
         current = zeroed(analysis, done, values)
-        stats = calibrate(analysis, calib, read_spaces(analysis, [group]), max_samples, batch_size, source=current,
+        stats = calibrate(analysis, calib, read_spaces(analysis, [group]), max_samples=max_samples, batch_size=batch_size, source=current,
                           reference=dense)
-        values.update(compensate(analysis, {group.id: plan[group.id]}, stats, values))
+        values.update(compensate(analysis, {group.id: plan[group.id]}, stats, base=values))
         notes += [n for n in stats.notes if n not in notes]
         done[group.id] = plan[group.id]
         if progress is not None:

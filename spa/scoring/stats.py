@@ -84,8 +84,7 @@ def reference_session(analysis, spaces):
     return session_with_outputs(analysis.model.proto, list(dict.fromkeys(t for t, _ in spaces)), analysis.model.dtypes)
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def calibrate(analysis, data, spaces=None, max_samples: int = 512, batch_size: int = 64, progress=None,
+def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size: int = 64, progress=None,
               source=None, reference=None) -> Stats:
     """Run `data` (arrays keyed by input name, or an iterable of feed dicts) through ONNX
     Runtime once, with every space's tensor as an extra output, and accumulate its moments.

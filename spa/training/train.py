@@ -98,8 +98,7 @@ def check_target(labels, teacher) -> None:
             "pass labels=KEY (a key of the data), or distill_from=DENSE.onnx")
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def split_validation(feeds: dict, labels, val_split: float, seed: int):
+def split_validation(feeds: dict, labels, val_split: float, *, seed: int):
     """(train feeds, train labels, val feeds, val labels): a seeded hold-out of `val_split`."""
     check_val_split(val_split)
     n = len(next(iter(feeds.values())))
@@ -140,8 +139,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 # long: one training loop whose state (optimizer, schedule, checkpoint, best weights) every step shares
-# positional: internal callers pass these positionally (a signature kept as it was)
-def fit(proto, feeds: dict, labels=None, val=None, teacher=None, cfg: FitConfig | None = None,
+def fit(proto, feeds: dict, labels=None, *, val=None, teacher=None, cfg: FitConfig | None = None,
         checkpoint: str | os.PathLike | None = None, resume: bool = False, schedule=None, progress=None,
         log=None) -> FitResult:
     """Train `proto` on `feeds` ({input: [N, ...]}) with `labels` [N, ...] and/or `teacher` (a
@@ -319,7 +317,7 @@ class HessoSchedule:
 
     def __init__(self, analysis, target_ratio: float, periods: int = 5, warmup: float = 0.2, window: float = 0.5,
                  round_to: int = 1, prune_hidden: bool = False):
-        self.check_options(target_ratio, periods, warmup, window, round_to)
+        self.check_options(target_ratio, periods, warmup, window=window, round_to=round_to)
         self.analysis, self.ratio, self.periods = analysis, target_ratio, periods
         self.warmup, self.window, self.round_to = warmup, window, round_to
         self.groups = [g for g in analysis.groups if g.prunable and g.zero_invariant
@@ -328,9 +326,8 @@ class HessoSchedule:
         self.shrinking: dict[str, list[int]] = {}
         self.notes: list[str] = []
 
-    # positional: internal callers pass these positionally (a signature kept as it was)
     @staticmethod
-    def check_options(target_ratio: float, periods: int, warmup: float, window: float, round_to: int) -> None:
+    def check_options(target_ratio: float, periods: int, warmup: float, *, window: float, round_to: int) -> None:
         """UsageError for a bad value (before any model is loaded)."""
         planner.check_ratio(target_ratio, "target_ratio")
         positive_int("periods", periods)
@@ -405,7 +402,7 @@ class HessoSchedule:
             taken = set(self.selected.get(g.id, [])) | set(self.shrinking.get(g.id, []))
             s = np.where(np.isin(np.arange(g.size), list(taken)), -np.inf, s)
             scores[g.id] = s
-        plan = planner.uniform(self.groups, scores, ratio, self.round_to)
+        plan = planner.uniform(self.groups, scores, ratio, round_to=self.round_to)
         for gid, channels in plan.items():
             taken = set(self.selected.get(gid, [])) | set(self.shrinking.get(gid, []))
             new = [int(c) for c in channels if c not in taken]

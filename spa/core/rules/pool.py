@@ -135,7 +135,7 @@ def resize(node, ctx, res):
             for k in (0, 1):
                 if entries[k] == ctx.shape(x)[k]:
                     res.same((x, k), (y, k), ctx)
-            shape_entries(node, sizes_name, y, entries, ctx, res, skip=lambda j: j >= 2)
+            shape_entries(node, sizes_name, y, entries=entries, ctx=ctx, res=res, skip=lambda j: j >= 2)
     for name in node.input[1:]:
         res.param(name, ctx)
     for k in range(2, rank):

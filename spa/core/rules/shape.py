@@ -316,7 +316,7 @@ def reshape(node, ctx, res):
             for k in range(len(sy)):
                 res.pin((y, k), f"computed shape of Reshape {ctx.label(node)} could not be followed")
             return
-        shape_entries(node, node.input[1], y, entries, ctx, res)
+        shape_entries(node, node.input[1], y, entries=entries, ctx=ctx, res=res)
 
 
 def _end_group(sx, sy, i, j, step, lo_x, lo_y, hi_x, hi_y):
@@ -512,8 +512,7 @@ def _unfolded_downstream(name, ctx, depth=0) -> set:
     return found
 
 
-# positional: internal callers pass these positionally (a signature kept as it was)
-def shape_entries(node, shape_name, out, entries, ctx, res, skip=lambda j: False):
+def shape_entries(node, shape_name, out, *, entries, ctx, res, skip=lambda j: False):
     """Couple output axes with the `Shape(t)[a]` entries that size them; pin unknown sizes.
 
     A literal size inside a computed shape (`Concat(Shape(x)[0], [-1], [64])`) is rewritten
@@ -562,7 +561,7 @@ def expand(node, ctx, res):
         res.same((x, k), (y, ry - rx + k), ctx)
     entries = ctx.shape_value(node.input[1])
     if entries is not None and len(entries) == ry:
-        shape_entries(node, node.input[1], y, entries, ctx, res)
+        shape_entries(node, node.input[1], y, entries=entries, ctx=ctx, res=res)
     else:
         for k in range(ry):
             res.pin((y, k), f"computed shape of Expand {ctx.label(node)} could not be followed")
@@ -578,7 +577,7 @@ def constant_of_shape(node, ctx, res):
         return
     entries = ctx.shape_value(node.input[0])
     if entries is not None and len(entries) == (ctx.rank(y) or 0):
-        shape_entries(node, node.input[0], y, entries, ctx, res)
+        shape_entries(node, node.input[0], y, entries=entries, ctx=ctx, res=res)
 
 
 @rewriter("Reshape", "Expand", "ConstantOfShape", "Resize")
