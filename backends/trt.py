@@ -240,7 +240,7 @@ def _add_profile(builder, config, profiles: dict) -> None:
     for name, (lo, opt, hi) in profiles.items():
         profile.set_shape(name, lo, opt, hi)
     if config.add_optimization_profile(profile) < 0:
-        raise SpaError(f"TensorRT rejected the shape profile {profiles}", f"check --shapes ({SHAPES_SYNTAX})")
+        raise SpaError(f"TensorRT rejected the shape profile {profiles}", f"check shapes= ({SHAPES_SYNTAX})")
 
 
 def _use_timing_cache(config, path) -> list:

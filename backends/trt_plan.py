@@ -28,14 +28,14 @@ def parse_shapes(text: str) -> dict:
     tuple of ints; one shape means min = opt = max. The last ':' splits, so tf2onnx names such
     as 'input:0' work."""
     if not text or not text.strip():
-        raise _shapes_error("--shapes is empty")
+        raise _shapes_error("shapes= is empty")
     shapes = {}
     for item in text.split(","):
         name, sep, spec = item.strip().rpartition(":")
         if not sep or not name.strip() or not spec.strip():
-            raise _shapes_error(f"bad --shapes entry '{item.strip()}': expected NAME:SHAPE")
+            raise _shapes_error(f"bad shapes= entry '{item.strip()}': expected NAME:SHAPE")
         if name.strip() in shapes:
-            raise _shapes_error(f"--shapes names input '{name.strip()}' twice")
+            raise _shapes_error(f"shapes= names input '{name.strip()}' twice")
         shapes[name.strip()] = _shape_range(name.strip(), spec.strip())
     return shapes
 
@@ -45,24 +45,24 @@ def _shape_range(name: str, spec: str) -> tuple:
     if len(parts) == 1:
         parts *= 3
     if len(parts) != 3:
-        raise _shapes_error(f"--shapes for '{name}': give one shape or MIN/OPT/MAX, not {len(parts)} shapes")
+        raise _shapes_error(f"shapes= for '{name}': give one shape or MIN/OPT/MAX, not {len(parts)} shapes")
     lo, opt, hi = parts
     if not len(lo) == len(opt) == len(hi):
-        raise _shapes_error(f"--shapes for '{name}': MIN, OPT and MAX have different ranks")
+        raise _shapes_error(f"shapes= for '{name}': MIN, OPT and MAX have different ranks")
     if any(not a <= b <= c for a, b, c in zip(lo, opt, hi)):
-        raise _shapes_error(f"--shapes for '{name}': need MIN <= OPT <= MAX on every axis, got {spec}")
+        raise _shapes_error(f"shapes= for '{name}': need MIN <= OPT <= MAX on every axis, got {spec}")
     return lo, opt, hi
 
 
 def _dims(name: str, text: str) -> tuple:
     dims = text.strip().lower().split("x")
     if not all(re.fullmatch(r"[0-9]+", d.strip()) for d in dims):
-        raise _shapes_error(f"--shapes for '{name}': '{text.strip()}' is not a shape like 1x3x224x224")
+        raise _shapes_error(f"shapes= for '{name}': '{text.strip()}' is not a shape like 1x3x224x224")
     return tuple(int(d) for d in dims)
 
 
 def _shapes_error(message: str) -> SpaError:
-    return SpaError(message, f"write --shapes {SHAPES_SYNTAX} (one shape: MIN=OPT=MAX)")
+    return SpaError(message, f"write shapes={SHAPES_SYNTAX} (one shape: MIN=OPT=MAX)")
 
 
 def onnx_inputs(proto: onnx.ModelProto) -> dict:
@@ -79,7 +79,7 @@ def profile_shapes(inputs: dict, given: dict, batch: int = 1) -> tuple[dict, lis
     min=1, opt=max=`batch`. Returns (profile, notes)."""
     unknown = sorted(set(given) - set(inputs))
     if unknown:
-        raise SpaError(f"--shapes names '{unknown[0]}', which is not an input of the model",
+        raise SpaError(f"shapes= names '{unknown[0]}', which is not an input of the model",
                        f"the inputs are: {', '.join(inputs)}")
     profile, notes = {}, []
     for name, dims in inputs.items():
@@ -92,18 +92,18 @@ def profile_shapes(inputs: dict, given: dict, batch: int = 1) -> tuple[dict, lis
             notes.append(f"input '{name}': dynamic batch axis built for 1..{batch} (--shapes sets another range)")
         elif dynamic:
             raise SpaError(f"input '{name}' has dynamic axes ({_fmt(dims)}): TensorRT needs a shape range for it",
-                           f"pass --shapes {name}:{_example(dims)} (MIN/OPT/MAX)")
+                           f"pass shapes={name}:{_example(dims)} (MIN/OPT/MAX)")
     return profile, notes
 
 
 def _checked_range(name: str, dims: list, rng: tuple) -> tuple:
     for shape in rng:
         if len(shape) != len(dims):
-            raise SpaError(f"--shapes for '{name}': rank {len(shape)}, but the input has rank {len(dims)} "
+            raise SpaError(f"shapes= for '{name}': rank {len(shape)}, but the input has rank {len(dims)} "
                            f"({_fmt(dims)})", f"write {len(dims)} dims, e.g. {name}:{_example(dims)}")
         for k, (d, s) in enumerate(zip(dims, shape)):
             if d >= 0 and s != d:
-                raise SpaError(f"--shapes for '{name}': axis {k} is fixed to {d} in the model, got {s}",
+                raise SpaError(f"shapes= for '{name}': axis {k} is fixed to {d} in the model, got {s}",
                                f"keep the fixed axes: {name}:{_example(dims)}")
     return tuple(tuple(s) for s in rng)
 

@@ -132,7 +132,7 @@ class SimplifyPass(Pass):
         try:
             import onnxslim  # noqa: F401 - the optional extra, loaded when asked for
         except ImportError:
-            raise SpaError("--simplify needs onnxslim, which is not installed", "pip install 'spa[simplify]'") from None
+            raise SpaError("simplify=True needs onnxslim, which is not installed", "pip install 'spa[simplify]'") from None
 
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
         import onnxslim

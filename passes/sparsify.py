@@ -180,7 +180,7 @@ def layers(proto: onnx.ModelProto, n: int, m: int, *, min_size: int = 16, weight
         elif red % m:
             reason = f"reduction size {red} is not a multiple of {m}"
         elif min(red, outs) < min_size:
-            reason = f"too small for sparse kernels (reduction {red}, outputs {outs}; --min-size {min_size})"
+            reason = f"too small for sparse kernels (reduction {red}, outputs {outs}; min_size={min_size})"
         else:
             reason = None
         layer = Layer(label, node.op_type, stored, list(w.shape), where, red, reason is None, reason)

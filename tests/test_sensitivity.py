@@ -294,6 +294,6 @@ def test_plot_errors(tmp_path, monkeypatch):
         sensitivity.plot(_fake(), tmp_path / "sens.jpg")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(SpaError, match=r"matplotlib is needed for --plot\. Hint: pip install 'spa\[plot\]'"):
+    with pytest.raises(SpaError, match=r"matplotlib is needed for plot=\. Hint: pip install 'spa\[plot\]'"):
         sensitivity.plot(_fake(), tmp_path / "sens.png")
     assert not (tmp_path / "sens.png").exists()

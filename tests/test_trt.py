@@ -67,7 +67,7 @@ def test_parse_shapes_invalid(text, says):
         T.parse_shapes(text)
     message = str(exc.value)
     assert says in message
-    assert "\n" not in message and "--shapes NAME:MINxDIMS/OPTxDIMS/MAXxDIMS" in message  # one line, with the syntax
+    assert "\n" not in message and "shapes=NAME:MINxDIMS/OPTxDIMS/MAXxDIMS" in message  # one line, with the syntax (the CLI says --shapes)
 
 
 # ---------------------------------------------------------------- profile_shapes
@@ -94,7 +94,7 @@ def test_profile_dynamic_non_batch_axis_without_shapes_names_the_input_and_synta
         T.profile_shapes({"ids": [-1, -1], "image": [1, 3, 8, 8]}, {})
     message = str(exc.value)
     assert "input 'ids'" in message and "?x?" in message
-    assert "--shapes ids:1x1/8x8/32x32" in message
+    assert "shapes=ids:1x1/8x8/32x32" in message  # in the API's words; the CLI prints --shapes
 
 
 @pytest.mark.parametrize("given, says", [

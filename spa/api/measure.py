@@ -29,7 +29,8 @@ def evaluate(model, data, labels=None, *, reference=None, output=None, batch_siz
     feeds = arrays(data)
     with stepper(progress)("evaluating"):
         doc = measure(model if not hasattr(model, "proto") else model.proto, feeds, labels,
-                      reference if not hasattr(reference, "proto") else reference.proto, output, batch_size)
+                      reference=reference if not hasattr(reference, "proto") else reference.proto, output=output,
+                      batch_size=batch_size)
     return Result({"schema_version": EVAL_SCHEMA, "model": model_name(model), "data": data_name(data),
                    "reference": model_name(reference) if reference is not None else None, **doc})
 

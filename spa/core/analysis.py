@@ -302,7 +302,7 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str]) -> _Build
         hit = _excluded(node, index, exclude)
         fn = _node_rule(node)
         if hit:
-            reason = f"protected by --exclude '{hit}'"
+            reason = f"protected by the exclude pattern '{hit}'"
         elif fn is None:
             domain = f" from domain '{node.domain}'" if node.domain not in DEFAULT_DOMAINS else ""
             reason = f"{node.op_type} {index.label(node)}{domain} has no coupling rule (barrier)"

@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from spa.core.checks import Fidelity
 from spa.core.data import as_batches, split_labels
-from spa.core.errors import SpaError
+from spa.core.errors import SpaError, UsageError
 from spa.core.model import CONSTANT_OPS, read_json
 from spa.core.runtime import checked_session
 from spa.core.values import zeroed_values
@@ -93,7 +93,7 @@ def sensitivity(analysis, data, ratios=RATIOS, *, criterion: str = "l1", groups=
 def _check_ratios(ratios) -> list[float]:
     ratios = sorted({float(r) for r in ratios})
     if not ratios:
-        raise SpaError("no ratios to measure", "e.g. --ratios 0.1 0.3 0.5 0.7 0.9")
+        raise UsageError("no ratios to measure", "e.g. ratios=0.1,0.3,0.5,0.7,0.9")
     for r in ratios:
         planner.check_ratio(r, "ratios")
     return ratios
@@ -305,7 +305,7 @@ def check_plot(path) -> Path:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SpaError("matplotlib is needed for --plot", "pip install 'spa[plot]'") from None
+        raise SpaError("matplotlib is needed for plot=", "pip install 'spa[plot]'") from None
     return path
 
 
