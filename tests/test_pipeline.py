@@ -129,3 +129,33 @@ def test_python_pipeline_equals_the_cli(folders, capsys, monkeypatch):
     memory = api["in_memory"]  # a ModelProto in: the same masking, no paths
     assert memory["input"] is None and memory["output"] is None
     assert memory["layers"] == api["sparsify"]["layers"]
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx"
+
+
+@pytest.mark.parametrize("kind", ["proto", "Model"])
+def test_models_in_memory_are_taken_and_never_changed(kind, tmp_path):
+    """Every command takes a ModelProto or a spa.Model, and leaves the caller's object as it was
+    (analysis unties shared constants and pruning drops weights: on a copy)."""
+    import onnx
+
+    import spa
+
+    model = onnx.load(str(EXAMPLE)) if kind == "proto" else spa.load(EXAMPLE)
+    proto = model if kind == "proto" else model.proto
+    before = proto.SerializeToString()
+    calib = {"input": np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)}
+    pruned = spa.prune(model, ratio=0.5)
+    assert pruned.to_json()["input"] == (None if kind == "proto" else str(EXAMPLE))  # a spa.Model has its path
+    assert pruned.to_json()["channels_removed"] > 0
+    assert spa.sparsify(model, min_size=8).to_json()["eligible"] > 0
+    assert spa.quantize(model, calib=calib).to_json()["coverage"]["quantized"] > 0
+    assert [s["stage"] for s in spa.compress(model, ratio=0.5, fp16=True).to_json()["stages"]] == \
+        ["input", "pruned", "fp16"]
+    assert spa.sensitivity(model, calib, ratios=[0.5]).to_json()["groups"]
+    assert spa.evaluate(model, calib, reference=pruned.model)["samples"] == 8
+    page = spa.report(model, pruned.model, output=tmp_path / "r.html").to_json()
+    # models in memory are written for the page as model<i>.onnx (a spa.Model as it is in memory, not its file)
+    assert page["models"] == ["model0.onnx (dense)", "model1.onnx"] and (tmp_path / "r.html").is_file()
+    assert proto.SerializeToString() == before

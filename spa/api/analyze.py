@@ -61,7 +61,7 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
     if ratio is not None:
         planner.check_ratio(ratio)
     with step("load + shape inference"):
-        loaded = as_model(model)
+        loaded = as_model(model, copy=False)
     loaded, simplified = simplify_model(loaded, simplify, step)
     if isinstance(plan, (str, Path)):
         plan_file, plan = str(plan), planner.from_json(read_json(plan, "plan"))

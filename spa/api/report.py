@@ -10,12 +10,15 @@ Every argument is checked before any slow work. `result.to_json()` is the page's
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
+
 from spa.api.result import Result, stepper
 from spa.core.errors import SpaError, positive_int
-from spa.core.model import check_writable, write_text_atomic
+from spa.core.model import Model, check_writable, save, write_text_atomic
 from spa.reporting import html as html_report
 
 
@@ -38,16 +41,31 @@ def report(dense, pruned, *, bench=None, data=None, samples: int | None = None, 
     size, parameters, MACs, channels per layer, costs per op type, fidelity to `dense` on `data`
     (an .npz path or arrays keyed by input name; default random inputs), latency from `bench`,
     and the environment with `command` (the command line that made it, if any)."""
-    pruned = [pruned] if isinstance(pruned, (str, os.PathLike)) else list(pruned)
-    out = _check([dense, *pruned], bench, data, samples, output)
-    step = stepper(progress)
-    doc = html_report.collect(dense, pruned, bench=bench, data=data, samples=samples, title=title,
-                              command=command, step=step)
+    pruned = [pruned] if isinstance(pruned, (str, os.PathLike, onnx.ModelProto, Model)) else list(pruned)
+    with tempfile.TemporaryDirectory(prefix=".spa-report-") as work:
+        dense, *pruned = _as_files([dense, *pruned], Path(work))
+        out = _check([dense, *pruned], bench, data, samples, output)
+        step = stepper(progress)
+        doc = html_report.collect(dense, pruned, bench=bench, data=data, samples=samples, title=title,
+                                  command=command, step=step)
     with step("rendering"):
         page = html_report.render(doc)
     if out is not None:
         write_text_atomic(out, page)
     return Page({**doc, "output": None if out is None else str(out)}, html=page)
+
+
+def _as_files(models: list, work: Path) -> list:
+    """Paths as they are; a model in memory (ModelProto or spa.Model) written into `work` as
+    model<i>.onnx, the name the page then shows for it."""
+    files = []
+    for i, model in enumerate(models):
+        if isinstance(model, Model):
+            model = model.proto
+        if isinstance(model, onnx.ModelProto):
+            model = save(model, work / f"model{i}.onnx")
+        files.append(model)
+    return files
 
 
 def _check(models: list, bench, data, samples, output) -> Path | None:

@@ -45,12 +45,22 @@ class Result:
         return save(self.model, path, source=self.source, verify=self.verify)
 
 
-def as_model(model, infer: bool = True) -> Model:
-    """A spa.Model from a path, an onnx.ModelProto or a spa.Model (used as it is)."""
+def as_model(model, infer: bool = True, copy: bool = True) -> Model:
+    """A spa.Model from a path, an onnx.ModelProto or a spa.Model. The caller's object is never
+    changed: analysis and pruning edit the model they get (shared constants untied, weights
+    dropped once written), so a ModelProto or spa.Model is copied first (`copy=False`: use a
+    spa.Model as it is, as spa.analyze does with the Model it hands back)."""
     if isinstance(model, Model):
-        return model
+        if not copy:
+            return model
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model.proto)
+        return Model(proto, model.path, dict(model.shapes), dict(model.dtypes), set(model.unknown),
+                     set(model.external_files))
     if isinstance(model, onnx.ModelProto):
-        wrapped = Model(model)
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        wrapped = Model(proto)
         if infer:
             infer_shapes(wrapped)
         return wrapped
