@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from spa.api.build import build as run_build
-from spa.cli.app import add_common, err, step
+from spa.cli.app import add_common, err, progress
 from spa.core.errors import require
 
 
@@ -41,7 +41,7 @@ def build(args) -> int:
     log = (lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)) if args.verbose else None
     result = run_build(args.model, fp16=args.fp16, bf16=args.bf16, sparse=args.sparse, shapes=args.shapes,
                        timing_cache=args.timing_cache, workspace=args.workspace, output=out, log=log,
-                       progress=lambda what: step(what, args.json))
+                       progress=progress(args))
     if args.json:
         print(json.dumps(result.to_json()))
     else:

@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-import json
-
 from spa.api.quantize import quantize as quantize_model
-from spa.cli.app import add_calib, add_common, err, output_path, step
+from spa.cli.app import add_calib, add_common, err, output_path, progress
+from spa.reporting import report
 
 
 def parser(sub) -> None:
@@ -30,11 +29,10 @@ def quantize(args) -> int:
     result = quantize_model(args.model, calib=args.calib, fp16=args.fp16, method=args.method,
                             per_channel=args.per_channel, calib_samples=args.calib_samples,
                             output=output_path(args, "fp16" if args.fp16 else "int8"),
-                            progress=lambda what: step(what, args.json))
+                            progress=progress(args))
     doc = result.to_json()
     if args.json:
-        print(json.dumps(doc))
-        return 0
+        return report.print_json(doc)
     err.print(_summary(doc), markup=False, highlight=False)
     return 0
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from spa.api.report import report as run_report
-from spa.cli.app import add_common, err, step
+from spa.cli.app import add_common, err, progress
 from spa.reporting import html as html_report
 
 
@@ -50,7 +50,7 @@ def report(args) -> int:
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.report.html")
     result = run_report(args.dense, args.pruned, bench=args.bench, data=args.data, samples=args.samples,
                         title=args.title, command=_command(args), output=out,
-                        progress=lambda what: step(what, args.json))
+                        progress=progress(args))
     if args.json:
         print(json.dumps(result.to_json()))
     else:

@@ -5,13 +5,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 from rich.table import Table
 
 from spa.api.sparsify import sparsify as sparsify_model
-from spa.cli.app import add_calib, add_common, err, output_path, step
+from spa.cli.app import add_calib, add_common, err, output_path, progress
 from spa.reporting import report
 
 
@@ -36,11 +34,10 @@ def sparsify(args) -> int:
     result = sparsify_model(args.model, pattern=args.pattern, method=args.method, calib=args.calib,
                             calib_samples=args.calib_samples, min_size=args.min_size, permute=args.permute,
                             permute_budget=args.permute_budget, output=output_path(args, "sparse"),
-                            progress=lambda what: step(what, args.json))
+                            progress=progress(args))
     doc = result.to_json()
     if args.json:
-        print(json.dumps(doc))
-        return 0
+        return report.print_json(doc)
     report.out.print(_table(doc))
     if doc["permutation"] is not None:
         _print_permutation(doc["permutation"])

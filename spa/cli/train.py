@@ -11,13 +11,13 @@ and with --json print one document on stdout.
 
 from __future__ import annotations
 
-import json
 from typing import Self
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from spa.api import train as api_train
 from spa.cli.app import add_common, err, output_path, show_notes, step
+from spa.reporting import report
 from spa.scoring import criteria
 
 COMMON = ("data", "labels", "val", "val_split", "distill_from", "epochs", "lr", "batch", "weight_decay",
@@ -135,9 +135,8 @@ def _print(doc: dict) -> None:
 def finetune(args) -> int:
     doc = _train(args, api_train.finetune, "finetuned", "ratio", "criterion", "keep_sparsity", "distill").to_json()
     if args.json:
-        print(json.dumps(doc))
-    else:
-        _print(doc)
+        return report.print_json(doc)
+    _print(doc)
     return 0
 
 
@@ -146,8 +145,7 @@ def train_sparse(args) -> int:
                     "round_to", "prune_hidden", "save_plan")
     doc = result.to_json()
     if args.json:
-        print(json.dumps(doc))
-        return 0
+        return report.print_json(doc)
     sparse = doc["train_sparse"]
     show_notes(sparse["notes"])
     _print(doc)

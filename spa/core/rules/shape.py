@@ -676,7 +676,7 @@ def _computed_shape_literals(node, shape_name, out, edit):
             continue
         new = edit.new_size((out, j))
         if new != e:
-            edit.set_const_element(*src, new)
+            edit.set_const_element(*src, value=new)
 
 
 def _folded_literal(node, e, src, edit):
@@ -690,4 +690,4 @@ def _folded_literal(node, e, src, edit):
     if len(static) == 1 and sx[static[0]] == e.factor:
         new = edit.new_size((node.input[0], static[0]))
         if new != e.factor:
-            edit.set_const_element(*src, new)
+            edit.set_const_element(*src, value=new)
