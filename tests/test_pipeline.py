@@ -159,3 +159,22 @@ def test_models_in_memory_are_taken_and_never_changed(kind, tmp_path):
     # models in memory are written for the page as model<i>.onnx (a spa.Model as it is in memory, not its file)
     assert page["models"] == ["model0.onnx (dense)", "model1.onnx"] and (tmp_path / "r.html").is_file()
     assert proto.SerializeToString() == before
+
+
+def test_prune_is_the_command_and_the_single_step():
+    """spa.prune(model, ratio=...) is `spa prune` (a Result); spa.prune(analysis, plan) applies a plan
+    (a ModelProto); command options with an Analysis are a usage error, not silently ignored."""
+    import inspect
+
+    import onnx
+
+    import spa
+
+    assert {"ratio", "criterion", "calib", "output", "progress"} <= set(inspect.signature(spa.prune).parameters)
+    analysis = spa.analyze(EXAMPLE)
+    plan = spa.make_plan(analysis, 0.5)
+    assert isinstance(spa.prune(analysis, plan), onnx.ModelProto)
+    command = spa.prune(EXAMPLE, plan=plan)
+    assert command.to_json()["channels_removed"] == sum(map(len, plan.values()))
+    with pytest.raises(spa.UsageError, match="round_to go with a model"):
+        spa.prune(analysis, plan, round_to=8)

@@ -12,6 +12,7 @@ Two ways to call it:
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -53,15 +54,35 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
             )
 
 
-def prune(model, plan=None, *, check: bool = True, compensate=None, **options):
-    """The `spa prune` command on `model` (see `prune_model` for the options), or, given an
-    Analysis and a plan, the plan applied: the ModelProto, passing the ONNX checker when `check`
-    (over 2 GB only the written file can be checked: `check_against(path, original)`).
-    `compensate` there: updated weights from `compensation` (or Stats, compensated in one shot)."""
+def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, zeros: bool = False,
+          criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None, compensate=None,
+          global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int = 1, prune_hidden: bool = False,
+          exclude=(), simplify: bool = False, sensitivity=None, max_loss: float = 0.01, save_plan=None, seed: int = 0,
+          check: bool = True, output=None, progress=None):
+    """`spa prune` as a call, returning a Result (what `spa prune --json` prints; `.model`).
+
+    `model`: a path, ModelProto or spa.Model. What to remove, exactly one of: `plan` (a plan dict,
+    a plan document or a plan file), `ratio` (of each group's channels), `target_params` /
+    `target_macs` (keep at most this fraction, channels ranked globally) or `zeros=True` (exactly
+    the all-zero channels; the outputs must not change). `criterion` scores the channels (data
+    criteria read `calib`: an .npz path or arrays keyed by input name, `calib_samples` of them;
+    `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
+    of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to`,
+    `prune_hidden`, `exclude` (name globs), `simplify` (onnxslim first), `sensitivity` (a
+    sensitivity document or file, with `max_loss`), `save_plan` (path), `seed`, `check` (run the
+    result in ONNX Runtime), `output` (written atomically, verified on the written file).
+
+    Given an Analysis and a plan instead, the single step: the plan applied and the ModelProto
+    returned, passing the ONNX checker when `check` (over 2 GB only a written file can be checked:
+    `check_against(path, original)`); `compensate` there is updated weights from `compensation`
+    (or Stats, compensated in one shot)."""
+    options = {k: v for k, v in locals().items() if k not in ("model", "plan", "check", "compensate")}
     if not isinstance(model, Analysis):
-        return prune_model(model, plan=plan, check=check, compensate=compensate, **options)
-    if options:
-        raise UsageError(f"unexpected {', '.join(sorted(options))} with an Analysis: those are for a model")
+        o = {**options, "plan": plan, "check": check, "compensate": compensate}
+        _check_options(o)
+        return _Run(model, o).result()
+    given = sorted(k for k, v in options.items() if v != DEFAULTS[k])
+    require(not given, f"{', '.join(given)} go with a model, not an Analysis and a plan")
     if compensate is not None and not isinstance(compensate, dict):
         compensate = compensation(model, plan, stats=compensate)[0]
     proto = prune_pass.apply(model, plan, compensate)
@@ -95,26 +116,12 @@ def _check_options(o: dict) -> None:
     require(not (o["labels"] and o["calib"] is None), "labels= names a key of calib=", "pass calib=DATA.npz")
 
 
-DEFAULTS = {"ratio": None, "target_params": None, "target_macs": None, "zeros": False, "criterion": "l1",
-            "calib": None, "calib_samples": 512, "labels": None, "global_rank": False, "max_group_ratio": 0.9,
-            "round_to": 1, "prune_hidden": False, "exclude": (), "simplify": False, "sensitivity": None,
-            "max_loss": 0.01, "save_plan": None, "seed": 0, "output": None, "progress": None}
+# the command options and their defaults, read from prune's signature (an Analysis and a plan take none of them)
+DEFAULTS = {name: p.default for name, p in inspect.signature(prune).parameters.items()
+            if name not in ("model", "plan", "check", "compensate")}
 
 
-def prune_model(model, *, plan=None, check: bool = True, compensate=None, **options) -> Result:
-    """`spa prune` as a call. `plan`: a plan dict or plan file; else `ratio` (each group), `target_params` /
-    `target_macs` (keep at most this fraction, channels ranked globally) or `zeros=True` (remove exactly the
-    all-zero channels; the outputs must not change). `criterion`, `calib` (.npz path or arrays),
-    `calib_samples`, `labels`, `compensate` (OBS update of the consumers; default on for obspa),
-    `global_rank`, `max_group_ratio`, `round_to`, `prune_hidden`, `exclude` (name globs), `simplify`,
-    `sensitivity` (+ `max_loss`), `save_plan` (path), `seed`, `check` (run the result in ONNX Runtime),
-    `output` (written atomically, verified on the written file), `progress`."""
-    unknown = set(options) - set(DEFAULTS)
-    require(not unknown, f"unexpected option {', '.join(sorted(unknown))}=",
-            f"choose from: plan, check, compensate, {', '.join(DEFAULTS)}")
-    o = {**DEFAULTS, **options, "plan": plan, "check": check, "compensate": compensate}
-    _check_options(o)
-    return _Run(model, o).result()
+prune_model = prune  # the command's name where `prune` alone would read as the single step
 
 
 class _Run:
