@@ -139,7 +139,7 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     require(duration_s > 0, f"invalid duration_s={duration_s}: it must be positive")
     require(warmup_ms >= 0, f"invalid warmup_ms={warmup_ms}: it must not be negative")
     if output is not None:
-        check_writable(output)
+        check_writable(output, reads=models)
     sessions = [_open(m, backend, options) for m in models]
     names = [model_name(m) or f"model{k}" for k, m in enumerate(models)]
     plan = method.Plan(warmup_ms, duration_s, min_iterations)

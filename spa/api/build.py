@@ -80,7 +80,7 @@ def _check(model, fp16: bool, bf16: bool, shapes, timing_cache, workspace, outpu
     name = model_name(model)
     out = None
     if output is not None:
-        out = check_writable(output, name)
+        out = check_writable(output, name, reads=(timing_cache,))
         if out.suffix.lower() == ".onnx":
             raise SpaError(f"refusing to write a TensorRT engine to '{out}'", "name it .engine")
     if timing_cache:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spa.core.data import load_npz
+from spa.core.data import load_npz, require_finite
 from spa.core.errors import SpaError, UsageError
 from spa.core.model import Model
 from spa.passes.base import Pass, PassResult
@@ -25,7 +25,7 @@ def arrays(data, name: str = "calib"):
     if isinstance(data, (str, os.PathLike)):
         return load_npz(data)
     if isinstance(data, dict):
-        return {k: np.asarray(v) for k, v in data.items()}
+        return require_finite({k: np.asarray(v) for k, v in data.items()}, f"{name}=")
     if hasattr(data, "__iter__"):
         return data
     raise UsageError(f"invalid {name}={type(data).__name__}: expected a path to an .npz, a dict of arrays or an "

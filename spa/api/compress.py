@@ -52,7 +52,7 @@ def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = F
                "int8": int8, "fp16": fp16, "calib": calib, "calib_samples": calib_samples,
                "quant_method": quant_method, "eval": eval, "labels": labels, "save_stages": save_stages}
     _check(model, options)
-    return _Pipeline(model, options, output_target(output, model), stepper(progress)).run()
+    return _Pipeline(model, options, output_target(output, model, calib, eval), stepper(progress)).run()
 
 
 def _check(model, o: dict) -> None:

@@ -45,7 +45,7 @@ def sensitivity(model, calib, *, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), criterion: st
     for r in ratios:
         planner.check_ratio(r, "ratios")
     if plot is not None:  # fail before the slow part
-        check_writable(plot, model_name(model))
+        check_writable(plot, model_name(model), reads=(calib,))
         sens.check_plot(plot)
     feeds, step = arrays(calib), stepper(progress)
     with step("load + shape inference"):

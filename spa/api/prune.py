@@ -130,9 +130,10 @@ class _Run:
     def __init__(self, source, o: dict):
         self.source, self.o, self.step = source, o, stepper(o["progress"])
         self.name = model_name(source)
-        self.out = output_target(o["output"], source)
+        reads = (o["calib"], o["plan"], o["sensitivity"])
+        self.out = output_target(o["output"], source, *reads)
         if o["save_plan"] is not None:
-            check_writable(o["save_plan"], self.name)
+            check_writable(o["save_plan"], self.name, reads=reads)
             require(self.out is None or Path(o["save_plan"]).resolve() != self.out.resolve(),
                     f"save_plan= and output= both name '{self.out}'", "write the plan to another file")
         self.plan = _read_plan(o["plan"]) if o["plan"] is not None else None

@@ -35,7 +35,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
     require((calib is not None) != bool(fp16), "give exactly one of calib=DATA (INT8) and fp16=True (FP16)")
     require(method in METHODS, f"invalid method={method!r}", f"choose one of: {', '.join(METHODS)}")
     positive_int("calib_samples", calib_samples)
-    out = output_target(output, model)
+    out = output_target(output, model, calib)
     data = arrays(calib)
     step = stepper(progress)
     with step("load + shape inference"):

@@ -78,12 +78,12 @@ def model_name(model) -> str | None:
     return None
 
 
-def output_target(output, model) -> Path | None:
-    """Fail early when `output` cannot be written or is a file of the input."""
+def output_target(output, model, *reads) -> Path | None:
+    """Fail early when `output` cannot be written, is a file of the input or any other file the
+    call reads (`reads`: data, plan, teacher paths; arrays and None are ignored)."""
     if output is None:
         return None
-    path = check_writable(output, model_name(model))
-    return path
+    return check_writable(output, model_name(model), reads=reads)
 
 
 def stepper(progress):

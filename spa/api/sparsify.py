@@ -34,7 +34,7 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
     smallest reduction/output size a layer needs."""
     n, m = parse_pattern(pattern)
     _check(method, calib, calib_samples, min_size, permute_budget)
-    out = output_target(output, model)
+    out = output_target(output, model, calib)
     step = stepper(progress)
     with step("load + shape inference"):
         loaded = as_model(model)

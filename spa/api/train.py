@@ -115,10 +115,11 @@ def _prepare(s: _Setup, model, teacher: bool) -> _Run:
     cfg = _check_values(s, teacher)
     check_device(s.device)
     require_files(model, s.distill_from)
-    out = output_target(s.output, model)
+    reads = (s.data, s.val, s.distill_from)
+    out = output_target(s.output, model, *reads)
     ckpt = Path(s.checkpoint) if s.checkpoint else out.with_name(out.name + ".ckpt") if out else None
     if ckpt is not None:
-        check_writable(ckpt, model_name(model))
+        check_writable(ckpt, model_name(model), reads=reads)
     if s.resume and not ckpt.is_file():
         raise SpaError(f"cannot resume: no checkpoint '{ckpt}'", "start a new run instead")
     arrays = as_arrays(s.data, "data")
@@ -267,7 +268,7 @@ def train_sparse(model, *, data, target_ratio, labels=None, val=None, val_split=
     step = stepper(progress)
     run = _prepare(s, model, distill_from is not None)
     if save_plan:
-        check_writable(save_plan, model_name(model))
+        check_writable(save_plan, model_name(model), reads=(data, val, distill_from, output))
     with step("load + shape inference"):
         loaded = as_model(model)
     refuse_quantized(loaded)

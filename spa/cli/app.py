@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -118,9 +120,24 @@ def flags_of(parser, command: str) -> dict:
 COMMANDS: dict = {}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwound like Ctrl-C, so every `finally` removes its temporaries."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signal.Signals(signum).name)
+
+
+def _on_signals() -> None:
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminate)
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _on_signals()
     try:
         return COMMANDS[args.command](args)
     except SpaError as exc:
@@ -129,8 +146,9 @@ def main(argv=None) -> int:
         err.print(f"error: {with_flags(str(exc), flags_of(parser, args.command))}", markup=False, highlight=False,
                   soft_wrap=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
+    except KeyboardInterrupt as exc:
+        signal_name = f" ({exc})" if isinstance(exc, Terminated) else ""
+        err.print(f"error: interrupted{signal_name}; temporary files removed", markup=False)
         return 1
     except Exception as exc:  # a bug: still one line unless -v  # noqa: BLE001
         if args.verbose:

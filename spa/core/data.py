@@ -15,19 +15,34 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from spa.core.errors import SpaError
+from spa.core.errors import SpaError, first_line
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
     """All arrays of an `.npz` file (object arrays refused: no pickles are loaded)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SpaError(f"cannot read data '{path}': no such file")
+    if not p.is_file():
+        raise SpaError(f"cannot read data '{path}': not a regular file", "pass the .npz file itself")
     try:
         with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise SpaError(f"cannot read data '{path}': not a valid .npz file ({exc})") from None
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, KeyError) as exc:
+        raise SpaError(f"cannot read data '{path}': not a valid .npz file ({first_line(exc, limit=120)})") from None
+    return require_finite(arrays, f"data '{path}'")
+
+
+def require_finite(arrays: dict, where: str = "data") -> dict:
+    """`arrays` itself when every floating array is finite; else a one-line error naming the key
+    (NaN or inf in calibration or training data would be scored, trained on and written)."""
+    for key, value in arrays.items():
+        a = np.asarray(value)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad = int(a.size - np.isfinite(a).sum())
+            raise SpaError(f"{where} holds {bad} non-finite value(s) (NaN or inf) in '{key}'",
+                           "clean the data first: spa does not calibrate or train on NaN/inf")
+    return arrays
 
 
 def require_keys(arrays: dict, inputs: list[str], labels: str | None = None) -> None:

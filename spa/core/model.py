@@ -107,10 +107,7 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> set[Path]:
 def load(path: str | os.PathLike, infer: bool = True) -> Model:
     """Load an ONNX model (external data checked and loaded) and infer its shapes."""
     path = Path(path)
-    if not path.exists():
-        raise SpaError(f"cannot load model '{path}': no such file")
-    if path.is_dir():
-        raise SpaError(f"cannot load model '{path}': it is a directory", "pass the .onnx file")
+    require_regular(path, "model")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several types for garbage input
@@ -330,19 +327,48 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
 # ---------------------------------------------------------------- saving
 
 
-def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
-    """Fail early (before any work) when `path` cannot be written or is the input."""
+def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = None, *, reads=()) -> Path:
+    """Fail early (before any work) when `path` cannot be written: it is the input model or any
+    other file the command reads (`reads`: data, plans, teachers; None entries ignored), or it
+    exists and is not a regular file (a device node, a FIFO: never replaced by spa's output)."""
     path = Path(path)
     folder = path.parent
-    if source is not None and path.resolve() == Path(source).resolve():
+    if source is not None and _same_file(path, source):
         raise SpaError(f"refusing to write '{path}': it is the input model", "choose another -o path")
+    for read in reads:
+        if read is not None and isinstance(read, (str, os.PathLike)) and _same_file(path, read):
+            raise SpaError(f"refusing to write '{path}': the command reads it ('{read}')", "choose another output path")
     if path.is_dir():
         raise SpaError(f"cannot write '{path}': it is a directory", "give a file name such as model.pruned.onnx")
+    if path.exists() and not path.is_file() or path.is_symlink() and not path.exists():
+        raise SpaError(f"refusing to write '{path}': it is not a regular file", "give a file name such as out.onnx")
     if not folder.is_dir():
         raise SpaError(f"cannot write '{path}': folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise SpaError(f"cannot write '{path}': permission denied", "choose a writable -o path")
     return path
+
+
+def _same_file(a, b) -> bool:
+    """Two paths naming one file (also through links), or one folder-relative name twice."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def require_regular(path: Path, what: str) -> None:
+    """A file spa reads must be a regular file: a FIFO or device would hang or exhaust memory."""
+    if not path.exists():
+        raise SpaError(f"cannot load {what} '{path}': no such file")
+    if path.is_dir():
+        raise SpaError(f"cannot load {what} '{path}': it is a directory", f"pass the {what} file")
+    if not path.is_file():
+        raise SpaError(f"cannot load {what} '{path}': not a regular file (a device, FIFO or socket)",
+                       f"pass the {what} file itself")
 
 
 def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, *, verify=None) -> Path:
@@ -400,10 +426,14 @@ def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -
 
 def read_json(path: str | os.PathLike, what: str):
     """The JSON document in `path`; a one-line SpaError naming `what` (plan, sensitivity) if not."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise SpaError(f"cannot read {what} '{path}': not a regular file", f"pass the {what} file itself")
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise SpaError(f"cannot read {what} '{path}': no such file") from None
+    except RecursionError:
+        raise SpaError(f"cannot read {what} '{path}': nested too deeply to be a {what}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SpaError(f"cannot read {what} '{path}': not valid JSON ({exc})") from None
 

@@ -1,0 +1,146 @@
+"""Hostile inputs (issue 18, first classes): outputs never clobber what a command reads or a
+non-regular file, special files are refused before reading, non-finite data is refused, and a
+SIGTERM during saving leaves nothing behind. Each case: exit code, one `error:` line, no
+traceback, no new file, every input byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+
+import numpy as np
+import pytest
+
+from tests.test_cli import EXAMPLE, assert_untouched, snapshot, spa
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """m.onnx (the bundled example), calib.npz, bad.npz (one NaN), plan.json; the cwd."""
+    shutil.copy(EXAMPLE, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", input=x)
+    x[1, 2, 3, 4] = np.nan
+    np.savez(tmp_path / "bad.npz", input=x)
+    (tmp_path / "plan.json").write_text(json.dumps({"schema_version": 1, "groups": {}}))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def one_error(res, code: int = 1) -> str:
+    assert res.rc == code, res
+    assert len(res.error_lines) == 1 and "Traceback" not in res.err, res.err
+    assert res.out == ""
+    return res.error_lines[0]
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "m.onnx", "--calib", "calib.npz", "-o", "calib.npz"],
+    ["sparsify", "m.onnx", "--method", "obs", "--calib", "calib.npz", "-o", "calib.npz"],
+    ["prune", "m.onnx", "--plan", "plan.json", "-o", "plan.json"],
+    ["prune", "m.onnx", "--ratio", "0.3", "--criterion", "obspa", "--calib", "calib.npz", "-o", "calib.npz"],
+    ["prune", "m.onnx", "--ratio", "0.3", "--save-plan", "calib.npz", "--calib", "calib.npz", "--criterion", "apoz"],
+    ["bench", "m.onnx", "-o", "m.onnx"],
+    ["compress", "m.onnx", "--int8", "--calib", "calib.npz", "-o", "calib.npz"],
+    ["sensitivity", "m.onnx", "--calib", "calib.npz", "--plot", "calib.npz"],
+], ids=["quantize-calib", "sparsify-calib", "prune-plan", "prune-calib", "save-plan-calib", "bench-model",
+        "compress-calib", "plot-calib"])
+def test_an_output_never_names_an_input(capsys, work, argv):
+    before = snapshot(work)
+    line = one_error(spa(capsys, *argv))
+    assert "refusing to write" in line
+    assert_untouched(work, before)
+
+
+def _special(folder):
+    """A character device (as root) or else a FIFO: something that is not a regular file."""
+    path = folder / "dev"
+    try:
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
+    except (PermissionError, OSError):
+        os.mkfifo(path)
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    ["prune", "m.onnx", "--ratio", "0.5", "-o", "dev"],
+    ["quantize", "m.onnx", "--fp16", "-o", "dev"],
+    ["bench", "m.onnx", "--duration-s", "0.01", "-o", "dev"],
+])
+def test_an_output_is_never_a_device_or_fifo(capsys, work, argv):
+    special = _special(work)
+    kind = stat.S_IFMT(special.lstat().st_mode)
+    before = {p: p.read_bytes() for p in work.iterdir() if p.is_file()}
+    line = one_error(spa(capsys, *argv))
+    assert "not a regular file" in line
+    assert stat.S_IFMT(special.lstat().st_mode) == kind  # still the device/FIFO, not replaced
+    assert {p: p.read_bytes() for p in work.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["analyze", "dev"],
+    ["prune", "dev", "--ratio", "0.5", "-o", "out.onnx"],
+    ["prune", "m.onnx", "--plan", "dev", "-o", "out.onnx"],
+    ["quantize", "m.onnx", "--calib", "dev", "-o", "out.onnx"],
+])
+def test_special_files_are_refused_before_reading(capsys, work, argv):
+    _special(work)
+    before = snapshot(work)
+    line = one_error(spa(capsys, *argv))  # a FIFO would hang and /dev/zero exhaust memory if read
+    assert "not a regular file" in line
+    assert_untouched(work, before)
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "m.onnx", "--calib", "bad.npz", "-o", "out.onnx"],
+    ["prune", "m.onnx", "--ratio", "0.3", "--criterion", "mean-act", "--calib", "bad.npz", "-o", "out.onnx"],
+    ["sparsify", "m.onnx", "--method", "obs", "--calib", "bad.npz", "-o", "out.onnx"],
+    ["eval", "m.onnx", "--data", "bad.npz"],
+])
+def test_non_finite_data_is_refused_naming_the_key(capsys, work, argv):
+    before = snapshot(work)
+    line = one_error(spa(capsys, *argv))
+    assert "non-finite" in line and "'input'" in line
+    assert_untouched(work, before)
+
+
+def test_non_finite_arrays_in_python_are_refused():
+    import spa as spa_api
+
+    x = np.full((2, 3, 32, 32), np.inf, np.float32)
+    with pytest.raises(spa_api.SpaError, match="calib= holds .* non-finite"):
+        spa_api.quantize(EXAMPLE, calib={"input": x})
+
+
+def test_a_plan_nested_too_deep_is_one_line(capsys, work):
+    (work / "deep.json").write_text("[" * 200_000 + "]" * 200_000)
+    before = snapshot(work)
+    line = one_error(spa(capsys, "prune", "m.onnx", "--plan", "deep.json", "-o", "out.onnx"))
+    assert "plan" in line
+    assert_untouched(work, before)
+
+
+def test_sigterm_while_saving_leaves_nothing(capsys, work, monkeypatch):
+    """SIGTERM arrives while the written temp file is being checked: the run unwinds like Ctrl-C,
+    removes its temporaries, writes no output, and says so in one line."""
+    from spa.core import checks
+
+    real = checks.output_check
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("spa.passes.base.output_check", killed)
+    before = snapshot(work)
+    try:
+        res = spa(capsys, "prune", "m.onnx", "--ratio", "0.5", "-o", "out.onnx")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    line = one_error(res)
+    assert "SIGTERM" in res.err and "interrupted" in res.err, line
+    assert_untouched(work, before)
