@@ -144,3 +144,31 @@ def test_sigterm_while_saving_leaves_nothing(capsys, work, monkeypatch):
     line = one_error(res)
     assert "SIGTERM" in res.err and "interrupted" in res.err, line
     assert_untouched(work, before)
+
+
+@pytest.mark.parametrize("argv, code, says", [
+    (["prune", "m.onnx", "--ratio", "0.3", "--seed", "-1", "-o", "out.onnx"], 2, "invalid --seed -1"),
+    (["compare", "m.onnx", "m.onnx", "--min-cosine", "2"], 2, "invalid --min-cosine 2.0"),
+    (["bench", "m.onnx", "--duration-s", "nan"], 2, "duration"),
+    (["analyze", "m.onnx", "--plan", "bad_plan.json"], 1, "plan names group 'nope:0'"),
+])
+def test_bad_values_are_refused_before_any_work(capsys, work, argv, code, says):
+    """Values that used to run (or end in an internal error): one line, and on a non-terminal
+    stderr nothing else: the step lines of a failed run are not shown."""
+    (work / "bad_plan.json").write_text(json.dumps({"schema_version": 1, "groups": {"nope:0": [1]}}))
+    before = snapshot(work)
+    res = spa(capsys, *argv)
+    line = one_error(res, code)
+    assert says in line
+    assert res.err.strip().splitlines() == [line]  # the error alone
+    assert_untouched(work, before)
+
+
+def test_a_successful_run_still_shows_its_steps_and_unmatched_excludes(capsys, work):
+    res = spa(capsys, "prune", "m.onnx", "--ratio", "0.3", "--exclude", "head.*", "-o", "out.onnx")
+    assert res.rc == 0, res.err
+    assert "note: exclude pattern 'head.*' matches no node or weight name" in res.err
+    assert "saving + checking:" in res.err  # held back on a pipe, shown once the command succeeded
+    doc = json.loads(spa(capsys, "prune", "m.onnx", "--ratio", "0.3", "--exclude", "head.*", "-o", "out.onnx",
+                         "--json").out)
+    assert any("head.*" in n for n in doc["notes"])

@@ -110,7 +110,8 @@ def measure(cmd: list[str], log_path: Path, timeout: float, trace: bool = False)
     The peak is `ru_maxrss` of exactly this child (os.wait4). With `trace`, VmRSS is also
     sampled every 50 ms and charged to the step running at the time (see `trace_rss`).
     """
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", TERM="dumb", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", TERM="dumb", PYTHONUNBUFFERED="1",
+               SPA_PROGRESS="live")  # step lines as they happen: the RSS samples are charged to them
     samples: list = []
     err_path = log_path.with_suffix(".err")
     with open(log_path.with_suffix(".out"), "w") as out, open(err_path, "w") as err:

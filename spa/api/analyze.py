@@ -17,6 +17,7 @@ from spa.core.blocks import attention_blocks
 from spa.core.data import load_npz
 from spa.core.model import read_json
 from spa.passes import quantize, sparsify
+from spa.passes.prune import check_plan
 from spa.passes.simplify import simplify_model
 from spa.planning import planner
 from spa.planning.plan import make_plan
@@ -71,6 +72,8 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
         analysis = group_channels(loaded, exclude=list(exclude or []))
     if ratio is not None:
         plan = _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step)
+    elif plan is not None:
+        check_plan(analysis, plan)  # the plan prune would refuse is refused here too
     preview = None if plan is None else {"ratio": ratio, "plan_file": plan_file,
                                          "channels_removed": int(sum(len(c) for c in plan.values()))}
     return AnalysisResult(**{f.name: getattr(analysis, f.name) for f in fields(Analysis)}, simplified=simplified,

@@ -223,7 +223,8 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
     require(candidate is not None or backend_b != backend, "nothing to compare: one model on one backend",
             "give a second model, or backend_b=NAME")
     candidate = reference if candidate is None else candidate
-    require(min(atol, rtol) >= 0, f"invalid atol={atol}, rtol={rtol}: tolerances must not be negative")
+    require(min(atol, rtol) >= 0, f"invalid atol={atol}, rtol={rtol}: tolerances must not be negative or NaN")
+    require(min_cosine is None or -1 <= min_cosine <= 1, f"invalid min_cosine={min_cosine}: a cosine is in [-1, 1]")
     for name, value in (("samples", samples), ("batch", batch)):
         require(isinstance(value, int) and value >= 1, f"invalid {name}={value}: it must be a positive integer")
     dims = named_dims(dim)

@@ -19,7 +19,7 @@ from pathlib import Path
 from spa.api.common import arrays
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost
-from spa.core.analysis import Analysis, analyze
+from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import check_against
 from spa.core.data import split_labels
@@ -105,6 +105,7 @@ def _check_options(o: dict) -> None:
     require(not (o["sensitivity"] is not None and o["ratio"] is None),
             "sensitivity= goes with ratio= (the most any group is pruned)")
     positive_int("calib_samples", o["calib_samples"])
+    require(isinstance(o["seed"], int) and o["seed"] >= 0, f"invalid seed={o['seed']}: it must be 0 or more")
     require(o["criterion"] in criteria.CRITERIA, f"unknown criterion={o['criterion']}",
             f"choose one of: {', '.join(sorted(criteria.CRITERIA))}")
     require(not (o["zeros"] and o["compensate"]),
@@ -147,7 +148,7 @@ class _Run:
         self._load()
         self._choose()
         values, notes = self._compensation()
-        notes = list(dict.fromkeys((self.stats.notes if self.stats else []) + notes))
+        notes = list(dict.fromkeys((self.stats.notes if self.stats else []) + notes + self._exclude_notes()))
         with self.step("pruning"):
             rewrite = prune_pass.PrunePass(self.analysis, self.plan, values, self.o["check"], self.o["zeros"],
                                            self.o["seed"])
@@ -188,6 +189,10 @@ class _Run:
         with self.step(f"scoring ({self.o['criterion']}) + planning"):
             self.plan = self._plan()
 
+    def _exclude_notes(self) -> list[str]:
+        return [f"exclude pattern '{pat}' matches no node or weight name: nothing was protected by it"
+                for pat in unmatched(self.model, self.o["exclude"])]
+
     def _statistics(self):
         """Activation statistics when the criterion needs them, else None (compensation measures its
         own group by group with calib=, or derives them from the graph without)."""
@@ -196,7 +201,8 @@ class _Run:
             return None
         if need == "gradients":
             return self._saliency()
-        what = f"calibration, {o['calib_samples']} samples" if self.calib is not None else "data-free"
+        what = f"calibration, {_samples(self.calib, o['calib_samples'])} samples" if self.calib is not None \
+            else "data-free"
         with self.step(f"activation statistics ({what})"):
             return statistics(self.analysis, self.calib, max_samples=o["calib_samples"])
 
@@ -253,6 +259,12 @@ class _Run:
             "channels_removed": int(sum(len(c) for c in plan.values())), "before": before, "after": after,
             "check": check, "attention_blocks": [b.to_json() for b in blocks], "simplify": self.simplified,
         }
+
+
+def _samples(calib, cap: int):
+    """How many samples a calibration uses: `cap`, or fewer when the arrays hold fewer."""
+    sizes = [len(v) for v in calib.values() if getattr(v, "ndim", 0)] if isinstance(calib, dict) else []
+    return min([cap, *sizes[:1]])
 
 
 def _read_plan(plan) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,16 @@ CALIB_HELP = ".npz of calibration inputs keyed by input name: activation statist
 EXCLUDE_HELP = "protect nodes/initializers whose name matches (glob; repeatable)"
 
 
+HELD: list[str] = []  # step lines held back while stderr is not a terminal: shown once the command succeeds
+
+
+def _live() -> bool:
+    """Step lines as they happen: on a terminal, or when SPA_PROGRESS=live asks for them (a log
+    reader that follows the steps, as tools/bench_prune.py does). Elsewhere (CI logs, pipes) they
+    are held until the command succeeds, so a failure's stderr is its one error line."""
+    return err.is_terminal or os.environ.get("SPA_PROGRESS") == "live"
+
+
 @contextlib.contextmanager
 def step(what: str, quiet: bool = False):
     """A spinner on stderr while a step runs, then one line with its time."""
@@ -46,7 +57,18 @@ def step(what: str, quiet: bool = False):
         return
     with err.status(f"{what}..."):
         yield
-    err.print(f"[dim]{what}: {time.perf_counter() - start:.2f} s[/dim]")
+    line = f"{what}: {time.perf_counter() - start:.2f} s"
+    if _live():
+        err.print(f"[dim]{line}[/dim]")
+    else:
+        HELD.append(line)
+
+
+def _release(ok: bool) -> None:
+    """Print the held step lines after a success; drop them after a failure."""
+    lines, HELD[:] = list(HELD), []
+    for line in lines if ok else []:
+        err.print(line, markup=False, highlight=False)
 
 
 def progress(args):
@@ -138,19 +160,25 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _on_signals()
+    HELD.clear()
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        _release(code == 0)
+        return code
     except SpaError as exc:
+        _release(False)
         if args.verbose:
             traceback.print_exc()
         err.print(f"error: {with_flags(str(exc), flags_of(parser, args.command))}", markup=False, highlight=False,
                   soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt as exc:
+        _release(False)
         signal_name = f" ({exc})" if isinstance(exc, Terminated) else ""
         err.print(f"error: interrupted{signal_name}; temporary files removed", markup=False)
         return 1
     except Exception as exc:  # a bug: still one line unless -v  # noqa: BLE001
+        _release(False)
         if args.verbose:
             traceback.print_exc()
         err.print(f"error: internal error ({type(exc).__name__}: {first_line(exc)}); rerun with -v for the traceback",

@@ -315,6 +315,13 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str]) -> _Build
     return b
 
 
+def unmatched(model: Model, patterns) -> list[str]:
+    """The exclude patterns that match no node name and no initializer/constant input name."""
+    names = {n.name for n in model.graph.node} | {t.name for t in model.graph.initializer} | \
+        {i for n in model.graph.node for i in n.input}
+    return [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names if n)]
+
+
 def _excluded(node, index, patterns):
     for pat in patterns:
         names = [node.name] + [i for i in node.input if index.is_const(i)]
