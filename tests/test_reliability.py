@@ -172,3 +172,8 @@ def test_a_successful_run_still_shows_its_steps_and_unmatched_excludes(capsys, w
     doc = json.loads(spa(capsys, "prune", "m.onnx", "--ratio", "0.3", "--exclude", "head.*", "-o", "out.onnx",
                          "--json").out)
     assert any("head.*" in n for n in doc["notes"])
+
+
+def test_files_written_besides_the_model_are_announced(capsys, work):
+    res = spa(capsys, "bench", "m.onnx", "--duration-s", "0.01", "--warmup-ms", "0", "-o", "bench.json")
+    assert res.rc == 0 and "wrote bench.json" in res.err and (work / "bench.json").is_file()

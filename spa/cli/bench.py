@@ -74,6 +74,8 @@ def bench(args) -> int:
         print(json.dumps(result.to_json()))
     else:
         _bench_table(result.to_json())
+        if args.output:
+            err.print(f"wrote {args.output}", markup=False, highlight=False)
     if result.failure:
         err.print(result.failure, markup=False, highlight=False)
         return 3

@@ -65,6 +65,8 @@ def run_sensitivity(args) -> int:
         table.add_row(*row)
     report.out.print(table)
     show_notes(doc["notes"])
+    if args.plot:
+        report.err.print(f"wrote {args.plot}", markup=False, highlight=False)
     return 0
 
 
