@@ -177,3 +177,20 @@ def test_a_successful_run_still_shows_its_steps_and_unmatched_excludes(capsys, w
 def test_files_written_besides_the_model_are_announced(capsys, work):
     res = spa(capsys, "bench", "m.onnx", "--duration-s", "0.01", "--warmup-ms", "0", "-o", "bench.json")
     assert res.rc == 0 and "wrote bench.json" in res.err and (work / "bench.json").is_file()
+
+
+def test_float64_data_is_cast_and_a_wrong_rank_is_one_line(capsys, work):
+    """float64 arrays feed a float32 model (cast, as a user expects); an array without the sample
+    axis is refused naming the key and both ranks (it used to surface as ONNX Runtime's message)."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32))  # float64
+    np.savez(work / "c64.npz", input=x)
+    np.savez(work / "rank.npz", input=x[0])
+    res = spa(capsys, "quantize", "m.onnx", "--calib", "c64.npz", "-o", "q.onnx", "--json")
+    assert res.rc == 0, res.err
+    assert json.loads(res.out)["fidelity_on_calib"]["samples"] == 4
+    before = snapshot(work)
+    for argv in (["eval", "m.onnx", "--data", "rank.npz"],
+                 ["prune", "m.onnx", "--ratio", "0.3", "--criterion", "obspa", "--calib", "rank.npz", "-o", "o.onnx"]):
+        line = one_error(spa(capsys, *argv))
+        assert "array 'input' has rank 3" in line and "takes rank 4" in line
+    assert_untouched(work, before)

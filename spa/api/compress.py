@@ -25,6 +25,7 @@ from spa.api.prune import prune_model
 from spa.api.quantize import quantize
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.api.sparsify import sparsify
+from spa.core.data import conform
 from spa.core.errors import SpaError, UsageError, first_line, positive_int, require
 from spa.core.model import load, save
 from spa.core.sizes import file_bytes
@@ -94,6 +95,8 @@ class _Pipeline:
         with self.step("load + shape inference"):
             source = as_model(self.model, infer=False)
         source.refuse_overwrite(self.out)
+        self.calib = conform(self.calib, source.proto, "calib=")
+        self.held_out = conform(self.held_out, source.proto, "eval=")
         parent = self.out.parent if self.out is not None else None
         work = Path(tempfile.mkdtemp(prefix=".spa-compress-", dir=parent))
         try:

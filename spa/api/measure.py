@@ -6,9 +6,14 @@
 
 from __future__ import annotations
 
+import os
+
+import onnx
+
 from spa.api.common import arrays, data_name, require_files
 from spa.api.result import Result, as_model, model_name, stepper
 from spa.core.analysis import analyze
+from spa.core.data import conform
 from spa.core.errors import SpaError, positive_int
 from spa.core.model import check_writable
 from spa.passes.simplify import simplify_model
@@ -20,13 +25,20 @@ from spa.scoring.evaluate import evaluate as measure
 EVAL_SCHEMA = 1
 
 
+def _graph(model) -> onnx.ModelProto:
+    """The model's graph (its inputs are what data is fitted to); a file is read without external weights."""
+    if isinstance(model, (str, os.PathLike)):
+        return onnx.load(str(model), load_external_data=False)
+    return model.proto if hasattr(model, "proto") else model
+
+
 def evaluate(model, data, labels=None, *, reference=None, output=None, batch_size: int = 64, progress=None) -> Result:
     """`spa eval`: top-1 accuracy on `data` (with `labels`: an array, or the key of the labels in
     `data`) and fidelity to `reference`. `data`: an .npz path, arrays keyed by input name, or an
     iterable of feed dicts; `output`: the output holding the class scores (default: the first)."""
     require_files(model, reference)
     positive_int("batch_size", batch_size)
-    feeds = arrays(data)
+    feeds = conform(arrays(data), _graph(model), "data=")
     with stepper(progress)("evaluating"):
         doc = measure(model if not hasattr(model, "proto") else model.proto, feeds, labels,
                       reference=reference if not hasattr(reference, "proto") else reference.proto, output=output,
@@ -50,6 +62,7 @@ def sensitivity(model, calib, *, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), criterion: st
     feeds, step = arrays(calib), stepper(progress)
     with step("load + shape inference"):
         loaded = as_model(model)
+    feeds = conform(feeds, loaded.proto, "calib=")
     loaded, simplified = simplify_model(loaded, simplify, step)
     with step("analysis"):
         analysis = analyze(loaded, exclude=list(exclude))

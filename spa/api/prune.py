@@ -22,7 +22,7 @@ from spa.core import cost
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import check_against
-from spa.core.data import split_labels
+from spa.core.data import conform, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
 from spa.core.sizes import file_bytes
@@ -169,6 +169,7 @@ class _Run:
     def _load(self) -> None:
         with self.step("load + shape inference"):
             self.model = as_model(self.source)
+        self.calib = conform(self.calib, self.model.proto, "calib=")
         self.model.refuse_overwrite(self.out, self.o["save_plan"])
         refuse_quantized(self.model)
         self.before = cost.summary(self.model)  # of the input, whatever the pre-pass does

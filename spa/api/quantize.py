@@ -17,6 +17,7 @@ import onnx
 from spa.api.common import arrays, run_pass, saver
 from spa.api.prune import refuse_quantized
 from spa.api.result import Result, as_model, model_name, output_target, stepper
+from spa.core.data import conform
 from spa.core.errors import positive_int, require
 from spa.core.model import Model
 from spa.passes.quantize import METHODS, Fp16Pass, Int8Pass
@@ -42,6 +43,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
         loaded = as_model(model)
     loaded.refuse_overwrite(out)
     refuse_quantized(loaded, "quantize")
+    data = conform(data, loaded.proto, "calib=")
     rewrite = Fp16Pass() if fp16 else Int8Pass(data, method, per_channel, calib_samples)
     done = run_pass(rewrite, loaded, out, step=step,
                     what="FP16 conversion" if fp16 else f"INT8 calibration ({method}) + QDQ")

@@ -14,6 +14,7 @@ import numpy as np
 from spa.api.common import arrays, run_pass, saver
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core.analysis import analyze
+from spa.core.data import conform
 from spa.core.errors import positive_int, require
 from spa.passes.base import PassResult
 from spa.passes.sparsify import METHODS, SparsifyPass, parse_pattern
@@ -39,7 +40,7 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
     with step("load + shape inference"):
         loaded = as_model(model)
     loaded.refuse_overwrite(out)
-    data = arrays(calib)
+    data = conform(arrays(calib), loaded.proto, "calib=")
     analysis = None
     if permute:
         with step("analysis"):

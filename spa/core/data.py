@@ -93,6 +93,39 @@ def calibration_batches(feeds: dict, batch: int, max_samples: int | None = None)
     return [{**{k: v[i:end(i)] for k, v in arrays.items()}, **scalars} for i in range(0, n, batch)]
 
 
+def conform(arrays, proto: onnx.ModelProto, where: str = "data"):
+    """`arrays` fitted to the model's graph inputs: float arrays cast to the input's float type
+    (float64 data for a float32 model), and a one-line error naming the key when an array's rank
+    or kind (float vs integer) cannot be what the input takes. Keys that are not inputs (labels)
+    and iterables of feed dicts pass unchanged."""
+    if not isinstance(arrays, dict):
+        return arrays
+    out = dict(arrays)
+    inits = {t.name for t in proto.graph.initializer}
+    for vi in proto.graph.input:
+        if vi.name in inits or vi.name not in arrays or not vi.type.HasField("tensor_type"):
+            continue
+        out[vi.name] = _fit(np.asarray(arrays[vi.name]), vi, where)
+    return out
+
+
+def _fit(a: np.ndarray, vi, where: str) -> np.ndarray:
+    tt = vi.type.tensor_type
+    want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
+    rank = len(tt.shape.dim) if tt.HasField("shape") else None
+    if rank is not None and a.ndim not in (rank, 0):
+        raise SpaError(f"{where} array '{vi.name}' has rank {a.ndim} (shape {list(a.shape)}), but the model input "
+                       f"takes rank {rank}", "save one array per input, samples along the first axis")
+    if want is None or a.dtype == want:
+        return a
+    if want.kind == "f" and a.dtype.kind in "fiu":
+        return a.astype(want)
+    if want.kind in "iub" and a.dtype.kind == "f":
+        raise SpaError(f"{where} array '{vi.name}' holds {a.dtype} values, but the model input takes {want}",
+                       "save integer data (token ids, indices) as integers")
+    return a.astype(want)
+
+
 def static_batch(proto: onnx.ModelProto, batch: int) -> int:
     """A model whose inputs have a fixed first dimension is calibrated in batches of that size."""
     inits = {t.name for t in proto.graph.initializer}
