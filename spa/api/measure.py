@@ -25,11 +25,15 @@ from spa.scoring.evaluate import evaluate as measure
 EVAL_SCHEMA = 1
 
 
-def _graph(model) -> onnx.ModelProto:
-    """The model's graph (its inputs are what data is fitted to); a file is read without external weights."""
-    if isinstance(model, (str, os.PathLike)):
+def _graph(model) -> onnx.ModelProto | None:
+    """The model's graph (its inputs are what data is fitted to); a file is read without external
+    weights. None when it is not a readable model: opening it in ONNX Runtime then says why."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model.proto if hasattr(model, "proto") else model
+    try:
         return onnx.load(str(model), load_external_data=False)
-    return model.proto if hasattr(model, "proto") else model
+    except Exception:  # noqa: BLE001 - not an ONNX file: the session's own error is the one to show
+        return None
 
 
 def evaluate(model, data, labels=None, *, reference=None, output=None, batch_size: int = 64, progress=None) -> Result:

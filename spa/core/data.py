@@ -98,7 +98,7 @@ def conform(arrays, proto: onnx.ModelProto, where: str = "data"):
     (float64 data for a float32 model), and a one-line error naming the key when an array's rank
     or kind (float vs integer) cannot be what the input takes. Keys that are not inputs (labels)
     and iterables of feed dicts pass unchanged."""
-    if not isinstance(arrays, dict):
+    if not isinstance(arrays, dict) or proto is None:
         return arrays
     out = dict(arrays)
     inits = {t.name for t in proto.graph.initializer}
