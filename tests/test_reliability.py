@@ -194,3 +194,21 @@ def test_float64_data_is_cast_and_a_wrong_rank_is_one_line(capsys, work):
         line = one_error(spa(capsys, *argv))
         assert "array 'input' has rank 3" in line and "takes rank 4" in line
     assert_untouched(work, before)
+
+
+def test_broken_npz_and_overlong_output_names_are_one_line(capsys, work):
+    """Faults that used to end in "internal error": an .npz cut short or with a damaged member,
+    an output name longer than the file system allows."""
+    data = (work / "calib.npz").read_bytes()
+    (work / "cut.npz").write_bytes(data[:100])
+    damaged = bytearray(data)
+    at = damaged.find(b"(4, 3, 32, 32)")
+    damaged[at:at + 14] = b"(9, 3, 32, 32)"  # the member's header lies: its CRC no longer matches
+    (work / "lie.npz").write_bytes(bytes(damaged))
+    before = snapshot(work)
+    for name in ("cut.npz", "lie.npz"):
+        line = one_error(spa(capsys, "quantize", "m.onnx", "--calib", name, "-o", "q.onnx"))
+        assert "not a valid .npz file" in line
+    line = one_error(spa(capsys, "prune", "m.onnx", "--ratio", "0.3", "-o", "a" * 300 + ".onnx"))
+    assert "cannot write" in line and "too long" in line
+    assert_untouched(work, before)

@@ -9,6 +9,8 @@ feed dicts instead of a file; nothing here needs the whole set in memory at once
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,7 +30,7 @@ def load_npz(path) -> dict[str, np.ndarray]:
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, KeyError) as exc:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise SpaError(f"cannot read data '{path}': not a valid .npz file ({first_line(exc, limit=120)})") from None
     return require_finite(arrays, f"data '{path}'")
 

@@ -332,6 +332,13 @@ def check_writable(path: str | os.PathLike, source: str | os.PathLike | None = N
     other file the command reads (`reads`: data, plans, teachers; None entries ignored), or it
     exists and is not a regular file (a device node, a FIFO: never replaced by spa's output)."""
     path = Path(path)
+    try:
+        return _writable(path, source, reads)
+    except OSError as exc:  # a name too long for the file system, a loop of links, ...
+        raise SpaError(f"cannot write '{str(path)[:120]}': {exc.strerror or exc}") from None
+
+
+def _writable(path: Path, source, reads) -> Path:
     folder = path.parent
     if source is not None and _same_file(path, source):
         raise SpaError(f"refusing to write '{path}': it is the input model", "choose another -o path")
