@@ -14,6 +14,7 @@ tolerance) by extending `ensures`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,11 +56,15 @@ class Pass:
             return None
         return output_check(model, proto, self.seed, pruned_file=file)
 
-    def run(self, model: Model, output=None) -> PassResult:
-        """requires -> rewrite -> ensures (on the written file when `output` is given)."""
+    def run(self, model: Model, output=None, *, step=None, what: str | None = None) -> PassResult:
+        """requires -> rewrite -> ensures (on the written file when `output` is given); `step(name)`:
+        the caller's progress context around the rewrite (named `what`) and around the checks."""
+        step = step or (lambda name: contextlib.nullcontext())
         self.requires(model)
-        proto, stats = self.rewrite(model)
-        return self.verify(model, proto, stats=stats, output=output)
+        with step(what or self.name):
+            proto, stats = self.rewrite(model)
+        with step("saving + checking" if output is not None else "checking"):
+            return self.verify(model, proto, stats=stats, output=output)
 
     def verify(self, model: Model, proto: onnx.ModelProto, *, stats: dict, output=None) -> PassResult:
         if output is None:

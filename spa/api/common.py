@@ -1,7 +1,6 @@
-"""Helpers the API functions share: data arguments, and a pass run in named progress steps.
+"""Helpers the API functions share: data arguments, missing files, and the re-check a saved result runs.
 
     calib="DATA.npz" | {input: array} ─arrays─▶ {input: array}
-    pass ─run_pass─▶ requires ─step(what)─▶ rewrite ─step("saving + checking")─▶ ensures (on the written file)
 """
 
 from __future__ import annotations
@@ -42,15 +41,6 @@ def require_files(*models) -> None:
 def data_name(data) -> str | None:
     """The path a data argument names, as the documents print it (None for arrays in memory)."""
     return str(data) if isinstance(data, (str, os.PathLike)) else None
-
-
-def run_pass(rewrite: Pass, model: Model, output, *, step, what: str) -> PassResult:
-    """`rewrite.run(model, output)` with its rewrite and its checks as two named progress steps."""
-    rewrite.requires(model)
-    with step(what):
-        proto, stats = rewrite.rewrite(model)
-    with step("saving + checking" if output is not None else "checking"):
-        return rewrite.verify(model, proto, stats=stats, output=output)
 
 
 def saver(rewrite: Pass, model: Model, done: PassResult):

@@ -16,7 +16,7 @@ import inspect
 import json
 from pathlib import Path
 
-from spa.api.common import arrays
+from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost
 from spa.core.analysis import Analysis, analyze, unmatched
@@ -164,7 +164,7 @@ class _Run:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
         doc.update(compensated=values is not None, statistics=self._stats_doc(), notes=notes)
-        return Result(doc, pruned, lambda tmp: rewrite.ensures(self.model, pruned, tmp), self.model.path)
+        return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path)
 
     def _load(self) -> None:
         with self.step("load + shape inference"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from spa.api.common import arrays, run_pass, saver
+from spa.api.common import arrays, saver
 from spa.api.prune import refuse_quantized
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core.data import conform
@@ -45,7 +45,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
     refuse_quantized(loaded, "quantize")
     data = conform(data, loaded.proto, "calib=")
     rewrite = Fp16Pass() if fp16 else Int8Pass(data, method, per_channel, calib_samples)
-    done = run_pass(rewrite, loaded, out, step=step,
+    done = rewrite.run(loaded, out, step=step,
                     what="FP16 conversion" if fp16 else f"INT8 calibration ({method}) + QDQ")
     produced = out if out is not None else done.model
     doc = {"schema_version": SCHEMA, "input": model_name(model), "output": None if out is None else str(out),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spa.api.common import arrays, run_pass, saver
+from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core.analysis import analyze
 from spa.core.data import conform
@@ -48,7 +48,7 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
     rewrite = SparsifyPass(n, m, min_size, method, data, calib_samples, analysis, permute_budget)
     what = f"masking {n}:{m}" + (" (calibrated OBS)" if method == "obs" else "") + \
         (" + permutation search" if permute else "")
-    done = run_pass(rewrite, loaded, out, step=step, what=what)
+    done = rewrite.run(loaded, out, step=step, what=what)
     doc = _doc(model, out, rewrite, done, permute)
     return Result(doc, done.model, saver(rewrite, loaded, done), loaded.path)
 
