@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import stat
+import tempfile
 
 import numpy as np
 import pytest
@@ -19,7 +20,11 @@ from tests.test_cli import EXAMPLE, assert_untouched, snapshot, spa
 
 @pytest.fixture
 def work(tmp_path, monkeypatch):
-    """m.onnx (the bundled example), calib.npz, bad.npz (one NaN), plan.json; the cwd."""
+    """m.onnx (the bundled example), calib.npz, bad.npz (one NaN), plan.json; the cwd. TMPDIR is
+    tmp/ inside it, so a snapshot of the folder also sees temporary files left behind."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     shutil.copy(EXAMPLE, tmp_path / "m.onnx")
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", input=x)
