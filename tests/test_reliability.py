@@ -128,15 +128,18 @@ def test_a_plan_nested_too_deep_is_one_line(capsys, work):
     assert_untouched(work, before)
 
 
-def test_sigterm_while_saving_leaves_nothing(capsys, work, monkeypatch):
-    """SIGTERM arrives while the written temp file is being checked: the run unwinds like Ctrl-C,
-    removes its temporaries, writes no output, and says so in one line."""
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP", "SIGINT", "exception"])
+def test_an_interrupted_save_leaves_nothing(capsys, work, monkeypatch, how):
+    """A signal (or a fault) arrives while the written temp file is being checked: the run unwinds
+    like Ctrl-C, removes its temporaries, writes no output, and says so in one line."""
     from spa.core import checks
 
     real = checks.output_check
 
     def killed(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
+        if how == "exception":
+            raise RuntimeError("disk on fire")
+        os.kill(os.getpid(), getattr(signal, how))
         return real(*args, **kwargs)
 
     monkeypatch.setattr("spa.passes.base.output_check", killed)
@@ -147,7 +150,8 @@ def test_sigterm_while_saving_leaves_nothing(capsys, work, monkeypatch):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
     line = one_error(res)
-    assert "SIGTERM" in res.err and "interrupted" in res.err, line
+    says = {"SIGINT": "interrupted;", "exception": "internal error (RuntimeError: disk on fire)"}
+    assert says.get(how, f"interrupted ({how})") in line
     assert_untouched(work, before)
 
 
