@@ -27,7 +27,7 @@ SUMS = ("Add", "Sub", "Sum", "Mean", "Where", "Max", "Min")
 DEPTH = 200
 
 
-def nonzero_cause(name: str, axis: int, ctx, depth: int = 0) -> str | None:
+def nonzero_cause(name: str, axis: int, ctx, *, depth: int = 0) -> str | None:
     """None when channels zeroed on `axis` of `name` are proven zero there, else the op (and why)
     that makes them non-zero. Stored tensors and model inputs are sources (zeroed where they
     are members; the channels of inputs are pinned)."""
@@ -45,7 +45,7 @@ def _cause(name, axis, ctx, depth):
     if node is None or ctx.g.is_const(name) or name in ctx.g.filled:
         return None
     label = f"{node.op_type} {ctx.label(node)}"
-    sub = lambda t, k: nonzero_cause(t, k, ctx, depth)
+    sub = lambda t, k: nonzero_cause(t, k, ctx, depth=depth)
     op = node.op_type
     if op in ZERO_AT_ZERO or (op in POOLS and axis < 2):
         return sub(node.input[0], axis)
@@ -217,7 +217,7 @@ def computed_weight(name: str, ctx) -> bool:
     return cache[name]
 
 
-def check_contraction(res, ctx, weight, activation) -> None:
+def check_contraction(res, ctx, *, weight, activation) -> None:
     """A contraction over a group's channels is exact when the weight's slice is zeroed with
     them. A stored weight (a member) is; one computed at run time must be proven zero there,
     or else the activation must be."""
