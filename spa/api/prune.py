@@ -154,7 +154,8 @@ class _Run:
                                            self.o["seed"])
             pruned, _ = rewrite.rewrite(self.model)
         blocks = attention_blocks(self.analysis, self.plan)
-        counts = (len(self.analysis.groups), sum(g.prunable for g in self.analysis.groups))
+        counts = (len(self.analysis.groups), sum(g.prunable for g in self.analysis.groups),
+                  cost.overlaps(self.analysis, self.plan))
         rewrite.analysis = self.analysis = None  # it holds the input's weights; the checks read its file
         if self.model.path is not None:
             self.model.drop_weights()
@@ -257,7 +258,8 @@ class _Run:
             "criterion": None if o["plan"] is not None or o["zeros"] else o["criterion"], "zeros": bool(o["zeros"]),
             "global": bool(o["global_rank"]), "groups": counts[0], "groups_prunable": counts[1],
             "groups_pruned": sum(1 for c in plan.values() if c), "prune_hidden": bool(o["prune_hidden"]),
-            "channels_removed": int(sum(len(c) for c in plan.values())), "before": before, "after": after,
+            "channels_removed": int(sum(len(c) for c in plan.values())),
+            "overlapping": counts[2], "before": before, "after": after,
             "check": check, "attention_blocks": [b.to_json() for b in blocks], "simplify": self.simplified,
         }
 

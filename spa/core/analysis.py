@@ -78,7 +78,8 @@ class Group:
     def to_json(self) -> dict:
         return {
             "id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
-            "zero_invariant": self.zero_invariant, "hidden": self.hidden, "locked": self.locked,
+            "zero_invariant": self.zero_invariant, "zi_reason": self.zi_reason, "hidden": self.hidden,
+            "locked": self.locked,
             "members": [m.to_json() for m in self.members],
         }
 

@@ -89,3 +89,23 @@ def dropped_positions(analysis, plan: dict) -> dict:
                     np.concatenate([per_channel[c] for c in channels])
                 parts.setdefault(space, []).append(np.ravel(pos))
     return {space: np.unique(np.concatenate(p)) for space, p in parts.items()}
+
+
+def overlaps(analysis, plan: dict) -> list[dict]:
+    """Groups whose planned channels remove more slices than channels from their first member
+    (channels that share positions, e.g. a channel shuffle multiplied with its source: one
+    channel of the group takes 3 of 4 filters): what was really removed, for the summary."""
+    found = []
+    for gid, channels in plan.items():
+        if not channels:
+            continue
+        member = analysis.group(gid).members[0]
+        flat = np.concatenate([np.ravel(p) for p in member.positions])
+        if len(np.unique(flat)) == len(flat):  # every slice belongs to one channel (a head's 64 columns too)
+            continue
+        space = (member.tensor, member.axis)
+        removed = len(dropped_positions(analysis, {gid: channels}).get(space, ()))
+        if removed != len(channels):
+            found.append({"group": gid, "channels": len(channels), "tensor": member.tensor, "axis": member.axis,
+                          "slices": removed, "of": int(analysis.sizes.get(space, 0))})
+    return found

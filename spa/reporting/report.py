@@ -135,6 +135,9 @@ def print_prune(doc: dict) -> None:
     out.print(table)
     out.print(f"pruned {doc['channels_removed']} channels in {doc['groups_pruned']} of "
               f"{doc['groups_prunable']} prunable groups ({doc['groups']} groups in all)")
+    for o in doc.get("overlapping") or ():
+        out.print(f"  group '{o['group']}': its channels overlap, so {o['channels']} channel(s) removed "
+                  f"{o['slices']} of {o['of']} slices of '{o['tensor']}' (axis {o['axis']})")
     check = doc["check"]
     if check is None:
         out.print("output check: not run (--no-check)")

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from spa.core.rules import block, modulo, rewriter, rule
+from spa.core.rules.zeros import check_contraction
 
 
 @rule("Conv", "ConvTranspose")
@@ -42,6 +43,7 @@ def conv(node, ctx, res):
         res.couple((part, 1), (w, 1), modulo(n_part, n_part // g))
         if g == 1:
             res.read((w, 0 if node.op_type == "ConvTranspose" else 1), (x, 1))
+            check_contraction(res, ctx, weight=(w, 0 if node.op_type == "ConvTranspose" else 1), activation=(x, 1))
         if g > 1:
             res.couple((full, 1), (full, 1), modulo(n_full, n_full // g))
     for t in (x, y):

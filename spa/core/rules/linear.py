@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from spa.core.rules import rule
+from spa.core.rules.zeros import check_contraction
 
 
 @rule("Gemm")
@@ -21,6 +22,8 @@ def gemm(node, ctx, res):
     res.same((a, a_m), (y, 0), ctx)
     res.same((a, a_k), (b, b_k), ctx)
     res.read((b, b_k), (a, a_k))
+    check_contraction(res, ctx, weight=(b, b_k), activation=(a, a_k))
+    check_contraction(res, ctx, weight=(a, a_k), activation=(b, b_k))
     res.same((b, b_n), (y, 1), ctx)
     if len(node.input) > 2 and node.input[2]:
         c = node.input[2]
@@ -37,6 +40,8 @@ def matmul(node, ctx, res):
         return
     res.same((a, ra - 1), (b, max(rb - 2, 0)), ctx)
     res.read((b, max(rb - 2, 0)), (a, ra - 1))
+    check_contraction(res, ctx, weight=(b, max(rb - 2, 0)), activation=(a, ra - 1))
+    check_contraction(res, ctx, weight=(a, ra - 1), activation=(b, max(rb - 2, 0)))
     if ra >= 2:
         res.same((a, ra - 2), (y, ry - 2 if rb >= 2 else ry - 1), ctx)
     if rb >= 2:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from spa.core.graph import DimRef
 from spa.core.rules import rule
 from spa.core.rules.shape import shape_entries
+from spa.core.rules.zeros import nonzero_cause
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
          "MaxRoiPool", "Crop")  # Crop: the experimental spatial crop of CoreML/WinML exports
@@ -62,6 +63,9 @@ def reduce(node, ctx, res):
                 res.mark_nonzi((x, k), f"ReduceMean {ctx.label(node)} averages over this axis", stats=True)
             elif node.op_type not in ZERO_SAFE_REDUCES:
                 res.mark_nonzi((x, k), f"{node.op_type} {ctx.label(node)} reduces over this axis")
+            elif cause := nonzero_cause(x, k, ctx):  # zeros add nothing to a sum: are they zeros?
+                res.mark_nonzi((x, k), f"{node.op_type} {ctx.label(node)} sums over this axis, where zeroed "
+                               f"channels are not zero ({cause})")
             j += keep
             continue
         res.same((x, k), (y, j), ctx)

@@ -66,15 +66,19 @@ def squeeze(node, ctx, res):
 
 def _pieces(res, ctx, whole, parts, axis, rank):
     """`parts` laid end to end along `axis` make `whole` (Concat inputs, Split outputs)."""
+    sizes = [(ctx.shape(part) or [None] * rank)[axis] for part in parts]
+    unknown_split = None in sizes and res.node.op_type == "Split"
+    if unknown_split:  # its rewriter could not state every new size
+        for space in [(whole, axis)] + [(p, axis) for p in parts]:
+            res.pin(space, f"split into pieces of unknown size by Split {ctx.label(res.node)}")
     start = 0
-    for part in parts:
-        size = (ctx.shape(part) or [None] * rank)[axis]
+    for part, size in zip(parts, sizes):
         if size is None:
             return
         for k in range(rank):
             if k != axis:
                 res.same((part, k), (whole, k), ctx)
-        if size > 0:
+        if size > 0 and not unknown_split:
             res.couple((part, axis), (whole, axis), offset(size, start))
         start += size
 
@@ -184,16 +188,17 @@ def slice_window(node, edit):
     if params is None:  # computed window: its axes are pinned, nothing to rewrite
         return
     starts, ends, axes, _steps = params
-    rank = len(edit.old_shape(node.input[0]))
+    rank = len(edit.old_shape(node.input[0]) or ())
     changed = False
     for i, a in enumerate(axes):
-        k = int(a) % rank
+        k = int(a) % max(rank, 1)
         kept = edit.kept((node.input[0], k))
         if kept is None:
             continue
-        start, _ = _window(int(starts[i]), int(ends[i]), edit.old_size((node.input[0], k)))
+        start, end = _window(int(starts[i]), int(ends[i]), edit.old_size((node.input[0], k)))
+        # the window keeps the kept positions inside it, whether or not the output's size is known
         starts[i] = int(np.searchsorted(kept, start))
-        ends[i] = starts[i] + edit.new_size((node.output[0], k))
+        ends[i] = starts[i] + int(np.count_nonzero((kept >= start) & (kept < end)))
         changed = True
     if not changed:
         return
