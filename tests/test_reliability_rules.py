@@ -10,10 +10,10 @@ import json
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.backends import ort as ort_backend
 from spa.core.model import Model, infer_shapes
 from tests.graphs import build, const, node, weight
 from tests.oracles import assert_valid_output, assert_zero_invariance, feeds_for, rel_err
