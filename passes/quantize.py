@@ -37,7 +37,7 @@ from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_floa
 from spa.backends.ort import load_error_isolated
 from spa.passes.base import Pass
 
-from spa.core.data import calibration_batches, static_batch
+from spa.core.data import fixed_batch_size, model_batches
 from spa.core.errors import SpaError, first_line
 from spa.core.model import Model
 
@@ -53,8 +53,10 @@ FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over arrays keyed by input name."""
 
-    def __init__(self, feeds: dict, batch: int):
-        self._it = iter(calibration_batches(feeds, batch))
+    def __init__(self, feeds: dict, batch: int, fixed: int | None):
+        # a fixed-batch model's last batch is padded with copies of a real sample: min/max ranges are
+        # unchanged by them (histogram methods count that sample a few times more)
+        self._it = iter(model_batches(feeds, batch, fixed=fixed))
 
     def get_next(self):  # all ORT's calibrators call: None ends the data
         return next(self._it, None)
@@ -72,7 +74,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
         raise SpaError("cannot quantize a float16 model to INT8", "quantize the float32 model")
     feeds = {k: (np.asarray(v)[:max_samples] if np.ndim(v) else np.asarray(v)) for k, v in feeds.items() if k in inputs}
-    batch = static_batch(proto, batch)
+    fixed = fixed_batch_size(proto)
     proto = _opset_13(proto)
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
@@ -88,7 +90,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # the tooling's "consider pre-processing" advice
         try:
-            quantize_static(work, str(out), _Reader(feeds, batch), quant_format=QuantFormat.QDQ,
+            quantize_static(work, str(out), _Reader(feeds, batch, fixed), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
                             extra_options=extra)
