@@ -182,6 +182,7 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
     ONNX Runtime, else a SpaError says why (onnxruntime's converter fails on some graphs)."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    unlist_weights(model)
     foreign = []
     for i, node in enumerate(model.graph.node):
         if node.domain not in ("", "ai.onnx"):
@@ -202,6 +203,35 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
         raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why[:200]}",
                        "keep this model in float32")
     return out
+
+
+def unlist_weights(proto: onnx.ModelProto) -> int:
+    """Remove the initializers listed as graph inputs (old IR-3 exports list every weight there)
+    from the inputs, in place; returns how many. The converter keeps graph inputs in float32, so
+    listed weights would stay float32 behind a Cast: converted nothing. They become constants:
+    ONNX Runtime never lets a run override them before IR version 4 (raised to 4 here, the
+    first that allows weights outside the inputs), and from it a run that fed its own weights
+    is not what a float16 model is for."""
+    inits = {t.name for t in proto.graph.initializer}
+    listed = [i for i in proto.graph.input if i.name in inits]
+    for i in listed:
+        proto.graph.input.remove(i)
+    if listed:
+        proto.ir_version = max(proto.ir_version, 4)
+    return len(listed)
+
+
+def require_converted(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """SpaError when the FP16 conversion changed nothing: no float16 weight and no float16 math."""
+    halves = any(t.data_type == onnx.TensorProto.FLOAT16 for t in after.graph.initializer) or any(
+        a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for n in after.graph.node if n.op_type == "Cast"
+        for a in n.attribute)
+    if not halves:
+        floats = sum(t.data_type == onnx.TensorProto.FLOAT for t in before.graph.initializer)
+        why = (f"its {floats} float32 weight(s) only feed ops kept in float32" if floats
+               else "it has no float32 weight or math to convert")
+        raise SpaError(f"fp16: nothing converted: {why}; nothing written",
+                       "the model is already as small as FP16 makes it; keep it as it is")
 
 
 def toposort(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -274,9 +304,18 @@ class Int8Pass(Pass):
     def __init__(self, data: dict, method: str = "minmax", per_channel: bool = True, max_samples: int = 256):
         self.data, self.method, self.per_channel, self.max_samples = data, method, per_channel, max_samples
 
+    def requires(self, model: Model) -> None:
+        if not any(n.op_type in QUANTIZED_OPS for n in model.proto.graph.node):
+            raise SpaError(f"int8: nothing to quantize: the model has no {', '.join(QUANTIZED_OPS)} node "
+                           "(the ops INT8 QDQ is placed on)", "keep this model in float32, or try fp16")
+
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
         proto = int8(model.proto, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples)
-        return proto, {"coverage": coverage(proto)}
+        cov = coverage(proto)
+        if not cov["qdq_nodes"]:
+            raise SpaError("int8: nothing quantized: onnxruntime.quantization placed no QDQ pair; nothing written",
+                           "keep this model in float32, or try fp16")
+        return proto, {"coverage": cov}
 
 
 class Fp16Pass(Pass):
@@ -286,4 +325,6 @@ class Fp16Pass(Pass):
 
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
         proto = fp16(model.proto)
-        return proto, {"coverage": coverage(proto)}
+        require_converted(model.proto, proto)
+        listed = {i.name for i in model.proto.graph.input} & {t.name for t in model.proto.graph.initializer}
+        return proto, {"coverage": {**coverage(proto), "weights_unlisted_from_inputs": len(listed)}}
