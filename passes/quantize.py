@@ -222,16 +222,22 @@ def unlist_weights(proto: onnx.ModelProto) -> int:
 
 
 def require_converted(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
-    """SpaError when the FP16 conversion changed nothing: no float16 weight and no float16 math."""
-    halves = any(t.data_type == onnx.TensorProto.FLOAT16 for t in after.graph.initializer) or any(
-        a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for n in after.graph.node if n.op_type == "Cast"
-        for a in n.attribute)
-    if not halves:
+    """SpaError when the FP16 conversion changed nothing: no float16 weight and no op but a Cast
+    reads a float16 tensor (the converter may wrap a float32-only graph in Casts to and fro)."""
+    half = onnx.TensorProto.FLOAT16
+    g = after.graph
+    halves = {v.name for v in list(g.value_info) + list(g.input) + list(g.output) if v.type.tensor_type.elem_type == half}
+    halves |= {n.output[0] for n in g.node if n.op_type == "Cast" and any(a.name == "to" and a.i == half
+                                                                           for a in n.attribute)}
+    if not any(t.data_type == half for t in g.initializer) and not any(
+            n.op_type != "Cast" and halves & set(n.input) for n in g.node):
         floats = sum(t.data_type == onnx.TensorProto.FLOAT for t in before.graph.initializer)
+        ops = sorted({n.op_type for n in before.graph.node})[:6]
         why = (f"its {floats} float32 weight(s) only feed ops kept in float32" if floats
-               else "it has no float32 weight or math to convert")
+               else f"it has no float32 weight, and its ops ({', '.join(ops)}) stay in float32")
         raise SpaError(f"fp16: nothing converted: {why}; nothing written",
-                       "the model is already as small as FP16 makes it; keep it as it is")
+                       "FP16 keeps normalizations, reductions, exp/log/pow/sqrt and non-float ops in float32; "
+                       "keep this model as it is")
 
 
 def toposort(proto: onnx.ModelProto) -> onnx.ModelProto:

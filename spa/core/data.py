@@ -129,13 +129,20 @@ def _fit(a: np.ndarray, vi, where: str) -> np.ndarray:
 
 
 def fixed_batch_size(proto: onnx.ModelProto) -> int | None:
-    """The first static first dimension among the model's (non-initializer) inputs, or None."""
+    """The batch size the model's (non-initializer) inputs are fixed to, or None (`common_batch`)."""
     inits = {t.name for t in proto.graph.initializer}
-    for i in proto.graph.input:
-        dims = i.type.tensor_type.shape.dim
-        if i.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return None
+    return common_batch([[d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                         for i in proto.graph.input if i.name not in inits])
+
+
+def common_batch(shapes: list) -> int | None:
+    """The one static first dimension of input `shapes` (lists of ints, None or names for unknown
+    dims; scalars ignored), or None when any input's first axis is dynamic or they disagree (a
+    recurrent state's fixed leading 2 is no batch size when the tokens' batch is dynamic)."""
+    ranked = [s for s in shapes if s]
+    sizes = {s[0] for s in ranked if isinstance(s[0], int) and s[0] > 0}
+    dynamic = any(not (isinstance(s[0], int) and s[0] > 0) for s in ranked)
+    return None if dynamic or len(sizes) != 1 else sizes.pop()
 
 
 class Batch(dict):
