@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from spa.core.data import common_batch
 from spa.core.errors import SpaError
 from spa.core.runtime import random_array
 
@@ -119,6 +120,4 @@ def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, *, seed: i
 
 def fixed_batch(inputs: list) -> int | None:
     """The batch size a model is fixed to (its inputs' static first axis), or None if dynamic."""
-    sizes = {i.shape[0] for i in inputs if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0}
-    dynamic = any(i.shape and not (isinstance(i.shape[0], int) and i.shape[0] > 0) for i in inputs)
-    return None if dynamic or len(sizes) != 1 else sizes.pop()
+    return common_batch([list(i.shape or []) for i in inputs])

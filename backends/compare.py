@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from spa.core.checks import Fidelity
+from spa.core.data import real_rows, trim
 
 
 class _Output:
@@ -68,10 +69,11 @@ def compare(sess_a, sess_b, batches, *, atol: float, rtol: float, min_cosine: fl
     acc = {a: _Output() for a, _ in matched}
     samples = 0
     for feeds in batches:
-        out_a, out_b = sess_a.run(feeds), sess_b.run(feeds)
+        out_a, out_b = trim(sess_a.run(feeds), feeds), trim(sess_b.run(feeds), feeds)  # a fixed batch's padding
         for a, b in matched:
             acc[a].add(np.asarray(out_a[a]), np.asarray(out_b[b]), atol, rtol=rtol)
-        samples += len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 1
+        first = next(iter(feeds.values())) if feeds else None
+        samples += real_rows(feeds, len(first) if first is not None and np.ndim(first) else 1)
     outputs = {a: acc[a].result(min_cosine) for a, _ in matched}
     return {"samples": samples, "outputs": outputs, "notes": [note] if note else [],
             "pass": bool(matched) and all(o["pass"] for o in outputs.values())}

@@ -9,7 +9,8 @@ file before it is renamed into place (the only way over 2 GB), so nothing unveri
 left at `output`. The base promises are those of every pass: the ONNX checker passes (no worse
 than on the input) and the result runs in ONNX Runtime with the input's output names, dtypes
 and shapes, all finite. A pass adds its own (the N:M pattern re-read, outputs within a
-tolerance) by extending `ensures`.
+tolerance) by extending `ensures`. Before any of that, `verify` refuses a rewrite that made a
+weight or scale non-finite (`require_finite_weights`): nothing with a new NaN or inf is written.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from spa.core.checks import check_against, output_check
-from spa.core.errors import SpaError
+from spa.core.errors import SpaError, VerificationError
 from spa.core.model import TWO_GB, Model, save, weight_bytes
 
 
@@ -67,6 +70,9 @@ class Pass:
             return self.verify(model, proto, stats=stats, output=output)
 
     def verify(self, model: Model, proto: onnx.ModelProto, *, stats: dict, output=None) -> PassResult:
+        """The promises checked on `proto` (written to `output` first when given, renamed into place
+        only when they hold); a weight or scale the rewrite made non-finite is refused first."""
+        require_finite_weights(model, proto, self.name)
         if output is None:
             if weight_bytes(proto) >= TWO_GB:
                 raise SpaError(f"{self.name}: the result is over 2 GB and can only be verified from a file",
@@ -79,3 +85,44 @@ class Pass:
 
         path = save(proto, output, source=model.path, verify=verify)
         return PassResult(proto, stats, checked.get("check"), path)
+
+
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+def require_finite_weights(model: Model, after: onnx.ModelProto, name: str) -> None:
+    """VerificationError naming the first float initializer of `after` holding NaN or inf where
+    the input `model` had none (or no such tensor): a pass never writes a non-finite weight or
+    scale. Tensors already non-finite in the input (a -inf mask) and weights kept outside the
+    file are left as they are."""
+    for t in after.graph.initializer:
+        if t.data_type not in FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL or _finite(t):
+            continue
+        if _was_non_finite(model, t.name):
+            continue
+        bad = int(np.size(_values(t)) - np.isfinite(_values(t)).sum())
+        raise VerificationError(f"{name}: the result's tensor '{t.name}' holds {bad} non-finite value(s) (NaN or inf) "
+                                "that the input did not; nothing written",
+                                "check the calibration or training data (value ranges) and the options")
+
+
+def _was_non_finite(model: Model, name: str) -> bool:
+    """Whether the input's initializer `name` holds NaN or inf; read from the input's file when
+    its data was freed (`Model.drop_weights`): a rare path, taken only for a non-finite result."""
+    old = next((t for t in model.proto.graph.initializer if t.name == name), None)
+    if old is not None and not _has_data(old) and model.path is not None:
+        old = next((t for t in onnx.load(str(model.path)).graph.initializer if t.name == name), None)
+    return old is not None and old.data_location != onnx.TensorProto.EXTERNAL and _has_data(old) and not _finite(old)
+
+
+def _has_data(t: onnx.TensorProto) -> bool:
+    return bool(t.raw_data) or any(len(getattr(t, f)) for f in ("float_data", "double_data", "int32_data"))
+
+
+def _values(t: onnx.TensorProto) -> np.ndarray:
+    a = numpy_helper.to_array(t)
+    return a if a.dtype.kind == "f" else a.astype(np.float32)  # bfloat16 as an extension type
+
+
+def _finite(t: onnx.TensorProto) -> bool:
+    return bool(np.isfinite(_values(t)).all())

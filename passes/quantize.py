@@ -37,7 +37,7 @@ from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_floa
 from spa.backends.ort import load_error_isolated
 from spa.passes.base import Pass
 
-from spa.core.data import calibration_batches, static_batch
+from spa.core.data import fixed_batch_size, model_batches
 from spa.core.errors import SpaError, first_line
 from spa.core.model import Model
 
@@ -53,8 +53,10 @@ FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNorm
 class _Reader:
     """onnxruntime.quantization.CalibrationDataReader over arrays keyed by input name."""
 
-    def __init__(self, feeds: dict, batch: int):
-        self._it = iter(calibration_batches(feeds, batch))
+    def __init__(self, feeds: dict, batch: int, fixed: int | None):
+        # a fixed-batch model's last batch is padded with copies of a real sample: min/max ranges are
+        # unchanged by them (histogram methods count that sample a few times more)
+        self._it = iter(model_batches(feeds, batch, fixed=fixed))
 
     def get_next(self):  # all ORT's calibrators call: None ends the data
         return next(self._it, None)
@@ -72,7 +74,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
         raise SpaError("cannot quantize a float16 model to INT8", "quantize the float32 model")
     feeds = {k: (np.asarray(v)[:max_samples] if np.ndim(v) else np.asarray(v)) for k, v in feeds.items() if k in inputs}
-    batch = static_batch(proto, batch)
+    fixed = fixed_batch_size(proto)
     proto = _opset_13(proto)
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
@@ -88,7 +90,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # the tooling's "consider pre-processing" advice
         try:
-            quantize_static(work, str(out), _Reader(feeds, batch), quant_format=QuantFormat.QDQ,
+            quantize_static(work, str(out), _Reader(feeds, batch, fixed), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
                             extra_options=extra)
@@ -180,6 +182,7 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
     ONNX Runtime, else a SpaError says why (onnxruntime's converter fails on some graphs)."""
     model = onnx.ModelProto()
     model.CopyFrom(proto)
+    unlist_weights(model)
     foreign = []
     for i, node in enumerate(model.graph.node):
         if node.domain not in ("", "ai.onnx"):
@@ -200,6 +203,41 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
         raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why[:200]}",
                        "keep this model in float32")
     return out
+
+
+def unlist_weights(proto: onnx.ModelProto) -> int:
+    """Remove the initializers listed as graph inputs (old IR-3 exports list every weight there)
+    from the inputs, in place; returns how many. The converter keeps graph inputs in float32, so
+    listed weights would stay float32 behind a Cast: converted nothing. They become constants:
+    ONNX Runtime never lets a run override them before IR version 4 (raised to 4 here, the
+    first that allows weights outside the inputs), and from it a run that fed its own weights
+    is not what a float16 model is for."""
+    inits = {t.name for t in proto.graph.initializer}
+    listed = [i for i in proto.graph.input if i.name in inits]
+    for i in listed:
+        proto.graph.input.remove(i)
+    if listed:
+        proto.ir_version = max(proto.ir_version, 4)
+    return len(listed)
+
+
+def require_converted(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
+    """SpaError when the FP16 conversion changed nothing: no float16 weight and no op but a Cast
+    reads a float16 tensor (the converter may wrap a float32-only graph in Casts to and fro)."""
+    half = onnx.TensorProto.FLOAT16
+    g = after.graph
+    halves = {v.name for v in list(g.value_info) + list(g.input) + list(g.output) if v.type.tensor_type.elem_type == half}
+    halves |= {n.output[0] for n in g.node if n.op_type == "Cast" and any(a.name == "to" and a.i == half
+                                                                           for a in n.attribute)}
+    if not any(t.data_type == half for t in g.initializer) and not any(
+            n.op_type != "Cast" and halves & set(n.input) for n in g.node):
+        floats = sum(t.data_type == onnx.TensorProto.FLOAT for t in before.graph.initializer)
+        ops = sorted({n.op_type for n in before.graph.node})[:6]
+        why = (f"its {floats} float32 weight(s) only feed ops kept in float32" if floats
+               else f"it has no float32 weight, and its ops ({', '.join(ops)}) stay in float32")
+        raise SpaError(f"fp16: nothing converted: {why}; nothing written",
+                       "FP16 keeps normalizations, reductions, exp/log/pow/sqrt and non-float ops in float32; "
+                       "keep this model as it is")
 
 
 def toposort(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -272,9 +310,18 @@ class Int8Pass(Pass):
     def __init__(self, data: dict, method: str = "minmax", per_channel: bool = True, max_samples: int = 256):
         self.data, self.method, self.per_channel, self.max_samples = data, method, per_channel, max_samples
 
+    def requires(self, model: Model) -> None:
+        if not any(n.op_type in QUANTIZED_OPS for n in model.proto.graph.node):
+            raise SpaError(f"int8: nothing to quantize: the model has no {', '.join(QUANTIZED_OPS)} node "
+                           "(the ops INT8 QDQ is placed on)", "keep this model in float32, or try fp16")
+
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
         proto = int8(model.proto, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples)
-        return proto, {"coverage": coverage(proto)}
+        cov = coverage(proto)
+        if not cov["qdq_nodes"]:
+            raise SpaError("int8: nothing quantized: onnxruntime.quantization placed no QDQ pair; nothing written",
+                           "keep this model in float32, or try fp16")
+        return proto, {"coverage": cov}
 
 
 class Fp16Pass(Pass):
@@ -284,4 +331,6 @@ class Fp16Pass(Pass):
 
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
         proto = fp16(model.proto)
-        return proto, {"coverage": coverage(proto)}
+        require_converted(model.proto, proto)
+        listed = {i.name for i in model.proto.graph.input} & {t.name for t in model.proto.graph.initializer}
+        return proto, {"coverage": {**coverage(proto), "weights_unlisted_from_inputs": len(listed)}}

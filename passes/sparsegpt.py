@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.core.data import calibration_batches, require_keys, static_batch
+from spa.core.data import fixed_batch_size, model_batches, require_keys, trim
 from spa.core.errors import SpaError, first_line
 from spa.core.runtime import session_with_outputs
 
@@ -135,9 +135,10 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, *, data, max_s
     acc: dict = {}
     seen = 0
     rng = np.random.default_rng(0)
-    for feeds in calibration_batches({k: data[k] for k in inputs}, static_batch(proto, batch_size), max_samples):
+    for feeds in model_batches({k: data[k] for k in inputs}, batch_size, fixed=fixed_batch_size(proto),
+                               max_samples=max_samples):
         try:
-            got = dict(zip(names, sess.run(names, feeds)))
+            got = trim(dict(zip(names, sess.run(names, feeds))), feeds)
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
             raise SpaError(f"the calibration data does not run through the model: {first_line(exc)}") from None
         for key, (node, shape) in targets.items():

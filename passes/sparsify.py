@@ -354,6 +354,16 @@ class SparsifyPass(Pass):
         self.n, self.m, self.min_size, self.method = n, m, min_size, method
         self.data, self.max_samples, self.permute, self.budget_s = data, max_samples, permute, budget_s
 
+    def requires(self, model: Model) -> None:
+        found = layers(model.proto, self.n, self.m, min_size=self.min_size)
+        if not any(x.eligible for x in found):
+            why = "; ".join(f"{x.weight}: {x.reason}" for x in found[:3]) + ("; ..." if len(found) > 3 else "")
+            small = any("min_size" in (x.reason or "") for x in found)
+            raise SpaError(f"sparsify: nothing to sparsify: no layer is eligible for {self.n}:{self.m} "
+                           + (f"({why})" if found else "(the model has no Conv, Gemm or MatMul with a stored weight)"),
+                           f"a smaller min_size=N lets small layers in (it is {self.min_size})" if small else
+                           f"N:M needs Conv/Gemm/MatMul weights whose reduction is a multiple of {self.m}")
+
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
         proto, found, permuted = sparsify(model.proto, self.n, self.m, min_size=self.min_size, method=self.method,
                                           data=self.data, dtypes=model.dtypes, max_samples=self.max_samples,

@@ -29,7 +29,7 @@ from spa.backends.base import BACKENDS, PRECISIONS, Options, feeds_for, fixed_ba
 from spa.backends.compare import compare as parity
 from spa.backends.trt_plan import parse_shapes
 from spa.core import cost
-from spa.core.data import calibration_batches, load_npz, require_keys
+from spa.core.data import load_npz, model_batches, real_rows, require_keys
 from spa.core.errors import SpaError, UsageError, VerificationError, first_line, require
 from spa.core.model import Model, check_writable, write_text_atomic
 
@@ -255,6 +255,7 @@ def _inputs(sess, arrays, data, samples: int, batch: int, dims: dict) -> tuple:
         raise UsageError(f"invalid data={type(arrays).__name__}: expected an .npz path or a dict of arrays")
     names = [i.name for i in sess.inputs]
     require_keys(arrays, names)
-    batches = calibration_batches({n: np.asarray(arrays[n]) for n in names}, batch, samples)
+    batches = model_batches({n: np.asarray(arrays[n]) for n in names}, batch, fixed=fixed_batch(sess.inputs),
+                            max_samples=samples)
     label = str(data) if isinstance(data, (str, os.PathLike)) else "data"
-    return batches, f"{label} ({sum(len(next(iter(f.values()))) for f in batches)} samples)"
+    return batches, f"{label} ({sum(real_rows(f, len(next(iter(f.values())))) for f in batches)} samples)"

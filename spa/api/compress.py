@@ -6,13 +6,15 @@
           on calibration samples (and on `eval` data): size, parameters, fidelity, accuracy
 
 Stages are written in a temporary folder (beside `output`); `output` is written only when every
-stage passed (`save_stages` keeps OUT.<stage>.onnx too). Defaults follow the data: with `calib`
+stage passed (`save_stages` keeps OUT.<stage>.onnx too, written with OUT and only then: a failed
+run leaves no file). Defaults follow the data: with `calib`
 the pruning criterion is obspa (compensated) and the N:M selection is obs (SparseGPT-style), the
 best data-aware choices we measured (docs/benchmarks.md); without it l1 and magnitude.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +29,7 @@ from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.api.sparsify import sparsify
 from spa.core.data import conform
 from spa.core.errors import SpaError, UsageError, first_line, positive_int, require
-from spa.core.model import load, save
+from spa.core.model import check_writable, load, save
 from spa.core.sizes import file_bytes
 from spa.passes.sparsify import parse_pattern
 from spa.planning import planner
@@ -95,6 +97,8 @@ class _Pipeline:
         with self.step("load + shape inference"):
             source = as_model(self.model, infer=False)
         source.refuse_overwrite(self.out)
+        for kept in self._kept_paths():  # the stage files too, before any work
+            check_writable(kept, source.path, reads=(self.o["calib"], self.o["eval"]))
         self.calib = conform(self.calib, source.proto, "calib=")
         self.held_out = conform(self.held_out, source.proto, "eval=")
         parent = self.out.parent if self.out is not None else None
@@ -107,8 +111,7 @@ class _Pipeline:
             proto = load(final, infer=False).proto
             if self.out is not None:
                 with self.step("saving"):
-                    save(proto, self.out, source=source.path)
-                self._keep_stages(rows, source)
+                    self._write(proto, rows, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         for row in rows[1:] if not (self.o["save_stages"] and self.out is not None) else []:
@@ -162,13 +165,34 @@ class _Pipeline:
             calls.append(("fp16", lambda i, t: quantize(i, fp16=True, output=t)))
         return calls
 
-    def _keep_stages(self, rows: list, source) -> None:
-        if not self.o["save_stages"]:
-            return
-        for row in rows[1:]:
-            kept = self.out.with_name(f"{self.out.stem}.{row['stage']}.onnx")
-            save(load(Path(row["file"]), infer=False).proto, kept, source=source.path)
-            row["file"] = str(kept)
+    def _kept_paths(self) -> list[Path]:
+        """OUT.<stage>.onnx for every stage `save_stages` keeps (none without it or an output)."""
+        if not self.o["save_stages"] or self.out is None:
+            return []
+        return [self.out.with_name(f"{self.out.stem}.{name}.onnx") for name, _ in self._calls()]
+
+    def _write(self, proto, rows: list, work: Path) -> None:
+        """OUT (and with `save_stages` every stage file) written in the work folder first, then
+        renamed into place together, OUT last: a failed write leaves none of them behind."""
+        ready = work / "ready"
+        ready.mkdir()
+        kept = self._kept_paths()
+        moves = [(save(load(Path(row["file"]), infer=False).proto, ready / path.name), path)
+                 for row, path in zip(rows[1:], kept)]
+        moves.append((save(proto, ready / self.out.name), self.out))
+        done: list[Path] = []
+        try:
+            for tmp, path in moves:
+                for suffix in (".data", ""):  # a >2 GB model's weights first, then the graph naming them
+                    if Path(str(tmp) + suffix).exists():
+                        os.replace(str(tmp) + suffix, str(path) + suffix)
+                        done.append(Path(str(path) + suffix))
+        except OSError as exc:
+            for path in done:
+                path.unlink(missing_ok=True)
+            raise SpaError(f"cannot write '{path}': {exc.strerror or exc}; nothing written") from None
+        for row, path in zip(rows[1:], kept):
+            row["file"] = str(path)
 
     def _measure(self, path: Path, source: Path) -> dict:
         """Size and weights of a stage's file, and its fidelity to the input (and accuracy) on the

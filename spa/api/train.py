@@ -14,6 +14,7 @@ Every option is a keyword named like the command's flag; bad values raise UsageE
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, fields
@@ -30,6 +31,7 @@ from spa.core.analysis import analyze
 from spa.core.data import split_labels
 from spa.core.errors import SpaError, VerificationError, positive_int, require
 from spa.core.model import check_writable, save, write_text_atomic
+from spa.passes.base import require_finite_weights
 from spa.planning.plan import make_plan
 from spa.planning.planner import check_ratio, to_json
 from spa.scoring import criteria
@@ -156,7 +158,22 @@ def _fit(run: _Run, s: _Setup, proto, model, teacher, schedule, on_step, log):
     result = fit(proto, feeds, labels, val=val, teacher=teacher, cfg=run.cfg, checkpoint=run.ckpt, resume=s.resume,
                  schedule=schedule, progress=on_step,
                  log=log)
+    require_finite_weights(model, result.proto, "training")  # never write a NaN/inf weight
     return result, val[0]
+
+
+@contextlib.contextmanager
+def _checkpoint_kept_on_success(ckpt: Path | None):
+    """A checkpoint this run created is removed when the run fails (a refusal, a failed check, a
+    diverged training): a failed run leaves no file. An interrupted run keeps it (resume= goes on
+    from it), and so does a failed resume of an earlier run's checkpoint."""
+    fresh = ckpt is not None and not ckpt.exists()
+    try:
+        yield
+    except SpaError:
+        if fresh:
+            ckpt.unlink(missing_ok=True)
+        raise
 
 
 def _write(proto, out: Path | None, source, feeds: dict, step):
@@ -221,8 +238,9 @@ def finetune(model, *, data, labels=None, val=None, val_split=0.1, distill_from=
         loaded, pruned_doc = _prune_first(loaded, model, run, s, ratio, criterion, step)
         if distill and teacher is None:
             teacher = _teacher(model)  # the dense input
-    result, val_feeds = _fit(run, s, loaded.proto, loaded, teacher, None, on_step, log)
-    write_err, verify = _write(result.proto, run.out, _source(model), val_feeds, step)
+    with _checkpoint_kept_on_success(run.ckpt):
+        result, val_feeds = _fit(run, s, loaded.proto, loaded, teacher, None, on_step, log)
+        write_err, verify = _write(result.proto, run.out, _source(model), val_feeds, step)
     doc = _doc(s, model, run, result, write_err, before, cost.summary(reinfer(result.proto)))
     doc["pruned_first"] = pruned_doc
     return Result(doc, model=result.proto, verify=verify, source=_source(model))
@@ -280,11 +298,12 @@ def train_sparse(model, *, data, target_ratio, labels=None, val=None, val_split=
                        "zero-invariant group")
     teacher = _teacher(distill_from)
     before = cost.summary(loaded)
-    result, val_feeds = _fit(run, s, analysis.model.proto, loaded, teacher, schedule, on_step, log)
-    plan = schedule.plan()
-    write_err, verify = _write(result.proto, run.out, _source(model), val_feeds, step)
-    if save_plan:
-        write_text_atomic(save_plan, json.dumps(to_json(plan), indent=1))
+    with _checkpoint_kept_on_success(run.ckpt):
+        result, val_feeds = _fit(run, s, analysis.model.proto, loaded, teacher, schedule, on_step, log)
+        plan = schedule.plan()
+        write_err, verify = _write(result.proto, run.out, _source(model), val_feeds, step)
+        if save_plan:
+            write_text_atomic(save_plan, json.dumps(to_json(plan), indent=1))
     doc = _doc(s, model, run, result, write_err, before, before)
     doc["train_sparse"] = {"target_ratio": target_ratio, "groups": len(schedule.groups),
                            "zero_channels": int(sum(map(len, plan.values()))), "notes": schedule.notes,

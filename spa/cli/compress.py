@@ -34,7 +34,8 @@ def parser(sub) -> None:
     c.add_argument("--eval", metavar="DATA", help=".npz of held-out inputs: fidelity (and accuracy with --labels) "
                    "after every stage")
     c.add_argument("--labels", metavar="KEY", help="key of the labels array in --eval")
-    c.add_argument("--save-stages", action="store_true", help="also keep OUT.<stage>.onnx of every stage")
+    c.add_argument("--save-stages", action="store_true", help="also keep OUT.<stage>.onnx of every stage "
+                   "(written with OUT, only when every stage passed: a failed run leaves no file)")
     add_common(c, output="output model (default: MODEL.compressed.onnx)")
 
 

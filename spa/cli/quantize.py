@@ -17,7 +17,9 @@ def parser(sub) -> None:
     how = q.add_mutually_exclusive_group(required=True)
     add_calib(q, help=".npz of calibration inputs keyed by input name: INT8", samples=256, into=how)
     how.add_argument("--fp16", action="store_true", help="float16 weights and math, float32 inputs/outputs and "
-                     "sensitive ops (normalizations, reductions, exp/log/pow/sqrt)")
+                     "sensitive ops (normalizations, reductions, exp/log/pow/sqrt); weights listed as graph inputs (old "
+                     "IR-3 exports) become constants and are converted; a model with nothing to convert is "
+                     "refused (exit 1)")
     q.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="INT8 calibration (minmax)")
     q.add_argument("--no-per-channel", dest="per_channel", action="store_false",
@@ -45,6 +47,8 @@ def _summary(doc: dict) -> str:
             f"({after / max(before, 1):.2f}x); "
             + (f"{cov['quantized']} of {cov['layers']} Conv/Gemm/MatMul layers quantized; "
                if doc["kind"] == "int8" else "")
+            + (f"{cov['weights_unlisted_from_inputs']} weights listed as graph inputs made constants; "
+               if cov.get("weights_unlisted_from_inputs") else "")
             + (f"rel. error on {fidelity['samples']} calibration samples {fidelity['max_rel_err']:.3g}; "
                if fidelity else "")
             + (f"output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"

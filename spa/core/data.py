@@ -128,11 +128,61 @@ def _fit(a: np.ndarray, vi, where: str) -> np.ndarray:
     return a.astype(want)
 
 
-def static_batch(proto: onnx.ModelProto, batch: int) -> int:
-    """A model whose inputs have a fixed first dimension is calibrated in batches of that size."""
+def fixed_batch_size(proto: onnx.ModelProto) -> int | None:
+    """The batch size the model's (non-initializer) inputs are fixed to, or None (`common_batch`)."""
     inits = {t.name for t in proto.graph.initializer}
-    for i in proto.graph.input:
-        dims = i.type.tensor_type.shape.dim
-        if i.name not in inits and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
-            return dims[0].dim_value
-    return batch
+    return common_batch([[d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                         for i in proto.graph.input if i.name not in inits])
+
+
+def common_batch(shapes: list) -> int | None:
+    """The one static first dimension of input `shapes` (lists of ints, None or names for unknown
+    dims; scalars ignored), or None when any input's first axis is dynamic or they disagree (a
+    recurrent state's fixed leading 2 is no batch size when the tokens' batch is dynamic)."""
+    ranked = [s for s in shapes if s]
+    sizes = {s[0] for s in ranked if isinstance(s[0], int) and s[0] > 0}
+    dynamic = any(not (isinstance(s[0], int) and s[0] > 0) for s in ranked)
+    return None if dynamic or len(sizes) != 1 else sizes.pop()
+
+
+class Batch(dict):
+    """A feed dict padded to a model's fixed batch size: its first `rows` samples are real, the
+    rest repeat the last real one and are dropped from every result (`trim`)."""
+
+    def __init__(self, feeds: dict, rows: int):
+        super().__init__(feeds)
+        self.rows = rows
+
+
+def model_batches(feeds: dict, batch: int, *, fixed: int | None = None, max_samples: int | None = None) -> list[dict]:
+    """`calibration_batches` the way a model takes them: in its `fixed` batch size when it has one
+    (`fixed_batch_size`), the last partial batch then padded with copies of its last sample (a
+    `Batch` whose padded rows `trim` drops); else in runs of `batch`."""
+    out = calibration_batches(feeds, fixed or batch, max_samples)
+    if fixed and out:
+        out[-1] = _padded(out[-1], fixed)
+    return out
+
+
+def _padded(feeds: dict, size: int) -> dict:
+    arrays = [v for v in feeds.values() if np.ndim(v)]
+    rows = len(arrays[0]) if arrays else size
+    if rows >= size:
+        return feeds
+    pad = {k: np.concatenate([v, np.repeat(v[-1:], size - rows, axis=0)]) if np.ndim(v) and len(v) == rows else v
+           for k, v in feeds.items()}
+    return Batch(pad, rows)
+
+
+def real_rows(feeds, default: int | None = None) -> int | None:
+    """The real samples of a padded `Batch`; `default` for any other feed dict."""
+    return feeds.rows if isinstance(feeds, Batch) else default
+
+
+def trim(results: dict, feeds) -> dict:
+    """`results` (tensors computed from `feeds`) without the rows padding added: arrays whose first
+    axis is the padded batch are cut to its real samples; anything else passes unchanged."""
+    if not isinstance(feeds, Batch):
+        return results
+    size = len(next(v for v in feeds.values() if np.ndim(v)))
+    return {k: v[:feeds.rows] if np.ndim(v) and len(v) == size else v for k, v in results.items()}

@@ -27,7 +27,7 @@ import onnx
 from onnx import numpy_helper
 
 from spa.core.checks import Fidelity
-from spa.core.data import as_batches, split_labels
+from spa.core.data import as_batches, fixed_batch_size, model_batches, split_labels, trim
 from spa.core.errors import SpaError, UsageError
 from spa.core.model import CONSTANT_OPS, read_json
 from spa.core.runtime import checked_session
@@ -62,7 +62,8 @@ def sensitivity(analysis, data, ratios=RATIOS, *, criterion: str = "l1", groups=
     criteria.get(criterion)  # an unknown criterion fails before any work
     groups = _pick_groups(analysis, groups)
     probe = _Probe(analysis, groups, output)
-    feeds = _calibration(data, probe.inputs, batch_size, max_samples)
+    feeds = _calibration(data, probe.inputs, batch_size, max_samples,
+                         fixed=fixed_batch_size(analysis.model.proto))
     stats = _statistics(analysis, criterion, groups, feeds, stats)
     dense = probe.outputs(feeds, {})
     if any(np.isnan(v).any() for d in dense for v in d.values()):
@@ -134,14 +135,19 @@ def _count(feeds: dict) -> int:
     return len(first) if first.ndim else 1
 
 
-def _calibration(data, inputs: list[str], batch_size: int, max_samples: int) -> list[dict]:
-    """The model's inputs from `data`, as cached batches: arrays are cut to `max_samples`;
-    feed dicts are used whole (their first axes need not be samples) until that many are seen."""
+def _calibration(data, inputs: list[str], batch_size: int, max_samples: int, *,
+                 fixed: int | None = None) -> list[dict]:
+    """The model's inputs from `data`, as cached batches: arrays are cut to `max_samples` and
+    batched as the model takes them (`fixed`: its batch size, the last batch padded); feed dicts
+    are used whole (their first axes need not be samples) until that many are seen."""
     if batch_size < 1 or max_samples < 1:
         raise SpaError(f"invalid batch size {batch_size} / max samples {max_samples}: both must be positive")
     if isinstance(data, dict):
         data, _ = split_labels(data, inputs, None)
-        data = {k: v[:max_samples] for k, v in data.items()}
+        data = model_batches(data, batch_size, fixed=fixed, max_samples=max_samples)
+        if not data:
+            raise SpaError("no samples in the calibration data")
+        return data
     out, seen = [], 0
     for feeds in as_batches(data, batch_size):
         missing = [n for n in inputs if n not in feeds]
@@ -195,7 +201,7 @@ class _Probe:
 
     def outputs(self, feeds: list[dict], overrides: dict, session=None) -> list[dict]:
         sess = session or self.session
-        return [dict(zip(self.names, sess.run(self.names, {**f, **overrides}))) for f in feeds]
+        return [trim(dict(zip(self.names, sess.run(self.names, {**f, **overrides}))), f) for f in feeds]
 
     def trial(self, analysis, group, plan: dict, *, feeds: list[dict], dense: list[dict]):
         if group.zero_invariant and all(m.tensor in self.overridable for m in group.members):

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 
 from spa.core.checks import Fidelity
-from spa.core.data import as_batches, calibration_batches, require_keys, split_labels, static_batch
-from spa.core.errors import SpaError
+from spa.core.data import as_batches, fixed_batch_size, model_batches, require_keys, split_labels, trim
+from spa.core.errors import SpaError, first_line
 from spa.core.runtime import checked_session
 
 
@@ -25,6 +25,21 @@ def _scored_output(names: list[str], output: str | None) -> str:
     if output not in names:
         raise SpaError(f"model has no output '{output}' (outputs: {names})")
     return output
+
+
+def _graph(model) -> onnx.ModelProto:
+    """The model's graph without its external weights (the session opened it already)."""
+    return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+
+
+def _run(sess, names: list[str], feeds: dict, what: str) -> dict:
+    """{output: value} of one batch, the padding rows of a fixed-batch model dropped; ONNX Runtime's
+    refusal of the feeds (shapes, types) as one line."""
+    try:
+        return trim(dict(zip(names, sess.run(names, feeds))), feeds)
+    except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
+        raise SpaError(f"the data does not run through the {what}: {first_line(exc, limit=200)}",
+                       "give arrays of the model's input shapes, samples along the first axis") from None
 
 
 def evaluate(model, data, labels=None, *, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
@@ -37,6 +52,7 @@ def evaluate(model, data, labels=None, *, reference=None, output: str | None = N
         key = labels if isinstance(labels, str) else None
         data, found = split_labels(data, [i.name for i in sess.get_inputs()], key)
         labels = found if key is not None else labels
+        data = model_batches(data, batch_size, fixed=fixed_batch_size(_graph(model)))
     ref_sess = checked_session(reference) if reference is not None else None
     names = [o.name for o in sess.get_outputs()]
     scored = _scored_output(names, output)
@@ -45,7 +61,7 @@ def evaluate(model, data, labels=None, *, reference=None, output: str | None = N
     fid = {}
     correct = seen = 0
     for feeds in as_batches(data, batch_size):
-        got = dict(zip(names, sess.run(names, feeds)))
+        got = _run(sess, names, feeds, "model")
         if labels is not None:
             pred = np.argmax(got[scored], axis=-1)
             y = np.asarray(labels[seen:seen + len(pred)])
@@ -55,7 +71,7 @@ def evaluate(model, data, labels=None, *, reference=None, output: str | None = N
             correct += int((pred == y).sum())
         seen += len(got[scored])
         if ref_sess is not None:
-            want = dict(zip(names, ref_sess.run(names, feeds)))
+            want = _run(ref_sess, names, feeds, "reference model")
             for n in names:
                 if np.issubdtype(np.asarray(got[n]).dtype, np.floating):
                     fid.setdefault(n, Fidelity()).add(got[n], want[n])
@@ -81,8 +97,9 @@ def evaluate_arrays(model_path, arrays: dict, labels: str | None = None, *, refe
     inits = {t.name for t in proto.graph.initializer}
     inputs = [i.name for i in proto.graph.input if i.name not in inits]
     require_keys(arrays, inputs, labels)
-    feeds = calibration_batches({n: arrays[n] for n in inputs}, static_batch(proto, batch_size), max_samples)
+    feeds = model_batches({n: arrays[n] for n in inputs}, batch_size, fixed=fixed_batch_size(proto),
+                          max_samples=max_samples)
     y = None
     if labels is not None:
-        y = np.asarray(arrays[labels])[:sum(len(next(iter(f.values()))) for f in feeds)]
+        y = np.asarray(arrays[labels])[:max_samples]
     return evaluate(model_path if in_memory else str(model_path), feeds, y, reference=reference)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spa.core.data import as_batches, calibration_batches, require_keys, static_batch
+from spa.core.data import as_batches, fixed_batch_size, model_batches, real_rows, require_keys, trim
 from spa.core.errors import SpaError, first_line
 from spa.core.runtime import session_with_outputs
 from spa.scoring import moments
@@ -99,15 +99,17 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
     if isinstance(data, dict):  # batched as the model takes them (a fixed batch size; 0-d arrays with every batch)
         inputs = [i.name for i in sess.get_inputs()]
         require_keys(data, inputs)
-        data = calibration_batches({n: data[n] for n in inputs}, static_batch(analysis.model.proto, batch_size))
+        data = model_batches({n: data[n] for n in inputs}, batch_size, fixed=fixed_batch_size(analysis.model.proto),
+                             max_samples=max_samples)
     acc: dict = {}
     seen = 0
     for feeds in as_batches(data, batch_size):
-        take = min(len(next(iter(feeds.values()))), max_samples - seen)
-        feeds = {k: v[:take] if np.ndim(v) else v for k, v in feeds.items()}  # 0-d inputs go as they are
+        take = min(real_rows(feeds, len(next(iter(feeds.values())))), max_samples - seen)
+        if real_rows(feeds) is None:  # a padded batch of a fixed-size model runs whole; its padding is trimmed
+            feeds = {k: v[:take] if np.ndim(v) else v for k, v in feeds.items()}  # 0-d inputs go as they are
         try:
-            got = dict(zip(tensors, sess.run(tensors, feeds)))
-            want = got if source is None else dict(zip(tensors, ref.run(tensors, feeds)))
+            got = trim(dict(zip(tensors, sess.run(tensors, feeds))), feeds)
+            want = got if source is None else trim(dict(zip(tensors, ref.run(tensors, feeds))), feeds)
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
             raise SpaError(f"the calibration data does not run through the model: {first_line(exc, limit=200)}",
                            "give arrays of the model's input shapes, samples along the first axis") from None

@@ -238,6 +238,9 @@ def fit(proto, feeds: dict, labels=None, *, val=None, teacher=None, cfg: FitConf
             batch = {k: torch.as_tensor(v[ix]).to(device) for k, v in feeds.items()}
             y = None if labels is None else torch.as_tensor(labels[ix]).to(device)
             loss, _ = loss_of(batch, y)
+            if not math.isfinite(float(loss.detach())):  # diverged: nothing NaN is trained on or written
+                raise SpaError(f"training diverged: the loss is {float(loss.detach())} at epoch {epoch}, step {i + 1}; "
+                               "nothing written", f"lower lr= (it is {cfg.lr:g}) or check the data and labels")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
