@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from spa.passes import quantize as quantize_pass
+from spa.passes.base import require_finite_weights
 
 from spa.core.data import Batch, model_batches, trim
 from spa.core.errors import VerificationError
 from spa.core.model import Model
-from spa.passes import quantize as quantize_pass
-from spa.passes.base import require_finite_weights
 from tests.test_cli import EXAMPLE, assert_untouched, snapshot, spa
 from tests.test_reliability import one_error
 
