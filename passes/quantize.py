@@ -40,6 +40,7 @@ from spa.passes.base import Pass
 from spa.core.data import calibration_batches, static_batch
 from spa.core.errors import SpaError, first_line
 from spa.core.model import Model
+from spa.core.runtime import ort_reason
 
 METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
@@ -95,7 +96,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
         except SpaError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT's tooling fails in many ways; one line
-            raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {first_line(exc)}") from None
+            raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {ort_reason(exc)}") from None
         finally:
             os.chdir(cwd)
             logging.getLogger().setLevel(quiet)
@@ -197,7 +198,7 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
     except Exception as exc:  # noqa: BLE001
         why = first_line(exc)
     if why:
-        raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why[:200]}",
+        raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why}",
                        "keep this model in float32")
     return out
 

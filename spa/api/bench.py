@@ -30,8 +30,9 @@ from spa.backends.compare import compare as parity
 from spa.backends.trt_plan import parse_shapes
 from spa.core import cost
 from spa.core.data import calibration_batches, load_npz, require_keys
-from spa.core.errors import SpaError, UsageError, VerificationError, first_line, require
+from spa.core.errors import SpaError, UsageError, VerificationError, require
 from spa.core.model import Model, check_writable, write_text_atomic
+from spa.core.runtime import ort_reason
 
 SCHEMA = 1
 
@@ -112,7 +113,7 @@ def _open(model, backend: str, options: Options):
     except SpaError as exc:
         raise SpaError(f"{name}: {exc.message}", exc.hint) from None
     except Exception as exc:  # noqa: BLE001 - a runtime's own load errors, as one line
-        raise SpaError(f"cannot load model '{name}' on '{backend}': {first_line(exc)}") from None
+        raise SpaError(f"cannot load model '{name}' on '{backend}': {ort_reason(exc)}") from None
 
 
 def _cost(model) -> dict:
@@ -183,7 +184,7 @@ def _runnable(name: str, sess, batch: int, dims: dict):
         runner = sess.runner(feeds_for(sess.inputs, batch, dims))
         runner()
     except Exception as exc:  # noqa: BLE001 - a runtime refusing these inputs: a reason, not a crash
-        row["skipped"] = f"does not run at batch {batch}: {first_line(exc, limit=200)}"
+        row["skipped"] = f"does not run at batch {batch}: {ort_reason(exc)}"
         return row, None
     row["clock"] = runner.clock
     return row, runner

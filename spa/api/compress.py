@@ -26,8 +26,9 @@ from spa.api.quantize import quantize
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.api.sparsify import sparsify
 from spa.core.data import conform
-from spa.core.errors import SpaError, UsageError, first_line, positive_int, require
+from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import load, save
+from spa.core.runtime import ort_reason
 from spa.core.sizes import file_bytes
 from spa.passes.sparsify import parse_pattern
 from spa.planning import planner
@@ -192,7 +193,7 @@ def _fidelity_on(path: Path, source: Path, data: dict, labels, limit, strict: bo
             raise
         return {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - ORT cannot run the data: say so, go on
-        return {"error": first_line(exc, limit=200)}
+        return {"error": ort_reason(exc)}
     fid = rep.get("fidelity") or {}
     doc = {"samples": rep["samples"], "cosine": min((f["cosine"] for f in fid.values()), default=None),
            "rel_err": max((f["rel_err"] for f in fid.values()), default=None)}
