@@ -43,6 +43,8 @@ from spa.core.model import Model
 from spa.core.runtime import ort_reason
 
 METHODS = ("minmax", "entropy", "percentile")
+# layers that compute in integers (dynamic quantization, QOperator format): no float weight, no MACs counted
+INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 NO_OUTPUT_QDQ = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
@@ -262,7 +264,8 @@ def coverage(proto: onnx.ModelProto) -> dict:
     fp16_inits = sum(1 for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     return {"layers": len(layers), "quantized": len(quantized),
             "fraction_quantized": len(quantized) / len(layers) if layers else None,
-            "qdq_nodes": qdq, "float16_initializers": fp16_inits}
+            "qdq_nodes": qdq, "float16_initializers": fp16_inits,
+            "integer_layers": sum(1 for n in proto.graph.node if n.op_type in INTEGER_OPS)}
 
 
 class Int8Pass(Pass):

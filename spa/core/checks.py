@@ -109,6 +109,13 @@ def _baseline(model, feeds: dict) -> dict:
                 f"set to 1, which may not be what it expects ({why})"}
 
 
+def check_notes(check: dict | None) -> list[str]:
+    """The note a result's document carries when its output check did not verify it."""
+    if check is not None and check.get("status") == "skipped":
+        return [f"output check skipped, the result was not run in ONNX Runtime: {check['reason']}"]
+    return []
+
+
 def missing_op(exc: Exception) -> bool:
     """Whether ONNX Runtime failed only for lack of an op's implementation (a custom domain's op,
     a type its CPU kernels lack): the model may be valid and run elsewhere."""
