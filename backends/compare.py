@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from spa.core.checks import Fidelity
+from spa.core.errors import SpaError
+from spa.core.runtime import ort_reason
 
 
 class _Output:
@@ -52,6 +54,15 @@ class _Output:
         return r
 
 
+def _run(sess, feeds: dict, name: str) -> dict:
+    try:
+        return sess.run(feeds)
+    except SpaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a runtime's own run errors, as one line
+        raise SpaError(f"model '{name}' does not run on the inputs: {ort_reason(exc)}") from None
+
+
 def pairs(names_a: list, names_b: list) -> tuple:
     """[(name in A, name in B)] and a note when matched by position."""
     common = [n for n in names_a if n in names_b]
@@ -62,13 +73,15 @@ def pairs(names_a: list, names_b: list) -> tuple:
     return [], f"no output names in common ({names_a} vs {names_b})"
 
 
-def compare(sess_a, sess_b, batches, *, atol: float, rtol: float, min_cosine: float | None = None) -> dict:
-    """Run every feed dict of `batches` through both sessions; per-output parity and the verdict."""
+def compare(sess_a, sess_b, batches, *, atol: float, rtol: float, min_cosine: float | None = None,
+            names: tuple = ("A", "B")) -> dict:
+    """Run every feed dict of `batches` through both sessions; per-output parity and the verdict.
+    A session that fails to run is a SpaError naming its model (`names`) with the runtime's reason."""
     matched, note = pairs([o.name for o in sess_a.outputs], [o.name for o in sess_b.outputs])
     acc = {a: _Output() for a, _ in matched}
     samples = 0
     for feeds in batches:
-        out_a, out_b = sess_a.run(feeds), sess_b.run(feeds)
+        out_a, out_b = _run(sess_a, feeds, names[0]), _run(sess_b, feeds, names[1])
         for a, b in matched:
             acc[a].add(np.asarray(out_a[a]), np.asarray(out_b[b]), atol, rtol=rtol)
         samples += len(next(iter(feeds.values()))) if feeds and np.ndim(next(iter(feeds.values()))) else 1

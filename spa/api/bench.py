@@ -238,7 +238,8 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
         a, b = _open(reference, backend, options), _open(candidate, backend_b, options)
     batches, source = _inputs(a, arrays, data, samples, batch, dims)
     with step(f"comparing ({source})"):
-        result = parity(a, b, batches, atol=atol, rtol=rtol, min_cosine=min_cosine)
+        result = parity(a, b, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                        names=tuple(model_name(m) or "the model in memory" for m in (reference, candidate)))
     doc = {"schema_version": SCHEMA, "a": {"model": model_name(reference), **a.describe()},
            "b": {"model": model_name(candidate), **b.describe()}, "inputs": source,
            "tolerance": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine}, **result}

@@ -112,6 +112,7 @@ _ORT_CODE = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
 _SOURCE = re.compile(r"(?:[\w.+-]*/)*[\w.+-]+\.(?:h|hpp|cc|cpp|c):\d+\s*")
 _SIGNATURE = re.compile(r"(?:[\w:<>,*&~]+\s+)*?[\w:~<>]+::[\w~<>]+\(")
 _NOISE = ("status.IsOK() was false. ",)
+_FALSE = re.compile(r"[\w.()\[\]]+ (?:==|!=|<=|>=|<|>) [\w.()\[\]]+ was false\. ")
 _NODE = re.compile(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: ")
 
 
@@ -124,6 +125,7 @@ def ort_reason(exc, limit: int = 300, default: str = "") -> str:
         text = text[:at.start()] + " " + text[_signature_end(text, at.end()):]
     for noise in _NOISE:
         text = text.replace(noise, "")
+    text = _FALSE.sub("", text)
     text = _NODE.sub(lambda m: f"{m[1]} node '{m[2]}': " if m[2] else f"{m[1]} node: ", text)
     text = re.sub(r"failed:(?=\S)", "failed: ", " ".join(text.split()))
     return clip(text, limit) if text else default

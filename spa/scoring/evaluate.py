@@ -10,13 +10,15 @@ whose arg-max over the last axis of the scored output equals the label.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 
 from spa.core.checks import Fidelity
 from spa.core.data import as_batches, calibration_batches, require_keys, split_labels, static_batch
 from spa.core.errors import SpaError
-from spa.core.runtime import checked_session
+from spa.core.runtime import checked_session, ort_reason
 
 
 def _scored_output(names: list[str], output: str | None) -> str:
@@ -25,6 +27,15 @@ def _scored_output(names: list[str], output: str | None) -> str:
     if output not in names:
         raise SpaError(f"model has no output '{output}' (outputs: {names})")
     return output
+
+
+def _run(sess, names: list, feeds: dict, model) -> dict:
+    """Outputs `names` on `feeds`, with a run that fails as one line naming the model."""
+    try:
+        return dict(zip(names, sess.run(names, feeds)))
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's run errors, as one line
+        name = f"model '{model}'" if isinstance(model, (str, os.PathLike)) else "the model in memory"
+        raise SpaError(f"{name} does not run on the data: {ort_reason(exc)}") from None
 
 
 def evaluate(model, data, labels=None, *, reference=None, output: str | None = None, batch_size: int = 64) -> dict:
@@ -45,7 +56,7 @@ def evaluate(model, data, labels=None, *, reference=None, output: str | None = N
     fid = {}
     correct = seen = 0
     for feeds in as_batches(data, batch_size):
-        got = dict(zip(names, sess.run(names, feeds)))
+        got = _run(sess, names, feeds, model)
         if labels is not None:
             pred = np.argmax(got[scored], axis=-1)
             y = np.asarray(labels[seen:seen + len(pred)])
@@ -55,7 +66,7 @@ def evaluate(model, data, labels=None, *, reference=None, output: str | None = N
             correct += int((pred == y).sum())
         seen += len(got[scored])
         if ref_sess is not None:
-            want = dict(zip(names, ref_sess.run(names, feeds)))
+            want = _run(ref_sess, names, feeds, reference)
             for n in names:
                 if np.issubdtype(np.asarray(got[n]).dtype, np.floating):
                     fid.setdefault(n, Fidelity()).add(got[n], want[n])
