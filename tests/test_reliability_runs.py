@@ -50,9 +50,9 @@ def text(res) -> str:
 
 
 UNRUNNABLE = {
-    "kbig": (dict(kernel=[5, 5]), "kernel_shape is not compatible with W shape. kernel_shape: {5,5} W: {4,3,3,3}"),
-    "group": (dict(group=2), "Input channels C is not equal to kernel channels * group"),
-    "opset99": (dict(opset=99), "official released onnx opset versions"),
+    "kbig": ({"kernel": [5, 5]}, "kernel_shape is not compatible with W shape. kernel_shape: {5,5} W: {4,3,3,3}"),
+    "group": ({"group": 2}, "Input channels C is not equal to kernel channels * group"),
+    "opset99": ({"opset": 99}, "official released onnx opset versions"),
 }
 WRITERS = {
     "prune": ["prune", "{m}", "--ratio", "0.5"],
