@@ -15,6 +15,8 @@ import numpy as np
 
 from spa.core.checks import Fidelity
 from spa.core.data import real_rows, trim
+from spa.core.errors import SpaError
+from spa.core.runtime import ort_reason
 
 
 class _Output:
@@ -53,6 +55,15 @@ class _Output:
         return r
 
 
+def _run(sess, feeds: dict, name: str) -> dict:
+    try:
+        return sess.run(feeds)
+    except SpaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a runtime's own run errors, as one line
+        raise SpaError(f"model '{name}' does not run on the inputs: {ort_reason(exc)}") from None
+
+
 def pairs(names_a: list, names_b: list) -> tuple:
     """[(name in A, name in B)] and a note when matched by position."""
     common = [n for n in names_a if n in names_b]
@@ -63,13 +74,15 @@ def pairs(names_a: list, names_b: list) -> tuple:
     return [], f"no output names in common ({names_a} vs {names_b})"
 
 
-def compare(sess_a, sess_b, batches, *, atol: float, rtol: float, min_cosine: float | None = None) -> dict:
-    """Run every feed dict of `batches` through both sessions; per-output parity and the verdict."""
+def compare(sess_a, sess_b, batches, *, atol: float, rtol: float, min_cosine: float | None = None,
+            names: tuple = ("A", "B")) -> dict:
+    """Run every feed dict of `batches` through both sessions; per-output parity and the verdict.
+    A session that fails to run is a SpaError naming its model (`names`) with the runtime's reason."""
     matched, note = pairs([o.name for o in sess_a.outputs], [o.name for o in sess_b.outputs])
     acc = {a: _Output() for a, _ in matched}
     samples = 0
     for feeds in batches:
-        out_a, out_b = trim(sess_a.run(feeds), feeds), trim(sess_b.run(feeds), feeds)  # a fixed batch's padding
+        out_a, out_b = trim(_run(sess_a, feeds, names[0]), feeds), trim(_run(sess_b, feeds, names[1]), feeds)
         for a, b in matched:
             acc[a].add(np.asarray(out_a[a]), np.asarray(out_b[b]), atol, rtol=rtol)
         first = next(iter(feeds.values())) if feeds else None

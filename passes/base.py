@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from spa.core.checks import check_against, output_check
+from spa.core.checks import NOT_RUN, check_against, output_check, refuse_unrunnable
 from spa.core.errors import SpaError, VerificationError
 from spa.core.model import TWO_GB, Model, save, weight_bytes
 
@@ -56,7 +56,7 @@ class Pass:
         candidate = file if file is not None else proto
         check_against(candidate, model.path if model.path is not None else model.proto)
         if not self.run_check:
-            return None
+            return dict(NOT_RUN)
         return output_check(model, proto, self.seed, pruned_file=file)
 
     def run(self, model: Model, output=None, *, step=None, what: str | None = None) -> PassResult:
@@ -65,7 +65,12 @@ class Pass:
         step = step or (lambda name: contextlib.nullcontext())
         self.requires(model)
         with step(what or self.name):
-            proto, stats = self.rewrite(model)
+            try:
+                proto, stats = self.rewrite(model)
+            except SpaError:
+                if self.run_check:  # a rewrite that runs the model fails on an input ONNX Runtime cannot run
+                    refuse_unrunnable(model)
+                raise
         with step("saving + checking" if output is not None else "checking"):
             return self.verify(model, proto, stats=stats, output=output)
 

@@ -40,8 +40,11 @@ from spa.passes.base import Pass
 from spa.core.data import fixed_batch_size, model_batches
 from spa.core.errors import SpaError, first_line
 from spa.core.model import Model
+from spa.core.runtime import ort_reason
 
 METHODS = ("minmax", "entropy", "percentile")
+# layers that compute in integers (dynamic quantization, QOperator format): no float weight, no MACs counted
+INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 NO_OUTPUT_QDQ = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 FP32_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
@@ -97,7 +100,7 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
         except SpaError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT's tooling fails in many ways; one line
-            raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {first_line(exc)}") from None
+            raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {ort_reason(exc)}") from None
         finally:
             os.chdir(cwd)
             logging.getLogger().setLevel(quiet)
@@ -200,7 +203,7 @@ def fp16(proto: onnx.ModelProto, keep: tuple = FP32_OPS + RECURRENT) -> onnx.Mod
     except Exception as exc:  # noqa: BLE001
         why = first_line(exc)
     if why:
-        raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why[:200]}",
+        raise SpaError(f"the FP16 model (from onnxruntime.transformers.float16) fails its checks: {why}",
                        "keep this model in float32")
     return out
 
@@ -299,7 +302,8 @@ def coverage(proto: onnx.ModelProto) -> dict:
     fp16_inits = sum(1 for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
     return {"layers": len(layers), "quantized": len(quantized),
             "fraction_quantized": len(quantized) / len(layers) if layers else None,
-            "qdq_nodes": qdq, "float16_initializers": fp16_inits}
+            "qdq_nodes": qdq, "float16_initializers": fp16_inits,
+            "integer_layers": sum(1 for n in proto.graph.node if n.op_type in INTEGER_OPS)}
 
 
 class Int8Pass(Pass):

@@ -34,6 +34,7 @@ from spa.passes.base import Pass, PassResult
 
 from spa.core.errors import SpaError, first_line
 from spa.core.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
+from spa.core.runtime import ort_reason
 
 NAME = "simplify"
 RTOL = 1e-4  # outputs of the simplified model vs the input, relative to the largest |output|
@@ -106,7 +107,7 @@ def _differs(slim: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
     try:
         got = ort_backend.run(slim, feeds, light=True) if want is not None else ort_backend.session(slim, light=True)
     except Exception as exc:  # noqa: BLE001
-        return f"onnxslim's result fails in ONNX Runtime: {first_line(exc, default=type(exc).__name__)}"
+        return f"onnxslim's result fails in ONNX Runtime: {ort_reason(exc, default=type(exc).__name__)}"
     for name, ref in (want or {}).items():
         ref, out = np.asarray(ref), np.asarray(got[name])
         if ref.shape != out.shape or ref.dtype != out.dtype:

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 
 from spa.core.data import fixed_batch_size, model_batches, require_keys, trim
-from spa.core.errors import SpaError, first_line
-from spa.core.runtime import session_with_outputs
+from spa.core.errors import SpaError
+from spa.core.runtime import ort_reason, session_with_outputs
 
 DAMP = 0.01  # H + DAMP * mean(diag H) * I, as SparseGPT's percdamp
 BLOCK = 128  # columns per lazy update block (rounded to a multiple of M)
@@ -140,7 +140,7 @@ def hessians(proto: onnx.ModelProto, targets: dict, dtypes: dict, *, data, max_s
         try:
             got = trim(dict(zip(names, sess.run(names, feeds))), feeds)
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
-            raise SpaError(f"the calibration data does not run through the model: {first_line(exc)}") from None
+            raise SpaError(f"the calibration data does not run through the model: {ort_reason(exc)}") from None
         for key, (node, shape) in targets.items():
             parts = _input_rows(node, np.asarray(got[node.input[0]]), shape, max_rows, rng)
             acc.setdefault(key, _Hessian(parts[0].shape[1], len(parts))).add(parts)

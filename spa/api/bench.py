@@ -30,8 +30,9 @@ from spa.backends.compare import compare as parity
 from spa.backends.trt_plan import parse_shapes
 from spa.core import cost
 from spa.core.data import load_npz, model_batches, real_rows, require_keys
-from spa.core.errors import SpaError, UsageError, VerificationError, first_line, require
+from spa.core.errors import SpaError, UsageError, VerificationError, require
 from spa.core.model import Model, check_writable, write_text_atomic
+from spa.core.runtime import ort_reason
 
 SCHEMA = 1
 
@@ -112,7 +113,7 @@ def _open(model, backend: str, options: Options):
     except SpaError as exc:
         raise SpaError(f"{name}: {exc.message}", exc.hint) from None
     except Exception as exc:  # noqa: BLE001 - a runtime's own load errors, as one line
-        raise SpaError(f"cannot load model '{name}' on '{backend}': {first_line(exc)}") from None
+        raise SpaError(f"cannot load model '{name}' on '{backend}': {ort_reason(exc)}") from None
 
 
 def _cost(model) -> dict:
@@ -183,7 +184,7 @@ def _runnable(name: str, sess, batch: int, dims: dict):
         runner = sess.runner(feeds_for(sess.inputs, batch, dims))
         runner()
     except Exception as exc:  # noqa: BLE001 - a runtime refusing these inputs: a reason, not a crash
-        row["skipped"] = f"does not run at batch {batch}: {first_line(exc, limit=200)}"
+        row["skipped"] = f"does not run at batch {batch}: {ort_reason(exc)}"
         return row, None
     row["clock"] = runner.clock
     return row, runner
@@ -237,7 +238,8 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
         a, b = _open(reference, backend, options), _open(candidate, backend_b, options)
     batches, source = _inputs(a, arrays, data, samples, batch, dims)
     with step(f"comparing ({source})"):
-        result = parity(a, b, batches, atol=atol, rtol=rtol, min_cosine=min_cosine)
+        result = parity(a, b, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                        names=tuple(model_name(m) or "the model in memory" for m in (reference, candidate)))
     doc = {"schema_version": SCHEMA, "a": {"model": model_name(reference), **a.describe()},
            "b": {"model": model_name(candidate), **b.describe()}, "inputs": source,
            "tolerance": {"atol": atol, "rtol": rtol, "min_cosine": min_cosine}, **result}

@@ -28,8 +28,9 @@ from spa.api.quantize import quantize
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.api.sparsify import sparsify
 from spa.core.data import conform
-from spa.core.errors import SpaError, UsageError, first_line, positive_int, require
+from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import check_writable, load, save
+from spa.core.runtime import ort_reason
 from spa.core.sizes import file_bytes
 from spa.passes.sparsify import parse_pattern
 from spa.planning import planner
@@ -44,16 +45,18 @@ QUANT_METHODS = ("minmax", "entropy", "percentile")
 def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = False, prune_hidden: bool = False,
              sparsify=None, sparsify_method=None, permute: bool = False, min_size: int = 16, int8: bool = False,
              fp16: bool = False, calib=None, calib_samples=None, quant_method: str = "minmax", eval=None,
-             labels=None, save_stages: bool = False, output=None, progress=None) -> Result:
+             labels=None, save_stages: bool = False, check: bool = True, output=None, progress=None) -> Result:
     """Prune `ratio` of each group (`criterion`, `global_rank`, `prune_hidden`), then N:M `sparsify`
     (e.g. "2:4"; `sparsify_method`, `permute`, `min_size`), then `int8` (needs `calib`;
     `quant_method`) or `fp16`; every stage measured on `calib` and on `eval` (with `labels`: the
     key of its labels, for accuracy). `calib_samples`: per stage (default: each call's own).
-    `output`: the final model's path (None: kept in memory, `.model`)."""
+    `output`: the final model's path (None: kept in memory, `.model`). `check=False`: the stages are
+    not run in ONNX Runtime against their inputs (the ONNX checker only)."""
     options = {"ratio": ratio, "criterion": criterion, "global_rank": global_rank, "prune_hidden": prune_hidden,
                "sparsify": sparsify, "sparsify_method": sparsify_method, "permute": permute, "min_size": min_size,
                "int8": int8, "fp16": fp16, "calib": calib, "calib_samples": calib_samples,
-               "quant_method": quant_method, "eval": eval, "labels": labels, "save_stages": save_stages}
+               "quant_method": quant_method, "eval": eval, "labels": labels, "save_stages": save_stages,
+               "check": check}
     _check(model, options)
     return _Pipeline(model, options, output_target(output, model, calib, eval), stepper(progress)).run()
 
@@ -137,7 +140,7 @@ class _Pipeline:
                 except SpaError as exc:
                     raise type(exc)(f"stage '{name}' failed: {exc.message}; nothing written", exc.hint) from exc
                 rows.append({"stage": name, "file": str(target), **self._measure(target, src),
-                             "detail": _summary(name, detail)})
+                             "detail": _summary(name, detail), "check": _check_summary(detail["check"])})
             current = target
         return current
 
@@ -151,18 +154,18 @@ class _Pipeline:
             data = dict(calib=calib, **samples) if criterion in criteria.NEEDS and calib is not None else {}
             calls.append(("pruned", lambda i, t: prune_model(
                 i, ratio=o["ratio"], criterion=criterion, global_rank=o["global_rank"],
-                prune_hidden=o["prune_hidden"], output=t, **data)))
+                prune_hidden=o["prune_hidden"], check=o["check"], output=t, **data)))
         if o["sparsify"]:
             method = o["sparsify_method"] or ("obs" if calib is not None else "magnitude")
             data = dict(calib=calib, **samples) if method == "obs" else {}
             calls.append(("sparse", lambda i, t: sparsify(i, pattern=o["sparsify"], method=method,
                                                            min_size=o["min_size"], permute=o["permute"],
-                                                           output=t, **data)))
+                                                           check=o["check"], output=t, **data)))
         if o["int8"]:
             calls.append(("int8", lambda i, t: quantize(i, calib=calib, method=o["quant_method"], output=t,
-                                                        **samples)))
+                                                        check=o["check"], **samples)))
         elif o["fp16"]:
-            calls.append(("fp16", lambda i, t: quantize(i, fp16=True, output=t)))
+            calls.append(("fp16", lambda i, t: quantize(i, fp16=True, check=o["check"], output=t)))
         return calls
 
     def _kept_paths(self) -> list[Path]:
@@ -216,13 +219,18 @@ def _fidelity_on(path: Path, source: Path, data: dict, labels, limit, strict: bo
             raise
         return {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - ORT cannot run the data: say so, go on
-        return {"error": first_line(exc, limit=200)}
+        return {"error": ort_reason(exc)}
     fid = rep.get("fidelity") or {}
     doc = {"samples": rep["samples"], "cosine": min((f["cosine"] for f in fid.values()), default=None),
            "rel_err": max((f["rel_err"] for f in fid.values()), default=None)}
     if "accuracy" in rep:
         doc["accuracy"] = rep["accuracy"]
     return doc
+
+
+def _check_summary(check: dict) -> dict:
+    """A stage's output check without the per-output details."""
+    return {k: v for k, v in check.items() if k != "outputs"}
 
 
 def _params(model) -> tuple[int, int]:

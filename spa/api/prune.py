@@ -21,7 +21,7 @@ from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
-from spa.core.checks import check_against
+from spa.core.checks import check_against, check_notes
 from spa.core.data import conform, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
@@ -39,19 +39,23 @@ from spa.training.train import zero_plan
 SCHEMA = 1
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
              "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
+DYNAMIC_OPS = ("ConvInteger", "DynamicQuantizeLinear", "MatMulInteger")  # onnxruntime's quantize_dynamic
 
 
 def refuse_quantized(model: Model, action: str = "prune") -> None:
-    for node in model.graph.node:
-        if node.op_type in QUANT_OPS:
-            if action == "quantize":
-                raise SpaError(f"cannot quantize an already quantized model: found {node.op_type} "
-                               f"'{node.name or '#'}'", "quantize the float model")
-            raise SpaError(
-                f"cannot prune quantized model: found {node.op_type} '{node.name or '#'}' "
-                "(pruning QDQ graphs is not supported yet)",
-                "prune the float model first, then quantize it",
-            )
+    """Refuse a model that is already quantized, saying how: QDQ (Q/DQ pairs around float layers),
+    dynamically quantized (integer layers fed by DynamicQuantizeLinear) or integer layers."""
+    found = [n for n in model.graph.node if n.op_type in QUANT_OPS]
+    if not found:
+        return
+    kinds = sorted({n.op_type for n in found})
+    dynamic = [k for k in kinds if k in DYNAMIC_OPS]
+    what = f"dynamically quantized ({'/'.join(dynamic)})" if dynamic else f"quantized ({'/'.join(kinds)})"
+    where = f"found {found[0].op_type} '{found[0].name or '#'}'"
+    if action == "quantize":
+        raise SpaError(f"cannot quantize an already quantized model: it is {what}, {where}", "quantize the float model")
+    qdq = "" if dynamic else "; pruning quantized graphs is not supported yet"
+    raise SpaError(f"cannot prune this model: it is {what}, {where}{qdq}", "prune the float model, then quantize it")
 
 
 def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, zeros: bool = False,
@@ -148,7 +152,7 @@ class _Run:
         self._load()
         self._choose()
         values, notes = self._compensation()
-        notes = list(dict.fromkeys((self.stats.notes if self.stats else []) + notes + self._exclude_notes()))
+        notes = (self.stats.notes if self.stats else []) + notes + self._exclude_notes()
         with self.step("pruning"):
             rewrite = prune_pass.PrunePass(self.analysis, self.plan, values, self.o["check"], self.o["zeros"],
                                            self.o["seed"])
@@ -164,7 +168,8 @@ class _Run:
         if self.o["save_plan"] is not None:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
-        doc.update(compensated=values is not None, statistics=self._stats_doc(), notes=notes)
+        doc.update(compensated=values is not None, statistics=self._stats_doc(),
+                   notes=list(dict.fromkeys(notes + check_notes(done.check))))
         return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path)
 
     def _load(self) -> None:

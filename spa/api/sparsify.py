@@ -14,6 +14,7 @@ import numpy as np
 from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core.analysis import analyze
+from spa.core.checks import check_notes
 from spa.core.data import conform
 from spa.core.errors import positive_int, require
 from spa.passes.base import PassResult
@@ -23,8 +24,8 @@ SCHEMA = 1
 
 
 def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=None, calib_samples: int = 256,
-             min_size: int = 16, permute: bool = False, permute_budget: float = 2.0, output=None,
-             progress=None) -> Result:
+             min_size: int = 16, permute: bool = False, permute_budget: float = 2.0, check: bool = True,
+             output=None, progress=None) -> Result:
     """Mask every eligible Conv/Gemm/MatMul weight of `model` to `pattern` (N:M along the reduction).
 
     method "magnitude" keeps the N largest |w| of each run of M; "obs" (needs `calib`: a path to an
@@ -32,7 +33,8 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
     second-order statistics (SparseGPT-style). `permute`: search channel permutations of coupled
     groups first (`permute_budget` seconds per group). `output`: write there (checked on the written
     file before it is renamed into place), else the result is checked in memory. `min_size`: the
-    smallest reduction/output size a layer needs."""
+    smallest reduction/output size a layer needs. `check=False`: no run in ONNX Runtime against the
+    input (the ONNX checker and the pattern re-read only)."""
     n, m = parse_pattern(pattern)
     _check(method, calib, calib_samples, min_size, permute_budget)
     out = output_target(output, model, calib)
@@ -46,6 +48,7 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
         with step("analysis"):
             analysis = analyze(loaded)
     rewrite = SparsifyPass(n, m, min_size, method, data, calib_samples, analysis, permute_budget)
+    rewrite.run_check = check
     what = f"masking {n}:{m}" + (" (calibrated OBS)" if method == "obs" else "") + \
         (" + permutation search" if permute else "")
     done = rewrite.run(loaded, out, step=step, what=what)
@@ -73,4 +76,4 @@ def _doc(model, out, rewrite: SparsifyPass, done: PassResult, permute: bool) -> 
             "layers": [x.to_json() for x in found], "eligible": len(eligible),
             "retained_magnitude": float(np.mean([x.retained for x in eligible])) if eligible else None,
             "method": rewrite.method, "permutation": done.stats["permutation"] if permute else None,
-            "check": done.check}
+            "check": done.check, "notes": check_notes(done.check)}

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 
 from spa.api.prune import prune_model
-from spa.cli.app import EXCLUDE_HELP, SIMPLIFY_HELP, add_calib, add_common, output_path, progress, show_notes
+from spa.cli.app import (
+    EXCLUDE_HELP,
+    NO_CHECK_HELP,
+    SIMPLIFY_HELP,
+    add_calib,
+    add_common,
+    output_path,
+    progress,
+    show_notes,
+)
 from spa.reporting import report
 from spa.scoring import criteria
 
@@ -46,8 +55,7 @@ def parser(sub) -> None:
     r.add_argument("--max-loss", type=float, default=0.01, help="with --sensitivity: 1 - cosine allowed per group")
     r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
     r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
-    r.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip running the pruned model in ONNX Runtime before writing it")
+    r.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
 
 

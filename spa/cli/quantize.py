@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from spa.api.quantize import quantize as quantize_model
-from spa.cli.app import add_calib, add_common, err, output_path, progress
+from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, err, output_path, progress, show_notes
 from spa.reporting import report
 
 
@@ -24,24 +24,26 @@ def parser(sub) -> None:
                    help="INT8 calibration (minmax)")
     q.add_argument("--no-per-channel", dest="per_channel", action="store_false",
                    help="one weight scale per tensor instead of per output channel")
+    q.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(q, output="output model (default: MODEL.int8.onnx / MODEL.fp16.onnx)")
 
 
 def quantize(args) -> int:
     result = quantize_model(args.model, calib=args.calib, fp16=args.fp16, method=args.method,
-                            per_channel=args.per_channel, calib_samples=args.calib_samples,
+                            per_channel=args.per_channel, calib_samples=args.calib_samples, check=args.check,
                             output=output_path(args, "fp16" if args.fp16 else "int8"),
                             progress=progress(args))
     doc = result.to_json()
     if args.json:
         return report.print_json(doc)
+    show_notes(doc["notes"])
     err.print(_summary(doc), markup=False, highlight=False)
     return 0
 
 
 def _summary(doc: dict) -> str:
     """input -> output (kind): bytes, coverage, fidelity on the data, the output check."""
-    cov, check, fidelity = doc["coverage"], doc["check"] or {}, doc["fidelity_on_calib"]
+    cov, fidelity = doc["coverage"], doc["fidelity_on_calib"]
     before, after = doc["bytes"]["before"], doc["bytes"]["after"]
     return (f"{doc['input']} -> {doc['output']} ({doc['kind']}): {before:,} -> {after:,} bytes "
             f"({after / max(before, 1):.2f}x); "
@@ -51,8 +53,7 @@ def _summary(doc: dict) -> str:
                if cov.get("weights_unlisted_from_inputs") else "")
             + (f"rel. error on {fidelity['samples']} calibration samples {fidelity['max_rel_err']:.3g}; "
                if fidelity else "")
-            + (f"output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
-               if check.get("status") == "ok" else f"output check: {check.get('reason', 'skipped')}"))
+            + report.check_line(doc["check"]))
 
 
 COMMANDS = {"quantize": quantize}

@@ -9,7 +9,7 @@ import numpy as np
 from rich.table import Table
 
 from spa.api.sparsify import sparsify as sparsify_model
-from spa.cli.app import add_calib, add_common, err, output_path, progress
+from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, err, output_path, progress, show_notes
 from spa.reporting import report
 
 
@@ -27,13 +27,14 @@ def parser(sub) -> None:
                    help="search channel permutations of coupled groups first (as NVIDIA ASP) to keep more magnitude")
     z.add_argument("--permute-budget", type=float, default=2.0, metavar="S",
                    help="seconds of permutation search per channel group (2)")
+    z.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(z, output="output model (default: MODEL.sparse.onnx beside the input)")
 
 
 def sparsify(args) -> int:
     result = sparsify_model(args.model, pattern=args.pattern, method=args.method, calib=args.calib,
                             calib_samples=args.calib_samples, min_size=args.min_size, permute=args.permute,
-                            permute_budget=args.permute_budget, output=output_path(args, "sparse"),
+                            permute_budget=args.permute_budget, check=args.check, output=output_path(args, "sparse"),
                             progress=progress(args))
     doc = result.to_json()
     if args.json:
@@ -42,10 +43,9 @@ def sparsify(args) -> int:
     if doc["permutation"] is not None:
         _print_permutation(doc["permutation"])
     eligible = sum(1 for x in doc["layers"] if x["eligible"])
-    check = doc["check"] or {}
-    err.print(f"{eligible} of {len(doc['layers'])} layers sparsified {doc['pattern']}"
-              + (f"; output check: max relative error vs the input {check['max_rel_err']:.3g} (random inputs)"
-                 if check.get("status") == "ok" else ""), markup=False, highlight=False)
+    show_notes(doc["notes"])
+    err.print(f"{eligible} of {len(doc['layers'])} layers sparsified {doc['pattern']}; {report.check_line(doc['check'])}",
+              markup=False, highlight=False)
     return 0
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.core.errors import VerificationError, first_line
+from spa.core.errors import SpaError, VerificationError, first_line
 from spa.core.model import check_model
-from spa.core.runtime import random_feeds, run
+from spa.core.runtime import exact_feeds, ort_reason, outputs, random_feeds, run, session
+
+NOT_RUN = {"status": "not run", "reason": "--no-check"}  # the check document when the caller turned it off
 
 
 def check_against(candidate, original) -> None:
@@ -61,27 +63,78 @@ def compare_outputs(reference, candidate, feeds: dict, *, light: bool = False) -
 def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     """Run original and pruned on the same random inputs; raise if the pruned model breaks.
 
-    Models run from their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
+    An input model that ONNX Runtime cannot load, or cannot run on random inputs that match its
+    declared (all fixed) input shapes, is refused (SpaError): no result of it can be verified.
+    Where some input dim is symbolic the random inputs are a guess, so the check is skipped with
+    ONNX Runtime's reason. Models run from their files (`model.path`, `pruned_file`) when given:
+    needed over 2 GB."""
     feeds = random_feeds(model.proto, seed=seed)
     # from files where we have them: ORT reads them directly, no serialisation copy
-    original = model.path if model.path is not None else model.proto
+    reference = _baseline(model, feeds)
+    if "status" in reference:
+        return reference
     candidate = pruned_file if pruned_file is not None else pruned
     try:
-        reference = run(original, feeds, light=True)
-    except Exception as exc:  # noqa: BLE001
-        why = first_line(exc, limit=200, default=type(exc).__name__)
-        return {"status": "skipped", "reason": f"the input model does not run on random inputs ({why})"}
-    try:
-        rep = compare_outputs(reference, candidate, feeds, light=True)
+        rep = compare_outputs(reference["outputs"], candidate, feeds, light=True)
     except Exception as exc:
-        why = first_line(exc, default=type(exc).__name__)
-        raise VerificationError(f"pruned model fails in ONNX Runtime: {why}") from exc
+        raise VerificationError(f"pruned model fails in ONNX Runtime: {ort_reason(exc, default=type(exc).__name__)}") \
+            from exc
     if not rep["ok"]:
         raise VerificationError("pruned model changes the outputs' names, dtypes or shapes")
     if any(o.get("finite") is False for o in rep["outputs"].values()):
         raise VerificationError("pruned model gives non-finite outputs")
     errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
     return {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"]}
+
+
+def _baseline(model, feeds: dict) -> dict:
+    """{"outputs": the input model's outputs on `feeds`}, or a skipped check's document; raises
+    SpaError when ONNX Runtime cannot load the input model or run it on inputs it declares."""
+    try:
+        sess = session(model.path if model.path is not None else model.proto, light=True)
+    except SpaError as exc:  # over 2 GB in memory: it cannot be run here at all
+        return {"status": "skipped", "reason": exc.message}
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's many load errors
+        if not missing_op(exc):
+            raise cannot_run(model, exc) from None
+        return {"status": "skipped", "reason": f"ONNX Runtime has no implementation of one of its ops, so the input "
+                f"model cannot be run ({ort_reason(exc)})"}
+    try:
+        return {"outputs": outputs(sess, feeds)}
+    except Exception as exc:  # noqa: BLE001
+        if exact_feeds(model.proto):
+            raise cannot_run(model, exc) from None
+        why = ort_reason(exc, default=type(exc).__name__)
+        return {"status": "skipped", "reason": "the input model does not run on random inputs with its symbolic dims "
+                f"set to 1, which may not be what it expects ({why})"}
+
+
+def check_notes(check: dict | None) -> list[str]:
+    """The note a result's document carries when its output check did not verify it."""
+    if check is not None and check.get("status") == "skipped":
+        return [f"output check skipped, the result was not run in ONNX Runtime: {check['reason']}"]
+    return []
+
+
+def missing_op(exc: Exception) -> bool:
+    """Whether ONNX Runtime failed only for lack of an op's implementation (a custom domain's op,
+    a type its CPU kernels lack): the model may be valid and run elsewhere."""
+    text = str(exc)
+    return "is not a registered function/op" in text or "NOT_IMPLEMENTED" in text \
+        or "Could not find an implementation" in text
+
+
+def refuse_unrunnable(model) -> None:
+    """Raise the refusal of output_check when ONNX Runtime cannot load or run the input model
+    (for a rewrite that failed: whether the input itself was the cause); else nothing."""
+    _baseline(model, random_feeds(model.proto))
+
+
+def cannot_run(model, exc: Exception) -> SpaError:
+    """The refusal of an input model ONNX Runtime cannot load or run, with its reason."""
+    name = model.path if model.path is not None else "(in memory)"
+    return SpaError(f"ONNX Runtime cannot run '{name}' ({ort_reason(exc, default=type(exc).__name__)})",
+                    "pass check=False to go on without the output check")
 
 
 class Fidelity:

@@ -11,9 +11,22 @@ import re
 
 
 def first_line(exc: BaseException, limit: int = 300, default: str = "") -> str:
-    """The first non-empty line of an exception's message, cut to `limit` characters."""
+    """The first non-empty line of an exception's message, at most `limit` characters (clip)."""
     text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else default
+    return clip(text.splitlines()[0], limit) if text else default
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` when it fits in `limit` characters, else cut at its last sentence, clause or word
+    boundary before the limit and ended with "…" (never mid-word)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    for mark in (". ", "; ", ", ", " "):
+        at = head.rfind(mark)
+        if at >= limit // 3:
+            return head[:at + (1 if mark != " " else 0)].rstrip(",;") + " …"
+    return head.rstrip() + "…"
 
 
 class SpaError(Exception):
@@ -44,17 +57,17 @@ def positive_int(name: str, value) -> None:
             f"invalid {name}={value}: it must be a positive integer")
 
 
-PARAM = re.compile(r"\b([a-z][a-z0-9_]*)=(True\b)?(?=[^=]|$)")
+PARAM = re.compile(r"\b([a-z][a-z0-9_]*)=(True\b|False\b)?(?=[^=]|$)")
 
 
 def with_flags(text: str, flags: dict) -> str:
     """`text` with each ``name=`` of a known parameter written as its flag (``round_to=0`` ->
     ``--round-to 0``, ``pass calib=DATA`` -> ``pass --calib DATA``, ``prune_hidden=True`` ->
-    ``--prune-hidden``): library errors in the
+    ``--prune-hidden``, ``check=False`` -> ``--no-check``): library errors in the
     CLI's words. `flags`: {parameter name: flag}."""
     def flag(match):
         name, rest = match.group(1), text[match.end():match.end() + 1]
-        if name not in flags:
+        if name not in flags or (match.group(2) == "False") != flags[name].startswith("--no-"):
             return match.group(0)
         return flags[name] if match.group(2) or rest in ("", " ", ",", ".", ";", ")") else f"{flags[name]} "
 

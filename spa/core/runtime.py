@@ -5,6 +5,7 @@ models here; the Session interface for benchmarking every backend is spa.backend
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from spa.core.errors import SpaError, first_line
+from spa.core.errors import SpaError, clip
 from spa.core.sizes import TWO_GB, weight_bytes
 
 ort.set_default_logger_severity(4)  # errors reach the user as exceptions, in one line
@@ -60,8 +61,8 @@ def load_error_isolated(model: onnx.ModelProto, timeout: float = 600) -> str | N
         return None
     if done.returncode < 0:
         return f"ONNX Runtime {ort.__version__} crashed ({signal.Signals(-done.returncode).name}) loading it"
-    lines = done.stderr.decode(errors="replace").strip().splitlines()
-    return lines[0] if lines else f"ONNX Runtime's loader exited with code {done.returncode}"
+    return ort_reason(done.stderr.decode(errors="replace"), default=f"ONNX Runtime's loader exited with code "
+                      f"{done.returncode}")
 
 
 def _np_dtype(elem_type: int):
@@ -82,11 +83,67 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
+def exact_feeds(model: onnx.ModelProto) -> bool:
+    """Whether random_feeds gives exactly what the model declares: every real input a tensor whose
+    dims are all fixed (no symbolic or unknown dim that random feeds would have to guess)."""
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return False
+        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in vi.type.tensor_type.shape.dim):
+            return False
+    return True
+
+
 def run(model, feeds: dict[str, np.ndarray], light: bool = False) -> dict[str, np.ndarray]:
     """Outputs by name for a ModelProto or a model file."""
-    sess = session(model, light=light)
+    return outputs(session(model, light=light), feeds)
+
+
+def outputs(sess: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of a session by name, on `feeds`."""
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
+
+
+_ORT_CODE = re.compile(r"\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*[A-Z_]+\s*:\s*")
+_SOURCE = re.compile(r"(?:[\w.+-]*/)*[\w.+-]+\.(?:h|hpp|cc|cpp|c):\d+\s*")
+_SIGNATURE = re.compile(r"(?:[\w:<>,*&~]+\s+)*?[\w:~<>]+::[\w~<>]+\(")
+_NOISE = ("status.IsOK() was false. ",)
+_FALSE = re.compile(r"[\w.()\[\]]+ (?:==|!=|<=|>=|<|>) [\w.()\[\]]+ was false\. ")
+_NODE = re.compile(r"Non-zero status code returned while running (\S+) node\. Name:'([^']*)' Status Message: ")
+
+
+def ort_reason(exc, limit: int = 300, default: str = "") -> str:
+    """ONNX Runtime's reason for a failure, as one line: without its `[ONNXRuntimeError] : N : CODE :`
+    prefix and the C++ source location and function that raised it, every line joined (the indices of
+    "Got invalid dimensions" included), cut only at a sentence, clause or word boundary (clip)."""
+    text = _ORT_CODE.sub("", " ".join(str(exc).split()))
+    while (at := _SOURCE.search(text)) is not None:
+        text = text[:at.start()] + " " + text[_signature_end(text, at.end()):]
+    for noise in _NOISE:
+        text = text.replace(noise, "")
+    text = _FALSE.sub("", text)
+    text = _NODE.sub(lambda m: f"{m[1]} node '{m[2]}': " if m[2] else f"{m[1]} node: ", text)
+    text = re.sub(r"failed:(?=\S)", "failed: ", " ".join(text.split()))
+    return clip(text, limit) if text else default
+
+
+def _signature_end(text: str, start: int) -> int:
+    """Where the C++ function signature after a source location (`void ns::f(int, const T&) const`)
+    ends: the index after its closing parenthesis (and `const`); `start` when there is none."""
+    sig = _SIGNATURE.match(text, start)
+    if sig is None:
+        return start
+    depth, i = 0, sig.end() - 1
+    for i in range(sig.end() - 1, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            break
+    rest = text[i + 1:]
+    return i + 1 + (len(rest) - len(rest.lstrip())) + (6 if rest.lstrip().startswith("const ") else 0)
 
 
 def run_with_outputs(model, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -108,7 +165,7 @@ def checked_session(model):
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's many load errors, as one line
         name = model if isinstance(model, (str, Path)) else "(in memory)"
-        raise SpaError(f"cannot load model '{name}' in ONNX Runtime: {first_line(exc)}") from None
+        raise SpaError(f"cannot load model '{name}' in ONNX Runtime: {ort_reason(exc)}") from None
 
 
 def random_array(rng, shape: list, dtype) -> np.ndarray:

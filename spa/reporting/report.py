@@ -71,6 +71,10 @@ def print_coverage(doc: dict) -> None:
         err.print(f"quantization: {quant['quantized']} of {quant['layers']} layers read QDQ inputs "
                   f"({quant['qdq_nodes']} Q/DQ nodes); {quant['float16_initializers']} float16 initializers",
                   markup=False, highlight=False)
+    if quant.get("integer_layers"):
+        err.print(f"quantization: the model is already quantized: {quant['integer_layers']} integer layers "
+                  "(ConvInteger/MatMulInteger/QLinear*), whose parameters and MACs are not counted above",
+                  markup=False, highlight=False)
 
 
 def print_blocks(blocks: list, title: str) -> None:
@@ -138,13 +142,17 @@ def print_prune(doc: dict) -> None:
     for o in doc.get("overlapping") or ():
         out.print(f"  group '{o['group']}': its channels overlap, so {o['channels']} channel(s) removed "
                   f"{o['slices']} of {o['of']} slices of '{o['tensor']}' (axis {o['axis']})")
-    check = doc["check"]
-    if check is None:
-        out.print("output check: not run (--no-check)")
-    elif check["status"] == "skipped":
-        out.print(f"output check: skipped: {check['reason']}")
-    else:
-        out.print(f"output check: runs in ONNX Runtime, same outputs' names/dtypes/shapes; "
-                  f"max relative error vs the input model {check['max_rel_err']:.3g} (random inputs)")
+    out.print(check_line(doc["check"]), markup=False, highlight=False)
+
+
+def check_line(check: dict | None) -> str:
+    """What a command's output check verified, in one phrase: the error against the input, or that
+    it was not run (--no-check) or skipped (the reason is in the document's notes)."""
+    if check is None or check["status"] == "not run":
+        return "output check: NOT RUN (--no-check): the result was not run in ONNX Runtime"
+    if check["status"] == "skipped":
+        return "output check: SKIPPED (see the note): the result was not run in ONNX Runtime"
+    return (f"output check: runs in ONNX Runtime, same outputs' names/dtypes/shapes; max relative error vs the "
+            f"input {check['max_rel_err']:.3g} (random inputs)")
 
 

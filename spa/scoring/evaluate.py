@@ -10,13 +10,15 @@ whose arg-max over the last axis of the scored output equals the label.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 
 from spa.core.checks import Fidelity
 from spa.core.data import as_batches, fixed_batch_size, model_batches, require_keys, split_labels, trim
-from spa.core.errors import SpaError, first_line
-from spa.core.runtime import checked_session
+from spa.core.errors import SpaError
+from spa.core.runtime import checked_session, ort_reason
 
 
 def _scored_output(names: list[str], output: str | None) -> str:
@@ -32,13 +34,14 @@ def _graph(model) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
 
 
-def _run(sess, names: list[str], feeds: dict, what: str) -> dict:
-    """{output: value} of one batch, the padding rows of a fixed-batch model dropped; ONNX Runtime's
-    refusal of the feeds (shapes, types) as one line."""
+def _run(sess, names: list, feeds: dict, model) -> dict:
+    """Outputs `names` on `feeds`, the padding rows of a fixed-batch model dropped; a run that fails
+    as one line naming the model."""
     try:
         return trim(dict(zip(names, sess.run(names, feeds))), feeds)
-    except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
-        raise SpaError(f"the data does not run through the {what}: {first_line(exc, limit=200)}",
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's run errors, as one line
+        name = f"model '{model}'" if isinstance(model, (str, os.PathLike)) else "the model in memory"
+        raise SpaError(f"{name} does not run on the data: {ort_reason(exc)}",
                        "give arrays of the model's input shapes, samples along the first axis") from None
 
 
@@ -61,7 +64,7 @@ def evaluate(model, data, labels=None, *, reference=None, output: str | None = N
     fid = {}
     correct = seen = 0
     for feeds in as_batches(data, batch_size):
-        got = _run(sess, names, feeds, "model")
+        got = _run(sess, names, feeds, model)
         if labels is not None:
             pred = np.argmax(got[scored], axis=-1)
             y = np.asarray(labels[seen:seen + len(pred)])
@@ -71,7 +74,7 @@ def evaluate(model, data, labels=None, *, reference=None, output: str | None = N
             correct += int((pred == y).sum())
         seen += len(got[scored])
         if ref_sess is not None:
-            want = _run(ref_sess, names, feeds, "reference model")
+            want = _run(ref_sess, names, feeds, reference)
             for n in names:
                 if np.issubdtype(np.asarray(got[n]).dtype, np.floating):
                     fid.setdefault(n, Fidelity()).add(got[n], want[n])

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from spa.core.data import as_batches, fixed_batch_size, model_batches, real_rows, require_keys, trim
-from spa.core.errors import SpaError, first_line
-from spa.core.runtime import session_with_outputs
+from spa.core.errors import SpaError
+from spa.core.runtime import ort_reason, session_with_outputs
 from spa.scoring import moments
 from spa.scoring.moments import GRAM_MAX, Moments
 
@@ -111,7 +111,7 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
             got = trim(dict(zip(tensors, sess.run(tensors, feeds))), feeds)
             want = got if source is None else trim(dict(zip(tensors, ref.run(tensors, feeds))), feeds)
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
-            raise SpaError(f"the calibration data does not run through the model: {first_line(exc, limit=200)}",
+            raise SpaError(f"the calibration data does not run through the model: {ort_reason(exc)}",
                            "give arrays of the model's input shapes, samples along the first axis") from None
         for space in spaces:
             rows = _rows(got[space[0]], space[1])
