@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,14 +94,18 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # the tooling's "consider pre-processing" advice
         try:
-            quantize_static(work, str(out), _Reader(feeds, batch, fixed), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
-                            extra_options=extra)
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)  # overflowing ranges: the error below says it
+                quantize_static(work, str(out), _Reader(feeds, batch, fixed), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=calib, extra_options=extra)
         except SpaError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT's tooling fails in many ways; one line
-            raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {ort_reason(exc)}") from None
+            raise SpaError(f"INT8 quantization failed in onnxruntime.quantization: {ort_reason(exc)}",
+                           "activations beyond the float32 range (inf or NaN on the calibration data) give no "
+                           "scale; check the data's value range" if "scale" in str(exc) else None) from None
         finally:
             os.chdir(cwd)
             logging.getLogger().setLevel(quiet)

@@ -221,3 +221,15 @@ def test_broken_npz_and_overlong_output_names_are_one_line(capsys, work):
     line = one_error(spa(capsys, "prune", "m.onnx", "--ratio", "0.3", "-o", "a" * 300 + ".onnx"))
     assert "cannot write" in line and "too long" in line
     assert_untouched(work, before)
+
+
+def test_calibration_data_overflowing_float32_is_one_line(capsys, work):
+    """Finite data whose activations overflow float32 in the model: ORT's calibrator finds no
+    scale; the error says why, and none of its numpy warnings reach the user."""
+    x = np.clip(np.random.default_rng(0).standard_normal((4, 3, 32, 32)), -1, 1).astype(np.float32) * 3e38
+    np.savez(work / "huge.npz", input=x)
+    before = snapshot(work)
+    res = spa(capsys, "quantize", "m.onnx", "--calib", "huge.npz", "-o", "q.onnx")
+    line = one_error(res)
+    assert "float32 range" in line and res.err.strip().splitlines() == [line], res.err
+    assert_untouched(work, before)
