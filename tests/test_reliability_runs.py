@@ -119,16 +119,19 @@ def test_the_example_still_passes_its_check(capsys, tmp_path):
     assert doc["check"]["status"] == "ok" and not any("output check" in n for n in doc["notes"])
 
 
-@pytest.mark.parametrize("argv", [["compare", "ok.onnx", "kbig.onnx"], ["eval", "kbig.onnx", "--data", "d.npz"],
-                                  ["compare", "ok.onnx", "opset99.onnx"]], ids=["compare", "eval", "compare-load"])
+@pytest.mark.parametrize("argv", [
+    ["compare", "ok.onnx", "kbig.onnx"], ["eval", "kbig.onnx", "--data", "d.npz"], ["compare", "ok.onnx", "opset99.onnx"],
+    ["sensitivity", "kbig.onnx", "--calib", "d.npz"], ["sensitivity", "opset99.onnx", "--calib", "d.npz"],
+    ["bench", "kbig.onnx", "--duration-s", "0.01"], ["bench", "opset99.onnx", "--duration-s", "0.01"],
+], ids=["compare", "eval", "compare-load", "sensitivity", "sensitivity-load", "bench", "bench-load"])
 def test_measuring_commands_name_the_model_and_the_whole_reason(capsys, tmp_path, monkeypatch, argv):
     monkeypatch.chdir(tmp_path)
     conv_model(tmp_path / "ok.onnx")
     conv_model(tmp_path / "kbig.onnx", kernel=[5, 5])
     conv_model(tmp_path / "opset99.onnx", opset=99)
-    np.savez(tmp_path / "d.npz", x=np.zeros((1, 3, 8, 8), np.float32))
+    np.savez(tmp_path / "d.npz", x=np.ones((1, 3, 8, 8), np.float32))
     before = snapshot(tmp_path)
-    line = one_error(spa(capsys, *argv))
+    line = one_error(spa(capsys, *argv))  # bench: measured at no batch size is an error, not a table of skips
     assert f"'{argv[2] if argv[0] == 'compare' else argv[1]}'" in line
     assert "internal error" not in line and "[ONNXRuntimeError]" not in line and "onnxruntime_src" not in line
     assert ("W: {" in line and "channels_last: 0" in line) or "opset versions." in line, line

@@ -148,6 +148,7 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     results = []
     for size in batches:
         results += _bench_batch(names, sessions, size, dims, plan, step)
+    _require_measured(names, results)
     doc = {"schema_version": SCHEMA, "backend": backend, "environment": method.environment(),
            "options": {"batches": batches, "warmup_ms": warmup_ms, "duration_s": duration_s,
                        "precision": precision, "sparse": sparse, "threads": threads, "dims": dims},
@@ -160,6 +161,16 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
         write_text_atomic(output, json.dumps(doc, indent=1))
     failure = f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None
     return Measurement(doc, failure=failure)
+
+
+def _require_measured(names: list, results: list) -> None:
+    """A model measured at none of the batch sizes is an error (with its first reason), not a table of
+    skipped rows: ONNX Runtime cannot run it as given."""
+    for name in names:
+        rows = [r for r in results if r["model"] == name]
+        if rows and all(r["skipped"] for r in rows):
+            raise SpaError(f"model '{name}' could not be measured: {rows[0]['skipped']}",
+                           "pass a batch size it takes (batch=)" if "fixed" in rows[0]["skipped"] else None)
 
 
 def below(results: list, required: float | None) -> list:

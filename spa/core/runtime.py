@@ -157,14 +157,15 @@ def run_with_outputs(model, names: list[str], feeds: dict[str, np.ndarray]) -> d
     return run(proto, feeds)
 
 
-def checked_session(model):
-    """session(model), with ONNX Runtime's many load errors as one SpaError line."""
+def checked_session(model, *, name=None):
+    """session(model), with ONNX Runtime's many load errors as one SpaError line naming the model
+    (`name`: the file an in-memory copy came from)."""
     try:
         return session(model)
     except SpaError:
         raise
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime's many load errors, as one line
-        name = model if isinstance(model, (str, Path)) else "(in memory)"
+        name = name or (model if isinstance(model, (str, Path)) else "(in memory)")
         raise SpaError(f"cannot load model '{name}' in ONNX Runtime: {ort_reason(exc)}") from None
 
 

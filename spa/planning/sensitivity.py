@@ -30,7 +30,7 @@ from spa.core.checks import Fidelity
 from spa.core.data import as_batches, fixed_batch_size, model_batches, split_labels, trim
 from spa.core.errors import SpaError, UsageError
 from spa.core.model import CONSTANT_OPS, read_json
-from spa.core.runtime import checked_session
+from spa.core.runtime import checked_session, ort_reason
 from spa.core.values import zeroed_values
 from spa.passes import prune as prune_pass
 from spa.planning import planner
@@ -65,7 +65,7 @@ def sensitivity(analysis, data, ratios=RATIOS, *, criterion: str = "l1", groups=
     feeds = _calibration(data, probe.inputs, batch_size, max_samples,
                          fixed=fixed_batch_size(analysis.model.proto))
     stats = _statistics(analysis, criterion, groups, feeds, stats)
-    dense = probe.outputs(feeds, {})
+    dense = probe.dense(feeds)
     if any(np.isnan(v).any() for d in dense for v in d.values()):
         raise SpaError("the model gives NaN outputs on the calibration data", "check the data (values, scale)")
     total, done = len(groups) * len(ratios), 0
@@ -184,7 +184,8 @@ class _Probe:
         inits = {t.name for t in proto.graph.initializer}
         self.inputs = [i.name for i in proto.graph.input if i.name not in inits]
         wanted = {m.tensor for g in groups if g.zero_invariant for m in g.members}
-        self.session = checked_session(_overridable(proto, wanted, analysis.index.value))
+        self.name = analysis.model.path or "(in memory)"
+        self.session = checked_session(_overridable(proto, wanted, analysis.index.value), name=self.name)
         self.overridable = {i.name for i in self.session.get_overridable_initializers()}
         self.names = self._output_names(output)
 
@@ -198,6 +199,13 @@ class _Probe:
         if output not in floats:
             raise SpaError(f"model has no float output '{output}' (float outputs: {floats})")
         return [output]
+
+    def dense(self, feeds: list[dict]) -> list[dict]:
+        """The model's own outputs on the calibration data; a run ONNX Runtime refuses as one line."""
+        try:
+            return self.outputs(feeds, {})
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's run errors, as one line
+            raise SpaError(f"model '{self.name}' does not run on the calibration data: {ort_reason(exc)}") from None
 
     def outputs(self, feeds: list[dict], overrides: dict, session=None) -> list[dict]:
         sess = session or self.session
