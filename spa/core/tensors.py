@@ -152,12 +152,12 @@ def _data_file(tensor: TensorProto, loc: str, root: Path, path: Path) -> Path:
                        f"contains a NUL byte ({loc[:60]!r})", BROKEN)
     target = (root / loc).resolve()
     if os.path.isabs(loc) or root not in target.parents:
-        raise SpaError(
-            f"refusing external data for tensor '{tensor.name}': location '{loc}' escapes the model's folder {root}",
-            "external data files must sit beside the model (relative paths inside its folder)")
+        raise SpaError(f"cannot load model '{path}': refusing external data for tensor '{tensor.name}': location "
+                       f"'{loc}' escapes the model's folder {root}",
+                       "external data files must sit beside the model (relative paths inside its folder)")
     if not target.exists():
-        raise SpaError(f"external data file '{loc}' for tensor '{tensor.name}' is missing",
-                       "copy the .data file next to the model")
+        raise SpaError(f"cannot load model '{path}': external data file '{loc}' for tensor '{tensor.name}' is missing "
+                       f"from the model's folder {root}", "copy the .data file next to the model")
     if not target.is_file():
         raise SpaError(f"cannot load model '{path}': external data '{loc}' of tensor '{tensor.name}' is not a "
                        "regular file (a folder, device, FIFO or socket)")
@@ -188,8 +188,8 @@ def _in_range(tensor: TensorProto, keys: dict, target: Path, path: Path) -> Exte
         raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' has an external data length of {size} "
                        f"bytes but its {_shape(tensor)} needs {need} bytes", BROKEN)
     if offset + size > file_size:
-        raise SpaError(f"external data for tensor '{tensor.name}' reads past the end of '{loc}' "
-                       f"({offset + size} > {file_size} bytes): the file is truncated")
+        raise SpaError(f"cannot load model '{path}': external data for tensor '{tensor.name}' reads past the end of "
+                       f"'{loc}' ({offset + size} > {file_size} bytes): the file is truncated")
     return External(tensor, target, offset, size)
 
 
