@@ -104,28 +104,33 @@ def expected_bytes(tensor: TensorProto) -> int | None:
         return None
 
 
+def _what(path: Path | None) -> str:
+    return "the model in memory" if path is None else f"model '{path}'"
+
+
 def _shape(tensor: TensorProto) -> str:
     return f"shape ({', '.join(str(int(d)) for d in tensor.dims)}) of {_type_name(tensor.data_type)}"
 
 
-def check_sizes(model: onnx.ModelProto, path: Path) -> None:
-    """Every tensor held in the file holds exactly what its dims and data type need."""
+def check_sizes(model: onnx.ModelProto, path: Path | None) -> None:
+    """Every tensor held in the file (`path`; None: a model in memory) holds exactly what its dims
+    and data type need (tensors whose data is external are checked by `external_data`)."""
     for tensor in all_tensors(model):
         if any(int(d) < 0 for d in tensor.dims):
-            raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' has a negative dimension "
+            raise SpaError(f"cannot load {_what(path)}: tensor '{tensor.name}' has a negative dimension "
                            f"({_shape(tensor)})", BROKEN)
         if tensor.data_location == TensorProto.EXTERNAL:
             continue
         if tensor.HasField("raw_data"):
             need, have = expected_bytes(tensor), len(tensor.raw_data)
             if need is not None and need != have:
-                raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' holds {have} bytes of data "
+                raise SpaError(f"cannot load {_what(path)}: tensor '{tensor.name}' holds {have} bytes of data "
                                f"but its {_shape(tensor)} needs {need} bytes", BROKEN)
         elif tensor.data_type in _FIELDS:
             field, per = _FIELDS[tensor.data_type]
             need, have = math.prod(int(d) for d in tensor.dims) * per, len(getattr(tensor, field))
             if need != have:
-                raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' holds {have} values "
+                raise SpaError(f"cannot load {_what(path)}: tensor '{tensor.name}' holds {have} values "
                                f"but its {_shape(tensor)} needs {need}", BROKEN)
 
 
@@ -136,11 +141,11 @@ def _entries(tensor: TensorProto, path: Path) -> dict:
         if key in keys:
             value = keys[key]
             if not value.isascii() or not value.isdigit():
-                raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' has an external data {key} "
+                raise SpaError(f"cannot load {_what(path)}: tensor '{tensor.name}' has an external data {key} "
                                f"of {value[:40]!r}: it must be a non-negative whole number", BROKEN)
             keys[key] = int(value)
     if not keys.get("location"):
-        raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' has external data without a location",
+        raise SpaError(f"cannot load {_what(path)}: tensor '{tensor.name}' has external data without a location",
                        BROKEN)
     return keys
 
@@ -148,18 +153,18 @@ def _entries(tensor: TensorProto, path: Path) -> dict:
 def _data_file(tensor: TensorProto, loc: str, root: Path, path: Path) -> Path:
     """The external data file `loc` names, if it is a regular file inside the model's folder."""
     if "\0" in loc:
-        raise SpaError(f"cannot load model '{path}': the external data location of tensor '{tensor.name}' "
+        raise SpaError(f"cannot load {_what(path)}: the external data location of tensor '{tensor.name}' "
                        f"contains a NUL byte ({loc[:60]!r})", BROKEN)
     target = (root / loc).resolve()
     if os.path.isabs(loc) or root not in target.parents:
-        raise SpaError(f"cannot load model '{path}': refusing external data for tensor '{tensor.name}': location "
+        raise SpaError(f"cannot load {_what(path)}: refusing external data for tensor '{tensor.name}': location "
                        f"'{loc}' escapes the model's folder {root}",
                        "external data files must sit beside the model (relative paths inside its folder)")
     if not target.exists():
-        raise SpaError(f"cannot load model '{path}': external data file '{loc}' for tensor '{tensor.name}' is missing "
+        raise SpaError(f"cannot load {_what(path)}: external data file '{loc}' for tensor '{tensor.name}' is missing "
                        f"from the model's folder {root}", "copy the .data file next to the model")
     if not target.is_file():
-        raise SpaError(f"cannot load model '{path}': external data '{loc}' of tensor '{tensor.name}' is not a "
+        raise SpaError(f"cannot load {_what(path)}: external data '{loc}' of tensor '{tensor.name}' is not a "
                        "regular file (a folder, device, FIFO or socket)")
     return target
 
@@ -181,14 +186,14 @@ def _in_range(tensor: TensorProto, keys: dict, target: Path, path: Path) -> Exte
     loc, offset, file_size = keys["location"], keys.get("offset", 0), target.stat().st_size
     need = expected_bytes(tensor)
     if offset > file_size:
-        raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' has an external data offset of {offset}, "
+        raise SpaError(f"cannot load {_what(path)}: tensor '{tensor.name}' has an external data offset of {offset}, "
                        f"past the end of '{loc}' ({file_size} bytes): the file is truncated or the offset is wrong")
     size = keys.get("length", file_size - offset if need is None else need)
     if need is not None and size != need:
-        raise SpaError(f"cannot load model '{path}': tensor '{tensor.name}' has an external data length of {size} "
+        raise SpaError(f"cannot load {_what(path)}: tensor '{tensor.name}' has an external data length of {size} "
                        f"bytes but its {_shape(tensor)} needs {need} bytes", BROKEN)
     if offset + size > file_size:
-        raise SpaError(f"cannot load model '{path}': external data for tensor '{tensor.name}' reads past the end of "
+        raise SpaError(f"cannot load {_what(path)}: external data for tensor '{tensor.name}' reads past the end of "
                        f"'{loc}' ({offset + size} > {file_size} bytes): the file is truncated")
     return External(tensor, target, offset, size)
 
@@ -200,7 +205,7 @@ def read_external(found: list[External], path: Path) -> None:
             f.seek(ext.offset)
             data = f.read(ext.size)
         if len(data) != ext.size:  # the file shrank since it was checked
-            raise SpaError(f"cannot load model '{path}': external data of tensor '{ext.tensor.name}' ends early "
+            raise SpaError(f"cannot load {_what(path)}: external data of tensor '{ext.tensor.name}' ends early "
                            f"({len(data)} of {ext.size} bytes)")
         ext.tensor.raw_data = data
         ext.tensor.data_location = TensorProto.DEFAULT
