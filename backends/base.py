@@ -114,7 +114,7 @@ def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, *, seed: i
                 shape.append(int(dims[d]))
             else:
                 shape.append(batch if k == 0 else 1)
-        feeds[info.name] = random_array(rng, shape, info.dtype)
+        feeds[info.name] = random_array(rng, shape, info.dtype, name=f"input '{info.name}'")
     return feeds
 
 

@@ -31,7 +31,7 @@ from spa.backends.trt_plan import parse_shapes
 from spa.core import cost
 from spa.core.data import load_npz, model_batches, real_rows, require_keys
 from spa.core.errors import SpaError, UsageError, VerificationError, require
-from spa.core.model import Model, check_writable, write_text_atomic
+from spa.core.model import Model, check_file, check_writable, write_text_atomic
 from spa.core.runtime import ort_reason
 
 SCHEMA = 1
@@ -106,8 +106,10 @@ def _open(model, backend: str, options: Options):
     if isinstance(model, Model):
         model = model.path if model.path is not None else model.proto
     name = model_name(model) or "the model in memory"
-    if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
-        raise SpaError(f"cannot read model '{model}': no such file")
+    if isinstance(model, (str, os.PathLike)):
+        if not Path(model).is_file():
+            raise SpaError(f"cannot read model '{model}': no such file")
+        check_file(model)
     try:
         return open_session(model, backend, options)
     except SpaError as exc:
@@ -191,8 +193,9 @@ def _runnable(name: str, sess, batch: int, dims: dict):
     if fixed is not None and fixed != batch:
         row["skipped"] = f"the model's batch size is fixed to {fixed}"
         return row, None
+    feeds = feeds_for(sess.inputs, batch, dims)  # an input too large to make is an error, not a skipped row
     try:
-        runner = sess.runner(feeds_for(sess.inputs, batch, dims))
+        runner = sess.runner(feeds)
         runner()
     except Exception as exc:  # noqa: BLE001 - a runtime refusing these inputs: a reason, not a crash
         row["skipped"] = f"does not run at batch {batch}: {ort_reason(exc)}"

@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 from spa.core.data import load_npz, require_finite
-from spa.core.errors import SpaError, UsageError
-from spa.core.model import Model
+from spa.core.errors import UsageError
+from spa.core.model import Model, check_file
 from spa.passes.base import Pass, PassResult
 
 
@@ -32,10 +31,11 @@ def arrays(data, name: str = "calib"):
 
 
 def require_files(*models) -> None:
-    """Fail before any work when a model argument names a file that is not there."""
+    """Fail before any work when a model argument names a file that is not there, is not a regular
+    file, or holds tensors spa would refuse to load (spa.core.model.check_file)."""
     for model in models:
-        if isinstance(model, (str, os.PathLike)) and not Path(model).is_file():
-            raise SpaError(f"cannot load model '{model}': no such file")
+        if isinstance(model, (str, os.PathLike)):
+            check_file(model)
 
 
 def data_name(data) -> str | None:

@@ -18,7 +18,7 @@ import onnx
 
 from spa.api.result import Result, stepper
 from spa.core.errors import SpaError, positive_int
-from spa.core.model import Model, check_writable, save, write_text_atomic
+from spa.core.model import Model, check_file, check_writable, save, write_text_atomic
 from spa.reporting import html as html_report
 
 
@@ -72,9 +72,7 @@ def _check(models: list, bench, data, samples, output) -> Path | None:
     """Every bad argument fails here, before any slow work; returns the output path."""
     html_report.require_matplotlib()
     for path in models:
-        if not Path(path).is_file():
-            raise SpaError(f"cannot load model '{path}': " + ("it is a directory" if Path(path).is_dir()
-                                                              else "no such file"))
+        check_file(path)
     if samples is not None:
         positive_int("samples", samples)
     if output is None:

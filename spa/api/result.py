@@ -17,6 +17,7 @@ import onnx
 
 from spa.core.errors import SpaError, UsageError
 from spa.core.model import Model, check_writable, infer_shapes, load, save
+from spa.core.tensors import check_sizes
 
 
 @dataclass
@@ -58,6 +59,7 @@ def as_model(model, infer: bool = True, copy: bool = True) -> Model:
         return Model(proto, model.path, dict(model.shapes), dict(model.dtypes), set(model.unknown),
                      set(model.external_files))
     if isinstance(model, onnx.ModelProto):
+        check_sizes(model, None)
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         wrapped = Model(proto)

@@ -103,6 +103,9 @@ class Analysis:
         return self._by_id[gid]
 
 
+MAX_AXIS = 2**24  # positions: no real channel axis is longer; longer ones read as unknown
+
+
 class Ctx:
     """What a rule may ask about the graph."""
 
@@ -112,7 +115,9 @@ class Ctx:
         self.graph_outputs = set(index.graph_outputs)
 
     def shape(self, name):
-        return self.g.shape(name)
+        """The tensor's shape; an axis longer than MAX_AXIS reads as unknown (None)."""
+        s = self.g.shape(name)
+        return s if s is None else tuple(None if d is not None and d > MAX_AXIS else d for d in s)
 
     def label(self, node):
         return self.g.label(node)
@@ -121,7 +126,7 @@ class Ctx:
         return self.g.rank(name) if name else None
 
     def size(self, space):
-        s = self.g.shape(space[0])
+        s = self.shape(space[0])
         return None if s is None or not 0 <= space[1] < len(s) else s[space[1]]
 
     def attr(self, node, name, default=None):
@@ -143,16 +148,19 @@ class Ctx:
         return self.g.consumers.get(name, [])
 
 
+
 class _Spaces:
     """Global position numbering for every static space (size-1 axes too: a channel coupled
-    to one, e.g. a one-channel Slice or Split output, must stay; broadcasting rules skip them)."""
+    to one, e.g. a one-channel Slice or Split output, must stay; broadcasting rules skip them).
+    An axis longer than MAX_AXIS (a dim of 2**40 in a broken export) is left unnumbered, as an
+    axis of unknown size is: what it couples with stays as it is."""
 
     def __init__(self, shapes: dict):
         self.offset, self.sizes, self.names, self.sid = {}, {}, [], {}
         total = 0
         for tensor, shape in shapes.items():
             for axis, size in enumerate(shape):
-                if size is not None and size > 0:
+                if size is not None and 0 < size <= MAX_AXIS:
                     self.offset[(tensor, axis)] = total
                     self.sizes[(tensor, axis)] = size
                     self.sid[(tensor, axis)] = len(self.names)

@@ -25,6 +25,7 @@ from onnx import external_data_helper, numpy_helper
 from spa.core.errors import SpaError, first_line
 from spa.core.runtime import random_feeds, run_with_outputs
 from spa.core.sizes import TWO_GB, file_bytes, weight_bytes  # noqa: F401 - re-exported: model I/O's sizes
+from spa.core.tensors import External, all_tensors, check_sizes, external_data, read_external
 
 Shape = tuple  # tuple[int | None, ...]: static dims as int, dynamic/unknown as None
 
@@ -69,43 +70,10 @@ class Model:
         return [i.name for i in self.proto.graph.input if i.name not in inits]
 
 
-def _all_tensors(model: onnx.ModelProto):
-    return external_data_helper._get_all_tensors(model)
-
-
-def _check_external_data(model: onnx.ModelProto, base: Path) -> set[Path]:
-    """Validate external data locations; return the files they name."""
-    root = base.resolve()
-    files = set()
-    for tensor in _all_tensors(model):
-        if not external_data_helper.uses_external_data(tensor):
-            continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        loc = info.location
-        target = (root / loc).resolve()
-        if os.path.isabs(loc) or root not in target.parents:
-            raise SpaError(
-                f"refusing external data for tensor '{tensor.name}': location '{loc}' "
-                f"escapes the model's folder {root}",
-                "external data files must sit beside the model (relative paths inside its folder)",
-            )
-        if not target.is_file():
-            raise SpaError(
-                f"external data file '{loc}' for tensor '{tensor.name}' is missing",
-                "copy the .data file next to the model",
-            )
-        files.add(target)
-        end = (info.offset or 0) + (info.length or 0)
-        if end > target.stat().st_size:
-            raise SpaError(
-                f"external data for tensor '{tensor.name}' reads past the end of '{loc}' "
-                f"({end} > {target.stat().st_size} bytes): the file is truncated"
-            )
-    return files
-
-
-def load(path: str | os.PathLike, infer: bool = True) -> Model:
-    """Load an ONNX model (external data checked and loaded) and infer its shapes."""
+def read_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[External]]:
+    """The model in `path` without its external data, every tensor checked (sizes against dims
+    and data type, external data locations and ranges: spa.core.tensors); and where its external
+    data lies. Nothing of the external data is read, so this is cheap for any model size."""
     path = Path(path)
     require_regular(path, "model")
     try:
@@ -120,10 +88,31 @@ def load(path: str | os.PathLike, infer: bool = True) -> Model:
             f"cannot load model '{path}': not a valid ONNX file (no graph or no nodes)",
             "check that the file is an .onnx model and is complete",
         )
-    external = _check_external_data(proto, path.parent)
-    external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    check_sizes(proto, path)
+    return proto, external_data(proto, path)
+
+
+def check_file(path: str | os.PathLike) -> None:
+    """For commands that hand a model file to a runtime as it is: refuse in one line what `load`
+    refuses (a special file; a tensor whose size, external location or range is wrong). A file
+    that is not ONNX (a TensorRT engine, or garbage) is left to the runtime, which says why."""
+    path = Path(path)
+    require_regular(path, "model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not ONNX: the runtime's own reason is the one to show
+        return
+    check_sizes(proto, path)
+    external_data(proto, path)
+
+
+def load(path: str | os.PathLike, infer: bool = True) -> Model:
+    """Load an ONNX model (external data checked and loaded) and infer its shapes."""
+    path = Path(path)
+    proto, external = read_graph(path)
+    read_external(external, path)
     _check_proto(proto, path, from_file=bool(external))
-    model = Model(proto, path, external_files=external)
+    model = Model(proto, path, external_files={e.file for e in external})
     if infer:
         infer_shapes(model)
     return model
@@ -413,7 +402,7 @@ def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -
     moved = []
     try:
         with open(tmp.parent / location, "wb") as data:
-            for tensor in _all_tensors(proto):
+            for tensor in all_tensors(proto):
                 if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
                     raw = tensor.raw_data
                     offset = data.tell()

@@ -5,6 +5,8 @@ models here; the Session interface for benchmarking every backend is spa.backend
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import signal
 import subprocess
@@ -79,7 +81,8 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray
             continue
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dynamic for d in tt.shape.dim]
-        feeds[vi.name] = random_array(rng, dims, _np_dtype(tt.elem_type))
+        where = f" of '{model.path}'" if getattr(model, "path", None) is not None else ""
+        feeds[vi.name] = random_array(rng, dims, _np_dtype(tt.elem_type), name=f"input '{vi.name}'{where}")
     return feeds
 
 
@@ -169,12 +172,39 @@ def checked_session(model, *, name=None):
         raise SpaError(f"cannot load model '{name}' in ONNX Runtime: {ort_reason(exc)}") from None
 
 
-def random_array(rng, shape: list, dtype) -> np.ndarray:
-    """Standard normal floats; integers and bools 0 or 1 (valid token types, masks, indices)."""
+def _memory() -> int:
+    """Physical memory in bytes (16 GiB where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 16 * 2**30
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def random_array(rng, shape: list, dtype, *, name: str = "an input") -> np.ndarray:
+    """Standard normal floats; integers and bools 0 or 1 (valid token types, masks, indices).
+    An input larger than half this machine's memory (a dim of 2**40 in a broken export) is refused
+    in one line naming it (`name`), before anything is allocated."""
     dtype = np.dtype(dtype)
-    if dtype.kind == "f":
-        return rng.standard_normal(shape).astype(dtype)
-    return rng.integers(0, 2, shape).astype(dtype)
+    need = math.prod(int(d) for d in shape) * dtype.itemsize
+    if need > _memory() // 2:
+        raise SpaError(f"{name} has shape ({', '.join(map(str, shape))}): a random input of that shape would need "
+                       f"{need} bytes ({_human(need)}), more than this machine can hold",
+                       "check the model's input shapes, or give it real data")
+    try:
+        if dtype.kind == "f":
+            return rng.standard_normal(shape).astype(dtype)
+        return rng.integers(0, 2, shape).astype(dtype)
+    except MemoryError:
+        raise SpaError(f"{name} has shape ({', '.join(map(str, shape))}): not enough memory for a random input "
+                       f"of {need} bytes") from None
 
 
 def model_bytes(model):
