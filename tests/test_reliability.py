@@ -194,6 +194,7 @@ def test_float64_data_is_cast_and_a_wrong_rank_is_one_line(capsys, work):
     x = np.random.default_rng(0).standard_normal((4, 3, 32, 32))  # float64
     np.savez(work / "c64.npz", input=x)
     np.savez(work / "rank.npz", input=x[0])
+    np.savez(work / "zero_d.npz", input=np.float32(3.0))
     res = spa(capsys, "quantize", "m.onnx", "--calib", "c64.npz", "-o", "q.onnx", "--json")
     assert res.rc == 0, res.err
     assert json.loads(res.out)["fidelity_on_calib"]["samples"] == 4
@@ -202,6 +203,10 @@ def test_float64_data_is_cast_and_a_wrong_rank_is_one_line(capsys, work):
                  ["prune", "m.onnx", "--ratio", "0.3", "--criterion", "obspa", "--calib", "rank.npz", "-o", "o.onnx"]):
         line = one_error(spa(capsys, *argv))
         assert "array 'input' has rank 3" in line and "takes rank 4" in line
+    for argv in (["eval", "m.onnx", "--data", "zero_d.npz"], ["sensitivity", "m.onnx", "--calib", "zero_d.npz"],
+                 ["quantize", "m.onnx", "--calib", "zero_d.npz", "-o", "q2.onnx"]):
+        line = one_error(spa(capsys, *argv))  # a 0-d array used to end in "internal error (TypeError ...)"
+        assert "array 'input' has rank 0" in line and ".." not in line
     assert_untouched(work, before)
 
 

@@ -115,7 +115,7 @@ def _fit(a: np.ndarray, vi, where: str) -> np.ndarray:
     tt = vi.type.tensor_type
     want = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else None
     rank = len(tt.shape.dim) if tt.HasField("shape") else None
-    if rank is not None and a.ndim not in (rank, 0):
+    if rank is not None and a.ndim != rank:
         raise SpaError(f"{where} array '{vi.name}' has rank {a.ndim} (shape {list(a.shape)}), but the model input "
                        f"takes rank {rank}", "save one array per input, samples along the first axis")
     if want is None or a.dtype == want:

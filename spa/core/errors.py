@@ -37,7 +37,7 @@ class SpaError(Exception):
     def __init__(self, message: str, hint: str | None = None):
         self.message = message
         self.hint = hint
-        super().__init__(f"{message}. Hint: {hint}" if hint else message)
+        super().__init__(f"{message.rstrip('.')}. Hint: {hint}" if hint else message)
 
 
 class UsageError(SpaError):
