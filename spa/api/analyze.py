@@ -10,11 +10,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from spa.api.result import as_model, stepper
-from spa.core import cost
+from spa.core import cost, shapes
 from spa.core.analysis import Analysis
 from spa.core.analysis import analyze as group_channels
 from spa.core.blocks import attention_blocks
-from spa.core.data import load_npz
+from spa.core.data import conform, load_npz
 from spa.core.model import read_json
 from spa.passes import quantize, sparsify
 from spa.passes.prune import check_plan
@@ -44,7 +44,7 @@ class AnalysisResult(Analysis):
     def to_json(self) -> dict:
         c = cost.summary(self.model)
         doc = {"schema_version": SCHEMA, "model": str(self.model.path) if self.model.path else None,
-               "params": c["params"], "macs": c["macs"], **super().to_json(),
+               "params": c["params"], "macs": c["macs"], **shapes.record(self.model), **super().to_json(),
                "attention_blocks": [b.to_json() for b in self.blocks], "simplify": self.simplified,
                "sparsity": sparsify.report(self.model.proto), "quantization": quantize.coverage(self.model.proto)}
         if self.preview is not None:
@@ -53,17 +53,25 @@ class AnalysisResult(Analysis):
 
 
 def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=None, criterion: str = "l1",
-            prune_hidden: bool = False, calib=None, seed: int = 0, progress=None) -> AnalysisResult:
+            prune_hidden: bool = False, calib=None, seed: int = 0, shape=None, progress=None) -> AnalysisResult:
     """The Analysis of `model` (a path, ModelProto or spa.Model; `exclude`: name globs to protect).
     Its `.to_json()` is what `spa analyze --json` prints. `ratio` (planned with `criterion`,
     `prune_hidden`, `calib`, `seed`) or `plan` (dict or plan file) preview a plan: the attention
-    blocks' sizes before -> after. `simplify`: fold static shape arithmetic first (onnxslim)."""
+    blocks' sizes before -> after. `simplify`: fold static shape arithmetic first (onnxslim).
+    `shape`: the input shapes MACs are counted at ({"x": (1, 3, 736, 736)} or "x:1x3x736x736");
+    default: the first sample of `calib`, else dynamic dims as 1."""
     step = stepper(progress)
     if ratio is not None:
         planner.check_ratio(ratio)
+    shapes.parse(shape)
     with step("load + shape inference"):
         loaded = as_model(model, copy=False)
+        data = load_npz(calib) if isinstance(calib, (str, Path)) else calib
+        shapes.bind(loaded, shape, conform(data, loaded.proto, "calib="))
+    bound = loaded
     loaded, simplified = simplify_model(loaded, simplify, step)
+    if loaded is not bound:
+        shapes.copy_binding(bound, loaded)
     if isinstance(plan, (str, Path)):
         plan_file, plan = str(plan), planner.from_json(read_json(plan, "plan"))
     else:
@@ -71,7 +79,7 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
     with step("analysis"):
         analysis = group_channels(loaded, exclude=list(exclude or []))
     if ratio is not None:
-        plan = _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step)
+        plan = _preview(analysis, ratio, criterion, prune_hidden, data, seed, step)
     elif plan is not None:
         check_plan(analysis, plan)  # the plan prune would refuse is refused here too
     preview = None if plan is None else {"ratio": ratio, "plan_file": plan_file,
@@ -84,6 +92,6 @@ def _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step) -> dic
     stats = None
     if calib is not None and criteria.NEEDS.get(criterion):
         with step("activation statistics (calibration)"):
-            stats = statistics(analysis, load_npz(calib) if isinstance(calib, (str, Path)) else calib)
+            stats = statistics(analysis, calib)
     with step(f"scoring ({criterion}) + planning"):
         return make_plan(analysis, ratio, criterion, seed=seed, prune_hidden=prune_hidden, stats=stats)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, model_name, output_target, stepper
-from spa.core import cost
+from spa.core import cost, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import check_against, check_notes
@@ -62,7 +62,7 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
           criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None, compensate=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int = 1, prune_hidden: bool = False,
           exclude=(), simplify: bool = False, sensitivity=None, max_loss: float = 0.01, save_plan=None, seed: int = 0,
-          check: bool = True, output=None, progress=None):
+          shape=None, check: bool = True, output=None, progress=None):
     """`spa prune` as a call, returning a Result (what `spa prune --json` prints; `.model`).
 
     `model`: a path, ModelProto or spa.Model. What to remove, exactly one of: `plan` (a plan dict,
@@ -73,8 +73,10 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
     of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to`,
     `prune_hidden`, `exclude` (name globs), `simplify` (onnxslim first), `sensitivity` (a
-    sensitivity document or file, with `max_loss`), `save_plan` (path), `seed`, `check` (run the
-    result in ONNX Runtime), `output` (written atomically, verified on the written file).
+    sensitivity document or file, with `max_loss`), `save_plan` (path), `seed`, `shape` (the input
+    shapes MACs, targets and the output check use, e.g. {"x": (1, 3, 736, 736)}; default: the first
+    sample of `calib`, else dynamic dims as 1), `check` (run the result in ONNX Runtime), `output`
+    (written atomically, verified on the written file).
 
     Given an Analysis and a plan instead, the single step: the plan applied and the ModelProto
     returned, passing the ONNX checker when `check` (over 2 GB only a written file can be checked:
@@ -109,6 +111,7 @@ def _check_options(o: dict) -> None:
     require(not (o["sensitivity"] is not None and o["ratio"] is None),
             "sensitivity= goes with ratio= (the most any group is pruned)")
     positive_int("calib_samples", o["calib_samples"])
+    shapes.parse(o["shape"])
     require(isinstance(o["seed"], int) and o["seed"] >= 0, f"invalid seed={o['seed']}: it must be 0 or more")
     require(o["criterion"] in criteria.CRITERIA, f"unknown criterion={o['criterion']}",
             f"choose one of: {', '.join(sorted(criteria.CRITERIA))}")
@@ -169,17 +172,21 @@ class _Run:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
         doc.update(compensated=values is not None, statistics=self._stats_doc(),
-                   notes=list(dict.fromkeys(notes + check_notes(done.check))))
+                   notes=list(dict.fromkeys(notes + check_notes(done.check))), **shapes.record(self.model))
         return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path)
 
     def _load(self) -> None:
         with self.step("load + shape inference"):
             self.model = as_model(self.source)
         self.calib = conform(self.calib, self.model.proto, "calib=")
+        shapes.bind(self.model, self.o["shape"], self.calib)
         self.model.refuse_overwrite(self.out, self.o["save_plan"])
         refuse_quantized(self.model)
         self.before = cost.summary(self.model)  # of the input, whatever the pre-pass does
+        loaded = self.model
         self.model, self.simplified = simplify_model(self.model, self.o["simplify"], self.step)
+        if self.model is not loaded:
+            shapes.copy_binding(loaded, self.model)
         with self.step("analysis"):
             self.analysis = analyze(self.model, exclude=list(self.o["exclude"]))
 
@@ -253,7 +260,7 @@ class _Run:
     def _doc(self, counts: tuple, pruned, check, blocks) -> dict:
         o, plan = self.o, self.plan
         before = {**self.before, "bytes": file_bytes(self.name) if self.name else self.model.proto.ByteSize()}
-        after = {**cost.summary(reinfer(pruned)),
+        after = {**cost.summary(shapes.rebound(self.model, reinfer(pruned))),
                  "bytes": file_bytes(self.out) if self.out is not None else pruned.ByteSize()}
         return {
             "schema_version": SCHEMA, "input": self.name, "output": None if self.out is None else str(self.out),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from spa.api.analyze import analyze
-from spa.cli.app import CALIB_HELP, EXCLUDE_HELP, SIMPLIFY_HELP, add_calib, add_common, progress
+from spa.cli.app import CALIB_HELP, EXCLUDE_HELP, SIMPLIFY_HELP, add_calib, add_common, add_shape, progress
 from spa.reporting import report
 from spa.scoring import criteria
 
@@ -21,13 +21,14 @@ def parser(sub) -> None:
     a.add_argument("--prune-hidden", action="store_true", help="with --ratio: as for prune")
     add_calib(a, help="with --ratio: " + CALIB_HELP)
     a.add_argument("--seed", type=int, default=0, help="with --ratio and --criterion random")
+    add_shape(a)
     add_common(a, json_help="print the analysis as JSON on stdout")
 
 
 def run(args) -> int:
     analysis = analyze(args.model, args.exclude, simplify=args.simplify, ratio=args.ratio, plan=args.plan,
                        criterion=args.criterion, prune_hidden=args.prune_hidden, calib=args.calib, seed=args.seed,
-                       progress=progress(args))
+                       shape=args.shape, progress=progress(args))
     doc = analysis.to_json()
     if args.json:
         return report.print_json(doc)

@@ -96,6 +96,16 @@ def add_calib(p, *, help: str = CALIB_HELP, samples: int | None = None, required
                        help=samples_help or f"samples of --calib to use ({samples})")
 
 
+SHAPE_HELP = ("input shape the model runs at, e.g. --shape x:1x3x736x736 (repeatable, one per input): MACs, "
+              "--target-macs, the output check and random inputs use it; default: the first sample of the data "
+              "(batch 1), else dynamic dims count as 1")
+
+
+def add_shape(p, *, help: str = SHAPE_HELP) -> None:
+    """--shape NAME:DIMS (repeatable): the input shapes, declared once for every command."""
+    p.add_argument("--shape", action="append", default=None, metavar="NAME:DIMS", help=help)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="Structured pruning of ONNX models.")
     p.add_argument("--version", action="version", version=f"spa {__version__}")

@@ -11,6 +11,7 @@ from spa.cli.app import (
     SIMPLIFY_HELP,
     add_calib,
     add_common,
+    add_shape,
     output_path,
     progress,
     show_notes,
@@ -55,13 +56,14 @@ def parser(sub) -> None:
     r.add_argument("--max-loss", type=float, default=0.01, help="with --sensitivity: 1 - cosine allowed per group")
     r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
     r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
+    add_shape(r)
     r.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
 
 
 OPTIONS = ("plan", "ratio", "target_params", "target_macs", "zeros", "criterion", "calib", "calib_samples", "labels",
            "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden", "exclude", "simplify",
-           "sensitivity", "max_loss", "save_plan", "seed", "check")
+           "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
 
 
 def prune(args) -> int:

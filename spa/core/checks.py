@@ -64,11 +64,12 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     """Run original and pruned on the same random inputs; raise if the pruned model breaks.
 
     An input model that ONNX Runtime cannot load, or cannot run on random inputs that match its
-    declared (all fixed) input shapes, is refused (SpaError): no result of it can be verified.
-    Where some input dim is symbolic the random inputs are a guess, so the check is skipped with
-    ONNX Runtime's reason. Models run from their files (`model.path`, `pruned_file`) when given:
-    needed over 2 GB."""
-    feeds = random_feeds(model.proto, seed=seed)
+    declared (all fixed) input shapes, or at the shapes it is bound to (`model.input_shapes`: given
+    or from the data), is refused (SpaError): no result of it can be verified. Where some input
+    dim is symbolic and unbound the random inputs are a guess (dims of 1), so the check is skipped
+    with ONNX Runtime's reason. The document names the input shapes it ran at. Models run from
+    their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
+    feeds = random_feeds(model.proto, seed=seed, shapes=model.input_shapes)
     # from files where we have them: ORT reads them directly, no serialisation copy
     reference = _baseline(model, feeds)
     if "status" in reference:
@@ -84,7 +85,8 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     if any(o.get("finite") is False for o in rep["outputs"].values()):
         raise VerificationError("pruned model gives non-finite outputs")
     errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
-    return {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"]}
+    return {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"],
+            "input_shapes": {k: list(v.shape) for k, v in feeds.items()}}
 
 
 def _baseline(model, feeds: dict) -> dict:
@@ -102,11 +104,17 @@ def _baseline(model, feeds: dict) -> dict:
     try:
         return {"outputs": outputs(sess, feeds)}
     except Exception as exc:  # noqa: BLE001
-        if exact_feeds(model.proto):
+        if exact_feeds(model.proto) or _bound(model):
             raise cannot_run(model, exc) from None
         why = ort_reason(exc, default=type(exc).__name__)
         return {"status": "skipped", "reason": "the input model does not run on random inputs with its symbolic dims "
                 f"set to 1, which may not be what it expects ({why})"}
+
+
+def _bound(model) -> bool:
+    """Whether every real input with a dynamic dim has a shape bound (spa.core.shapes.bind)."""
+    given = getattr(model, "input_shapes", None) or {}
+    return bool(given) and all(name in given for name in model.input_names)
 
 
 def check_notes(check: dict | None) -> list[str]:
@@ -127,7 +135,7 @@ def missing_op(exc: Exception) -> bool:
 def refuse_unrunnable(model) -> None:
     """Raise the refusal of output_check when ONNX Runtime cannot load or run the input model
     (for a rewrite that failed: whether the input itself was the cause); else nothing."""
-    _baseline(model, random_feeds(model.proto))
+    _baseline(model, random_feeds(model.proto, shapes=getattr(model, "input_shapes", None)))
 
 
 def cannot_run(model, exc: Exception) -> SpaError:

@@ -1,6 +1,8 @@
 """Parameter and multiply-accumulate counts from a model's graph and inferred shapes.
 
-Dynamic dims (batch, sequence) count as 1, so MACs are per sample.
+Dynamic dims (batch, sequence) count as 1, so MACs are per sample, unless the model is bound to
+the input shapes it really runs at (spa.core.shapes.bind: `model.shapes_at`), e.g. a detector's
+1x3x736x736 image.
 """
 
 from __future__ import annotations
@@ -55,8 +57,14 @@ def _node_macs(node, shapes) -> int:
     return 0
 
 
+def at_shape(model: Model) -> dict:
+    """The shapes costs count with: at the bound input shapes when there are, else as inferred."""
+    return model.shapes_at if getattr(model, "shapes_at", None) is not None else model.shapes
+
+
 def macs(model: Model) -> int:
-    return sum(_node_macs(n, model.shapes) for n in model.graph.node)
+    shapes = at_shape(model)
+    return sum(_node_macs(n, shapes) for n in model.graph.node)
 
 
 def summary(model: Model) -> dict:
@@ -70,7 +78,7 @@ def estimate(analysis, plan: dict) -> dict:
     for (tensor, axis), pos in dropped_positions(analysis, plan).items():
         cuts.setdefault(tensor, {})[axis] = len(pos)
     model = analysis.model
-    shapes = dict(model.shapes)
+    shapes = dict(at_shape(model))
     for tensor, cut in cuts.items():
         if shapes.get(tensor) is not None:
             shapes[tensor] = tuple(d - cut.get(k, 0) if d else d for k, d in enumerate(shapes[tensor]))

@@ -40,6 +40,9 @@ class Model:
     dtypes: dict[str, int] = field(default_factory=dict)
     unknown: set[str] = field(default_factory=set)  # tensors with a dim neither static nor symbolic
     external_files: set[Path] = field(default_factory=set)  # external data the model was loaded from
+    input_shapes: dict | None = None  # {input: dims} it runs at (spa.core.shapes.bind); None: dynamic dims as 1
+    input_shapes_from: str = "model"  # where input_shapes came from: "shape", "calib" (or the data's name), "model"
+    shapes_at: dict | None = None  # every tensor's shape at input_shapes: what spa.core.cost counts
 
     def drop_weights(self) -> None:
         """Keep the graph, free the initializers' data (the file still has them)."""

@@ -71,8 +71,9 @@ def _np_dtype(elem_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
 
 
-def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every real graph input; dynamic dims set to `dynamic`."""
+def random_feeds(model, dynamic: int = 1, seed: int = 0, shapes: dict | None = None) -> dict[str, np.ndarray]:
+    """Random inputs for every real graph input; dynamic dims set to `dynamic`, inputs named in
+    `shapes` ({name: dims}, checked by spa.core.shapes) at those dims."""
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
     feeds = {}
@@ -80,7 +81,8 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0) -> dict[str, np.ndarray
         if vi.name in inits:
             continue
         tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dynamic for d in tt.shape.dim]
+        dims = list((shapes or {}).get(vi.name) or
+                    [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dynamic for d in tt.shape.dim])
         where = f" of '{model.path}'" if getattr(model, "path", None) is not None else ""
         feeds[vi.name] = random_array(rng, dims, _np_dtype(tt.elem_type), name=f"input '{vi.name}'{where}")
     return feeds
