@@ -98,22 +98,31 @@ def open_session(model, backend: str = "ort", options: Options | None = None) ->
     return module.open_session(model, backend, options)
 
 
-def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, *, seed: int = 0) -> dict:
+def feeds_for(inputs: list, batch: int = 1, dims: dict | None = None, *, seed: int = 0, shapes: dict | None = None) \
+        -> dict:
     """Random inputs for a session's inputs: the first axis is `batch` when it is dynamic, other
-    dynamic axes take `dims[symbol]` (by their symbolic name) or 1. Integer inputs get small
-    values 0 and 1 (valid token ids, token types, masks and indices), floats standard normal values."""
+    dynamic axes take `dims[symbol]` (by their symbolic name), else `shapes[input][axis]`
+    (spa.core.shapes: the shape the model runs at), else `dims["INPUT:AXIS"]` (an unnamed axis),
+    else 1.
+    Integer inputs get small values 0 and 1 (valid token ids, token types, masks and indices),
+    floats standard normal values."""
     rng = np.random.default_rng(seed)
-    dims = dims or {}
+    dims, shapes = dims or {}, shapes or {}
     feeds = {}
     for info in inputs:
+        given = shapes.get(info.name)
         shape = []
         for k, d in enumerate(info.shape):
             if isinstance(d, int) and d > 0:
                 shape.append(d)
             elif isinstance(d, str) and d in dims:
                 shape.append(int(dims[d]))
+            elif k == 0:
+                shape.append(batch)
+            elif given is not None:
+                shape.append(int(given[k]))
             else:
-                shape.append(batch if k == 0 else 1)
+                shape.append(int(dims.get(f"{info.name}:{k}", 1)))
         feeds[info.name] = random_array(rng, shape, info.dtype, name=f"input '{info.name}'")
     return feeds
 

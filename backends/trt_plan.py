@@ -12,7 +12,8 @@ import re
 import numpy as np
 import onnx
 
-from spa.core.errors import SpaError, first_line
+from spa.core.errors import SpaError, UsageError, first_line
+from spa.core.shapes import parse_dims
 
 SHAPES_SYNTAX = "NAME:MINxDIMS/OPTxDIMS/MAXxDIMS[,NAME2:...], e.g. input:1x3x224x224/8x3x224x224/32x3x224x224"
 SPARSE_NOTE = ("TensorRT may use a 2:4 sparse kernel only for a layer whose weights are 2:4 sparse (eligible), and "
@@ -55,10 +56,11 @@ def _shape_range(name: str, spec: str) -> tuple:
 
 
 def _dims(name: str, text: str) -> tuple:
-    dims = text.strip().lower().split("x")
-    if not all(re.fullmatch(r"[0-9]+", d.strip()) for d in dims):
-        raise _shapes_error(f"shapes= for '{name}': '{text.strip()}' is not a shape like 1x3x224x224")
-    return tuple(int(d) for d in dims)
+    """One shape, parsed as every --shape is (spa.core.shapes.parse_dims), in --shapes' own words."""
+    try:
+        return parse_dims(text, f"shapes= for '{name}':")
+    except UsageError as exc:
+        raise _shapes_error(exc.message) from None
 
 
 def _shapes_error(message: str) -> SpaError:

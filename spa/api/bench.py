@@ -33,6 +33,9 @@ from spa.core.data import load_npz, model_batches, real_rows, require_keys
 from spa.core.errors import SpaError, UsageError, VerificationError, require
 from spa.core.model import Model, check_file, check_writable, write_text_atomic
 from spa.core.runtime import ort_reason
+from spa.core.shapes import check as check_shape
+from spa.core.shapes import parse as parse_shape
+from spa.core.shapes import text as shape_text
 
 SCHEMA = 1
 
@@ -67,15 +70,39 @@ def batch_sizes(batch) -> list:
 
 
 def named_dims(dim) -> dict:
-    """`dim`: {name: size} or ['NAME=SIZE', ...] -> {name: size}, each size positive."""
+    """`dim`: {name: size} or ['NAME=SIZE', 'INPUT:AXIS=SIZE', ...] -> {key: size}, each size positive:
+    a named dynamic axis by its symbol, an unnamed one (shown as ?) by its input's name and axis index
+    (key 'INPUT:AXIS')."""
     items = [f"{k}={v}" for k, v in dim.items()] if isinstance(dim, dict) else list(dim or [])
     dims = {}
     for item in items:
         name, _, size = str(item).partition("=")
         require(bool(name) and size.isdigit() and int(size) >= 1, f"bad dim='{item}'",
-                "write NAME=SIZE with a positive size, e.g. dim=sequence=128")
-        dims[name] = int(size)
+                "write NAME=SIZE or INPUT:AXIS=SIZE with a positive size, e.g. dim=sequence=128 or dim=x:2=736")
+        head, sep, axis = name.rpartition(":")
+        dims[f"{head}:{int(axis)}" if sep and head and axis.isdigit() else name] = int(size)
     return dims
+
+
+def run_shapes(sessions: list, shape, options: Options, dims: dict) -> dict:
+    """{input: dims} the random inputs take: `shape` (checked against every session's inputs), else the
+    OPT shapes of the TensorRT profiles (`options.shapes`) where they fit; 'INPUT:AXIS' keys of `dims`
+    must name a dynamic axis of an input."""
+    given = parse_shape(shape)
+    for sess in sessions:
+        inputs = {i.name: tuple(d if isinstance(d, int) and d > 0 else None for d in i.shape) for i in sess.inputs}
+        if given:
+            check_shape(inputs, given)
+        for key in (k for k in dims if ":" in k and k.rpartition(":")[2].isdigit()):
+            name, _, axis = key.rpartition(":")
+            ok = name in inputs and int(axis) < len(inputs[name]) and inputs[name][int(axis)] is None
+            require(ok, f"bad dim='{key}=...': '{name}' has no dynamic axis {axis}",
+                    "its inputs: " + ", ".join(f"{n} ({shape_text(d)})" for n, d in inputs.items()))
+    if given:
+        return given
+    opt = {name: tuple(profile[1]) for name, profile in (options.shapes or {}).items()}
+    first = {i.name: len(i.shape) for i in sessions[0].inputs} if sessions else {}
+    return {name: dims_ for name, dims_ in opt.items() if first.get(name) == len(dims_)}
 
 
 def check_backend(backend: str, name: str = "backend") -> None:
@@ -130,30 +157,35 @@ def _cost(model) -> dict:
 
 
 def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", sparse: bool = False,
-          threads: int = 0, cache_dir=None, cuda_graph: bool = True, dim=None, shapes=None, warmup_ms: float = 200.0,
-          duration_s: float = 3.0, min_iterations: int = 10, min_speedup: float | None = None, output=None,
-          progress=None) -> Measurement:
+          threads: int = 0, cache_dir=None, cuda_graph: bool = True, dim=None, shapes=None, shape=None,
+          warmup_ms: float = 200.0, duration_s: float = 3.0, min_iterations: int = 10, min_speedup: float | None = None,
+          output=None, progress=None) -> Measurement:
     """Latency of each model at each batch size (speed-ups against the first model), trtexec's
-    method with the models taking turns; `output=`: also write the document there (JSON)."""
+    method with the models taking turns; `output=`: also write the document there (JSON). Random
+    inputs: `shape` ({"x": (1, 3, 736, 736)} or "x:1x3x736x736"; the first axis is the batch),
+    else the OPT shapes of `shapes` (TensorRT profiles), else `dim` sizes, else dynamic dims of 1."""
     models = _models(models)
     batches, dims = batch_sizes(batch), named_dims(dim)
     options = backend_options(backend, precision, sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,
                               shapes=shapes)
     require(duration_s > 0, f"invalid duration_s={duration_s}: it must be positive")
     require(warmup_ms >= 0, f"invalid warmup_ms={warmup_ms}: it must not be negative")
+    parse_shape(shape)
     if output is not None:
         check_writable(output, reads=models)
     sessions = [_open(m, backend, options) for m in models]
     names = [model_name(m) or f"model{k}" for k, m in enumerate(models)]
+    given = run_shapes(sessions, shape, options, dims)
     plan = method.Plan(warmup_ms, duration_s, min_iterations)
     step = stepper(progress)
     results = []
     for size in batches:
-        results += _bench_batch(names, sessions, size, dims, plan, step)
+        results += _bench_batch(names, sessions, size, (dims, given), plan, step)
     _require_measured(names, results)
     doc = {"schema_version": SCHEMA, "backend": backend, "environment": method.environment(),
            "options": {"batches": batches, "warmup_ms": warmup_ms, "duration_s": duration_s,
-                       "precision": precision, "sparse": sparse, "threads": threads, "dims": dims},
+                       "precision": precision, "sparse": sparse, "threads": threads, "dims": dims,
+                       "input_shapes": {k: list(v) for k, v in given.items()} or None},
            "models": [{"path": model_name(m), "label": Path(n).name, **_cost(m), "session": s.describe()}
                       for m, n, s in zip(models, names, sessions)],
            "results": results}
@@ -184,7 +216,7 @@ def below(results: list, required: float | None) -> list:
             if r["speedup"] is not None and r["model"] != first[r["batch"]] and r["speedup"] < required]
 
 
-def _runnable(name: str, sess, batch: int, dims: dict):
+def _runnable(name: str, sess, batch: int, dims: tuple):
     """(result row, runner or None): a fixed-batch model that cannot take `batch`, or a runtime
     refusing the inputs, is a row with the reason it was skipped."""
     row = {"model": name, "batch": batch, "clock": None, "iterations": 0, "skipped": None,
@@ -193,7 +225,7 @@ def _runnable(name: str, sess, batch: int, dims: dict):
     if fixed is not None and fixed != batch:
         row["skipped"] = f"the model's batch size is fixed to {fixed}"
         return row, None
-    feeds = feeds_for(sess.inputs, batch, dims)  # an input too large to make is an error, not a skipped row
+    feeds = feeds_for(sess.inputs, batch, dims[0], shapes=dims[1])  # an input too large to make is an error, not a skipped row
     try:
         runner = sess.runner(feeds)
         runner()
@@ -204,7 +236,7 @@ def _runnable(name: str, sess, batch: int, dims: dict):
     return row, runner
 
 
-def _bench_batch(names: list, sessions: list, batch: int, dims: dict, plan, step) -> list:
+def _bench_batch(names: list, sessions: list, batch: int, dims: tuple, plan, step) -> list:
     """Results of every model at one batch size. The step's context may show the share done
     (a rich Status: its update())."""
     rows = [_runnable(n, s, batch, dims) for n, s in zip(names, sessions)]
@@ -229,11 +261,11 @@ def _bench_batch(names: list, sessions: list, batch: int, dims: dict, plan, step
 
 def compare(reference, candidate=None, *, data=None, backend: str = "ort", backend_b: str | None = None,
             precision: str = "fp32", sparse: bool = False, threads: int = 0, cache_dir=None, cuda_graph: bool = True,
-            dim=None, shapes=None, samples: int = 64, batch: int = 1, atol: float = 1e-4, rtol: float = 1e-3,
+            dim=None, shapes=None, shape=None, samples: int = 64, batch: int = 1, atol: float = 1e-4, rtol: float = 1e-3,
             min_cosine: float | None = None, progress=None) -> Measurement:
     """Output parity of `reference` and `candidate` (default: `reference` again, on `backend_b`)
     on `data` (an .npz path or arrays keyed by input name; its first `samples` in runs of
-    `batch`) or on random inputs of `batch` samples (seed 0)."""
+    `batch`) or on random inputs of `batch` samples (seed 0) at `shape` (as for bench)."""
     backend_b = backend_b or backend
     require(candidate is not None or backend_b != backend, "nothing to compare: one model on one backend",
             "give a second model, or backend_b=NAME")
@@ -243,6 +275,7 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
     for name, value in (("samples", samples), ("batch", batch)):
         require(isinstance(value, int) and value >= 1, f"invalid {name}={value}: it must be a positive integer")
     dims = named_dims(dim)
+    parse_shape(shape)
     options = backend_options(backend, precision, sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,
                               shapes=shapes)
     check_backend(backend_b, "backend_b")
@@ -250,7 +283,7 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
     step = stepper(progress)
     with step("opening the sessions"):
         a, b = _open(reference, backend, options), _open(candidate, backend_b, options)
-    batches, source = _inputs(a, arrays, data, samples, batch, dims)
+    batches, source = _inputs(a, arrays, data, samples, batch, (dims, run_shapes([a, b], shape, options, dims)))
     with step(f"comparing ({source})"):
         result = parity(a, b, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
                         names=tuple(model_name(m) or "the model in memory" for m in (reference, candidate)))
@@ -263,10 +296,12 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
     return Measurement(doc, failure=failure)
 
 
-def _inputs(sess, arrays, data, samples: int, batch: int, dims: dict) -> tuple:
+def _inputs(sess, arrays, data, samples: int, batch: int, dims: tuple) -> tuple:
     """(feed dicts, what they are): `samples` of the arrays in runs of `batch`, else random."""
     if arrays is None:
-        return [feeds_for(sess.inputs, batch, dims)], f"random (seed 0, batch {batch})"
+        feeds = feeds_for(sess.inputs, batch, dims[0], shapes=dims[1])
+        at = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+        return [feeds], f"random (seed 0, batch {batch}: {at})"
     if not isinstance(arrays, dict):
         raise UsageError(f"invalid data={type(arrays).__name__}: expected an .npz path or a dict of arrays")
     names = [i.name for i in sess.inputs]

@@ -16,7 +16,7 @@ from rich.table import Table
 from spa.api.bench import bench as run_bench
 from spa.api.bench import compare as run_compare
 from spa.backends.base import BACKENDS, PRECISIONS
-from spa.cli.app import add_common, err
+from spa.cli.app import add_common, add_shape, err
 from spa.reporting.report import out
 
 
@@ -56,14 +56,18 @@ def _backend_options(p) -> None:
     p.add_argument("--cache-dir", help="TensorRT engine/timing cache folder (ort-trt, trt)")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", help="plain launches on the GPU")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
-                   help="size of a named dynamic axis, e.g. --dim sequence=128 (others: 1; the first axis: --batch)")
+                   help="size of a dynamic axis: named, e.g. --dim sequence=128, or unnamed (shown as ?) by input "
+                        "and axis, e.g. --dim x:2=48 (others: 1; the first axis: --batch)")
+    add_shape(p, help="input shape of the random inputs, e.g. --shape x:1x3x736x736 (repeatable; the first axis is "
+                      "--batch); default: the OPT shape of --shapes, else --dim")
     p.add_argument("--shapes", help="TensorRT profiles, trtexec-like: name:MIN/OPT/MAX with dims as 1x3x224x224")
 
 
 def _backend(args) -> dict:
     """The backend options of bench and compare, as the API takes them."""
     return {"backend": args.backend, "precision": args.precision, "sparse": args.sparse, "threads": args.threads,
-            "cache_dir": args.cache_dir, "cuda_graph": args.cuda_graph, "dim": args.dim, "shapes": args.shapes}
+            "cache_dir": args.cache_dir, "cuda_graph": args.cuda_graph, "dim": args.dim, "shapes": args.shapes,
+            "shape": args.shape}
 
 
 def bench(args) -> int:

@@ -7,6 +7,8 @@ the input shapes it really runs at (spa.core.shapes.bind: `model.shapes_at`), e.
 
 from __future__ import annotations
 
+from collections import ChainMap
+
 import numpy as np
 import onnx
 
@@ -57,9 +59,11 @@ def _node_macs(node, shapes) -> int:
     return 0
 
 
-def at_shape(model: Model) -> dict:
-    """The shapes costs count with: at the bound input shapes when there are, else as inferred."""
-    return model.shapes_at if getattr(model, "shapes_at", None) is not None else model.shapes
+def at_shape(model: Model):
+    """The shapes costs count with: at the bound input shapes when there are (falling back to the
+    inferred ones for tensors added since, e.g. the analysis' per-use copies), else as inferred."""
+    bound = getattr(model, "shapes_at", None)
+    return model.shapes if bound is None else ChainMap(bound, model.shapes)
 
 
 def macs(model: Model) -> int:

@@ -75,24 +75,24 @@ def declared(proto: onnx.ModelProto) -> dict:
     return out
 
 
-def check(proto: onnx.ModelProto, shapes: dict) -> None:
-    """UsageError (one line) unless every shape names a real input, has its rank and keeps its
-    static dims."""
-    inputs = declared(proto)
+def check(inputs: dict, shapes: dict) -> None:
+    """UsageError (one line) unless every shape names a real input (`inputs`: {name: dims, None
+    where dynamic}, e.g. `declared(proto)`), has its rank and keeps its static dims."""
     for name, dims in shapes.items():
         require(name in inputs, f"shape= names '{name}', which is not an input of the model",
                 f"its inputs: {', '.join(inputs) or '(none)'}")
         want = inputs[name]
         if want is None:
             continue
-        require(len(dims) == len(want), f"shape= for '{name}' has rank {len(dims)} ({_text(dims)}), but the input "
-                f"has rank {len(want)} ({_text(want)})")
+        require(len(dims) == len(want), f"shape= for '{name}' has rank {len(dims)} ({text(dims)}), but the input "
+                f"has rank {len(want)} ({text(want)})")
         for k, (d, w) in enumerate(zip(dims, want)):
             require(w is None or d == w, f"shape= for '{name}' sets axis {k} to {d}, but the model fixes it to {w} "
-                    f"({_text(want)})", "change only the dynamic axes (shown as ?)")
+                    f"({text(want)})", "change only the dynamic axes (shown as ?)")
 
 
-def _text(dims) -> str:
+def text(dims) -> str:
+    """1x3x?x? (? for a dynamic dim)."""
     return "x".join("?" if d is None else str(d) for d in dims)
 
 
@@ -115,7 +115,7 @@ def choose(proto: onnx.ModelProto, shape=None, data=None) -> tuple[dict | None, 
     first sample, else (None, "model"): dynamic dims count as 1."""
     given = parse(shape)
     if given:
-        check(proto, given)
+        check(declared(proto), given)
         return given, "shape"
     found = from_data(proto, data)
     if found:

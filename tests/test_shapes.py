@@ -1,0 +1,164 @@
+"""Costs, targets, checks and benchmarks at the shape a model really runs at (--shape, or the data's).
+
+The model: x [N, 3, H, W] (H and W dynamic) -> Conv 3->8 -> Relu -> Conv 8->8 -> Relu ->
+GlobalAveragePool -> Flatten -> Gemm 8->4. Its MACs by hand at 1x3xHxW:
+8*H*W*27 (conv1) + 8*H*W*72 (conv2) + 4*8 (the Gemm).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from spa.api import analyze, prune
+from spa.cli import app as cli
+
+bench_api = importlib.import_module("spa.api.bench")  # the module (spa.api.bench is also the function)
+
+
+def hand_macs(h: int, w: int) -> int:
+    return 8 * h * w * 27 + 8 * h * w * 72 + 4 * 8
+
+
+def dynamic_model(path: Path, unnamed: bool = False) -> Path:
+    """The model above; `unnamed`: H and W are unnamed axes (shown as ?), as in some paddle2onnx exports."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             (("w1", (8, 3, 3, 3)), ("b1", (8,)), ("w2", (8, 8, 3, 3)), ("b2", (8,)), ("w3", (4, 8)), ("b3", (4,)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
+    dims = ["N", 3, None, None] if unnamed else ["N", 3, "H", "W"]
+    graph = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    try:
+        rc = cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return dynamic_model(tmp_path / "dyn.onnx")
+
+
+def test_macs_at_the_given_shape_are_the_hand_count(model, capsys):
+    rc, out, _ = run(capsys, "analyze", model, "--json", "--shape", "x:1x3x16x20")
+    doc = json.loads(out)
+    assert rc == 0 and doc["macs"] == hand_macs(16, 20)
+    assert doc["input_shapes"] == {"x": [1, 3, 16, 20]} and doc["input_shapes_from"] == "shape"
+    plain = analyze(str(model)).to_json()  # no shape: dynamic dims count as 1
+    assert plain["macs"] == hand_macs(1, 1) and plain["input_shapes_from"] == "model"
+    assert plain["input_shapes"] == {"x": [1, 3, 1, 1]} and plain["params"] == doc["params"]
+    api = analyze(str(model), shape={"x": (1, 3, 16, 20)}).to_json()
+    assert api["macs"] == doc["macs"]
+
+
+def test_shape_from_calibration_data(model, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((4, 3, 12, 10)).astype(np.float32))
+    doc = analyze(str(model), calib=str(calib)).to_json()
+    assert doc["macs"] == hand_macs(12, 10)
+    assert doc["input_shapes"] == {"x": [1, 3, 12, 10]} and doc["input_shapes_from"] == "calib"
+    res = prune(str(model), ratio=0.25, calib=str(calib), criterion="obspa").to_json()
+    assert res["before"]["macs"] == hand_macs(12, 10) and res["input_shapes_from"] == "calib"
+    assert res["check"]["input_shapes"] == {"x": [1, 3, 12, 10]}
+    given = prune(str(model), ratio=0.25, calib=str(calib), criterion="obspa", shape="x:1x3x8x8").to_json()
+    assert given["before"]["macs"] == hand_macs(8, 8) and given["input_shapes_from"] == "shape"
+
+
+def test_prune_costs_and_output_check_at_the_shape(model, tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    rc, text, _ = run(capsys, "prune", model, "--ratio", "0.5", "-o", out, "--json", "--shape", "x:1x3x16x20")
+    doc = json.loads(text)
+    assert rc == 0 and doc["before"]["macs"] == hand_macs(16, 20)
+    assert doc["after"]["macs"] == 4 * 320 * 27 + 4 * 320 * 36 + 4 * 4  # 8 -> 4 channels in both groups
+    assert doc["check"]["status"] == "ok" and doc["check"]["input_shapes"] == {"x": [1, 3, 16, 20]}
+    assert doc["input_shapes"] == {"x": [1, 3, 16, 20]} and doc["input_shapes_from"] == "shape"
+    plain = prune(str(model), ratio=0.5).to_json()  # without: the check ran on a 1x1 image
+    assert plain["check"]["input_shapes"] == {"x": [1, 3, 1, 1]} and plain["before"]["macs"] == hand_macs(1, 1)
+
+
+@pytest.mark.parametrize("target", [0.6, 0.3])
+def test_target_macs_is_a_fraction_of_the_macs_at_the_shape(model, target):
+    doc = prune(str(model), target_macs=target, shape={"x": (1, 3, 32, 32)}).to_json()
+    fraction = doc["after"]["macs"] / doc["before"]["macs"]
+    assert doc["before"]["macs"] == hand_macs(32, 32)
+    assert target - 0.15 < fraction <= target + 1e-9, fraction
+
+
+@pytest.mark.parametrize("shape, says", [
+    ("x:1x3x16", "has rank 3"),
+    ("x:0x3x16x20", "not positive"),
+    ("y:1x3x16x20", "not an input"),
+    ("x:1x4x16x20", "sets axis 1 to 4, but the model fixes it to 3"),
+    ("x:1x3xAx20", "is not a shape"),
+    ("1x3x16x20", "expected NAME:DIMS"),
+])
+@pytest.mark.parametrize("command", ["analyze", "prune"])
+def test_bad_shapes_are_usage_errors(model, tmp_path, capsys, shape, says, command):
+    extra = ["--ratio", "0.5", "-o", tmp_path / "o.onnx"] if command == "prune" else []
+    rc, _, err = run(capsys, command, model, *extra, "--shape", shape)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and says in lines[0] and "--shape" in lines[0], err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_bench_on_ort_takes_the_shape(model, monkeypatch, capsys):
+    seen = []
+    real = bench_api.feeds_for
+
+    def spy(*args, **kwargs):
+        feeds = real(*args, **kwargs)
+        seen.append({k: v.shape for k, v in feeds.items()})
+        return feeds
+
+    monkeypatch.setattr(bench_api, "feeds_for", spy)
+    rc, out, _ = run(capsys, "bench", model, "--json", "--shape", "x:1x3x24x16", "--batch", "1,2",
+                     "--duration-s", "0.02", "--warmup-ms", "0", "--min-iterations", "2")
+    doc = json.loads(out)
+    assert rc == 0 and doc["options"]["input_shapes"] == {"x": [1, 3, 24, 16]}
+    assert {"x": (1, 3, 24, 16)} in seen and {"x": (2, 3, 24, 16)} in seen  # the first axis follows --batch
+    seen.clear()
+    rc, _, _ = run(capsys, "bench", model, "--json", "--shapes", "x:1x3x8x8/1x3x40x40/1x3x64x64",
+                   "--duration-s", "0.02", "--warmup-ms", "0", "--min-iterations", "2")
+    assert rc == 0 and seen == [{"x": (1, 3, 40, 40)}]  # ort runs the OPT shape of the TensorRT profile
+
+
+def test_dim_sets_an_unnamed_axis(tmp_path, capsys):
+    model = dynamic_model(tmp_path / "unnamed.onnx", unnamed=True)
+    rc, out, _ = run(capsys, "compare", model, model, "--json", "--dim", "x:2=16", "--dim", "x:3=20")
+    assert rc == 0 and "x 1x3x16x20" in json.loads(out)["inputs"]
+    rc, _, err = run(capsys, "compare", model, model, "--dim", "x:1=5")
+    assert rc == 2 and "'x' has no dynamic axis 1" in err
+    assert prune(str(model), ratio=0.5, shape="x:1x3x16x20").to_json()["check"]["input_shapes"] == \
+        {"x": [1, 3, 16, 20]}
+
+
+def test_ppocr_recognizer_at_48x320():
+    rapidocr = pytest.importorskip("rapidocr_onnxruntime")
+    rec = Path(rapidocr.__file__).parent / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    if not rec.is_file():
+        pytest.skip("rapidocr_onnxruntime ships no PP-OCRv4 recognizer")
+    plain = analyze(str(rec)).to_json()
+    doc = analyze(str(rec), shape="x:1x3x48x320").to_json()
+    assert doc["params"] == plain["params"] and doc["input_shapes"] == {"x": [1, 3, 48, 320]}
+    assert doc["macs"] > 100 * plain["macs"]  # measured: 702.5 M against 2.67 M with every dynamic dim 1
