@@ -84,7 +84,7 @@ def named_dims(dim) -> dict:
     return dims
 
 
-def run_shapes(sessions: list, shape, options: Options, dims: dict) -> dict:
+def run_shapes(sessions: list, shape, options: Options, *, dims: dict) -> dict:
     """{input: dims} the random inputs take: `shape` (checked against every session's inputs), else the
     OPT shapes of the TensorRT profiles (`options.shapes`) where they fit; 'INPUT:AXIS' keys of `dims`
     must name a dynamic axis of an input."""
@@ -175,7 +175,7 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
         check_writable(output, reads=models)
     sessions = [_open(m, backend, options) for m in models]
     names = [model_name(m) or f"model{k}" for k, m in enumerate(models)]
-    given = run_shapes(sessions, shape, options, dims)
+    given = run_shapes(sessions, shape, options, dims=dims)
     plan = method.Plan(warmup_ms, duration_s, min_iterations)
     step = stepper(progress)
     results = []
@@ -283,7 +283,7 @@ def compare(reference, candidate=None, *, data=None, backend: str = "ort", backe
     step = stepper(progress)
     with step("opening the sessions"):
         a, b = _open(reference, backend, options), _open(candidate, backend_b, options)
-    batches, source = _inputs(a, arrays, data, samples, batch, (dims, run_shapes([a, b], shape, options, dims)))
+    batches, source = _inputs(a, arrays, data, samples, batch, (dims, run_shapes([a, b], shape, options, dims=dims)))
     with step(f"comparing ({source})"):
         result = parity(a, b, batches, atol=atol, rtol=rtol, min_cosine=min_cosine,
                         names=tuple(model_name(m) or "the model in memory" for m in (reference, candidate)))

@@ -71,7 +71,7 @@ def _np_dtype(elem_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
 
 
-def random_feeds(model, dynamic: int = 1, seed: int = 0, shapes: dict | None = None) -> dict[str, np.ndarray]:
+def random_feeds(model, dynamic: int = 1, seed: int = 0, *, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """Random inputs for every real graph input; dynamic dims set to `dynamic`, inputs named in
     `shapes` ({name: dims}, checked by spa.core.shapes) at those dims."""
     rng = np.random.default_rng(seed)
