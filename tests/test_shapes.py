@@ -162,3 +162,15 @@ def test_ppocr_recognizer_at_48x320():
     doc = analyze(str(rec), shape="x:1x3x48x320").to_json()
     assert doc["params"] == plain["params"] and doc["input_shapes"] == {"x": [1, 3, 48, 320]}
     assert doc["macs"] > 100 * plain["macs"]  # measured: 702.5 M against 2.67 M with every dynamic dim 1
+
+
+def test_every_stage_of_compress_checks_at_the_shape(model, tmp_path, capsys):
+    rc, out, _ = run(capsys, "compress", model, "--ratio", "0.5", "--fp16", "-o", tmp_path / "c.onnx", "--json",
+                     "--shape", "x:1x3x16x20")
+    doc = json.loads(out)
+    assert rc == 0 and doc["input_shapes"] == {"x": [1, 3, 16, 20]} and doc["input_shapes_from"] == "shape"
+    assert [s["check"]["input_shapes"] for s in doc["stages"][1:]] == [{"x": [1, 3, 16, 20]}] * 2
+    assert doc["stages"][1]["detail"]["macs_before"] == hand_macs(16, 20)
+    rc, out, _ = run(capsys, "sparsify", model, "-o", tmp_path / "s.onnx", "--json", "--min-size", "8",
+                     "--shape", "x:1x3x16x20")
+    assert rc == 0 and json.loads(out)["check"]["input_shapes"] == {"x": [1, 3, 16, 20]}

@@ -27,6 +27,7 @@ from spa.api.prune import prune_model
 from spa.api.quantize import quantize
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.api.sparsify import sparsify
+from spa.core import shapes
 from spa.core.data import conform
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import check_writable, load, save
@@ -45,18 +46,20 @@ QUANT_METHODS = ("minmax", "entropy", "percentile")
 def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = False, prune_hidden: bool = False,
              sparsify=None, sparsify_method=None, permute: bool = False, min_size: int = 16, int8: bool = False,
              fp16: bool = False, calib=None, calib_samples=None, quant_method: str = "minmax", eval=None,
-             labels=None, save_stages: bool = False, check: bool = True, output=None, progress=None) -> Result:
+             labels=None, save_stages: bool = False, shape=None, check: bool = True, output=None,
+             progress=None) -> Result:
     """Prune `ratio` of each group (`criterion`, `global_rank`, `prune_hidden`), then N:M `sparsify`
     (e.g. "2:4"; `sparsify_method`, `permute`, `min_size`), then `int8` (needs `calib`;
     `quant_method`) or `fp16`; every stage measured on `calib` and on `eval` (with `labels`: the
     key of its labels, for accuracy). `calib_samples`: per stage (default: each call's own).
     `output`: the final model's path (None: kept in memory, `.model`). `check=False`: the stages are
-    not run in ONNX Runtime against their inputs (the ONNX checker only)."""
+    not run in ONNX Runtime against their inputs (the ONNX checker only). `shape`: the input shapes
+    every stage costs and checks at ({"x": (1, 3, 736, 736)}; default: the first sample of `calib`)."""
     options = {"ratio": ratio, "criterion": criterion, "global_rank": global_rank, "prune_hidden": prune_hidden,
                "sparsify": sparsify, "sparsify_method": sparsify_method, "permute": permute, "min_size": min_size,
                "int8": int8, "fp16": fp16, "calib": calib, "calib_samples": calib_samples,
                "quant_method": quant_method, "eval": eval, "labels": labels, "save_stages": save_stages,
-               "check": check}
+               "shape": shape, "check": check}
     _check(model, options)
     return _Pipeline(model, options, output_target(output, model, calib, eval), stepper(progress)).run()
 
@@ -87,6 +90,7 @@ def _check(model, o: dict) -> None:
     if o["calib_samples"] is not None:
         positive_int("calib_samples", o["calib_samples"])
     positive_int("min_size", o["min_size"])
+    shapes.parse(o["shape"])
 
 
 class _Pipeline:
@@ -104,6 +108,7 @@ class _Pipeline:
             check_writable(kept, source.path, reads=(self.o["calib"], self.o["eval"]))
         self.calib = conform(self.calib, source.proto, "calib=")
         self.held_out = conform(self.held_out, source.proto, "eval=")
+        self.shape, self.shape_from = shapes.choose(source.proto, self.o["shape"], self.calib)
         parent = self.out.parent if self.out is not None else None
         work = Path(tempfile.mkdtemp(prefix=".spa-compress-", dir=parent))
         try:
@@ -121,7 +126,9 @@ class _Pipeline:
             row["file"] = None
         rows[-1]["file"] = None if self.out is None else str(self.out)
         doc = {"schema_version": SCHEMA, "input": model_name(self.model),
-               "output": None if self.out is None else str(self.out), "stages": rows}
+               "output": None if self.out is None else str(self.out), "stages": rows,
+               "input_shapes": None if self.shape is None else {k: list(v) for k, v in self.shape.items()},
+               "input_shapes_from": self.shape_from}
         return Result(doc, proto, None, source.path)
 
     def _input_file(self, source, work: Path) -> Path:
@@ -148,24 +155,25 @@ class _Pipeline:
         """(stage name, call(input file, output file) -> Result) for each requested stage."""
         o, calib = self.o, self.calib
         samples = {} if o["calib_samples"] is None else {"calib_samples": o["calib_samples"]}
+        at = {"shape": self.shape}  # every stage costs and checks at the pipeline's input shapes
         calls = []
         if o["ratio"] > 0:
             criterion = o["criterion"] or ("obspa" if calib is not None else "l1")
             data = dict(calib=calib, **samples) if criterion in criteria.NEEDS and calib is not None else {}
             calls.append(("pruned", lambda i, t: prune_model(
                 i, ratio=o["ratio"], criterion=criterion, global_rank=o["global_rank"],
-                prune_hidden=o["prune_hidden"], check=o["check"], output=t, **data)))
+                prune_hidden=o["prune_hidden"], check=o["check"], output=t, **data, **at)))
         if o["sparsify"]:
             method = o["sparsify_method"] or ("obs" if calib is not None else "magnitude")
             data = dict(calib=calib, **samples) if method == "obs" else {}
             calls.append(("sparse", lambda i, t: sparsify(i, pattern=o["sparsify"], method=method,
                                                            min_size=o["min_size"], permute=o["permute"],
-                                                           check=o["check"], output=t, **data)))
+                                                           check=o["check"], output=t, **data, **at)))
         if o["int8"]:
             calls.append(("int8", lambda i, t: quantize(i, calib=calib, method=o["quant_method"], output=t,
-                                                        check=o["check"], **samples)))
+                                                        check=o["check"], **samples, **at)))
         elif o["fp16"]:
-            calls.append(("fp16", lambda i, t: quantize(i, fp16=True, check=o["check"], output=t)))
+            calls.append(("fp16", lambda i, t: quantize(i, fp16=True, check=o["check"], output=t, **at)))
         return calls
 
     def _kept_paths(self) -> list[Path]:

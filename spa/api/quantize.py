@@ -17,6 +17,7 @@ import onnx
 from spa.api.common import arrays, saver
 from spa.api.prune import refuse_quantized
 from spa.api.result import Result, as_model, model_name, output_target, stepper
+from spa.core import shapes
 from spa.core.checks import check_notes
 from spa.core.data import conform
 from spa.core.errors import positive_int, require
@@ -29,15 +30,17 @@ FIDELITY_SAMPLES = 64  # calibration samples the fidelity on the data is measure
 
 
 def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", per_channel: bool = True,
-             calib_samples: int = 256, check: bool = True, output=None, progress=None) -> Result:
+             calib_samples: int = 256, shape=None, check: bool = True, output=None, progress=None) -> Result:
     """INT8 QDQ calibrated on `calib` (a path to an .npz or arrays keyed by input name; `method`
     minmax, entropy or percentile over `calib_samples` samples; weight scales per output channel
     unless `per_channel=False`), or FP16 with `fp16=True`: exactly one of the two. `output`: write
     there (checked on the written file before it is renamed into place), else checked in memory.
-    `check=False`: no run in ONNX Runtime against the input (the ONNX checker only)."""
+    `check=False`: no run in ONNX Runtime against the input (the ONNX checker only). `shape`: the
+    input shapes the output check runs at (default: the first sample of `calib`)."""
     require((calib is not None) != bool(fp16), "give exactly one of calib=DATA (INT8) and fp16=True (FP16)")
     require(method in METHODS, f"invalid method={method!r}", f"choose one of: {', '.join(METHODS)}")
     positive_int("calib_samples", calib_samples)
+    shapes.parse(shape)
     out = output_target(output, model, calib)
     data = arrays(calib)
     step = stepper(progress)
@@ -46,6 +49,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
     loaded.refuse_overwrite(out)
     refuse_quantized(loaded, "quantize")
     data = conform(data, loaded.proto, "calib=")
+    shapes.bind(loaded, shape, data)
     rewrite = Fp16Pass() if fp16 else Int8Pass(data, method, per_channel, calib_samples)
     rewrite.run_check = check
     done = rewrite.run(loaded, out, step=step,
@@ -56,7 +60,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
            "method": None if fp16 else method, "per_channel": None if fp16 else per_channel,
            "bytes": {"before": _bytes(loaded.path or loaded.proto), "after": _bytes(produced)},
            "coverage": done.stats["coverage"], "check": done.check,
-           "notes": check_notes(done.check)}
+           "notes": check_notes(done.check), **shapes.record(loaded)}
     return Result(doc, done.model, saver(rewrite, loaded, done), loaded.path)
 
 

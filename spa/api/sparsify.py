@@ -13,6 +13,7 @@ import numpy as np
 
 from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, model_name, output_target, stepper
+from spa.core import shapes
 from spa.core.analysis import analyze
 from spa.core.checks import check_notes
 from spa.core.data import conform
@@ -24,7 +25,7 @@ SCHEMA = 1
 
 
 def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=None, calib_samples: int = 256,
-             min_size: int = 16, permute: bool = False, permute_budget: float = 2.0, check: bool = True,
+             min_size: int = 16, permute: bool = False, permute_budget: float = 2.0, shape=None, check: bool = True,
              output=None, progress=None) -> Result:
     """Mask every eligible Conv/Gemm/MatMul weight of `model` to `pattern` (N:M along the reduction).
 
@@ -34,15 +35,18 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
     groups first (`permute_budget` seconds per group). `output`: write there (checked on the written
     file before it is renamed into place), else the result is checked in memory. `min_size`: the
     smallest reduction/output size a layer needs. `check=False`: no run in ONNX Runtime against the
-    input (the ONNX checker and the pattern re-read only)."""
+    input (the ONNX checker and the pattern re-read only). `shape`: the input shapes the output check
+    runs at ({"x": (1, 3, 736, 736)}; default: the first sample of `calib`, else dynamic dims as 1)."""
     n, m = parse_pattern(pattern)
     _check(method, calib, calib_samples, min_size, permute_budget)
+    shapes.parse(shape)
     out = output_target(output, model, calib)
     step = stepper(progress)
     with step("load + shape inference"):
         loaded = as_model(model)
     loaded.refuse_overwrite(out)
     data = conform(arrays(calib), loaded.proto, "calib=")
+    shapes.bind(loaded, shape, data)
     analysis = None
     if permute:
         with step("analysis"):
@@ -52,7 +56,7 @@ def sparsify(model, *, pattern: str = "2:4", method: str = "magnitude", calib=No
     what = f"masking {n}:{m}" + (" (calibrated OBS)" if method == "obs" else "") + \
         (" + permutation search" if permute else "")
     done = rewrite.run(loaded, out, step=step, what=what)
-    doc = _doc(model, out, rewrite, done, permute)
+    doc = {**_doc(model, out, rewrite, done, permute), **shapes.record(loaded)}
     return Result(doc, done.model, saver(rewrite, loaded, done), loaded.path)
 
 

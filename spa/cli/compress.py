@@ -5,12 +5,12 @@ from __future__ import annotations
 from rich.table import Table
 
 from spa.api.compress import compress
-from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, output_path, progress
+from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, add_shape, output_path, progress
 from spa.reporting import report
 from spa.reporting.report import out as console
 
 OPTIONS = ("ratio", "criterion", "global_rank", "prune_hidden", "sparsify", "sparsify_method", "permute", "min_size",
-           "int8", "fp16", "calib", "calib_samples", "quant_method", "eval", "labels", "save_stages", "check")
+           "int8", "fp16", "calib", "calib_samples", "quant_method", "eval", "labels", "save_stages", "shape", "check")
 
 
 def parser(sub) -> None:
@@ -36,6 +36,7 @@ def parser(sub) -> None:
     c.add_argument("--labels", metavar="KEY", help="key of the labels array in --eval")
     c.add_argument("--save-stages", action="store_true", help="also keep OUT.<stage>.onnx of every stage "
                    "(written with OUT, only when every stage passed: a failed run leaves no file)")
+    add_shape(c)
     c.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(c, output="output model (default: MODEL.compressed.onnx)")
 

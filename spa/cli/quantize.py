@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from spa.api.quantize import quantize as quantize_model
-from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, err, output_path, progress, show_notes
+from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, add_shape, err, output_path, progress, show_notes
 from spa.reporting import report
 
 
@@ -24,13 +24,15 @@ def parser(sub) -> None:
                    help="INT8 calibration (minmax)")
     q.add_argument("--no-per-channel", dest="per_channel", action="store_false",
                    help="one weight scale per tensor instead of per output channel")
+    add_shape(q)
     q.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(q, output="output model (default: MODEL.int8.onnx / MODEL.fp16.onnx)")
 
 
 def quantize(args) -> int:
     result = quantize_model(args.model, calib=args.calib, fp16=args.fp16, method=args.method,
-                            per_channel=args.per_channel, calib_samples=args.calib_samples, check=args.check,
+                            per_channel=args.per_channel, calib_samples=args.calib_samples, shape=args.shape,
+                            check=args.check,
                             output=output_path(args, "fp16" if args.fp16 else "int8"),
                             progress=progress(args))
     doc = result.to_json()

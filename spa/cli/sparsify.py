@@ -9,7 +9,7 @@ import numpy as np
 from rich.table import Table
 
 from spa.api.sparsify import sparsify as sparsify_model
-from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, err, output_path, progress, show_notes
+from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, add_shape, err, output_path, progress, show_notes
 from spa.reporting import report
 
 
@@ -27,6 +27,7 @@ def parser(sub) -> None:
                    help="search channel permutations of coupled groups first (as NVIDIA ASP) to keep more magnitude")
     z.add_argument("--permute-budget", type=float, default=2.0, metavar="S",
                    help="seconds of permutation search per channel group (2)")
+    add_shape(z)
     z.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(z, output="output model (default: MODEL.sparse.onnx beside the input)")
 
@@ -34,7 +35,7 @@ def parser(sub) -> None:
 def sparsify(args) -> int:
     result = sparsify_model(args.model, pattern=args.pattern, method=args.method, calib=args.calib,
                             calib_samples=args.calib_samples, min_size=args.min_size, permute=args.permute,
-                            permute_budget=args.permute_budget, check=args.check, output=output_path(args, "sparse"),
+                            permute_budget=args.permute_budget, shape=args.shape, check=args.check, output=output_path(args, "sparse"),
                             progress=progress(args))
     doc = result.to_json()
     if args.json:
