@@ -76,8 +76,8 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
     of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to`,
     `prune_hidden`, `exclude` (name globs), `simplify` (onnxslim first), `sensitivity` (a
-    sensitivity document or file: each group pruned as far as its measured loss stays within
-    `max_loss`, 0.01 when not given), `save_plan` (path), `seed`, `check` (run the result in ONNX
+    sensitivity document or file: each group pruned as far as its measured loss, 1 - cosine,
+    stays within `max_loss`, 0.01 when not given; max_loss then bounds each group, not the result), `save_plan` (path), `seed`, `check` (run the result in ONNX
     Runtime), `output` (written atomically, verified on the written file).
 
     With `check`, the result's agreement with the input model is measured (spa.core.checks.Gate:
@@ -171,7 +171,8 @@ class _Run:
         with self.step("pruning"):
             rewrite = prune_pass.PrunePass(self.analysis, self.plan, values, self.o["check"], self.o["zeros"],
                                            self.o["seed"])
-            rewrite.gate = Gate(self.calib, self.o["seed"], self.o["max_loss"]) if self.o["check"] else None
+            gated = self.o["max_loss"] if self.sens is None else None  # with sensitivity=: a bound per group
+            rewrite.gate = Gate(self.calib, self.o["seed"], gated) if self.o["check"] else None
             pruned, _ = rewrite.rewrite(self.model)
         blocks = attention_blocks(self.analysis, self.plan)
         counts = (len(self.analysis.groups), sum(g.prunable for g in self.analysis.groups),

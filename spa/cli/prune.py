@@ -56,8 +56,8 @@ def parser(sub) -> None:
     r.add_argument("--max-loss", type=float, metavar="F",
                    help="fail (exit 3, nothing written) when the result lost more than F of its agreement with the "
                         "input model: 1 - top-1 agreement for class scores, else 1 - cosine, worst output, measured "
-                        "on --calib (else random inputs); with --sensitivity also the loss allowed per group "
-                        "(default there 0.01)")
+                        "on --calib (else random inputs); with --sensitivity instead the loss (1 - cosine) allowed "
+                        "per group (default there 0.01)")
     r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
     r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
     r.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
