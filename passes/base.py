@@ -9,7 +9,9 @@ file before it is renamed into place (the only way over 2 GB), so nothing unveri
 left at `output`. The base promises are those of every pass: the ONNX checker passes (no worse
 than on the input) and the result runs in ONNX Runtime with the input's output names, dtypes
 and shapes, all finite. A pass adds its own (the N:M pattern re-read, outputs within a
-tolerance) by extending `ensures`. Before any of that, `verify` refuses a rewrite that made a
+tolerance) by extending `ensures`. A pass given a `gate` (spa.core.checks.Gate) also measures
+its result's agreement with the input on calibration (else random) inputs, recorded in the
+check document as "agreement", and fails when it lost more than the gate's max_loss. Before any of that, `verify` refuses a rewrite that made a
 weight or scale non-finite (`require_finite_weights`): nothing with a new NaN or inf is written.
 """
 
@@ -44,6 +46,7 @@ class Pass:
     name = "pass"
     run_check = True  # run the result in ONNX Runtime against the input (else the checker only)
     seed = 0  # random inputs of the output check
+    gate = None  # a spa.core.checks.Gate: the agreement with the input measured (and bounded) too
 
     def requires(self, model: Model) -> None:
         """Raise SpaError when `model` is not something this pass can rewrite."""
@@ -57,7 +60,10 @@ class Pass:
         check_against(candidate, model.path if model.path is not None else model.proto)
         if not self.run_check:
             return dict(NOT_RUN)
-        return output_check(model, proto, self.seed, pruned_file=file)
+        check = output_check(model, proto, self.seed, pruned_file=file)
+        if self.gate is not None:
+            check["agreement"] = self.gate.measure(model, candidate)
+        return check
 
     def run(self, model: Model, output=None, *, step=None, what: str | None = None) -> PassResult:
         """requires -> rewrite -> ensures (on the written file when `output` is given); `step(name)`:

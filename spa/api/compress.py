@@ -54,7 +54,9 @@ def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = F
     key of its labels, for accuracy). `calib_samples`: per stage (default: each call's own).
     `output`: the final model's path (None: kept in memory, `.model`). `check=False`: the stages are
     not run in ONNX Runtime against their inputs (the ONNX checker only). `shape`: the input shapes
-    every stage costs and checks at ({"x": (1, 3, 736, 736)}; default: the first sample of `calib`)."""
+    every stage costs and checks at ({"x": (1, 3, 736, 736)}; default: the first sample of `calib`).
+    With `sparsify`, pruned widths are kept multiples of its M (`round_to`), so pruned layers stay
+    eligible for N:M."""
     options = {"ratio": ratio, "criterion": criterion, "global_rank": global_rank, "prune_hidden": prune_hidden,
                "sparsify": sparsify, "sparsify_method": sparsify_method, "permute": permute, "min_size": min_size,
                "int8": int8, "fp16": fp16, "calib": calib, "calib_samples": calib_samples,
@@ -161,7 +163,7 @@ class _Pipeline:
             criterion = o["criterion"] or ("obspa" if calib is not None else "l1")
             data = dict(calib=calib, **samples) if criterion in criteria.NEEDS and calib is not None else {}
             calls.append(("pruned", lambda i, t: prune_model(
-                i, ratio=o["ratio"], criterion=criterion, global_rank=o["global_rank"],
+                i, ratio=o["ratio"], criterion=criterion, global_rank=o["global_rank"], round_to=self.round_to(),
                 prune_hidden=o["prune_hidden"], check=o["check"], output=t, **data, **at)))
         if o["sparsify"]:
             method = o["sparsify_method"] or ("obs" if calib is not None else "magnitude")
@@ -175,6 +177,11 @@ class _Pipeline:
         elif o["fp16"]:
             calls.append(("fp16", lambda i, t: quantize(i, fp16=True, check=o["check"], output=t, **at)))
         return calls
+
+    def round_to(self) -> int:
+        """The multiple pruned widths keep: M of a later N:M stage (its layers' reduction sizes must
+        be multiples of M, else they are not eligible), else 1."""
+        return parse_pattern(self.o["sparsify"], "sparsify")[1] if self.o["sparsify"] else 1
 
     def _kept_paths(self) -> list[Path]:
         """OUT.<stage>.onnx for every stage `save_stages` keeps (none without it or an output)."""
@@ -260,7 +267,8 @@ def _summary(name: str, detail: dict) -> dict:
     """The few numbers of a stage's own document that the summary shows."""
     if name == "pruned":
         return {"criterion": detail["criterion"], "ratio": detail["ratio"], "channels_removed": detail["channels_removed"],
-                "macs_before": detail["before"].get("macs"), "macs_after": detail["after"].get("macs")}
+                "macs_before": detail["before"].get("macs"), "macs_after": detail["after"].get("macs"),
+                "round_to": detail["round_to"], "agreement": detail["agreement"], "warnings": detail["warnings"]}
     if name == "sparse":
         return {"pattern": detail["pattern"], "method": detail["method"], "eligible": detail["eligible"],
                 "layers": len(detail["layers"]), "retained_magnitude": detail["retained_magnitude"],

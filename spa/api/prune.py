@@ -21,7 +21,7 @@ from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
-from spa.core.checks import check_against, check_notes
+from spa.core.checks import Gate, agreement_warning, check_against, check_notes
 from spa.core.data import conform, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
@@ -34,9 +34,12 @@ from spa.reporting.report import why_nothing
 from spa.scoring import criteria
 from spa.scoring.gradients import require_torch
 from spa.scoring.measure import compensation, saliency, statistics
+from spa.scoring.obspa import NOT_COMPENSATED
 from spa.training.train import zero_plan
 
 SCHEMA = 1
+SENSITIVITY_LOSS = 0.01  # with sensitivity= and no max_loss=: 1 - cosine allowed per group
+WEIGHTS_ONLY = ("l1", "l2", "fpgm", "random", "bn-scale")  # criteria that see no data at all
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
              "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
 DYNAMIC_OPS = ("ConvInteger", "DynamicQuantizeLinear", "MatMulInteger")  # onnxruntime's quantize_dynamic
@@ -61,8 +64,8 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
 def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, zeros: bool = False,
           criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None, compensate=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int = 1, prune_hidden: bool = False,
-          exclude=(), simplify: bool = False, sensitivity=None, max_loss: float = 0.01, save_plan=None, seed: int = 0,
-          shape=None, check: bool = True, output=None, progress=None):
+          exclude=(), simplify: bool = False, sensitivity=None, max_loss: float | None = None, save_plan=None,
+          seed: int = 0, shape=None, check: bool = True, output=None, progress=None):
     """`spa prune` as a call, returning a Result (what `spa prune --json` prints; `.model`).
 
     `model`: a path, ModelProto or spa.Model. What to remove, exactly one of: `plan` (a plan dict,
@@ -73,10 +76,18 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
     of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to`,
     `prune_hidden`, `exclude` (name globs), `simplify` (onnxslim first), `sensitivity` (a
-    sensitivity document or file, with `max_loss`), `save_plan` (path), `seed`, `shape` (the input
-    shapes MACs, targets and the output check use, e.g. {"x": (1, 3, 736, 736)}; default: the first
-    sample of `calib`, else dynamic dims as 1), `check` (run the result in ONNX Runtime), `output`
-    (written atomically, verified on the written file).
+    sensitivity document or file: each group pruned as far as its measured loss, 1 - cosine,
+    stays within `max_loss`, 0.01 when not given; max_loss then bounds each group, not the result),
+    `save_plan` (path), `seed`, `shape` (the input shapes MACs, targets and the output check use,
+    e.g. {"x": (1, 3, 736, 736)}; default: the first sample of `calib`, else dynamic dims as 1),
+    `check` (run the result in ONNX Runtime), `output` (written atomically, verified on the written
+    file).
+
+    With `check`, the result's agreement with the input model is measured (spa.core.checks.Gate:
+    on the first calibration samples of `calib`, else on random inputs) and, below
+    AGREEMENT_WARN, warned about in the document's "warnings". `max_loss`: the most agreement it
+    may lose, 1 - top-1 agreement for class-score outputs, else 1 - cosine, worst output; more
+    is a VerificationError before anything is written.
 
     Given an Analysis and a plan instead, the single step: the plan applied and the ModelProto
     returned, passing the ONNX checker when `check` (over 2 GB only a written file can be checked:
@@ -112,6 +123,10 @@ def _check_options(o: dict) -> None:
             "sensitivity= goes with ratio= (the most any group is pruned)")
     positive_int("calib_samples", o["calib_samples"])
     shapes.parse(o["shape"])
+    require(o["max_loss"] is None or (isinstance(o["max_loss"], (int, float)) and 0 <= o["max_loss"] <= 1),
+            f"invalid max_loss={o['max_loss']}: it must be in [0, 1] (1 - agreement with the input model)")
+    require(o["max_loss"] is None or o["check"], "max_loss= is verified by running the result: it needs the output "
+            "check", "drop check=False")
     require(isinstance(o["seed"], int) and o["seed"] >= 0, f"invalid seed={o['seed']}: it must be 0 or more")
     require(o["criterion"] in criteria.CRITERIA, f"unknown criterion={o['criterion']}",
             f"choose one of: {', '.join(sorted(criteria.CRITERIA))}")
@@ -155,10 +170,13 @@ class _Run:
         self._load()
         self._choose()
         values, notes = self._compensation()
-        notes = (self.stats.notes if self.stats else []) + notes + self._exclude_notes()
+        told = _Told(self, values, notes)
+        notes = told.notes() + self._exclude_notes()
         with self.step("pruning"):
             rewrite = prune_pass.PrunePass(self.analysis, self.plan, values, self.o["check"], self.o["zeros"],
                                            self.o["seed"])
+            gated = self.o["max_loss"] if self.sens is None else None  # with sensitivity=: a bound per group
+            rewrite.gate = Gate(self.calib, self.o["seed"], gated) if self.o["check"] else None
             pruned, _ = rewrite.rewrite(self.model)
         blocks = attention_blocks(self.analysis, self.plan)
         counts = (len(self.analysis.groups), sum(g.prunable for g in self.analysis.groups),
@@ -171,8 +189,10 @@ class _Run:
         if self.o["save_plan"] is not None:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
-        doc.update(compensated=values is not None, statistics=self._stats_doc(),
-                   notes=list(dict.fromkeys(notes + check_notes(done.check))), **shapes.record(self.model))
+        fit = (done.check or {}).get("agreement")
+        doc.update(told.doc(), statistics=self._stats_doc(), agreement=fit,
+                   notes=list(dict.fromkeys(notes + check_notes(done.check))), warnings=agreement_warning(fit),
+                   **shapes.record(self.model))
         return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path)
 
     def _load(self) -> None:
@@ -231,7 +251,8 @@ class _Run:
     def _plan(self) -> dict:
         o, a = self.o, self.analysis
         if self.sens is not None:
-            ratios = sensitivity.protect(self.sens, o["ratio"], o["max_loss"])
+            limit = SENSITIVITY_LOSS if o["max_loss"] is None else o["max_loss"]
+            ratios = sensitivity.protect(self.sens, o["ratio"], limit)
             return sensitivity.plan_with_ratios(a, scores(a, o["criterion"], o["seed"], stats=self.stats), ratios,
                                                 round_to=o["round_to"])
         shared = {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
@@ -268,12 +289,50 @@ class _Run:
             "target": {k: o[f"target_{k}"] for k in ("params", "macs") if o[f"target_{k}"] is not None} or None,
             "plan_file": str(o["plan"]) if isinstance(o["plan"], (str, Path)) else None,
             "criterion": None if o["plan"] is not None or o["zeros"] else o["criterion"], "zeros": bool(o["zeros"]),
-            "global": bool(o["global_rank"]), "groups": counts[0], "groups_prunable": counts[1],
+            "global": bool(o["global_rank"]), "round_to": o["round_to"], "groups": counts[0], "groups_prunable": counts[1],
             "groups_pruned": sum(1 for c in plan.values() if c), "prune_hidden": bool(o["prune_hidden"]),
             "channels_removed": int(sum(len(c) for c in plan.values())),
             "overlapping": counts[2], "before": before, "after": after,
             "check": check, "attention_blocks": [b.to_json() for b in blocks], "simplify": self.simplified,
         }
+
+
+class _Told:
+    """What a run says about how it scored and compensated: the per-group fallbacks of its
+    criterion (groups it had no statistics for, scored by l1) and its compensation, summed up in
+    one line instead of one note per group; and, for a criterion that reads only the weights,
+    one note that it knows nothing of the data."""
+
+    def __init__(self, run: _Run, values: dict | None, notes: list):
+        self.o, self.plan = run.o, run.plan
+        pruned = [gid for gid, c in self.plan.items() if c]
+        self.scored = [g.id for g in run.analysis.groups if g.prunable] if run.stats is not None else []
+        self.fell_back = [gid for gid in getattr(run.stats, "fell_back", []) if gid in self.scored]
+        readers = {gid: {m.tensor for m in run.analysis.group(gid).members if m.role == "in"} for gid in pruned}
+        self.compensated = [gid for gid in pruned if values is not None and readers[gid] & set(values)]
+        self.pruned = pruned
+        self.other = [n for n in (run.stats.notes if run.stats else []) + notes
+                      if n not in getattr(run.stats, "fallback_notes", ()) and not n.endswith(NOT_COMPENSATED)]
+        self.values = values
+
+    def notes(self) -> list[str]:
+        o, lines = self.o, []
+        if self.plan is not None and o["plan"] is None and not o["zeros"] and o["criterion"] in WEIGHTS_ONLY:
+            lines.append(f"criterion '{o['criterion']}' sees only the weights, not what the model does on data: on a "
+                         "real trained model, check the result on data (calib=), or use criterion=obspa with "
+                         "calib=DATA.npz")
+        if self.fell_back or (self.values is not None and len(self.compensated) < len(self.pruned)):
+            data = "with" if self.o["calib"] is not None else "without"
+            line = (f"{o['criterion']} {data} calibration data: {len(self.fell_back)} of {len(self.scored)} groups had "
+                    "no statistics to use and were scored by l1")
+            if self.values is not None:
+                line += f"; {len(self.compensated)} of {len(self.pruned)} pruned groups compensated"
+            lines.append(line)
+        return lines + self.other
+
+    def doc(self) -> dict:
+        return {"compensated": bool(self.compensated), "compensated_groups": len(self.compensated),
+                "fell_back": self.fell_back}
 
 
 def _samples(calib, cap: int):

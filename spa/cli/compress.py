@@ -6,6 +6,7 @@ from rich.table import Table
 
 from spa.api.compress import compress
 from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, add_shape, output_path, progress
+from spa.core.errors import with_flags
 from spa.reporting import report
 from spa.reporting.report import out as console
 
@@ -74,6 +75,12 @@ def _print(doc: dict) -> None:
     console.print(table)
     for r in rows[1:]:
         report.out.print(f"{r['stage']}: {report.check_line(r['check'])}", markup=False, highlight=False)
+    for r in rows[1:]:
+        for line in (r.get("detail") or {}).get("warnings") or ():
+            report.warn(f"{r['stage']}: {with_flags(line, WARNING_FLAGS)}")
+
+
+WARNING_FLAGS = {"calib": "--calib", "criterion": "--criterion", "ratio": "--ratio"}  # named by stage warnings
 
 
 def _num(v, fmt: str) -> str:
@@ -85,7 +92,8 @@ def _what(row: dict) -> str:
     if row["stage"] == "pruned":
         macs = (f", MACs {d['macs_after'] / d['macs_before']:.2f}x" if d.get("macs_before") and d.get("macs_after")
                 else "")
-        return f"{d['criterion']} {d['ratio']:g}: {d['channels_removed']} channels removed{macs}"
+        rounded = f", widths multiples of {d['round_to']} (for N:M)" if d.get("round_to", 1) > 1 else ""
+        return f"{d['criterion']} {d['ratio']:g}: {d['channels_removed']} channels removed{macs}{rounded}"
     if row["stage"] == "sparse":
         return (f"{d['pattern']} {d['method']} on {d['eligible']} of {d['layers']} layers, retained |w| "
                 f"{_num(d['retained_magnitude'], '.3f')}" + (f", {d['permuted_groups']} groups permuted"

@@ -16,6 +16,7 @@ from spa.cli.app import (
     progress,
     show_notes,
 )
+from spa.core.errors import with_flags
 from spa.reporting import report
 from spa.scoring import criteria
 
@@ -53,7 +54,11 @@ def parser(sub) -> None:
     r.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
     r.add_argument("--sensitivity", metavar="SENS", help="with --ratio: a `spa sensitivity --json` result; each "
                    "group is pruned at most as far as its measured loss stays within --max-loss")
-    r.add_argument("--max-loss", type=float, default=0.01, help="with --sensitivity: 1 - cosine allowed per group")
+    r.add_argument("--max-loss", type=float, metavar="F",
+                   help="fail (exit 3, nothing written) when the result lost more than F of its agreement with the "
+                        "input model: 1 - top-1 agreement for class scores, else 1 - cosine, worst output, measured "
+                        "on --calib (else random inputs); with --sensitivity instead the loss (1 - cosine) allowed "
+                        "per group (default there 0.01)")
     r.add_argument("--save-plan", metavar="PLAN", help="write the plan as JSON")
     r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
     add_shape(r)
@@ -66,19 +71,29 @@ OPTIONS = ("plan", "ratio", "target_params", "target_macs", "zeros", "criterion"
            "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
 
 
+# the options the result's notes and warnings name, in the CLI's words
+FLAGS = {"calib": "--calib", "criterion": "--criterion", "ratio": "--ratio", "target_macs": "--target-macs",
+         "max_loss": "--max-loss"}
+
+
 def prune(args) -> int:
     result = prune_model(args.model, output=output_path(args, "pruned"), progress=progress(args),
                          **{k: getattr(args, k) for k in OPTIONS})
     doc = result.to_json()
+    warnings = [with_flags(line, FLAGS) for line in doc["warnings"]]
     if args.json:
+        for line in warnings:  # on stderr in both modes: a --json caller sees it too
+            report.warn(line)
         return report.print_json(doc)
     if doc["zeros"] and not doc["channels_removed"]:
         report.note("no prunable channel is all zero; the output equals the input")
     if (doc["simplify"] or {}).get("status", "ok") != "ok":
         report.note(f"not simplified: {doc['simplify']['reason']}")
-    show_notes(doc["notes"])
+    show_notes([with_flags(n, FLAGS) for n in doc["notes"]])
     report.print_prune(doc)
     report.print_blocks(doc["attention_blocks"], "attention blocks (before -> after)")
+    for line in warnings:  # last, where it is seen
+        report.warn(line)
     return 0
 
 

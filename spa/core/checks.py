@@ -1,16 +1,27 @@
 """What every pass ensures of the model it writes: the ONNX checker (no worse than its input)
-and a run in ONNX Runtime with the input's outputs' names, dtypes and shapes, all finite."""
+and a run in ONNX Runtime with the input's outputs' names, dtypes and shapes, all finite.
+
+A pass given a `Gate` also measures how far its result still agrees with the input model
+(`agreement`): on calibration samples when there are some, else on random inputs, per float
+output the cosine similarity and relative error and, for class scores (rank 2, or rank 3
+sequence logits, last axis the classes), the share of rows whose top-1 class is unchanged.
+The agreement of an output is its top-1 agreement where that applies, else its cosine; the
+model's is the worst output's, and its loss is 1 - agreement (what `max_loss` bounds)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 
+from spa.core.data import fixed_batch_size, model_batches, real_rows, trim
 from spa.core.errors import SpaError, VerificationError, first_line
 from spa.core.model import check_model
 from spa.core.runtime import exact_feeds, ort_reason, outputs, random_feeds, run, session
 
 NOT_RUN = {"status": "not run", "reason": "--no-check"}  # the check document when the caller turned it off
+AGREEMENT_WARN = 0.90  # a result agreeing less than this with its input model is flagged (a warning)
+AGREEMENT_SAMPLES = 64  # calibration samples the agreement is measured on (the first ones)
+RANDOM_SAMPLES = 8  # random inputs (one sample each) the agreement is measured on without calibration data
 
 
 def check_against(candidate, original) -> None:
@@ -165,3 +176,121 @@ class Fidelity:
         cos = self.dot / max(np.sqrt(self.aa * self.bb), 1e-300) if self.aa and self.bb else float(self.aa == self.bb)
         return {"cosine": cos, "rel_err": float(np.sqrt(self.dd) / max(np.sqrt(self.bb), 1e-300)),
                 "max_abs": self.max_abs}
+
+
+class Agreement(Fidelity):
+    """Fidelity of one output plus, for class scores, how many rows keep their top-1 class."""
+
+    def __init__(self):
+        super().__init__()
+        self.same = self.rows = 0
+        self.classes = True
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        """`a`: the candidate's output, `b`: the reference's (same shape)."""
+        super().add(a, b)
+        if not class_scores(b.shape):
+            self.classes = False
+            return
+        top_a, top_b = np.argmax(a, axis=-1), np.argmax(b, axis=-1)
+        self.same += int((top_a == top_b).sum())
+        self.rows += top_b.size
+
+    def result(self) -> dict:
+        r = super().result()
+        if self.classes and self.rows:
+            r["top1"] = self.same / self.rows
+        r["agreement"] = r.get("top1", r["cosine"])
+        return r
+
+
+def class_scores(shape) -> bool:
+    """Whether an output of `shape` reads as class scores: (batch, classes) or (batch, steps,
+    classes) sequence logits, with at least two classes."""
+    return len(shape) in (2, 3) and shape[-1] >= 2
+
+
+def agreement_batches(proto: onnx.ModelProto, calib=None, seed: int = 0, *, shapes=None) -> tuple[list, str]:
+    """(feed dicts, "calibration" | "random"): the first AGREEMENT_SAMPLES samples of `calib`
+    (arrays keyed by input name) batched the way the model takes them, else RANDOM_SAMPLES random
+    inputs (symbolic dims 1, or at `shapes`)."""
+    inits = {t.name for t in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in inits]
+    if isinstance(calib, dict) and all(n in calib for n in names):
+        feeds = {n: calib[n] for n in names}
+        return model_batches(feeds, 16, fixed=fixed_batch_size(proto), max_samples=AGREEMENT_SAMPLES), "calibration"
+    return [random_feeds(proto, seed=seed + k, shapes=shapes) for k in range(RANDOM_SAMPLES)], "random"
+
+
+def agreement(reference, candidate, batches: list) -> dict:
+    """How far `candidate` agrees with `reference` (models or files) on `batches`: per float output
+    cosine, relative error, max abs and (class scores) top-1 agreement; the worst output's
+    `agreement`, `metric` and `loss` (1 - agreement)."""
+    ref, cand = session(reference, light=True), session(candidate, light=True)
+    acc, samples = {}, 0
+    for feeds in batches:
+        want, got = trim(outputs(ref, feeds), feeds), trim(outputs(cand, feeds), feeds)
+        for name, b in want.items():
+            a = got.get(name)
+            if isinstance(b, np.ndarray) and np.issubdtype(b.dtype, np.floating) and getattr(a, "shape", None) == b.shape:
+                acc.setdefault(name, Agreement()).add(a, b)
+        first = next((v for v in feeds.values() if np.ndim(v)), None)
+        samples += real_rows(feeds, len(first) if first is not None else 1)
+    per = {name: a.result() for name, a in acc.items()}
+    if not per:
+        return {"status": "skipped", "reason": "the model has no float output to compare", "outputs": {}}
+    worst = min(per, key=lambda n: per[n]["agreement"])
+    return {"status": "ok", "samples": samples, "outputs": per, "output": worst,
+            "metric": "top-1" if "top1" in per[worst] else "cosine", "agreement": per[worst]["agreement"],
+            "loss": 1.0 - per[worst]["agreement"]}
+
+
+class Gate:
+    """The agreement a pass measures on its result (`Pass.gate`), and the most loss it may have.
+
+    `calib`: arrays keyed by input name (else random inputs, `seed`); `max_loss`: None (measure
+    only) or the largest 1 - agreement allowed, else VerificationError before anything is written."""
+
+    def __init__(self, calib=None, seed: int = 0, max_loss: float | None = None):
+        self.calib, self.seed, self.max_loss = calib, seed, max_loss
+
+    def measure(self, model, candidate) -> dict:
+        """The agreement document of `candidate` (a ModelProto or file) with the input `model`."""
+        inputs = "random"
+        try:
+            batches, inputs = agreement_batches(model.proto, self.calib, self.seed,
+                                                shapes=getattr(model, "input_shapes", None))
+            doc = {"inputs": inputs, **agreement(model.path if model.path is not None else model.proto, candidate,
+                                                 batches)}
+        except Exception as exc:  # noqa: BLE001 - a model ORT cannot run on these inputs: said, not fatal
+            reason = exc.message if isinstance(exc, SpaError) else ort_reason(exc, default=type(exc).__name__)
+            doc = {"inputs": inputs, "status": "skipped", "reason": reason}
+        if self.max_loss is None:
+            return doc
+        if doc["status"] != "ok":
+            raise VerificationError(f"the agreement with the input model could not be measured ({doc['reason']}), "
+                                    f"so max_loss={self.max_loss:g} cannot be verified; nothing written")
+        if doc["loss"] > self.max_loss:
+            raise VerificationError(f"the result no longer agrees with the input model: {agreement_phrase(doc)}, a "
+                                    f"loss of {doc['loss']:.3f} > max_loss={self.max_loss:g}; nothing written",
+                                    ADVICE)
+        return doc
+
+
+ADVICE = ("prune less (a smaller ratio= or a target_macs= budget), use criterion=obspa with calib=DATA.npz, "
+          "then recover with `spa finetune PRUNED --distill-from DENSE`")
+
+
+def agreement_phrase(doc: dict) -> str:
+    """'top-1 agreement 0.412 on output 'logits' (64 calibration samples)'."""
+    return (f"{doc['metric']} agreement {doc['agreement']:.3f} on output '{doc['output']}' "
+            f"({doc['samples']} {doc['inputs']} sample{'s' if doc['samples'] != 1 else ''})")
+
+
+def agreement_warning(doc: dict | None) -> list[str]:
+    """The warning of a result whose measured agreement is below AGREEMENT_WARN (else [])."""
+    if not doc or doc.get("status") != "ok" or doc["agreement"] >= AGREEMENT_WARN:
+        return []
+    where = "" if doc["inputs"] == "calibration" else " (random inputs: pass calib= to measure on real data)"
+    line = f"the result no longer agrees with the input model: {agreement_phrase(doc)} < {AGREEMENT_WARN:g}{where}"
+    return [f"{line}; {ADVICE}"]

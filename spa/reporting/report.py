@@ -27,6 +27,11 @@ def note(text: str) -> None:
     err.print(f"note: {text}", markup=False, highlight=False, soft_wrap=True)
 
 
+def warn(text: str) -> None:
+    """One `warning:` line on stderr (a result that was written but may not be what was wanted)."""
+    err.print(f"warning: {text}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _fmt(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
@@ -143,6 +148,17 @@ def print_prune(doc: dict) -> None:
         out.print(f"  group '{o['group']}': its channels overlap, so {o['channels']} channel(s) removed "
                   f"{o['slices']} of {o['of']} slices of '{o['tensor']}' (axis {o['axis']})")
     out.print(check_line(doc["check"]), markup=False, highlight=False)
+    if doc.get("agreement"):
+        out.print(agreement_line(doc["agreement"]), markup=False, highlight=False)
+
+
+def agreement_line(fit: dict) -> str:
+    """The result's measured agreement with its input, per output, in one line."""
+    if fit["status"] != "ok":
+        return f"agreement with the input: not measured ({fit['reason']})"
+    parts = [f"'{name}' " + (f"top-1 {o['top1']:.3f}, " if "top1" in o else "") + f"cosine {o['cosine']:.4f}"
+             for name, o in fit["outputs"].items()]
+    return f"agreement with the input on {fit['samples']} {fit['inputs']} samples: {'; '.join(parts)}"
 
 
 def check_line(check: dict | None) -> str:

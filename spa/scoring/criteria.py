@@ -107,8 +107,14 @@ def fpgm(group, weights, data=None, seed=0) -> np.ndarray:
 
 
 def _fallback(group, weights, data, why: str) -> np.ndarray:
+    """l1 scores for a group the criterion cannot score, recorded in `data` (its note, and the
+    group's id in `data.fell_back` where the measurement keeps that list)."""
     if data is not None:
-        data.note(f"group '{group.id}' {why}: scored by l1")
+        line = f"group '{group.id}' {why}: scored by l1"
+        data.note(line)
+        if hasattr(data, "fell_back") and group.id not in data.fell_back:
+            data.fell_back.append(group.id)
+            data.fallback_notes.append(line)
     return l1(group, weights)
 
 

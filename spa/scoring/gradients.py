@@ -50,6 +50,8 @@ class Saliency:
     labels: bool
     notes: list = field(default_factory=list)
     source: str = "gradients"
+    fell_back: list = field(default_factory=list)  # ids of the groups scored by l1 instead (no gradient)
+    fallback_notes: list = field(default_factory=list)
 
     def note(self, line: str) -> None:
         if line not in self.notes:

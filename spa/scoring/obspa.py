@@ -16,6 +16,7 @@ import numpy as np
 from spa.core.values import zeroed
 from spa.scoring.stats import calibrate, read_spaces, reference_session
 
+NOT_COMPENSATED = ": not compensated"  # how the note of a consumer left as it was ends
 DAMP = 0.01  # H + DAMP * mean(diag H) * I: removed channels may be (near) constant
 
 
@@ -138,7 +139,7 @@ def compensate(analysis, plan: dict, stats, *, base: dict | None = None) -> dict
         h = hessian(stats, member, w.shape[axis])
         if h is None or not dropped:
             if h is None:
-                stats.note(f"no statistics for what '{tensor}' reads: not compensated")
+                stats.note(f"no statistics for what '{tensor}' reads{NOT_COMPENSATED}")
             continue
         mom = stats.get(member.reads)
         cross = mom.cross if mom.cross is not None else h

@@ -27,6 +27,8 @@ class Stats:
     spaces: dict = field(default_factory=dict)  # space -> Moments
     samples: int = 0
     notes: list = field(default_factory=list)  # what a criterion could not use, one line each
+    fell_back: list = field(default_factory=list)  # ids of the groups a criterion scored by l1 instead
+    fallback_notes: list = field(default_factory=list)  # their notes (a summary replaces them)
 
     def get(self, space) -> Moments | None:
         return self.spaces.get(space)
