@@ -112,7 +112,7 @@ def _priorities(group, scores, weight: float, saving: float, cap: int) -> tuple:
     return order[:cap], np.maximum.accumulate(weight * costs[:cap]) / saving
 
 
-def weights(sens: dict, groups, scores: dict, protect: dict) -> tuple[dict, str]:
+def weights(sens: dict, groups, scores: dict, *, protect: dict) -> tuple[dict, str]:
     """({group id: w_g} from a sensitivity document, how): w_g scales the modelled cost of removing
     the measured ratio to the measured loss; a group over PROTECT_LOSS (or not measured) joins `protect`."""
     losses, at = measured(sens)

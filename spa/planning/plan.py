@@ -73,7 +73,7 @@ def allocate(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1
     protect = budget.structural(analysis, groups)
     weights, how = None, "estimated (no data: every group alike, structure protects)"
     if sens is not None:
-        weights, how = budget.weights(sens, groups, ranked, protect)
+        weights, how = budget.weights(sens, groups, ranked, protect=protect)
     alloc = budget.Allocation(analysis, kind, ranked, groups, weights=weights, protect=protect,
                               max_group_ratio=max_group_ratio, round_to=round_to)
     plan = alloc.solve(keep)
