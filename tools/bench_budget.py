@@ -1,6 +1,7 @@
 """Budget allocation against the uniform ratio at the same MACs, on a task metric, no fine-tuning.
 
     python tools/bench_budget.py [--out DIR] [--budgets 0.8 0.65 0.5] [--models digits cls] [--samples 256]
+    python tools/bench_budget.py --members
 
 For every MACs budget B and model, the rows of docs/benchmarks.md "Budgets":
 
@@ -10,6 +11,11 @@ For every MACs budget B and model, the rows of docs/benchmarks.md "Budgets":
 - l1 budget (measured): `--target-macs B --calib` (each group alone at ratio 0.5, no compensation);
 - obspa calibrated uniform: `--ratio R --criterion obspa --calib` (calibrated compensation);
 - obspa calibrated budget: `--target-macs B --criterion obspa --calib`.
+
+`--members` instead measures the data-free criteria question of issue 19: spa's l1/l2 divide each
+member's scores by their mean before averaging over the group's members; Torch-Pruning's group
+magnitude sums raw magnitudes. Both, on the digits CNN trained with seeds 0-2, uniform ratios
+0.2/0.3/0.5, top-1 as pruned / with data-free compensation.
 
 Models: `digits` = the digits CNN of models/digits.py (trained here in seconds; top-1 on the 450
 test digits, calibration on training images); `cls` = the PP-OCR direction classifier shipped in
@@ -32,6 +38,7 @@ import spa
 from spa import api
 from spa.core import cost
 from spa.core.runtime import run
+from spa.scoring import criteria
 
 WORDS = ("invoice", "total", "amount", "date", "name", "address", "phone", "number", "order", "item",
          "quantity", "price", "tax", "paid", "receipt", "customer", "account", "balance", "due", "payment",
@@ -127,15 +134,52 @@ def table(name: str, task, budgets) -> None:
                   f"{metric(res.model):.1f} | {prot} | {wall:.1f} |", flush=True)
 
 
+def _raw(group, weights, power: int) -> np.ndarray:
+    """Torch-Pruning's group magnitude: raw per-channel sums over every weight member, not normalised."""
+    total = 0.0
+    for m in [m for m in group.members if weights[m.tensor].ndim >= 2] or group.members:
+        w = weights[m.tensor]
+        axes = tuple(a for a in range(w.ndim) if a != m.axis)
+        mag = np.abs(w) if power == 1 else np.square(w)
+        per = mag.sum(axis=axes, dtype=np.float64) if axes else mag.astype(np.float64)
+        total = total + np.array([per[np.asarray(ix)].sum() for ix in m.positions])
+    return total if power == 1 else np.sqrt(total)
+
+
+def members_table(out: Path) -> None:
+    from models import digits
+
+    criteria.criterion("l1-raw")(lambda g, w, data=None, seed=0: _raw(g, w, 1))
+    criteria.criterion("l2-raw")(lambda g, w, data=None, seed=0: _raw(g, w, 2))
+    test = spa.load_npz(digits.save_npz(out / "digits_test.npz", "test"))
+    print("| seed | dense | criterion | 0.2 | 0.3 | 0.5 |\n|---|---|---|---|---|---|")
+    for seed in (0, 1, 2):
+        model, _ = digits.train("cnn", seed=seed)
+        path = digits.export("cnn", out / f"digits_cnn_{seed}.onnx", "torchscript", model=model, seed=seed)
+        a, top1 = spa.analyze(spa.load(path)), lambda m: 100 * spa.evaluate(m, test, "labels")["accuracy"]
+        st = api.statistics(a)
+        for c in ("l1", "l1-raw", "l2", "l2-raw"):
+            cells = []
+            for r in (0.2, 0.3, 0.5):
+                plan = api.make_plan(a, r, c)
+                comp = api.compensation(a, plan, stats=st)[0]
+                cells.append(f"{top1(api.prune(a, plan, check=False)):.1f} / "
+                             f"{top1(api.prune(a, plan, check=False, compensate=comp)):.1f}")
+            print(f"| {seed} | {top1(str(path)):.1f} | {c} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/spa-budget")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.65, 0.5])
     ap.add_argument("--models", nargs="+", default=["digits", "cls"], choices=("digits", "cls"))
     ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--members", action="store_true", help="raw versus per-member normalised l1/l2 (digits CNN)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.members:
+        return members_table(out)
     for name in args.models:
         task = digits_task(out, args.samples) if name == "digits" else cls_task(out, args.samples)
         table(name, task, args.budgets)
