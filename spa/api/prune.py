@@ -28,8 +28,8 @@ from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, we
 from spa.core.sizes import file_bytes
 from spa.passes import prune as prune_pass
 from spa.passes.simplify import simplify_model
-from spa.planning import planner, sensitivity
-from spa.planning.plan import make_plan, plan_for_target, scores
+from spa.planning import budget, latency, planner, sensitivity
+from spa.planning.plan import allocate, make_plan, scores
 from spa.reporting.report import why_nothing
 from spa.scoring import criteria
 from spa.scoring.gradients import require_torch
@@ -40,6 +40,7 @@ from spa.training.train import zero_plan
 SCHEMA = 1
 SENSITIVITY_LOSS = 0.01  # with sensitivity= and no max_loss=: 1 - cosine allowed per group
 WEIGHTS_ONLY = ("l1", "l2", "fpgm", "random", "bn-scale")  # criteria that see no data at all
+TARGETS = ("target_params", "target_macs", "target_latency")
 QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
              "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
 DYNAMIC_OPS = ("ConvInteger", "DynamicQuantizeLinear", "MatMulInteger")  # onnxruntime's quantize_dynamic
@@ -61,7 +62,8 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
     raise SpaError(f"cannot prune this model: it is {what}, {where}{qdq}", "prune the float model, then quantize it")
 
 
-def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, zeros: bool = False,
+def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, target_latency=None,
+          zeros: bool = False,
           criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None, compensate=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int = 1, prune_hidden: bool = False,
           exclude=(), simplify: bool = False, sensitivity=None, max_loss: float | None = None, save_plan=None,
@@ -70,8 +72,11 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
 
     `model`: a path, ModelProto or spa.Model. What to remove, exactly one of: `plan` (a plan dict,
     a plan document or a plan file), `ratio` (of each group's channels), `target_params` /
-    `target_macs` (keep at most this fraction, channels ranked globally) or `zeros=True` (exactly
-    the all-zero channels; the outputs must not change). `criterion` scores the channels (data
+    `target_macs` / `target_latency` (keep at most this fraction of the params, MACs or ONNX Runtime
+    CPU latency, removal allocated across groups by sensitivity: measured on `calib` or read from
+    `sensitivity` when given, else estimated; stems, heads and narrow groups protected;
+    docs/budget.md) or `zeros=True` (exactly the all-zero channels; the outputs must not change).
+    `criterion` scores the channels (data
     criteria read `calib`: an .npz path or arrays keyed by input name, `calib_samples` of them;
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
     of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to`,
@@ -110,17 +115,19 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
 
 def _check_options(o: dict) -> None:
     """Every bad value or combination fails here, before any slow work (UsageError, exit 2)."""
-    ways = [k for k in ("ratio", "plan", "target_params", "target_macs") if o[k] is not None] + \
-        (["zeros"] if o["zeros"] else [])
-    require(len(ways) == 1, "give exactly one of ratio=, plan=, target_params=, target_macs=, zeros=True"
-            + (f" (got {', '.join(ways)})" if ways else ""))
+    ways = [k for k in ("ratio", "plan", *TARGETS) if o[k] is not None] + (["zeros"] if o["zeros"] else [])
+    require(len(ways) == 1, "give exactly one of ratio=, plan=, target_params=, target_macs=, target_latency=, "
+            "zeros=True" + (f" (got {', '.join(ways)})" if ways else ""))
+    for k in TARGETS:
+        if o[k] is not None:
+            budget.check_keep(k[len("target_"):], o[k])
     if o["plan"] is None and not o["zeros"]:
         if o["ratio"] is not None:
             planner.check_ratio(o["ratio"])
         planner.check_ratio(o["max_group_ratio"], "max_group_ratio")
         positive_int("round_to", o["round_to"])
-    require(not (o["sensitivity"] is not None and o["ratio"] is None),
-            "sensitivity= goes with ratio= (the most any group is pruned)")
+    require(not (o["sensitivity"] is not None and o["ratio"] is None and all(o[k] is None for k in TARGETS)),
+            "sensitivity= goes with ratio= (the most any group is pruned) or a target (the groups' weights)")
     positive_int("calib_samples", o["calib_samples"])
     shapes.parse(o["shape"])
     require(o["max_loss"] is None or (isinstance(o["max_loss"], (int, float)) and 0 <= o["max_loss"] <= 1),
@@ -212,7 +219,7 @@ class _Run:
 
     def _choose(self) -> None:
         """The plan: given, all-zero channels, or scored and planned."""
-        self.stats = None
+        self.stats = self.budget = None
         if self.o["zeros"]:
             self.plan = zero_plan(self.analysis)
         if self.plan is not None:
@@ -250,6 +257,8 @@ class _Run:
 
     def _plan(self) -> dict:
         o, a = self.o, self.analysis
+        if any(o[k] is not None for k in TARGETS):
+            return self._budget()
         if self.sens is not None:
             limit = SENSITIVITY_LOSS if o["max_loss"] is None else o["max_loss"]
             ratios = sensitivity.protect(self.sens, o["ratio"], limit)
@@ -257,10 +266,35 @@ class _Run:
                                                 round_to=o["round_to"])
         shared = {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
                   "seed": o["seed"], "prune_hidden": o["prune_hidden"], "stats": self.stats}
-        if o["target_params"] is not None or o["target_macs"] is not None:
-            kind = "params" if o["target_params"] is not None else "macs"
-            return plan_for_target(a, kind, o[f"target_{kind}"], **shared)
         return make_plan(a, o["ratio"], global_rank=o["global_rank"], **shared)
+
+    def _budget(self) -> dict:
+        """The plan for a params/MACs/latency target (spa.planning.budget), its explanation kept."""
+        o, a = self.o, self.analysis
+        sens = self.sens if self.sens is not None else self._sensitivity()
+        shared = {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
+                  "seed": o["seed"], "prune_hidden": o["prune_hidden"], "stats": self.stats, "sens": sens}
+        if o["target_latency"] is None:
+            kind = "params" if o["target_params"] is not None else "macs"
+            plan, self.budget = allocate(a, kind, o[f"target_{kind}"], **shared)
+            return plan
+        feeds = {k: v[:1] for k, v in self.calib.items() if k in a.model.input_names} if self.calib else None
+        with self.step("timing in ONNX Runtime (CPU, batch 1)"):
+            plan, self.budget = latency.plan_for_latency(a, o["target_latency"],
+                                                         lambda t: allocate(a, "macs", t, **shared), feeds=feeds)
+        return plan
+
+    def _sensitivity(self):
+        """With calib=: each candidate group pruned alone at budget.PROBE_RATIO (one trial each)."""
+        if self.calib is None:
+            return None
+        o = self.o
+        n = min(o["calib_samples"], 256)
+        with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, "
+                       f"{_samples(self.calib, n)} samples)"):
+            groups = [g for g in self.analysis.groups if g.prunable and (o["prune_hidden"] or not g.hidden)]
+            return sensitivity.sensitivity(self.analysis, self.calib, (budget.PROBE_RATIO,), criterion=o["criterion"],
+                                           groups=groups, seed=o["seed"], max_samples=n, stats=self.stats)
 
     def _compensation(self):
         if not self.o["compensate"] or not self.plan:
@@ -286,10 +320,12 @@ class _Run:
         return {
             "schema_version": SCHEMA, "input": self.name, "output": None if self.out is None else str(self.out),
             "ratio": o["ratio"],
-            "target": {k: o[f"target_{k}"] for k in ("params", "macs") if o[f"target_{k}"] is not None} or None,
+            "target": {k[len("target_"):]: o[k] for k in TARGETS if o[k] is not None} or None,
+            "budget": self.budget,
             "plan_file": str(o["plan"]) if isinstance(o["plan"], (str, Path)) else None,
             "criterion": None if o["plan"] is not None or o["zeros"] else o["criterion"], "zeros": bool(o["zeros"]),
-            "global": bool(o["global_rank"]), "round_to": o["round_to"], "groups": counts[0], "groups_prunable": counts[1],
+            "global": bool(o["global_rank"]), "round_to": o["round_to"], "groups": counts[0],
+            "groups_prunable": counts[1],
             "groups_pruned": sum(1 for c in plan.values() if c), "prune_hidden": bool(o["prune_hidden"]),
             "channels_removed": int(sum(len(c) for c in plan.values())),
             "overlapping": counts[2], "before": before, "after": after,

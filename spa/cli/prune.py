@@ -28,9 +28,13 @@ def parser(sub) -> None:
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
     how.add_argument("--plan", help="apply an explicit plan file (from --save-plan)")
     how.add_argument("--target-params", type=float, metavar="F",
-                     help="keep at most this fraction of the parameters, channels ranked globally")
+                     help="keep at most this fraction of the parameters, removal allocated across groups by "
+                          "sensitivity (measured with --calib, else estimated; docs/budget.md)")
     how.add_argument("--target-macs", type=float, metavar="F",
-                     help="keep at most this fraction of the MACs, channels ranked globally")
+                     help="keep at most this fraction of the MACs, allocated as --target-params")
+    how.add_argument("--target-latency", type=float, metavar="F",
+                     help="keep at most this fraction of the ONNX Runtime CPU latency (batch 1, measured: a few "
+                          "timings of a MACs allocation)")
     how.add_argument("--zeros", action="store_true",
                      help="remove exactly the channels whose weights are all zero (after spa train-sparse); "
                           "the outputs must not change (else exit 3)")
@@ -53,7 +57,8 @@ def parser(sub) -> None:
     r.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=EXCLUDE_HELP)
     r.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
     r.add_argument("--sensitivity", metavar="SENS", help="with --ratio: a `spa sensitivity --json` result; each "
-                   "group is pruned at most as far as its measured loss stays within --max-loss")
+                   "group is pruned at most as far as its measured loss stays within --max-loss; with a --target-*: "
+                   "the groups' measured sensitivity (instead of measuring it on --calib)")
     r.add_argument("--max-loss", type=float, metavar="F",
                    help="fail (exit 3, nothing written) when the result lost more than F of its agreement with the "
                         "input model: 1 - top-1 agreement for class scores, else 1 - cosine, worst output, measured "
@@ -66,8 +71,8 @@ def parser(sub) -> None:
     add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
 
 
-OPTIONS = ("plan", "ratio", "target_params", "target_macs", "zeros", "criterion", "calib", "calib_samples", "labels",
-           "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden", "exclude", "simplify",
+OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "criterion", "calib",
+           "calib_samples", "labels", "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden", "exclude", "simplify",
            "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
 
 
@@ -90,11 +95,27 @@ def prune(args) -> int:
     if (doc["simplify"] or {}).get("status", "ok") != "ok":
         report.note(f"not simplified: {doc['simplify']['reason']}")
     show_notes([with_flags(n, FLAGS) for n in doc["notes"]])
+    show_budget(doc["budget"])
     report.print_prune(doc)
     report.print_blocks(doc["attention_blocks"], "attention blocks (before -> after)")
     for line in warnings:  # last, where it is seen
         report.warn(line)
     return 0
+
+
+def show_budget(budget) -> None:
+    """One line on how a target was allocated, one per protected group, the latency timings."""
+    if not budget:
+        return
+    pruned = sum(1 for g in budget["groups"] if g["removed"])
+    report.note(f"budget: sensitivity {budget['sensitivity']}; {pruned} of {len(budget['groups'])} groups pruned, "
+                f"{len(budget['protected'])} protected")
+    for p in budget["protected"]:
+        report.note(f"  protected '{p['group']}': {p['reason']}")
+    if "latency" in budget:
+        lat = budget["latency"]
+        tries = ", ".join(f"MACs {t['macs_target']:g} -> {t['latency_ratio']:.3f}" for t in lat["timings"])
+        report.note(f"latency (ORT CPU, batch 1, ratio to dense): {tries}" + ("" if lat["met"] else "; target not met"))
 
 
 COMMANDS = {"prune": prune}

@@ -4,10 +4,9 @@
 
 from __future__ import annotations
 
-from spa.core import cost
 from spa.core.analysis import Analysis
 from spa.core.errors import SpaError, UsageError, positive_int
-from spa.planning import planner
+from spa.planning import budget, planner
 from spa.scoring import criteria
 from spa.scoring.measure import statistics
 
@@ -51,31 +50,32 @@ def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", *, global
 
 
 def plan_for_target(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1", round_to: int = 1,
-                    max_group_ratio: float = 0.9, seed: int = 0, prune_hidden: bool = False, stats=None) -> dict:
-    """The plan that keeps at most `keep` of the model's params or MACs (`kind`), channels
-    ranked globally (scores normalised per group, each group capped at `max_group_ratio`): the
-    smallest global ratio that meets the budget, found by bisection on spa.cost.estimate."""
+                    max_group_ratio: float = 0.9, seed: int = 0, prune_hidden: bool = False, stats=None,
+                    sens=None) -> dict:
+    """The plan that keeps at most `keep` of the model's params or MACs (`kind`), removal allocated
+    across groups by spa.planning.budget (scores normalised within each group, the group's
+    sensitivity from `sens` (a sensitivity document) or estimated, stems/heads/narrow groups
+    protected), found by bisection on spa.cost.estimate."""
+    return allocate(analysis, kind, keep, criterion=criterion, round_to=round_to, max_group_ratio=max_group_ratio,
+                    seed=seed, prune_hidden=prune_hidden, stats=stats, sens=sens)[0]
+
+
+def allocate(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1", round_to: int = 1,
+             max_group_ratio: float = 0.9, seed: int = 0, prune_hidden: bool = False, stats=None,
+             sens=None) -> tuple[dict, dict]:
+    """(plan, what the allocation did: {"sensitivity", "protected", "groups"}) for `plan_for_target`."""
     if kind not in ("params", "macs"):
         raise UsageError(f"unknown target '{kind}'", "choose params or macs")
-    if not (isinstance(keep, (int, float)) and 0 < keep <= 1):
-        raise UsageError(f"invalid target_{kind}={keep}: it must be in (0, 1], the fraction of {kind} to keep")
+    budget.check_keep(kind, keep)
+    planner.check_ratio(max_group_ratio, "max_group_ratio")
     ranked = scores(analysis, criterion, seed, stats=stats)
-    groups = _candidates(analysis, prune_hidden)
-    full = cost.estimate(analysis, {})[kind]
-    fraction = lambda plan: cost.estimate(analysis, plan)[kind] / max(full, 1)
-    plan_at = lambda r: planner.global_(groups, ranked, r, round_to=round_to, max_group_ratio=max_group_ratio)
-    best = plan_at(0.999)
-    if fraction(best) > keep:
-        raise SpaError(f"cannot keep only {keep:g} of the {kind}: pruning every prunable group as far as allowed "
-                       f"keeps {fraction(best):.3f}", "raise max_group_ratio=, add prune_hidden=True, or aim higher")
-    lo, hi = 0.0, 0.999
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        plan = plan_at(mid)
-        if fraction(plan) <= keep:
-            hi, best = mid, plan
-        else:
-            lo = mid
-        if hi - lo < 1e-4:
-            break
-    return best
+    groups = [g for g in _candidates(analysis, prune_hidden) if g.prunable and g.id in ranked]
+    protect = budget.structural(analysis, groups)
+    weights, how = None, "estimated (no data: every group alike, structure protects)"
+    if sens is not None:
+        weights, how = budget.weights(sens, groups, ranked, protect=protect)
+    alloc = budget.Allocation(analysis, kind, ranked, groups, weights=weights, protect=protect,
+                              max_group_ratio=max_group_ratio, round_to=round_to)
+    plan = alloc.solve(keep)
+    return plan, {"sensitivity": how, **alloc.to_json(plan)}
+

@@ -1,0 +1,133 @@
+"""Budget allocation (spa.planning.budget): --target-params/--target-macs/--target-latency."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+import spa
+from spa import api
+from spa.cli import app as cli
+from spa.core import cost
+from spa.planning import budget
+from spa.planning.plan import allocate
+from tests.graphs import build, conv_relu, node, weight
+
+TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx"
+
+
+def chain(scale: float = 1.0):
+    """x -> a(3->8) -> b(8->16) -> c(16->16) -> d(16->16) -> e(16->4) -> y, ReLU between; b's weight
+    and bias times `scale`, c's weight over it: the same function (ReLU is positively homogeneous)."""
+    nodes, inits = [], []
+    for i, (p, cin, cout, x, y) in enumerate([("a", 3, 8, "x", "ya"), ("b", 8, 16, "ya", "yb"),
+                                              ("c", 16, 16, "yb", "yc"), ("d", 16, 16, "yc", "yd")]):
+        n, w = conv_relu(x, y, cin, cout, prefix=p)
+        nodes += n
+        inits += w
+    nodes.append(node("Conv", ["yd", "e.w", "e.b"], ["y"], kernel_shape=[1, 1]))
+    inits += [weight("e.w", 4, 16, 1, 1), weight("e.b", 4)]
+    arrays = {t.name: numpy_helper.to_array(t) for t in inits}
+    arrays["b.w"], arrays["b.b"], arrays["c.w"] = arrays["b.w"] * scale, arrays["b.b"] * scale, arrays["c.w"] / scale
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arrays.items()]
+    return build(nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 4, 16, 16]}, inits)
+
+
+def _group_of(analysis, tensor: str) -> str:
+    return next(g.id for g in analysis.groups if any(m.tensor == tensor and m.role != "in" for m in g.members))
+
+
+@pytest.mark.parametrize("kind", ["params", "macs"])
+@pytest.mark.parametrize("keep", [0.8, 0.6])
+def test_allocation_meets_the_target(kind, keep):
+    analysis = spa.analyze(spa.load(TINY))
+    plan, info = allocate(analysis, kind, keep)
+    after = cost.summary(api.reinfer(api.prune(analysis, plan)))[kind] / cost.summary(spa.load(TINY))[kind]
+    assert keep - 0.08 < after <= keep
+    assert info["sensitivity"].startswith("estimated")
+
+
+def test_stem_and_head_are_protected_with_a_reason_in_the_json():
+    doc = api.prune(chain().proto, target_macs=0.7).to_json()
+    analysis = spa.analyze(chain())
+    reasons = {p["group"]: p["reason"] for p in doc["budget"]["protected"]}
+    assert reasons[_group_of(analysis, "a.w")].startswith("stem")
+    assert reasons[_group_of(analysis, "d.w")].startswith("head")
+    assert doc["target"] == {"macs": 0.7}
+    pruned = {g["id"] for g in doc["budget"]["groups"] if g["removed"]}
+    assert pruned and not pruned & set(reasons)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "fpgm"])
+def test_allocation_does_not_depend_on_one_layers_weight_scale(criterion):
+    plans = []
+    for scale in (1.0, 1000.0):
+        model = chain(scale)
+        analysis = spa.analyze(model)
+        plans.append(allocate(analysis, "macs", 0.7, criterion=criterion)[0])
+    assert plans[0] == plans[1]
+    assert plans[0]
+
+
+def test_measured_sensitivity_protects_a_sensitive_group_and_weights_the_rest():
+    model = chain()
+    analysis = spa.analyze(model)
+    b, c = _group_of(analysis, "b.w"), _group_of(analysis, "c.w")
+    sens = {"ratios": [0.3, 0.5], "groups": [{"id": b, "loss": [0.4, 0.9]}, {"id": c, "loss": [0.001, 0.01]}]}
+    plan, info = allocate(analysis, "macs", 0.8, sens=sens)
+    assert info["sensitivity"].startswith("measured")
+    assert {p["group"]: p["reason"] for p in info["protected"]}[b].startswith("sensitive")
+    assert b not in plan and c in plan
+
+
+def test_calibrated_target_measures_sensitivity():
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.standard_normal((16, 3, 16, 16)).astype(np.float32)}
+    doc = api.prune(chain().proto, target_macs=0.8, calib=calib).to_json()
+    assert doc["budget"]["sensitivity"].startswith("measured")
+    assert doc["after"]["macs"] <= 0.8 * doc["before"]["macs"]
+
+
+def test_ratio_mode_is_unchanged():
+    analysis = spa.analyze(spa.load(TINY))
+    doc = api.prune(str(TINY), ratio=0.5, check=False).to_json()
+    assert doc["budget"] is None and doc["target"] is None
+    assert doc["channels_removed"] == sum(len(v) for v in api.make_plan(analysis, 0.5).values())
+
+
+def test_too_low_a_target_is_one_error():
+    with pytest.raises(spa.SpaError, match="cannot keep only"):
+        allocate(spa.analyze(spa.load(TINY)), "macs", 0.001)
+
+
+def _cli(capsys, *args):
+    capsys.readouterr()
+    try:
+        rc = cli.main([str(a) for a in args])
+    except SystemExit as exc:
+        rc = exc.code if isinstance(exc.code, int) else 1
+    return rc, capsys.readouterr()
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2", "nan", "x"])
+def test_target_latency_validates_its_value(capsys, tmp_path, value):
+    rc, cap = _cli(capsys, "prune", TINY, "--target-latency", value, "-o", tmp_path / "p.onnx")
+    assert rc == 2
+    assert "target-latency" in cap.err
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_target_latency_prunes_and_reports_its_timings(capsys, tmp_path):
+    rc, cap = _cli(capsys, "prune", TINY, "--target-latency", "0.9", "-o", tmp_path / "p.onnx")
+    assert rc == 0, cap.err
+    assert "latency (ORT CPU, batch 1, ratio to dense)" in cap.err
+    assert "protected" in cap.err
+
+
+def test_check_keep_refuses_what_is_not_a_fraction():
+    for bad in (0, 1.01, True, "0.5", float("nan")):
+        with pytest.raises(spa.UsageError):
+            budget.check_keep("macs", bad)
