@@ -27,6 +27,7 @@ from spa.api.prune import prune_model
 from spa.api.quantize import quantize
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.api.sparsify import sparsify
+from spa.api.train import finetune
 from spa.core import shapes
 from spa.core.data import conform
 from spa.core.errors import SpaError, UsageError, positive_int, require
@@ -46,10 +47,11 @@ QUANT_METHODS = ("minmax", "entropy", "percentile")
 def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = False, prune_hidden: bool = False,
              sparsify=None, sparsify_method=None, permute: bool = False, min_size: int = 16, int8: bool = False,
              fp16: bool = False, calib=None, calib_samples=None, quant_method: str = "minmax", eval=None,
-             labels=None, save_stages: bool = False, shape=None, check: bool = True, output=None,
-             progress=None) -> Result:
+             labels=None, distill_epochs: int = 0, save_stages: bool = False, shape=None, check: bool = True,
+             output=None, progress=None) -> Result:
     """Prune `ratio` of each group (`criterion`, `global_rank`, `prune_hidden`), then N:M `sparsify`
-    (e.g. "2:4"; `sparsify_method`, `permute`, `min_size`), then `int8` (needs `calib`;
+    (e.g. "2:4"; `sparsify_method`, `permute`, `min_size`), with `distill_epochs` first recovering
+    the pruned model by distillation from the input on `calib` (unlabeled; the torch extra), then `int8` (needs `calib`;
     `quant_method`) or `fp16`; every stage measured on `calib` and on `eval` (with `labels`: the
     key of its labels, for accuracy). `calib_samples`: per stage (default: each call's own).
     `output`: the final model's path (None: kept in memory, `.model`). `check=False`: the stages are
@@ -60,7 +62,8 @@ def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = F
     options = {"ratio": ratio, "criterion": criterion, "global_rank": global_rank, "prune_hidden": prune_hidden,
                "sparsify": sparsify, "sparsify_method": sparsify_method, "permute": permute, "min_size": min_size,
                "int8": int8, "fp16": fp16, "calib": calib, "calib_samples": calib_samples,
-               "quant_method": quant_method, "eval": eval, "labels": labels, "save_stages": save_stages,
+               "quant_method": quant_method, "eval": eval, "labels": labels, "distill_epochs": distill_epochs,
+               "save_stages": save_stages,
                "shape": shape, "check": check}
     _check(model, options)
     return _Pipeline(model, options, output_target(output, model, calib, eval), stepper(progress)).run()
@@ -93,6 +96,11 @@ def _check(model, o: dict) -> None:
         positive_int("calib_samples", o["calib_samples"])
     positive_int("min_size", o["min_size"])
     shapes.parse(o["shape"])
+    require(isinstance(o["distill_epochs"], int) and o["distill_epochs"] >= 0,
+            f"invalid distill_epochs={o['distill_epochs']}: it must be 0 or more")
+    if o["distill_epochs"]:
+        require(o["ratio"] > 0, "distill_epochs= recovers a pruned model: it goes with ratio=R")
+        require(o["calib"] is not None, "distill_epochs= trains on unlabeled inputs", "pass calib=DATA.npz")
 
 
 class _Pipeline:
@@ -114,7 +122,7 @@ class _Pipeline:
         parent = self.out.parent if self.out is not None else None
         work = Path(tempfile.mkdtemp(prefix=".spa-compress-", dir=parent))
         try:
-            src = self._input_file(source, work)
+            src = self.src = self._input_file(source, work)
             with self.step("input: measuring"):
                 rows = [{"stage": "input", "file": model_name(self.model), **self._measure(src, src)}]
             final = self._stages(src, work, rows)
@@ -149,7 +157,9 @@ class _Pipeline:
                 except SpaError as exc:
                     raise type(exc)(f"stage '{name}' failed: {exc.message}; nothing written", exc.hint) from exc
                 rows.append({"stage": name, "file": str(target), **self._measure(target, src),
-                             "detail": _summary(name, detail), "check": _check_summary(detail["check"])})
+                             "detail": _summary(name, detail),
+                             "check": _check_summary(detail["check"]) if "check" in detail else
+                             {"status": "written back", "max_rel_err": detail["write_back_max_rel_err"]}})
             current = target
         return current
 
@@ -165,6 +175,9 @@ class _Pipeline:
             calls.append(("pruned", lambda i, t: prune_model(
                 i, ratio=o["ratio"], criterion=criterion, global_rank=o["global_rank"], round_to=self.round_to(),
                 prune_hidden=o["prune_hidden"], check=o["check"], output=t, **data, **at)))
+        if o["distill_epochs"]:
+            calls.append(("distilled", lambda i, t: finetune(i, data=calib, distill_from=str(self.src),
+                                                             epochs=o["distill_epochs"], output=t)))
         if o["sparsify"]:
             method = o["sparsify_method"] or ("obs" if calib is not None else "magnitude")
             data = dict(calib=calib, **samples) if method == "obs" else {}
@@ -269,6 +282,9 @@ def _summary(name: str, detail: dict) -> dict:
         return {"criterion": detail["criterion"], "ratio": detail["ratio"], "channels_removed": detail["channels_removed"],
                 "macs_before": detail["before"].get("macs"), "macs_after": detail["after"].get("macs"),
                 "round_to": detail["round_to"], "agreement": detail["agreement"], "warnings": detail["warnings"]}
+    if name == "distilled":
+        return {"epochs": detail["epochs"], "best_epoch": detail["best_epoch"], "metric": detail["metric"],
+                "best": detail["best"], "distilled": detail["distilled"]}
     if name == "sparse":
         return {"pattern": detail["pattern"], "method": detail["method"], "eligible": detail["eligible"],
                 "layers": len(detail["layers"]), "retained_magnitude": detail["retained_magnitude"],

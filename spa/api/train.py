@@ -205,7 +205,8 @@ def _doc(s: _Setup, model, run: _Run, result, write_err: float, before: dict, af
     return {"schema_version": TRAIN_SCHEMA, "input": model_name(model), "output": _text(run.out),
             "checkpoint": _text(run.ckpt), "epochs": s.epochs, "resumed_from_epoch": result.resumed_from,
             "metric": result.metric, "best_epoch": result.best_epoch, "best": result.best, "history": result.history,
-            "distill_from": model_name(s.distill_from), "labels": s.labels, "write_back_max_rel_err": write_err,
+            "distill_from": model_name(s.distill_from), "distilled": result.extra.get("distilled"), "labels": s.labels,
+            "write_back_max_rel_err": write_err,
             "before": before, "after": after}
 
 

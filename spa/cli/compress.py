@@ -11,7 +11,8 @@ from spa.reporting import report
 from spa.reporting.report import out as console
 
 OPTIONS = ("ratio", "criterion", "global_rank", "prune_hidden", "sparsify", "sparsify_method", "permute", "min_size",
-           "int8", "fp16", "calib", "calib_samples", "quant_method", "eval", "labels", "save_stages", "shape", "check")
+           "int8", "fp16", "calib", "calib_samples", "quant_method", "eval", "labels", "distill_epochs", "save_stages",
+           "shape", "check")
 
 
 def parser(sub) -> None:
@@ -35,6 +36,9 @@ def parser(sub) -> None:
     c.add_argument("--eval", metavar="DATA", help=".npz of held-out inputs: fidelity (and accuracy with --labels) "
                    "after every stage")
     c.add_argument("--labels", metavar="KEY", help="key of the labels array in --eval")
+    c.add_argument("--distill-epochs", type=int, default=0, metavar="N",
+                   help="after pruning, recover for N epochs by distillation from the input model on the --calib "
+                        "inputs (no labels; needs the torch extra)")
     c.add_argument("--save-stages", action="store_true", help="also keep OUT.<stage>.onnx of every stage "
                    "(written with OUT, only when every stage passed: a failed run leaves no file)")
     add_shape(c)
@@ -98,6 +102,9 @@ def _what(row: dict) -> str:
         return (f"{d['pattern']} {d['method']} on {d['eligible']} of {d['layers']} layers, retained |w| "
                 f"{_num(d['retained_magnitude'], '.3f')}" + (f", {d['permuted_groups']} groups permuted"
                                                             if d["permuted_groups"] else ""))
+    if row["stage"] == "distilled":
+        kept = f"best epoch {d['best_epoch']}" if d["best_epoch"] else "no epoch beat the pruned weights: kept"
+        return f"{d['epochs']} epochs from the input on --calib ({kept})"
     if row["stage"] in ("int8", "fp16"):
         cov = d.get("coverage") or {}
         return f"{cov.get('quantized', '-')} of {cov.get('layers', '-')} layers quantized" if row["stage"] == "int8" \

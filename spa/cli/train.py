@@ -127,7 +127,9 @@ def _train(args, call, what: str, *extra: str):
 def _print(doc: dict) -> None:
     best = doc["best"]
     shown = f"{best:.4f}" if isinstance(best, float) else str(best)
-    err.print(f"{doc['input']} -> {doc['output']}: best {doc['metric']} {shown} at epoch {doc['best_epoch']}; "
+    at = (f"at epoch {doc['best_epoch']}" if doc["best_epoch"]
+          else "before training (no epoch beat the input's own weights; they are kept)")
+    err.print(f"{doc['input']} -> {doc['output']}: best {doc['metric']} {shown} {at}; "
               f"params {doc['before']['params']:,} -> {doc['after']['params']:,}; written model matches the "
               f"trained module (rel. error {doc['write_back_max_rel_err']:.1e})", markup=False, highlight=False)
 

@@ -168,6 +168,9 @@ def check_line(check: dict | None) -> str:
         return "output check: NOT RUN (--no-check): the result was not run in ONNX Runtime"
     if check["status"] == "skipped":
         return "output check: SKIPPED (see the note): the result was not run in ONNX Runtime"
+    if check["status"] == "written back":
+        return (f"output check: the trained weights written into the graph give the trained module's outputs in "
+                f"ONNX Runtime (max relative error {check['max_rel_err']:.3g})")
     return (f"output check: runs in ONNX Runtime, same outputs' names/dtypes/shapes; max relative error vs the "
             f"input {check['max_rel_err']:.3g} (random inputs)")
 

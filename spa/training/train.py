@@ -4,9 +4,11 @@
                ◀──write_back──────────────────────────────────────────┘  (same graph, same names)
 
 `fit` is the one loop behind `spa finetune` and `spa train-sparse`: AdamW with a cosine
-learning rate, cross-entropy on labels and/or distillation from a teacher model (KL divergence
-of temperature-softened outputs, Hinton et al. 2015), validation after every epoch, the best
-epoch's weights kept, and a checkpoint after every epoch that `resume` continues from.
+learning rate, cross-entropy on labels and/or distillation from a teacher model (a loss per
+output kind, spa.training.distill: KL of temperature-softened class scores after Hinton et al.
+2015, MSE on maps and features), validation after every epoch, the best epoch's weights kept
+(the input's own, "epoch 0", when no epoch beats them on validation), and a checkpoint after
+every epoch that `resume` continues from.
 
 The graph is the exported inference graph: BatchNormalization uses its stored statistics
 (they are not trained), Dropout is the identity. What trains is every float initializer else.
@@ -36,6 +38,7 @@ from spa.core.errors import SpaError, positive_int, require
 from spa.planning import planner
 from spa.scoring import criteria
 from spa.scoring.gradients import require_torch, scored_output, task_loss, trainable_names
+from spa.training.distill import Distiller, distilled_outputs
 
 CHECKPOINT_VERSION = 1
 WRITE_BACK_TOL = 1e-4  # ORT on the written model vs the torch module it came from
@@ -121,15 +124,6 @@ def _fingerprint(proto, n_train: int, cfg: FitConfig, schedule) -> str:
     return h.hexdigest()[:16]
 
 
-def _kd_loss(student, teacher, temperature: float):
-    import torch.nn.functional as F
-
-    c = student.shape[-1]
-    s = F.log_softmax(student.reshape(-1, c).float() / temperature, -1)
-    t = F.softmax(teacher.reshape(-1, c).float() / temperature, -1)
-    return F.kl_div(s, t, reduction="batchmean") * temperature ** 2
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
     import torch
 
@@ -157,12 +151,15 @@ def fit(proto, feeds: dict, labels=None, *, val=None, teacher=None, cfg: FitConf
     torch.manual_seed(cfg.seed)
     module = to_torch(proto, trainable=trainable_names(proto)).to(device)
     out_name = scored_output(module, cfg.output)
-    teach = None
+    teach, distiller = None, None
     if teacher is not None:
         teach = to_torch(teacher).to(device).eval()
         teach.requires_grad_(False)
         if out_name not in teach.output_names:
             raise SpaError(f"the teacher has no output '{out_name}' (it has {teach.output_names})")
+        distiller = Distiller(distilled_outputs(module.output_names, teach.output_names, out_name,
+                                                named=cfg.output is not None, labels=labels is not None),
+                              cfg.temperature)
     inputs = module.input_names
     feeds = {k: feeds[k] for k in inputs}
     n = len(next(iter(feeds.values())))
@@ -202,12 +199,13 @@ def fit(proto, feeds: dict, labels=None, *, val=None, teacher=None, cfg: FitConf
             log(f"resumed from '{ckpt}' after epoch {resumed_from}")
 
     def loss_of(batch, y):
-        out = module.run(batch)[out_name]
+        outs = module.run(batch)
+        out = outs[out_name]
         parts = []
         if teach is not None:
             with torch.no_grad():
-                t = teach.run(batch)[out_name]
-            parts.append((cfg.alpha if y is not None else 1.0, _kd_loss(out, t, cfg.temperature)))
+                t = teach.run(batch)
+            parts.append((cfg.alpha if y is not None else 1.0, distiller.loss(outs, t)))
         if y is not None:
             parts.append((1.0 - cfg.alpha if teach is not None else 1.0, task_loss(out, y)))
         return sum(w * v for w, v in parts), out
@@ -229,6 +227,11 @@ def fit(proto, feeds: dict, labels=None, *, val=None, teacher=None, cfg: FitConf
             return (correct / max(seen, 1) if vy is not None else None), loss_sum / max(seen, 1)
 
     done = state["epoch"] * steps_per_epoch
+    if val is not None and schedule is None and not resumed_from:  # epoch 0: training must beat the input
+        accuracy, loss0 = evaluate()
+        state.update(best=accuracy if accuracy is not None else loss0, best_epoch=0,
+                     best_key=(accuracy, -loss0) if accuracy is not None else (-loss0,),
+                     best_state={k: v.detach().clone() for k, v in module.state_dict().items()})
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         t0 = time.perf_counter()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
@@ -287,7 +290,8 @@ def fit(proto, feeds: dict, labels=None, *, val=None, teacher=None, cfg: FitConf
     if state["best_state"] is not None:
         module.load_state_dict(state["best_state"])
     trained = write_back(proto, module.to("cpu").to(torch.float32))
-    return FitResult(trained, state["history"], state["best_epoch"], metric, state["best"], resumed_from)
+    return FitResult(trained, state["history"], state["best_epoch"], metric, state["best"], resumed_from,
+                     extra={"distilled": dict(distiller.kinds)} if distiller is not None else {})
 
 
 def write_back_error(proto, feeds: dict, samples: int = 16) -> float:
