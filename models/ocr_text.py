@@ -20,7 +20,7 @@ the order does not matter).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ PAGE_SIZES = (20, 24, 28, 34)
 NOISE = 4.0
 FLIP_ON_PAGE = 0.25
 
-WORDS = tuple("""
+_VOCABULARY = """
 account address after again amount answer april area back balance bank before below between bill black
 block blue board book bottom box branch brown building business call card case center change check
 city class clear close code color company contact copy corner cost count country court credit cross
@@ -47,10 +47,11 @@ return right river road room route sales school second section service share sho
 south space speed staff start state station steel stock store street summer supply system table tax
 test text third ticket time total tower trade train travel unit upper value view volume water week
 west white window winter word work world year yellow zone
-""".split())
+"""
+WORDS = tuple(_VOCABULARY.split())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font(name: str, size: int):
     from PIL import ImageFont
 

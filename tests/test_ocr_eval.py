@@ -16,8 +16,8 @@ from onnx import numpy_helper
 
 pytest.importorskip("rapidocr_onnxruntime")
 
-from models import ocr_text  # noqa: E402
-from tools import ocr_eval  # noqa: E402
+from models import ocr_text
+from tools import ocr_eval
 
 
 @pytest.fixture(scope="module")

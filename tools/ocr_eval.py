@@ -245,7 +245,7 @@ def _print(result: dict) -> None:
 def main(argv=None) -> int:
     args, parts = _parse(argv)
     if args.write_calib:
-        for part, path in write_calibration(args.write_calib, args.samples, args.seed, det_size=args.det_size).items():
+        for path in write_calibration(args.write_calib, args.samples, args.seed, det_size=args.det_size).values():
             with np.load(path) as z:
                 print(f"{path}: " + ", ".join(f"{k} {list(z[k].shape)}" for k in z.files))
         return 0
