@@ -65,7 +65,7 @@ def _metadata(path) -> dict:
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
-def _keys_file(rec_path: Path) -> str:
+def _keys_file() -> str:
     """The recognizer's character list as a file, for a model that lost its `character` metadata."""
     keys = Path(tempfile.gettempdir()) / "spa_ppocr_rec_keys.txt"
     keys.write_text(_metadata(package_models()["rec"])["character"] + "\n", encoding="utf-8")
@@ -83,7 +83,7 @@ def engine(det=None, rec=None, cls=None):
             raise FileNotFoundError(f"model {path} not found")
     kwargs = {f"{k}_model_path": str(v) for k, v in paths.items()}
     if "character" not in _metadata(paths["rec"]):
-        kwargs["rec_keys_path"] = _keys_file(paths["rec"])
+        kwargs["rec_keys_path"] = _keys_file()
     return RapidOCR(**kwargs)
 
 
@@ -249,7 +249,11 @@ def main(argv=None) -> int:
             with np.load(path) as z:
                 print(f"{path}: " + ", ".join(f"{k} {list(z[k].shape)}" for k in z.files))
         return 0
-    result = evaluate(args.det, args.rec, args.cls, samples=args.samples, seed=args.seed, parts=parts)
+    try:
+        result = evaluate(args.det, args.rec, args.cls, samples=args.samples, seed=args.seed, parts=parts)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(result, indent=2))
     else:
