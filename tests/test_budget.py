@@ -131,3 +131,15 @@ def test_check_keep_refuses_what_is_not_a_fraction():
     for bad in (0, 1.01, True, "0.5", float("nan")):
         with pytest.raises(spa.UsageError):
             budget.check_keep("macs", bad)
+
+
+def test_a_target_that_needs_the_protected_groups_prunes_them_last(tmp_path):
+    """A model whose every group is a stem or a head (two convs): the target is still met, the
+    protected groups are pruned last and the JSON says they were pruned anyway."""
+    from tests.test_shapes import dynamic_model
+
+    doc = spa.prune(str(dynamic_model(tmp_path / "two.onnx")), target_macs=0.6,
+                    shape={"x": (1, 3, 16, 16)}).to_json()
+    assert doc["after"]["macs"] / doc["before"]["macs"] <= 0.6 + 1e-9
+    reasons = [p["reason"] for p in doc["budget"]["protected"]]
+    assert reasons and any("pruned anyway" in r for r in reasons), reasons

@@ -109,6 +109,7 @@ class _Pipeline:
     def __init__(self, model, o: dict, out: Path | None, step):
         self.model, self.o, self.out, self.step = model, o, out, step
         self.calib, self.held_out = arrays(o["calib"]), arrays(o["eval"], "eval")
+        self.shape, self.shape_from, self.src = None, "model", None  # set by run(); _calls() names stages before
 
     def run(self) -> Result:
         with self.step("load + shape inference"):

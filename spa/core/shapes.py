@@ -97,8 +97,9 @@ def text(dims) -> str:
 
 
 def from_data(proto: onnx.ModelProto, arrays) -> dict | None:
-    """{input: (1, *shape of its first sample)} for the inputs the data holds (arrays keyed by
-    input name, or an iterable of feed dicts: its first), or None when the data gives none."""
+    """{input: (batch, *shape of its first sample)} for the inputs the data holds (arrays keyed by
+    input name, or an iterable of feed dicts: its first), batch 1 or the model's fixed batch; None
+    when the data gives none."""
     if arrays is None:
         return None
     if not isinstance(arrays, dict):
@@ -106,7 +107,8 @@ def from_data(proto: onnx.ModelProto, arrays) -> dict | None:
         return {k: tuple(getattr(v, "shape", ())) for k, v in first.items() if k in declared(proto)} \
             if isinstance(first, dict) else None
     inputs = declared(proto)
-    found = {k: (1, *v.shape[1:]) for k, v in arrays.items() if k in inputs and getattr(v, "ndim", 0) >= 1}
+    found = {k: ((inputs[k] or (None,))[0] or 1, *v.shape[1:]) for k, v in arrays.items()
+             if k in inputs and getattr(v, "ndim", 0) >= 1}
     return found or None
 
 

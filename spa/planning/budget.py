@@ -130,6 +130,16 @@ def weights(sens: dict, groups, scores: dict, *, protect: dict) -> tuple[dict, s
     return out, f"measured (1 - cosine of the outputs, each group alone at ratio {at:g})"
 
 
+LAST_RESORT = 100.0  # how much dearer a protected group's channels are when a target cannot be met without them
+
+
+def last_resort(groups, weights: dict | None, protect: dict) -> dict:
+    """{group id: w_g} with the protected groups LAST_RESORT times dearer than the dearest other."""
+    base = {g.id: 1.0 for g in groups} if weights is None else dict(weights)
+    top = max(base.values(), default=1.0) * LAST_RESORT
+    return {g.id: top if g.id in protect else base.get(g.id, top) for g in groups}
+
+
 class Allocation:
     """The plan for a target, and why: which groups were protected and how much each lost."""
 

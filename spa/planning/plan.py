@@ -74,8 +74,18 @@ def allocate(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1
     weights, how = None, "estimated (no data: every group alike, structure protects)"
     if sens is not None:
         weights, how = budget.weights(sens, groups, ranked, protect=protect)
-    alloc = budget.Allocation(analysis, kind, ranked, groups, weights=weights, protect=protect,
-                              max_group_ratio=max_group_ratio, round_to=round_to)
-    plan = alloc.solve(keep)
+    shared = {"max_group_ratio": max_group_ratio, "round_to": round_to}
+    alloc = budget.Allocation(analysis, kind, ranked, groups, weights=weights, protect=protect, **shared)
+    try:
+        plan = alloc.solve(keep)
+    except SpaError:
+        if not protect:
+            raise
+        # the target needs the protected groups too: they join, at a cost far above every other group's
+        alloc = budget.Allocation(analysis, kind, ranked, groups, weights=budget.last_resort(groups, weights, protect),
+                                  **shared)
+        plan = alloc.solve(keep)
+        alloc.protected = {gid: f"{why}; pruned anyway, last, as the target needs it" for gid, why in protect.items()
+                           if plan.get(gid)} | {gid: why for gid, why in protect.items() if not plan.get(gid)}
     return plan, {"sensitivity": how, **alloc.to_json(plan)}
 
