@@ -25,11 +25,11 @@ def saliency(analysis: Analysis, criterion: str, data, *, labels=None, max_sampl
 
 
 def compensation(analysis: Analysis, plan: dict, calib=None, *, stats=None, max_samples: int = 512,
-                 batch_size: int = 64, progress=None) -> tuple[dict, list[str]]:
+                 batch_size: int = obspa.BATCH, progress=None) -> tuple[dict, list[str]]:
     """({tensor: updated weights}, notes): the OBS update of the consumers of the planned
-    channels (spa.obspa). With `calib`: group by group in graph order, each measured on the
-    model with the earlier groups already removed and compensated. Without: one shot, from
-    `stats` or the graph's own moments (data-free)."""
+    channels (spa.obspa). With `calib`: stage by stage in graph order, each measured on the
+    model with the earlier stages' groups already removed and compensated (`progress(done, total)`
+    in groups after each). Without: one shot, from `stats` or the graph's own moments (data-free)."""
     if calib is not None:
         return obspa.sequential(analysis, plan, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
     stats = statistics(analysis) if stats is None else stats
