@@ -10,11 +10,11 @@ samples), so a cheaper compensation can be seen not to cost accuracy.
 Calibration and held-out data are random-normal float32 at a fixed shape per model (the cost
 does not depend on the content; the fidelity numbers are only comparable between runs of this
 script). Every prune runs in a fresh subprocess; CPU (user + sys) and peak RSS are that child's
-(`os.wait4`). The per-step seconds come from the command's stderr (SPA_PROGRESS=live).
+(`os.wait4`). The progress lines the command prints on stderr in --json mode are kept.
 
 usage:
     python tools/bench_obspa_cost.py --work /tmp/obspa-cost [--models cls rec det] [--samples 64 256]
-    python tools/bench_obspa_cost.py ... --env SPA_OBSPA_STAGES=0   # per-group sequential (the old cost)
+    PYTHONPATH=/path/to/older/checkout python tools/bench_obspa_cost.py ...   # the baseline, same data
 Markdown rows go to stdout, raw numbers to WORK/bench_obspa_cost.json.
 """
 
@@ -89,11 +89,11 @@ def measure(work: Path, name: str, n: int, env: dict) -> dict:
     stderr = err_path.read_text()
     if status != 0:
         raise SystemExit(f"spa prune failed: {stderr[-2000:]}")
-    steps = [line for line in stderr.splitlines() if ": " in line and line.rstrip().endswith(" s")]
+    ticks = [line for line in stderr.splitlines() if line.startswith("compensating")]  # --json progress lines
     doc = json.loads(out_path.read_text())
     return {"model": name, "samples": n, "env": env, "wall_s": round(wall, 1),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "steps": steps, "params_after": doc["after"]["params"], "fidelity": fidelity(model, out, held),
+            "progress_lines": ticks, "params_after": doc["after"]["params"], "fidelity": fidelity(model, out, held),
             "command": "spa prune MODEL --ratio 0.3 --criterion obspa --calib CALIB.npz -o OUT --json"}
 
 
@@ -102,7 +102,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--models", nargs="+", default=["cls", "rec"], choices=sorted(MODELS))
     ap.add_argument("--samples", nargs="+", type=int, default=[64, 256])
-    ap.add_argument("--env", nargs="*", default=[], help="NAME=VALUE for the spa process (e.g. SPA_OBSPA_STAGES=0)")
+    ap.add_argument("--env", nargs="*", default=[], help="NAME=VALUE for the spa process")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = dict(e.split("=", 1) for e in args.env)
@@ -117,7 +117,7 @@ def main() -> None:
             f = r["fidelity"]
             print(f"| {name} | {n} | {' '.join(args.env) or '-'} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mb']} "
                   f"| {f['cosine']:.4f} | {f['rel_err']:.4f} | {f.get('top1_agree', float('nan')):.3f} |", flush=True)
-            print("\n".join(r["steps"]), file=sys.stderr)
+            print("\n".join(r["progress_lines"]), file=sys.stderr)
     path = args.work / "bench_obspa_cost.json"
     old = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps(old + rows, indent=1))

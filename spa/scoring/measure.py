@@ -7,13 +7,16 @@ from spa.core.analysis import Analysis
 from spa.scoring import gradients, obspa, stats
 
 
-def statistics(analysis: Analysis, calib=None, max_samples: int = 512, *, batch_size: int = 64, progress=None):
+def statistics(analysis: Analysis, calib=None, max_samples: int = 512, *, batch_size: int = obspa.BATCH,
+               progress=None, max_rows: int | None = obspa.ROWS):
     """Activation statistics of what the prunable groups' consumers read: measured on `calib`
-    (arrays keyed by input name, or an iterable of feed dicts), or without it derived from the
-    graph alone (data-free: spa.moments)."""
+    (arrays keyed by input name, or an iterable of feed dicts; at most `max_rows` rows of each
+    space per batch, drawn at random), or without it derived from the graph alone (data-free:
+    spa.moments)."""
     if calib is None:
         return stats.data_free(analysis)
-    return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
+    return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress,
+                           max_rows=max_rows)
 
 
 def saliency(analysis: Analysis, criterion: str, data, *, labels=None, max_samples: int = 512, batch_size: int = 64,

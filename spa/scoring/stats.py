@@ -79,12 +79,13 @@ class _Accumulator:
 
 
 def _rows(array: np.ndarray, axis: int, pick: np.ndarray | None = None) -> np.ndarray:
-    """(rows, channels) of `array` along `axis`, float32; `pick`: only these flat row indices
-    (gathered without copying the whole tensor)."""
+    """(rows, channels) of `array` along `axis`, float32 (float64 stays); `pick`: only these flat
+    row indices (gathered without copying the whole tensor)."""
     moved = np.moveaxis(np.asarray(array), axis, -1)
+    dtype = np.result_type(moved.dtype, np.float32)
     if pick is not None:
-        return moved[np.unravel_index(pick, moved.shape[:-1])].astype(np.float32, copy=False)
-    return moved.reshape(-1, array.shape[axis]).astype(np.float32, copy=False)
+        return moved[np.unravel_index(pick, moved.shape[:-1])].astype(dtype, copy=False)
+    return moved.reshape(-1, array.shape[axis]).astype(dtype, copy=False)
 
 
 def _pick(shape: tuple, axis: int, cap: int | None, rng) -> np.ndarray | None:
