@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from graphs import build, node
+from graphs import build, conv_relu, node
 from onnx import numpy_helper
 from spa.backends import ort as ort_backend
 
@@ -238,3 +238,63 @@ def test_cli_bad_input_is_one_line(capsys, tmp_path, args, message, code):
     r = run(capsys, "prune", TINY, *args, "-o", tmp_path / "o.onnx")
     assert r.rc == code and len(r.error_lines) == 1 and message in r.error_lines[0]
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _chain():
+    """x[N,3,8,8] -> three 3x3 Conv+Relu (3->8->8->8) -> a 1x1 Conv (8->4): three prunable groups."""
+    nodes, inits = [], []
+    for i, (cin, name) in enumerate([(3, "x"), (8, "h0"), (8, "h1")]):
+        n, w = conv_relu(name, f"h{i}", cin, 8, prefix=f"c{i}")
+        nodes, inits = nodes + n, inits + w
+    head, w = conv_relu("h2", "y", 8, 4, k=1, prefix="head")
+    return build(nodes + head, {"x": [None, 3, 8, 8]}, {"y": [None, 4, 8, 8]}, inits + w)
+
+
+def test_streamed_subsampled_moments_match_the_full_computation():
+    """Float32 products, a prefix-only session and per-batch row draws: with every row drawn the
+    moments are the full ones (to float32 rounding); with 1/4 of the rows drawn they stay close."""
+    model = _chain()
+    analysis = spa.analyze(model)
+    data = {"x": np.random.default_rng(3).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    spaces = [("h1", 1)]
+    r = ort_backend.run_with_outputs(model, ["h1"], data)["h1"]
+    rows = np.moveaxis(r, 1, -1).reshape(-1, 8).astype(np.float64)
+    ref = stats.reference_session(analysis, spaces, only=True)
+    assert [o.name for o in ref.get_outputs()] == ["h1"]
+    full = stats.calibrate(analysis, data, spaces, batch_size=8, source=model.proto, reference=ref,
+                           max_rows=8 * 64).get(("h1", 1))  # 8 samples x 64 positions: every row
+    np.testing.assert_allclose(full.gram, rows.T @ rows / len(rows), rtol=1e-5)
+    np.testing.assert_allclose(full.cross, full.gram, rtol=1e-6)  # the same model on both sides
+    part = stats.calibrate(analysis, data, spaces, batch_size=8, source=model.proto, reference=ref,
+                           max_rows=128).get(("h1", 1))
+    assert not np.allclose(part.gram, full.gram, rtol=1e-6)  # rows were really drawn
+    assert np.linalg.norm(part.gram - full.gram) < 0.15 * np.linalg.norm(full.gram)
+    np.testing.assert_allclose(part.cross, part.gram, rtol=1e-6)  # paired: the same rows of both
+
+
+def test_calibrated_compensation_reports_progress_in_groups():
+    from spa.scoring import measure, obspa
+
+    analysis = spa.analyze(_chain())
+    plan = {g.id: [0, 1] for g in analysis.groups if g.prunable}
+    data = {"x": np.random.default_rng(4).standard_normal((24, 3, 8, 8)).astype(np.float32)}
+    seen = []
+    values, _ = measure.compensation(analysis, plan, data, batch_size=8, progress=lambda d, t: seen.append((d, t)))
+    assert len(plan) == 3 and values
+    assert seen[-1] == (3, 3) and all(t == 3 for _, t in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == 3 * (3 + 1)  # 3 stages: each batch, then done
+    exact, _ = obspa.sequential(analysis, plan, data, batch_size=8, stages_count=None, max_rows=None)
+    for k in values:  # one group per stage here either way: the same updates
+        np.testing.assert_allclose(values[k], exact[k], rtol=1e-4, atol=1e-6)
+
+
+def test_cli_prints_compensation_progress_with_json(capsys, tmp_path, calib, monkeypatch):
+    from spa.cli import app
+    from tests.test_cli import spa as run
+
+    monkeypatch.setattr(app, "TICK_S", 0.0)  # every tick a line
+    r = run(capsys, "prune", TINY, "--ratio", "0.3", "--criterion", "obspa", "--calib", calib, "-o",
+            tmp_path / "o.onnx", "--json")
+    assert r.rc == 0 and json.loads(r.out)["compensated"] is True
+    lines = [x for x in r.err.splitlines() if x.startswith("compensating the consumers")]
+    assert lines and "groups, ETA" in lines[0] and lines[-1].split(": ")[1].startswith(tuple("123456789"))

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from spa.api.common import arrays, saver
-from spa.api.result import Result, as_model, model_name, output_target, stepper
+from spa.api.result import Result, as_model, counter, model_name, output_target, stepper
 from spa.core import cost, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
@@ -300,9 +300,9 @@ class _Run:
         if not self.o["compensate"] or not self.plan:
             return None, []
         how = ", group by group)" if self.calib is not None else ", data-free)"
-        with self.step("compensating the consumers (OBS" + how):
+        with self.step("compensating the consumers (OBS" + how) as tick:
             return compensation(self.analysis, self.plan, self.calib, stats=self.stats,
-                                max_samples=self.o["calib_samples"])
+                                max_samples=self.o["calib_samples"], progress=counter(tick, "groups"))
 
     def _stats_doc(self):
         if self.stats is None:

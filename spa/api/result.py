@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,3 +93,17 @@ def stepper(progress):
     """`progress(what)` -> a context manager around each named step of a call (the CLI's spinner
     and timing line); None runs the steps silently."""
     return progress if progress is not None else (lambda what: contextlib.nullcontext())
+
+
+def counter(tick, unit: str):
+    """`progress(done, total)` for a step's `tick` (what a CLI step yields): "12/57 groups, ETA
+    40 s", the ETA from the rate so far; None when the step gives no tick (the API's default)."""
+    if not callable(tick):
+        return None
+    start = time.perf_counter()
+
+    def progress(done: float, total: int) -> None:
+        spent = time.perf_counter() - start
+        eta = f", ETA {spent * (total - done) / done:.0f} s" if done > 0 else ""
+        tick(f"{int(done)}/{total} {unit}{eta}")
+    return progress

@@ -50,20 +50,40 @@ def _live() -> bool:
     return err.is_terminal or os.environ.get("SPA_PROGRESS") == "live"
 
 
+TICK_S = 10.0  # progress within a step, where no spinner shows it: a line at most this often
+
+
 @contextlib.contextmanager
 def step(what: str, quiet: bool = False):
-    """A spinner on stderr while a step runs, then one line with its time."""
+    """A spinner on stderr while a step runs, then one line with its time. The step gets a
+    `tick(text)` for its progress ("12/57 groups, ETA 40 s"): shown in the spinner on a terminal,
+    else (--json, pipes, logs) as a line `what: text` on stderr at most every TICK_S seconds."""
     start = time.perf_counter()
+    if quiet or not err.is_terminal:
+        yield _ticker(what, start)
+    else:
+        with err.status(f"{what}...") as status:
+            yield lambda text: status.update(f"{what}: {text}...")
     if quiet:
-        yield
         return
-    with err.status(f"{what}..."):
-        yield
     line = f"{what}: {time.perf_counter() - start:.2f} s"
     if _live():
         err.print(f"[dim]{line}[/dim]")
     else:
         HELD.append(line)
+
+
+def _ticker(what: str, start: float):
+    """tick(text) printing `what: text` on stderr once TICK_S seconds have passed since the last
+    line (or the step's start), so short steps print nothing and long ones show they advance."""
+    last = [start]
+
+    def tick(text: str) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= TICK_S:
+            last[0] = now
+            err.print(f"{what}: {text}", markup=False, highlight=False, soft_wrap=True)
+    return tick
 
 
 def _release(ok: bool) -> None:

@@ -217,12 +217,39 @@ def model_bytes(model):
     return str(model)
 
 
-def session_with_outputs(proto, names: list, dtypes: dict):
-    """An ONNX Runtime session of `proto` that also returns the tensors `names`."""
+def session_with_outputs(proto, names: list, dtypes: dict, *, only: bool = False):
+    """An ONNX Runtime session of `proto` that also returns the tensors `names`.
+
+    `only`: it returns just those, and computes only the nodes they depend on (ONNX Runtime runs
+    every node of a graph, wanted or not): a prefix of the model is much cheaper to run."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
+    if only:
+        del out.graph.output[:]
     present = {o.name for o in out.graph.output}
     for name in names:
         if name not in present and name in dtypes:
             out.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None))
+    if only:
+        _keep_needed(out.graph)
     return checked_session(out)
+
+
+def _keep_needed(graph) -> None:
+    """Drop the nodes and initializers no graph output depends on (left whole when a node has a
+    subgraph, whose outer-scope reads are not listed as inputs)."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    need, keep = {o.name for o in graph.output}, []
+    for node in reversed(graph.node):
+        if any(o in need for o in node.output):
+            keep.append(node)
+            need.update(node.input)
+    nodes = list(reversed(keep))
+    dropped = {t.name for t in graph.initializer if t.name not in need}
+    inits = [t for t in graph.initializer if t.name in need]
+    inputs = [i for i in graph.input if i.name not in dropped]  # old IRs list initializers as inputs too
+    del graph.node[:], graph.initializer[:], graph.input[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    graph.input.extend(inputs)

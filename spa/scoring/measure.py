@@ -7,13 +7,16 @@ from spa.core.analysis import Analysis
 from spa.scoring import gradients, obspa, stats
 
 
-def statistics(analysis: Analysis, calib=None, max_samples: int = 512, *, batch_size: int = 64, progress=None):
+def statistics(analysis: Analysis, calib=None, max_samples: int = 512, *, batch_size: int = obspa.BATCH,
+               progress=None, max_rows: int | None = obspa.ROWS):
     """Activation statistics of what the prunable groups' consumers read: measured on `calib`
-    (arrays keyed by input name, or an iterable of feed dicts), or without it derived from the
-    graph alone (data-free: spa.moments)."""
+    (arrays keyed by input name, or an iterable of feed dicts; at most `max_rows` rows of each
+    space per batch, drawn at random), or without it derived from the graph alone (data-free:
+    spa.moments)."""
     if calib is None:
         return stats.data_free(analysis)
-    return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
+    return stats.calibrate(analysis, calib, max_samples=max_samples, batch_size=batch_size, progress=progress,
+                           max_rows=max_rows)
 
 
 def saliency(analysis: Analysis, criterion: str, data, *, labels=None, max_samples: int = 512, batch_size: int = 64,
@@ -25,11 +28,11 @@ def saliency(analysis: Analysis, criterion: str, data, *, labels=None, max_sampl
 
 
 def compensation(analysis: Analysis, plan: dict, calib=None, *, stats=None, max_samples: int = 512,
-                 batch_size: int = 64, progress=None) -> tuple[dict, list[str]]:
+                 batch_size: int = obspa.BATCH, progress=None) -> tuple[dict, list[str]]:
     """({tensor: updated weights}, notes): the OBS update of the consumers of the planned
-    channels (spa.obspa). With `calib`: group by group in graph order, each measured on the
-    model with the earlier groups already removed and compensated. Without: one shot, from
-    `stats` or the graph's own moments (data-free)."""
+    channels (spa.obspa). With `calib`: stage by stage in graph order, each measured on the
+    model with the earlier stages' groups already removed and compensated (`progress(done, total)`
+    in groups after each). Without: one shot, from `stats` or the graph's own moments (data-free)."""
     if calib is not None:
         return obspa.sequential(analysis, plan, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
     stats = statistics(analysis) if stats is None else stats

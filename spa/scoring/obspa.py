@@ -11,6 +11,8 @@ take over what the removed ones carried, as far as their correlations allow.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
 from spa.core.values import zeroed
@@ -154,23 +156,49 @@ def compensate(analysis, plan: dict, stats, *, base: dict | None = None) -> dict
     return updated
 
 
-def sequential(analysis, plan: dict, calib, *, max_samples: int = 512, batch_size: int = 64, progress=None):
-    """Calibrated compensation one group at a time, in graph order: each group's consumers are
-    measured on the model with the earlier groups already removed (zeroed) and compensated, so
-    their updates also absorb what the earlier removals changed (errors do not compound).
-    Returns ({tensor: array}, Stats of the last step, for its notes)."""
+STAGES = 8  # calibrated compensation re-measures the pruned model at most this many times
+ROWS = 4096  # rows (positions x samples) of each space drawn per batch for its moments
+BATCH = 16  # samples per ONNX Runtime run while compensating: bounds the activations held at once
 
+
+def stages(order: list, count: int | None = STAGES) -> list[list]:
+    """`order` cut into at most `count` runs of consecutive groups (None or 0: one group each)."""
+    count = len(order) if not count else min(count, len(order))
+    bounds = np.linspace(0, len(order), count + 1).round().astype(int)
+    return [order[a:b] for a, b in pairwise(bounds) if b > a]
+
+
+def sequential(analysis, plan: dict, calib, *, max_samples: int = 512, batch_size: int = BATCH, progress=None,
+               stages_count: int | None = STAGES, max_rows: int | None = ROWS):
+    """Calibrated compensation in graph order, stage by stage: each stage's consumers are measured
+    on the model with the earlier stages' groups already removed (zeroed) and compensated, so their
+    updates also absorb what the earlier removals changed (errors do not compound). A stage is
+    `stages_count`-th of the groups (None: one group, the exact sequence); each measurement runs
+    only the part of the model, dense and current, that its spaces depend on, and draws at most
+    `max_rows` rows of each space per batch. `progress(done, total)` in groups (fractional within
+    a stage) after every batch.
+    Returns ({tensor: array}, notes)."""
     values, notes = {}, []
     order = [g for g in analysis.groups if plan.get(g.id)]
-    dense = reference_session(analysis, read_spaces(analysis, order))  # built once, read at every step
     done: dict = {}
-    for k, group in enumerate(order):
-        current = zeroed(analysis, done, values)
-        stats = calibrate(analysis, calib, read_spaces(analysis, [group]), max_samples=max_samples, batch_size=batch_size, source=current,
-                          reference=dense)
-        values.update(compensate(analysis, {group.id: plan[group.id]}, stats, base=values))
+    for stage in stages(order, stages_count):
+        spaces = read_spaces(analysis, stage)
+        step = None if progress is None else _within(progress, len(done), len(stage), len(order), calib, max_samples)
+        stats = calibrate(analysis, calib, spaces, max_samples=max_samples, batch_size=batch_size, progress=step,
+                          source=zeroed(analysis, done, values), reference=reference_session(analysis, spaces, only=True),
+                          max_rows=max_rows)
+        part = {g.id: plan[g.id] for g in stage}
+        values.update(compensate(analysis, part, stats, base=values))
         notes += [n for n in stats.notes if n not in notes]
-        done[group.id] = plan[group.id]
+        done.update(part)
         if progress is not None:
-            progress(k + 1, len(order))
+            progress(len(done), len(order))
     return values, notes
+
+
+def _within(progress, before: int, size: int, total: int, calib, max_samples: int):
+    """calibrate's per-batch progress(seen, cap) as progress(groups done, total) (a fraction of the
+    stage's groups per sample seen)."""
+    sizes = [len(v) for v in calib.values() if np.ndim(v)] if isinstance(calib, dict) else []
+    samples = max(min([max_samples, *sizes[:1]]), 1)
+    return lambda seen, _: progress(before + size * min(seen / samples, 1.0), total)

@@ -50,6 +50,9 @@ def read_spaces(analysis, groups=None) -> list:
 
 
 class _Accumulator:
+    """Running sums of one space. The products of a batch are taken in float32 (BLAS sgemm, half the
+    memory of float64) and summed across batches in float64."""
+
     def __init__(self, d: int, paired: bool = False):
         self.cross = np.zeros((d, d)) if paired and d <= GRAM_MAX else None
         self.n = 0
@@ -63,9 +66,9 @@ class _Accumulator:
         if self.cross is not None:
             self.cross += ref.T @ rows
         self.n += len(rows)
-        self.sum += rows.sum(0)
-        self.sq += np.einsum("ij,ij->j", rows, rows)
-        self.abs += np.abs(rows).sum(0)
+        self.sum += rows.sum(0, dtype=np.float64)
+        self.sq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
+        self.abs += np.abs(rows).sum(0, dtype=np.float64)
         self.zeros += (rows == 0).sum(0)
         if self.gram is not None:
             self.gram += rows.T @ rows
@@ -77,34 +80,51 @@ class _Accumulator:
         return Moments(self.sum / n, gram, self.sq / n, self.abs / n, self.zeros / n, cross)
 
 
-def _rows(array: np.ndarray, axis: int) -> np.ndarray:
-    return np.moveaxis(np.asarray(array, dtype=np.float64), axis, -1).reshape(-1, array.shape[axis])
+def _rows(array: np.ndarray, axis: int, pick: np.ndarray | None = None) -> np.ndarray:
+    """(rows, channels) of `array` along `axis`, float32 (float64 stays); `pick`: only these flat
+    row indices (gathered without copying the whole tensor)."""
+    moved = np.moveaxis(np.asarray(array), axis, -1)
+    dtype = np.result_type(moved.dtype, np.float32)
+    if pick is not None:
+        return moved[np.unravel_index(pick, moved.shape[:-1])].astype(dtype, copy=False)
+    return moved.reshape(-1, array.shape[axis]).astype(dtype, copy=False)
 
 
-def reference_session(analysis, spaces):
-    """An ONNX Runtime session of the analysed model that also returns the tensors of `spaces`."""
-    return session_with_outputs(analysis.model.proto, list(dict.fromkeys(t for t, _ in spaces)), analysis.model.dtypes)
+def _pick(shape: tuple, axis: int, cap: int | None, rng) -> np.ndarray | None:
+    """A random subset of `cap` rows (positions x samples) of a tensor, or None to take them all."""
+    n = int(np.prod(shape)) // max(shape[axis], 1)
+    return None if cap is None or n <= cap else np.sort(rng.choice(n, cap, replace=False))
+
+
+def reference_session(analysis, spaces, *, only: bool = False):
+    """An ONNX Runtime session of the analysed model that also returns the tensors of `spaces`
+    (`only`: just those, running only the part of the graph they depend on)."""
+    return session_with_outputs(analysis.model.proto, list(dict.fromkeys(t for t, _ in spaces)), analysis.model.dtypes,
+                                only=only)
 
 
 def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size: int = 64, progress=None,
-              source=None, reference=None) -> Stats:
+              source=None, reference=None, max_rows: int | None = None) -> Stats:
     """Run `data` (arrays keyed by input name, or an iterable of feed dicts) through ONNX
     Runtime once, with every space's tensor as an extra output, and accumulate its moments.
     `source`: a ModelProto of the same graph with other weights (pruned ones zeroed and
     compensated); its moments are then paired with the analysed model's (`Moments.cross`).
-    `reference`: a `reference_session` covering `spaces`, when the caller calibrates repeatedly."""
+    `reference`: a `reference_session` covering `spaces`, when the caller calibrates repeatedly
+    (the `source` session then runs only what `spaces` need, as `reference_session(only=True)`).
+    `max_rows`: at most this many rows (positions x samples) of each space per batch, drawn at
+    random (seeded), the same rows of the source and the reference; None takes every row."""
     spaces = read_spaces(analysis) if spaces is None else list(spaces)
     tensors = list(dict.fromkeys(t for t, _ in spaces))
     dtypes = analysis.model.dtypes
     ref = reference if reference is not None else session_with_outputs(analysis.model.proto, tensors, dtypes)
-    sess = ref if source is None else session_with_outputs(source, tensors, dtypes)
+    sess = ref if source is None else session_with_outputs(source, tensors, dtypes, only=reference is not None)
     if isinstance(data, dict):  # batched as the model takes them (a fixed batch size; 0-d arrays with every batch)
         inputs = [i.name for i in sess.get_inputs()]
         require_keys(data, inputs)
         data = model_batches({n: data[n] for n in inputs}, batch_size, fixed=fixed_batch_size(analysis.model.proto),
                              max_samples=max_samples)
     acc: dict = {}
-    seen = 0
+    seen, rng = 0, np.random.default_rng(0)
     for feeds in as_batches(data, batch_size):
         take = min(real_rows(feeds, len(next(iter(feeds.values())))), max_samples - seen)
         if real_rows(feeds) is None:  # a padded batch of a fixed-size model runs whole; its padding is trimmed
@@ -116,8 +136,10 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
             raise SpaError(f"the calibration data does not run through the model: {ort_reason(exc)}",
                            "give arrays of the model's input shapes, samples along the first axis") from None
         for space in spaces:
-            rows = _rows(got[space[0]], space[1])
-            acc.setdefault(space, _Accumulator(rows.shape[1], source is not None)).add(rows, _rows(want[space[0]], space[1]))
+            pick = _pick(np.shape(got[space[0]]), space[1], max_rows, rng)
+            rows = _rows(got[space[0]], space[1], pick)
+            ref_rows = rows if source is None else _rows(want[space[0]], space[1], pick)
+            acc.setdefault(space, _Accumulator(rows.shape[1], source is not None)).add(rows, ref_rows)
         seen += take
         if progress is not None:
             progress(seen, max_samples)
