@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from graphs import build, conv_relu, node
 from onnx import numpy_helper
-from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
+from spa.backends import ort as ort_backend
 from spa.core import cost
 from spa.core.errors import SpaError
 from spa.scoring import criteria, moments, stats
