@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from spa.api import analyze, prune
-from spa.cli import app as cli
+from tests.test_cli import spa as spa_cli
 
 bench_api = importlib.import_module("spa.api.bench")  # the module (spa.api.bench is also the function)
 
@@ -46,13 +46,8 @@ def dynamic_model(path: Path, unnamed: bool = False) -> Path:
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        rc = cli.main([str(a) for a in args])
-    except SystemExit as exc:
-        rc = exc.code if isinstance(exc.code, int) else 1
-    cap = capsys.readouterr()
-    return rc, cap.out, cap.err
+    res = spa_cli(capsys, *args)
+    return res.rc, res.out, res.err
 
 
 @pytest.fixture

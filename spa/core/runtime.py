@@ -71,20 +71,31 @@ def _np_dtype(elem_type: int):
     return onnx.helper.tensor_dtype_to_np_dtype(elem_type)
 
 
+def graph_inputs(proto: onnx.ModelProto) -> list[tuple]:
+    """(value info, dims) of the real graph inputs (not initializers listed as inputs): dims a tuple
+    with None for a dynamic dim, or None when the input declares no shape."""
+    inits = {t.name for t in proto.graph.initializer}
+    out = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = None if not tt.HasField("shape") else \
+            tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
+        out.append((vi, dims))
+    return out
+
+
 def random_feeds(model, dynamic: int = 1, seed: int = 0, *, shapes: dict | None = None) -> dict[str, np.ndarray]:
     """Random inputs for every real graph input; dynamic dims set to `dynamic`, inputs named in
     `shapes` ({name: dims}, checked by spa.core.shapes) at those dims."""
     rng = np.random.default_rng(seed)
-    inits = {i.name for i in model.graph.initializer}
     feeds = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = list((shapes or {}).get(vi.name) or
-                    [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else dynamic for d in tt.shape.dim])
-        where = f" of '{model.path}'" if getattr(model, "path", None) is not None else ""
-        feeds[vi.name] = random_array(rng, dims, _np_dtype(tt.elem_type), name=f"input '{vi.name}'{where}")
+    where = f" of '{model.path}'" if getattr(model, "path", None) is not None else ""
+    for vi, declared in graph_inputs(model):
+        dims = list((shapes or {}).get(vi.name) or [d or dynamic for d in declared or ()])
+        feeds[vi.name] = random_array(rng, dims, _np_dtype(vi.type.tensor_type.elem_type),
+                                      name=f"input '{vi.name}'{where}")
     return feeds
 
 

@@ -18,6 +18,7 @@ import onnx
 
 from spa.core.errors import require
 from spa.core.model import Model, infer_shapes
+from spa.core.runtime import graph_inputs
 
 SYNTAX = "NAME:DIMS with dims like 1x3x736x736, e.g. shape=x:1x3x736x736"
 SOURCES = ("shape", "calib", "model")  # where the recorded input shapes came from
@@ -64,15 +65,7 @@ def _dims_value(name, value) -> tuple:
 
 def declared(proto: onnx.ModelProto) -> dict:
     """{input name: dims} of the real graph inputs, None for a dynamic dim (None: no shape at all)."""
-    inits = {t.name for t in proto.graph.initializer}
-    out = {}
-    for vi in proto.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        out[vi.name] = None if not tt.HasField("shape") else \
-            tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim)
-    return out
+    return {vi.name: dims for vi, dims in graph_inputs(proto)}
 
 
 def check(inputs: dict, shapes: dict) -> None:
