@@ -135,3 +135,12 @@ def test_the_bundled_calibration_file_fits_the_example():
     np.testing.assert_array_equal(x, calibration_images())  # as models/make_calib.py makes it
     doc = spa.prune(str(TINY), ratio=0.3, criterion="obspa", calib=str(CALIB)).to_json()
     assert doc["agreement"]["inputs"] == "calibration" and doc["compensated_groups"] == doc["groups_pruned"] > 0
+
+
+def test_widths_that_slow_ort_cpu_are_noted(tmp_path):
+    """Pruned conv widths that are not multiples of 8 are named (ORT's blocked CPU convolutions
+    run them slower); round_to=8 keeps them whole multiples and the note goes."""
+    odd = spa.prune(TINY, ratio=0.3, output=str(tmp_path / "a.onnx")).to_json()
+    assert any("not multiples of 8" in n for n in odd["notes"])
+    even = spa.prune(TINY, ratio=0.3, round_to=8, output=str(tmp_path / "b.onnx")).to_json()
+    assert not any("not multiples of 8" in n for n in even["notes"])

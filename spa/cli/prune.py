@@ -78,7 +78,7 @@ OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "z
 
 # the options the result's notes and warnings name, in the CLI's words
 FLAGS = {"calib": "--calib", "criterion": "--criterion", "ratio": "--ratio", "target_macs": "--target-macs",
-         "max_loss": "--max-loss"}
+         "max_loss": "--max-loss", "round_to": "--round-to"}
 
 
 def prune(args) -> int:
