@@ -103,3 +103,22 @@ def test_compress_runs_distillation_as_a_stage(capsys, tmp_path):
     assert stages["distilled"]["calib"]["rel_err"] <= stages["pruned"]["calib"]["rel_err"] + 1e-6
     bad = run(capsys, "compress", dense, "--fp16", "--calib", tmp_path / "calib.npz", "--distill-epochs", "2")
     assert bad.rc == 2 and "--distill-epochs" in bad.error_lines[0] and "--ratio" in bad.error_lines[0]
+
+
+def test_weights_in_constant_nodes_train_too(capsys, tmp_path):
+    """paddle2onnx keeps every weight in a Constant node (the PP-OCR models): finetune trains
+    them as weights instead of failing on an empty parameter list."""
+    dense = onnx.load(str(two_headed(tmp_path / "dense.onnx")))
+    consts = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in dense.graph.initializer]
+    nodes = consts + list(dense.graph.node)
+    del dense.graph.node[:], dense.graph.initializer[:]
+    dense.graph.node.extend(nodes)
+    onnx.save(dense, tmp_path / "const.onnx")
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(1).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    res = run(capsys, "finetune", tmp_path / "const.onnx", "--distill-from", tmp_path / "dense.onnx", "--data",
+              tmp_path / "data.npz", "--epochs", "1", "-o", tmp_path / "out.onnx", "--json")
+    assert res.rc == 0, res.err
+    assert json.loads(res.out)["write_back_max_rel_err"] < 1e-4
+    trained = onnx.load(str(tmp_path / "out.onnx"))
+    assert len(trained.graph.initializer) == 7  # every weight of more than one value; the 1-value bias stays
+    assert [n.output[0] for n in trained.graph.node if n.op_type == "Constant"] == ["m.b"]

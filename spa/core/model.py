@@ -215,6 +215,25 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     return None
 
 
+def constants_as_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` whose top-level float Constant nodes of more than one value are
+    initializers of the same name (paddle2onnx and some TensorFlow exports keep every weight in a
+    Constant node): the same model, with weights a trainer can find."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    keep = []
+    for node in out.graph.node:
+        value = constant_node_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is not None and value.dtype.kind == "f" and value.size > 1:
+            out.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+        else:
+            keep.append(node)
+    if len(keep) < len(out.graph.node):
+        del out.graph.node[:]
+        out.graph.node.extend(keep)
+    return out
+
+
 def _missing(model: Model) -> list[str]:
     """Node outputs whose shape is still unknown (unused outputs, e.g. Dropout masks, don't count)."""
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}

@@ -35,6 +35,7 @@ import numpy as np
 
 from spa.backends import ort as ort_backend
 from spa.core.errors import SpaError, positive_int, require
+from spa.core.model import constants_as_initializers
 from spa.planning import planner
 from spa.scoring import criteria
 from spa.scoring.gradients import require_torch, scored_output, task_loss, trainable_names
@@ -149,6 +150,9 @@ def fit(proto, feeds: dict, labels=None, *, val=None, teacher=None, cfg: FitConf
     check_target(labels, teacher)
     device = device_of(cfg.device)
     torch.manual_seed(cfg.seed)
+    proto = constants_as_initializers(proto)  # weights kept in Constant nodes train too
+    if not trainable_names(proto):
+        raise SpaError("nothing to train: the model has no float weights (initializers or Constant nodes)")
     module = to_torch(proto, trainable=trainable_names(proto)).to(device)
     out_name = scored_output(module, cfg.output)
     teach, distiller = None, None
