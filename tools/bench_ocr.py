@@ -37,7 +37,7 @@ SHAPES = {"det": (1, 3, 736, 736), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192
 def prune(model: str, args, output: Path) -> dict:
     import spa
 
-    options = {"criterion": args.method, "shape": {"x": SHAPES[model]}, "progress": None}
+    options = {"criterion": args.method, "shape": {"x": SHAPES[model]}, "progress": None, "round_to": args.round_to}
     if args.calib is not None:
         options.update(calib=args.calib, calib_samples=10**6)
     if args.target_macs is not None:
@@ -103,11 +103,13 @@ def dense_metrics(model: str, samples: int, cache: Path) -> dict:
 
 def run(args) -> dict:
     budget = f"budget{args.target_macs}" if args.target_macs else f"uniform{args.uniform_macs or args.ratio}"
+    budget += f"_r{args.round_to}" if args.round_to > 1 else ""
     output = Path(args.out_dir) / (f"{args.model}_{args.method}{'_calib' if args.calib else ''}_{budget}"
                                    f"{'_kd' if args.distill_epochs else ''}.onnx")
     output.parent.mkdir(parents=True, exist_ok=True)
     row = {"model": args.model, "method": args.method, "calibrated": bool(args.calib), "calib": args.calib,
            "target_macs": args.target_macs, "uniform_macs": args.uniform_macs, "distill_epochs": args.distill_epochs,
+           "round_to": args.round_to,
            "samples": args.samples}
     row.update(prune(args.model, args, output))
     if args.latency:
@@ -126,7 +128,8 @@ def table(path) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"{r['method']}{' calibrated' if r['calibrated'] else ''}" + (
-            f" + {r['distill_epochs']} epochs distillation" if r.get("distill_epochs") else "")
+            f" + {r['distill_epochs']} epochs distillation" if r.get("distill_epochs") else "") + (
+            f", widths x{r['round_to']}" if r.get("round_to", 1) > 1 else "")
         budget = (f"allocated {r['target_macs']}" if r.get("target_macs") else
                   f"uniform {r['ratio']}" + (f" (MACs {r['uniform_macs']})" if r.get("uniform_macs") else ""))
         fmt = " / ".join(f"{r['dense'][k]:.3f}" for k in HEADLINE[r["model"]])
@@ -146,6 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--uniform-macs", type=float, help="the uniform ratio whose MACs match this fraction")
     p.add_argument("--distill-epochs", type=int, default=0, help="then distil from the dense model on --calib")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
+    p.add_argument("--round-to", type=int, default=1, help="keep pruned widths multiples of N (8: ORT CPU's blocks)")
     p.add_argument("--latency", action="store_true", help="also the ORT CPU latency ratio (batch 1, 1 thread)")
     p.add_argument("--calib", help="calibration .npz of that model (python -m tools.ocr_eval --write-calib)")
     p.add_argument("--samples", type=int, default=200, help="evaluation samples (lines or pages)")
