@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from spa.core.checks import Fidelity
-from spa.core.data import real_rows, trim
+from spa.core.data import samples_in, trim
 from spa.core.errors import SpaError
 from spa.core.runtime import ort_reason
 
@@ -85,8 +85,7 @@ def compare(sess_a, sess_b, batches, *, atol: float, rtol: float, min_cosine: fl
         out_a, out_b = trim(_run(sess_a, feeds, names[0]), feeds), trim(_run(sess_b, feeds, names[1]), feeds)
         for a, b in matched:
             acc[a].add(np.asarray(out_a[a]), np.asarray(out_b[b]), atol, rtol=rtol)
-        first = next(iter(feeds.values())) if feeds else None
-        samples += real_rows(feeds, len(first) if first is not None and np.ndim(first) else 1)
+        samples += samples_in(feeds)
     outputs = {a: acc[a].result(min_cosine) for a, _ in matched}
     return {"samples": samples, "outputs": outputs, "notes": [note] if note else [],
             "pass": bool(matched) and all(o["pass"] for o in outputs.values())}

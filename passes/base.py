@@ -11,8 +11,9 @@ than on the input) and the result runs in ONNX Runtime with the input's output n
 and shapes, all finite. A pass adds its own (the N:M pattern re-read, outputs within a
 tolerance) by extending `ensures`. A pass given a `gate` (spa.core.checks.Gate) also measures
 its result's agreement with the input on calibration (else random) inputs, recorded in the
-check document as "agreement", and fails when it lost more than the gate's max_loss. Before any of that, `verify` refuses a rewrite that made a
-weight or scale non-finite (`require_finite_weights`): nothing with a new NaN or inf is written.
+check document as "agreement", and fails when it lost more than the gate's max_loss. Before
+any of that, `verify` refuses a rewrite that made a weight or scale non-finite
+(`require_finite_weights`): nothing with a new NaN or inf is written.
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def require_finite_weights(model: Model, after: onnx.ModelProto, name: str) -> N
     scale. Tensors already non-finite in the input (a -inf mask) and weights kept outside the
     file are left as they are."""
     for t in after.graph.initializer:
-        if t.data_type not in FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL or _finite(t):
+        if t.data_type not in FLOAT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        if _was_non_finite(model, t.name):
+        finite = np.isfinite(_values(t))  # each weight decoded once
+        if finite.all() or _was_non_finite(model, t.name):
             continue
-        bad = int(np.size(_values(t)) - np.isfinite(_values(t)).sum())
+        bad = int(finite.size - finite.sum())
         raise VerificationError(f"{name}: the result's tensor '{t.name}' holds {bad} non-finite value(s) (NaN or inf) "
                                 "that the input did not; nothing written",
                                 "check the calibration or training data (value ranges) and the options")

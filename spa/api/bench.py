@@ -29,7 +29,7 @@ from spa.backends.base import BACKENDS, PRECISIONS, Options, feeds_for, fixed_ba
 from spa.backends.compare import compare as parity
 from spa.backends.trt_plan import parse_shapes
 from spa.core import cost
-from spa.core.data import load_npz, model_batches, real_rows, require_keys
+from spa.core.data import load_npz, model_batches, require_keys, samples_in
 from spa.core.errors import SpaError, UsageError, VerificationError, require
 from spa.core.model import Model, check_file, check_writable, write_text_atomic
 from spa.core.runtime import ort_reason
@@ -225,7 +225,8 @@ def _runnable(name: str, sess, batch: int, dims: tuple):
     if fixed is not None and fixed != batch:
         row["skipped"] = f"the model's batch size is fixed to {fixed}"
         return row, None
-    feeds = feeds_for(sess.inputs, batch, dims[0], shapes=dims[1])  # an input too large to make is an error, not a skipped row
+    # an input too large to make is an error, not a skipped row
+    feeds = feeds_for(sess.inputs, batch, dims[0], shapes=dims[1])
     try:
         runner = sess.runner(feeds)
         runner()
@@ -261,8 +262,8 @@ def _bench_batch(names: list, sessions: list, batch: int, dims: tuple, plan, ste
 
 def compare(reference, candidate=None, *, data=None, backend: str = "ort", backend_b: str | None = None,
             precision: str = "fp32", sparse: bool = False, threads: int = 0, cache_dir=None, cuda_graph: bool = True,
-            dim=None, shapes=None, shape=None, samples: int = 64, batch: int = 1, atol: float = 1e-4, rtol: float = 1e-3,
-            min_cosine: float | None = None, progress=None) -> Measurement:
+            dim=None, shapes=None, shape=None, samples: int = 64, batch: int = 1, atol: float = 1e-4,
+            rtol: float = 1e-3, min_cosine: float | None = None, progress=None) -> Measurement:
     """Output parity of `reference` and `candidate` (default: `reference` again, on `backend_b`)
     on `data` (an .npz path or arrays keyed by input name; its first `samples` in runs of
     `batch`) or on random inputs of `batch` samples (seed 0) at `shape` (as for bench)."""
@@ -309,4 +310,4 @@ def _inputs(sess, arrays, data, samples: int, batch: int, dims: tuple) -> tuple:
     batches = model_batches({n: np.asarray(arrays[n]) for n in names}, batch, fixed=fixed_batch(sess.inputs),
                             max_samples=samples)
     label = str(data) if isinstance(data, (str, os.PathLike)) else "data"
-    return batches, f"{label} ({sum(real_rows(f, len(next(iter(f.values())))) for f in batches)} samples)"
+    return batches, f"{label} ({sum(samples_in(f) for f in batches)} samples)"

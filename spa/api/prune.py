@@ -274,16 +274,19 @@ class _Run:
             ratios = sensitivity.protect(self.sens, o["ratio"], limit)
             return sensitivity.plan_with_ratios(a, scores(a, o["criterion"], o["seed"], stats=self.stats), ratios,
                                                 round_to=o["round_to"])
-        shared = {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
-                  "seed": o["seed"], "prune_hidden": o["prune_hidden"], "stats": self.stats}
-        return make_plan(a, o["ratio"], global_rank=o["global_rank"], **shared)
+        return make_plan(a, o["ratio"], global_rank=o["global_rank"], **self._planning())
+
+    def _planning(self) -> dict:
+        """The options every planner takes (criterion, rounding, caps, seed, hidden, statistics)."""
+        o = self.o
+        return {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
+                "seed": o["seed"], "prune_hidden": o["prune_hidden"], "stats": self.stats}
 
     def _budget(self) -> dict:
         """The plan for a params/MACs/latency target (spa.planning.budget), its explanation kept."""
         o, a = self.o, self.analysis
         sens = self.sens if self.sens is not None else self._sensitivity()
-        shared = {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
-                  "seed": o["seed"], "prune_hidden": o["prune_hidden"], "stats": self.stats, "sens": sens}
+        shared = {**self._planning(), "sens": sens}
         if o["target_latency"] is None:
             kind = "params" if o["target_params"] is not None else "macs"
             plan, self.budget = allocate(a, kind, o[f"target_{kind}"], **shared)
@@ -325,7 +328,7 @@ class _Run:
     def _doc(self, counts: tuple, pruned, check, blocks) -> dict:
         o, plan = self.o, self.plan
         before = {**self.before, "bytes": file_bytes(self.name) if self.name else self.model.proto.ByteSize()}
-        after = {**cost.summary(shapes.rebound(self.model, reinfer(pruned))),
+        after = {**cost.summary(shapes.copy_binding(self.model, reinfer(pruned))),
                  "bytes": file_bytes(self.out) if self.out is not None else pruned.ByteSize()}
         return {
             "schema_version": SCHEMA, "input": self.name, "output": None if self.out is None else str(self.out),

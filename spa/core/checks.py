@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.core.data import fixed_batch_size, model_batches, real_rows, trim
+from spa.core.data import fixed_batch_size, model_batches, samples_in, trim
 from spa.core.errors import SpaError, VerificationError, first_line
 from spa.core.model import check_model
-from spa.core.runtime import exact_feeds, ort_reason, outputs, random_feeds, run, session
+from spa.core.runtime import exact_feeds, graph_inputs, ort_reason, outputs, random_feeds, run, session
 
 NOT_RUN = {"status": "not run", "reason": "--no-check"}  # the check document when the caller turned it off
 AGREEMENT_WARN = 0.90  # a result agreeing less than this with its input model is flagged (a warning)
@@ -214,8 +214,7 @@ def agreement_batches(proto: onnx.ModelProto, calib=None, seed: int = 0, *, shap
     """(feed dicts, "calibration" | "random"): the first AGREEMENT_SAMPLES samples of `calib`
     (arrays keyed by input name) batched the way the model takes them, else RANDOM_SAMPLES random
     inputs (symbolic dims 1, or at `shapes`)."""
-    inits = {t.name for t in proto.graph.initializer}
-    names = [i.name for i in proto.graph.input if i.name not in inits]
+    names = [vi.name for vi, _ in graph_inputs(proto)]
     if isinstance(calib, dict) and all(n in calib for n in names):
         feeds = {n: calib[n] for n in names}
         return model_batches(feeds, 16, fixed=fixed_batch_size(proto), max_samples=AGREEMENT_SAMPLES), "calibration"
@@ -232,10 +231,10 @@ def agreement(reference, candidate, batches: list) -> dict:
         want, got = trim(outputs(ref, feeds), feeds), trim(outputs(cand, feeds), feeds)
         for name, b in want.items():
             a = got.get(name)
-            if isinstance(b, np.ndarray) and np.issubdtype(b.dtype, np.floating) and getattr(a, "shape", None) == b.shape:
+            floating = isinstance(b, np.ndarray) and np.issubdtype(b.dtype, np.floating)
+            if floating and getattr(a, "shape", None) == b.shape:
                 acc.setdefault(name, Agreement()).add(a, b)
-        first = next((v for v in feeds.values() if np.ndim(v)), None)
-        samples += real_rows(feeds, len(first) if first is not None else 1)
+        samples += samples_in(feeds)
     per = {name: a.result() for name, a in acc.items()}
     if not per:
         return {"status": "skipped", "reason": "the model has no float output to compare", "outputs": {}}

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from spa.core.errors import SpaError, first_line
+from spa.core.runtime import graph_inputs
 
 
 def load_npz(path) -> dict[str, np.ndarray]:
@@ -103,11 +104,9 @@ def conform(arrays, proto: onnx.ModelProto, where: str = "data"):
     if not isinstance(arrays, dict) or proto is None:
         return arrays
     out = dict(arrays)
-    inits = {t.name for t in proto.graph.initializer}
-    for vi in proto.graph.input:
-        if vi.name in inits or vi.name not in arrays or not vi.type.HasField("tensor_type"):
-            continue
-        out[vi.name] = _fit(np.asarray(arrays[vi.name]), vi, where)
+    for vi, _ in graph_inputs(proto):
+        if vi.name in arrays and vi.type.HasField("tensor_type"):
+            out[vi.name] = _fit(np.asarray(arrays[vi.name]), vi, where)
     return out
 
 
@@ -130,9 +129,7 @@ def _fit(a: np.ndarray, vi, where: str) -> np.ndarray:
 
 def fixed_batch_size(proto: onnx.ModelProto) -> int | None:
     """The batch size the model's (non-initializer) inputs are fixed to, or None (`common_batch`)."""
-    inits = {t.name for t in proto.graph.initializer}
-    return common_batch([[d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
-                         for i in proto.graph.input if i.name not in inits])
+    return common_batch([list(dims or ()) for _, dims in graph_inputs(proto)])
 
 
 def common_batch(shapes: list) -> int | None:
@@ -174,9 +171,13 @@ def _padded(feeds: dict, size: int) -> dict:
     return Batch(pad, rows)
 
 
-def real_rows(feeds, default: int | None = None) -> int | None:
-    """The real samples of a padded `Batch`; `default` for any other feed dict."""
-    return feeds.rows if isinstance(feeds, Batch) else default
+def samples_in(feeds) -> int:
+    """The real samples of one feed dict: a padded `Batch`'s, else the first axis of its first
+    array with one (1 when every input is 0-d)."""
+    if isinstance(feeds, Batch):
+        return feeds.rows
+    first = next((v for v in feeds.values() if np.ndim(v)), None)
+    return len(first) if first is not None else 1
 
 
 def trim(results: dict, feeds) -> dict:

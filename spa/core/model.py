@@ -78,21 +78,17 @@ def read_graph(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[External]
     and data type, external data locations and ranges: spa.core.tensors); and where its external
     data lies. Nothing of the external data is read, so this is cheap for any model size."""
     path = Path(path)
-    require_regular(path, "model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several types for garbage input
-        raise SpaError(
-            f"cannot load model '{path}': not a valid ONNX file ({type(exc).__name__})",
-            "check that the file is an .onnx model and is complete",
-        ) from exc
+        proto = _parse(path)
+    except _NotOnnx as exc:
+        raise SpaError(f"cannot load model '{path}': not a valid ONNX file ({exc})",
+                       "check that the file is an .onnx model and is complete") from exc.__cause__
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise SpaError(
             f"cannot load model '{path}': not a valid ONNX file (no graph or no nodes)",
             "check that the file is an .onnx model and is complete",
         )
-    check_sizes(proto, path)
-    return proto, external_data(proto, path)
+    return proto, _checked_tensors(proto, path)
 
 
 def check_file(path: str | os.PathLike) -> None:
@@ -100,13 +96,30 @@ def check_file(path: str | os.PathLike) -> None:
     refuses (a special file; a tensor whose size, external location or range is wrong). A file
     that is not ONNX (a TensorRT engine, or garbage) is left to the runtime, which says why."""
     path = Path(path)
+    try:
+        proto = _parse(path)
+    except _NotOnnx:
+        return
+    _checked_tensors(proto, path)
+
+
+class _NotOnnx(Exception):
+    """The file is regular but protobuf cannot parse it as a model (its message: the error type)."""
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """The model in the regular file `path`, without its external data; _NotOnnx when it is none."""
     require_regular(path, "model")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - not ONNX: the runtime's own reason is the one to show
-        return
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises several types for garbage input
+        raise _NotOnnx(type(exc).__name__) from exc
+
+
+def _checked_tensors(proto: onnx.ModelProto, path: Path) -> list[External]:
+    """Every tensor's size and external data checked (spa.core.tensors); where its external data lies."""
     check_sizes(proto, path)
-    external_data(proto, path)
+    return external_data(proto, path)
 
 
 def load(path: str | os.PathLike, infer: bool = True) -> Model:

@@ -102,15 +102,8 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0, *, shapes: dict | None 
 def exact_feeds(model: onnx.ModelProto) -> bool:
     """Whether random_feeds gives exactly what the model declares: every real input a tensor whose
     dims are all fixed (no symbolic or unknown dim that random feeds would have to guess)."""
-    inits = {i.name for i in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            return False
-        if not all(d.HasField("dim_value") and d.dim_value > 0 for d in vi.type.tensor_type.shape.dim):
-            return False
-    return True
+    return all(vi.type.HasField("tensor_type") and dims is not None and all(dims)
+               for vi, dims in graph_inputs(model))
 
 
 def run(model, feeds: dict[str, np.ndarray], light: bool = False) -> dict[str, np.ndarray]:

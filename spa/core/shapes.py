@@ -21,7 +21,6 @@ from spa.core.model import Model, infer_shapes
 from spa.core.runtime import graph_inputs
 
 SYNTAX = "NAME:DIMS with dims like 1x3x736x736, e.g. shape=x:1x3x736x736"
-SOURCES = ("shape", "calib", "model")  # where the recorded input shapes came from
 
 
 def parse_dims(text: str, what: str = "shape=") -> tuple:
@@ -139,18 +138,12 @@ def record(model) -> dict:
     return {"input_shapes": shapes, "input_shapes_from": "model"}
 
 
-def rebound(source, target):
-    """`target` (a rewritten or simplified copy of `source`) with the same input shapes, returned."""
-    copy_binding(source, target)
+def copy_binding(source, target):
+    """Give `target` (a rewritten or simplified copy of `source`) the same input shapes; returns it."""
+    if source.input_shapes is not None:
+        target.input_shapes, target.input_shapes_from = dict(source.input_shapes), source.input_shapes_from
+        target.shapes_at = infer_at(target, target.input_shapes)
     return target
-
-
-def copy_binding(source, target) -> None:
-    """Give `target` (a rewritten or simplified copy of `source`) the same input shapes."""
-    if source.input_shapes is None:
-        return
-    target.input_shapes, target.input_shapes_from = dict(source.input_shapes), source.input_shapes_from
-    target.shapes_at = infer_at(target, target.input_shapes)
 
 
 def infer_at(model, shapes: dict) -> dict:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spa.core.data import as_batches, fixed_batch_size, model_batches, real_rows, require_keys, trim
+from spa.core.data import Batch, as_batches, fixed_batch_size, model_batches, require_keys, samples_in, trim
 from spa.core.errors import SpaError
 from spa.core.runtime import ort_reason, session_with_outputs
 from spa.scoring import moments
@@ -126,8 +126,8 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
     acc: dict = {}
     seen, rng = 0, np.random.default_rng(0)
     for feeds in as_batches(data, batch_size):
-        take = min(real_rows(feeds, len(next(iter(feeds.values())))), max_samples - seen)
-        if real_rows(feeds) is None:  # a padded batch of a fixed-size model runs whole; its padding is trimmed
+        take = min(samples_in(feeds), max_samples - seen)
+        if not isinstance(feeds, Batch):  # a padded batch of a fixed-size model runs whole; its padding is trimmed
             feeds = {k: v[:take] if np.ndim(v) else v for k, v in feeds.items()}  # 0-d inputs go as they are
         try:
             got = trim(dict(zip(tensors, sess.run(tensors, feeds))), feeds)
