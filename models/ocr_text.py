@@ -58,7 +58,8 @@ def _font(name: str, size: int):
     path = FONT_DIR / name
     if not path.is_file():
         raise FileNotFoundError(f"font {path} not found (install the Debian package fonts-dejavu-core)")
-    return ImageFont.truetype(str(path), size, layout_engine=ImageFont.Layout.BASIC)   # no ligatures: one glyph per character
+    # no ligatures: one glyph per character
+    return ImageFont.truetype(str(path), size, layout_engine=ImageFont.Layout.BASIC)
 
 
 def _rng(seed: int, kind: int, index: int) -> np.random.Generator:

@@ -234,7 +234,8 @@ def require_converted(before: onnx.ModelProto, after: onnx.ModelProto) -> None:
     reads a float16 tensor (the converter may wrap a float32-only graph in Casts to and fro)."""
     half = onnx.TensorProto.FLOAT16
     g = after.graph
-    halves = {v.name for v in list(g.value_info) + list(g.input) + list(g.output) if v.type.tensor_type.elem_type == half}
+    halves = {v.name for v in list(g.value_info) + list(g.input) + list(g.output)
+              if v.type.tensor_type.elem_type == half}
     halves |= {n.output[0] for n in g.node if n.op_type == "Cast" and any(a.name == "to" and a.i == half
                                                                            for a in n.attribute)}
     if not any(t.data_type == half for t in g.initializer) and not any(

@@ -50,8 +50,10 @@ def scaled(t):
 def two_headed(path):
     """x[N,3,8,8] -> Conv(8) -> Relu -> Conv(8) -> Relu -> {GAP -> Flatten -> Gemm(5): 'scores',
     Conv(1) -> Sigmoid: 'map'}: a classifier head and a detection-like map."""
-    nodes = [node("Conv", ["x", "c1.w", "c1.b"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4), node("Relu", ["c1"], ["r1"]),
-             node("Conv", ["r1", "c2.w", "c2.b"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4), node("Relu", ["c2"], ["r2"]),
+    nodes = [node("Conv", ["x", "c1.w", "c1.b"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+             node("Relu", ["c1"], ["r1"]),
+             node("Conv", ["r1", "c2.w", "c2.b"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4),
+             node("Relu", ["c2"], ["r2"]),
              node("GlobalAveragePool", ["r2"], ["g"]), node("Flatten", ["g"], ["f"]),
              node("Gemm", ["f", "fc.w", "fc.b"], ["scores"], transB=1),
              node("Conv", ["r2", "m.w", "m.b"], ["mc"], kernel_shape=[1, 1]), node("Sigmoid", ["mc"], ["map"])]

@@ -49,7 +49,8 @@ def test_max_loss_fails_before_anything_is_written(capsys, tmp_path):
     before = snapshot(tmp_path)
     r = run(capsys, "prune", TINY, "--ratio", "0.9", "--calib", CALIB, "--max-loss", "0.05", "-o", tmp_path / "o.onnx")
     assert r.rc == 3 and len(r.error_lines) == 1
-    assert "loss of" in r.error_lines[0] and "--max-loss 0.05" in r.error_lines[0] and "nothing written" in r.error_lines[0]
+    line = r.error_lines[0]
+    assert "loss of" in line and "--max-loss 0.05" in line and "nothing written" in line
     assert snapshot(tmp_path) == before
 
 

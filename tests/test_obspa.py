@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from graphs import build, conv_relu, node
 from onnx import numpy_helper
+from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from spa.backends import ort as ort_backend
 from spa.core import cost
 from spa.core.errors import SpaError
 from spa.scoring import criteria, moments, stats
@@ -282,7 +282,8 @@ def test_calibrated_compensation_reports_progress_in_groups():
     values, _ = measure.compensation(analysis, plan, data, batch_size=8, progress=lambda d, t: seen.append((d, t)))
     assert len(plan) == 3 and values
     assert seen[-1] == (3, 3) and all(t == 3 for _, t in seen)
-    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == 3 * (3 + 1)  # 3 stages: each batch, then done
+    # 3 stages: each batch, then done
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) == 3 * (3 + 1)
     exact, _ = obspa.sequential(analysis, plan, data, batch_size=8, stages_count=None, max_rows=None)
     for k in values:  # one group per stage here either way: the same updates
         np.testing.assert_allclose(values[k], exact[k], rtol=1e-4, atol=1e-6)

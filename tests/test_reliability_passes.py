@@ -157,8 +157,8 @@ def test_compress_refuses_a_stage_file_that_is_its_input(capsys, work):
 
 
 def test_compress_success_still_writes_its_stages(capsys, work):
-    doc = _json(spa(capsys, "compress", "m.onnx", "--ratio", "0.3", "--sparsify", "2:4", "--min-size", "8", "--save-stages",
-                    "-o", "out.onnx", "--json"))
+    doc = _json(spa(capsys, "compress", "m.onnx", "--ratio", "0.3", "--sparsify", "2:4", "--min-size", "8",
+                    "--save-stages", "-o", "out.onnx", "--json"))
     assert [r["file"] for r in doc["stages"]] == ["m.onnx", "out.pruned.onnx", "out.onnx"]  # the last is OUT
     for name in ("out.onnx", "out.pruned.onnx", "out.sparse.onnx"):
         onnx.checker.check_model(onnx.load(str(work / name)))

@@ -82,7 +82,8 @@ def test_bit_style_standardization_still_prunes_its_output_channels_exactly():
 def _computed_weight_model():
     """Conv c2 reads Sigmoid(c1) (f(0) = 0.5) with a weight computed as 2 * w2 + 0.1."""
     nodes = [node("Conv", ["x", "w1", "b1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
-             node("Sigmoid", ["c1"], ["r1"]), node("Mul", ["w2", "two"], ["w2m"]), node("Add", ["w2m", "tenth"], ["w2s"]),
+             node("Sigmoid", ["c1"], ["r1"]), node("Mul", ["w2", "two"], ["w2m"]),
+             node("Add", ["w2m", "tenth"], ["w2s"]),
              node("Conv", ["r1", "w2s", "b2"], ["y"], kernel_shape=[1, 1])]
     inits = [weight("w1", 8, 3, 3, 3), weight("b1", 8), weight("w2", 2, 8, 1, 1), weight("b2", 2),
              _scalar("two", 2.0), _scalar("tenth", 0.1)]
@@ -175,8 +176,8 @@ def _empty_slice_model(path):
     inits = [weight("w1", 8, 3, 3, 3), weight("b1", 8), weight("w2", 2, 8, 1, 1), weight("b2", 2),
              const("st", [8]), const("en", [2**62]), const("ax", [1])]
     vi = lambda n, s, t=TensorProto.FLOAT: helper.make_tensor_value_info(n, t, s)
-    graph = helper.make_graph(nodes, "g", [vi("x", [1, 3, 4, 4])] + [vi(n, [1], TensorProto.INT64) for n in ("st", "en", "ax")],
-                              [vi("y", [1, 2, 4, 4]), vi("e", [1, "c", 4, 4])], inits)
+    inputs = [vi("x", [1, 3, 4, 4])] + [vi(n, [1], TensorProto.INT64) for n in ("st", "en", "ax")]
+    graph = helper.make_graph(nodes, "g", inputs, [vi("y", [1, 2, 4, 4]), vi("e", [1, "c", 4, 4])], inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 7
     onnx.save(proto, path)

@@ -120,7 +120,8 @@ def test_the_example_still_passes_its_check(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [
-    ["compare", "ok.onnx", "kbig.onnx"], ["eval", "kbig.onnx", "--data", "d.npz"], ["compare", "ok.onnx", "opset99.onnx"],
+    ["compare", "ok.onnx", "kbig.onnx"], ["eval", "kbig.onnx", "--data", "d.npz"],
+    ["compare", "ok.onnx", "opset99.onnx"],
     ["sensitivity", "kbig.onnx", "--calib", "d.npz"], ["sensitivity", "opset99.onnx", "--calib", "d.npz"],
     ["bench", "kbig.onnx", "--duration-s", "0.01"], ["bench", "opset99.onnx", "--duration-s", "0.01"],
 ], ids=["compare", "eval", "compare-load", "sensitivity", "sensitivity-load", "bench", "bench-load"])

@@ -80,8 +80,9 @@ def distill(model: str, args, output: Path) -> dict:
     doc = spa.finetune(str(output), data=args.calib, distill_from=str(ocr_eval.package_models()[model]),
                        epochs=args.distill_epochs, batch=16, lr=args.lr, output=str(tmp)).to_json()
     tmp.replace(output)
-    return {"distill_wall_s": round(time.perf_counter() - start, 1), "distill_cpu_s": round(time.process_time() - cpu, 1),
-            "distill_best_epoch": doc["best_epoch"], "distilled": doc["distilled"]}
+    return {"distill_wall_s": round(time.perf_counter() - start, 1),
+            "distill_cpu_s": round(time.process_time() - cpu, 1), "distill_best_epoch": doc["best_epoch"],
+            "distilled": doc["distilled"]}
 
 
 def latency(model: str, output: Path) -> float:
@@ -124,8 +125,9 @@ def run(args) -> dict:
 
 def table(path) -> str:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    out = ["| model | method | budget | dense | pruned | params | MACs (spa, at SHAPES) | latency | spa wall / CPU (s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    cols = ("model", "method", "budget", "dense", "pruned", "params", "MACs (spa, at SHAPES)", "latency",
+            "spa wall / CPU (s)")
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         name = f"{r['method']}{' calibrated' if r['calibrated'] else ''}" + (
             f" + {r['distill_epochs']} epochs distillation" if r.get("distill_epochs") else "") + (
@@ -134,7 +136,8 @@ def table(path) -> str:
                   f"uniform {r['ratio']}" + (f" (MACs {r['uniform_macs']})" if r.get("uniform_macs") else ""))
         fmt = " / ".join(f"{r['dense'][k]:.3f}" for k in HEADLINE[r["model"]])
         got = " / ".join(f"{r['pruned'][k]:.3f}" for k in HEADLINE[r["model"]])
-        wall = f"{r['spa_wall_s'] + r.get('distill_wall_s', 0):.0f} / {r.get('spa_cpu_s', 0) + r.get('distill_cpu_s', 0):.0f}"
+        wall_s = r["spa_wall_s"] + r.get("distill_wall_s", 0)
+        wall = f"{wall_s:.0f} / {r.get('spa_cpu_s', 0) + r.get('distill_cpu_s', 0):.0f}"
         out.append(f"| {r['model']} ({' / '.join(HEADLINE[r['model']])}) | {name} | {budget} | {fmt} | {got} | "
                    f"{r['params']:.3f} | {r['macs_spa']:.3f} | {r.get('latency', '-')} | {wall} |")
     return "\n".join(out)

@@ -72,8 +72,8 @@ def parser(sub) -> None:
 
 
 OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "criterion", "calib",
-           "calib_samples", "labels", "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden", "exclude", "simplify",
-           "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
+           "calib_samples", "labels", "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden",
+           "exclude", "simplify", "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
 
 
 # the options the result's notes and warnings name, in the CLI's words

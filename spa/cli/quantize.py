@@ -17,8 +17,8 @@ def parser(sub) -> None:
     how = q.add_mutually_exclusive_group(required=True)
     add_calib(q, help=".npz of calibration inputs keyed by input name: INT8", samples=256, into=how)
     how.add_argument("--fp16", action="store_true", help="float16 weights and math, float32 inputs/outputs and "
-                     "sensitive ops (normalizations, reductions, exp/log/pow/sqrt); weights listed as graph inputs (old "
-                     "IR-3 exports) become constants and are converted; a model with nothing to convert is "
+                     "sensitive ops (normalizations, reductions, exp/log/pow/sqrt); weights listed as graph inputs "
+                     "(old IR-3 exports) become constants and are converted; a model with nothing to convert is "
                      "refused (exit 1)")
     q.add_argument("--method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="INT8 calibration (minmax)")

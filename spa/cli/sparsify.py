@@ -35,7 +35,8 @@ def parser(sub) -> None:
 def sparsify(args) -> int:
     result = sparsify_model(args.model, pattern=args.pattern, method=args.method, calib=args.calib,
                             calib_samples=args.calib_samples, min_size=args.min_size, permute=args.permute,
-                            permute_budget=args.permute_budget, shape=args.shape, check=args.check, output=output_path(args, "sparse"),
+                            permute_budget=args.permute_budget, shape=args.shape, check=args.check,
+                            output=output_path(args, "sparse"),
                             progress=progress(args))
     doc = result.to_json()
     if args.json:
@@ -45,8 +46,8 @@ def sparsify(args) -> int:
         _print_permutation(doc["permutation"])
     eligible = sum(1 for x in doc["layers"] if x["eligible"])
     show_notes(doc["notes"])
-    err.print(f"{eligible} of {len(doc['layers'])} layers sparsified {doc['pattern']}; {report.check_line(doc['check'])}",
-              markup=False, highlight=False)
+    err.print(f"{eligible} of {len(doc['layers'])} layers sparsified {doc['pattern']}; "
+              f"{report.check_line(doc['check'])}", markup=False, highlight=False)
     return 0
 
 

@@ -185,8 +185,8 @@ def sequential(analysis, plan: dict, calib, *, max_samples: int = 512, batch_siz
         spaces = read_spaces(analysis, stage)
         step = None if progress is None else _within(progress, len(done), len(stage), len(order), calib, max_samples)
         stats = calibrate(analysis, calib, spaces, max_samples=max_samples, batch_size=batch_size, progress=step,
-                          source=zeroed(analysis, done, values), reference=reference_session(analysis, spaces, only=True),
-                          max_rows=max_rows)
+                          source=zeroed(analysis, done, values),
+                          reference=reference_session(analysis, spaces, only=True), max_rows=max_rows)
         part = {g.id: plan[g.id] for g in stage}
         values.update(compensate(analysis, part, stats, base=values))
         notes += [n for n in stats.notes if n not in notes]
