@@ -148,12 +148,14 @@ def _slice(array: np.ndarray, name: str, edit: Edit) -> np.ndarray:
 
 def _copy_pruning_initializers(src, edit: Edit, names: set[str], values: dict) -> onnx.ModelProto:
     """The output model: unchanged initializers copied, pruned ones sliced (never both);
-    `values` replace the stored arrays first (compensated weights)."""
+    `values` replace the stored arrays first (compensated weights and biases)."""
     proto = copy_without_initializers(src)
     for t in src.graph.initializer:
         if t.name in names:
             sliced = _slice(values[t.name] if t.name in values else numpy_helper.to_array(t), t.name, edit)
             proto.graph.initializer.append(numpy_helper.from_array(sliced, t.name))
+        elif t.name in values:  # a compensated tensor no removal touches (a consumer's corrected bias)
+            proto.graph.initializer.append(numpy_helper.from_array(np.asarray(values[t.name]), t.name))
         else:
             proto.graph.initializer.append(t)
     return proto
@@ -164,6 +166,9 @@ def _prune_constant_nodes(proto, edit: Edit, names: set[str], values: dict) -> N
     for node in proto.graph.node:
         out = node.output[0] if node.output else ""
         if out not in names:
+            if node.op_type == "Constant" and out in values:  # compensated, not sliced
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(values[out])))
             continue
         if node.op_type == "Constant":
             value = values[out] if out in values else constant_node_value(node)

@@ -145,3 +145,34 @@ def test_widths_that_slow_ort_cpu_are_noted(tmp_path):
     assert any("not multiples of 8" in n for n in odd["notes"])
     even = spa.prune(TINY, ratio=0.3, round_to=8, output=str(tmp_path / "b.onnx")).to_json()
     assert not any("not multiples of 8" in n for n in even["notes"])
+
+
+def test_sparsify_measures_its_agreement_warns_and_max_loss_fails(capsys, tmp_path):
+    """2:4 by magnitude on the (untrained, near-tie) example: the agreement on the calibration
+    data is measured, warned about in the CLI's words, and --max-loss refuses it (exit 3)."""
+    r = run(capsys, "sparsify", TINY, "--calib", CALIB, "--min-size", "4", "-o", tmp_path / "s.onnx", "--json")
+    doc = json.loads(r.out)
+    fit = doc["agreement"]
+    assert r.rc == 0 and fit["inputs"] == "calibration" and fit["samples"] == 64 and fit["metric"] == "top-1"
+    assert fit["agreement"] < AGREEMENT_WARN and len(doc["warnings"]) == 1
+    line = _warnings(r.err)[0]
+    assert f"{fit['agreement']:.3f}" in line and "--method obs" in line and "--min-size" in line
+    before = snapshot(tmp_path)
+    r = run(capsys, "sparsify", TINY, "--calib", CALIB, "--min-size", "4", "--max-loss", "0.05",
+            "-o", tmp_path / "t.onnx")
+    assert r.rc == 3 and "loss of" in r.error_lines[0] and "nothing written" in r.error_lines[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_quantize_measures_its_agreement_and_max_loss_bounds_it(capsys, tmp_path):
+    doc = spa.quantize(str(TINY), calib=str(CALIB)).to_json()
+    fit = doc["agreement"]
+    assert fit["inputs"] == "calibration" and 0 <= fit["loss"] <= 1
+    assert bool(doc["warnings"]) == (fit["agreement"] < AGREEMENT_WARN)
+    fp16 = spa.quantize(str(TINY), fp16=True).to_json()["agreement"]
+    assert fp16["inputs"] == "random" and fp16["agreement"] == 1.0
+    r = run(capsys, "quantize", TINY, "--calib", CALIB, "--max-loss", f"{fit['loss'] / 2:.4f}", "-o",
+            tmp_path / "q.onnx")
+    assert (r.rc == 3) == (fit["loss"] > 0) and not (r.rc == 3 and (tmp_path / "q.onnx").exists())
+    with pytest.raises(spa.UsageError, match="max_loss"):
+        spa.quantize(str(TINY), fp16=True, max_loss=2)

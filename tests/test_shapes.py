@@ -169,3 +169,20 @@ def test_every_stage_of_compress_checks_at_the_shape(model, tmp_path, capsys):
     rc, out, _ = run(capsys, "sparsify", model, "-o", tmp_path / "s.onnx", "--json", "--min-size", "8",
                      "--shape", "x:1x3x16x20")
     assert rc == 0 and json.loads(out)["check"]["input_shapes"] == {"x": [1, 3, 16, 20]}
+
+
+def test_report_counts_macs_and_draws_random_inputs_at_the_shape(model, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pruned = tmp_path / "p.onnx"
+    prune(str(model), ratio=0.5, output=str(pruned))
+    page = tmp_path / "r.html"
+    rc, text, err = run(capsys, "report", model, pruned, "-o", page, "--json", "--shape", "x:1x3x16x20")
+    doc = json.loads(text)
+    assert rc == 0, err
+    assert doc["summary"][0]["macs"] == hand_macs(16, 20) and doc["input_shapes"] == {"x": [1, 3, 16, 20]}
+    assert sum(v["macs"] for v in doc["breakdown"]["models"][0].values()) == hand_macs(16, 20)
+    assert "x 1x3x16x20" in doc["fidelity"]["inputs"] and "x 1x3x16x20 (from --shape)" in page.read_text()
+    plain = json.loads(run(capsys, "report", model, pruned, "-o", tmp_path / "p.html", "--json")[1])
+    assert plain["summary"][0]["macs"] == hand_macs(1, 1) and plain["input_shapes_from"] == "model"
+    rc, _, err = run(capsys, "report", model, pruned, "-o", tmp_path / "q.html", "--shape", "x:1x4x16x20")
+    assert rc == 2 and "--shape" in err and not (tmp_path / "q.html").exists()

@@ -326,7 +326,8 @@ def test_api_sparsify_is_the_cli_document(tmp_path, capsys):
     ({"min_size": 0}, "invalid min_size=0"),
     ({"pattern": "4:2"}, "invalid pattern='4:2'"),
     ({"method": "obs"}, "method=obs needs calibration data"),
-    ({"calib": {"x": np.zeros((1, 16, 8, 8), np.float32)}}, "only used by method=obs"),
+    ({"max_loss": 1.5}, "invalid max_loss=1.5"),
+    ({"max_loss": 0.1, "check": False}, "it needs the output check"),
     ({"permute_budget": 0}, "invalid permute_budget=0"),
 ])
 def test_api_sparsify_bad_values_are_usage_errors(tmp_path, options, message):

@@ -44,6 +44,9 @@ def prune(model: str, args, output: Path) -> dict:
         options["target_macs"] = args.target_macs
     else:
         options["ratio"] = args.ratio if args.uniform_macs is None else uniform_ratio(model, args.uniform_macs)
+    from spa.scoring import obspa
+
+    obspa.BIAS_CORRECTION = not args.no_bias_correction
     start, cpu = time.perf_counter(), time.process_time()
     doc = spa.prune(str(ocr_eval.package_models()[model]), output=str(output), **options).to_json()
     row = {"ratio": options.get("ratio"), "spa_wall_s": round(time.perf_counter() - start, 1),
@@ -105,13 +108,13 @@ def dense_metrics(model: str, samples: int, cache: Path) -> dict:
 def run(args) -> dict:
     budget = f"budget{args.target_macs}" if args.target_macs else f"uniform{args.uniform_macs or args.ratio}"
     budget += f"_r{args.round_to}" if args.round_to > 1 else ""
+    budget += "_nobc" if args.no_bias_correction else ""
     output = Path(args.out_dir) / (f"{args.model}_{args.method}{'_calib' if args.calib else ''}_{budget}"
                                    f"{'_kd' if args.distill_epochs else ''}.onnx")
     output.parent.mkdir(parents=True, exist_ok=True)
     row = {"model": args.model, "method": args.method, "calibrated": bool(args.calib), "calib": args.calib,
            "target_macs": args.target_macs, "uniform_macs": args.uniform_macs, "distill_epochs": args.distill_epochs,
-           "round_to": args.round_to,
-           "samples": args.samples}
+           "round_to": args.round_to, "bias_correction": not args.no_bias_correction, "samples": args.samples}
     row.update(prune(args.model, args, output))
     if args.latency:
         row["latency"] = latency(args.model, output)
@@ -131,7 +134,8 @@ def table(path) -> str:
     for r in rows:
         name = f"{r['method']}{' calibrated' if r['calibrated'] else ''}" + (
             f" + {r['distill_epochs']} epochs distillation" if r.get("distill_epochs") else "") + (
-            f", widths x{r['round_to']}" if r.get("round_to", 1) > 1 else "")
+            f", widths x{r['round_to']}" if r.get("round_to", 1) > 1 else "") + (
+            ", bias-corrected" if r.get("bias_correction") and r["method"] == "obspa" else "")
         budget = (f"allocated {r['target_macs']}" if r.get("target_macs") else
                   f"uniform {r['ratio']}" + (f" (MACs {r['uniform_macs']})" if r.get("uniform_macs") else ""))
         fmt = " / ".join(f"{r['dense'][k]:.3f}" for k in HEADLINE[r["model"]])
@@ -153,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--distill-epochs", type=int, default=0, help="then distil from the dense model on --calib")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
     p.add_argument("--round-to", type=int, default=1, help="keep pruned widths multiples of N (8: ORT CPU's blocks)")
+    p.add_argument("--no-bias-correction", action="store_true", help="compensate weights only (the ablation)")
     p.add_argument("--latency", action="store_true", help="also the ORT CPU latency ratio (batch 1, 1 thread)")
     p.add_argument("--calib", help="calibration .npz of that model (python -m tools.ocr_eval --write-calib)")
     p.add_argument("--samples", type=int, default=200, help="evaluation samples (lines or pages)")

@@ -289,5 +289,7 @@ def _summary(name: str, detail: dict) -> dict:
     if name == "sparse":
         return {"pattern": detail["pattern"], "method": detail["method"], "eligible": detail["eligible"],
                 "layers": len(detail["layers"]), "retained_magnitude": detail["retained_magnitude"],
-                "permuted_groups": sum(r["permuted"] for r in detail["permutation"] or [])}
-    return {"coverage": detail.get("coverage"), "fidelity_on_calib": detail.get("fidelity_on_calib")}
+                "permuted_groups": sum(r["permuted"] for r in detail["permutation"] or []),
+                "agreement": detail["agreement"], "warnings": detail["warnings"]}
+    return {"coverage": detail.get("coverage"), "fidelity_on_calib": detail.get("fidelity_on_calib"),
+            "agreement": detail.get("agreement"), "warnings": detail.get("warnings") or []}

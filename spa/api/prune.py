@@ -21,7 +21,7 @@ from spa.api.result import Result, as_model, counter, model_name, output_target,
 from spa.core import cost, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
-from spa.core.checks import Gate, agreement_warning, check_against, check_notes
+from spa.core.checks import Gate, agreement_warning, check_against, check_max_loss, check_notes
 from spa.core.data import conform, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
@@ -130,10 +130,7 @@ def _check_options(o: dict) -> None:
             "sensitivity= goes with ratio= (the most any group is pruned) or a target (the groups' weights)")
     positive_int("calib_samples", o["calib_samples"])
     shapes.parse(o["shape"])
-    require(o["max_loss"] is None or (isinstance(o["max_loss"], (int, float)) and 0 <= o["max_loss"] <= 1),
-            f"invalid max_loss={o['max_loss']}: it must be in [0, 1] (1 - agreement with the input model)")
-    require(o["max_loss"] is None or o["check"], "max_loss= is verified by running the result: it needs the output "
-            "check", "drop check=False")
+    check_max_loss(o["max_loss"], o["check"])
     require(isinstance(o["seed"], int) and o["seed"] >= 0, f"invalid seed={o['seed']}: it must be 0 or more")
     require(o["criterion"] in criteria.CRITERIA, f"unknown criterion={o['criterion']}",
             f"choose one of: {', '.join(sorted(criteria.CRITERIA))}")

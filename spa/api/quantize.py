@@ -4,7 +4,7 @@
           quantized model ─measured: bytes before/after, QDQ coverage, fidelity on the calibration data─▶ Result
 
 The Result's document is `spa quantize --json`'s: schema_version, input, output, kind,
-fidelity_on_calib, method, per_channel, bytes, coverage, check. `bytes` are file sizes where
+fidelity_on_calib, method, per_channel, bytes, coverage, check, agreement, warnings. `bytes` are file sizes where
 there is a file (the input's path, `output`); a model only in memory counts its serialized size.
 """
 
@@ -18,7 +18,7 @@ from spa.api.common import arrays, saver
 from spa.api.prune import refuse_quantized
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import shapes
-from spa.core.checks import check_notes
+from spa.core.checks import QUANTIZE_ADVICE, Gate, check_max_loss, check_notes, gate_fields
 from spa.core.data import conform
 from spa.core.errors import positive_int, require
 from spa.core.model import Model
@@ -30,16 +30,21 @@ FIDELITY_SAMPLES = 64  # calibration samples the fidelity on the data is measure
 
 
 def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", per_channel: bool = True,
-             calib_samples: int = 256, shape=None, check: bool = True, output=None, progress=None) -> Result:
+             calib_samples: int = 256, shape=None, check: bool = True, max_loss: float | None = None, output=None,
+             progress=None) -> Result:
     """INT8 QDQ calibrated on `calib` (a path to an .npz or arrays keyed by input name; `method`
     minmax, entropy or percentile over `calib_samples` samples; weight scales per output channel
     unless `per_channel=False`), or FP16 with `fp16=True`: exactly one of the two. `output`: write
     there (checked on the written file before it is renamed into place), else checked in memory.
     `check=False`: no run in ONNX Runtime against the input (the ONNX checker only). `shape`: the
-    input shapes the output check runs at (default: the first sample of `calib`)."""
+    input shapes the output check runs at (default: the first sample of `calib`). With `check`, the
+    result's agreement with the input is measured on `calib` (FP16: random inputs) and warned
+    about below AGREEMENT_WARN; `max_loss`: the most it may lose (else VerificationError, nothing
+    written)."""
     require((calib is not None) != bool(fp16), "give exactly one of calib=DATA (INT8) and fp16=True (FP16)")
     require(method in METHODS, f"invalid method={method!r}", f"choose one of: {', '.join(METHODS)}")
     positive_int("calib_samples", calib_samples)
+    check_max_loss(max_loss, check)
     shapes.parse(shape)
     out = output_target(output, model, calib)
     data = arrays(calib)
@@ -52,6 +57,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
     shapes.bind(loaded, shape, data)
     rewrite = Fp16Pass() if fp16 else Int8Pass(data, method, per_channel, calib_samples)
     rewrite.run_check = check
+    rewrite.gate = Gate(data, 0, max_loss, QUANTIZE_ADVICE) if check else None
     done = rewrite.run(loaded, out, step=step,
                     what="FP16 conversion" if fp16 else f"INT8 calibration ({method}) + QDQ")
     produced = out if out is not None else done.model
@@ -60,7 +66,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
            "method": None if fp16 else method, "per_channel": None if fp16 else per_channel,
            "bytes": {"before": _bytes(loaded.path or loaded.proto), "after": _bytes(produced)},
            "coverage": done.stats["coverage"], "check": done.check,
-           "notes": check_notes(done.check), **shapes.record(loaded)}
+           "notes": check_notes(done.check), **gate_fields(done.check, QUANTIZE_ADVICE), **shapes.record(loaded)}
     return Result(doc, done.model, saver(rewrite, loaded, done), loaded.path)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from spa.api.result import Result, stepper
+from spa.core import shapes
 from spa.core.errors import SpaError, positive_int
 from spa.core.model import Model, check_file, check_writable, save, write_text_atomic
 from spa.reporting import html as html_report
@@ -36,18 +37,21 @@ class Page(Result):
 
 
 def report(dense, pruned, *, bench=None, data=None, samples: int | None = None, title: str | None = None,
-           command: str | None = None, output=None, progress=None) -> Page:
+           command: str | None = None, output=None, progress=None, shape=None) -> Page:
     """The page comparing `dense` with each of `pruned` (one path or a list of model files):
     size, parameters, MACs, channels per layer, costs per op type, fidelity to `dense` on `data`
     (an .npz path or arrays keyed by input name; default random inputs), latency from `bench`,
-    and the environment with `command` (the command line that made it, if any)."""
+    and the environment with `command` (the command line that made it, if any). `shape`: the
+    input shapes MACs and random inputs are at ({name: dims} or "name:1x3x736x736"; default: the
+    data's, else every dynamic dim 1)."""
     pruned = [pruned] if isinstance(pruned, (str, os.PathLike, onnx.ModelProto, Model)) else list(pruned)
     with tempfile.TemporaryDirectory(prefix=".spa-report-") as work:
         dense, *pruned = _as_files([dense, *pruned], Path(work))
         out = _check([dense, *pruned], bench, data, samples, output)
+        shapes.parse(shape)
         step = stepper(progress)
         doc = html_report.collect(dense, pruned, bench=bench, data=data, samples=samples, title=title,
-                                  command=command, step=step)
+                                  command=command, step=step, shape=shape)
     with step("rendering"):
         page = html_report.render(doc)
     if out is not None:

@@ -126,6 +126,22 @@ def add_shape(p, *, help: str = SHAPE_HELP) -> None:
     p.add_argument("--shape", action="append", default=None, metavar="NAME:DIMS", help=help)
 
 
+MAX_LOSS_HELP = ("fail (exit 3, nothing written) when the result lost more than F of its agreement with the input "
+                 "model: 1 - top-1 agreement for class scores, else 1 - cosine, worst output, measured on --calib "
+                 "(else random inputs)")
+
+
+def add_max_loss(p) -> None:
+    p.add_argument("--max-loss", type=float, metavar="F", help=MAX_LOSS_HELP)
+
+
+def show_warnings(doc: dict, flags: dict) -> None:
+    """The result's warnings in the CLI's words (`flags`: {parameter: flag}), on stderr in both
+    modes (a --json caller sees them too)."""
+    for line in doc.get("warnings") or ():
+        err.print(f"warning: {with_flags(line, flags)}", markup=False, highlight=False, soft_wrap=True)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spa", description="Structured pruning of ONNX models.")
     p.add_argument("--version", action="version", version=f"spa {__version__}")

@@ -6,8 +6,22 @@
 from __future__ import annotations
 
 from spa.api.quantize import quantize as quantize_model
-from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, add_shape, err, output_path, progress, show_notes
+from spa.cli.app import (
+    NO_CHECK_HELP,
+    add_calib,
+    add_common,
+    add_max_loss,
+    add_shape,
+    err,
+    output_path,
+    progress,
+    show_notes,
+    show_warnings,
+)
 from spa.reporting import report
+
+
+FLAGS = {"method": "--method", "calib_samples": "--calib-samples", "fp16": "--fp16"}  # named by the warnings
 
 
 def parser(sub) -> None:
@@ -25,6 +39,7 @@ def parser(sub) -> None:
     q.add_argument("--no-per-channel", dest="per_channel", action="store_false",
                    help="one weight scale per tensor instead of per output channel")
     add_shape(q)
+    add_max_loss(q)
     q.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(q, output="output model (default: MODEL.int8.onnx / MODEL.fp16.onnx)")
 
@@ -32,14 +47,16 @@ def parser(sub) -> None:
 def quantize(args) -> int:
     result = quantize_model(args.model, calib=args.calib, fp16=args.fp16, method=args.method,
                             per_channel=args.per_channel, calib_samples=args.calib_samples, shape=args.shape,
-                            check=args.check,
+                            check=args.check, max_loss=args.max_loss,
                             output=output_path(args, "fp16" if args.fp16 else "int8"),
                             progress=progress(args))
     doc = result.to_json()
     if args.json:
+        show_warnings(doc, FLAGS)
         return report.print_json(doc)
     show_notes(doc["notes"])
     err.print(_summary(doc), markup=False, highlight=False)
+    show_warnings(doc, FLAGS)
     return 0
 
 

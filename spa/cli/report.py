@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from spa.api.report import report as run_report
-from spa.cli.app import add_common, err, progress
+from spa.cli.app import add_common, add_shape, err, progress
 from spa.reporting import html as html_report
 
 
@@ -30,6 +30,8 @@ def parser(sub) -> None:
     p.add_argument("--samples", type=int, metavar="N", help=f"fidelity samples (default {html_report.DATA_SAMPLES} "
                    f"of --data, or {html_report.RANDOM_SAMPLES} random inputs)")
     p.add_argument("--title", help="page title (default: spa report: DENSE)")
+    add_shape(p, help="input shape MACs and the random inputs are at, e.g. --shape x:1x3x736x736 (repeatable; "
+                      "default: --data's, else every dynamic dim 1)")
     add_common(p, output="the page (default: DENSE.report.html beside DENSE)",
                json_help="also print the page's data as JSON on stdout")
 
@@ -42,6 +44,8 @@ def _command(args) -> str:
     for flag in ("bench", "data", "samples", "title", "output"):
         if getattr(args, flag) is not None:
             argv += ["-o" if flag == "output" else f"--{flag}", str(getattr(args, flag))]
+    for spec in args.shape or ():
+        argv += ["--shape", spec]
     return shlex.join(argv + (["--json"] if args.json else []))
 
 
@@ -50,7 +54,7 @@ def report(args) -> int:
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.report.html")
     result = run_report(args.dense, args.pruned, bench=args.bench, data=args.data, samples=args.samples,
                         title=args.title, command=_command(args), output=out,
-                        progress=progress(args))
+                        progress=progress(args), shape=args.shape)
     if args.json:
         print(json.dumps(result.to_json()))
     else:

@@ -9,8 +9,22 @@ import numpy as np
 from rich.table import Table
 
 from spa.api.sparsify import sparsify as sparsify_model
-from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, add_shape, err, output_path, progress, show_notes
+from spa.cli.app import (
+    NO_CHECK_HELP,
+    add_calib,
+    add_common,
+    add_max_loss,
+    add_shape,
+    err,
+    output_path,
+    progress,
+    show_notes,
+    show_warnings,
+)
 from spa.reporting import report
+
+
+FLAGS = {"method": "--method", "calib": "--calib", "min_size": "--min-size"}  # named by the warnings
 
 
 def parser(sub) -> None:
@@ -22,12 +36,14 @@ def parser(sub) -> None:
     z.add_argument("--method", default="magnitude", choices=["magnitude", "obs"],
                    help="which weights to keep: magnitude, or obs (calibrated second-order selection with "
                    "compensation, SparseGPT-style; needs --calib)")
-    add_calib(z, help=".npz of calibration inputs keyed by input name (--method obs)", samples=256)
+    add_calib(z, help=".npz of calibration inputs keyed by input name: --method obs, and the agreement with the input is "
+             "measured on it", samples=256)
     z.add_argument("--permute", action="store_true",
                    help="search channel permutations of coupled groups first (as NVIDIA ASP) to keep more magnitude")
     z.add_argument("--permute-budget", type=float, default=2.0, metavar="S",
                    help="seconds of permutation search per channel group (2)")
     add_shape(z)
+    add_max_loss(z)
     z.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(z, output="output model (default: MODEL.sparse.onnx beside the input)")
 
@@ -36,10 +52,12 @@ def sparsify(args) -> int:
     result = sparsify_model(args.model, pattern=args.pattern, method=args.method, calib=args.calib,
                             calib_samples=args.calib_samples, min_size=args.min_size, permute=args.permute,
                             permute_budget=args.permute_budget, shape=args.shape, check=args.check,
+                            max_loss=args.max_loss,
                             output=output_path(args, "sparse"),
                             progress=progress(args))
     doc = result.to_json()
     if args.json:
+        show_warnings(doc, FLAGS)
         return report.print_json(doc)
     report.out.print(_table(doc))
     if doc["permutation"] is not None:
@@ -48,6 +66,7 @@ def sparsify(args) -> int:
     show_notes(doc["notes"])
     err.print(f"{eligible} of {len(doc['layers'])} layers sparsified {doc['pattern']}; "
               f"{report.check_line(doc['check'])}", markup=False, highlight=False)
+    show_warnings(doc, FLAGS)
     return 0
 
 

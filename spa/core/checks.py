@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from spa.core.data import fixed_batch_size, model_batches, samples_in, trim
-from spa.core.errors import SpaError, VerificationError, first_line
+from spa.core.errors import SpaError, VerificationError, first_line, require
 from spa.core.model import check_model
 from spa.core.runtime import exact_feeds, graph_inputs, ort_reason, outputs, random_feeds, run, session
 
@@ -250,8 +250,8 @@ class Gate:
     `calib`: arrays keyed by input name (else random inputs, `seed`); `max_loss`: None (measure
     only) or the largest 1 - agreement allowed, else VerificationError before anything is written."""
 
-    def __init__(self, calib=None, seed: int = 0, max_loss: float | None = None):
-        self.calib, self.seed, self.max_loss = calib, seed, max_loss
+    def __init__(self, calib=None, seed: int = 0, max_loss: float | None = None, advice: str | None = None):
+        self.calib, self.seed, self.max_loss, self.advice = calib, seed, max_loss, advice or ADVICE
 
     def measure(self, model, candidate) -> dict:
         """The agreement document of `candidate` (a ModelProto or file) with the input `model`."""
@@ -276,6 +276,24 @@ class Gate:
         return doc
 
 
+def check_max_loss(max_loss, check: bool) -> None:
+    """max_loss= is a fraction in [0, 1], and needs the output check (it is measured there)."""
+    require(max_loss is None or (isinstance(max_loss, (int, float)) and not isinstance(max_loss, bool)
+                                 and 0 <= max_loss <= 1),
+            f"invalid max_loss={max_loss}: it must be in [0, 1] (1 - agreement with the input model)")
+    require(max_loss is None or check, "max_loss= is verified by running the result: it needs the output check",
+            "drop check=False")
+
+
+def gate_fields(check: dict | None, advice: str | None = None) -> dict:
+    """The document's "agreement" (the Gate's measurement, None when not run) and "warnings"."""
+    fit = (check or {}).get("agreement")
+    return {"agreement": fit, "warnings": agreement_warning(fit, advice)}
+
+
+SPARSIFY_ADVICE = ("use method=obs with calib=DATA.npz (it compensates what it masks), or leave small layers dense "
+                   "(a larger min_size=)")
+QUANTIZE_ADVICE = "try method=entropy or method=percentile, more calib_samples=, or fp16=True"
 ADVICE = ("prune less (a smaller ratio= or a target_macs= budget), use criterion=obspa with calib=DATA.npz, "
           "then recover with `spa finetune PRUNED --distill-from DENSE`")
 
@@ -286,10 +304,11 @@ def agreement_phrase(doc: dict) -> str:
             f"({doc['samples']} {doc['inputs']} sample{'s' if doc['samples'] != 1 else ''})")
 
 
-def agreement_warning(doc: dict | None) -> list[str]:
-    """The warning of a result whose measured agreement is below AGREEMENT_WARN (else [])."""
+def agreement_warning(doc: dict | None, advice: str | None = None) -> list[str]:
+    """The warning of a result whose measured agreement is below AGREEMENT_WARN (else []), with
+    `advice` (default: a prune's)."""
     if not doc or doc.get("status") != "ok" or doc["agreement"] >= AGREEMENT_WARN:
         return []
     where = "" if doc["inputs"] == "calibration" else " (random inputs: pass calib= to measure on real data)"
     line = f"the result no longer agrees with the input model: {agreement_phrase(doc)} < {AGREEMENT_WARN:g}{where}"
-    return [f"{line}; {ADVICE}"]
+    return [f"{line}; {advice or ADVICE}"]

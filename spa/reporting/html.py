@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from spa.core import __version__, cost
+from spa.core import __version__, cost, shapes
 from spa.core.data import load_npz, require_keys
 from spa.core.errors import SpaError, first_line
 from spa.core.graph import attr
@@ -54,9 +54,11 @@ def require_matplotlib() -> None:
 
 
 def collect(dense, pruned: list, bench=None, *, data=None, samples: int | None = None, title: str | None = None,
-            command: str | None = None, step=None) -> dict:
+            command: str | None = None, step=None, shape=None) -> dict:
     """Everything the page shows. `bench`: a `spa bench --json` file; `data`: an .npz keyed by
-    input name, or its arrays (else random inputs); `step(what)`: a context manager around each slow part."""
+    input name, or its arrays (else random inputs); `shape`: {input: dims} (or "name:1x3x736x736"
+    text) the MACs and the random inputs are at (else the data's, else dynamic dims as 1);
+    `step(what)`: a context manager around each slow part."""
     step = step or (lambda what: contextlib.nullcontext())
     bench_doc = read_bench(bench) if bench else None
     is_file = isinstance(data, (str, os.PathLike))
@@ -64,17 +66,18 @@ def collect(dense, pruned: list, bench=None, *, data=None, samples: int | None =
     data = str(data) if is_file else "the data"
     paths = [str(dense), *map(str, pruned)]
     with step(f"loading {len(paths)} models"):
-        facts = [model_facts(paths[0])]
+        facts = [model_facts(paths[0], shape, arrays)]
         if arrays is not None:  # the data must fit DENSE before the other models are read
             require_keys(arrays, facts[0]["inputs"])
-        facts += [model_facts(p) for p in paths[1:]]
+        facts += [model_facts(p, shape, arrays) for p in paths[1:]]
     layers = layer_table(facts)
     with step("fidelity" + (" (random inputs)" if arrays is None else f" (on {data})")):
-        fid = fidelity(paths[0], paths[1:], arrays, samples=samples, source=data)
+        fid = fidelity(paths[0], paths[1:], arrays, samples=samples, source=data, shape=shapes.parse(shape))
     return {"schema_version": SCHEMA, "title": title or f"spa report: {Path(paths[0]).name}",
             "dense": paths[0], "models": [_label(p, paths) + (" (dense)" if k == 0 else "") for k, p in enumerate(paths)],
             "summary": summary(facts, layers), "layers": layers, "breakdown": breakdown_table(facts),
             "fidelity": fid, "latency": latency(bench_doc, bench, paths, removed=layers["removed"]),
+            "input_shapes": facts[0]["input_shapes"], "input_shapes_from": facts[0]["input_shapes_from"],
             "environment": environment(command)}
 
 
@@ -84,11 +87,13 @@ def _label(path: str, paths: list) -> str:
     return name if [Path(p).name for p in paths].count(name) == 1 else path
 
 
-def model_facts(path) -> dict:
-    """What one model file says about itself: size, params, MACs, weighted layers, costs per op type."""
+def model_facts(path, shape=None, arrays=None) -> dict:
+    """What one model file says about itself: size, params, MACs (at `shape`, else the shapes of
+    `arrays`, else dynamic dims as 1), weighted layers, costs per op type."""
     model = load(path)
+    shapes.bind(model, shape, arrays, source="data")
     return {"path": str(path), "bytes": file_bytes(path), **cost.summary(model), "inputs": model.input_names,
-            "layers": layers(model), "by_op": op_costs(model)}
+            "layers": layers(model), "by_op": op_costs(model), **shapes.record(model)}
 
 
 def layers(model) -> list[dict]:
@@ -146,9 +151,9 @@ def op_costs(model) -> dict:
     """{op type: {params, macs}}: each parameter counted at the layer that uses it (through
     Q/DQ, Cast, Identity, Transpose), MACs per node; the sums equal cost.summary's totals."""
     out: dict = {}
-    shapes = model.shapes
+    at = cost.at_shape(model)
     for node in model.graph.node:
-        if n := cost._node_macs(node, shapes):
+        if n := cost._node_macs(node, at):
             out.setdefault(node.op_type, {"params": 0, "macs": 0})["macs"] += int(n)
     user = _users(model.graph)
     for name, size in _param_tensors(model):
@@ -230,9 +235,11 @@ def breakdown_table(facts: list) -> dict:
     return {"ops": ops, "models": [f["by_op"] for f in facts]}
 
 
-def fidelity(dense, paths: list, arrays: dict | None = None, *, samples: int | None = None, source=None) -> dict:
+def fidelity(dense, paths: list, arrays: dict | None = None, *, samples: int | None = None, source=None,
+             shape: dict | None = None) -> dict:
     """Cosine, relative error and largest difference of every float output of each model vs DENSE's,
-    on `arrays` (keyed by input name) or on random inputs; a model ORT cannot run gets an error."""
+    on `arrays` (keyed by input name) or on random inputs (at `shape`: {input: dims}); a model ORT
+    cannot run gets an error."""
     if arrays is not None:
         n = samples or DATA_SAMPLES
         what = f"the first {n} samples (at most) of {source or 'the data'}"
@@ -240,8 +247,9 @@ def fidelity(dense, paths: list, arrays: dict | None = None, *, samples: int | N
     else:
         n = samples or RANDOM_SAMPLES
         proto = onnx.load(str(dense), load_external_data=False)
-        feeds = [random_feeds(proto, seed=s) for s in range(n)]
-        what = f"{n} random inputs (floats standard normal, integers 0 or 1, dynamic dims 1; seeds 0-{n - 1})"
+        feeds = [random_feeds(proto, seed=s, shapes=shape) for s in range(n)]
+        dims = ", ".join(f"{k} {shapes.text(v)}" for k, v in (shape or {}).items()) or "dynamic dims 1"
+        what = f"{n} random inputs (floats standard normal, integers 0 or 1, {dims}; seeds 0-{n - 1})"
         measure = partial(evaluate, data=feeds, reference=str(dense))
     return {"inputs": what, "models": [_fidelity_row(p, measure) for p in paths]}
 

@@ -90,6 +90,15 @@ def _colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _at_shapes(doc: dict) -> str:
+    """Where MACs are counted: "x 1x3x736x736 (--shape)", or every dynamic dim 1."""
+    found = doc.get("input_shapes") or {}
+    if doc.get("input_shapes_from") in (None, "model"):
+        return "the model's declared input shapes, every dynamic dim counted as 1"
+    dims = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in found.items() if v)
+    return f"{dims} (from {'--shape' if doc['input_shapes_from'] == 'shape' else 'the data'})"
+
+
 def _summary_html(doc: dict) -> str:
     rows = doc["summary"]
     labels = doc["models"]
@@ -110,7 +119,8 @@ def _summary_html(doc: dict) -> str:
                      _num(r["params_x"], ".3f"), _num(r["macs_x"], ".3f"), _num(r["channels_removed"], ".1%")]
                     for k, r in enumerate(rows)], numeric=set(range(1, 8)))
     intro = ("Size on disk (with external data), parameters (floating-point weights, as spa.cost counts them: the "
-             "integer weights of an INT8 model are not included) and multiply-accumulates per sample of each model; "
+             "integer weights of an INT8 model are not included) and multiply-accumulates of each model at "
+             f"{esc(_at_shapes(doc))}; "
              "\"channels removed\" is the share of the output channels of DENSE's Conv/ConvTranspose/Gemm/MatMul "
              "layers that each model no longer has.")
     return _section("summary", intro, _img(fig, "summary chart"), table)

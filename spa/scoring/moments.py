@@ -37,6 +37,7 @@ class Moments:
     abs_mean: np.ndarray | None = None  # (d,) E|x| (calibration only)
     zeros: np.ndarray | None = None  # (d,) fraction of exact zeros (calibration only)
     cross: np.ndarray | None = None  # (d, d) = E[x_ref x'ᵀ]: reference model's x with this model's x'
+    ref_mean: np.ndarray | None = None  # (d,) = E[x_ref] when paired (else `mean` is the reference's too)
 
 
 # a fine grid under the standard normal, not Gauss-Hermite: activations have kinks (Relu, Clip)

@@ -15,6 +15,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from spa.core.graph import attr
 from spa.core.values import zeroed
 from spa.scoring.stats import calibrate, read_spaces, reference_session
 
@@ -132,7 +133,9 @@ def compensate(analysis, plan: dict, stats, *, base: dict | None = None) -> dict
 
     The update is least squares on the kept positions R: W_R <- (H_RR + damp)⁻¹ E[x'_R xᵀ] W, so
     the layer's output from the kept inputs x' best matches its output from all inputs x (x' = x
-    one-shot; with paired statistics x is the reference model's and x' the pruned model's)."""
+    one-shot; with paired statistics x is the reference model's and x' the pruned model's). Where
+    the consumer has a bias of its own (`bias_of`), a constant input joins R: the bias takes over
+    the mean of what was removed (bias correction), and the weights fit what varies."""
     base = base or {}
     updated = {}
     for (tensor, axis), (member, dropped) in _dropped(analysis, plan).items():
@@ -149,11 +152,62 @@ def compensate(analysis, plan: dict, stats, *, base: dict | None = None) -> dict
         keep = np.setdiff1d(np.arange(len(h)), np.array(sorted(dropped)))
         h_rr = h[np.ix_(keep, keep)]
         damp = DAMP * max(float(np.mean(np.diag(h_rr))), 1e-12)
+        lhs, rhs = h_rr + damp * np.eye(len(keep)), cross[:, keep].T @ w2
+        bias = bias_of(analysis.index, tensor, axis, w.shape) if BIAS_CORRECTION else None
+        if bias is not None:  # the constant 1 as one more input: E[x'_R], E[x] in the normal equations
+            mean_new = np.asarray(mom.mean, dtype=np.float64)[keep]
+            mean_ref = np.asarray(mom.mean if mom.ref_mean is None else mom.ref_mean, dtype=np.float64)
+            lhs = np.block([[lhs, mean_new[:, None]], [mean_new[None, :], np.ones((1, 1))]])
+            rhs = np.vstack([rhs, mean_ref @ w2])
+        solved = np.linalg.solve(lhs, rhs)
         new = np.zeros_like(w2)
-        new[keep] = np.linalg.solve(h_rr + damp * np.eye(len(keep)), cross[:, keep].T @ w2)
+        new[keep] = solved[:len(keep)]
         moved = np.moveaxis(np.asarray(w), axis, 0)
         updated[tensor] = np.moveaxis(new.reshape(moved.shape), 0, axis).astype(w.dtype)
+        if bias is not None:
+            name, fold = bias
+            b = updated.get(name, base.get(name))
+            b = np.asarray(analysis.index.value(name) if b is None else b)
+            updated[name] = (b + fold(solved[len(keep)]).reshape(b.shape)).astype(b.dtype)
     return updated
+
+
+BIAS_CORRECTION = True  # compensate also corrects the consumers' biases (off: weights only, for comparisons)
+
+
+def bias_of(index, tensor: str, axis: int, shape: tuple):
+    """(bias tensor, fold) of the layer whose weight `tensor` reads along `axis`, or None: fold
+    maps a row of the weight's row layout (`rows`) to the bias's change. Conv (group 1: a row is
+    out channels x taps, summed over the taps; without a bias, the running mean of a
+    BatchNormalization that alone reads it), Gemm (scaled by alpha / beta) and MatMul followed
+    by an Add of a constant; the bias must be a stored constant of that layer alone."""
+    users = index.consumers.get(tensor, [])
+    if len(users) != 1 or users[0].domain not in ("", "ai.onnx") or list(users[0].input[1:2]) != [tensor]:
+        return None
+    node, out = users[0], None
+    name = node.input[2] if len(node.input) > 2 else ""
+    if node.op_type == "Conv" and axis == 1 and attr(node, "group", 1) == 1:
+        out, fold = shape[0], lambda row: row.reshape(shape[0], -1).sum(1)
+        norms = index.consumers.get(node.output[0], [])
+        if not name and len(norms) == 1 and norms[0].op_type == "BatchNormalization" and len(norms[0].input) > 3:
+            # no bias but a BatchNormalization next: its running mean takes the change, negated
+            node, name, fold = norms[0], norms[0].input[3], lambda row: -row.reshape(shape[0], -1).sum(1)
+    elif node.op_type == "Gemm" and axis == (1 if attr(node, "transB", 0) else 0) and len(shape) == 2:
+        beta = attr(node, "beta", 1.0)
+        out, scale = shape[1 - axis], attr(node, "alpha", 1.0) / (beta or np.inf)
+        fold = (lambda row: row * scale) if beta else None
+    elif node.op_type == "MatMul" and axis == 0 and len(shape) == 2:
+        adds = index.consumers.get(node.output[0], [])
+        if len(adds) == 1 and adds[0].op_type == "Add" and adds[0].domain in ("", "ai.onnx"):
+            name = next((i for i in adds[0].input if i != node.output[0]), "")
+            out, fold, node = shape[1], (lambda row: row), adds[0]
+    if out is None or fold is None or not name or (name not in index.initializers and name not in index.constant_nodes):
+        return None
+    value = index.value(name)
+    if value is None or value.size != out or value.shape[-1] != out or [n for n in index.consumers.get(name, [])
+                                                                       if n is not node]:
+        return None
+    return name, fold
 
 
 STAGES = 8  # calibrated compensation re-measures the pruned model at most this many times

@@ -55,6 +55,7 @@ class _Accumulator:
 
     def __init__(self, d: int, paired: bool = False):
         self.cross = np.zeros((d, d)) if paired and d <= GRAM_MAX else None
+        self.ref_sum = np.zeros(d) if paired else None
         self.n = 0
         self.sum = np.zeros(d)
         self.sq = np.zeros(d)
@@ -65,6 +66,8 @@ class _Accumulator:
     def add(self, rows: np.ndarray, ref: np.ndarray | None = None) -> None:
         if self.cross is not None:
             self.cross += ref.T @ rows
+        if self.ref_sum is not None:
+            self.ref_sum += ref.sum(0, dtype=np.float64)
         self.n += len(rows)
         self.sum += rows.sum(0, dtype=np.float64)
         self.sq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
@@ -77,7 +80,8 @@ class _Accumulator:
         n = max(self.n, 1)
         gram = None if self.gram is None else self.gram / n
         cross = None if self.cross is None else self.cross / n
-        return Moments(self.sum / n, gram, self.sq / n, self.abs / n, self.zeros / n, cross)
+        ref_mean = None if self.ref_sum is None else self.ref_sum / n
+        return Moments(self.sum / n, gram, self.sq / n, self.abs / n, self.zeros / n, cross, ref_mean)
 
 
 def _rows(array: np.ndarray, axis: int, pick: np.ndarray | None = None) -> np.ndarray:
