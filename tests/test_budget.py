@@ -143,3 +143,20 @@ def test_a_target_that_needs_the_protected_groups_prunes_them_last(tmp_path):
     assert doc["after"]["macs"] / doc["before"]["macs"] <= 0.6 + 1e-9
     reasons = [p["reason"] for p in doc["budget"]["protected"]]
     assert reasons and any("pruned anyway" in r for r in reasons), reasons
+
+
+def test_a_target_keeps_wide_groups_whole_blocks_of_eight_by_default():
+    """The default rounding of a budget: groups of 32 channels or more keep multiples of 8 (ORT
+    CPU's convolution blocks), narrower ones are free; round_to=1 turns it off, a ratio never had it."""
+    example = str(Path(__file__).resolve().parents[1] / "examples" / "tiny_resnet.onnx")
+    analysis = spa.analyze(example)
+    size = {g.id: g.size for g in analysis.groups}
+    doc = spa.prune(example, target_macs=0.6).to_json()
+    assert doc["round_to"] == 8 and doc["round_from"] == 32
+    kept = {g["id"]: g["size"] - g["removed"] for g in doc["budget"]["groups"]}
+    assert any(size[k] >= 32 and kept[k] < size[k] for k in kept)
+    assert all(v % 8 == 0 for k, v in kept.items() if size[k] >= 32), kept
+    assert not [n for n in doc["notes"] if "multiples of 8" in n]
+    fine = spa.prune(example, target_macs=0.6, round_to=1).to_json()
+    assert fine["round_to"] == 1 and fine["round_from"] is None
+    assert spa.prune(example, ratio=0.3).to_json()["round_to"] == 1

@@ -299,3 +299,48 @@ def test_cli_prints_compensation_progress_with_json(capsys, tmp_path, calib, mon
     assert r.rc == 0 and json.loads(r.out)["compensated"] is True
     lines = [x for x in r.err.splitlines() if x.startswith("compensating the consumers")]
     assert lines and "groups, ETA" in lines[0] and lines[-1].split(": ")[1].startswith(tuple("123456789"))
+
+
+def _biased_model(after_b: str):
+    """_model with Conv B given a bias ("bias") or followed by a BatchNormalization ("norm")."""
+    model = _model()
+    g = model.proto.graph
+    rng = np.random.default_rng(3)
+    if after_b == "bias":
+        g.node[-1].input.append("B.b")
+        g.initializer.append(numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "B.b"))
+    else:
+        g.node[-1].output[0] = "yb"
+        g.node.append(node("BatchNormalization", ["yb", "n2.g", "n2.b", "n2.m", "n2.v"], ["y"], name="n2"))
+        for name, value in (("g", rng.uniform(0.5, 1.5, 5)), ("b", rng.standard_normal(5)),
+                            ("m", rng.standard_normal(5)), ("v", rng.uniform(1, 3, 5))):
+            g.initializer.append(numpy_helper.from_array(value.astype(np.float32), f"n2.{name}"))
+    from spa.core.model import Model, infer_shapes
+
+    rebuilt = Model(model.proto)
+    infer_shapes(rebuilt)
+    return rebuilt
+
+
+@pytest.mark.parametrize("after_b, bias", [("bias", "B.b"), ("norm", "n2.m")])
+def test_compensation_corrects_the_consumers_bias(after_b, bias, monkeypatch):
+    """The constant input of the least squares: the pruned model's output keeps the dense mean on
+    the calibration data, through Conv B's bias or the running mean of the BatchNormalization after it."""
+    from spa.scoring import obspa
+
+    analysis = spa.analyze(_biased_model(after_b))
+    plan, data = {"A.w:0": [0, 3]}, _data()
+    want = ort_backend.run(analysis.model.proto, data)["y"]
+
+    def pruned(values):
+        return ort_backend.run(api.prune(analysis, plan, compensate=values), data)["y"]
+
+    values, notes = api.compensation(analysis, plan, calib=data)
+    assert not notes and set(values) == {"B.w", bias}
+    shift = np.abs((pruned(values) - want).mean((0, 2, 3)))
+    monkeypatch.setattr(obspa, "BIAS_CORRECTION", False)
+    weights_only, _ = api.compensation(analysis, plan, calib=data)
+    assert set(weights_only) == {"B.w"}
+    plain_shift = np.abs((pruned(weights_only) - want).mean((0, 2, 3)))
+    assert shift.max() < 1e-2 * want.std() and shift.max() < plain_shift.max() / 5, (shift, plain_shift)
+    assert _error_after(analysis, plan, values, data) <= _error_after(analysis, plan, weights_only, data) + 1e-6

@@ -65,7 +65,7 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
 def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, target_latency=None,
           zeros: bool = False,
           criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None, compensate=None,
-          global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int = 1, prune_hidden: bool = False,
+          global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None, prune_hidden: bool = False,
           exclude=(), simplify: bool = False, sensitivity=None, max_loss: float | None = None, save_plan=None,
           seed: int = 0, shape=None, check: bool = True, output=None, progress=None):
     """`spa prune` as a call, returning a Result (what `spa prune --json` prints; `.model`).
@@ -79,7 +79,9 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     `criterion` scores the channels (data
     criteria read `calib`: an .npz path or arrays keyed by input name, `calib_samples` of them;
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
-    of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to`,
+    of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to` (pruned
+    widths kept multiples of it; default None: with a target, SIMD_WIDTH in groups of ROUND_MIN
+    channels or more, as ONNX Runtime's CPU convolutions want them, else 1),
     `prune_hidden`, `exclude` (name globs), `simplify` (onnxslim first), `sensitivity` (a
     sensitivity document or file: each group pruned as far as its measured loss, 1 - cosine,
     stays within `max_loss`, 0.01 when not given; max_loss then bounds each group, not the result),
@@ -125,7 +127,8 @@ def _check_options(o: dict) -> None:
         if o["ratio"] is not None:
             planner.check_ratio(o["ratio"])
         planner.check_ratio(o["max_group_ratio"], "max_group_ratio")
-        positive_int("round_to", o["round_to"])
+        if o["round_to"] is not None:
+            positive_int("round_to", o["round_to"])
     require(not (o["sensitivity"] is not None and o["ratio"] is None and all(o[k] is None for k in TARGETS)),
             "sensitivity= goes with ratio= (the most any group is pruned) or a target (the groups' weights)")
     positive_int("calib_samples", o["calib_samples"])
@@ -169,6 +172,10 @@ class _Run:
             else o["sensitivity"]
         if o["compensate"] is None:
             o["compensate"] = self.plan is None and not o["zeros"] and o["criterion"] == "obspa"
+        targeted = any(o[k] is not None for k in TARGETS)
+        # the widths a budget leaves: whole blocks of ORT's CPU convolutions where a group is wide enough
+        self.round_to, self.round_min = (o["round_to"], 0) if o["round_to"] is not None else \
+            ((SIMD_WIDTH, ROUND_MIN) if targeted else (1, 0))
 
     def result(self) -> Result:
         self._load()
@@ -228,7 +235,7 @@ class _Run:
             self.plan = self._plan()
 
     def _width_notes(self) -> list[str]:
-        odd = odd_widths(self.analysis, self.plan or {}, self.o["round_to"])
+        odd = odd_widths(self.analysis, self.plan or {}, self.round_to)
         if not odd:
             return []
         line = (f"{odd} pruned convolution groups keep channel counts that are not multiples of {SIMD_WIDTH}; ONNX "
@@ -270,20 +277,20 @@ class _Run:
             limit = SENSITIVITY_LOSS if o["max_loss"] is None else o["max_loss"]
             ratios = sensitivity.protect(self.sens, o["ratio"], limit)
             return sensitivity.plan_with_ratios(a, scores(a, o["criterion"], o["seed"], stats=self.stats), ratios,
-                                                round_to=o["round_to"])
+                                                round_to=self.round_to)
         return make_plan(a, o["ratio"], global_rank=o["global_rank"], **self._planning())
 
     def _planning(self) -> dict:
         """The options every planner takes (criterion, rounding, caps, seed, hidden, statistics)."""
         o = self.o
-        return {"criterion": o["criterion"], "round_to": o["round_to"], "max_group_ratio": o["max_group_ratio"],
+        return {"criterion": o["criterion"], "round_to": self.round_to, "max_group_ratio": o["max_group_ratio"],
                 "seed": o["seed"], "prune_hidden": o["prune_hidden"], "stats": self.stats}
 
     def _budget(self) -> dict:
         """The plan for a params/MACs/latency target (spa.planning.budget), its explanation kept."""
         o, a = self.o, self.analysis
         sens = self.sens if self.sens is not None else self._sensitivity()
-        shared = {**self._planning(), "sens": sens}
+        shared = {**self._planning(), "sens": sens, "round_min": self.round_min}
         if o["target_latency"] is None:
             kind = "params" if o["target_params"] is not None else "macs"
             plan, self.budget = allocate(a, kind, o[f"target_{kind}"], **shared)
@@ -334,7 +341,8 @@ class _Run:
             "budget": self.budget,
             "plan_file": str(o["plan"]) if isinstance(o["plan"], (str, Path)) else None,
             "criterion": None if o["plan"] is not None or o["zeros"] else o["criterion"], "zeros": bool(o["zeros"]),
-            "global": bool(o["global_rank"]), "round_to": o["round_to"], "groups": counts[0],
+            "global": bool(o["global_rank"]), "round_to": self.round_to,
+            "round_from": self.round_min or None, "groups": counts[0],
             "groups_prunable": counts[1],
             "groups_pruned": sum(1 for c in plan.values() if c), "prune_hidden": bool(o["prune_hidden"]),
             "channels_removed": int(sum(len(c) for c in plan.values())),
@@ -344,6 +352,7 @@ class _Run:
 
 
 SIMD_WIDTH = 8  # channel counts ONNX Runtime's blocked CPU convolutions want (NCHWc blocks of 8 on AVX2)
+ROUND_MIN = 4 * SIMD_WIDTH  # a target's default rounding applies to groups this wide (narrower: too coarse a step)
 
 
 def odd_widths(analysis, plan: dict, round_to: int) -> int:

@@ -50,7 +50,9 @@ def parser(sub) -> None:
                    help="rank channels across all groups instead of the same ratio in each")
     r.add_argument("--max-group-ratio", type=float, default=0.9,
                    help="with --global: the most any one group may lose (default 0.9)")
-    r.add_argument("--round-to", type=int, default=1, metavar="N", help="keep channel counts multiples of N")
+    r.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="keep channel counts multiples of N (default: with a --target-*, 8 in groups of 32 channels "
+                        "or more, the blocks ONNX Runtime's CPU convolutions run fastest; else 1)")
     r.add_argument("--prune-hidden", action="store_true",
                    help="also prune groups that are not exact only through normalization statistics "
                         "(a transformer's hidden size: LayerNorm/RMSNorm); the output check shows the cost")
@@ -95,7 +97,7 @@ def prune(args) -> int:
     if (doc["simplify"] or {}).get("status", "ok") != "ok":
         report.note(f"not simplified: {doc['simplify']['reason']}")
     show_notes([with_flags(n, FLAGS) for n in doc["notes"]])
-    show_budget(doc["budget"])
+    show_budget(doc["budget"], doc)
     report.print_prune(doc)
     report.print_blocks(doc["attention_blocks"], "attention blocks (before -> after)")
     for line in warnings:  # last, where it is seen
@@ -103,13 +105,16 @@ def prune(args) -> int:
     return 0
 
 
-def show_budget(budget) -> None:
-    """One line on how a target was allocated, one per protected group, the latency timings."""
+def show_budget(budget, doc: dict) -> None:
+    """One line on how a target was allocated (and the widths it keeps), one per protected group,
+    the latency timings."""
     if not budget:
         return
     pruned = sum(1 for g in budget["groups"] if g["removed"])
+    widths = f"; widths multiples of {doc['round_to']} in groups of {doc['round_from']}+ channels (--round-to 1: " \
+        "finest)" if doc.get("round_from") else ""
     report.note(f"budget: sensitivity {budget['sensitivity']}; {pruned} of {len(budget['groups'])} groups pruned, "
-                f"{len(budget['protected'])} protected")
+                f"{len(budget['protected'])} protected{widths}")
     for p in budget["protected"]:
         report.note(f"  protected '{p['group']}': {p['reason']}")
     if "latency" in budget:

@@ -20,7 +20,6 @@ from spa.cli.app import (
 )
 from spa.reporting import report
 
-
 FLAGS = {"method": "--method", "calib_samples": "--calib-samples", "fp16": "--fp16"}  # named by the warnings
 
 

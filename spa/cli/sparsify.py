@@ -23,7 +23,6 @@ from spa.cli.app import (
 )
 from spa.reporting import report
 
-
 FLAGS = {"method": "--method", "calib": "--calib", "min_size": "--min-size"}  # named by the warnings
 
 

@@ -144,8 +144,8 @@ class Allocation:
     """The plan for a target, and why: which groups were protected and how much each lost."""
 
     def __init__(self, analysis, kind: str, scores: dict, groups, *, weights=None, protect=None,
-                 max_group_ratio: float = 0.9, round_to: int = 1):
-        self.analysis, self.kind, self.round_to = analysis, kind, round_to
+                 max_group_ratio: float = 0.9, round_to: int = 1, round_min: int = 0):
+        self.analysis, self.kind, self.round_to, self.round_min = analysis, kind, round_to, round_min
         self.protected = dict(protect or {})
         self.full = cost.estimate(analysis, {})[kind]
         self.rows = {}
@@ -164,7 +164,7 @@ class Allocation:
         plan = {}
         for gid, (g, order, prio) in self.rows.items():
             n = int(np.searchsorted(prio, threshold, side="right"))
-            keep = planner._keep_count(g.size, n, self.round_to, len(g.locked))
+            keep = planner._keep_count(g.size, n, self.round_to if g.size >= self.round_min else 1, len(g.locked))
             if g.size - keep > 0:
                 plan[gid] = sorted(int(i) for i in order[:g.size - keep])
         return plan

@@ -62,8 +62,9 @@ def plan_for_target(analysis: Analysis, kind: str, keep: float, *, criterion: st
 
 def allocate(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1", round_to: int = 1,
              max_group_ratio: float = 0.9, seed: int = 0, prune_hidden: bool = False, stats=None,
-             sens=None) -> tuple[dict, dict]:
-    """(plan, what the allocation did: {"sensitivity", "protected", "groups"}) for `plan_for_target`."""
+             sens=None, round_min: int = 0) -> tuple[dict, dict]:
+    """(plan, what the allocation did: {"sensitivity", "protected", "groups"}) for `plan_for_target`;
+    `round_to` applies to groups of `round_min` channels or more."""
     if kind not in ("params", "macs"):
         raise UsageError(f"unknown target '{kind}'", "choose params or macs")
     budget.check_keep(kind, keep)
@@ -74,7 +75,7 @@ def allocate(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1
     weights, how = None, "estimated (no data: every group alike, structure protects)"
     if sens is not None:
         weights, how = budget.weights(sens, groups, ranked, protect=protect)
-    shared = {"max_group_ratio": max_group_ratio, "round_to": round_to}
+    shared = {"max_group_ratio": max_group_ratio, "round_to": round_to, "round_min": round_min}
     alloc = budget.Allocation(analysis, kind, ranked, groups, weights=weights, protect=protect, **shared)
     try:
         plan = alloc.solve(keep)
