@@ -91,6 +91,26 @@ def test_calibrated_target_measures_sensitivity():
     assert doc["after"]["macs"] <= 0.8 * doc["before"]["macs"]
 
 
+def test_without_data_sensitivity_is_measured_on_random_inputs(monkeypatch):
+    """No calib=: each group's sensitivity is measured on random inputs at the model's shape (the
+    document says so); a model those inputs cannot run falls back to the estimate."""
+    doc = api.prune(chain().proto, target_macs=0.8).to_json()
+    assert doc["budget"]["sensitivity"].startswith("measured") and "64 random inputs" in doc["budget"]["sensitivity"]
+    assert doc["after"]["macs"] <= 0.8 * doc["before"]["macs"]
+    seen = []
+
+    def refuse(*args, **kwargs):
+        seen.append(args[1])
+        raise spa.SpaError("the model gives NaN outputs on the calibration data")
+
+    from spa.planning import sensitivity
+
+    monkeypatch.setattr(sensitivity, "sensitivity", refuse)
+    doc = api.prune(chain().proto, target_macs=0.8).to_json()
+    assert doc["budget"]["sensitivity"].startswith("estimated") and len(seen) == 1
+    assert len(seen[0]["x"]) == 64 and np.isfinite(seen[0]["x"]).all()
+
+
 def test_ratio_mode_is_unchanged():
     analysis = spa.analyze(spa.load(TINY))
     doc = api.prune(str(TINY), ratio=0.5, check=False).to_json()

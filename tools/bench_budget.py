@@ -38,6 +38,7 @@ import spa
 from spa import api
 from spa.core import cost
 from spa.core.runtime import run
+from spa.planning.plan import allocate
 from spa.scoring import criteria
 
 WORDS = ("invoice", "total", "amount", "date", "name", "address", "phone", "number", "order", "item",
@@ -168,6 +169,36 @@ def members_table(out: Path) -> None:
             print(f"| {seed} | {top1(str(path)):.1f} | {c} | " + " | ".join(cells) + " |", flush=True)
 
 
+def no_data_table(out: Path, budgets) -> None:
+    """Issue 19's "no data: never worse than l1 uniform": the digits CNN (seeds 0-2), l1, no
+    calibration data, top-1 % at each MACs budget for the uniform ratio, the allocation with every
+    group alike (the estimate), and the allocation from sensitivity measured on 64 random inputs
+    (spa's default without data), each at round_to 1 and at the default rounding."""
+    from models import digits
+
+    test = spa.load_npz(digits.save_npz(out / "digits_test.npz", "test"))
+    print("| seed | dense | MACs budget | l1 uniform | estimated, round 1 | estimated, default round | "
+          "random-input sensitivity, round 1 | random-input sensitivity, default round (spa's default) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seed in (0, 1, 2):
+        model, _ = digits.train("cnn", seed=seed)
+        path = str(digits.export("cnn", out / f"digits_cnn_{seed}.onnx", "torchscript", model=model, seed=seed))
+        top1 = lambda m: 100 * spa.evaluate(m, test, "labels")["accuracy"]
+        name = spa.load(path).input_names[0]
+        rnd = {name: np.random.default_rng(0).standard_normal((64, *test[name].shape[1:])).astype(np.float32)}
+        sens = spa.sensitivity(path, rnd, ratios=(0.5,)).to_json()
+        analysis = spa.analyze(spa.load(path))
+        for keep in budgets:
+            cells = [top1(api.prune(path, check=False, ratio=uniform_ratio(analysis, keep)).model)]
+            for round_to, round_min in ((1, 0), (8, 32)):  # every group alike (w_g = 1): spa without data before
+                plan = allocate(analysis, "macs", keep, round_to=round_to, round_min=round_min)[0]
+                cells.append(top1(api.prune(analysis, plan, check=False)))
+            for rounding in ({"round_to": 1}, {}):
+                cells.append(top1(api.prune(path, check=False, target_macs=keep, sensitivity=sens, **rounding).model))
+            print(f"| {seed} | {top1(path):.1f} | {keep} | " + " | ".join(f"{c:.1f}" for c in cells) + " |",
+                  flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/spa-budget")
@@ -175,11 +206,14 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["digits", "cls"], choices=("digits", "cls"))
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--members", action="store_true", help="raw versus per-member normalised l1/l2 (digits CNN)")
+    ap.add_argument("--no-data", action="store_true", help="allocations without calibration data (digits CNN)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.members:
         return members_table(out)
+    if args.no_data:
+        return no_data_table(out, args.budgets)
     for name in args.models:
         task = digits_task(out, args.samples) if name == "digits" else cls_task(out, args.samples)
         table(name, task, args.budgets)

@@ -16,6 +16,8 @@ import inspect
 import json
 from pathlib import Path
 
+import numpy as np
+
 from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, counter, model_name, output_target, stepper
 from spa.core import cost, shapes
@@ -25,6 +27,7 @@ from spa.core.checks import Gate, agreement_warning, check_against, check_max_lo
 from spa.core.data import conform, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
+from spa.core.runtime import random_feeds
 from spa.core.sizes import file_bytes
 from spa.passes import prune as prune_pass
 from spa.passes.simplify import simplify_model
@@ -302,16 +305,23 @@ class _Run:
         return plan
 
     def _sensitivity(self):
-        """With calib=: each candidate group pruned alone at budget.PROBE_RATIO (one trial each)."""
-        if self.calib is None:
-            return None
+        """Each candidate group pruned alone at budget.PROBE_RATIO (one trial each), on calib=, else
+        on RANDOM_SENSITIVITY random inputs at the model's shape (a proxy, said in the document: on
+        trained models it allocates far better than no measurement, docs/budget.md)."""
         o = self.o
+        data = self.calib if self.calib is not None else random_inputs(self.model, RANDOM_SENSITIVITY, o["seed"])
         n = min(o["calib_samples"], 256)
-        with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, "
-                       f"{_samples(self.calib, n)} samples)"):
+        what = f"{_samples(data, n)} {'samples' if self.calib is not None else 'random inputs'}"
+        with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, {what})"):
             groups = [g for g in self.analysis.groups if g.prunable and (o["prune_hidden"] or not g.hidden)]
-            return sensitivity.sensitivity(self.analysis, self.calib, (budget.PROBE_RATIO,), criterion=o["criterion"],
-                                           groups=groups, seed=o["seed"], max_samples=n, stats=self.stats)
+            try:
+                sens = sensitivity.sensitivity(self.analysis, data, (budget.PROBE_RATIO,), criterion=o["criterion"],
+                                               groups=groups, seed=o["seed"], max_samples=n, stats=self.stats)
+            except SpaError:
+                if self.calib is not None:
+                    raise
+                return None  # random inputs the model cannot take (or NaN on them): estimated instead
+        return sens if self.calib is not None else {**sens, "inputs": "random"}
 
     def _compensation(self):
         if not self.o["compensate"] or not self.plan:
@@ -349,6 +359,17 @@ class _Run:
             "overlapping": counts[2], "before": before, "after": after,
             "check": check, "attention_blocks": [b.to_json() for b in blocks], "simplify": self.simplified,
         }
+
+
+RANDOM_SENSITIVITY = 64  # random inputs a target's sensitivity is measured on without calib=
+
+
+def random_inputs(model, n: int, seed: int = 0) -> dict:
+    """`n` random samples of every real input at the model's bound shapes (floats standard normal,
+    integers 0 or 1; spa.core.runtime.random_feeds), stacked along the first axis."""
+    feeds = [random_feeds(model.proto, seed=seed + k, shapes=model.input_shapes) for k in range(n)]
+    return {name: np.concatenate([f[name] for f in feeds]) if np.ndim(feeds[0][name]) else feeds[0][name]
+            for name in feeds[0]}
 
 
 SIMD_WIDTH = 8  # channel counts ONNX Runtime's blocked CPU convolutions want (NCHWc blocks of 8 on AVX2)

@@ -127,7 +127,9 @@ def weights(sens: dict, groups, scores: dict, *, protect: dict) -> tuple[dict, s
         else:
             n = max(int(g.size * at), 1)
             out[g.id] = max(loss, 1e-6) / float(np.sum(unit_costs(g, scores[g.id])[1][:n]))
-    return out, f"measured (1 - cosine of the outputs, each group alone at ratio {at:g})"
+    on = f" on {sens['samples']} random inputs (no calib=: a proxy of the real inputs)" \
+        if sens.get("inputs") == "random" else ""
+    return out, f"measured (1 - cosine of the outputs, each group alone at ratio {at:g}){on}"
 
 
 LAST_RESORT = 100.0  # how much dearer a protected group's channels are when a target cannot be met without them
