@@ -19,9 +19,11 @@ a trained ``model=``) and writes ONNX: TorchScript opset 17 or dynamo opset 18, 
 graph input name plus ``labels``: the calibration/evaluation data format).
 
 Command line (trains both models, exports them, writes ``digits_{test,train}.npz`` and prints the
-test accuracy of each exported file measured with onnxruntime)::
+test accuracy of each exported file measured with onnxruntime; ``--example``: the bundled README
+example instead, ``write_example``)::
 
     python -m models.digits OUTDIR [--exporter torchscript|dynamo|both]
+    python -m models.digits examples --example
 """
 
 from __future__ import annotations
@@ -280,13 +282,36 @@ def output_path(outdir: str | os.PathLike, name: str, exporter: str) -> Path:
     return Path(outdir) / f"digits_{name}.{exporter}.onnx"
 
 
+CALIB_SAMPLES = 256  # unlabeled training images in the bundled calibration file
+
+
+def write_example(folder: str | os.PathLike = "examples", seed: int = 0) -> list[Path]:
+    """The trained README example: ``digits_cnn.onnx`` (the ResCNN, TorchScript export),
+    ``digits_calib.npz`` (the first CALIB_SAMPLES training images, no labels: what ``--calib``
+    takes) and ``digits_test.npz`` (the 450 test images with ``labels``: what ``spa eval`` takes)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = load_data(seed)
+    model, _ = train("cnn", seed=seed, data=data)
+    paths = [export("cnn", folder / "digits_cnn.onnx", "torchscript", model=model, seed=seed),
+             folder / "digits_calib.npz", folder / "digits_test.npz"]
+    np.savez_compressed(paths[1], **{INPUT: data["x_train"][:CALIB_SAMPLES]})
+    np.savez_compressed(paths[2], **{INPUT: data["x_test"], "labels": data["y_test"]})
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: train both models, export them, write the npz splits, check ORT accuracy against torch."""
     p = argparse.ArgumentParser(prog="python -m models.digits", description=__doc__.splitlines()[0])
     p.add_argument("outdir", type=Path)
     p.add_argument("--exporter", choices=[*EXPORTERS, "both"], default="torchscript")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--example", action="store_true", help="write the bundled README example into OUTDIR instead")
     args = p.parse_args(argv)
+    if args.example:
+        for path in write_example(args.outdir, args.seed):
+            print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+        return 0
     exporters = EXPORTERS if args.exporter == "both" else (args.exporter,)
     args.outdir.mkdir(parents=True, exist_ok=True)
     data = load_data(args.seed)

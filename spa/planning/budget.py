@@ -1,8 +1,9 @@
 """Budgets: how much of each group to remove so the model keeps a fraction of its params or MACs.
 
     scores ─per group: sorted, divided by the group's mean─▶ q  (a group's scale never meets another's)
-    sensitivity: measured (calib: one trial per group at PROBE_RATIO, 1 - cosine of the outputs)
-                 or estimated (no data: every group alike), structural protection (stem, head, narrow)
+    sensitivity: measured (one trial per group at PROBE_RATIO, 1 - cosine of the outputs, on calib or
+                 without it on random inputs) or estimated (every group alike, when neither runs);
+                 structural protection (stem, head, narrow)
     channel k of group g: cost = w_g * q_k / (1 - k / n)    saving = d_g (params/MACs one channel frees)
     ─▶ priority = cost / saving ─▶ the channels under a threshold, bisected on spa.cost.estimate
        until the model keeps at most the target ─▶ plan + {"protected": [...], "groups": [...]}
@@ -12,7 +13,7 @@ layer against another (l1 of a detection head and of a backbone block are not co
 the ranking inside a group and the group's sensitivity `w_g` say where to cut. With calibration
 data `w_g` is measured (the output fidelity lost when the group alone loses PROBE_RATIO of its
 channels, spa.planning.sensitivity) and scaled so the modelled cost of that cut equals the
-measured loss; without data every group has w_g = 1 and only structure protects. The factor
+measured loss; unmeasured, every group has w_g = 1 and only structure protects. The factor
 1 / (1 - k/n) makes the last channels of a group ever dearer, so no group is emptied because it
 is cheap per MAC. See docs/budget.md.
 """
