@@ -54,6 +54,7 @@ def prune(model: str, args, output: Path) -> dict:
            "params": round(doc["after"]["params"] / doc["before"]["params"], 4),
            "macs_spa": round(doc["after"]["macs"] / doc["before"]["macs"], 4),
            "agreement": (doc.get("agreement") or {}).get("agreement"), "compensated": doc.get("compensated"),
+           "round_to": doc["round_to"], "round_from": doc.get("round_from"),
            "protected": len((doc.get("budget") or {}).get("protected") or [])}
     if args.distill_epochs:
         row.update(distill(model, args, output))
@@ -107,7 +108,7 @@ def dense_metrics(model: str, samples: int, cache: Path) -> dict:
 
 def run(args) -> dict:
     budget = f"budget{args.target_macs}" if args.target_macs else f"uniform{args.uniform_macs or args.ratio}"
-    budget += f"_r{args.round_to}" if args.round_to > 1 else ""
+    budget += f"_r{args.round_to}" if args.round_to is not None else ""
     budget += "_nobc" if args.no_bias_correction else ""
     output = Path(args.out_dir) / (f"{args.model}_{args.method}{'_calib' if args.calib else ''}_{budget}"
                                    f"{'_kd' if args.distill_epochs else ''}.onnx")
@@ -134,7 +135,8 @@ def table(path) -> str:
     for r in rows:
         name = f"{r['method']}{' calibrated' if r['calibrated'] else ''}" + (
             f" + {r['distill_epochs']} epochs distillation" if r.get("distill_epochs") else "") + (
-            f", widths x{r['round_to']}" if r.get("round_to", 1) > 1 else "") + (
+            f", widths x{r['round_to']}" + (f" (groups {r['round_from']}+)" if r.get("round_from") else "")
+            if (r.get("round_to") or 1) > 1 else "") + (
             ", bias-corrected" if r.get("bias_correction") and r["method"] == "obspa" else "")
         budget = (f"allocated {r['target_macs']}" if r.get("target_macs") else
                   f"uniform {r['ratio']}" + (f" (MACs {r['uniform_macs']})" if r.get("uniform_macs") else ""))
@@ -156,7 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--uniform-macs", type=float, help="the uniform ratio whose MACs match this fraction")
     p.add_argument("--distill-epochs", type=int, default=0, help="then distil from the dense model on --calib")
     p.add_argument("--lr", type=float, default=1e-4, help="distillation learning rate")
-    p.add_argument("--round-to", type=int, default=1, help="keep pruned widths multiples of N (8: ORT CPU's blocks)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep pruned widths multiples of N (default: spa's, 8 in groups of 32+ with a target)")
     p.add_argument("--no-bias-correction", action="store_true", help="compensate weights only (the ablation)")
     p.add_argument("--latency", action="store_true", help="also the ORT CPU latency ratio (batch 1, 1 thread)")
     p.add_argument("--calib", help="calibration .npz of that model (python -m tools.ocr_eval --write-calib)")
