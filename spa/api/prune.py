@@ -309,7 +309,8 @@ class _Run:
         on RANDOM_SENSITIVITY random inputs at the model's shape (a proxy, said in the document: on
         trained models it allocates far better than no measurement, docs/budget.md)."""
         o = self.o
-        data = self.calib if self.calib is not None else random_inputs(self.model, RANDOM_SENSITIVITY, o["seed"])
+        data = self.calib if self.calib is not None else random_inputs(self.model, RANDOM_SENSITIVITY, o["seed"],
+                                                                        values=RANDOM_VALUES)
         n = min(o["calib_samples"], SENSITIVITY_SAMPLES)
         what = f"{_samples(data, n)} {'samples' if self.calib is not None else 'random inputs'}"
         with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, {what})"):
@@ -361,15 +362,20 @@ class _Run:
         }
 
 
-RANDOM_SENSITIVITY = 64  # random inputs a target's sensitivity is measured on without calib=
+RANDOM_SENSITIVITY = 64  # random inputs a target's sensitivity is measured on without calib=, at most
+RANDOM_VALUES = 2**20  # ... and about this many input values in all, at least 8 inputs (a 736x736 image: 8)
 SENSITIVITY_SAMPLES = 64  # calibration samples it is measured on: a mean cosine over them is stable, and this
 # step ran every sample through the whole model once per group (the PP-OCR recognizer: 4x faster than 256)
 
 
-def random_inputs(model, n: int, seed: int = 0) -> dict:
+def random_inputs(model, n: int, seed: int = 0, *, values: int | None = None) -> dict:
     """`n` random samples of every real input at the model's bound shapes (floats standard normal,
-    integers 0 or 1; spa.core.runtime.random_feeds), stacked along the first axis."""
-    feeds = [random_feeds(model.proto, seed=seed + k, shapes=model.input_shapes) for k in range(n)]
+    integers 0 or 1; spa.core.runtime.random_feeds), stacked along the first axis; `values`: fewer
+    samples (not under 8) where `n` of them would hold more input values than that."""
+    first = random_feeds(model.proto, seed=seed, shapes=model.input_shapes)
+    if values is not None:
+        n = max(min(n, values // max(sum(np.size(v) for v in first.values()), 1)), min(n, 8))
+    feeds = [first] + [random_feeds(model.proto, seed=seed + k, shapes=model.input_shapes) for k in range(1, n)]
     return {name: np.concatenate([f[name] for f in feeds]) if np.ndim(feeds[0][name]) else feeds[0][name]
             for name in feeds[0]}
 
