@@ -190,3 +190,18 @@ def test_the_readme_example_keeps_its_task_at_half_the_macs(tmp_path):
     assert dense > 0.98 and spa.evaluate(str(tmp_path / "p.onnx"), test, "labels")["accuracy"] > dense - 0.02
     blind = spa.prune(model, target_macs=0.5, output=str(tmp_path / "b.onnx")).to_json()
     assert blind["warnings"] and spa.evaluate(str(tmp_path / "b.onnx"), test, "labels")["accuracy"] < dense - 0.2
+
+
+def test_without_data_a_result_that_agrees_on_random_inputs_still_warns(capsys, tmp_path):
+    """Random inputs can agree where real ones do not: without --calib the CLI warns once,
+    naming what it measured and how to check; with --calib, agreeing, it does not."""
+    model = ROOT / "examples" / "digits_cnn.onnx"
+    r = run(capsys, "prune", model, "--ratio", "0.05", "-o", tmp_path / "a.onnx", "--json")
+    doc = json.loads(r.out)
+    assert r.rc == 0 and doc["agreement"]["inputs"] == "random" and doc["agreement"]["agreement"] >= AGREEMENT_WARN
+    assert len(doc["warnings"]) == 1 and doc["warnings"][0].startswith("no data")
+    line = _warnings(r.err)[0]
+    assert "random inputs" in line and "--calib DATA.npz" in line and "spa eval" in line
+    r = run(capsys, "prune", model, "--ratio", "0.05", "--calib", ROOT / "examples" / "digits_calib.npz",
+            "-o", tmp_path / "b.onnx", "--json")
+    assert r.rc == 0 and not json.loads(r.out)["warnings"] and not _warnings(r.err)

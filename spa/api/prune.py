@@ -23,7 +23,7 @@ from spa.api.result import Result, as_model, counter, model_name, output_target,
 from spa.core import cost, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
-from spa.core.checks import Gate, agreement_warning, check_against, check_max_loss, check_notes
+from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
 from spa.core.data import conform, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
@@ -205,7 +205,8 @@ class _Run:
         doc = self._doc(counts, pruned, done.check, blocks)
         fit = (done.check or {}).get("agreement")
         doc.update(told.doc(), statistics=self._stats_doc(), agreement=fit,
-                   notes=list(dict.fromkeys(notes + check_notes(done.check))), warnings=agreement_warning(fit),
+                   notes=list(dict.fromkeys(notes + check_notes(done.check))),
+                   warnings=agreement_warning(fit) or self._blind_warning(fit),
                    **shapes.record(self.model))
         return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path)
 
@@ -236,6 +237,19 @@ class _Run:
         self.stats = self._statistics()
         with self.step(f"scoring ({self.o['criterion']}) + planning"):
             self.plan = self._plan()
+
+    def _blind_warning(self, fit: dict | None) -> list[str]:
+        """Without calib=, a result that agrees on random inputs is not known to do its job: said as
+        a warning (random inputs can agree where real ones do not)."""
+        if self.calib is not None or self.o["zeros"] or not any(self.plan.values()) or not fit \
+                or fit.get("status") != "ok" or fit.get("inputs") != "random":
+            return []
+        line = (f"no data: the result was only compared with the input model on random inputs "
+                f"({agreement_phrase(fit)}), which can agree where real inputs do not (the PP-OCR recognizer "
+                f"pruned by l1 agrees 0.99 on random inputs and reads none of 200 lines); check it on real "
+                f"inputs: pass calib=DATA.npz (it is then measured there), or `spa eval PRUNED --data DATA.npz "
+                f"--reference MODEL`")
+        return [line]
 
     def _width_notes(self) -> list[str]:
         odd = odd_widths(self.analysis, self.plan or {}, self.round_to)
