@@ -331,7 +331,8 @@ class _Run:
             groups = [g for g in self.analysis.groups if g.prunable and (o["prune_hidden"] or not g.hidden)]
             try:
                 sens = sensitivity.sensitivity(self.analysis, data, (budget.PROBE_RATIO,), criterion=o["criterion"],
-                                               groups=groups, seed=o["seed"], max_samples=n, stats=self.stats)
+                                               groups=groups, seed=o["seed"], max_samples=n, stats=self.stats,
+                                               batch_size=SENSITIVITY_BATCH)
             except SpaError:
                 if self.calib is not None:
                     raise
@@ -378,6 +379,7 @@ class _Run:
 
 RANDOM_SENSITIVITY = 64  # random inputs a target's sensitivity is measured on without calib=, at most
 RANDOM_VALUES = 2**20  # ... and about this many input values in all, at least 8 inputs (a 736x736 image: 8)
+SENSITIVITY_BATCH = 16  # samples per run there (at 64, the PP-OCR detector's prune peaked at 2.5 GB, now 1.5)
 SENSITIVITY_SAMPLES = 64  # calibration samples it is measured on: a mean cosine over them is stable, and this
 # step ran every sample through the whole model once per group (the PP-OCR recognizer: 4x faster than 256)
 
