@@ -6,6 +6,7 @@ import pytest
 
 import spa
 from spa import api
+from spa.scoring import obspa
 from tests.conftest import CORPUS, corpus_params
 from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance, feeds_for
 
@@ -137,7 +138,9 @@ def test_data_free_obspa_with_compensation(entry):
     plan = api.make_plan(analysis, 0.3, "obspa", stats=stats)
     values, notes = api.compensation(analysis, plan, stats=stats)
     readers = {m.tensor for gid in plan for m in analysis.group(gid).members if m.role == "in"}
-    assert set(values) <= readers
+    biases = {b[0] for gid in plan for m in analysis.group(gid).members if m.role == "in"
+              if (b := obspa.bias_of(analysis.index, m.tensor, m.axis, shape=analysis.index.value(m.tensor).shape))}
+    assert set(values) <= readers | biases  # the consumers' weights, and their biases (bias correction)
     assert all(("scored by l1" in n) or ("not compensated" in n) for n in notes)
     pruned = api.prune(analysis, plan, compensate=values)
     assert_valid_output(model, pruned, feeds_for(model, entry))

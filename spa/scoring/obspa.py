@@ -153,7 +153,7 @@ def compensate(analysis, plan: dict, stats, *, base: dict | None = None) -> dict
         h_rr = h[np.ix_(keep, keep)]
         damp = DAMP * max(float(np.mean(np.diag(h_rr))), 1e-12)
         lhs, rhs = h_rr + damp * np.eye(len(keep)), cross[:, keep].T @ w2
-        bias = bias_of(analysis.index, tensor, axis, w.shape) if BIAS_CORRECTION else None
+        bias = bias_of(analysis.index, tensor, axis, shape=w.shape) if BIAS_CORRECTION else None
         if bias is not None:  # the constant 1 as one more input: E[x'_R], E[x] in the normal equations
             mean_new = np.asarray(mom.mean, dtype=np.float64)[keep]
             mean_ref = np.asarray(mom.mean if mom.ref_mean is None else mom.ref_mean, dtype=np.float64)
@@ -175,7 +175,7 @@ def compensate(analysis, plan: dict, stats, *, base: dict | None = None) -> dict
 BIAS_CORRECTION = True  # compensate also corrects the consumers' biases (off: weights only, for comparisons)
 
 
-def bias_of(index, tensor: str, axis: int, shape: tuple):
+def bias_of(index, tensor: str, axis: int, *, shape: tuple):
     """(bias tensor, fold) of the layer whose weight `tensor` reads along `axis`, or None: fold
     maps a row of the weight's row layout (`rows`) to the bias's change. Conv (group 1: a row is
     out channels x taps, summed over the taps; without a bias, the running mean of a
