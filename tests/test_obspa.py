@@ -299,6 +299,10 @@ def test_cli_prints_compensation_progress_with_json(capsys, tmp_path, calib, mon
     assert r.rc == 0 and json.loads(r.out)["compensated"] is True
     lines = [x for x in r.err.splitlines() if x.startswith("compensating the consumers")]
     assert lines and "groups, ETA" in lines[0] and lines[-1].split(": ")[1].startswith(tuple("123456789"))
+    r = run(capsys, "prune", TINY, "--target-macs", "0.7", "--criterion", "obspa", "--calib", calib, "-o",
+            tmp_path / "t.onnx", "--json")  # a target's sensitivity step counts its groups too
+    lines = [x for x in r.err.splitlines() if x.startswith("sensitivity (each group alone")]
+    assert r.rc == 0 and lines and "groups, ETA" in lines[-1], r.err
 
 
 def _biased_model(after_b: str):

@@ -327,12 +327,12 @@ class _Run:
                                                                         values=RANDOM_VALUES)
         n = min(o["calib_samples"], SENSITIVITY_SAMPLES)
         what = f"{_samples(data, n)} {'samples' if self.calib is not None else 'random inputs'}"
-        with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, {what})"):
+        with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, {what})") as tick:
             groups = [g for g in self.analysis.groups if g.prunable and (o["prune_hidden"] or not g.hidden)]
             try:
                 sens = sensitivity.sensitivity(self.analysis, data, (budget.PROBE_RATIO,), criterion=o["criterion"],
                                                groups=groups, seed=o["seed"], max_samples=n, stats=self.stats,
-                                               batch_size=SENSITIVITY_BATCH)
+                                               batch_size=SENSITIVITY_BATCH, progress=counter(tick, "groups"))
             except SpaError:
                 if self.calib is not None:
                     raise
