@@ -175,10 +175,10 @@ class _Run:
             else o["sensitivity"]
         if o["compensate"] is None:
             o["compensate"] = self.plan is None and not o["zeros"] and o["criterion"] == "obspa"
-        targeted = any(o[k] is not None for k in TARGETS)
+        self.targeted = any(o[k] is not None for k in TARGETS)
         # the widths a budget leaves: whole blocks of ORT's CPU convolutions where a group is wide enough
         self.round_to, self.round_min = (o["round_to"], 0) if o["round_to"] is not None else \
-            ((SIMD_WIDTH, ROUND_MIN) if targeted else (1, 0))
+            ((SIMD_WIDTH, ROUND_MIN) if self.targeted else (1, 0))
 
     def result(self) -> Result:
         self._load()
@@ -288,7 +288,7 @@ class _Run:
 
     def _plan(self) -> dict:
         o, a = self.o, self.analysis
-        if any(o[k] is not None for k in TARGETS):
+        if self.targeted:
             return self._budget()
         if self.sens is not None:
             limit = SENSITIVITY_LOSS if o["max_loss"] is None else o["max_loss"]

@@ -30,6 +30,7 @@ from rich.console import Console
 
 from spa.core import __version__
 from spa.core.errors import SpaError, first_line, with_flags
+from spa.reporting import report
 
 err = Console(stderr=True)
 SIMPLIFY_HELP = ("fold shape arithmetic over static sizes first (onnxslim), which frees axes that dynamic-axes "
@@ -139,7 +140,7 @@ def show_warnings(doc: dict, flags: dict) -> None:
     """The result's warnings in the CLI's words (`flags`: {parameter: flag}), on stderr in both
     modes (a --json caller sees them too)."""
     for line in doc.get("warnings") or ():
-        err.print(f"warning: {with_flags(line, flags)}", markup=False, highlight=False, soft_wrap=True)
+        report.warn(with_flags(line, flags))
 
 
 def _parser() -> argparse.ArgumentParser:

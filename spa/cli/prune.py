@@ -15,6 +15,7 @@ from spa.cli.app import (
     output_path,
     progress,
     show_notes,
+    show_warnings,
 )
 from spa.core.errors import with_flags
 from spa.reporting import report
@@ -87,10 +88,8 @@ def prune(args) -> int:
     result = prune_model(args.model, output=output_path(args, "pruned"), progress=progress(args),
                          **{k: getattr(args, k) for k in OPTIONS})
     doc = result.to_json()
-    warnings = [with_flags(line, FLAGS) for line in doc["warnings"]]
     if args.json:
-        for line in warnings:  # on stderr in both modes: a --json caller sees it too
-            report.warn(line)
+        show_warnings(doc, FLAGS)  # on stderr in both modes: a --json caller sees it too
         return report.print_json(doc)
     if doc["zeros"] and not doc["channels_removed"]:
         report.note("no prunable channel is all zero; the output equals the input")
@@ -100,8 +99,7 @@ def prune(args) -> int:
     show_budget(doc["budget"], doc)
     report.print_prune(doc)
     report.print_blocks(doc["attention_blocks"], "attention blocks (before -> after)")
-    for line in warnings:  # last, where it is seen
-        report.warn(line)
+    show_warnings(doc, FLAGS)  # last, where it is seen
     return 0
 
 
