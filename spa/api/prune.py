@@ -66,9 +66,10 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
 
 
 def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, target_latency=None,
-          zeros: bool = False,
-          criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None, compensate=None,
-          global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None, prune_hidden: bool = False,
+          zeros: bool = False, criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
+          compensate=None,
+          global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None,
+          prune_hidden: bool = False,
           exclude=(), simplify: bool = False, sensitivity=None, max_loss: float | None = None, save_plan=None,
           seed: int = 0, shape=None, check: bool = True, output=None, progress=None):
     """`spa prune` as a call, returning a Result (what `spa prune --json` prints; `.model`).

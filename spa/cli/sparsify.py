@@ -35,8 +35,8 @@ def parser(sub) -> None:
     z.add_argument("--method", default="magnitude", choices=["magnitude", "obs"],
                    help="which weights to keep: magnitude, or obs (calibrated second-order selection with "
                    "compensation, SparseGPT-style; needs --calib)")
-    add_calib(z, help=".npz of calibration inputs keyed by input name: --method obs, and the agreement with the input is "
-             "measured on it", samples=256)
+    add_calib(z, help=".npz of calibration inputs keyed by input name: --method obs, and the agreement with the "
+             "input is measured on it", samples=256)
     z.add_argument("--permute", action="store_true",
                    help="search channel permutations of coupled groups first (as NVIDIA ASP) to keep more magnitude")
     z.add_argument("--permute-budget", type=float, default=2.0, metavar="S",

@@ -194,14 +194,15 @@ def bias_of(index, tensor: str, axis: int, *, shape: tuple):
             node, name, fold = norms[0], norms[0].input[3], lambda row: -row.reshape(shape[0], -1).sum(1)
     elif node.op_type == "Gemm" and axis == (1 if attr(node, "transB", 0) else 0) and len(shape) == 2:
         beta = attr(node, "beta", 1.0)
-        out, scale = shape[1 - axis], attr(node, "alpha", 1.0) / (beta or np.inf)
-        fold = (lambda row: row * scale) if beta else None
+        if beta:  # beta 0: the bias is never read
+            out, scale = shape[1 - axis], attr(node, "alpha", 1.0) / beta
+            fold = lambda row: row * scale
     elif node.op_type == "MatMul" and axis == 0 and len(shape) == 2:
         adds = index.consumers.get(node.output[0], [])
         if len(adds) == 1 and adds[0].op_type == "Add" and adds[0].domain in ("", "ai.onnx"):
             name = next((i for i in adds[0].input if i != node.output[0]), "")
             out, fold, node = shape[1], (lambda row: row), adds[0]
-    if out is None or fold is None or not name or (name not in index.initializers and name not in index.constant_nodes):
+    if out is None or not name or (name not in index.initializers and name not in index.constant_nodes):
         return None
     value = index.value(name)
     if value is None or value.size != out or value.shape[-1] != out or [n for n in index.consumers.get(name, [])
