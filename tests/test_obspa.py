@@ -332,6 +332,7 @@ def test_compensation_corrects_the_consumers_bias(after_b, bias, monkeypatch):
     the calibration data, through Conv B's bias or the running mean of the BatchNormalization after it."""
     from spa.scoring import obspa
 
+    monkeypatch.setattr(obspa, "RENORM", False)  # the correction alone (the re-estimation: the test below)
     analysis = spa.analyze(_biased_model(after_b))
     plan, data = {"A.w:0": [0, 3]}, _data()
     want = ort_backend.run(analysis.model.proto, data)["y"]
@@ -348,3 +349,59 @@ def test_compensation_corrects_the_consumers_bias(after_b, bias, monkeypatch):
     plain_shift = np.abs((pruned(weights_only) - want).mean((0, 2, 3)))
     assert shift.max() < 1e-2 * want.std() and shift.max() < plain_shift.max() / 5, (shift, plain_shift)
     assert _error_after(analysis, plan, values, data) <= _error_after(analysis, plan, weights_only, data) + 1e-6
+
+
+def test_calibrated_compensation_re_estimates_the_batchnorm_after_a_consumer(monkeypatch):
+    """The BatchNormalization after a compensated Conv gets running statistics re-measured on the
+    calibration data: its output keeps the dense model's per-channel mean and deviation there,
+    which the least squares alone (a projection: less variance) does not."""
+    from spa.scoring import obspa
+
+    analysis = spa.analyze(_biased_model("norm"))
+    plan, data = {"A.w:0": [0, 2, 3]}, _data()
+    want = ort_backend.run(analysis.model.proto, data)["y"]
+    assert [n.name for n in obspa.norms_after(analysis.index, ["B.w"])] == ["n2"]
+
+    def moments_after(renorm):
+        monkeypatch.setattr(obspa, "RENORM", renorm)
+        values, notes = api.compensation(analysis, plan, calib=data)
+        assert not notes
+        got = ort_backend.run(api.prune(analysis, plan, compensate=values), data)["y"]
+        return set(values), got.mean((0, 2, 3)), got.std((0, 2, 3))
+
+    names, mean, dev = moments_after(True)
+    assert names == {"B.w", "n2.m", "n2.v"}
+    np.testing.assert_allclose(mean, want.mean((0, 2, 3)), atol=0.02 * want.std())
+    np.testing.assert_allclose(dev, want.std((0, 2, 3)), rtol=0.02)
+    names, _, plain = moments_after(False)
+    assert names == {"B.w", "n2.m"}
+    assert np.abs(plain / want.std((0, 2, 3)) - 1).max() > 5 * np.abs(dev / want.std((0, 2, 3)) - 1).max()
+
+
+def test_calibration_batches_are_bounded_by_the_bytes_they_hold(monkeypatch):
+    """A batch of extra outputs larger than OUTPUT_BYTES is split into fewer samples per run (the
+    moments do not change: they are sums over samples), twice as strictly when paired."""
+    model = _chain()
+    analysis = spa.analyze(model)
+    data = {"x": np.random.default_rng(3).standard_normal((32, 3, 8, 8)).astype(np.float32)}
+    spaces = [("h1", 1)]
+    per_sample = 8 * 8 * 8 * 4  # h1: 8 channels of 8 x 8, float32
+    whole = stats.calibrate(analysis, data, spaces, batch_size=16).get(("h1", 1))
+    runs = []
+    session = stats.session_with_outputs
+
+    def counted(*args, **kwargs):
+        sess = session(*args, **kwargs)
+        run = sess.run
+        sess.run = lambda names, feeds: runs.append(len(feeds["x"])) or run(names, feeds)
+        return sess
+
+    monkeypatch.setattr(stats, "session_with_outputs", counted)
+    monkeypatch.setattr(stats, "OUTPUT_BYTES", 5 * per_sample)
+    split = stats.calibrate(analysis, data, spaces, batch_size=16).get(("h1", 1))
+    assert runs[0] == 1 and set(runs[1:-1]) == {5} and sum(runs[1:]) == 32  # the probe, then batches of 5
+    np.testing.assert_allclose(split.gram, whole.gram, rtol=1e-5)
+    np.testing.assert_allclose(split.mean, whole.mean, rtol=1e-5, atol=1e-7)
+    sess = stats.session_with_outputs(model.proto, ["h1"], analysis.model.dtypes)
+    assert stats._bounded(sess, ["h1"], data, 16, paired=True) == 2  # source and reference outputs: 2 x
+    assert stats._bounded(sess, ["h1"], data, 4, paired=False) == 4  # never above the batch asked for

@@ -186,3 +186,20 @@ def test_report_counts_macs_and_draws_random_inputs_at_the_shape(model, tmp_path
     assert plain["summary"][0]["macs"] == hand_macs(1, 1) and plain["input_shapes_from"] == "model"
     rc, _, err = run(capsys, "report", model, pruned, "-o", tmp_path / "q.html", "--shape", "x:1x4x16x20")
     assert rc == 2 and "--shape" in err and not (tmp_path / "q.html").exists()
+
+
+def test_shape_inference_does_not_import_torch():
+    """The symbolic shape inference comes from onnxruntime.tools, whose package __init__ imports
+    torch when it is installed (about 300 MB): spa loads the module file alone."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    code = ("import sys, spa; from spa.core import model as m; from onnx import helper, TensorProto; "
+            "x = helper.make_tensor_value_info('x', TensorProto.FLOAT, ['n', 4]); "
+            "y = helper.make_tensor_value_info('y', TensorProto.FLOAT, None); "
+            "g = helper.make_graph([helper.make_node('Relu', ['x'], ['y'])], 'g', [x], [y]); "
+            "m._symbolic_shape_infer(); spa.analyze(helper.make_model(g)); "
+            "print('torch' in sys.modules, m._SYMBOLIC[0].__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "spa_symbolic_shape_infer"]

@@ -47,6 +47,11 @@ def prune(model: str, args, output: Path) -> dict:
     from spa.scoring import obspa
 
     obspa.BIAS_CORRECTION = not args.no_bias_correction
+    obspa.RENORM = args.renorm
+    if args.stages is not None:  # 0: one stage per group
+        obspa.sequential.__kwdefaults__["stages_count"] = args.stages
+    if args.sensitivity_samples is not None:
+        sys.modules["spa.api.prune"].SENSITIVITY_SAMPLES = args.sensitivity_samples  # the module, not spa.api.prune
     start, cpu = time.perf_counter(), time.process_time()
     doc = spa.prune(str(ocr_eval.package_models()[model]), output=str(output), **options).to_json()
     row = {"ratio": options.get("ratio"), "spa_wall_s": round(time.perf_counter() - start, 1),
@@ -110,12 +115,16 @@ def run(args) -> dict:
     budget = f"budget{args.target_macs}" if args.target_macs else f"uniform{args.uniform_macs or args.ratio}"
     budget += f"_r{args.round_to}" if args.round_to is not None else ""
     budget += "_nobc" if args.no_bias_correction else ""
+    budget += "_renorm" if args.renorm else ""
+    budget += f"_st{args.stages}" if args.stages is not None else ""
+    budget += f"_sens{args.sensitivity_samples}" if args.sensitivity_samples is not None else ""
     output = Path(args.out_dir) / (f"{args.model}_{args.method}{'_calib' if args.calib else ''}_{budget}"
                                    f"{'_kd' if args.distill_epochs else ''}.onnx")
     output.parent.mkdir(parents=True, exist_ok=True)
     row = {"model": args.model, "method": args.method, "calibrated": bool(args.calib), "calib": args.calib,
            "target_macs": args.target_macs, "uniform_macs": args.uniform_macs, "distill_epochs": args.distill_epochs,
-           "round_to": args.round_to, "bias_correction": not args.no_bias_correction, "samples": args.samples}
+           "round_to": args.round_to, "bias_correction": not args.no_bias_correction, "renorm": args.renorm,
+           "stages": args.stages, "sensitivity_samples": args.sensitivity_samples, "samples": args.samples}
     row.update(prune(args.model, args, output))
     if args.latency:
         row["latency"] = latency(args.model, output)
@@ -137,7 +146,10 @@ def table(path) -> str:
             f" + {r['distill_epochs']} epochs distillation" if r.get("distill_epochs") else "") + (
             f", widths x{r['round_to']}" + (f" (groups {r['round_from']}+)" if r.get("round_from") else "")
             if (r.get("round_to") or 1) > 1 else "") + (
-            ", bias-corrected" if r.get("bias_correction") and r["method"] == "obspa" else "")
+            ", bias-corrected" if r.get("bias_correction") and r["method"] == "obspa" else "") + (
+            ", BN re-estimated" if r.get("renorm") and r["calibrated"] and r["method"] == "obspa" else "") + (
+            f", {r['stages'] or 'per-group'} stages" if r.get("stages") is not None else "") + (
+            f", sensitivity on {r['sensitivity_samples']}" if r.get("sensitivity_samples") else "")
         budget = (f"allocated {r['target_macs']}" if r.get("target_macs") else
                   f"uniform {r['ratio']}" + (f" (MACs {r['uniform_macs']})" if r.get("uniform_macs") else ""))
         fmt = " / ".join(f"{r['dense'][k]:.3f}" for k in HEADLINE[r["model"]])
@@ -161,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--round-to", type=int, default=None,
                    help="keep pruned widths multiples of N (default: spa's, 8 in groups of 32+ with a target)")
     p.add_argument("--no-bias-correction", action="store_true", help="compensate weights only (the ablation)")
+    p.add_argument("--renorm", action="store_true", help="also re-estimate BatchNormalizations (obspa.RENORM)")
+    p.add_argument("--stages", type=int, help="compensation stages (spa's default: obspa.STAGES)")
+    p.add_argument("--sensitivity-samples", type=int, help="samples of the budget's sensitivity step (default: spa's)")
     p.add_argument("--latency", action="store_true", help="also the ORT CPU latency ratio (batch 1, 1 thread)")
     p.add_argument("--calib", help="calibration .npz of that model (python -m tools.ocr_eval --write-calib)")
     p.add_argument("--samples", type=int, default=200, help="evaluation samples (lines or pages)")

@@ -326,10 +326,10 @@ class _Run:
         o = self.o
         data = self.calib if self.calib is not None else random_inputs(self.model, RANDOM_SENSITIVITY, o["seed"],
                                                                         values=RANDOM_VALUES)
-        n = min(o["calib_samples"], SENSITIVITY_SAMPLES)
+        groups = [g for g in self.analysis.groups if g.prunable and (o["prune_hidden"] or not g.hidden)]
+        n = min(o["calib_samples"], sensitivity_samples(len(groups), self.before.get("macs")))
         what = f"{_samples(data, n)} {'samples' if self.calib is not None else 'random inputs'}"
         with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, {what})") as tick:
-            groups = [g for g in self.analysis.groups if g.prunable and (o["prune_hidden"] or not g.hidden)]
             try:
                 sens = sensitivity.sensitivity(self.analysis, data, (budget.PROBE_RATIO,), criterion=o["criterion"],
                                                groups=groups, seed=o["seed"], max_samples=n, stats=self.stats,
@@ -381,8 +381,17 @@ class _Run:
 RANDOM_SENSITIVITY = 64  # random inputs a target's sensitivity is measured on without calib=, at most
 RANDOM_VALUES = 2**20  # ... and about this many input values in all, at least 8 inputs (a 736x736 image: 8)
 SENSITIVITY_BATCH = 16  # samples per run there (at 64, the PP-OCR detector's prune peaked at 2.5 GB, now 1.5)
-SENSITIVITY_SAMPLES = 64  # calibration samples it is measured on: a mean cosine over them is stable, and this
-# step ran every sample through the whole model once per group (the PP-OCR recognizer: 4x faster than 256)
+SENSITIVITY_SAMPLES = 64  # calibration samples it is measured on, at most: a mean cosine over them is stable,
+# and this step runs every sample through the whole model once per group (the PP-OCR recognizer: 4x faster than 256)
+SENSITIVITY_MACS = 6e11  # ... and fewer on heavy models, down to SENSITIVITY_MIN: its runs stay under about this
+SENSITIVITY_MIN = 16  # many MACs in all (the PP-OCR recognizer at 48x320, 27 groups: 31 samples, same allocation)
+
+
+def sensitivity_samples(groups: int, macs) -> int:
+    """Samples for a target's sensitivity step of `groups` trials on a model of `macs` per sample."""
+    if not macs or groups < 1:
+        return SENSITIVITY_SAMPLES
+    return int(min(SENSITIVITY_SAMPLES, max(SENSITIVITY_MIN, SENSITIVITY_MACS // (groups * macs))))
 
 
 def random_inputs(model, n: int, seed: int = 0, *, values: int | None = None) -> dict:

@@ -10,6 +10,7 @@ unknown we try ONNX Runtime's symbolic shape inference, then running the model t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 from onnx import external_data_helper, numpy_helper
 
 from spa.core.errors import SpaError, first_line
@@ -278,11 +280,26 @@ def reinfer(proto: onnx.ModelProto) -> Model:
     return model
 
 
+_SYMBOLIC = []
+
+
+def _symbolic_shape_infer():
+    """onnxruntime.tools.symbolic_shape_infer, loaded from its file alone: the package's __init__
+    imports torch whenever it is installed (about 300 MB of memory and a second, for nothing the
+    shape inference uses; it needs onnx, numpy and sympy only)."""
+    if not _SYMBOLIC:
+        path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location("spa_symbolic_shape_infer", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _SYMBOLIC.append(module)
+    return _SYMBOLIC[0]
+
+
 def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> None:
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(bones, auto_merge=True, guess_output_rank=True)
+        inferred = _symbolic_shape_infer().SymbolicShapeInference.infer_shapes(bones, auto_merge=True,
+                                                                               guess_output_rank=True)
     except Exception:  # noqa: BLE001
         return
     if inferred is not None:

