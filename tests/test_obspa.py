@@ -405,3 +405,14 @@ def test_calibration_batches_are_bounded_by_the_bytes_they_hold(monkeypatch):
     sess = stats.session_with_outputs(model.proto, ["h1"], analysis.model.dtypes)
     assert stats._bounded(sess, ["h1"], data, 16, paired=True) == 2  # source and reference outputs: 2 x
     assert stats._bounded(sess, ["h1"], data, 4, paired=False) == 4  # never above the batch asked for
+
+
+def test_stage_count_follows_the_compute_of_the_compensation():
+    """4 stages on heavy models, more where samples x MACs x stages stays under STAGE_MACS, one per
+    group (None) when that covers every group."""
+    from spa.scoring import obspa
+
+    assert obspa.stage_count(27, 256, 702_469_440) == obspa.STAGES == 4  # the PP-OCR recognizer at 48 x 320
+    assert obspa.stage_count(26, 256, 16_315_376) is None  # the classifier: one group per stage
+    assert obspa.stage_count(200, 256, 16_315_376) == int(obspa.STAGE_MACS // (256 * 16_315_376)) > 4
+    assert obspa.stage_count(10, 256, None) == obspa.STAGES  # MACs unknown

@@ -12,8 +12,16 @@ does not depend on the content; the fidelity numbers are only comparable between
 script). Every prune runs in a fresh subprocess; CPU (user + sys) and peak RSS are that child's
 (`os.wait4`). The progress lines the command prints on stderr in --json mode are kept.
 
+With `--target-macs F` the command prunes to that MACs budget instead of `--ratio 0.3`; with
+`--calib-dir DIR` the calibration data is DIR/<model>.npz (e.g. the rendered samples of
+`python -m tools.ocr_eval --write-calib DIR --samples 256`) instead of random normal; with
+`--steps`, VmRSS is also sampled every 50 ms and its peak reported per step of the command
+(tools/bench_prune.py's `measure`).
+
 usage:
     python tools/bench_obspa_cost.py --work /tmp/obspa-cost [--models cls rec det] [--samples 64 256]
+    python tools/bench_obspa_cost.py --work /tmp/c --models rec det cls --samples 256 --target-macs 0.8 \
+        --calib-dir /tmp/ocr/calib --steps
     PYTHONPATH=/path/to/older/checkout python tools/bench_obspa_cost.py ...   # the baseline, same data
 Markdown rows go to stdout, raw numbers to WORK/bench_obspa_cost.json.
 """
@@ -73,13 +81,21 @@ def fidelity(dense: Path, pruned: Path, held: Path) -> dict:
 MODELS_ARGMAX = {"ch_ppocr_mobile_v2.0_cls_infer.onnx": 2, "ch_PP-OCRv4_rec_infer.onnx": 6625}
 
 
-def measure(work: Path, name: str, n: int, env: dict) -> dict:
+def measure(work: Path, name: str, n: int, env: dict, args) -> dict:
     """One child process: the prune under os.wait4 for its own CPU and peak RSS."""
     model = model_dir() / MODELS[name][0]
     calib, held = data(work, name, n, 1), data(work, name, HELD_OUT, 99)
+    if args.calib_dir is not None:
+        calib = work / f"{name}_{n}_calib_given.npz"
+        np.savez(calib, x=np.load(args.calib_dir / f"{name}.npz")["x"][:n])
     out = work / f"{name}_{n}.pruned.onnx"
-    cmd = [sys.executable, "-m", "spa.cli", "prune", str(model), "--ratio", "0.3", "--criterion", "obspa",
+    out.unlink(missing_ok=True)
+    amount = ["--ratio", "0.3"] if args.target_macs is None else ["--target-macs", str(args.target_macs)]
+    cmd = [sys.executable, "-m", "spa.cli", "prune", str(model), *amount, "--criterion", "obspa",
            "--calib", str(calib), "-o", str(out), "--json"]
+    if args.steps:
+        return {**traced(cmd, work, env), "model": name, "samples": n, "fidelity": fidelity(model, out, held),
+                "command": " ".join(["spa prune MODEL", *amount, "--criterion obspa --calib CALIB.npz -o OUT"])}
     err_path, out_path = work / "stderr.txt", work / "stdout.json"
     start = time.perf_counter()
     with open(out_path, "wb") as so, open(err_path, "wb") as se:
@@ -97,12 +113,29 @@ def measure(work: Path, name: str, n: int, env: dict) -> dict:
             "command": "spa prune MODEL --ratio 0.3 --criterion obspa --calib CALIB.npz -o OUT --json"}
 
 
+def traced(cmd: list, work: Path, env: dict) -> dict:
+    """tools/bench_prune.py's measure: CPU and ru_maxrss of the child, VmRSS peaks per step."""
+    from bench_prune import measure as run_traced
+    from bench_prune import peak_by_step, spa_steps
+
+    os.environ.update(env)
+    r = run_traced(cmd, work / "traced", 3600, trace=True)
+    steps = spa_steps(r["stderr"])
+    return {"env": env, "wall_s": round(r["wall_s"], 1), "cpu_s": round(r["cpu_s"], 1),
+            "peak_rss_mb": round(r["rss_mib"]), "steps_s": steps,
+            "peak_by_step_mb": {k: round(v) for k, v in peak_by_step(r["rss_samples"], list(steps)).items()},
+            "progress_lines": []}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--models", nargs="+", default=["cls", "rec"], choices=sorted(MODELS))
     ap.add_argument("--samples", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--env", nargs="*", default=[], help="NAME=VALUE for the spa process")
+    ap.add_argument("--target-macs", type=float, help="prune to this MACs budget instead of --ratio 0.3")
+    ap.add_argument("--calib-dir", type=Path, help="calibration data DIR/<model>.npz instead of random normal")
+    ap.add_argument("--steps", action="store_true", help="also the peak RSS per step (VmRSS every 50 ms)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     env = dict(e.split("=", 1) for e in args.env)
@@ -112,12 +145,14 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         for n in args.samples:
-            r = measure(args.work, name, n, env)
+            r = measure(args.work, name, n, env, args)
             rows.append(r)
             f = r["fidelity"]
             print(f"| {name} | {n} | {' '.join(args.env) or '-'} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mb']} "
                   f"| {f['cosine']:.4f} | {f['rel_err']:.4f} | {f.get('top1_agree', float('nan')):.3f} |", flush=True)
             print("\n".join(r["progress_lines"]), file=sys.stderr)
+            if "peak_by_step_mb" in r:
+                print(f"  peak RSS MB by step: {r['peak_by_step_mb']}", file=sys.stderr)
     path = args.work / "bench_obspa_cost.json"
     old = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps(old + rows, indent=1))

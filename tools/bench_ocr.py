@@ -49,7 +49,7 @@ def prune(model: str, args, output: Path) -> dict:
     obspa.BIAS_CORRECTION = not args.no_bias_correction
     obspa.RENORM = args.renorm
     if args.stages is not None:  # 0: one stage per group
-        obspa.sequential.__kwdefaults__["stages_count"] = args.stages
+        obspa.stage_count = lambda *_: args.stages or None
     if args.sensitivity_samples is not None:
         sys.modules["spa.api.prune"].SENSITIVITY_SAMPLES = args.sensitivity_samples  # the module, not spa.api.prune
     start, cpu = time.perf_counter(), time.process_time()

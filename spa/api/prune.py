@@ -346,7 +346,8 @@ class _Run:
         how = ", group by group)" if self.calib is not None else ", data-free)"
         with self.step("compensating the consumers (OBS" + how) as tick:
             return compensation(self.analysis, self.plan, self.calib, stats=self.stats,
-                                max_samples=self.o["calib_samples"], progress=counter(tick, "groups"))
+                                max_samples=self.o["calib_samples"], progress=counter(tick, "groups"),
+                                macs=self.before.get("macs"))
 
     def _stats_doc(self):
         if self.stats is None:

@@ -3,6 +3,8 @@ and the OBS update of the consumers of removed channels."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from spa.core.analysis import Analysis
 from spa.scoring import gradients, obspa, stats
 
@@ -28,13 +30,17 @@ def saliency(analysis: Analysis, criterion: str, data, *, labels=None, max_sampl
 
 
 def compensation(analysis: Analysis, plan: dict, calib=None, *, stats=None, max_samples: int = 512,
-                 batch_size: int = obspa.BATCH, progress=None) -> tuple[dict, list[str]]:
+                 batch_size: int = obspa.BATCH, progress=None, macs=None) -> tuple[dict, list[str]]:
     """({tensor: updated weights}, notes): the OBS update of the consumers of the planned
     channels (spa.obspa). With `calib`: stage by stage in graph order, each measured on the
     model with the earlier stages' groups already removed and compensated (`progress(done, total)`
-    in groups after each). Without: one shot, from `stats` or the graph's own moments (data-free)."""
+    in groups after each; `macs`: the model's MACs per sample, for the number of stages,
+    obspa.stage_count). Without: one shot, from `stats` or the graph's own moments (data-free)."""
     if calib is not None:
-        return obspa.sequential(analysis, plan, calib, max_samples=max_samples, batch_size=batch_size, progress=progress)
+        sizes = [len(v) for v in calib.values() if np.ndim(v)] if isinstance(calib, dict) else []
+        count = obspa.stage_count(sum(1 for c in plan.values() if c), min([max_samples, *sizes[:1]]), macs)
+        return obspa.sequential(analysis, plan, calib, max_samples=max_samples, batch_size=batch_size, progress=progress,
+                                stages_count=count)
     stats = statistics(analysis) if stats is None else stats
     values = obspa.compensate(analysis, plan, stats)
     return values, list(stats.notes)
