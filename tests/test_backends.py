@@ -457,3 +457,27 @@ def test_the_ci_gate_steps_of_the_docs(pruned, tmp_path, capsys):
     assert main(["report", str(EXAMPLE), str(pruned), "--bench", str(bench_json), "--data", str(data),
                  "-o", str(report)]) == 0
     assert "half.onnx" in report.read_text()
+
+
+def test_cli_sessions_share_one_arena(tmp_path, monkeypatch):
+    """The CLI turns on one CPU arena for all its sessions (ONNX Runtime's environment allocator):
+    the sessions then run with `session.use_env_allocators` and give the same outputs."""
+    import subprocess
+    import sys
+
+    import spa.core
+
+    path = tmp_path / "m.onnx"
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])), path)
+    feed = {"x": np.array([[-1, 2, -3], [4, -5, 6]], dtype=np.float32)}
+    own = runtime.session(str(path)).run(None, feed)[0]
+    monkeypatch.setattr(spa.core, "SHARED_ARENA", True)
+    assert runtime.shared_arena() is True  # this ONNX Runtime has environment allocators
+    shared = runtime.session(str(path))
+    np.testing.assert_array_equal(shared.run(None, feed)[0], own)
+    assert shared.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+    code = "import spa.core; from spa.cli.app import main; main(['analyze', %r]); print(spa.core.SHARED_ARENA)"
+    out = subprocess.run([sys.executable, "-c", code % str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True"

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from spa import core
 from spa.core import __version__
 from spa.core.errors import SpaError, first_line, with_flags
 from spa.reporting import report
@@ -210,6 +211,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _on_signals()
     HELD.clear()
+    core.SHARED_ARENA = True  # the sessions share one CPU arena: this process ends with the command
     try:
         code = COMMANDS[args.command](args)
         _release(code == 0)

@@ -3,3 +3,6 @@
 It imports nothing of spa outside itself (tests/test_layout.py)."""
 
 __version__ = "0.1.0"
+
+# process-wide: the CLI sets it, as its process ends with the command (spa.core.runtime.shared_arena)
+SHARED_ARENA = False

@@ -17,10 +17,31 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+import spa.core
 from spa.core.errors import SpaError, clip
 from spa.core.sizes import TWO_GB, weight_bytes
 
 ort.set_default_logger_severity(4)  # errors reach the user as exceptions, in one line
+
+
+_ARENA: list = []  # [registered?], once per process
+
+
+def shared_arena() -> bool:
+    """Register one CPU memory arena with ONNX Runtime's environment (once per process) for the
+    sessions to share; False where this ONNX Runtime cannot. Calibrated compensation runs a dense
+    and a pruned session in turns, each holding an arena sized for its largest run; sharing one
+    arena holds one (the PP-OCR detector's compensation peak: about 1.1 -> 0.9 GB, same CPU,
+    docs/benchmarks.md). The arena is never given back while the process lives, so only the CLI,
+    whose process ends with the command, turns this on."""
+    if not _ARENA:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))  # ORT's default extension
+            _ARENA.append(True)
+        except Exception:  # noqa: BLE001 - an ONNX Runtime without environment allocators: one arena each
+            _ARENA.append(False)
+    return _ARENA[0]
 
 
 def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSession:
@@ -35,6 +56,8 @@ def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSessio
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         opts.intra_op_num_threads = threads
+    if spa.core.SHARED_ARENA and shared_arena():  # the CLI's sessions share one arena
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(model_bytes(model), opts, providers=["CPUExecutionProvider"])
 
 
