@@ -203,3 +203,14 @@ def test_shape_inference_does_not_import_torch():
             "print('torch' in sys.modules, m._SYMBOLIC[0].__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "spa_symbolic_shape_infer"]
+
+
+def test_batches_of_large_inputs_hold_fewer_samples():
+    """A whole-model run holds every activation of its batch: inputs of many values go fewer per batch."""
+    from spa.core import data
+
+    crops = {"x": np.zeros((64, 3, 320, 320), np.float32)}
+    assert data.bounded_batch(crops, 16) == data.BATCH_VALUES // (3 * 320 * 320) == 6
+    assert data.bounded_batch({"x": np.zeros((64, 3, 48, 320), np.float32), "n": np.float32(1)}, 16) == 16
+    assert data.bounded_batch({"x": np.zeros((2, 3, 2048, 2048), np.float32)}, 16) == 1
+    assert data.bounded_batch([{"x": crops["x"][:32]}], 16) == 16  # feed dicts: batched as given

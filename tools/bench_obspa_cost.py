@@ -93,8 +93,8 @@ def measure(work: Path, name: str, n: int, env: dict, args) -> dict:
     amount = ["--ratio", "0.3"] if args.target_macs is None else ["--target-macs", str(args.target_macs)]
     cmd = [sys.executable, "-m", "spa.cli", "prune", str(model), *amount, "--criterion", "obspa",
            "--calib", str(calib), "-o", str(out), "--json"]
-    if args.steps:
-        return {**traced(cmd, work, env), "model": name, "samples": n, "fidelity": fidelity(model, out, held),
+    if args.steps:  # the step lines are printed without --json
+        return {**traced(cmd[:-1], work, env), "model": name, "samples": n, "fidelity": fidelity(model, out, held),
                 "command": " ".join(["spa prune MODEL", *amount, "--criterion obspa --calib CALIB.npz -o OUT"])}
     err_path, out_path = work / "stderr.txt", work / "stdout.json"
     start = time.perf_counter()

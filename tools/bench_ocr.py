@@ -149,7 +149,8 @@ def table(path) -> str:
             ", bias-corrected" if r.get("bias_correction") and r["method"] == "obspa" else "") + (
             ", BN re-estimated" if r.get("renorm") and r["calibrated"] and r["method"] == "obspa" else "") + (
             f", {r['stages'] or 'per-group'} stages" if r.get("stages") is not None else "") + (
-            f", sensitivity on {r['sensitivity_samples']}" if r.get("sensitivity_samples") else "")
+            f", sensitivity on {r['sensitivity_samples']}" if r.get("sensitivity_samples") else "") + (
+            f", {r['calib_samples']} calibration samples" if r.get("calib_samples") else "")
         budget = (f"allocated {r['target_macs']}" if r.get("target_macs") else
                   f"uniform {r['ratio']}" + (f" (MACs {r['uniform_macs']})" if r.get("uniform_macs") else ""))
         fmt = " / ".join(f"{r['dense'][k]:.3f}" for k in HEADLINE[r["model"]])

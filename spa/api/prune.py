@@ -24,7 +24,7 @@ from spa.core import cost, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
-from spa.core.data import conform, split_labels
+from spa.core.data import bounded_batch, conform, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
 from spa.core.runtime import random_feeds
@@ -333,7 +333,8 @@ class _Run:
             try:
                 sens = sensitivity.sensitivity(self.analysis, data, (budget.PROBE_RATIO,), criterion=o["criterion"],
                                                groups=groups, seed=o["seed"], max_samples=n, stats=self.stats,
-                                               batch_size=SENSITIVITY_BATCH, progress=counter(tick, "groups"))
+                                               batch_size=bounded_batch(data, SENSITIVITY_BATCH),
+                                               progress=counter(tick, "groups"))
             except SpaError:
                 if self.calib is not None:
                     raise

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.core.data import fixed_batch_size, model_batches, samples_in, trim
+from spa.core.data import bounded_batch, fixed_batch_size, model_batches, samples_in, trim
 from spa.core.errors import SpaError, VerificationError, first_line, require
 from spa.core.model import check_model
 from spa.core.runtime import exact_feeds, graph_inputs, ort_reason, outputs, random_feeds, run, session
@@ -217,7 +217,8 @@ def agreement_batches(proto: onnx.ModelProto, calib=None, seed: int = 0, *, shap
     names = [vi.name for vi, _ in graph_inputs(proto)]
     if isinstance(calib, dict) and all(n in calib for n in names):
         feeds = {n: calib[n] for n in names}
-        return model_batches(feeds, 16, fixed=fixed_batch_size(proto), max_samples=AGREEMENT_SAMPLES), "calibration"
+        return model_batches(feeds, bounded_batch(feeds, 16), fixed=fixed_batch_size(proto),
+                             max_samples=AGREEMENT_SAMPLES), "calibration"
     return [random_feeds(proto, seed=seed + k, shapes=shapes) for k in range(RANDOM_SAMPLES)], "random"
 
 
