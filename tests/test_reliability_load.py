@@ -288,3 +288,43 @@ def test_valid_external_data_still_loads(capsys, work):
             assert np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b)), (folder, a.name)
         res = spa(capsys, "prune", f"{folder}/m.onnx", "--ratio", "0.3", "-o", f"{folder}.pruned.onnx")
         assert res.rc == 0, (folder, res.err)
+
+
+def _runtime_op_model(op: str) -> onnx.ModelProto:
+    """x -> `op`(x, s) -> MatMul -> Relu -> MatMul -> y at opset 22: SimplifiedLayerNormalization is
+    ONNX Runtime's own op in the default domain (ONNX Runtime GenAI's exports use it), which the
+    ONNX checker has no schema for."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4, 8])
+    inits = [numpy_helper.from_array(np.ones(8, np.float32), "s"),
+             numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), "w2")]
+    nodes = [helper.make_node(op, ["x", "s"], ["n"], axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 22)])
+    model.ir_version = 10
+    return model
+
+
+def test_a_model_onnx_runtime_runs_loads_though_the_checker_lacks_its_op(capsys, work):
+    """The checker rejects it ("No Op registered"); ONNX Runtime runs it: spa loads, prunes and
+    verifies it (the output is run in ONNX Runtime; its checker complaint is the input's own)."""
+    import json
+
+    from spa.core.model import checker_rejects
+
+    onnx.save(_runtime_op_model("SimplifiedLayerNormalization"), "rms.onnx")
+    assert "No Op registered for SimplifiedLayerNormalization" in checker_rejects("rms.onnx")
+    r = spa(capsys, "prune", "rms.onnx", "--ratio", "0.5", "-o", "out.onnx", "--json")
+    assert r.rc == 0, r.err
+    doc = json.loads(r.out)
+    assert doc["channels_removed"] == 8 and doc["check"]["status"] == "ok", doc["check"]
+    assert load("out.onnx").proto.graph.initializer[1].dims == [8, 8]  # w1: 16 -> 8 columns
+
+
+def test_an_op_neither_onnx_nor_onnx_runtime_knows_is_one_line(capsys, work):
+    onnx.save(_runtime_op_model("NoSuchOp"), "bogus.onnx")
+    _refused(capsys, work, ["prune", "bogus.onnx", "--ratio", "0.5", "-o", "out.onnx"],
+             ["bogus.onnx", "neither ONNX nor ONNX Runtime knows its op 'NoSuchOp'", "another runtime"])

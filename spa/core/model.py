@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,7 @@ import onnxruntime
 from onnx import external_data_helper, numpy_helper
 
 from spa.core.errors import SpaError, first_line
-from spa.core.runtime import random_feeds, run_with_outputs
+from spa.core.runtime import ort_reason, random_feeds, run_with_outputs, session
 from spa.core.sizes import TWO_GB, file_bytes, weight_bytes  # noqa: F401 - re-exported: model I/O's sizes
 from spa.core.tensors import External, all_tensors, check_sizes, external_data, read_external
 
@@ -157,16 +158,43 @@ def check_model(model, full: bool = False) -> None:
         onnx.checker.check_model(model, full_check=full)
 
 
-def _check_proto(proto: onnx.ModelProto, path: Path, from_file: bool) -> None:
-    """The ONNX checker; models with external data are checked from their file (no copy)."""
+RUNTIME_OP = re.compile(r"No Op registered for (\S+) with domain_version of (\d+)")
+
+
+def runtime_op(message: str | None) -> str | None:
+    """The op of a checker complaint that only says ONNX has no schema for it (ONNX Runtime's own
+    ops, e.g. SimplifiedLayerNormalization in the default domain of GenAI exports), else None."""
+    found = RUNTIME_OP.search(message or "")
+    return found.group(1) if found else None
+
+
+def checker_rejects(model) -> str | None:
+    """The ONNX checker's first line about a ModelProto or file, or None when it accepts it."""
     try:
-        check_model(str(path) if from_file else proto)
+        check_model(model if isinstance(model, onnx.ModelProto) else str(model))
     except onnx.checker.ValidationError as exc:
-        first = first_line(exc, limit=200, default="invalid model")
-        raise SpaError(
-            f"cannot load model '{path}': the ONNX checker rejects it ({first})",
-            "the file may be truncated or written by a broken exporter",
-        ) from exc
+        return first_line(exc, limit=200, default="invalid model")
+    return None
+
+
+def _check_proto(proto: onnx.ModelProto, path: Path, from_file: bool) -> None:
+    """The ONNX checker; models with external data are checked from their file (no copy). A model
+    the checker rejects only for an op it has no schema for is accepted when ONNX Runtime loads it
+    (ONNX Runtime registers ops ONNX does not: what it runs is a model)."""
+    first = checker_rejects(str(path) if from_file else proto)
+    if first is None:
+        return
+    op = runtime_op(first)
+    if op is None:
+        raise SpaError(f"cannot load model '{path}': the ONNX checker rejects it ({first})",
+                       "the file may be truncated or written by a broken exporter")
+    try:
+        session(str(path) if from_file else proto, light=True)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's many load errors, as one line
+        raise SpaError(f"cannot load model '{path}': neither ONNX nor ONNX Runtime knows its op '{op}' "
+                       f"(ONNX Runtime: {ort_reason(exc)})",
+                       "spa runs models ONNX Runtime can run: was it exported for another runtime or a "
+                       "newer ONNX Runtime?") from None
 
 
 # ---------------------------------------------------------------- shapes
