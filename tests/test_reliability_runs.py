@@ -188,3 +188,54 @@ def test_ratio_one_is_a_usage_error(capsys, tmp_path):
     line = one_error(spa(capsys, "prune", EXAMPLE, "--ratio", "1.0", "-o", tmp_path / "out.onnx"), 2)
     assert "ratio" in line
     assert_untouched(tmp_path, before)
+
+
+def _decoder_with_cache(path, mask_dim: str = "past_sequence_length + sequence_length"):
+    """A decoder-shaped graph as optimum exports one with a KV cache: its attention_mask must be
+    past + current long (here a Reshape to [-1, past + current] fails otherwise), present.0.key is
+    the past concatenated with the current key."""
+    rng = np.random.default_rng(0)
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", mask_dim]),
+              helper.make_tensor_value_info("past_key_values.0.key", f, ["batch_size", 1, "past_sequence_length", 8])]
+    outputs = [helper.make_tensor_value_info("logits", f, ["batch_size", "sequence_length", 8]),
+               helper.make_tensor_value_info("present.0.key", f, ["batch_size", 1, "total", 8])]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("E", (10, 8)), ("W1", (8, 16)), ("W2", (16, 8)), ("Wk", (8, 8)))]
+    inits += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in (("minus1", [-1]), ("ax1", [1]),
+                                                                             ("ax2", [2]))]
+    n = helper.make_node
+    nodes = [n("Gather", ["E", "input_ids"], ["emb"]), n("MatMul", ["emb", "W1"], ["h"]), n("Relu", ["h"], ["r"]),
+             n("MatMul", ["r", "W2"], ["pre"]),
+             n("Shape", ["past_key_values.0.key"], ["p"], start=2, end=3), n("Shape", ["input_ids"], ["s"], start=1),
+             n("Add", ["p", "s"], ["t"]), n("Concat", ["minus1", "t"], ["target"], axis=0),
+             n("Cast", ["attention_mask"], ["mf"], to=f), n("Reshape", ["mf", "target"], ["m2"]),
+             n("ReduceSum", ["m2", "ax1"], ["msum"], keepdims=1), n("Unsqueeze", ["msum", "ax2"], ["m3"]),
+             n("Add", ["pre", "m3"], ["logits"]),
+             n("MatMul", ["emb", "Wk"], ["k"]), n("Unsqueeze", ["k", "ax1"], ["k4"]),
+             n("Concat", ["past_key_values.0.key", "k4"], ["present.0.key"], axis=2)]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+def test_the_check_runs_a_decoder_with_a_kv_cache(capsys, tmp_path):
+    """Dims of 1 make its attention_mask one long where it needs past + current: the check used to
+    be skipped on every such export. It now runs with a non-empty cache and a mask of the sum."""
+    from spa.core import runtime
+
+    model = _decoder_with_cache(tmp_path / "dec.onnx")
+    proto = onnx.load(model)
+    assert runtime.cache_shapes(proto) == {"input_ids": [1, 2], "attention_mask": [1, 5],
+                                           "past_key_values.0.key": [1, 1, 3, 8]}
+    r = spa(capsys, "prune", model, "--ratio", "0.5", "-o", tmp_path / "out.onnx", "--json")
+    assert r.rc == 0, r.err
+    check = json.loads(r.out)["check"]
+    assert check["status"] == "ok", check
+    assert check["input_shapes"]["attention_mask"] == [1, 5] and check["input_shapes"]["input_ids"] == [1, 2]
+    # a mask declared as the past plus one token: the current length follows it
+    one = onnx.load(_decoder_with_cache(tmp_path / "one.onnx", "past_sequence_length + 1"))
+    assert runtime.cache_shapes(one)["input_ids"] == [1, 1] and runtime.cache_shapes(one)["attention_mask"] == [1, 4]
+    assert runtime.cache_shapes(onnx.load(EXAMPLE)) is None  # not a decoder: unchanged

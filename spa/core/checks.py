@@ -16,7 +16,7 @@ import onnx
 from spa.core.data import bounded_batch, fixed_batch_size, model_batches, samples_in, trim
 from spa.core.errors import SpaError, VerificationError, first_line, require
 from spa.core.model import check_model, runtime_op
-from spa.core.runtime import exact_feeds, graph_inputs, ort_reason, outputs, random_feeds, run, session
+from spa.core.runtime import cache_shapes, exact_feeds, graph_inputs, ort_reason, outputs, random_feeds, run, session
 
 NOT_RUN = {"status": "not run", "reason": "--no-check"}  # the check document when the caller turned it off
 AGREEMENT_WARN = 0.90  # a result agreeing less than this with its input model is flagged (a warning)
@@ -88,7 +88,7 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     dim is symbolic and unbound the random inputs are a guess (dims of 1), so the check is skipped
     with ONNX Runtime's reason. The document names the input shapes it ran at. Models run from
     their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
-    feeds = random_feeds(model.proto, seed=seed, shapes=model.input_shapes)
+    feeds = random_feeds(model.proto, seed=seed, shapes=model.input_shapes or cache_shapes(model.proto))
     # from files where we have them: ORT reads them directly, no serialisation copy
     reference = _baseline(model, feeds)
     if "status" in reference:
@@ -267,7 +267,7 @@ class Gate:
         inputs = "random"
         try:
             batches, inputs = agreement_batches(model.proto, self.calib, self.seed,
-                                                shapes=getattr(model, "input_shapes", None))
+                                                shapes=getattr(model, "input_shapes", None) or cache_shapes(model.proto))
             doc = {"inputs": inputs, **agreement(model.path if model.path is not None else model.proto, candidate,
                                                  batches)}
         except Exception as exc:  # noqa: BLE001 - a model ORT cannot run on these inputs: said, not fatal
