@@ -235,6 +235,11 @@ def test_the_check_runs_a_decoder_with_a_kv_cache(capsys, tmp_path):
     check = json.loads(r.out)["check"]
     assert check["status"] == "ok", check
     assert check["input_shapes"]["attention_mask"] == [1, 5] and check["input_shapes"]["input_ids"] == [1, 2]
+    assert check["empty_cache"]["max_rel_err"] >= 0  # and with an empty cache (mask of 2, past of 0)
+    assert runtime.cache_shapes(proto, past=0)["past_key_values.0.key"] == [1, 1, 0, 8]
+    res = spa(capsys, "prune", model, "--ratio", "0.5", "-o", tmp_path / "o2.onnx")
+    text = res.out + res.err
+    assert "attention_mask 1x5" in text and "with an empty KV cache too" in text, text
     # a mask declared as the past plus one token: the current length follows it
     one = onnx.load(_decoder_with_cache(tmp_path / "one.onnx", "past_sequence_length + 1"))
     assert runtime.cache_shapes(one)["input_ids"] == [1, 1] and runtime.cache_shapes(one)["attention_mask"] == [1, 4]

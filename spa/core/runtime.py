@@ -125,13 +125,13 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0, *, shapes: dict | None 
 CACHE_PAST, CACHE_CURRENT = 3, 2  # past and current lengths cache_shapes gives a decoder with a KV cache
 
 
-def cache_shapes(proto: onnx.ModelProto) -> dict | None:
+def cache_shapes(proto: onnx.ModelProto, past: int = CACHE_PAST) -> dict | None:
     """{input: dims} for a decoder exported with a KV cache (inputs `input_ids` or `inputs_embeds`,
     `attention_mask`, and past key/values whose names hold "past"), else None. Dims of 1 would make
     its attention_mask one long where the model needs past + current (optimum's exports then fail
     to run on random inputs); here the batch is 1, the current length CACHE_CURRENT, the past
-    CACHE_PAST, and the mask's length their sum (or its declared sum, e.g. "past_sequence_length
-    + 1", which then sets the current length)."""
+    `past` (0: an empty cache, the first step of a generation), and the mask's length their sum (or
+    its declared sum, e.g. "past_sequence_length + 1", which then sets the current length)."""
     named = {vi.name: [d.dim_param or (d.dim_value or None) for d in vi.type.tensor_type.shape.dim]
              for vi, dims in graph_inputs(proto) if dims is not None}
     ids = next((n for n in ("input_ids", "inputs_embeds") if len(named.get(n) or ()) >= 2), None)
@@ -140,8 +140,8 @@ def cache_shapes(proto: onnx.ModelProto) -> dict | None:
         return None
     (batch, seq), total = named[ids][:2], named["attention_mask"][1]
     known = {batch: 1} if isinstance(batch, str) else {}
-    past = {d for n in pasts for d in named[n] if isinstance(d, str) and d not in known and d != seq}
-    known.update(dict.fromkeys(past, CACHE_PAST))
+    cached = {d for n in pasts for d in named[n] if isinstance(d, str) and d not in known and d != seq}
+    known.update(dict.fromkeys(cached, past))
     if isinstance(seq, str):
         known[seq] = CACHE_CURRENT
     if isinstance(total, str) and total not in known:
@@ -149,8 +149,8 @@ def cache_shapes(proto: onnx.ModelProto) -> dict | None:
         consts = [int(t) for t in terms if t.isdigit()]
         if isinstance(seq, str) and seq not in terms and len(consts) == 1:
             known[seq] = consts[0]  # "past_sequence_length + 1": one token at a time
-        known[total] = sum(known.get(t, CACHE_PAST) if not t.isdigit() else int(t) for t in terms) \
-            if len(terms) > 1 else CACHE_PAST + known.get(seq, 1)
+        known[total] = sum(known.get(t, past) if not t.isdigit() else int(t) for t in terms) \
+            if len(terms) > 1 else past + known.get(seq, 1)
     return {n: [known.get(d, 1) if isinstance(d, str) or d is None else d for d in dims] for n, dims in named.items()}
 
 

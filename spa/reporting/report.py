@@ -171,7 +171,14 @@ def check_line(check: dict | None) -> str:
     if check["status"] == "written back":
         return (f"output check: the trained weights written into the graph give the trained module's outputs in "
                 f"ONNX Runtime (max relative error {check['max_rel_err']:.3g})")
+    empty = check.get("empty_cache") or {}
+    cache = "" if not empty else (f"; with an empty KV cache too, {empty['max_rel_err']:.3g}" if "max_rel_err" in empty
+                                  else "; not run with an empty KV cache (the input model does not take one)")
     return (f"output check: runs in ONNX Runtime, same outputs' names/dtypes/shapes; max relative error vs the "
-            f"input {check['max_rel_err']:.3g} (random inputs)")
+            f"input {check['max_rel_err']:.3g} (random inputs{', shapes ' + _shapes(check) if empty else ''}){cache}")
+
+
+def _shapes(check: dict) -> str:
+    return ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in (check.get("input_shapes") or {}).items())
 
 
