@@ -59,3 +59,22 @@ def test_cli_preview_and_prune(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["attention_blocks"] == doc["attention_blocks"]
     (now,) = attention_blocks(spa.analyze(api.reinfer(spa.load(out).proto)))  # the pruned model itself
     assert (now.heads.before, now.head_dim.before, now.v_head_dim.before) == (1, 2, 2)
+
+
+def test_a_fixed_axis_says_why():
+    """An attention size no plan can change carries a reason in the table and the JSON: here the
+    keys are also a graph output (as a KV cache's present.N.key is), so heads and head_dim stay."""
+    import onnx
+
+    from spa.core.model import Model, infer_shapes
+
+    (free,) = attention_blocks(spa.analyze(_attention([None, None, 4], "const")))
+    assert free.heads.fixed is None and free.head_dim.to_json()["fixed"] is None
+    model = _attention([None, None, 4], "const")
+    model.proto.graph.output.append(onnx.helper.make_tensor_value_info("k0", onnx.TensorProto.FLOAT, None))
+    locked = Model(model.proto)
+    infer_shapes(locked)
+    (block,) = attention_blocks(spa.analyze(locked))
+    assert block.heads.text().startswith("2 (fixed: no channel group reaches this axis")
+    assert "graph input or output" in block.head_dim.to_json()["fixed"] and "--simplify" in block.heads.fixed
+    assert block.v_head_dim.fixed is None  # values are not an output: still prunable

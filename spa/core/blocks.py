@@ -31,16 +31,22 @@ class Axis:
     before: int | None
     after: int | None
     groups: list[str] = field(default_factory=list)
+    fixed: str | None = None  # why no plan can change it (no group reaches it, or its groups are locked)
 
     def to_json(self) -> dict:
-        return {"before": self.before, "after": self.after, "groups": self.groups}
+        return {"before": self.before, "after": self.after, "groups": self.groups, "fixed": self.fixed}
 
     def text(self) -> str:
         if self.before is None:
             return "?"
-        if not self.groups:
-            return f"{self.before} (fixed)"
+        if self.fixed is not None:
+            return f"{self.before} (fixed: {self.fixed})"
         return str(self.before) if self.after == self.before else f"{self.before} -> {self.after}"
+
+
+NO_GROUP = ("no channel group reaches this axis: a reshape to sizes computed at run time, a graph input or "
+            "output, or an op without a rule on the way (spa analyze's group table says which); --simplify "
+            "folds run-time shape arithmetic and may free it")
 
 
 @dataclass
@@ -89,7 +95,11 @@ def _axis(analysis: Analysis, spaces: list[tuple], plan: dict) -> Axis:
         for ch in plan.get(g.id, []):
             if space in g.positions:
                 gone.update(int(p) for p in g.positions[space][ch])
-    return Axis(before, before - len(gone), [g.id for g in groups if space in g.positions])
+    touching = [g for g in groups if space in g.positions]
+    fixed = NO_GROUP if not touching else None
+    if touching and not any(g.prunable for g in touching):
+        fixed = f"its group {touching[0].id} is locked: {touching[0].reason}"
+    return Axis(before, before - len(gone), [g.id for g in touching], fixed)
 
 
 def _size(analysis: Analysis, space: tuple):
