@@ -24,7 +24,7 @@ from spa.core import cost, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
-from spa.core.data import bounded_batch, conform, split_labels
+from spa.core.data import bounded_batch, conform, samples_used, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import TWO_GB, Model, check_writable, read_json, reinfer, weight_bytes, write_text_atomic
 from spa.core.runtime import random_feeds
@@ -274,7 +274,7 @@ class _Run:
             return None
         if need == "gradients":
             return self._saliency()
-        what = f"calibration, {_samples(self.calib, o['calib_samples'])} samples" if self.calib is not None \
+        what = f"calibration, {samples_used(self.calib, o['calib_samples'])} samples" if self.calib is not None \
             else "data-free"
         with self.step(f"activation statistics ({what})"):
             return statistics(self.analysis, self.calib, max_samples=o["calib_samples"])
@@ -328,7 +328,7 @@ class _Run:
                                                                         values=RANDOM_VALUES)
         groups = [g for g in self.analysis.groups if g.prunable and (o["prune_hidden"] or not g.hidden)]
         n = min(o["calib_samples"], sensitivity_samples(len(groups), self.before.get("macs")))
-        what = f"{_samples(data, n)} {'samples' if self.calib is not None else 'random inputs'}"
+        what = f"{samples_used(data, n)} {'samples' if self.calib is not None else 'random inputs'}"
         with self.step(f"sensitivity (each group alone at ratio {budget.PROBE_RATIO:g}, {what})") as tick:
             try:
                 sens = sensitivity.sensitivity(self.analysis, data, (budget.PROBE_RATIO,), criterion=o["criterion"],
@@ -458,12 +458,6 @@ class _Told:
     def doc(self) -> dict:
         return {"compensated": bool(self.compensated), "compensated_groups": len(self.compensated),
                 "fell_back": self.fell_back}
-
-
-def _samples(calib, cap: int):
-    """How many samples a calibration uses: `cap`, or fewer when the arrays hold fewer."""
-    sizes = [len(v) for v in calib.values() if getattr(v, "ndim", 0)] if isinstance(calib, dict) else []
-    return min([cap, *sizes[:1]])
 
 
 def _read_plan(plan) -> dict:

@@ -88,7 +88,7 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     dim is symbolic and unbound the random inputs are a guess (dims of 1), so the check is skipped
     with ONNX Runtime's reason. The document names the input shapes it ran at. Models run from
     their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
-    feeds = random_feeds(model.proto, seed=seed, shapes=model.input_shapes or cache_shapes(model.proto))
+    feeds = random_feeds(model.proto, seed=seed, shapes=check_shapes(model))
     # from files where we have them: ORT reads them directly, no serialisation copy
     reference = _baseline(model, feeds)
     if "status" in reference:
@@ -104,6 +104,12 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     doc = {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"],
            "input_shapes": {k: list(v.shape) for k, v in feeds.items()}}
     return {**doc, **_empty_cache(model, candidate, seed)}
+
+
+def check_shapes(model) -> dict | None:
+    """The input shapes the random-input checks run at: those the model is bound to, else a KV-cache
+    decoder's consistent lengths (spa.core.runtime.cache_shapes), else None (symbolic dims 1)."""
+    return getattr(model, "input_shapes", None) or cache_shapes(model.proto)
 
 
 def _verified(rep: dict) -> None:
@@ -293,7 +299,7 @@ class Gate:
         inputs = "random"
         try:
             batches, inputs = agreement_batches(model.proto, self.calib, self.seed,
-                                                shapes=getattr(model, "input_shapes", None) or cache_shapes(model.proto))
+                                                shapes=check_shapes(model))
             doc = {"inputs": inputs, **agreement(model.path if model.path is not None else model.proto, candidate,
                                                  batches)}
         except Exception as exc:  # noqa: BLE001 - a model ORT cannot run on these inputs: said, not fatal

@@ -185,6 +185,13 @@ def _padded(feeds: dict, size: int) -> dict:
     return Batch(pad, rows)
 
 
+def samples_used(calib, cap: int) -> int:
+    """How many samples a calibration uses: `cap`, or fewer when its arrays (keyed by input name,
+    samples along the first axis) hold fewer; `cap` for feed dicts."""
+    sizes = [len(v) for v in calib.values() if np.ndim(v)] if isinstance(calib, dict) else []
+    return min([cap, *sizes[:1]])
+
+
 def samples_in(feeds) -> int:
     """The real samples of one feed dict: a padded `Batch`'s, else the first axis of its first
     array with one (1 when every input is 0-d)."""

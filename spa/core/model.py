@@ -10,6 +10,7 @@ unknown we try ONNX Runtime's symbolic shape inference, then running the model t
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -168,22 +169,15 @@ def runtime_op(message: str | None) -> str | None:
     return found.group(1) if found else None
 
 
-def checker_rejects(model) -> str | None:
-    """The ONNX checker's first line about a ModelProto or file, or None when it accepts it."""
-    try:
-        check_model(model if isinstance(model, onnx.ModelProto) else str(model))
-    except onnx.checker.ValidationError as exc:
-        return first_line(exc, limit=200, default="invalid model")
-    return None
-
-
 def _check_proto(proto: onnx.ModelProto, path: Path, from_file: bool) -> None:
     """The ONNX checker; models with external data are checked from their file (no copy). A model
     the checker rejects only for an op it has no schema for is accepted when ONNX Runtime loads it
     (ONNX Runtime registers ops ONNX does not: what it runs is a model)."""
-    first = checker_rejects(str(path) if from_file else proto)
-    if first is None:
+    try:
+        check_model(str(path) if from_file else proto)
         return
+    except onnx.checker.ValidationError as exc:
+        first = first_line(exc, limit=200, default="invalid model")
     op = runtime_op(first)
     if op is None:
         raise SpaError(f"cannot load model '{path}': the ONNX checker rejects it ({first})",
@@ -308,20 +302,16 @@ def reinfer(proto: onnx.ModelProto) -> Model:
     return model
 
 
-_SYMBOLIC = []
-
-
+@functools.cache
 def _symbolic_shape_infer():
     """onnxruntime.tools.symbolic_shape_infer, loaded from its file alone: the package's __init__
     imports torch whenever it is installed (about 300 MB of memory and a second, for nothing the
     shape inference uses; it needs onnx, numpy and sympy only)."""
-    if not _SYMBOLIC:
-        path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
-        spec = importlib.util.spec_from_file_location("spa_symbolic_shape_infer", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _SYMBOLIC.append(module)
-    return _SYMBOLIC[0]
+    path = Path(onnxruntime.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location("spa_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> None:

@@ -5,6 +5,7 @@ models here; the Session interface for benchmarking every backend is spa.backend
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -24,9 +25,7 @@ from spa.core.sizes import TWO_GB, weight_bytes
 ort.set_default_logger_severity(4)  # errors reach the user as exceptions, in one line
 
 
-_ARENA: list = []  # [registered?], once per process
-
-
+@functools.cache  # once per process
 def shared_arena() -> bool:
     """Register one CPU memory arena with ONNX Runtime's environment (once per process) for the
     sessions to share; False where this ONNX Runtime cannot. Calibrated compensation runs a dense
@@ -34,14 +33,12 @@ def shared_arena() -> bool:
     arena holds one (the PP-OCR detector's compensation peak: about 1.1 -> 0.9 GB, same CPU,
     docs/benchmarks.md). The arena is never given back while the process lives, so only the CLI,
     whose process ends with the command, turns this on."""
-    if not _ARENA:
-        try:
-            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))  # ORT's default extension
-            _ARENA.append(True)
-        except Exception:  # noqa: BLE001 - an ONNX Runtime without environment allocators: one arena each
-            _ARENA.append(False)
-    return _ARENA[0]
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 0, -1, -1))  # ORT's default extension
+    except Exception:  # noqa: BLE001 - an ONNX Runtime without environment allocators: one arena each
+        return False
+    return True
 
 
 def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSession:

@@ -3,9 +3,8 @@ and the OBS update of the consumers of removed channels."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from spa.core.analysis import Analysis
+from spa.core.data import samples_used
 from spa.scoring import gradients, obspa, stats
 
 
@@ -37,8 +36,7 @@ def compensation(analysis: Analysis, plan: dict, calib=None, *, stats=None, max_
     in groups after each; `macs`: the model's MACs per sample, for the number of stages,
     obspa.stage_count). Without: one shot, from `stats` or the graph's own moments (data-free)."""
     if calib is not None:
-        sizes = [len(v) for v in calib.values() if np.ndim(v)] if isinstance(calib, dict) else []
-        count = obspa.stage_count(sum(1 for c in plan.values() if c), min([max_samples, *sizes[:1]]), macs)
+        count = obspa.stage_count(sum(1 for c in plan.values() if c), samples_used(calib, max_samples), macs)
         return obspa.sequential(analysis, plan, calib, max_samples=max_samples, batch_size=batch_size, progress=progress,
                                 stages_count=count)
     stats = statistics(analysis) if stats is None else stats

@@ -15,6 +15,7 @@ from itertools import pairwise
 
 import numpy as np
 
+from spa.core.data import samples_used
 from spa.core.graph import attr
 from spa.core.values import zeroed
 from spa.scoring.stats import calibrate, read_spaces, reference_session
@@ -244,7 +245,7 @@ RENORM_SAMPLES = 64  # calibration samples for that re-estimation (per-channel m
 
 def norms_after(index, tensors) -> list:
     """The BatchNormalization nodes that alone read the output of a Conv or Gemm whose weight is
-    one of `tensors`, with stored statistics of their own (in graph order, each once)."""
+    one of `tensors`, with stored statistics of their own (each once, in the order of `tensors`)."""
     found = []
     for tensor in tensors:
         for node in index.consumers.get(tensor, []):
@@ -333,6 +334,5 @@ def sequential(analysis, plan: dict, calib, *, max_samples: int = 512, batch_siz
 def _within(progress, before: int, size: int, total: int, calib, max_samples: int):
     """calibrate's per-batch progress(seen, cap) as progress(groups done, total) (a fraction of the
     stage's groups per sample seen)."""
-    sizes = [len(v) for v in calib.values() if np.ndim(v)] if isinstance(calib, dict) else []
-    samples = max(min([max_samples, *sizes[:1]]), 1)
+    samples = max(samples_used(calib, max_samples), 1)
     return lambda seen, _: progress(before + size * min(seen / samples, 1.0), total)
