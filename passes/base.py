@@ -48,6 +48,7 @@ class Pass:
     run_check = True  # run the result in ONNX Runtime against the input (else the checker only)
     seed = 0  # random inputs of the output check
     gate = None  # a spa.core.checks.Gate: the agreement with the input measured (and bounded) too
+    ports = None  # graph inputs/outputs whose axes the rewrite shrank (a KV cache): {name: {axis: kept}}
 
     def requires(self, model: Model) -> None:
         """Raise SpaError when `model` is not something this pass can rewrite."""
@@ -61,9 +62,9 @@ class Pass:
         check_against(candidate, model.path if model.path is not None else model.proto)
         if not self.run_check:
             return dict(NOT_RUN)
-        check = output_check(model, proto, self.seed, pruned_file=file)
+        check = output_check(model, proto, self.seed, pruned_file=file, ports=self.ports)
         if self.gate is not None:
-            check["agreement"] = self.gate.measure(model, candidate)
+            check["agreement"] = self.gate.measure(model, candidate, self.ports)
         return check
 
     def run(self, model: Model, output=None, *, step=None, what: str | None = None) -> PassResult:

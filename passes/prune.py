@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 from spa.passes.base import Pass
 
+from spa.core import kvcache
 from spa.core.cost import dropped_positions
 from spa.core.errors import SpaError, VerificationError
 from spa.core.graph import attr
@@ -245,6 +246,9 @@ def check_plan(analysis, plan: dict) -> None:
             raise SpaError(f"plan prunes group '{gid}' which is not prunable: {group.reason}")
         if len(set(channels)) >= group.size:
             raise SpaError(f"plan removes every channel of group '{gid}'", "keep at least one channel")
+        if (group.size - len(set(channels))) % group.multiple:
+            raise SpaError(f"plan for group '{gid}' keeps {group.size - len(set(channels))} channels: its ops need a "
+                           f"multiple of {group.multiple}")
         locked = sorted(set(channels) & set(group.locked))
         if locked:
             raise SpaError(f"plan removes locked channels {locked[:5]} of group '{gid}'")
@@ -312,6 +316,8 @@ class PrunePass(Pass):
         self.run_check, self.exact, self.seed = check or exact, exact, seed
 
     def rewrite(self, model) -> tuple[onnx.ModelProto, dict]:
+        self.ports = kvcache.ports(self.analysis, dropped_positions(self.analysis, {g: c for g, c in self.plan.items()
+                                                                                   if c}))
         return apply(self.analysis, self.plan, self.values), {"channels_removed": sum(map(len, self.plan.values()))}
 
     def ensures(self, model, proto, file=None):

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from spa.api import companions
 from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, counter, model_name, output_target, stepper
-from spa.core import cost, shapes
+from spa.core import cost, kvcache, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
@@ -69,7 +70,7 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
           zeros: bool = False, criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
           compensate=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None,
-          prune_hidden: bool = False,
+          prune_hidden: bool = False, freeze_io: bool = False,
           exclude=(), simplify: bool = False, sensitivity=None, max_loss: float | None = None, save_plan=None,
           seed: int = 0, shape=None, check: bool = True, output=None, progress=None):
     """`spa prune` as a call, returning a Result (what `spa prune --json` prints; `.model`).
@@ -86,7 +87,10 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     of the consumers (default: on for obspa). `global_rank` (with `max_group_ratio`), `round_to` (pruned
     widths kept multiples of it; default None: with a target, SIMD_WIDTH in groups of ROUND_MIN
     channels or more, as ONNX Runtime's CPU convolutions want them, else 1),
-    `prune_hidden`, `exclude` (name globs), `simplify` (onnxslim first), `sensitivity` (a
+    `prune_hidden`, `freeze_io` (a decoder's KV-cache inputs and outputs keep their shapes, which
+    locks its KV heads and head size; by default they follow the pruning, and the genai_config.json /
+    config.json beside the input are written beside the output with the new sizes: spa.api.companions),
+    `exclude` (name globs), `simplify` (onnxslim first), `sensitivity` (a
     sensitivity document or file: each group pruned as far as its measured loss, 1 - cosine,
     stays within `max_loss`, 0.01 when not given; max_loss then bounds each group, not the result),
     `save_plan` (path), `seed`, `shape` (the input shapes MACs, targets and the output check use,
@@ -194,6 +198,7 @@ class _Run:
             rewrite.gate = Gate(self.calib, self.o["seed"], gated) if self.o["check"] else None
             pruned, _ = rewrite.rewrite(self.model)
         blocks = attention_blocks(self.analysis, self.plan)
+        io = kvcache.io_changes(self.analysis, rewrite.ports or {})
         counts = (len(self.analysis.groups), sum(g.prunable for g in self.analysis.groups),
                   cost.overlaps(self.analysis, self.plan))
         rewrite.analysis = self.analysis = None  # it holds the input's weights; the checks read its file
@@ -204,12 +209,26 @@ class _Run:
         if self.o["save_plan"] is not None:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
+        doc["io_changed"] = io
+        doc["configs"] = self._configs(pruned, self.out)
         fit = (done.check or {}).get("agreement")
         doc.update(told.doc(), statistics=self._stats_doc(), agreement=fit,
                    notes=list(dict.fromkeys(notes + check_notes(done.check))),
                    warnings=agreement_warning(fit) or self._blind_warning(fit),
                    **shapes.record(self.model))
-        return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path)
+        return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path,
+                      after_save=lambda path: self._configs(pruned, path))
+
+    def _configs(self, pruned, out) -> dict | None:
+        """The runtime's config files beside `out`, and the GenAI generator run (spa.api.companions)."""
+        if out is None or self.model.path is None:
+            return None
+        with self.step("configs + generator"):
+            doc = companions.write(self.model.path, out, pruned, self.llm_sizes)
+            ran = companions.generator_check(self.model.path, out) if doc and doc.get("written") else None
+        if ran is not None:
+            doc["generator"] = ran
+        return doc
 
     def _load(self) -> None:
         with self.step("load + shape inference"):
@@ -219,12 +238,13 @@ class _Run:
         self.model.refuse_overwrite(self.out, self.o["save_plan"])
         refuse_quantized(self.model)
         self.before = cost.summary(self.model)  # of the input, whatever the pre-pass does
+        self.llm_sizes = companions.sizes(self.model.proto)
         loaded = self.model
         self.model, self.simplified = simplify_model(self.model, self.o["simplify"], self.step)
         if self.model is not loaded:
             shapes.copy_binding(loaded, self.model)
         with self.step("analysis"):
-            self.analysis = analyze(self.model, exclude=list(self.o["exclude"]))
+            self.analysis = analyze(self.model, exclude=list(self.o["exclude"]), freeze_io=self.o["freeze_io"])
 
     def _choose(self) -> None:
         """The plan: given, all-zero channels, or scored and planned."""

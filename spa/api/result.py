@@ -27,6 +27,7 @@ class Result:
     model: onnx.ModelProto | None = None
     verify: object = field(default=None, repr=False)  # verify(temp_file) on save, from the pass
     source: Path | None = None
+    after_save: object = field(default=None, repr=False)  # after_save(path): files that go beside it (configs)
 
     def to_json(self) -> dict:
         return self.doc
@@ -44,7 +45,10 @@ class Result:
         """Write `.model` atomically to `path`, re-verified on the written file."""
         if self.model is None:
             raise SpaError("this result holds no model to save")
-        return save(self.model, path, source=self.source, verify=self.verify)
+        path = save(self.model, path, source=self.source, verify=self.verify)
+        if self.after_save is not None:
+            self.after_save(path)
+        return path
 
 
 def as_model(model, infer: bool = True, copy: bool = True) -> Model:

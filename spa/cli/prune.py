@@ -57,6 +57,10 @@ def parser(sub) -> None:
     r.add_argument("--prune-hidden", action="store_true",
                    help="also prune groups that are not exact only through normalization statistics "
                         "(a transformer's hidden size: LayerNorm/RMSNorm); the output check shows the cost")
+    r.add_argument("--freeze-io", action="store_true",
+                   help="keep a decoder's KV-cache inputs/outputs as they are (locks its KV heads and head size); by "
+                        "default they follow the pruning and genai_config.json / config.json are written beside the "
+                        "output with the new sizes")
     r.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=EXCLUDE_HELP)
     r.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
     r.add_argument("--sensitivity", metavar="SENS", help="with --ratio: a `spa sensitivity --json` result; each "
@@ -76,7 +80,7 @@ def parser(sub) -> None:
 
 OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "criterion", "calib",
            "calib_samples", "labels", "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden",
-           "exclude", "simplify", "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
+           "freeze_io", "exclude", "simplify", "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
 
 
 # the options the result's notes and warnings name, in the CLI's words
@@ -99,8 +103,32 @@ def prune(args) -> int:
     show_budget(doc["budget"], doc)
     report.print_prune(doc)
     report.print_blocks(doc["attention_blocks"], "attention blocks (before -> after)")
+    show_io(doc)
     show_warnings(doc, FLAGS)  # last, where it is seen
     return 0
+
+
+def show_io(doc: dict) -> None:
+    """The KV-cache inputs/outputs whose shapes changed, the configs written, the generator's run."""
+    changed = doc.get("io_changed") or []
+    if changed:
+        dims = lambda d: "x".join(map(str, d))
+        first = changed[0]
+        report.note(f"KV cache follows the pruning: {len(changed)} inputs/outputs changed shape, e.g. '{first['name']}' "
+                    f"{dims(first['before'])} -> {dims(first['after'])} (--freeze-io keeps them)")
+    configs = doc.get("configs") or {}
+    if configs.get("skipped"):
+        report.note(f"configs not written: {configs['skipped']}")
+    if configs.get("written"):
+        copied = f"; copied {', '.join(configs['copied'])}" if configs.get("copied") else ""
+        report.note(f"wrote {', '.join(configs['written'])} beside the output with {configs['sizes']}{copied}")
+    ran = configs.get("generator")
+    if ran:
+        if ran["status"] == "ok":
+            report.note(f"onnxruntime-genai generator: {ran['tokens']} greedy tokens, {ran['same_as_input']:.2f} of "
+                        "them the input model's")
+        else:
+            report.warn(f"onnxruntime-genai generator {ran['status']}: {ran['reason']}")
 
 
 def show_budget(budget, doc: dict) -> None:

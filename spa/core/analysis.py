@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -29,7 +30,8 @@ import onnx
 from spa.core.cost import FLOAT_TYPES, dropped_positions  # noqa: F401 - dropped_positions re-exported
 from spa.core.graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, uniform
 from spa.core.model import COPY, Model
-from spa.core.rules import RULES, Result
+from spa.core import kvcache
+from spa.core.rules import RULES, VIRTUAL, Result, identity
 from spa.core.rules import key as rule_key
 from spa.core.rules.shape import SHAPE_SINKS, _digits
 from spa.core.unionfind import components
@@ -74,12 +76,13 @@ class Group:
     # not zero-invariant only through normalization statistics: the hidden size of a
     # transformer (LayerNorm/RMSNorm), pruned only on request (--prune-hidden)
     hidden: bool = False
+    multiple: int = 1  # the channels kept must be a multiple of this (an op's size constraint)
 
     def to_json(self) -> dict:
         return {
             "id": self.id, "size": self.size, "prunable": self.prunable, "reason": self.reason,
             "zero_invariant": self.zero_invariant, "zi_reason": self.zi_reason, "hidden": self.hidden,
-            "locked": self.locked,
+            "locked": self.locked, **({"multiple": self.multiple} if self.multiple > 1 else {}),
             "members": [m.to_json() for m in self.members],
         }
 
@@ -216,6 +219,7 @@ class _Builder:
         self.ties: list = []  # (merged space, [factor spaces], [sizes])
         self.reads: list = []  # (weight space, activation space) from the rules
         self.scales: list = []
+        self.multiples: dict = {}  # space -> the multiple of positions it must keep
         self._graph = None
 
     def pin(self, space, reason, positions=None):
@@ -277,6 +281,8 @@ class _Builder:
             mentioned.add(space)
         self.reads.extend(res.reads)
         self.scales.extend(res.scales)
+        for space, m in res.multiples:
+            self.multiples[space] = math.lcm(self.multiples.get(space, 1), m)
         for space, why, stats in res.nonzi:
             if space in self.sp.offset:
                 old = self.nonzi.get(space)
@@ -295,14 +301,19 @@ class _Builder:
         return self.sp.axes.get(name, ())
 
 
-def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str]) -> _Builder:
+def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str], freeze_io: bool = False) -> _Builder:
     b = _Builder(spaces, index.label)
-    for name in index.graph_inputs:
-        for axis in b.sp_shape(name):
-            b.pin((name, axis), f"model input '{name}'")
-    for name in index.graph_outputs:
-        for axis in b.sp_shape(name):
-            b.pin((name, axis), f"model output '{name}'")
+    cache = kvcache.cache_names(index.graph, index.shapes)
+    for kind, names in (("input", index.graph_inputs), ("output", index.graph_outputs)):
+        for name in names:
+            for axis in b.sp_shape(name):
+                if name in cache and axis in kvcache.CACHE_AXES and not freeze_io:
+                    continue  # the cache's heads and head size are the model's own: they follow the pruning
+                frozen = " (a KV cache kept as it is: --freeze-io)" if name in cache and axis in kvcache.CACHE_AXES \
+                    else ""
+                b.pin((name, axis), f"model {kind} '{name}'{frozen}")
+    if cache and not freeze_io:
+        _uniform_cache(index, b)
     for name in sorted(_subgraph_captures(index.graph)):
         for axis in b.sp_shape(name):
             b.pin((name, axis), f"'{name}' is read inside a subgraph (If/Loop/Scan)")
@@ -322,6 +333,21 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str]) -> _Build
             fn(node, ctx, res)
         b.add_result(res, node, reason)
     return b
+
+
+def _uniform_cache(index: GraphIndex, b: _Builder) -> None:
+    """Every layer's cache keeps the same heads and head positions as the first layer's: the runtime
+    allocates one cache shape for all layers (genai_config.json and config.json hold one head count
+    and one head size)."""
+    first = {}
+    for past, _, _, kind in kvcache.pairs(index.graph, index.shapes):
+        for axis in kvcache.CACHE_AXES:
+            space = (past, axis)
+            if space not in b.sp.offset:
+                continue
+            ref = first.setdefault((kind, axis), space)
+            if ref != space and b.sp.sizes[ref] == b.sp.sizes[space]:
+                b.couple(ref, space, identity(b.sp.sizes[space]), node_name="the KV cache (one shape for every layer)")
 
 
 def unmatched(model: Model, patterns) -> list[str]:
@@ -534,19 +560,32 @@ def untie_shapes(model: Model) -> int:
     return made
 
 
-def analyze(model: Model, exclude: list[str] | None = None) -> Analysis:
+def analyze(model: Model, exclude: list[str] | None = None, freeze_io: bool = False) -> Analysis:
     """Group the coupled channels of `model` (shapes must be inferred, see spa.model.load).
     Shared uniform constants and shared computed shapes are first given one copy per use
-    (see `untie_uniform`, `untie_shapes`)."""
+    (see `untie_uniform`, `untie_shapes`). A decoder's KV-cache inputs and outputs follow the
+    pruning of their heads and head size (spa.core.kvcache) unless `freeze_io`."""
     exclude = list(exclude or [])
     untie_uniform(model)
     untie_shapes(model)
+    kvcache.bind_head_size(model.graph, model.shapes)
     index = GraphIndex(model)
-    spaces = _Spaces(model.shapes)
-    b = _run_rules(index, spaces, exclude)
+    index.virtual = _virtual_shapes(index)
+    spaces = _Spaces({**model.shapes, **index.virtual})
+    b = _run_rules(index, spaces, exclude, freeze_io)
     groups = _groups(index, b, _Ties(b))
     barriers = [n.name or n.op_type for n in index.graph.node if _node_rule(n) is None]
     return Analysis(model, index, groups, dict(spaces.sizes), barriers)
+
+
+def _virtual_shapes(index: GraphIndex) -> dict:
+    """The channel spaces rules declare beyond the graph's tensors (spa.core.rules.virtual)."""
+    found, ctx = {}, Ctx(index)
+    for node in index.graph.node:
+        fn = VIRTUAL.get(rule_key(node))
+        if fn is not None:
+            found.update(fn(node, ctx) or {})
+    return found
 
 
 def _space_order(index: GraphIndex) -> dict[str, int]:
@@ -686,7 +725,20 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, n
     zi_reason = plain[0] if plain else (marks[0][0] if marks else None)
     tensor, axis = sp.names[anchor]
     return Group(f"{tensor}:{axis}", n, prunable, reason, zi_reason is None, zi_reason,
-                 members, positions, locked if prunable else [], hidden=bool(marks) and not plain)
+                 members, positions, locked if prunable else [], hidden=bool(marks) and not plain,
+                 multiple=_multiple(b, sp, sids, positions))
+
+
+def _multiple(b: _Builder, sp: _Spaces, sids, positions) -> int:
+    """The step in channels that keeps every space's multiple (in positions) whole."""
+    step = 1
+    for s in sids:
+        m = b.multiples.get(sp.names[s])
+        if m:
+            per = positions[sp.names[s]]
+            count = per.shape[1] if isinstance(per, np.ndarray) and per.ndim == 2 else 1
+            step = math.lcm(step, m // math.gcd(m, count))
+    return step
 
 
 def _route(b: _Builder, start, end) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from spa.core.data import bounded_batch, fixed_batch_size, model_batches, samples_in, trim
+from spa.core import kvcache
 from spa.core.errors import SpaError, VerificationError, first_line, require
 from spa.core.model import check_model, runtime_op
 from spa.core.runtime import cache_shapes, exact_feeds, graph_inputs, ort_reason, outputs, random_feeds, run, session
@@ -79,7 +80,7 @@ def compare_outputs(reference, candidate, feeds: dict, *, light: bool = False) -
     return report
 
 
-def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
+def output_check(model, pruned, seed: int = 0, *, pruned_file=None, ports=None) -> dict:
     """Run original and pruned on the same random inputs; raise if the pruned model breaks.
 
     An input model that ONNX Runtime cannot load, or cannot run on random inputs that match its
@@ -87,7 +88,9 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     or from the data), is refused (SpaError): no result of it can be verified. Where some input
     dim is symbolic and unbound the random inputs are a guess (dims of 1), so the check is skipped
     with ONNX Runtime's reason. The document names the input shapes it ran at. Models run from
-    their files (`model.path`, `pruned_file`) when given: needed over 2 GB."""
+    their files (`model.path`, `pruned_file`) when given: needed over 2 GB. `ports`: the KV-cache
+    axes the pruning shrank (spa.core.kvcache.ports): the pruned model gets the same cache cut to
+    them, and its cache outputs are compared with the input's, cut alike."""
     feeds = random_feeds(model.proto, seed=seed, shapes=check_shapes(model))
     # from files where we have them: ORT reads them directly, no serialisation copy
     reference = _baseline(model, feeds)
@@ -95,7 +98,8 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
         return reference
     candidate = pruned_file if pruned_file is not None else pruned
     try:
-        rep = compare_outputs(reference["outputs"], candidate, feeds, light=True)
+        rep = compare_outputs(kvcache.fit(reference["outputs"], ports), candidate, kvcache.fit(feeds, ports),
+                              light=True)
     except Exception as exc:
         raise VerificationError(f"pruned model fails in ONNX Runtime: {ort_reason(exc, default=type(exc).__name__)}") \
             from exc
@@ -103,13 +107,17 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None) -> dict:
     errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
     doc = {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"],
            "input_shapes": {k: list(v.shape) for k, v in feeds.items()}}
-    return {**doc, **_empty_cache(model, candidate, seed)}
+    return {**doc, **_empty_cache(model, candidate, seed, ports)}
 
 
 def check_shapes(model) -> dict | None:
     """The input shapes the random-input checks run at: those the model is bound to, else a KV-cache
     decoder's consistent lengths (spa.core.runtime.cache_shapes), else None (symbolic dims 1)."""
-    return getattr(model, "input_shapes", None) or cache_shapes(model.proto)
+    return getattr(model, "input_shapes", None) or cache_shapes(model.proto, hints=_hints(model))
+
+
+def _hints(model) -> dict:
+    return kvcache.head_size_hints(model.proto.graph, getattr(model, "shapes", None) or {})
 
 
 def _verified(rep: dict) -> None:
@@ -119,10 +127,10 @@ def _verified(rep: dict) -> None:
         raise VerificationError("pruned model gives non-finite outputs")
 
 
-def _empty_cache(model, candidate, seed: int) -> dict:
+def _empty_cache(model, candidate, seed: int, ports=None) -> dict:
     """A decoder with a KV cache is also run with an empty one (the first step of a generation),
     where the input model runs so: {"empty_cache": {"max_rel_err"} or {"skipped": why}}, or {}."""
-    shapes = None if model.input_shapes else cache_shapes(model.proto, past=0)
+    shapes = None if model.input_shapes else cache_shapes(model.proto, past=0, hints=_hints(model))
     if shapes is None:
         return {}
     feeds = random_feeds(model.proto, seed=seed, shapes=shapes)
@@ -131,7 +139,7 @@ def _empty_cache(model, candidate, seed: int) -> dict:
     except Exception as exc:  # noqa: BLE001 - the input model itself does not take an empty cache
         return {"empty_cache": {"skipped": ort_reason(exc, default=type(exc).__name__)}}
     try:
-        rep = compare_outputs(reference, candidate, feeds, light=True)
+        rep = compare_outputs(kvcache.fit(reference, ports), candidate, kvcache.fit(feeds, ports), light=True)
     except Exception as exc:
         raise VerificationError(f"pruned model fails in ONNX Runtime with an empty KV cache: "
                                 f"{ort_reason(exc, default=type(exc).__name__)}") from exc
@@ -262,14 +270,15 @@ def agreement_batches(proto: onnx.ModelProto, calib=None, seed: int = 0, *, shap
     return [random_feeds(proto, seed=seed + k, shapes=shapes) for k in range(RANDOM_SAMPLES)], "random"
 
 
-def agreement(reference, candidate, batches: list) -> dict:
+def agreement(reference, candidate, batches: list, ports=None) -> dict:
     """How far `candidate` agrees with `reference` (models or files) on `batches`: per float output
     cosine, relative error, max abs and (class scores) top-1 agreement; the worst output's
-    `agreement`, `metric` and `loss` (1 - agreement)."""
+    `agreement`, `metric` and `loss` (1 - agreement). `ports`: as for output_check."""
     ref, cand = session(reference, light=True), session(candidate, light=True)
     acc, samples = {}, 0
     for feeds in batches:
-        want, got = trim(outputs(ref, feeds), feeds), trim(outputs(cand, feeds), feeds)
+        want = kvcache.fit(trim(outputs(ref, feeds), feeds), ports)
+        got = trim(outputs(cand, kvcache.fit(feeds, ports)), feeds)
         for name, b in want.items():
             a = got.get(name)
             floating = isinstance(b, np.ndarray) and np.issubdtype(b.dtype, np.floating)
@@ -294,14 +303,15 @@ class Gate:
     def __init__(self, calib=None, seed: int = 0, max_loss: float | None = None, advice: str | None = None):
         self.calib, self.seed, self.max_loss, self.advice = calib, seed, max_loss, advice or ADVICE
 
-    def measure(self, model, candidate) -> dict:
-        """The agreement document of `candidate` (a ModelProto or file) with the input `model`."""
+    def measure(self, model, candidate, ports=None) -> dict:
+        """The agreement document of `candidate` (a ModelProto or file) with the input `model`
+        (`ports`: the KV-cache axes the candidate's I/O lost, spa.core.kvcache.ports)."""
         inputs = "random"
         try:
             batches, inputs = agreement_batches(model.proto, self.calib, self.seed,
                                                 shapes=check_shapes(model))
             doc = {"inputs": inputs, **agreement(model.path if model.path is not None else model.proto, candidate,
-                                                 batches)}
+                                                 batches, ports)}
         except Exception as exc:  # noqa: BLE001 - a model ORT cannot run on these inputs: said, not fatal
             reason = exc.message if isinstance(exc, SpaError) else ort_reason(exc, default=type(exc).__name__)
             doc = {"inputs": inputs, "status": "skipped", "reason": reason}

@@ -59,6 +59,8 @@ class GraphIndex:
             n.output[0]: n for n in self.graph.node
             if n.op_type == "ConstantOfShape" and n.domain in DEFAULT_DOMAINS and n.input and self.is_const(n.input[0])
         }
+        # channel spaces that are no tensor: the parts of a fused op's packed axis (spa.core.rules.virtual)
+        self.virtual: dict[str, tuple] = {}
         self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in self.graph.output]
         self.opset = next((o.version for o in model.proto.opset_import if o.domain in DEFAULT_DOMAINS), 1)
@@ -102,10 +104,11 @@ class GraphIndex:
         return None
 
     def shape(self, name: str):
-        return self.shapes.get(name)
+        s = self.shapes.get(name)
+        return self.virtual.get(name) if s is None else s
 
     def rank(self, name: str) -> int | None:
-        s = self.shapes.get(name)
+        s = self.shape(name)
         return None if s is None else len(s)
 
     def shape_value(self, name: str, depth: int = 0) -> list | None:

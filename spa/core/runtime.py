@@ -116,19 +116,47 @@ def random_feeds(model, dynamic: int = 1, seed: int = 0, *, shapes: dict | None 
         dims = list((shapes or {}).get(vi.name) or [d or dynamic for d in declared or ()])
         feeds[vi.name] = random_array(rng, dims, _np_dtype(vi.type.tensor_type.elem_type),
                                       name=f"input '{vi.name}'{where}")
+    proto = model if isinstance(model, onnx.ModelProto) else getattr(model, "proto", None)
+    if proto is not None and cache_shapes(proto) is not None:
+        _decoder_values(proto, feeds, rng)
     return feeds
+
+
+def _decoder_values(proto: onnx.ModelProto, feeds: dict, rng) -> None:
+    """A decoder with a KV cache reads its inputs' values, not only their shapes: the attention
+    mask is all ones (ONNX Runtime's GroupQueryAttention takes its sum as the sequence length),
+    position ids count on from the past length, token ids lie within the vocabulary."""
+    mask, ids = feeds.get("attention_mask"), feeds.get("input_ids")
+    if mask is not None and mask.dtype.kind in "iub":
+        feeds["attention_mask"] = np.ones_like(mask)
+    pos = feeds.get("position_ids")
+    if pos is not None and pos.ndim == 2 and mask is not None and ids is not None:
+        start = mask.shape[1] - ids.shape[1]
+        feeds["position_ids"] = np.broadcast_to(np.arange(start, start + pos.shape[1]), pos.shape).astype(pos.dtype)
+    if ids is not None and ids.dtype.kind in "iu":
+        feeds["input_ids"] = rng.integers(0, _vocabulary(proto), ids.shape).astype(ids.dtype)
+
+
+def _vocabulary(proto: onnx.ModelProto) -> int:
+    """Rows of the embedding table `input_ids` indexes (a Gather of a constant), else 2."""
+    tables = {t.name: t.dims for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == "input_ids" and node.input[0] in tables:
+            return max(int(tables[node.input[0]][0]), 1)
+    return 2
 
 
 CACHE_PAST, CACHE_CURRENT = 3, 2  # past and current lengths cache_shapes gives a decoder with a KV cache
 
 
-def cache_shapes(proto: onnx.ModelProto, past: int = CACHE_PAST) -> dict | None:
+def cache_shapes(proto: onnx.ModelProto, past: int = CACHE_PAST, hints: dict | None = None) -> dict | None:
     """{input: dims} for a decoder exported with a KV cache (inputs `input_ids` or `inputs_embeds`,
     `attention_mask`, and past key/values whose names hold "past"), else None. Dims of 1 would make
     its attention_mask one long where the model needs past + current (optimum's exports then fail
     to run on random inputs); here the batch is 1, the current length CACHE_CURRENT, the past
     `past` (0: an empty cache, the first step of a generation), and the mask's length their sum (or
-    its declared sum, e.g. "past_sequence_length + 1", which then sets the current length)."""
+    its declared sum, e.g. "past_sequence_length + 1", which then sets the current length). `hints`:
+    {symbol: size} known otherwise (a cache's symbolic head size, spa.core.kvcache.head_size_hints)."""
     named = {vi.name: [d.dim_param or (d.dim_value or None) for d in vi.type.tensor_type.shape.dim]
              for vi, dims in graph_inputs(proto) if dims is not None}
     ids = next((n for n in ("input_ids", "inputs_embeds") if len(named.get(n) or ()) >= 2), None)
@@ -136,7 +164,7 @@ def cache_shapes(proto: onnx.ModelProto, past: int = CACHE_PAST) -> dict | None:
     if ids is None or len(named.get("attention_mask") or ()) != 2 or not pasts:
         return None
     (batch, seq), total = named[ids][:2], named["attention_mask"][1]
-    known = {batch: 1} if isinstance(batch, str) else {}
+    known = {**(hints or {}), **({batch: 1} if isinstance(batch, str) else {})}
     cached = {d for n in pasts for d in named[n] if isinstance(d, str) and d not in known and d != seq}
     known.update(dict.fromkeys(cached, past))
     if isinstance(seq, str):

@@ -167,7 +167,8 @@ class Allocation:
         plan = {}
         for gid, (g, order, prio) in self.rows.items():
             n = int(np.searchsorted(prio, threshold, side="right"))
-            keep = planner._keep_count(g.size, n, self.round_to if g.size >= self.round_min else 1, len(g.locked))
+            keep = planner._keep_count(g.size, n, self.round_to if g.size >= self.round_min else 1, len(g.locked),
+                                       g.multiple)
             if g.size - keep > 0:
                 plan[gid] = sorted(int(i) for i in order[:g.size - keep])
         return plan

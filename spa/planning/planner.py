@@ -19,10 +19,13 @@ from spa.core.errors import SpaError, UsageError
 PLAN_SCHEMA = 1
 
 
-def _keep_count(size: int, drop: int, round_to: int, locked: int) -> int:
+def _keep_count(size: int, drop: int, round_to: int, locked: int, multiple: int = 1) -> int:
+    """Channels a group keeps: at least one and its locked ones, rounded up to `round_to` (where
+    the group is that wide) and to the `multiple` its ops need (spa.core.analysis.Group.multiple)."""
     keep = max(size - drop, 1, locked)
-    if round_to > 1 and size >= round_to:
-        keep = min(size, math.ceil(keep / round_to) * round_to)
+    step = math.lcm(round_to if round_to > 1 and size >= round_to else 1, multiple)
+    if step > 1:
+        keep = min(size, math.ceil(keep / step) * step)
     return keep
 
 
@@ -44,7 +47,7 @@ def uniform(groups, scores: dict, ratio: float, *, round_to: int = 1) -> dict[st
     for g in groups:
         if not g.prunable or g.id not in scores:
             continue
-        keep = _keep_count(g.size, int(g.size * ratio), round_to, len(g.locked))
+        keep = _keep_count(g.size, int(g.size * ratio), round_to, len(g.locked), g.multiple)
         drop = _lowest(scores[g.id], g.size - keep, g.locked)
         if drop:
             plan[g.id] = drop
@@ -75,7 +78,7 @@ def global_(groups, scores: dict, ratio: float, *, round_to: int = 1, max_group_
     plan = {}
     for gid, n in counts.items():
         g = by_id[gid]
-        keep = _keep_count(g.size, n, round_to, len(g.locked))
+        keep = _keep_count(g.size, n, round_to, len(g.locked), g.multiple)
         drop = _lowest(scores[gid], g.size - keep, g.locked)
         if drop:
             plan[gid] = drop

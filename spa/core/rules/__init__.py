@@ -33,6 +33,7 @@ Space = tuple  # (tensor name, axis)
 
 RULES: dict[str, Callable] = {}
 REWRITERS: dict[str, Callable] = {}
+VIRTUAL: dict[str, Callable] = {}
 
 
 def key(node) -> str:
@@ -58,6 +59,20 @@ def rewriter(*op_types: str):
     def deco(fn):
         for op in op_types:
             REWRITERS[op] = fn
+        return fn
+
+    return deco
+
+
+def virtual(*op_types: str):
+    """Register `(node, ctx) -> {name: shape}`: channel spaces a fused op holds that are no tensor
+    of the graph (the query, key and value parts of GroupQueryAttention's packed input, its heads
+    and head size), numbered like tensors so that its rule can couple and tie them. Names must not
+    be tensor names: by convention `<the node's first output>::<part>`."""
+
+    def deco(fn):
+        for op in op_types:
+            VIRTUAL[op] = fn
         return fn
 
     return deco
@@ -104,6 +119,7 @@ class Result:
     ties: list = field(default_factory=list)  # (merged Space, [factor Spaces], [factor sizes])
     reads: list = field(default_factory=list)  # (weight Space, activation Space) contracted together
     scales: list = field(default_factory=list)  # Spaces of per-channel scales
+    multiples: list = field(default_factory=list)  # (Space, m): the op needs its size a multiple of m
 
     def couple(self, a: Space, b: Space, pairs: np.ndarray) -> None:
         self.couplings.append((a, b, pairs))
@@ -143,6 +159,11 @@ class Result:
         """`space` is a per-channel multiplicative scale of its channels (a norm's gamma)."""
         self.scales.append(space)
 
+    def multiple(self, space: Space, m: int) -> None:
+        """The op runs only while `space` keeps a multiple of `m` positions (ONNX Runtime's
+        GroupQueryAttention: a head size that is a multiple of 16): the planners keep whole steps."""
+        self.multiples.append((space, int(m)))
+
     def pin(self, space: Space, why: str, positions=None) -> None:
         self.pins.append((space, positions, why))
 
@@ -153,4 +174,4 @@ class Result:
         self.nonzi.append((space, why, stats))
 
 
-from spa.core.rules import contrib, conv, elementwise, linear, norm, pool, shape  # noqa: F401  (register rules)
+from spa.core.rules import attention, contrib, conv, elementwise, linear, norm, pool, shape  # noqa: F401  (register rules)
