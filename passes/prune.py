@@ -316,9 +316,10 @@ class PrunePass(Pass):
         self.run_check, self.exact, self.seed = check or exact, exact, seed
 
     def rewrite(self, model) -> tuple[onnx.ModelProto, dict]:
+        proto = apply(self.analysis, self.plan, self.values)  # checks the plan first
         self.ports = kvcache.ports(self.analysis, dropped_positions(self.analysis, {g: c for g, c in self.plan.items()
                                                                                    if c}))
-        return apply(self.analysis, self.plan, self.values), {"channels_removed": sum(map(len, self.plan.values()))}
+        return proto, {"channels_removed": sum(map(len, self.plan.values()))}
 
     def ensures(self, model, proto, file=None):
         check = super().ensures(model, proto, file)

@@ -53,13 +53,15 @@ class AnalysisResult(Analysis):
 
 
 def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=None, criterion: str = "l1",
-            prune_hidden: bool = False, calib=None, seed: int = 0, shape=None, progress=None) -> AnalysisResult:
+            prune_hidden: bool = False, freeze_io: bool = False, calib=None, seed: int = 0, shape=None,
+            progress=None) -> AnalysisResult:
     """The Analysis of `model` (a path, ModelProto or spa.Model; `exclude`: name globs to protect).
     Its `.to_json()` is what `spa analyze --json` prints. `ratio` (planned with `criterion`,
     `prune_hidden`, `calib`, `seed`) or `plan` (dict or plan file) preview a plan: the attention
     blocks' sizes before -> after. `simplify`: fold static shape arithmetic first (onnxslim).
     `shape`: the input shapes MACs are counted at ({"x": (1, 3, 736, 736)} or "x:1x3x736x736");
-    default: the first sample of `calib`, else dynamic dims as 1."""
+    default: the first sample of `calib`, else dynamic dims as 1. `freeze_io`: a decoder's KV cache
+    keeps its shape (as `spa prune --freeze-io`), which locks its KV heads and head size."""
     step = stepper(progress)
     if ratio is not None:
         planner.check_ratio(ratio)
@@ -77,7 +79,7 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
     else:
         plan_file = None
     with step("analysis"):
-        analysis = group_channels(loaded, exclude=list(exclude or []))
+        analysis = group_channels(loaded, exclude=list(exclude or []), freeze_io=freeze_io)
     if ratio is not None:
         plan = _preview(analysis, ratio, criterion, prune_hidden, data, seed, step)
     elif plan is not None:

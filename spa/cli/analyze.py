@@ -13,6 +13,7 @@ def parser(sub) -> None:
     a.add_argument("model")
     a.add_argument("--exclude", action="append", default=[], metavar="PATTERN", help=EXCLUDE_HELP)
     a.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
+    a.add_argument("--freeze-io", action="store_true", help="as for prune: a decoder's KV cache keeps its shape")
     preview = a.add_mutually_exclusive_group()
     preview.add_argument("--ratio", type=float,
                          help="preview a plan: attention blocks' sizes before -> after this ratio")
@@ -27,7 +28,8 @@ def parser(sub) -> None:
 
 def run(args) -> int:
     analysis = analyze(args.model, args.exclude, simplify=args.simplify, ratio=args.ratio, plan=args.plan,
-                       criterion=args.criterion, prune_hidden=args.prune_hidden, calib=args.calib, seed=args.seed,
+                       criterion=args.criterion, prune_hidden=args.prune_hidden, freeze_io=args.freeze_io,
+                       calib=args.calib, seed=args.seed,
                        shape=args.shape, progress=progress(args))
     doc = analysis.to_json()
     if args.json:

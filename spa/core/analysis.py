@@ -27,10 +27,10 @@ import networkx as nx
 import numpy as np
 import onnx
 
+from spa.core import kvcache
 from spa.core.cost import FLOAT_TYPES, dropped_positions  # noqa: F401 - dropped_positions re-exported
 from spa.core.graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, uniform
 from spa.core.model import COPY, Model
-from spa.core import kvcache
 from spa.core.rules import RULES, VIRTUAL, Result, identity
 from spa.core.rules import key as rule_key
 from spa.core.rules.shape import SHAPE_SINKS, _digits
@@ -710,7 +710,7 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, n
     members = [Member(sp.names[s][0], sp.names[s][1], positions[sp.names[s]]) for s in const_sids]
     reasons = reason_of[np.array(labs)]
     locked = [int(i) for i in np.flatnonzero(reasons != BIG)]
-    if len(locked) == n and not any(is_const[s] for s in own_sids):
+    if len(locked) == n and not any(is_const[s] or sp.names[s][0] in index.virtual for s in own_sids):
         return None  # a locked factor of a reshape (a spatial axis before Flatten): not a group
     prunable = n > 1 and len(locked) < n
     reason = None

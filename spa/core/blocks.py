@@ -51,15 +51,19 @@ NO_GROUP = ("no channel group reaches this axis: a reshape to sizes computed at 
 
 @dataclass
 class Block:
-    softmax: str
+    softmax: str  # the attention's Softmax, or its fused op (GroupQueryAttention)
     heads: Axis
     head_dim: Axis
     v_head_dim: Axis
     intermediate: list[Axis]
+    kv_heads: Axis | None = None  # where the op names them (GroupQueryAttention)
 
     def to_json(self) -> dict:
-        return {"softmax": self.softmax, "heads": self.heads.to_json(), "head_dim": self.head_dim.to_json(),
-                "v_head_dim": self.v_head_dim.to_json(), "intermediate": [a.to_json() for a in self.intermediate]}
+        doc = {"softmax": self.softmax, "heads": self.heads.to_json(), "head_dim": self.head_dim.to_json(),
+               "v_head_dim": self.v_head_dim.to_json(), "intermediate": [a.to_json() for a in self.intermediate]}
+        if self.kv_heads is not None:
+            doc["kv_heads"] = self.kv_heads.to_json()
+        return doc
 
 
 def _walk(index, start: str, up: bool):
@@ -115,12 +119,29 @@ def _node_order(analysis: Analysis) -> dict[str, int]:
     return first_use
 
 
+def _fused(analysis: Analysis, node, plan: dict) -> Block | None:
+    """The Block of a GroupQueryAttention, read from the spaces its rule declares
+    (spa.core.rules.attention): query heads = KV heads x query heads per KV head."""
+    o = node.output[0]
+    if analysis.index.shape(f"{o}::kv_heads") is None:
+        return None
+    kv, rep, d = (_axis(analysis, [(f"{o}::{p}", 0)], plan) for p in ("kv_heads", "q_per_kv", "head_dim"))
+    fixed = None if kv.fixed is None or rep.fixed is None else \
+        f"KV heads: {kv.fixed}; query heads per KV head: {rep.fixed}"
+    heads = Axis(kv.before * rep.before, kv.after * rep.after, kv.groups + rep.groups, fixed)
+    return Block(analysis.index.label(node).strip("'"), heads, d, d, [], kv)
+
+
 def attention_blocks(analysis: Analysis, plan: dict | None = None) -> list[Block]:
-    """One Block per Softmax that sits between two MatMuls (an attention), in graph order."""
+    """One Block per Softmax that sits between two MatMuls (an attention), and per fused attention
+    op with a rule (GroupQueryAttention), in graph order."""
     plan = plan or {}
     index = analysis.index
     found = []
     for i, node in enumerate(index.graph.node):
+        if node.op_type == "GroupQueryAttention":
+            found.append((i, node, None, None))
+            continue
         if node.op_type != "Softmax":
             continue
         qk, av = _walk(index, node.input[0], up=True), _walk(index, node.output[0], up=False)
@@ -130,7 +151,15 @@ def attention_blocks(analysis: Analysis, plan: dict | None = None) -> list[Block
     first_use = _node_order(analysis)
     anchor = {g.id: first_use.get(g.members[0].tensor, 1 << 30) for g in analysis.groups}
     blocks, attention_groups = [], set()
-    for i, node, qk, av in found:
+    for i, node, qk, av in list(found):
+        if qk is None:
+            block = _fused(analysis, node, plan)
+            if block is None:
+                found.remove((i, node, qk, av))
+                continue
+            attention_groups.update(block.heads.groups + block.head_dim.groups)
+            blocks.append(block)
+            continue
         scores, q, v, out = node.input[0], qk.input[0], av.input[1], av.output[0]
         lead = lambda name: [(name, a) for a in range(max((index.rank(name) or 0) - 2, 0))]
         heads = _axis(analysis, lead(scores) + lead(out) + lead(q), plan)

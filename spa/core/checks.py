@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from spa.core.data import bounded_batch, fixed_batch_size, model_batches, samples_in, trim
 from spa.core import kvcache
+from spa.core.data import bounded_batch, fixed_batch_size, model_batches, samples_in, trim
 from spa.core.errors import SpaError, VerificationError, first_line, require
 from spa.core.model import check_model, runtime_op
 from spa.core.runtime import cache_shapes, exact_feeds, graph_inputs, ort_reason, outputs, random_feeds, run, session

@@ -19,12 +19,13 @@ FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProt
 
 
 def params(model: Model, shapes: dict | None = None) -> int:
-    """Elements of floating-point initializers and Constant nodes (`shapes`: other shapes for
-    some of them, as they will be once pruned)."""
+    """Elements of floating-point initializers and Constant nodes, and the weights packed in
+    MatMulNBits' quantized ones (`shapes`: other shapes for some of them, as they will be once pruned)."""
     shapes = shapes or {}
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    total = sum(_numel(shapes.get(t.name, dims[t.name])) for t in model.graph.initializer
-                if t.data_type in FLOAT_TYPES and not _is_copy(t.name, dims))
+    packed = {n.input[1]: 8 // (attr(n, "bits", 4) or 4) for n in model.graph.node if n.op_type == "MatMulNBits"}
+    total = sum(_numel(shapes.get(t.name, dims[t.name])) * packed.get(t.name, 1) for t in model.graph.initializer
+                if (t.data_type in FLOAT_TYPES or t.name in packed) and not _is_copy(t.name, dims))
     for node in model.graph.node:
         if node.op_type == "Constant":
             value = constant_node_value(node)
@@ -51,7 +52,7 @@ def _node_macs(node, shapes) -> int:
     if node.op_type == "ConvTranspose" and get(node.input[1]) and get(node.input[0]):
         w = get(node.input[1])
         return _numel(get(node.input[0])) * _numel(w[1:])
-    if node.op_type in ("Gemm", "MatMul") and get(node.input[0]) and get(node.output[0]):
+    if node.op_type in ("Gemm", "MatMul", "MatMulNBits") and get(node.input[0]) and get(node.output[0]):
         a = get(node.input[0])
         trans = node.op_type == "Gemm" and attr(node, "transA", 0)
         k = (a[0] if trans else a[-1]) or 1

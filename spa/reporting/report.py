@@ -87,11 +87,15 @@ def print_blocks(blocks: list, title: str) -> None:
     if not blocks:
         return
     table = Table(title=title, title_justify="left")
-    for col in ("block", "softmax", "heads", "head_dim q/k", "head_dim v", "intermediate"):
+    kv = any("kv_heads" in b for b in blocks)
+    for col in ("block", "softmax", "heads", *(["kv heads"] if kv else []), "head_dim q/k", "head_dim v",
+                "intermediate"):
         table.add_column(col, overflow="fold")
     for i, b in enumerate(blocks):
         widths = ", ".join(_axis(a) for a in b["intermediate"]) or "-"
-        table.add_row(str(i), b["softmax"], _axis(b["heads"]), _axis(b["head_dim"]), _axis(b["v_head_dim"]), widths)
+        kv_col = [_axis(b["kv_heads"]) if "kv_heads" in b else "-"] if kv else []
+        table.add_row(str(i), b["softmax"], _axis(b["heads"]), *kv_col, _axis(b["head_dim"]), _axis(b["v_head_dim"]),
+                      widths)
     out.print(table)
 
 

@@ -40,7 +40,8 @@ def get(name: str) -> Callable:
 
 
 def _member_norms(group, weights, power: int) -> list[np.ndarray]:
-    members = [m for m in group.members if weights[m.tensor].ndim >= 2] or group.members
+    floats = [m for m in group.members if weights[m.tensor].dtype.kind == "f"] or group.members  # not quantized codes
+    members = [m for m in floats if weights[m.tensor].ndim >= 2] or floats
     out = []
     for m in members:
         w = weights[m.tensor]
@@ -95,7 +96,8 @@ def fpgm(group, weights, data=None, seed=0) -> np.ndarray:
     close to all the others (near their geometric median) is replaceable, so it scores low.
     Score = summed Euclidean distance to the other channels, per weight member, normalised
     to mean 1 and averaged over members."""
-    members = [m for m in group.members if weights[m.tensor].ndim >= 2] or group.members
+    floats = [m for m in group.members if weights[m.tensor].dtype.kind == "f"] or group.members  # not quantized codes
+    members = [m for m in floats if weights[m.tensor].ndim >= 2] or floats
     out = []
     for m in members:
         v = _channel_vectors(weights[m.tensor], m)

@@ -7,6 +7,14 @@
                          x, skip, y and the sum share every axis; gamma/beta/bias follow the
                          last axis, whose statistics make it the hidden size (prunable, not exact)
 
+    MatMulNBits(A[.., K], B[N, blocks, blob], scales, zero_points, g_idx, bias) -> Y[.., N]
+                         block-quantized weights (ONNX Runtime GenAI's int4): an output channel n
+                         is row n of B, scales, zero points and bias; input channels go in whole
+                         quantization blocks (A[b*block_size : (b+1)*block_size] <-> B[:, b] <->
+                         scales[:, b]), so a block is one channel. Refused (pinned, with the
+                         reason): 4-bit zero points (two blocks share a byte), g_idx (act-order).
+                         The codes carry no magnitude: criteria score the scales.
+
 The fused `Attention`, `EmbedLayerNormalization` and `MultiHeadAttention` ops keep no rule:
 their head count is an attribute tied to packed QKV weights and KV caches; they stay
 barriers, and the groups that reach them say so.
@@ -14,7 +22,9 @@ barriers, and the groups that reach them say so.
 
 from __future__ import annotations
 
-from spa.core.rules import rule
+import numpy as np
+
+from spa.core.rules import block, rewriter, rule
 from spa.core.rules.elementwise import broadcast
 
 MS = "com.microsoft"
@@ -45,3 +55,48 @@ def skip_layernorm(node, ctx, res):
                 res.free.add((stat, k))
     res.mark_nonzi((y, rank - 1), f"{node.op_type} {ctx.label(node)} normalises over this axis "
                    "(its statistics change when channels go)", stats=True)
+
+
+@rule(f"{MS}:MatMulNBits")
+def matmul_nbits(node, ctx, res):
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    r = ctx.rank(a)
+    n, k, bs = ctx.attr(node, "N", 0), ctx.attr(node, "K", 0), ctx.attr(node, "block_size", 0)
+    if r is None or ctx.rank(y) != r or ctx.rank(b) != 3 or not bs or ctx.size((b, 0)) != n:
+        return
+    for ax in range(r - 1):
+        res.same((a, ax), (y, ax), ctx)
+    res.same((y, r - 1), (b, 0), ctx)
+    res.free.add((b, 2))
+    blocks = ctx.size((b, 1))
+    pairs = block(blocks, bs)
+    res.couple((b, 1), (a, r - 1), pairs[pairs[:, 1] < k])
+    scales, zp = (node.input[i] if len(node.input) > i and node.input[i] else None for i in (2, 3))
+    for t in (scales, zp):
+        if t is None:
+            continue
+        if ctx.rank(t) == 2:
+            res.same((t, 0), (b, 0), ctx)
+            if t == scales or ctx.size((t, 1)) == blocks:
+                res.same((t, 1), (b, 1), ctx)
+            else:
+                res.pin((t, 1), f"MatMulNBits {ctx.label(node)} packs the zero points of several blocks in a byte")
+        elif ctx.rank(t) == 1 and ctx.size((t, 0)) == n * blocks:
+            res.tie((t, 0), [(b, 0), (b, 1)], [n, blocks])
+        elif ctx.rank(t) == 1 and ctx.size((t, 0)) and ctx.size((t, 0)) % n == 0:
+            res.couple((b, 0), (t, 0), block(n, ctx.size((t, 0)) // n))
+            res.pin((b, 1), f"MatMulNBits {ctx.label(node)} packs the zero points of several blocks in a byte")
+    if len(node.input) > 4 and node.input[4]:
+        res.pin((a, r - 1), f"MatMulNBits {ctx.label(node)} reorders its inputs (g_idx, act-order)")
+    if len(node.input) > 5 and node.input[5]:
+        res.same((node.input[5], 0), (y, r - 1), ctx)
+
+
+@rewriter(f"{MS}:MatMulNBits")
+def matmul_nbits_sizes(node, edit):
+    r = len(edit.old_shape(node.input[0]) or ())
+    k, n = edit.new_size((node.input[0], r - 1)), edit.new_size((node.output[0], r - 1))
+    if k is not None:
+        edit.set_attr(node, "K", int(k))
+    if n is not None:
+        edit.set_attr(node, "N", int(n))
