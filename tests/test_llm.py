@@ -24,7 +24,7 @@ from tests.oracles import random_zi_plan, rel_err
 pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("transformers")
 
-from models import llm_export  # noqa: E402 - after the skips: it needs transformers to build
+from models import llm_export
 
 FP32 = ("llama", "qwen2", "phi3", "mistral", "gemma")
 

@@ -22,8 +22,6 @@ barriers, and the groups that reach them say so.
 
 from __future__ import annotations
 
-import numpy as np
-
 from spa.core.rules import block, rewriter, rule
 from spa.core.rules.elementwise import broadcast
 
