@@ -34,7 +34,7 @@ FAMILIES = ("llama", "qwen2", "phi3", "mistral", "gemma", "gemma2", "gpt2")
 GENAI_FAMILIES = ("llama", "qwen2", "phi3", "mistral", "gemma")  # the builder's families we export
 OPTIMUM_FAMILIES = ("llama", "qwen2", "phi3", "mistral", "gemma2", "gpt2")
 VOCAB = 256
-OPTIMUM_PINS = ("torch==2.13.0", "transformers==4.57.1", "optimum-onnx", "onnx")
+OPTIMUM_PINS = ("torch==2.13.0", "transformers==4.57.1", "optimum-onnx", "onnx", "onnxruntime")
 
 
 def config(family: str):

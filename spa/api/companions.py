@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from spa.core import kvcache
 from spa.core.errors import first_line
 from spa.core.model import write_text_atomic
 
@@ -76,8 +77,9 @@ def _hf(doc: dict, new: dict, old: dict) -> dict:
                        ("hidden_size", new.get("hidden_size"))):
         if value is not None and key in doc:
             doc[key] = value
-    if "head_size" in new and (("head_dim" in doc) or new["head_size"] != old.get("head_size")):
-        doc["head_dim"] = new["head_size"]
+    changed = any(new.get(k) != old.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_size"))
+    if "head_size" in new and ("head_dim" in doc or changed):
+        doc["head_dim"] = new["head_size"]  # else derived from hidden_size / num_attention_heads, no longer true
     return doc
 
 
@@ -119,6 +121,56 @@ def _copy_folder(src: Path, dst: Path, model_file: str) -> list[str]:
             shutil.copyfile(f, dst / f.name)
             copied.append(f.name)
     return copied
+
+
+def decode(path, tokens: int = GENERATOR_TOKENS) -> list[int]:
+    """Greedy tokens after PROMPT from an exported decoder run step by step in ONNX Runtime, its
+    present.N outputs fed back as past_key_values.N (an empty cache first): the loop optimum's
+    ORTModelForCausalLM and the GenAI generator run, without either."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    proto = onnx.load(str(path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info  # the packed query's width
+    hints = kvcache.head_size_hints(proto.graph, {vi.name: [d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+                                                 for vi in inferred})
+    pairs = kvcache.pairs(proto.graph, {vi.name: [0] * 4 for vi in list(proto.graph.input) + list(proto.graph.output)})
+    past = {}
+    for name, _, _, _ in pairs:
+        dims = inputs[name].shape
+        kv, d = (dims[1] if isinstance(dims[1], int) else 1), dims[3] if isinstance(dims[3], int) else hints.get(dims[3])
+        past[name] = np.zeros((1, kv, 0, d), dtype=np.float16 if "float16" in inputs[name].type else np.float32)
+    ids, out = list(PROMPT), []
+    step = np.array([ids], dtype=np.int64)
+    for _ in range(tokens):
+        length = len(ids)
+        feeds = {"input_ids": step, "attention_mask": np.ones((1, length), dtype=np.int64), **past}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(length - step.shape[1], length, dtype=np.int64)[None]
+        feeds = {k: v.astype(np.int32) if "int32" in inputs[k].type else v for k, v in feeds.items() if k in inputs}
+        names = [o.name for o in sess.get_outputs()]
+        got = dict(zip(names, sess.run(names, feeds)))
+        token = int(np.argmax(got[names[0]][0, -1]))
+        out.append(token)
+        ids.append(token)
+        step = np.array([[token]], dtype=np.int64)
+        past = {p: got[q] for p, q, _, _ in pairs}
+    return out
+
+
+def decode_check(source: Path, output: Path) -> dict:
+    """The input and the pruned decoder, each decoded greedily with its cache in ONNX Runtime."""
+    try:
+        dense = decode(source)
+    except Exception as exc:  # noqa: BLE001 - the input itself does not decode this way: said, not fatal
+        return {"status": "skipped", "reason": f"the input does not decode step by step: {first_line(exc)}"}
+    try:
+        pruned = decode(output)
+    except Exception as exc:  # noqa: BLE001
+        return {"status": "failed", "reason": first_line(exc)}
+    same = sum(a == b for a, b in zip(dense, pruned))
+    return {"status": "ok", "tokens": len(pruned), "same_as_input": same / max(len(dense), 1), "output": pruned}
 
 
 def generate(folder: Path, tokens: int = GENERATOR_TOKENS) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from spa.passes.simplify import simplify_model
 from spa.planning import budget, latency, planner, sensitivity
 from spa.planning.plan import allocate, make_plan, scores
 from spa.reporting.report import why_nothing
-from spa.scoring import criteria
+from spa.scoring import criteria, obspa
 from spa.scoring.gradients import require_torch
 from spa.scoring.measure import compensation, saliency, statistics
 from spa.scoring.obspa import NOT_COMPENSATED
@@ -225,9 +226,11 @@ class _Run:
             return None
         with self.step("configs + generator"):
             doc = companions.write(self.model.path, out, pruned, self.llm_sizes)
-            ran = companions.generator_check(self.model.path, out) if doc and doc.get("written") else None
-        if ran is not None:
-            doc["generator"] = ran
+            if doc and doc.get("written"):
+                doc["decode"] = companions.decode_check(self.model.path, out)
+                ran = companions.generator_check(self.model.path, out)
+                if ran is not None:
+                    doc["generator"] = ran
         return doc
 
     def _load(self) -> None:
@@ -256,7 +259,11 @@ class _Run:
         if not any(g.prunable for g in self.analysis.groups) and (self.o["ratio"] is None or self.o["ratio"] > 0):
             raise SpaError(f"nothing to prune in '{self.name or '(in memory)'}': {why_nothing(self.analysis)}")
         self.stats = self._statistics()
-        with self.step(f"scoring ({self.o['criterion']}) + planning"):
+        self.blind = obspa.unscored(self.analysis, self.stats) \
+            if self.o["criterion"] == "obspa" and self.stats is not None and self.calib is None else {}
+        scored = [g for g in self.analysis.groups if g.prunable]
+        blind = f"; {len(self.blind)} of {len(scored)} groups without data-free statistics: l1" if self.blind else ""
+        with self.step(f"scoring ({self.o['criterion']}{blind}) + planning"):
             self.plan = self._plan()
 
     def _blind_warning(self, fit: dict | None) -> list[str]:
@@ -459,6 +466,7 @@ class _Told:
         self.other = [n for n in (run.stats.notes if run.stats else []) + notes
                       if n not in getattr(run.stats, "fallback_notes", ()) and not n.endswith(NOT_COMPENSATED)]
         self.values = values
+        self.blind = getattr(run, "blind", {})
 
     def notes(self) -> list[str]:
         o, lines = self.o, []
@@ -470,8 +478,14 @@ class _Told:
             data = "with" if self.o["calib"] is not None else "without"
             line = (f"{o['criterion']} {data} calibration data: {len(self.fell_back)} of {len(self.scored)} groups had "
                     "no statistics to use and were scored by l1")
+            if self.blind:
+                ops = Counter(op for gid in self.fell_back for op in self.blind.get(gid, ()))
+                line += (" (their consumers read outputs of " + ", ".join(f"{op} x{n}" for op, n in ops.most_common())
+                         + ", which the graph alone gives no statistics for)")
             if self.values is not None:
                 line += f"; {len(self.compensated)} of {len(self.pruned)} pruned groups compensated"
+            if self.blind:
+                line += "; with calib=DATA.npz their statistics are measured, and every group is scored and compensated"
             lines.append(line)
         return lines + self.other
 

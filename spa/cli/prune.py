@@ -122,13 +122,19 @@ def show_io(doc: dict) -> None:
     if configs.get("written"):
         copied = f"; copied {', '.join(configs['copied'])}" if configs.get("copied") else ""
         report.note(f"wrote {', '.join(configs['written'])} beside the output with {configs['sizes']}{copied}")
-    ran = configs.get("generator")
+    for what, ran in (("greedy decode with the KV cache in ONNX Runtime", configs.get("decode")),
+                      ("onnxruntime-genai generator", configs.get("generator"))):
+        _show_run(what, ran)
+
+
+def _show_run(what: str, ran: dict | None) -> None:
     if ran:
         if ran["status"] == "ok":
-            report.note(f"onnxruntime-genai generator: {ran['tokens']} greedy tokens, {ran['same_as_input']:.2f} of "
-                        "them the input model's")
+            report.note(f"{what}: {ran['tokens']} tokens, {ran['same_as_input']:.2f} of them the input model's")
+        elif ran["status"] == "skipped":
+            report.note(f"{what} skipped: {ran['reason']}")
         else:
-            report.warn(f"onnxruntime-genai generator {ran['status']}: {ran['reason']}")
+            report.warn(f"{what} failed: {ran['reason']}")
 
 
 def show_budget(budget, doc: dict) -> None:

@@ -336,16 +336,16 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str], freeze_io
 
 
 def _uniform_cache(index: GraphIndex, b: _Builder) -> None:
-    """Every layer's cache keeps the same heads and head positions as the first layer's: the runtime
-    allocates one cache shape for all layers (genai_config.json and config.json hold one head count
-    and one head size)."""
+    """Every layer's key and value caches keep the same heads and head positions as the first layer's
+    key cache: the runtime allocates one cache shape for all of them (genai_config.json and
+    config.json hold one head count and one head size, optimum's empty cache is built from them)."""
     first = {}
-    for past, _, _, kind in kvcache.pairs(index.graph, index.shapes):
-        for axis in kvcache.CACHE_AXES:
+    for past, _, _, _ in kvcache.pairs(index.graph, index.shapes):
+        for axis in kvcache.CACHE_AXES:  # keys and values alike: configs hold one head size for both
             space = (past, axis)
             if space not in b.sp.offset:
                 continue
-            ref = first.setdefault((kind, axis), space)
+            ref = first.setdefault(axis, space)
             if ref != space and b.sp.sizes[ref] == b.sp.sizes[space]:
                 b.couple(ref, space, identity(b.sp.sizes[space]), node_name="the KV cache (one shape for every layer)")
 

@@ -103,6 +103,21 @@ def _analysable(group, weights, stats) -> list:
     return found
 
 
+def unscored(analysis, stats) -> dict[str, list[str]]:
+    """{group id: op types producing what its consumers read} for the prunable groups OBSPA cannot
+    score from `stats` (no consumer reads a space with known statistics): known before scoring, so
+    a run can say up front which groups fall back to l1 and why."""
+    found = {}
+    for g in analysis.groups:
+        if not g.prunable:
+            continue
+        reads = [m.reads for m in consumers(g) if m.reads is not None]
+        if not any(hessian(stats, m, analysis.sizes.get(m.reads, -1)) is not None for m in consumers(g) if m.reads):
+            producers = [analysis.index.producer.get(t) for t, _ in reads]
+            found[g.id] = sorted({p.op_type for p in producers if p is not None}) or ["a model input"]
+    return found
+
+
 def consumers(group) -> list:
     return [m for m in group.members if m.role == "in"]
 

@@ -73,11 +73,12 @@ def _pieces(res, ctx, whole, parts, axis, rank):
             res.pin(space, f"split into pieces of unknown size by Split {ctx.label(res.node)}")
     start = 0
     for part, size in zip(parts, sizes):
-        if size is None:
-            return
-        for k in range(rank):
+        for k in range(rank):  # the other axes match whatever the pieces' lengths (a KV cache grows on one)
             if k != axis:
                 res.same((part, k), (whole, k), ctx)
+        if start is None or size is None:
+            start = None  # offsets past a piece of unknown length are unknown: those axes stay pinned
+            continue
         if size > 0 and not unknown_split:
             res.couple((part, axis), (whole, axis), offset(size, start))
         start += size
