@@ -38,15 +38,16 @@ OPTIMUM_PINS = ("torch==2.13.0", "transformers==4.57.1", "optimum-onnx", "onnx",
 
 
 def config(family: str):
-    """A tiny config of `family`: 2 layers, hidden 128, 4 query heads over 2 KV heads (GQA) of size 32
-    (ONNX Runtime's GroupQueryAttention keeps head sizes in steps of 16: 32 can lose one step)."""
+    """A tiny config of `family`: 2 layers, hidden 256, 8 query heads over 4 KV heads (GQA) of size 32
+    (ONNX Runtime's GroupQueryAttention keeps head sizes in steps of 16: 32 can lose one step; four
+    KV heads lose one at ratio 0.3)."""
     import transformers as T
 
-    common = {"vocab_size": VOCAB, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+    common = {"vocab_size": VOCAB, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                  "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 128,
                   "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     if family == "gpt2":
-        return T.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=128,
+        return T.GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=2, n_head=8, n_positions=128,
                             bos_token_id=1, eos_token_id=2)
     cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "phi3": T.Phi3Config, "mistral": T.MistralConfig,
            "gemma": T.GemmaConfig, "gemma2": T.Gemma2Config}[family]
@@ -60,17 +61,24 @@ def save_hf(family: str, folder: Path, seed: int = 0) -> Path:
     """The random-weight model and a word-level tokenizer (w3 .. w255) saved to `folder`."""
     import torch
     import transformers as T
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(config(family)).eval()
     model.save_pretrained(folder)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    save_tokenizer(folder, VOCAB)
+    return folder
+
+
+def save_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over w3 .. w{vocab_size - 1} (both exporters load one from the folder)."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                               pad_token="</s>").save_pretrained(folder)
-    return folder
 
 
 def _run(cmd: list, what: str) -> None:

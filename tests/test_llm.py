@@ -53,7 +53,7 @@ def test_gqa_groups(exports):
     a = spa.analyze(str(exports("llama")))
     groups = _groups(a)
     kv = groups["past_key_values.0.key:1"]  # KV heads: the cache's head axis, every layer alike
-    assert kv.prunable and kv.zero_invariant and kv.size == 2
+    assert kv.prunable and kv.zero_invariant and kv.size == 4
     members = {m.tensor for m in kv.members}
     assert {"model.layers.0.attn.qkv_proj.MatMul.weight", "model.layers.1.attn.o_proj.MatMul.weight"} <= members
     rotary = groups["cos_cache:1"]  # head_dim in rotary pairs, shared by both layers through the caches
@@ -103,32 +103,32 @@ def test_prune_folder_runs_in_the_generator(exports, tmp_path, family, precision
     out.parent.mkdir()
     doc = spa.prune(str(src), ratio=0.5, output=str(out)).to_json()
     assert doc["check"]["status"] == "ok" and "empty_cache" in doc["check"]
-    assert doc["io_changed"] and all(c["after"][1] == 1 for c in doc["io_changed"])  # 2 -> 1 KV heads
+    assert doc["io_changed"] and all(c["after"][1] == 2 for c in doc["io_changed"])  # 4 -> 2 KV heads
     cfg = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
-    assert cfg["num_key_value_heads"] == 1
+    assert cfg["num_key_value_heads"] == 2
     assert (out.parent / "tokenizer.json").exists()
     gqa = [n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "GroupQueryAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
-    assert attrs["kv_num_heads"] == 1 and attrs["num_heads"] in (1, 2) and cfg["num_attention_heads"] == attrs["num_heads"]
+    assert attrs["kv_num_heads"] == 2 and attrs["num_heads"] in (2, 4) and cfg["num_attention_heads"] == attrs["num_heads"]
     if precision == "fp32":  # head size 32 -> 16: written in the config, scale kept at 1/sqrt(32)
         assert cfg["head_size"] == 16 and abs(attrs["scale"] - 32 ** -0.5) < 1e-6
     gen = doc["configs"]["generator"]
     assert gen["status"] == "ok" and gen["tokens"] == 16
     assert all(0 <= t < llm_export.VOCAB for t in gen["output"])
     src_cfg = json.loads((src.parent / "genai_config.json").read_text())["model"]["decoder"]
-    assert src_cfg["num_key_value_heads"] == 2  # the input folder is left as it was
+    assert src_cfg["num_key_value_heads"] == 4  # the input folder is left as it was
 
 
 def test_int4_mlp_prunes_in_whole_blocks(exports, tmp_path):
     src = exports("llama", "int4")
     a = spa.analyze(str(src))
     mlp = [g for g in a.groups if "gate_proj" in g.id]
-    assert mlp and all(g.size == 256 // 32 for g in mlp)  # one channel per quantization block
+    assert mlp and all(g.size == 512 // 32 for g in mlp)  # one channel per quantization block
     out = tmp_path / "m.onnx"
     spa.prune(str(src), ratio=0.5, output=str(out))
     down = next(n for n in onnx.load(str(out)).graph.node if n.name.endswith("layers.0/mlp/down_proj/MatMul_Q4"))
     attrs = {x.name: onnx.helper.get_attribute_value(x) for x in down.attribute}
-    assert attrs["K"] == 128 and attrs["K"] % attrs["block_size"] == 0
+    assert attrs["K"] == 256 and attrs["K"] % attrs["block_size"] == 0
 
 
 def test_configs_skipped_beside_the_input(exports, tmp_path):

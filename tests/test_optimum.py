@@ -1,0 +1,78 @@
+"""Decoder LLMs as Hugging Face's exporter writes them (optimum-onnx, text-generation-with-past):
+plain ONNX attention with past_key_values.N / present.N in the graph's I/O. optimum-onnx needs
+transformers < 4.58, so it runs in its own venv (models/llm_export.py); these tests run when
+SPA_OPTIMUM_VENV names one (.ci/run makes it), else they skip."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from spa.backends import ort as ort_backend
+
+import spa
+from spa.api.result import as_model
+from spa.core import kvcache
+from spa.core.checks import check_shapes
+from spa.core.cost import dropped_positions
+from spa.core.runtime import random_feeds
+from tests.oracles import random_zi_plan, rel_err
+
+pytest.importorskip("transformers")
+pytest.importorskip("onnxslim")
+VENV = os.environ.get("SPA_OPTIMUM_VENV")
+if not VENV or not (Path(VENV) / "bin" / "python").exists():
+    pytest.skip("SPA_OPTIMUM_VENV names no optimum-onnx venv (models/llm_export.py makes one)", allow_module_level=True)
+
+from models import llm_export  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("optimum")
+    made = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            hf = llm_export.save_hf(family, root / "hf" / family)
+            made[family] = llm_export.optimum(hf, root / family, Path(VENV) / "bin" / "python") / "model.onnx"
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", llm_export.OPTIMUM_FAMILIES)
+def test_prune_with_cache(export, tmp_path, family):
+    src = export(family)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    doc = spa.prune(str(src), ratio=0.5, simplify=True, output=str(out)).to_json()
+    assert doc["check"]["status"] == "ok" and "max_rel_err" in doc["check"]["empty_cache"]
+    changed = {c["name"]: c for c in doc["io_changed"]}
+    assert "past_key_values.0.key" in changed and "present.1.value" in changed
+    assert all(c["name"].startswith(("past", "present")) for c in doc["io_changed"])  # every other I/O kept
+    kv = changed["past_key_values.0.key"]["after"][1]
+    assert kv < changed["past_key_values.0.key"]["before"][1]
+    cfg = json.loads((out.parent / "config.json").read_text())
+    if family != "gpt2":
+        assert cfg["num_key_value_heads"] == kv and cfg["head_dim"] == changed["past_key_values.0.key"]["after"][3]
+    dec = doc["configs"]["decode"]
+    assert dec["status"] == "ok" and dec["tokens"] == 16
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_zero_invariance_with_cache(export, family):
+    a = spa.analyze(str(export(family)), simplify=True)
+    plan = random_zi_plan(a, seed=2)
+    assert any("past_key_values" in s[0] for gid in plan for s in a.group(gid).positions)
+    pruned = spa.prune(a, plan)
+    ports = kvcache.ports(a, dropped_positions(a, plan))
+    model = as_model(a.model)
+    feeds = random_feeds(model.proto, seed=0, shapes=check_shapes(model))
+    zero = kvcache.fit(ort_backend.run(spa.api.zeroed(a, plan), feeds), ports)
+    got = ort_backend.run(pruned, kvcache.fit(feeds, ports))
+    for name, ref in zero.items():
+        assert got[name].shape == ref.shape, name
+        assert rel_err(ref, got[name]) <= 1e-4, (name, rel_err(ref, got[name]))
