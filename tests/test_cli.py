@@ -782,3 +782,18 @@ def test_existing_output_is_replaced(capsys, work):
     assert res.rc == 0, res.err
     runs_like(work / "m.onnx", work / "out.onnx")
     assert not list(work.glob(".spa-tmp-*"))
+
+
+def test_a_killed_runs_leftovers_are_swept(capsys, work):
+    """SIGKILL (the OOM killer) runs no handler: the next save into that folder removes the temp
+    files of runs that no longer exist, and leaves those of a run still going."""
+    import os
+
+    dead, alive = work / ".spa-tmp-999999999-abc", work / f".spa-tmp-{os.getpid()}-xyz"
+    dead.mkdir()
+    (dead / "out.onnx.data").write_bytes(b"x" * 100)
+    (work / ".spa-tmp-999999999-file").write_bytes(b"y")
+    alive.mkdir()
+    res = spa(capsys, "prune", "m.onnx", "--ratio", "0.5", "-o", "out.onnx")
+    assert res.rc == 0, res.err
+    assert not dead.exists() and not (work / ".spa-tmp-999999999-file").exists() and alive.exists()

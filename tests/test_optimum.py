@@ -26,7 +26,7 @@ VENV = os.environ.get("SPA_OPTIMUM_VENV")
 if not VENV or not (Path(VENV) / "bin" / "python").exists():
     pytest.skip("SPA_OPTIMUM_VENV names no optimum-onnx venv (models/llm_export.py makes one)", allow_module_level=True)
 
-from models import llm_export  # noqa: E402
+from models import llm_export
 
 
 @pytest.fixture(scope="module")

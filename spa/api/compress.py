@@ -31,7 +31,7 @@ from spa.api.train import finetune
 from spa.core import shapes
 from spa.core.data import conform
 from spa.core.errors import SpaError, UsageError, positive_int, require
-from spa.core.model import check_writable, load, save
+from spa.core.model import check_writable, load, save, sweep_stale, tmp_prefix
 from spa.core.runtime import ort_reason
 from spa.core.sizes import file_bytes
 from spa.passes.sparsify import parse_pattern
@@ -121,7 +121,8 @@ class _Pipeline:
         self.held_out = conform(self.held_out, source.proto, "eval=")
         self.shape, self.shape_from = shapes.choose(source.proto, self.o["shape"], self.calib)
         parent = self.out.parent if self.out is not None else None
-        work = Path(tempfile.mkdtemp(prefix=".spa-compress-", dir=parent))
+        sweep_stale(parent)
+        work = Path(tempfile.mkdtemp(prefix=tmp_prefix("compress"), dir=parent))
         try:
             src = self.src = self._input_file(source, work)
             with self.step("input: measuring"):

@@ -446,7 +446,8 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = 
     """
     path = check_writable(path, source)
     folder = path.parent
-    tmpdir = Path(tempfile.mkdtemp(prefix=".spa-tmp-", dir=folder))
+    sweep_stale(folder)
+    tmpdir = Path(tempfile.mkdtemp(prefix=tmp_prefix(), dir=folder))
     try:
         tmp = tmpdir / path.name
         external = weight_bytes(proto) >= TWO_GB
@@ -464,6 +465,41 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = 
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+TMP = re.compile(r"^\.spa-(?:tmp|compress)-(?P<pid>\d+)-")
+
+
+def tmp_prefix(kind: str = "tmp") -> str:
+    """Temp names carry the writing process's id, so that a later run can tell a dead run's leftovers."""
+    return f".spa-{kind}-{os.getpid()}-"
+
+
+def sweep_stale(folder: Path) -> None:
+    """Remove the temp files and folders a killed spa left in `folder` (SIGKILL, the OOM killer: no
+    handler runs): those whose process no longer exists. An interrupt or SIGTERM cleans up at once."""
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = TMP.match(entry.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -> None:
@@ -519,7 +555,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".spa-tmp-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(), dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
