@@ -121,7 +121,7 @@ class _Pipeline:
         self.held_out = conform(self.held_out, source.proto, "eval=")
         self.shape, self.shape_from = shapes.choose(source.proto, self.o["shape"], self.calib)
         parent = self.out.parent if self.out is not None else None
-        sweep_stale(parent)
+        sweep_stale(parent if parent is not None else Path(tempfile.gettempdir()))
         work = Path(tempfile.mkdtemp(prefix=tmp_prefix("compress"), dir=parent))
         try:
             src = self.src = self._input_file(source, work)

@@ -24,13 +24,13 @@ import onnx
 
 from spa.api.common import arrays as as_arrays
 from spa.api.common import require_files
-from spa.api.prune import prune, refuse_quantized, reinfer
+from spa.api.prune import prune, refuse_quantized
 from spa.api.result import Result, as_model, model_name, output_target, stepper
 from spa.core import cost
 from spa.core.analysis import analyze
 from spa.core.data import split_labels
 from spa.core.errors import SpaError, VerificationError, positive_int, require
-from spa.core.model import check_writable, save, write_text_atomic
+from spa.core.model import check_writable, reinfer, save, write_text_atomic
 from spa.passes.base import require_finite_weights
 from spa.planning.plan import make_plan
 from spa.planning.planner import check_ratio, to_json
