@@ -1518,6 +1518,116 @@ def test_contrib_skip_layernorm():
     assert out.shape == (2, 3, 5) and np.isfinite(out).all()
 
 
+def _gqa_model(heads=4, kv=2, d=32, hidden=32, past=3, seq=2):
+    """One GroupQueryAttention as the GenAI builder writes it (packed QKV, rotary caches, a KV cache
+    in the graph's I/O):
+
+        x[1,S,hidden] -> MatMul Wqkv[hidden,(H+2K)D] -> GQA(past_key_values.0.*, seqlens_k, total, cos, sin)
+                      -> MatMul Wo[H*D,hidden] -> y;   present.0.key/value [1,K,P+S,D]
+    """
+    from spa.core.model import Model, infer_shapes
+
+    rng = np.random.default_rng(0)
+    width = (heads + 2 * kv) * d
+    pos = np.arange(16)[:, None] / (10000 ** (np.arange(d // 2) / (d // 2)))
+    inits = [numpy_helper.from_array(rng.standard_normal((hidden, width)).astype(np.float32) * 0.2, "Wqkv"),
+             numpy_helper.from_array(rng.standard_normal((heads * d, hidden)).astype(np.float32) * 0.2, "Wo"),
+             numpy_helper.from_array(np.cos(pos).astype(np.float32), "cos"),
+             numpy_helper.from_array(np.sin(pos).astype(np.float32), "sin")]
+    nodes = [node("MatMul", ["x", "Wqkv"], ["qkv"]),
+             node("GroupQueryAttention", ["qkv", "", "", "past_key_values.0.key", "past_key_values.0.value", "seqlens_k",
+                                          "total", "cos", "sin"], ["att", "present.0.key", "present.0.value"],
+                  domain="com.microsoft", num_heads=heads, kv_num_heads=kv, do_rotary=1),
+             node("MatMul", ["att", "Wo"], ["y"])]
+    vi = helper.make_tensor_value_info
+    cache = [1, kv, "past", d]
+    graph = helper.make_graph(
+        nodes, "gqa",
+        [vi("x", TensorProto.FLOAT, [1, seq, hidden]), vi("past_key_values.0.key", TensorProto.FLOAT, cache),
+         vi("past_key_values.0.value", TensorProto.FLOAT, cache), vi("seqlens_k", TensorProto.INT32, [1]),
+         vi("total", TensorProto.INT32, [])],
+        [vi("y", TensorProto.FLOAT, [1, seq, hidden]), vi("present.0.key", TensorProto.FLOAT, [1, kv, "tot", d]),
+         vi("present.0.value", TensorProto.FLOAT, [1, kv, "tot", d])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    model = Model(proto)
+    infer_shapes(model)
+    feeds = {"x": rng.standard_normal((1, seq, hidden)).astype(np.float32),
+             "past_key_values.0.key": rng.standard_normal((1, kv, past, d)).astype(np.float32),
+             "past_key_values.0.value": rng.standard_normal((1, kv, past, d)).astype(np.float32),
+             "seqlens_k": np.array([past + seq - 1], np.int32), "total": np.array(past + seq, np.int32)}
+    return model, feeds
+
+
+def test_group_query_attention():
+    """KV heads (with their query heads, output rows and cache slices), query heads per KV head, and
+    the head size in rotary pairs (steps of 16, ONNX Runtime's CPU kernel); the rewriter sets
+    num_heads / kv_num_heads and keeps the default scale of the old head size."""
+    from spa.core import kvcache
+    from spa.core.cost import dropped_positions
+
+    model, feeds = _gqa_model()
+    a = analyze(model)
+    kv = next(g for g in a.groups if ("past_key_values.0.key", 1) in g.positions)
+    assert kv.size == 2 and kv.prunable and kv.zero_invariant
+    q_cols = kv.positions[("Wqkv", 1)][1]  # KV head 1: query heads 2, 3 and its key and value columns
+    assert set(np.ravel(q_cols)) >= set(range(64, 128)) | set(range(128 + 32, 128 + 64)) | set(range(192 + 32, 256))
+    rep = next(g for g in a.groups if "q_per_kv" in g.id)
+    assert rep.size == 2 and rep.prunable
+    rotary = next(g for g in a.groups if ("cos", 1) in g.positions)
+    assert rotary.size == 16 and rotary.multiple == 8
+    assert [len(np.ravel(p)) for p in rotary.positions[("past_key_values.0.key", 3)]] == [2] * 16  # pairs i, i + 16
+    plan = {kv.id: [0], rotary.id: list(range(8))}
+    pruned = api.prune(a, plan)
+    attrs = {x.name: helper.get_attribute_value(x) for x in pruned.graph.node[1].attribute}
+    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (2, 1) and abs(attrs["scale"] - 32 ** -0.5) < 1e-7
+    ports = kvcache.ports(a, dropped_positions(a, plan))
+    assert {k: sorted(v) for k, v in ports.items()} == {n: [1, 3] for n in ("past_key_values.0.key",
+                                                                          "past_key_values.0.value", "present.0.key",
+                                                                          "present.0.value")}
+    zero = kvcache.fit(ort_backend.run(api.zeroed(a, plan), feeds), ports)
+    got = ort_backend.run(pruned, kvcache.fit(feeds, ports))
+    for name, ref in zero.items():
+        assert got[name].shape == ref.shape and np.allclose(got[name], ref, atol=1e-5), name
+    with pytest.raises(spa.SpaError, match="multiple of 8"):
+        api.prune(a, {rotary.id: [0, 1, 2]})
+
+
+def _nbits(rng, n, k, block=32):
+    blocks = -(-k // block)
+    codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    return codes, rng.uniform(0.01, 0.1, (n, blocks)).astype(np.float32)
+
+
+def test_matmul_nbits():
+    """Output rows with their scales; input channels in whole quantization blocks; the rewriter
+    sets K and N. 4-bit zero points packed two blocks per byte lock the input channels."""
+
+    rng = np.random.default_rng(1)
+    b1, s1 = _nbits(rng, 64, 16)
+    b2, s2 = _nbits(rng, 8, 64)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((b1, "B1"), (s1, "S1"), (b2, "B2"), (s2, "S2"))]
+    ms = {"domain": "com.microsoft", "bits": 4, "block_size": 32}
+    nodes = [node("MatMulNBits", ["x", "B1", "S1"], ["h"], K=16, N=64, **ms), node("Relu", ["h"], ["r"]),
+             node("MatMulNBits", ["r", "B2", "S2"], ["y"], K=64, N=8, **ms)]
+    m = _contrib_model(nodes, inits, x_shape=(2, 16), y_shape=(2, 8))
+    a = analyze(m)
+    blocks = next(g for g in a.groups if ("B2", 1) in g.positions)  # the codes are sliced, the scales scored
+    assert blocks.size == 2 and blocks.prunable and [len(np.ravel(p)) for p in blocks.positions[("B1", 0)]] == [32, 32]
+    assert {(mm.tensor, mm.axis) for mm in blocks.members} == {("S1", 0), ("S2", 1)}
+    pruned = api.prune(a, {blocks.id: [1]})
+    attrs = [{x.name: helper.get_attribute_value(x) for x in n.attribute} for n in pruned.graph.node]
+    assert (attrs[0]["N"], attrs[2]["K"]) == (32, 32)
+    x = {"x": rng.standard_normal((2, 16)).astype(np.float32)}
+    ref = ort_backend.run(api.zeroed(a, {blocks.id: [1]}), x)["y"]
+    assert np.allclose(ort_backend.run(pruned, x)["y"], ref, atol=1e-5)
+    zp = numpy_helper.from_array(np.full((8, 1), 0x88, np.uint8), "Z2")
+    nodes[2] = node("MatMulNBits", ["r", "B2", "S2", "Z2"], ["y"], K=64, N=8, **ms)
+    a = analyze(_contrib_model(nodes, inits + [zp], x_shape=(2, 16), y_shape=(2, 8)))
+    locked = next(g for g in a.groups if ("B1", 0) in g.positions)
+    assert not locked.prunable and "packs the zero points" in locked.reason
+
+
 # ---------------------------------------------------------------- the registry is covered
 
 def _attention(x_shape, shape_mode, norm="LayerNormalization"):
@@ -1664,9 +1774,13 @@ RULE_TESTS = {
     "resize": ["test_resize"],
     "layernorm": ["test_attention_heads", "test_hidden_size_through_norms"],
     "skip_layernorm": ["test_contrib_skip_layernorm"],
+    "group_query_attention": ["test_group_query_attention"],
+    "matmul_nbits": ["test_matmul_nbits"],
 }
 
 REWRITER_TESTS = {
+    "gqa_attributes": ["test_group_query_attention"],
+    "matmul_nbits_sizes": ["test_matmul_nbits"],
     "conv_group": ["test_conv_depthwise", "test_conv_grouped", "test_conv_transpose"],
     "split_sizes": ["test_split"],
     "slice_window": ["test_slice"],

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from spa.core import kvcache
 from spa.core.errors import first_line
@@ -83,7 +84,7 @@ def _hf(doc: dict, new: dict, old: dict) -> dict:
     return doc
 
 
-def write(source: Path | None, output: Path | None, proto: onnx.ModelProto, before: dict) -> dict | None:
+def write(source: Path | None, output: Path | None, proto: onnx.ModelProto, *, before: dict) -> dict | None:
     """Write the configs beside `output` (see the module docstring); `before`: sizes() of the input.
     The result's document: {"written": [...], "copied": [...]} or {"skipped": why}; None when the
     input folder holds no such config."""
@@ -127,8 +128,6 @@ def decode(path, tokens: int = GENERATOR_TOKENS) -> list[int]:
     """Greedy tokens after PROMPT from an exported decoder run step by step in ONNX Runtime, its
     present.N outputs fed back as past_key_values.N (an empty cache first): the loop optimum's
     ORTModelForCausalLM and the GenAI generator run, without either."""
-    import onnxruntime as ort
-
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inputs = {i.name: i for i in sess.get_inputs()}
     proto = onnx.load(str(path), load_external_data=False)

@@ -225,7 +225,7 @@ class _Run:
         if out is None or self.model.path is None:
             return None
         with self.step("configs + generator"):
-            doc = companions.write(self.model.path, out, pruned, self.llm_sizes)
+            doc = companions.write(self.model.path, out, pruned, before=self.llm_sizes)
             if doc and doc.get("written"):
                 doc["decode"] = companions.decode_check(self.model.path, out)
                 ran = companions.generator_check(self.model.path, out)

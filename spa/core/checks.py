@@ -270,7 +270,7 @@ def agreement_batches(proto: onnx.ModelProto, calib=None, seed: int = 0, *, shap
     return [random_feeds(proto, seed=seed + k, shapes=shapes) for k in range(RANDOM_SAMPLES)], "random"
 
 
-def agreement(reference, candidate, batches: list, ports=None) -> dict:
+def agreement(reference, candidate, batches: list, *, ports=None) -> dict:
     """How far `candidate` agrees with `reference` (models or files) on `batches`: per float output
     cosine, relative error, max abs and (class scores) top-1 agreement; the worst output's
     `agreement`, `metric` and `loss` (1 - agreement). `ports`: as for output_check."""
@@ -311,7 +311,7 @@ class Gate:
             batches, inputs = agreement_batches(model.proto, self.calib, self.seed,
                                                 shapes=check_shapes(model))
             doc = {"inputs": inputs, **agreement(model.path if model.path is not None else model.proto, candidate,
-                                                 batches, ports)}
+                                                 batches, ports=ports)}
         except Exception as exc:  # noqa: BLE001 - a model ORT cannot run on these inputs: said, not fatal
             reason = exc.message if isinstance(exc, SpaError) else ort_reason(exc, default=type(exc).__name__)
             doc = {"inputs": inputs, "status": "skipped", "reason": reason}

@@ -78,7 +78,8 @@ def matmul_nbits(node, ctx, res):
             if t == scales or ctx.size((t, 1)) == blocks:
                 res.same((t, 1), (b, 1), ctx)
             else:
-                res.pin((t, 1), f"MatMulNBits {ctx.label(node)} packs the zero points of several blocks in a byte")
+                res.free.add((t, 1))
+                res.pin((b, 1), f"MatMulNBits {ctx.label(node)} packs the zero points of several blocks in a byte")
         elif ctx.rank(t) == 1 and ctx.size((t, 0)) == n * blocks:
             res.tie((t, 0), [(b, 0), (b, 1)], [n, blocks])
         elif ctx.rank(t) == 1 and ctx.size((t, 0)) and ctx.size((t, 0)) % n == 0:
