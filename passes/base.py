@@ -29,6 +29,7 @@ from onnx import numpy_helper
 from spa.core.checks import NOT_RUN, check_against, output_check, refuse_unrunnable
 from spa.core.errors import SpaError, VerificationError
 from spa.core.model import TWO_GB, Model, save, weight_bytes
+from spa.core.runtime import release
 
 
 @dataclass
@@ -62,9 +63,12 @@ class Pass:
         check_against(candidate, model.path if model.path is not None else model.proto)
         if not self.run_check:
             return dict(NOT_RUN)
-        check = output_check(model, proto, self.seed, pruned_file=file, ports=self.ports)
-        if self.gate is not None:
-            check["agreement"] = self.gate.measure(model, candidate, self.ports)
+        try:
+            check = output_check(model, proto, self.seed, pruned_file=file, ports=self.ports)
+            if self.gate is not None:
+                check["agreement"] = self.gate.measure(model, candidate, self.ports)
+        finally:
+            release()  # the checks' kept session
         return check
 
     def run(self, model: Model, output=None, *, step=None, what: str | None = None) -> PassResult:
@@ -82,7 +86,8 @@ class Pass:
         with step("saving + checking" if output is not None else "checking"):
             return self.verify(model, proto, stats=stats, output=output)
 
-    def verify(self, model: Model, proto: onnx.ModelProto, *, stats: dict, output=None) -> PassResult:
+    def verify(self, model: Model, proto: onnx.ModelProto, *, stats: dict, output=None,
+               keep_weights: bool = True) -> PassResult:
         """The promises checked on `proto` (written to `output` first when given, renamed into place
         only when they hold); a weight or scale the rewrite made non-finite is refused first."""
         require_finite_weights(model, proto, self.name)
@@ -96,7 +101,7 @@ class Pass:
         def verify(tmp):
             checked["check"] = self.ensures(model, proto, tmp)
 
-        path = save(proto, output, source=model.path, verify=verify)
+        path = save(proto, output, source=model.path, verify=verify, keep_weights=keep_weights)
         return PassResult(proto, stats, checked.get("check"), path)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_prune import LOAD_SAVE, log, measure, peak_by_step, spa_steps
+from bench_prune import LOAD_SAVE, BenchError, log, measure, peak_by_step, spa_steps
 
 BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
@@ -76,9 +76,10 @@ def build_deep(work: Path, venv: Path) -> Path:
 
 
 def run(cmd: list, work: Path, tag: str) -> dict:
-    r = measure(cmd, work / f"{tag}.log", 7200, trace=True)
-    if r["returncode"] != 0:
-        raise SystemExit(f"{tag} failed: {r['stderr'][-1500:]}")
+    try:
+        r = measure(cmd, work / f"{tag}.log", 7200, trace=True)
+    except BenchError as exc:
+        raise SystemExit(f"{tag}: {exc}") from None
     steps = spa_steps(r["stderr"])
     return {"wall_s": round(r["wall_s"], 1), "cpu_s": round(r["cpu_s"], 1), "peak_rss_mib": round(r["rss_mib"]),
             "steps_s": steps, "peak_by_step_mib": {k: round(v) for k, v in peak_by_step(r["rss_samples"],

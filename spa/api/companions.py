@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from spa.core import kvcache
 from spa.core.errors import first_line
 from spa.core.model import write_text_atomic
+from spa.core.runtime import release, session
 
 GENAI, HF = "genai_config.json", "config.json"
 GENERATOR_TOKENS = 16
@@ -128,7 +128,7 @@ def decode(path, tokens: int = GENERATOR_TOKENS) -> list[int]:
     """Greedy tokens after PROMPT from an exported decoder run step by step in ONNX Runtime, its
     present.N outputs fed back as past_key_values.N (an empty cache first): the loop optimum's
     ORTModelForCausalLM and the GenAI generator run, without either."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = session(Path(path), light=True)
     inputs = {i.name: i for i in sess.get_inputs()}
     proto = onnx.load(str(path), load_external_data=False)
     inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info  # the packed query's width
@@ -163,11 +163,14 @@ def decode_check(source: Path, output: Path) -> dict:
     try:
         dense = decode(source)
     except Exception as exc:  # noqa: BLE001 - the input itself does not decode this way: said, not fatal
+        release()
         return {"status": "skipped", "reason": f"the input does not decode step by step: {first_line(exc)}"}
     try:
         pruned = decode(output)
     except Exception as exc:  # noqa: BLE001
         return {"status": "failed", "reason": first_line(exc)}
+    finally:
+        release()
     same = sum(a == b for a, b in zip(dense, pruned))
     return {"status": "ok", "tokens": len(pruned), "same_as_input": same / max(len(dense), 1), "output": pruned}
 

@@ -97,7 +97,7 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     `save_plan` (path), `seed`, `shape` (the input shapes MACs, targets and the output check use,
     e.g. {"x": (1, 3, 736, 736)}; default: the first sample of `calib`, else dynamic dims as 1),
     `check` (run the result in ONNX Runtime), `output` (written atomically, verified on the written
-    file).
+    file; a result over 2 GB written there is not also kept in memory: `.model` is None, load the file).
 
     With `check`, the result's agreement with the input model is measured (spa.core.checks.Gate:
     on the first calibration samples of `calib`, else on random inputs) and, below
@@ -206,7 +206,9 @@ class _Run:
         if self.model.path is not None:
             self.model.drop_weights()
         with self.step("saving + checking" if self.o["check"] or self.o["zeros"] else "saving + ONNX checker"):
-            done = rewrite.verify(self.model, pruned, stats={}, output=self.out)
+            # a result over 2 GB written to a file keeps no copy of its weights (result.model is None)
+            big = self.out is not None and weight_bytes(pruned) >= TWO_GB
+            done = rewrite.verify(self.model, pruned, stats={}, output=self.out, keep_weights=not big)
         if self.o["save_plan"] is not None:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
@@ -217,7 +219,7 @@ class _Run:
                    notes=list(dict.fromkeys(notes + check_notes(done.check))),
                    warnings=agreement_warning(fit) or self._blind_warning(fit),
                    **shapes.record(self.model))
-        return Result(doc, pruned, saver(rewrite, self.model, done), self.model.path,
+        return Result(doc, None if big else pruned, saver(rewrite, self.model, done), self.model.path,
                       after_save=lambda path: self._configs(pruned, path))
 
     def _configs(self, pruned, out) -> dict | None:
@@ -226,11 +228,12 @@ class _Run:
             return None
         with self.step("configs + generator"):
             doc = companions.write(self.model.path, out, pruned, before=self.llm_sizes)
-            if doc and doc.get("written"):
-                doc["decode"] = companions.decode_check(self.model.path, out)
+            if doc and doc.get("written"):  # a GenAI folder runs in GenAI's generator, where installed
                 ran = companions.generator_check(self.model.path, out)
                 if ran is not None:
                     doc["generator"] = ran
+                else:
+                    doc["decode"] = companions.decode_check(self.model.path, out)
         return doc
 
     def _load(self) -> None:

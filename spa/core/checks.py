@@ -96,6 +96,7 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None, ports=None) 
     reference = _baseline(model, feeds)
     if "status" in reference:
         return reference
+    empty = _empty_reference(model, seed)  # while the input's session is loaded
     candidate = pruned_file if pruned_file is not None else pruned
     try:
         rep = compare_outputs(kvcache.fit(reference["outputs"], ports), candidate, kvcache.fit(feeds, ports),
@@ -107,7 +108,7 @@ def output_check(model, pruned, seed: int = 0, *, pruned_file=None, ports=None) 
     errs = [o["rel_err"] for o in rep["outputs"].values() if "rel_err" in o]
     doc = {"status": "ok", "max_rel_err": max(errs) if errs else 0.0, "outputs": rep["outputs"],
            "input_shapes": {k: list(v.shape) for k, v in feeds.items()}}
-    return {**doc, **_empty_cache(model, candidate, seed, ports)}
+    return {**doc, **_empty_cache(empty, candidate, ports)}
 
 
 def check_shapes(model) -> dict | None:
@@ -127,17 +128,26 @@ def _verified(rep: dict) -> None:
         raise VerificationError("pruned model gives non-finite outputs")
 
 
-def _empty_cache(model, candidate, seed: int, ports=None) -> dict:
-    """A decoder with a KV cache is also run with an empty one (the first step of a generation),
-    where the input model runs so: {"empty_cache": {"max_rel_err"} or {"skipped": why}}, or {}."""
+def _empty_reference(model, seed: int) -> tuple | None:
+    """(feeds, the input's outputs or why it did not run) with an empty KV cache, for a decoder."""
     shapes = None if model.input_shapes else cache_shapes(model.proto, past=0, hints=_hints(model))
     if shapes is None:
-        return {}
+        return None
     feeds = random_feeds(model.proto, seed=seed, shapes=shapes)
     try:
-        reference = run(model.path if model.path is not None else model.proto, feeds, light=True)
+        return feeds, run(model.path if model.path is not None else model.proto, feeds, light=True)
     except Exception as exc:  # noqa: BLE001 - the input model itself does not take an empty cache
-        return {"empty_cache": {"skipped": ort_reason(exc, default=type(exc).__name__)}}
+        return feeds, ort_reason(exc, default=type(exc).__name__)
+
+
+def _empty_cache(empty: tuple | None, candidate, ports=None) -> dict:
+    """A decoder with a KV cache is also run with an empty one (the first step of a generation),
+    where the input model runs so: {"empty_cache": {"max_rel_err"} or {"skipped": why}}, or {}."""
+    if empty is None:
+        return {}
+    feeds, reference = empty
+    if isinstance(reference, str):
+        return {"empty_cache": {"skipped": reference}}
     try:
         rep = compare_outputs(kvcache.fit(reference, ports), candidate, kvcache.fit(feeds, ports), light=True)
     except Exception as exc:
@@ -274,10 +284,12 @@ def agreement(reference, candidate, batches: list, *, ports=None) -> dict:
     """How far `candidate` agrees with `reference` (models or files) on `batches`: per float output
     cosine, relative error, max abs and (class scores) top-1 agreement; the worst output's
     `agreement`, `metric` and `loss` (1 - agreement). `ports`: as for output_check."""
-    ref, cand = session(reference, light=True), session(candidate, light=True)
+    ref = session(reference, light=True)  # one model at a time: the input's outputs first
+    wanted = [kvcache.fit(trim(outputs(ref, feeds), feeds), ports) for feeds in batches]
+    del ref
+    cand = session(candidate, light=True)
     acc, samples = {}, 0
-    for feeds in batches:
-        want = kvcache.fit(trim(outputs(ref, feeds), feeds), ports)
+    for feeds, want in zip(batches, wanted):
         got = trim(outputs(cand, kvcache.fit(feeds, ports)), feeds)
         for name, b in want.items():
             a = got.get(name)

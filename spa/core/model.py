@@ -437,12 +437,15 @@ def require_regular(path: Path, what: str) -> None:
                        f"pass the {what} file itself")
 
 
-def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, *, verify=None) -> Path:
+def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = None, *, verify=None,
+         keep_weights: bool = True) -> Path:
     """Write atomically: temp files in the target folder, then rename into place.
 
     Models whose weights exceed 2 GB get one external data file `<name>.data` beside them.
     `verify(temp_path)` runs on the written file before the rename; if it raises, nothing
-    is left behind.
+    is left behind. `keep_weights=False`: such a model's proto lets go of its weights once they
+    are written (its initializers then refer to the data file), so the checks run without a
+    second copy of them in memory.
     """
     path = check_writable(path, source)
     folder = path.parent
@@ -452,7 +455,7 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = 
         tmp = tmpdir / path.name
         external = weight_bytes(proto) >= TWO_GB
         if external:
-            _save_with_external_data(proto, tmp, path.name + ".data")
+            _save_with_external_data(proto, tmp, path.name + ".data", keep=keep_weights)
         else:
             onnx.save_model(proto, str(tmp))
         if verify is not None:
@@ -502,9 +505,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -> None:
+def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str, keep: bool = True) -> None:
     """Move raw tensor bytes >= 1 KiB to `location` beside `tmp`, write the graph, then put
-    the bytes back so the caller's proto is unchanged (no second copy of the weights)."""
+    the bytes back so the caller's proto is unchanged (no second copy of the weights); with
+    `keep=False` they stay in the file only."""
     moved = []
     try:
         with open(tmp.parent / location, "wb") as data:
@@ -513,7 +517,8 @@ def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str) -
                     raw = tensor.raw_data
                     offset = data.tell()
                     data.write(raw)
-                    moved.append((tensor, raw))
+                    if keep:
+                        moved.append((tensor, raw))
                     external_data_helper.set_external_data(tensor, location, offset=offset, length=len(raw))
                     tensor.data_location = onnx.TensorProto.EXTERNAL
                     tensor.ClearField("raw_data")

@@ -41,11 +41,32 @@ def shared_arena() -> bool:
     return True
 
 
+_HELD: dict = {}  # the last light session of a model file: {key: session}, at most one
+
+
 def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSession:
     """A CPU session for a ModelProto, or for a file path (needed above 2 GB).
 
     `light`: no graph optimisations and no weight pre-packing; for checks that run a
-    model once, where building an optimised session costs more than the run."""
+    model once, where building an optimised session costs more than the run. The last light
+    session of a file is kept (one at most: the previous one is dropped before a new one is
+    built), so the checks that run a model several times load it once; `release()` drops it."""
+    if light and isinstance(model, (str, os.PathLike)):
+        st = os.stat(model)
+        key = (str(model), threads, st.st_mtime_ns, st.st_size)
+        if key not in _HELD:
+            release()
+            _HELD[key] = _session(model, threads, light)
+        return _HELD[key]
+    return _session(model, threads, light)
+
+
+def release() -> None:
+    """Drop the kept session (its weights): after the checks, before other work."""
+    _HELD.clear()
+
+
+def _session(model, threads: int, light: bool) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     if light:
