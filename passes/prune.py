@@ -14,6 +14,8 @@ equal the input's within ZEROS_TOL (removing all-zero channels, spa prune --zero
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -23,7 +25,7 @@ from spa.core import kvcache
 from spa.core.cost import dropped_positions
 from spa.core.errors import SpaError, VerificationError
 from spa.core.graph import attr
-from spa.core.model import COPY, constant_node_value, copy_without_initializers
+from spa.core.model import COPY, constant_node_value, copy_without_initializers, materialize_proto
 from spa.core.rules import REWRITERS
 from spa.core.rules import key as rule_key
 
@@ -127,7 +129,7 @@ class Edit:
 def _input_value(graph, name, index):
     for t in graph.initializer:
         if t.name == name:
-            return numpy_helper.to_array(t)
+            return index.value(name) if t.data_location == onnx.TensorProto.EXTERNAL else numpy_helper.to_array(t)
     for n in graph.node:
         if n.op_type == "Constant" and n.output[0] == name:
             return constant_node_value(n)
@@ -153,7 +155,7 @@ def _copy_pruning_initializers(src, edit: Edit, names: set[str], values: dict) -
     proto = copy_without_initializers(src)
     for t in src.graph.initializer:
         if t.name in names:
-            sliced = _slice(values[t.name] if t.name in values else numpy_helper.to_array(t), t.name, edit)
+            sliced = _slice(values[t.name] if t.name in values else edit.index.value(t.name), t.name, edit)
             proto.graph.initializer.append(numpy_helper.from_array(sliced, t.name))
         elif t.name in values:  # a compensated tensor no removal touches (a consumer's corrected bias)
             proto.graph.initializer.append(numpy_helper.from_array(np.asarray(values[t.name]), t.name))
@@ -254,9 +256,11 @@ def check_plan(analysis, plan: dict) -> None:
             raise SpaError(f"plan removes locked channels {locked[:5]} of group '{gid}'")
 
 
-def apply(analysis, plan: dict, values: dict | None = None) -> onnx.ModelProto:
+def apply(analysis, plan: dict, values: dict | None = None, *, keep_external: bool = False) -> onnx.ModelProto:
     """Return the pruned ModelProto (a copy: the analysed model is left as it was). `values`:
-    new arrays for some pruned parameters (same shapes), sliced instead of the stored ones."""
+    new arrays for some pruned parameters (same shapes), sliced instead of the stored ones. A lazily
+    loaded model's untouched weights are read into the result, unless `keep_external`: then they
+    stay references to the input's data (spa.core.model.save copies them over, never all at once)."""
     values = values or {}
     check_plan(analysis, plan)
     drops = dropped_positions(analysis, {g: c for g, c in plan.items() if c})
@@ -272,6 +276,9 @@ def apply(analysis, plan: dict, values: dict | None = None) -> onnx.ModelProto:
     _update_value_infos(proto, edit)
     retie_copies(proto)
     remove_dead(proto)
+    model = analysis.model
+    if model.weights_at and not keep_external:
+        materialize_proto(proto, Path(model.path).parent)
     return proto
 
 
@@ -316,7 +323,7 @@ class PrunePass(Pass):
         self.run_check, self.exact, self.seed = check or exact, exact, seed
 
     def rewrite(self, model) -> tuple[onnx.ModelProto, dict]:
-        proto = apply(self.analysis, self.plan, self.values)  # checks the plan first
+        proto = apply(self.analysis, self.plan, self.values, keep_external=True)  # checks the plan first
         self.ports = kvcache.ports(self.analysis, dropped_positions(self.analysis, {g: c for g, c in self.plan.items()
                                                                                    if c}))
         return proto, {"channels_removed": sum(map(len, self.plan.values()))}

@@ -189,4 +189,5 @@ def simplify_model(model: Model, wanted: bool, step) -> tuple[Model, dict | None
     if not wanted:
         return model, None
     with step("simplify (onnxslim)"):
+        model.materialize()  # onnxslim folds with the weights in hand
         return simplify(model)

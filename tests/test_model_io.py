@@ -64,6 +64,33 @@ def test_big_outputs_get_one_external_data_file(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ort_backend.run(str(out), feeds)["y"], ort_backend.run(model.proto, feeds)["y"])
 
 
+def test_lazy_weights_prune_like_loaded_ones(tmp_path, monkeypatch):
+    """A model with large external data (the limit lowered here) keeps its weights in its file while
+    spa prunes it: read one at a time, the untouched ones copied to the output's data file in
+    chunks; the result equals the one pruned from fully loaded weights, the input is left as it was."""
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(_cnn().proto, str(src), save_as_external_data=True, location="m.bin", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in src.parent.iterdir()}
+    eager = spa.prune(str(src), ratio=0.5, output=str(tmp_path / "eager.onnx"))
+    monkeypatch.setattr(spa.core.model, "LAZY_BYTES", 0)
+    lazy_model = spa.core.model.load(src, lazy=True)
+    assert set(lazy_model.weights_at) == {"w1", "b1", "w2", "b2"}
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy_model.proto.graph.initializer)
+    (tmp_path / "out").mkdir()
+    lazy = spa.prune(str(src), ratio=0.5, output=str(tmp_path / "out" / "m.onnx"))
+    assert lazy.model is None and (tmp_path / "out" / "m.onnx.data").is_file()  # kept nowhere but the file
+    assert lazy["after"] == {**eager["after"], "bytes": lazy["after"]["bytes"]}
+    feeds = ort_backend.random_feeds(_cnn().proto)
+    np.testing.assert_array_equal(ort_backend.run(str(tmp_path / "out" / "m.onnx"), feeds)["y"],
+                                  ort_backend.run(str(tmp_path / "eager.onnx"), feeds)["y"])
+    in_memory = spa.prune(str(src), ratio=0.5)  # no output: the result holds every weight
+    assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in in_memory.model.graph.initializer)
+    np.testing.assert_array_equal(ort_backend.run(in_memory.model, feeds)["y"],
+                                  ort_backend.run(str(tmp_path / "eager.onnx"), feeds)["y"])
+    assert {p.name: p.read_bytes() for p in src.parent.iterdir()} == before
+
+
 def test_save_is_atomic_and_never_writes_the_input(tmp_path):
     model = _cnn()
     path = spa.save(model.proto, tmp_path / "m.onnx")

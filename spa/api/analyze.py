@@ -67,7 +67,7 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
         planner.check_ratio(ratio)
     shapes.parse(shape)
     with step("load + shape inference"):
-        loaded = as_model(model, copy=False)
+        loaded = as_model(model, copy=False, lazy=True)
         data = load_npz(calib) if isinstance(calib, (str, Path)) else calib
         shapes.bind(loaded, shape, conform(data, loaded.proto, "calib="))
     bound = loaded

@@ -28,7 +28,7 @@ from spa.core.blocks import attention_blocks
 from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
 from spa.core.data import bounded_batch, conform, samples_used, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
-from spa.core.model import TWO_GB, Model, check_writable, read_json, weight_bytes, write_text_atomic
+from spa.core.model import TWO_GB, Model, check_writable, materialize_proto, read_json, weight_bytes, write_text_atomic
 from spa.core.runtime import random_feeds
 from spa.core.sizes import file_bytes
 from spa.passes import prune as prune_pass
@@ -207,7 +207,10 @@ class _Run:
             self.model.drop_weights()
         with self.step("saving + checking" if self.o["check"] or self.o["zeros"] else "saving + ONNX checker"):
             # a result over 2 GB written to a file keeps no copy of its weights (result.model is None)
-            big = self.out is not None and weight_bytes(pruned) >= TWO_GB
+            lazy = bool(self.model.weights_at)  # its untouched weights are still the input file's
+            big = self.out is not None and (weight_bytes(pruned) >= TWO_GB or lazy)
+            if self.out is None and lazy:
+                materialize_proto(pruned, Path(self.model.path).parent)
             done = rewrite.verify(self.model, pruned, stats={}, output=self.out, keep_weights=not big)
         if self.o["save_plan"] is not None:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
@@ -238,7 +241,7 @@ class _Run:
 
     def _load(self) -> None:
         with self.step("load + shape inference"):
-            self.model = as_model(self.source)
+            self.model = as_model(self.source, lazy=True)  # an LLM's weights stay in their file
         self.calib = conform(self.calib, self.model.proto, "calib=")
         shapes.bind(self.model, self.o["shape"], self.calib)
         self.model.refuse_overwrite(self.out, self.o["save_plan"])

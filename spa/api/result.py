@@ -51,18 +51,19 @@ class Result:
         return path
 
 
-def as_model(model, infer: bool = True, copy: bool = True) -> Model:
+def as_model(model, infer: bool = True, copy: bool = True, *, lazy: bool = False) -> Model:
     """A spa.Model from a path, an onnx.ModelProto or a spa.Model. The caller's object is never
     changed: analysis and pruning edit the model they get (shared constants untied, weights
     dropped once written), so a ModelProto or spa.Model is copied first (`copy=False`: use a
-    spa.Model as it is, as spa.analyze does with the Model it hands back)."""
+    spa.Model as it is, as spa.analyze does with the Model it hands back). `lazy`: a file whose
+    external data is large keeps its weights there, read one at a time (spa.core.model.load)."""
     if isinstance(model, Model):
         if not copy:
             return model
         proto = onnx.ModelProto()
         proto.CopyFrom(model.proto)
         return Model(proto, model.path, dict(model.shapes), dict(model.dtypes), set(model.unknown),
-                     set(model.external_files))
+                     set(model.external_files), weights_at=dict(model.weights_at))
     if isinstance(model, onnx.ModelProto):
         check_sizes(model, None)
         proto = onnx.ModelProto()
@@ -72,7 +73,7 @@ def as_model(model, infer: bool = True, copy: bool = True) -> Model:
             infer_shapes(wrapped)
         return wrapped
     if isinstance(model, (str, os.PathLike)):
-        return load(model, infer=infer)
+        return load(model, infer=infer, lazy=lazy)
     raise UsageError(f"invalid model={type(model).__name__}: expected a path, an onnx.ModelProto or a spa.Model")
 
 

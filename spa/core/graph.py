@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from spa.core.model import SMALL, Model, constant_node_value
+from spa.core.tensors import read_array
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -93,7 +94,8 @@ class GraphIndex:
 
     def _compute_value(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            ext = self.model.weights_at.get(name)  # a lazily loaded weight: read from its file
+            return read_array(ext) if ext is not None else numpy_helper.to_array(self.initializers[name])
         if name in self.constant_nodes:
             return constant_node_value(self.constant_nodes[name])
         if name in self.filled:

@@ -29,7 +29,7 @@ from onnx import external_data_helper, numpy_helper
 from spa.core.errors import SpaError, first_line
 from spa.core.runtime import ort_reason, random_feeds, run_with_outputs, session
 from spa.core.sizes import TWO_GB, file_bytes, weight_bytes  # noqa: F401 - re-exported: model I/O's sizes
-from spa.core.tensors import External, all_tensors, check_sizes, external_data, read_external
+from spa.core.tensors import External, all_tensors, check_sizes, external_data, read_array, read_external
 
 Shape = tuple  # tuple[int | None, ...]: static dims as int, dynamic/unknown as None
 
@@ -47,6 +47,18 @@ class Model:
     input_shapes: dict | None = None  # {input: dims} it runs at (spa.core.shapes.bind); None: dynamic dims as 1
     input_shapes_from: str = "model"  # where input_shapes came from: "shape", "calib" (or the data's name), "model"
     shapes_at: dict | None = None  # every tensor's shape at input_shapes: what spa.core.cost counts
+    # lazily loaded (load(lazy=True)): initializers still in their external data, read one at a time
+    weights_at: dict = field(default_factory=dict)  # {initializer name: spa.core.tensors.External}
+
+    def materialize(self) -> None:
+        """Read a lazily loaded model's weights into its proto (for passes that need them all)."""
+        for t in self.proto.graph.initializer:
+            ext = self.weights_at.get(t.name)
+            if ext is not None and t.data_location == onnx.TensorProto.EXTERNAL:
+                t.raw_data = read_array(ext).tobytes()
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
+        self.weights_at = {}
 
     def drop_weights(self) -> None:
         """Keep the graph, free the initializers' data (the file still has them)."""
@@ -126,13 +138,22 @@ def _checked_tensors(proto: onnx.ModelProto, path: Path) -> list[External]:
     return external_data(proto, path)
 
 
-def load(path: str | os.PathLike, infer: bool = True) -> Model:
-    """Load an ONNX model (external data checked and loaded) and infer its shapes."""
+LAZY_BYTES = 1 << 30  # with lazy=True, external data from this size on stays in its file
+
+
+def load(path: str | os.PathLike, infer: bool = True, lazy: bool = False) -> Model:
+    """Load an ONNX model (external data checked and loaded) and infer its shapes. `lazy`: a model
+    whose external data holds LAZY_BYTES or more keeps its initializers there (the proto refers to
+    them, `Model.weights_at` says where), each read when a value is asked for (GraphIndex.value):
+    an LLM's weights are never all in memory at once."""
     path = Path(path)
     proto, external = read_graph(path)
-    read_external(external, path)
+    names = {t.name for t in proto.graph.initializer}
+    kept = [e for e in external if e.tensor.name in names] \
+        if lazy and sum(e.size for e in external) >= LAZY_BYTES else []
+    read_external([e for e in external if e not in kept], path)
     _check_proto(proto, path, from_file=bool(external))
-    model = Model(proto, path, external_files={e.file for e in external})
+    model = Model(proto, path, external_files={e.file for e in external}, weights_at={e.tensor.name: e for e in kept})
     if infer:
         infer_shapes(model)
     return model
@@ -327,7 +348,7 @@ def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> Non
 def _run_fallback(model: Model) -> None:
     """Run the model with every unknown tensor as an output, dynamic dims at 1 and 2."""
     names = [n for n in _missing(model) if n in model.dtypes]
-    if not names or weight_bytes(model.proto) >= TWO_GB:
+    if not names or weight_bytes(model.proto) >= TWO_GB or model.weights_at:
         return
     try:
         runs = [run_with_outputs(model, names, random_feeds(model, dynamic=d)) for d in (1, 2)]
@@ -453,9 +474,12 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike, source: Path | None = 
     tmpdir = Path(tempfile.mkdtemp(prefix=tmp_prefix(), dir=folder))
     try:
         tmp = tmpdir / path.name
-        external = weight_bytes(proto) >= TWO_GB
+        # over 2 GB, or holding weights still in the input's files (a lazily loaded model's)
+        external = weight_bytes(proto) >= TWO_GB or any(t.data_location == onnx.TensorProto.EXTERNAL
+                                                        for t in proto.graph.initializer)
         if external:
-            _save_with_external_data(proto, tmp, path.name + ".data", keep=keep_weights)
+            base = Path(source).parent if source is not None else folder
+            _save_with_external_data(proto, tmp, path.name + ".data", keep=keep_weights, base=base)
         else:
             onnx.save_model(proto, str(tmp))
         if verify is not None:
@@ -505,14 +529,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str, keep: bool = True) -> None:
+def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str, keep: bool = True,
+                             base: Path | None = None) -> None:
     """Move raw tensor bytes >= 1 KiB to `location` beside `tmp`, write the graph, then put
     the bytes back so the caller's proto is unchanged (no second copy of the weights); with
-    `keep=False` they stay in the file only."""
-    moved = []
+    `keep=False` they stay in the file only. Tensors whose data is still external (relative to
+    `base`, the input's folder) are copied from there in chunks."""
+    moved, relocated = [], []
     try:
         with open(tmp.parent / location, "wb") as data:
             for tensor in all_tensors(proto):
+                if tensor.data_location == onnx.TensorProto.EXTERNAL and base is not None:
+                    old = list(tensor.external_data)
+                    offset = _copy_external(tensor, base, data)
+                    if keep:
+                        relocated.append((tensor, old))
+                    del tensor.external_data[:]
+                    for key, value in (("location", location), ("offset", offset), ("length", data.tell() - offset)):
+                        tensor.external_data.add(key=key, value=str(value))
+                    continue
                 if tensor.HasField("raw_data") and len(tensor.raw_data) >= 1024:
                     raw = tensor.raw_data
                     offset = data.tell()
@@ -529,6 +564,39 @@ def _save_with_external_data(proto: onnx.ModelProto, tmp: Path, location: str, k
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
             tensor.raw_data = raw
+        for tensor, old in relocated:
+            del tensor.external_data[:]
+            tensor.external_data.extend(old)
+
+
+CHUNK = 64 << 20
+
+
+def materialize_proto(proto: onnx.ModelProto, base: Path) -> onnx.ModelProto:
+    """Read every initializer still in external data (relative to `base`) into the proto (in place)."""
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            external_data_helper.load_external_data_for_tensor(t, str(base))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+    return proto
+
+
+def _copy_external(tensor, base: Path, out) -> int:
+    """Append a tensor's external bytes (relative to `base`) to `out` in chunks; its offset there."""
+    info = {e.key: e.value for e in tensor.external_data}
+    start, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+    offset = out.tell()
+    with open(base / info["location"], "rb") as src:
+        src.seek(start)
+        left = length if length is not None else os.fstat(src.fileno()).st_size - start
+        while left > 0:
+            chunk = src.read(min(CHUNK, left))
+            if not chunk:
+                raise SpaError(f"external data of tensor '{tensor.name}' ends early")
+            out.write(chunk)
+            left -= len(chunk)
+    return offset
 
 
 def read_json(path: str | os.PathLike, what: str):

@@ -198,6 +198,18 @@ def _in_range(tensor: TensorProto, keys: dict, target: Path, path: Path) -> Exte
     return External(tensor, target, offset, size)
 
 
+def read_array(ext: External) -> np.ndarray:
+    """One tensor's value read from its external data (a lazily loaded model's weights,
+    spa.core.model.load(lazy=True)): only its own bytes, straight from the file."""
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ext.tensor.data_type))
+    count = int(np.prod(ext.tensor.dims, dtype=np.int64))
+    arr = np.fromfile(ext.file, dtype=dtype, count=count, offset=ext.offset)
+    if arr.size != count:  # the file shrank since it was checked
+        raise SpaError(f"external data of tensor '{ext.tensor.name}' ends early in '{ext.file}' "
+                       f"({arr.nbytes} of {count * dtype.itemsize} bytes)")
+    return arr.reshape(tuple(ext.tensor.dims))
+
+
 def read_external(found: list[External], path: Path) -> None:
     """Read each tensor's checked external bytes into its raw_data (the tensor then holds its data)."""
     for ext in found:

@@ -11,8 +11,9 @@ from spa.scoring import criteria
 from spa.scoring.measure import statistics
 
 
-def scores(analysis: Analysis, criterion: str, seed: int = 0, *, stats=None) -> dict:
-    """{group id: channel scores} of `criterion`; the data criteria read `stats`."""
+def scores(analysis: Analysis, criterion: str, seed: int = 0, *, stats=None, groups=None) -> dict:
+    """{group id: channel scores} of `criterion` for every prunable group (or `groups`); the data
+    criteria read `stats`."""
     criteria.get(criterion)
     need = criteria.NEEDS.get(criterion)
     if need == "gradients" and (stats is None or getattr(stats, "kind", None) != criterion):
@@ -24,7 +25,8 @@ def scores(analysis: Analysis, criterion: str, seed: int = 0, *, stats=None) -> 
                        "pass calib=DATA.npz (arrays keyed by input name)")
     if need and stats is None:
         stats = statistics(analysis)
-    return criteria.score(analysis, criterion, seed=seed, data=stats)
+    return criteria.score(analysis, criterion, [g for g in groups if g.prunable] if groups is not None else None,
+                          seed=seed, data=stats)
 
 
 def _candidates(analysis: Analysis, prune_hidden: bool) -> list:
@@ -42,8 +44,8 @@ def make_plan(analysis: Analysis, ratio: float, criterion: str = "l1", *, global
     positive_int("round_to", round_to)
     if ratio == 0:
         return {}
-    ranked = scores(analysis, criterion, seed, stats=stats)
-    groups = _candidates(analysis, prune_hidden)
+    groups = _candidates(analysis, prune_hidden)  # the hidden size is not scored unless it may go
+    ranked = scores(analysis, criterion, seed, stats=stats, groups=groups)
     if global_rank:
         return planner.global_(groups, ranked, ratio, round_to=round_to, max_group_ratio=max_group_ratio)
     return planner.uniform(groups, ranked, ratio, round_to=round_to)
@@ -69,7 +71,7 @@ def allocate(analysis: Analysis, kind: str, keep: float, *, criterion: str = "l1
         raise UsageError(f"unknown target '{kind}'", "choose params or macs")
     budget.check_keep(kind, keep)
     planner.check_ratio(max_group_ratio, "max_group_ratio")
-    ranked = scores(analysis, criterion, seed, stats=stats)
+    ranked = scores(analysis, criterion, seed, stats=stats, groups=_candidates(analysis, prune_hidden))
     groups = [g for g in _candidates(analysis, prune_hidden) if g.prunable and g.id in ranked]
     protect = budget.structural(analysis, groups)
     weights, how = None, "estimated (no data: every group alike, structure protects)"

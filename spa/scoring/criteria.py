@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from spa.core.cost import FLOAT_TYPES
 from spa.core.errors import SpaError
 from spa.scoring import obspa as obs
 from spa.scoring.gradients import channel_scores
@@ -39,9 +40,17 @@ def get(name: str) -> Callable:
     return CRITERIA[name]
 
 
+def _scored_members(group, weights) -> list:
+    """The members a weight criterion reads: float (not quantized codes, which carry no magnitude),
+    matrices before vectors. Read from the tensors' metadata where `weights` has it (no loading)."""
+    meta = getattr(weights, "meta", None) or (lambda name: (weights[name].dtype.kind, weights[name].ndim))
+    kinds = {m.tensor: meta(m.tensor) for m in group.members}
+    floats = [m for m in group.members if kinds[m.tensor][0] == "f"] or group.members
+    return [m for m in floats if kinds[m.tensor][1] >= 2] or floats
+
+
 def _member_norms(group, weights, power: int) -> list[np.ndarray]:
-    floats = [m for m in group.members if weights[m.tensor].dtype.kind == "f"] or group.members  # not quantized codes
-    members = [m for m in floats if weights[m.tensor].ndim >= 2] or floats
+    members = _scored_members(group, weights)
     out = []
     for m in members:
         w = weights[m.tensor]
@@ -96,8 +105,7 @@ def fpgm(group, weights, data=None, seed=0) -> np.ndarray:
     close to all the others (near their geometric median) is replaceable, so it scores low.
     Score = summed Euclidean distance to the other channels, per weight member, normalised
     to mean 1 and averaged over members."""
-    floats = [m for m in group.members if weights[m.tensor].dtype.kind == "f"] or group.members  # not quantized codes
-    members = [m for m in floats if weights[m.tensor].ndim >= 2] or floats
+    members = _scored_members(group, weights)
     out = []
     for m in members:
         v = _channel_vectors(weights[m.tensor], m)
@@ -197,10 +205,39 @@ def score(analysis, name: str, groups=None, *, seed: int = 0, data=None) -> dict
     criterion needs one."""
     fn = get(name)
     groups = [g for g in analysis.groups if g.prunable] if groups is None else groups
-    # one group's weights at a time (peak memory near two groups, not the model); neighbours
-    # share tensors (a conv's weight is a member of its output group and its input group)
-    scores, held = {}, {}
-    for g in groups:
-        held = {m.tensor: held[m.tensor] if m.tensor in held else analysis.index.value(m.tensor) for m in g.members}
-        scores[g.id] = fn(g, held, data=data, seed=seed)
-    return scores
+    # weights read as a criterion reaches them, the most recent kept up to HELD_BYTES (neighbours
+    # share tensors: a conv's weight is a member of its output group and its input group), so a
+    # group spanning every layer (an LLM's hidden size) never holds the whole model at once
+    held = _Held(analysis.index)
+    return {g.id: fn(g, held, data=data, seed=seed) for g in groups}
+
+
+HELD_BYTES = 256 << 20
+
+
+class _Held(dict):
+    """{tensor: value} read on first access through the analysis' index; least recently used
+    ones dropped beyond HELD_BYTES (a dropped one is read again when asked for)."""
+
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+
+    def __missing__(self, name):
+        value = self.index.value(name)
+        while self and sum(v.nbytes for v in self.values() if v is not None) + getattr(value, "nbytes", 0) > HELD_BYTES:
+            del self[next(iter(self))]
+        self[name] = value
+        return value
+
+    def meta(self, name) -> tuple[str, int]:
+        """(numpy dtype kind, rank) of a tensor, from the graph: no data read."""
+        kind = "f" if self.index.model.dtypes.get(name) in FLOAT_TYPES else "i"
+        return kind, self.index.rank(name) or 0
+
+    def __getitem__(self, name):
+        if name in self:
+            value = super().pop(name)
+            super().__setitem__(name, value)  # most recent last
+            return value
+        return self.__missing__(name)
