@@ -72,15 +72,15 @@ def parse_pattern(text: str, name: str = "pattern") -> tuple[int, int]:
 class _Weights:
     """Constant tensors of a model by name (initializers and Constant nodes), and producers."""
 
-    def __init__(self, proto: onnx.ModelProto):
-        self.proto = proto
+    def __init__(self, proto: onnx.ModelProto, base: str = ""):
+        self.proto, self.base = proto, base  # base: the folder of weights still in external data
         self.inits = {t.name: t for t in proto.graph.initializer}
         self.producer = {o: n for n in proto.graph.node for o in n.output}
         self.constants = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
 
     def value(self, name: str) -> np.ndarray | None:
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return numpy_helper.to_array(self.inits[name], base_dir=self.base)
         node = self.constants.get(name)
         if node is not None:
             for a in node.attribute:
@@ -332,9 +332,10 @@ def _zero_point(proto, weights: _Weights, stored: str):
     return None
 
 
-def report(proto: onnx.ModelProto, n: int = 2, m: int = 4, *, min_size: int = 16) -> dict:
-    """Existing N:M sparsity: eligible layers and how many of them hold the pattern."""
-    found = layers(proto, n, m, min_size=min_size)
+def report(proto: onnx.ModelProto, n: int = 2, m: int = 4, *, min_size: int = 16, base: str = "") -> dict:
+    """Existing N:M sparsity: eligible layers and how many of them hold the pattern (`base`: the
+    folder of weights still in external data, a lazily loaded model's)."""
+    found = layers(proto, n, m, min_size=min_size, weights=_Weights(proto, base))
     eligible = [x for x in found if x.eligible]
     return {"pattern": f"{n}:{m}", "min_size": min_size, "layers": len(found), "eligible": len(eligible),
             "holding": sum(1 for x in eligible if x.holds),

@@ -46,10 +46,15 @@ class AnalysisResult(Analysis):
         doc = {"schema_version": SCHEMA, "model": str(self.model.path) if self.model.path else None,
                "params": c["params"], "macs": c["macs"], **shapes.record(self.model), **super().to_json(),
                "attention_blocks": [b.to_json() for b in self.blocks], "simplify": self.simplified,
-               "sparsity": sparsify.report(self.model.proto), "quantization": quantize.coverage(self.model.proto)}
+               "sparsity": sparsify.report(self.model.proto, base=self._weights_folder()),
+               "quantization": quantize.coverage(self.model.proto)}
         if self.preview is not None:
             doc["preview"] = self.preview
         return doc
+
+    def _weights_folder(self) -> str:
+        """Where a lazily loaded model's weights are read from (its file's folder), else ""."""
+        return str(Path(self.model.path).parent) if self.model.weights_at else ""
 
 
 def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=None, criterion: str = "l1",
