@@ -14,6 +14,8 @@ equal the input's within ZEROS_TOL (removing all-zero channels, spa prune --zero
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,15 @@ from spa.core import kvcache
 from spa.core.cost import dropped_positions
 from spa.core.errors import SpaError, VerificationError
 from spa.core.graph import attr
-from spa.core.model import COPY, constant_node_value, copy_without_initializers, materialize_proto
+from spa.core.model import (
+    COPY,
+    SMALL,
+    constant_node_value,
+    copy_without_initializers,
+    materialize_proto,
+    sweep_stale,
+    tmp_prefix,
+)
 from spa.core.rules import REWRITERS
 from spa.core.rules import key as rule_key
 
@@ -149,19 +159,54 @@ def _slice(array: np.ndarray, name: str, edit: Edit) -> np.ndarray:
     return array
 
 
-def _copy_pruning_initializers(src, edit: Edit, names: set[str], values: dict) -> onnx.ModelProto:
+def _copy_pruning_initializers(src, edit: Edit, names: set[str], values: dict, spill=None) -> onnx.ModelProto:
     """The output model: unchanged initializers copied, pruned ones sliced (never both);
-    `values` replace the stored arrays first (compensated weights and biases)."""
+    `values` replace the stored arrays first (compensated weights and biases). With `spill` (a
+    Spill), large new arrays go to its file and the proto refers to them there."""
     proto = copy_without_initializers(src)
     for t in src.graph.initializer:
         if t.name in names:
-            sliced = _slice(values[t.name] if t.name in values else edit.index.value(t.name), t.name, edit)
-            proto.graph.initializer.append(numpy_helper.from_array(sliced, t.name))
+            new = _slice(values[t.name] if t.name in values else edit.index.value(t.name), t.name, edit)
         elif t.name in values:  # a compensated tensor no removal touches (a consumer's corrected bias)
-            proto.graph.initializer.append(numpy_helper.from_array(np.asarray(values[t.name]), t.name))
+            new = np.asarray(values[t.name])
         else:
             proto.graph.initializer.append(t)
+            continue
+        proto.graph.initializer.append(spill.tensor(new, t.name) if spill is not None and new.size > SMALL
+                                       else numpy_helper.from_array(new, t.name))
     return proto
+
+
+class Spill:
+    """A temp file the new weights of a lazily loaded model's pruning are written to as they are
+    made, so that the pruned proto never holds them (upb keeps a message's memory until the whole
+    message goes): it refers to them by absolute location, which spa.core.model.save copies into
+    the output's data file. `close()` removes the file. A new weight that is not finite is refused
+    here, as PassResult's finite-weights check does for weights held in the proto."""
+
+    def __init__(self):
+        sweep_stale(Path(tempfile.gettempdir()))  # a killed run's spill
+        fd, self.path = tempfile.mkstemp(prefix=tmp_prefix(), suffix=".data")
+        self.file = os.fdopen(fd, "wb")
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise VerificationError(f"prune: the result's tensor '{name}' holds non-finite values (NaN or inf); "
+                                    "nothing written")
+        array = np.ascontiguousarray(array)
+        offset = self.file.tell()
+        self.file.write(array.tobytes())
+        self.file.flush()
+        t = onnx.TensorProto(name=name, dims=array.shape,
+                             data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                             data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", self.path), ("offset", offset), ("length", array.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        return t
+
+    def close(self) -> None:
+        self.file.close()
+        Path(self.path).unlink(missing_ok=True)
 
 
 def _prune_constant_nodes(proto, edit: Edit, names: set[str], values: dict) -> None:
@@ -256,7 +301,8 @@ def check_plan(analysis, plan: dict) -> None:
             raise SpaError(f"plan removes locked channels {locked[:5]} of group '{gid}'")
 
 
-def apply(analysis, plan: dict, values: dict | None = None, *, keep_external: bool = False) -> onnx.ModelProto:
+def apply(analysis, plan: dict, values: dict | None = None, *, keep_external: bool = False,
+          spill: Spill | None = None) -> onnx.ModelProto:
     """Return the pruned ModelProto (a copy: the analysed model is left as it was). `values`:
     new arrays for some pruned parameters (same shapes), sliced instead of the stored ones. A lazily
     loaded model's untouched weights are read into the result, unless `keep_external`: then they
@@ -267,7 +313,7 @@ def apply(analysis, plan: dict, values: dict | None = None, *, keep_external: bo
     touched = {t for (t, _) in drops}
     consts = {t for t in touched if analysis.index.is_const(t)}
     edit = Edit(analysis, drops)
-    proto = edit.bind(_copy_pruning_initializers(analysis.model.proto, edit, consts, values))
+    proto = edit.bind(_copy_pruning_initializers(analysis.model.proto, edit, consts, values, spill))
     _prune_constant_nodes(proto, edit, consts, values)
     for node in proto.graph.node:
         fn = REWRITERS.get(rule_key(node))
@@ -322,11 +368,20 @@ class PrunePass(Pass):
         self.analysis, self.plan, self.values = analysis, plan, values
         self.run_check, self.exact, self.seed = check or exact, exact, seed
 
+    spill = None  # a lazily loaded model's new weights, in a temp file until saved (close() removes it)
+
     def rewrite(self, model) -> tuple[onnx.ModelProto, dict]:
-        proto = apply(self.analysis, self.plan, self.values, keep_external=True)  # checks the plan first
+        lazy = bool(self.analysis.model.weights_at)
+        self.spill = Spill() if lazy else None
+        proto = apply(self.analysis, self.plan, self.values, keep_external=lazy, spill=self.spill)  # checks the plan
         self.ports = kvcache.ports(self.analysis, dropped_positions(self.analysis, {g: c for g, c in self.plan.items()
                                                                                    if c}))
         return proto, {"channels_removed": sum(map(len, self.plan.values()))}
+
+    def close(self) -> None:
+        """Remove the temp file of spilled weights (after the result was saved or read back)."""
+        if self.spill is not None:
+            self.spill.close()
 
     def ensures(self, model, proto, file=None):
         check = super().ensures(model, proto, file)

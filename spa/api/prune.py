@@ -211,7 +211,11 @@ class _Run:
             big = self.out is not None and (weight_bytes(pruned) >= TWO_GB or lazy)
             if self.out is None and lazy:
                 materialize_proto(pruned, Path(self.model.path).parent)
-            done = rewrite.verify(self.model, pruned, stats={}, output=self.out, keep_weights=not big)
+                rewrite.close()
+            try:
+                done = rewrite.verify(self.model, pruned, stats={}, output=self.out, keep_weights=not big)
+            finally:
+                rewrite.close()
         if self.o["save_plan"] is not None:
             write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)

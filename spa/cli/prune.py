@@ -129,7 +129,9 @@ def show_io(doc: dict) -> None:
 
 def _show_run(what: str, ran: dict | None) -> None:
     if ran:
-        if ran["status"] == "ok":
+        if ran["status"] == "ok" and ran["same_as_input"] is None:
+            report.note(f"{what}: {ran['tokens']} tokens ({ran['why']})")
+        elif ran["status"] == "ok":
             report.note(f"{what}: {ran['tokens']} tokens, {ran['same_as_input']:.2f} of them the input model's")
         elif ran["status"] == "skipped":
             report.note(f"{what} skipped: {ran['reason']}")

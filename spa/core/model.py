@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import io
 import json
 import os
 import re
@@ -576,9 +577,11 @@ def materialize_proto(proto: onnx.ModelProto, base: Path) -> onnx.ModelProto:
     """Read every initializer still in external data (relative to `base`) into the proto (in place)."""
     for t in proto.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            external_data_helper.load_external_data_for_tensor(t, str(base))
-            t.data_location = onnx.TensorProto.DEFAULT
+            buffer = io.BytesIO()
+            _copy_external(t, base, buffer)
             del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = buffer.getvalue()
     return proto
 
 
