@@ -62,7 +62,7 @@ def test_prune_with_cache(export, tmp_path, family):
     assert dec["status"] == "ok" and dec["tokens"] == 16
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", llm_export.OPTIMUM_FAMILIES)
 def test_zero_invariance_with_cache(export, family):
     a = spa.analyze(str(export(family)), simplify=True)
     plan = random_zi_plan(a, seed=2)
