@@ -1593,6 +1593,102 @@ def test_group_query_attention():
         api.prune(a, {rotary.id: [0, 1, 2]})
 
 
+def _contrib_io(nodes, inits, inputs: dict, outputs: dict):
+    """A com.microsoft model with several inputs/outputs ({name: (dtype, dims)}), shapes filled by spa."""
+    from spa.core.model import Model, infer_shapes
+
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vi(n, t, d) for n, (t, d) in inputs.items()],
+                              [vi(n, t, d) for n, (t, d) in outputs.items()], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    proto.ir_version = 8
+    model = Model(proto)
+    infer_shapes(model)
+    return model
+
+
+def test_multi_head_attention():
+    """MultiHeadAttention with separate Q/K/V projections, a packed bias and a KV cache: heads go
+    with their columns, bias slices, output rows and cache slices; the head size of Q/K and V
+    (one group: the cache's keys and values share one head size); the rewriter sets num_heads and
+    keeps the old default scale."""
+    from spa.core import kvcache
+    from spa.core.cost import dropped_positions
+
+    rng = np.random.default_rng(2)
+    f = TensorProto.FLOAT
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+    nodes = [node("MatMul", ["x", "Wq"], ["q"]), node("MatMul", ["x", "Wk"], ["k"]), node("MatMul", ["x", "Wv"], ["v"]),
+             node("MultiHeadAttention", ["q", "k", "v", "bias", "", "", "past_key_values.0.key",
+                                         "past_key_values.0.value"], ["att", "present.0.key", "present.0.value"],
+                  domain="com.microsoft", num_heads=2),
+             node("MatMul", ["att", "Wo"], ["y"])]
+    inits = [w("Wq", 8, 12), w("Wk", 8, 12), w("Wv", 8, 12), w("bias", 36), w("Wo", 12, 8)]
+    m = _contrib_io(nodes, inits, {"x": (f, [1, 3, 8]), "past_key_values.0.key": (f, [1, 2, "p", 6]),
+                                   "past_key_values.0.value": (f, [1, 2, "p", 6])},
+                    {"y": (f, [1, 3, 8]), "present.0.key": (f, [1, 2, "t", 6]), "present.0.value": (f, [1, 2, "t", 6])})
+    a = analyze(m)
+    heads = next(g for g in a.groups if ("past_key_values.0.key", 1) in g.positions)
+    assert heads.size == 2 and heads.prunable and heads.zero_invariant
+    assert [len(np.ravel(p)) for p in heads.positions[("bias", 0)]] == [6 + 6 + 6] * 2
+    d = next(g for g in a.groups if ("Wq", 1) in g.positions and g is not heads)
+    dv = next(g for g in a.groups if ("Wv", 1) in g.positions and g is not heads)
+    assert d.size == 6 and d is dv  # the op takes them apart, the KV cache (one head size in the config) does not
+    plan = {heads.id: [1], d.id: [0, 5]}
+    pruned = api.prune(a, plan)
+    attrs = {x.name: helper.get_attribute_value(x) for x in pruned.graph.node[3].attribute}
+    assert attrs["num_heads"] == 1 and abs(attrs["scale"] - 6 ** -0.5) < 1e-7
+    feeds = {"x": rng.standard_normal((1, 3, 8)).astype(np.float32),
+             "past_key_values.0.key": rng.standard_normal((1, 2, 4, 6)).astype(np.float32),
+             "past_key_values.0.value": rng.standard_normal((1, 2, 4, 6)).astype(np.float32)}
+    ports = kvcache.ports(a, dropped_positions(a, plan))
+    zero = kvcache.fit(ort_backend.run(api.zeroed(a, plan), feeds), ports)
+    got = ort_backend.run(pruned, kvcache.fit(feeds, ports))
+    for name, ref in zero.items():
+        assert got[name].shape == ref.shape and np.allclose(got[name], ref, atol=1e-5), name
+    assert [b.heads.before for b in spa.core.blocks.attention_blocks(a)] == [2]
+
+
+@pytest.mark.parametrize("layout", ["3d", "4d"])
+def test_rotary_embedding(layout):
+    """RotaryEmbedding keeps rotary pairs (i, i + rot/2) together with their cos/sin column; with a
+    3-D input its heads are tied to num_heads, which the rewriter updates."""
+    rng = np.random.default_rng(3)
+    f = TensorProto.FLOAT
+    pos = np.arange(8)[:, None] / (100 ** (np.arange(4) / 4))
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32) * 0.3, "Wq"),
+             numpy_helper.from_array(rng.standard_normal((16, 5)).astype(np.float32) * 0.3, "Wo"),
+             numpy_helper.from_array(np.cos(pos).astype(np.float32), "cos"),
+             numpy_helper.from_array(np.sin(pos).astype(np.float32), "sin"),
+             numpy_helper.from_array(np.array([1, 3, 2, 8], np.int64), "s4"),
+             numpy_helper.from_array(np.array([1, 3, 16], np.int64), "s3")]
+    rope = {"domain": "com.microsoft"}
+    if layout == "3d":
+        nodes = [node("MatMul", ["x", "Wq"], ["q"]), node("RotaryEmbedding", ["q", "pos", "cos", "sin"], ["r"],
+                                                          num_heads=2, **rope), node("MatMul", ["r", "Wo"], ["y"])]
+    else:
+        nodes = [node("MatMul", ["x", "Wq"], ["q"]), node("Reshape", ["q", "s4"], ["q4"]),  # [B, S, H, D]
+                 node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),  # [B, H, S, D], as the op reads it
+                 node("RotaryEmbedding", ["qh", "pos", "cos", "sin"], ["rh"], **rope),
+                 node("Transpose", ["rh"], ["r4"], perm=[0, 2, 1, 3]),
+                 node("Reshape", ["r4", "s3"], ["r"]), node("MatMul", ["r", "Wo"], ["y"])]
+    m = _contrib_io(nodes, inits, {"x": (f, [1, 3, 8]), "pos": (TensorProto.INT64, [1, 3])}, {"y": (f, [1, 3, 5])})
+    a = analyze(m)
+    rotary = next(g for g in a.groups if ("cos", 1) in g.positions)
+    assert rotary.size == 4 and rotary.prunable and rotary.zero_invariant
+    assert sorted(np.ravel(rotary.positions[("Wq", 1)][0]).tolist()) == [0, 4, 8, 12]  # pair (0, 4) of both heads
+    plan = {rotary.id: [1]}
+    feeds = {"x": rng.standard_normal((1, 3, 8)).astype(np.float32), "pos": np.array([[0, 1, 2]], np.int64)}
+    ref = ort_backend.run(api.zeroed(a, plan), feeds)["y"]
+    pruned = api.prune(a, plan)
+    assert np.allclose(ort_backend.run(pruned, feeds)["y"], ref, atol=1e-5)
+    if layout == "3d":
+        heads = next(g for g in a.groups if any("::heads" in s[0] for s in g.positions))
+        out = api.prune(a, {heads.id: [0]})
+        attrs = {x.name: helper.get_attribute_value(x) for x in out.graph.node[1].attribute}
+        assert attrs["num_heads"] == 1
+
+
 def _nbits(rng, n, k, block=32):
     blocks = -(-k // block)
     codes = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
@@ -1776,11 +1872,15 @@ RULE_TESTS = {
     "skip_layernorm": ["test_contrib_skip_layernorm"],
     "group_query_attention": ["test_group_query_attention"],
     "matmul_nbits": ["test_matmul_nbits"],
+    "multi_head_attention": ["test_multi_head_attention"],
+    "rotary_embedding": ["test_rotary_embedding"],
 }
 
 REWRITER_TESTS = {
     "gqa_attributes": ["test_group_query_attention"],
     "matmul_nbits_sizes": ["test_matmul_nbits"],
+    "mha_attributes": ["test_multi_head_attention"],
+    "rope_attributes": ["test_rotary_embedding"],
     "conv_group": ["test_conv_depthwise", "test_conv_grouped", "test_conv_transpose"],
     "split_sizes": ["test_split"],
     "slice_window": ["test_slice"],

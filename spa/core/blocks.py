@@ -120,9 +120,14 @@ def _node_order(analysis: Analysis) -> dict[str, int]:
 
 
 def _fused(analysis: Analysis, node, plan: dict) -> Block | None:
-    """The Block of a GroupQueryAttention, read from the spaces its rule declares
-    (spa.core.rules.attention): query heads = KV heads x query heads per KV head."""
+    """The Block of a GroupQueryAttention (query heads = KV heads x query heads per KV head) or a
+    MultiHeadAttention, read from the spaces its rule declares (spa.core.rules.attention)."""
     o = node.output[0]
+    if node.op_type == "MultiHeadAttention":
+        if analysis.index.shape(f"{o}::heads") is None:
+            return None
+        heads, d, dv = (_axis(analysis, [(f"{o}::{p}", 0)], plan) for p in ("heads", "head_dim", "v_head_dim"))
+        return Block(analysis.index.label(node).strip("'"), heads, d, dv, [])
     if analysis.index.shape(f"{o}::kv_heads") is None:
         return None
     kv, rep, d = (_axis(analysis, [(f"{o}::{p}", 0)], plan) for p in ("kv_heads", "q_per_kv", "head_dim"))
@@ -139,7 +144,7 @@ def attention_blocks(analysis: Analysis, plan: dict | None = None) -> list[Block
     index = analysis.index
     found = []
     for i, node in enumerate(index.graph.node):
-        if node.op_type == "GroupQueryAttention":
+        if node.op_type in ("GroupQueryAttention", "MultiHeadAttention"):
             found.append((i, node, None, None))
             continue
         if node.op_type != "Softmax":
@@ -157,7 +162,7 @@ def attention_blocks(analysis: Analysis, plan: dict | None = None) -> list[Block
             if block is None:
                 found.remove((i, node, qk, av))
                 continue
-            attention_groups.update(block.heads.groups + block.head_dim.groups)
+            attention_groups.update(block.heads.groups + block.head_dim.groups + block.v_head_dim.groups)
             blocks.append(block)
             continue
         scores, q, v, out = node.input[0], qk.input[0], av.input[1], av.output[0]

@@ -1,4 +1,5 @@
-"""ONNX Runtime's fused attention of LLM exports (the GenAI model builder, onnxruntime.transformers).
+"""ONNX Runtime's fused attention of LLM exports (the GenAI model builder, onnxruntime.transformers):
+GroupQueryAttention, MultiHeadAttention and RotaryEmbedding.
 
     GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                         cos_cache, sin_cache, position_ids, attention_bias, head_sink)
@@ -136,15 +137,17 @@ def group_query_attention(node, ctx, res):
         _rotary(node, ctx, res, canon["head_dim"], d)
 
 
-def _rotary(node, ctx, res, head_dim, d):
+def _rotary(node, ctx, res, head_dim, d, cos_at: int = 7):
     """Position i of the head and its rotation partner share cos/sin column i % (rot/2) (or i // 2
-    interleaved): one channel. Past the rotary width (partial rotary) positions stand alone."""
-    cos, sin = _opt(node, 7), _opt(node, 8)
+    interleaved): one channel. Past the rotary width (partial rotary) positions stand alone.
+    `cos_at`: the cos cache's input slot (sin follows it)."""
+    cos, sin = _opt(node, cos_at), _opt(node, cos_at + 1)
     half = ctx.size((cos, 1)) if cos else None
     if half is None or 2 * half > d:
         return  # unknown or inconsistent cache width: the head_dim group reaches a pinned axis
     i = np.arange(2 * half)
-    col = i // 2 if ctx.attr(node, "rotary_interleaved", 0) else i % half
+    interleaved = ctx.attr(node, "rotary_interleaved", 0) or ctx.attr(node, "interleaved", 0)
+    col = i // 2 if interleaved else i % half
     for t in (cos, sin):
         res.couple(head_dim, (t, 1), np.stack([i, col], 1))
         res.free.add((t, 0))
@@ -161,3 +164,155 @@ def gqa_attributes(node, edit):
     edit.set_attr(node, "kv_num_heads", int(kv))
     if d != old_d and not edit.attr(node, "scale", 0.0):
         edit.set_attr(node, "scale", float(1.0 / np.sqrt(old_d)))  # the default read the old head size
+
+
+# ---------------------------------------------------------------- MultiHeadAttention
+
+MHA = f"{MS}:MultiHeadAttention"
+MHA_PARTS = ("heads", "head_dim", "v_head_dim")
+
+
+def _mha(node, ctx):
+    """(H, D, Dv) of a MultiHeadAttention with separate rank-3 query, key and value, else None
+    (packed QKV or cross-attention caches as key/value stay pinned)."""
+    heads = ctx.attr(node, "num_heads", 0)
+    q, k, v = (_opt(node, i) for i in range(3))
+    if not heads or None in (q, k, v) or any(ctx.rank(t) != 3 for t in (q, k, v)):
+        return None
+    sizes = [ctx.size((t, 2)) for t in (q, k, v)]
+    if None in sizes or sizes[0] != sizes[1] or any(s % heads for s in sizes):
+        return None
+    return heads, sizes[0] // heads, sizes[2] // heads
+
+
+def _mha_ties(node):
+    o = node.output[0]
+    found = [((node.input[0], 2), "q", ("heads", "head_dim")), ((node.input[1], 2), "k", ("heads", "head_dim")),
+             ((node.input[2], 2), "v", ("heads", "v_head_dim")), ((o, 2), "out", ("heads", "v_head_dim"))]
+    if _opt(node, 3):  # bias [q | k | v]
+        found += [((f"{o}::bias_{p}", 0), f"bias_{p}", parts) for p, parts in
+                  (("q", ("heads", "head_dim")), ("k", ("heads", "head_dim")), ("v", ("heads", "v_head_dim")))]
+    return found
+
+
+@virtual(MHA)
+def mha_spaces(node, ctx):
+    dims = _mha(node, ctx)
+    if dims is None:
+        return {}
+    size = dict(zip(MHA_PARTS, dims))
+    o = node.output[0]
+    spaces = {f"{o}::{p}": (size[p],) for p in MHA_PARTS}
+    if _opt(node, 3):
+        spaces.update({f"{o}::bias_{p}": (size["heads"] * size[d],) for p, d in
+                       (("q", "head_dim"), ("k", "head_dim"), ("v", "v_head_dim"))})
+    for _, tag, parts in _mha_ties(node):
+        spaces.update({f"{o}::{tag}.{p}": (size[p],) for p in parts})
+    return spaces
+
+
+@rule(MHA)
+def multi_head_attention(node, ctx, res):
+    """MultiHeadAttention(query, key, value, bias, key_padding_mask, attention_bias, past_key,
+    past_value) -> output, present_key, present_value: heads (with their query, key and value
+    columns, output rows and cache slices), the query/key head size and the value head size."""
+    dims = _mha(node, ctx)
+    if dims is None:
+        return
+    heads, d, dv = dims
+    o, q = node.output[0], node.input[0]
+    canon = {p: (f"{o}::{p}", 0) for p in MHA_PARTS}
+    for whole, tag, parts in _mha_ties(node):
+        factors = [(f"{o}::{tag}.{p}", 0) for p in parts]
+        res.tie(whole, factors, [ctx.size(f) for f in factors])
+        for p, f in zip(parts, factors):
+            res.same(f, canon[p], ctx)
+    if _opt(node, 3):
+        for at, part, n in ((0, "q", heads * d), (heads * d, "k", heads * d), (2 * heads * d, "v", heads * dv)):
+            res.couple((f"{o}::bias_{part}", 0), (node.input[3], 0), offset(n, at))
+    for t in (node.input[1], node.input[2], o):
+        res.same((t, 0), (q, 0), ctx)
+    res.same((o, 1), (q, 1), ctx)
+    res.same((node.input[2], 1), (node.input[1], 1), ctx)
+    for past, present, part in ((6, 1, "head_dim"), (7, 2, "v_head_dim")):
+        for t in (_opt(node, past), _opt(node, present, outputs=True)):
+            if t is None or ctx.rank(t) != 4:
+                continue
+            res.same((t, 0), (q, 0), ctx)
+            res.free.add((t, 2))
+            res.same((t, 1), canon["heads"], ctx)
+            res.same((t, 3), canon[part], ctx)
+    for i in (4, 5):  # key_padding_mask, attention_bias: batch and lengths (a head axis of the bias stays)
+        t = _opt(node, i)
+        res.free.update((t, k) for k in range(ctx.rank(t) or 0) if t and not (i == 5 and k == 1))
+        if t and i == 5 and ctx.size((t, 1)) == 1:
+            res.free.add((t, 1))
+    res.param(_opt(node, 8), ctx)  # past_sequence_length
+
+
+@rewriter(MHA)
+def mha_attributes(node, edit):
+    o = node.output[0]
+    heads, d = edit.new_size((f"{o}::heads", 0)), edit.new_size((f"{o}::head_dim", 0))
+    old_d = edit.old_size((f"{o}::head_dim", 0))
+    if None in (heads, d, old_d):
+        return
+    edit.set_attr(node, "num_heads", int(heads))
+    if d != old_d and not edit.attr(node, "scale", 0.0):
+        edit.set_attr(node, "scale", float(1.0 / np.sqrt(old_d)))
+
+
+# ---------------------------------------------------------------- RotaryEmbedding
+
+ROPE = f"{MS}:RotaryEmbedding"
+
+
+def _rope(node, ctx):
+    """(layout, heads, head size) of a RotaryEmbedding: "3d" [B, S, H*D] (num_heads given),
+    "4d" [B, H, S, D] or [B, S, H, D]; None when unknown."""
+    x = node.input[0]
+    rank, heads = ctx.rank(x), ctx.attr(node, "num_heads", 0)
+    if rank == 3 and heads and ctx.size((x, 2)) and ctx.size((x, 2)) % heads == 0:
+        return "3d", heads, ctx.size((x, 2)) // heads
+    if rank == 4 and ctx.size((x, 3)):
+        return "4d", None, ctx.size((x, 3))
+    return None
+
+
+@virtual(ROPE)
+def rope_spaces(node, ctx):
+    found = _rope(node, ctx)
+    if found is None or found[0] != "3d":
+        return {}
+    o = node.output[0]
+    return {f"{o}::heads": (found[1],), f"{o}::head_dim": (found[2],)}
+
+
+@rule(ROPE)
+def rotary_embedding(node, ctx, res):
+    """RotaryEmbedding(input, position_ids, cos_cache, sin_cache) -> output: every axis as it is;
+    the head size in rotary pairs with their cos/sin column (as GroupQueryAttention's rotary)."""
+    found = _rope(node, ctx)
+    if found is None or len(node.input) < 4:
+        return
+    x, y = node.input[0], node.output[0]
+    for k in range(ctx.rank(x)):
+        res.same((x, k), (y, k), ctx)
+    res.free.update((node.input[1], k) for k in range(ctx.rank(node.input[1]) or 0))
+    if found[0] == "3d":
+        head_dim = (f"{y}::head_dim", 0)
+        res.tie((y, 2), [(f"{y}::heads", 0), head_dim], [found[1], found[2]])
+    else:
+        head_dim = (y, 3)
+    _rotary(node, ctx, res, head_dim, found[2], cos_at=2)
+
+
+@rewriter(ROPE)
+def rope_attributes(node, edit):
+    y = node.output[0]
+    heads = edit.new_size((f"{y}::heads", 0))
+    if heads is not None and edit.attr(node, "num_heads", 0):
+        edit.set_attr(node, "num_heads", int(heads))
+    half = edit.new_size((node.input[2], 1))
+    if half is not None and edit.attr(node, "rotary_embedding_dim", 0):
+        edit.set_attr(node, "rotary_embedding_dim", int(2 * half))
