@@ -1473,15 +1473,7 @@ def test_model_io_never_pruned(case):
 
 def _contrib_model(nodes, inits, x_shape=(2, 3, 4), y_shape=(2, 3, 5)):
     """A model using ONNX Runtime contrib ops (domain com.microsoft), shapes filled by spa."""
-    from spa.core.model import Model, infer_shapes
-
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    proto.ir_version = 8
-    model = Model(proto)
-    infer_shapes(model)
-    return model
+    return _contrib_io(nodes, inits, {"x": (TensorProto.FLOAT, list(x_shape))}, {"y": (TensorProto.FLOAT, list(y_shape))})
 
 
 def test_contrib_gelu():
@@ -1525,8 +1517,6 @@ def _gqa_model(heads=4, kv=2, d=32, hidden=32, past=3, seq=2):
         x[1,S,hidden] -> MatMul Wqkv[hidden,(H+2K)D] -> GQA(past_key_values.0.*, seqlens_k, total, cos, sin)
                       -> MatMul Wo[H*D,hidden] -> y;   present.0.key/value [1,K,P+S,D]
     """
-    from spa.core.model import Model, infer_shapes
-
     rng = np.random.default_rng(0)
     width = (heads + 2 * kv) * d
     pos = np.arange(16)[:, None] / (10000 ** (np.arange(d // 2) / (d // 2)))
@@ -1539,19 +1529,12 @@ def _gqa_model(heads=4, kv=2, d=32, hidden=32, past=3, seq=2):
                                           "total", "cos", "sin"], ["att", "present.0.key", "present.0.value"],
                   domain="com.microsoft", num_heads=heads, kv_num_heads=kv, do_rotary=1),
              node("MatMul", ["att", "Wo"], ["y"])]
-    vi = helper.make_tensor_value_info
-    cache = [1, kv, "past", d]
-    graph = helper.make_graph(
-        nodes, "gqa",
-        [vi("x", TensorProto.FLOAT, [1, seq, hidden]), vi("past_key_values.0.key", TensorProto.FLOAT, cache),
-         vi("past_key_values.0.value", TensorProto.FLOAT, cache), vi("seqlens_k", TensorProto.INT32, [1]),
-         vi("total", TensorProto.INT32, [])],
-        [vi("y", TensorProto.FLOAT, [1, seq, hidden]), vi("present.0.key", TensorProto.FLOAT, [1, kv, "tot", d]),
-         vi("present.0.value", TensorProto.FLOAT, [1, kv, "tot", d])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    proto.ir_version = 8
-    model = Model(proto)
-    infer_shapes(model)
+    f, cache = TensorProto.FLOAT, [1, kv, "past", d]
+    model = _contrib_io(nodes, inits, {"x": (f, [1, seq, hidden]), "past_key_values.0.key": (f, cache),
+                                       "past_key_values.0.value": (f, cache), "seqlens_k": (TensorProto.INT32, [1]),
+                                       "total": (TensorProto.INT32, [])},
+                        {"y": (f, [1, seq, hidden]), "present.0.key": (f, [1, kv, "tot", d]),
+                         "present.0.value": (f, [1, kv, "tot", d])})
     feeds = {"x": rng.standard_normal((1, seq, hidden)).astype(np.float32),
              "past_key_values.0.key": rng.standard_normal((1, kv, past, d)).astype(np.float32),
              "past_key_values.0.value": rng.standard_normal((1, kv, past, d)).astype(np.float32),
