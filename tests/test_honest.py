@@ -109,8 +109,10 @@ def test_obspa_without_statistics_says_so_in_one_line_and_the_json_is_true(capsy
     assert r.rc == 0 and doc["groups_pruned"] == 2
     assert doc["compensated"] is False and doc["compensated_groups"] == 0 and len(doc["fell_back"]) == 2
     lines = [n for n in doc["notes"] if "scored by l1" in n or "compensated" in n]
-    summary = ("obspa without calibration data: 2 of 2 groups had no statistics to use and were scored by l1; "
-               "0 of 2 pruned groups compensated")
+    summary = ("obspa without calibration data: 2 of 2 groups had no statistics to use and were scored by l1 (their "
+               "consumers read outputs of Relu x2, which the graph alone gives no statistics for); 0 of 2 pruned "
+               "groups compensated; with calib=DATA.npz their statistics are measured, and every group is scored and "
+               "compensated")
     assert lines == [summary]
     r = run(capsys, "prune", path, "--ratio", "0.5", "--criterion", "obspa", "-o", tmp_path / "obspa.onnx")
     assert r.rc == 0 and sum("scored by l1" in line for line in r.err.splitlines()) == 1
