@@ -32,6 +32,7 @@ from onnx import numpy_helper
 from spa.backends import ort as ort_backend
 from spa.passes.base import Pass, PassResult
 
+from spa.core.checks import check_shapes
 from spa.core.errors import SpaError, first_line
 from spa.core.model import TWO_GB, Model, check_model, infer_shapes, quiet_stdout, weight_bytes
 from spa.core.runtime import ort_reason
@@ -92,14 +93,20 @@ def _restore_weight_inputs(slim: onnx.ModelProto, original: onnx.ModelProto) -> 
     return None
 
 
-def _differs(slim: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
-    """Why the simplified model is not a drop-in for the input (checker, ONNX Runtime, outputs
-    on random inputs with dynamic dims at 3), or None."""
+def _differs(slim: onnx.ModelProto, original: onnx.ModelProto, shapes: dict | None = None) -> tuple:
+    """(Why the simplified model is not a drop-in for the input, or None; whether outputs were
+    compared): the checker, ONNX Runtime, outputs on random inputs with dynamic dims at 3, or at
+    `shapes` (a KV-cache decoder's consistent lengths, where dims of 3 would not run). An input
+    that does not run on them is only required to load."""
+    why = _mismatch(slim, original, ort_backend.random_feeds(original, dynamic=3, shapes=shapes))
+    return why if isinstance(why, tuple) else (why, True)
+
+
+def _mismatch(slim: onnx.ModelProto, original: onnx.ModelProto, feeds: dict):
     try:
         check_model(slim)
     except Exception as exc:  # noqa: BLE001
         return f"onnxslim's result fails the ONNX checker: {first_line(exc, default=type(exc).__name__)}"
-    feeds = ort_backend.random_feeds(original, dynamic=3)
     try:
         want = ort_backend.run(original, feeds, light=True)
     except Exception:  # noqa: BLE001 - the input does not run on random inputs: loading must do
@@ -118,7 +125,7 @@ def _differs(slim: onnx.ModelProto, original: onnx.ModelProto) -> str | None:
                 return f"onnxslim's result changes output '{name}' beyond {RTOL:g}"
         elif not np.array_equal(ref, out):
             return f"onnxslim's result changes output '{name}'"
-    return None
+    return None if want is not None else (None, False)
 
 
 class SimplifyPass(Pass):
@@ -126,6 +133,7 @@ class SimplifyPass(Pass):
     onnxslim fails, or the model is over 2 GB) the input comes back unchanged and the stats say why."""
 
     name = "simplify"
+    compared = False  # whether ensures compared outputs (an input that does not run is only loaded)
 
     def requires(self, model: Model) -> None:
         if weight_bytes(model.proto) >= TWO_GB:
@@ -152,7 +160,9 @@ class SimplifyPass(Pass):
 
     def ensures(self, model: Model, proto: onnx.ModelProto, file=None) -> None:
         """Interface and weight inputs as the input's, the checker, the same outputs (_differs)."""
-        why = _restore_weight_inputs(proto, model.proto) or _differs(proto, model.proto)
+        why = _restore_weight_inputs(proto, model.proto)
+        if not why:
+            why, self.compared = _differs(proto, model.proto, check_shapes(model))
         if why:
             raise _Skip(why)
 
@@ -166,7 +176,7 @@ class SimplifyPass(Pass):
             self.ensures(model, proto)
         except _Skip as skip:
             return PassResult(model.proto, {**stats, "status": "skipped", "reason": str(skip)})
-        return PassResult(proto, {**stats, **found, "status": "ok"})
+        return PassResult(proto, {**stats, **found, "status": "ok", "outputs_compared": self.compared})
 
 
 class _Skip(Exception):

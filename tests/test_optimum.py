@@ -50,6 +50,7 @@ def test_prune_with_cache(export, tmp_path, family):
     out.parent.mkdir()
     doc = spa.prune(str(src), ratio=0.5, simplify=True, output=str(out)).to_json()
     assert doc["check"]["status"] == "ok" and "max_rel_err" in doc["check"]["empty_cache"]
+    assert doc["simplify"]["status"] == "ok" and doc["simplify"]["outputs_compared"]  # at the cache's lengths
     changed = {c["name"]: c for c in doc["io_changed"]}
     assert "past_key_values.0.key" in changed and "present.1.value" in changed
     assert all(c["name"].startswith(("past", "present")) for c in doc["io_changed"])  # every other I/O kept
