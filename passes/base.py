@@ -30,6 +30,7 @@ from spa.core.checks import NOT_RUN, check_against, output_check, refuse_unrunna
 from spa.core.errors import SpaError, VerificationError
 from spa.core.model import TWO_GB, Model, save, weight_bytes
 from spa.core.runtime import release
+from spa.core.sizes import FLOAT_TYPES
 
 
 @dataclass
@@ -105,7 +106,6 @@ class Pass:
         return PassResult(proto, stats, checked.get("check"), path)
 
 
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 def require_finite_weights(model: Model, after: onnx.ModelProto, name: str) -> None:

@@ -93,20 +93,16 @@ def _restore_weight_inputs(slim: onnx.ModelProto, original: onnx.ModelProto) -> 
     return None
 
 
-def _differs(slim: onnx.ModelProto, original: onnx.ModelProto, shapes: dict | None = None) -> tuple:
+def _differs(slim: onnx.ModelProto, original: onnx.ModelProto, shapes: dict | None = None) -> tuple[str | None, bool]:
     """(Why the simplified model is not a drop-in for the input, or None; whether outputs were
     compared): the checker, ONNX Runtime, outputs on random inputs with dynamic dims at 3, or at
     `shapes` (a KV-cache decoder's consistent lengths, where dims of 3 would not run). An input
     that does not run on them is only required to load."""
-    why = _mismatch(slim, original, ort_backend.random_feeds(original, dynamic=3, shapes=shapes))
-    return why if isinstance(why, tuple) else (why, True)
-
-
-def _mismatch(slim: onnx.ModelProto, original: onnx.ModelProto, feeds: dict):
     try:
         check_model(slim)
     except Exception as exc:  # noqa: BLE001
-        return f"onnxslim's result fails the ONNX checker: {first_line(exc, default=type(exc).__name__)}"
+        return f"onnxslim's result fails the ONNX checker: {first_line(exc, default=type(exc).__name__)}", False
+    feeds = ort_backend.random_feeds(original, dynamic=3, shapes=shapes)
     try:
         want = ort_backend.run(original, feeds, light=True)
     except Exception:  # noqa: BLE001 - the input does not run on random inputs: loading must do
@@ -114,8 +110,13 @@ def _mismatch(slim: onnx.ModelProto, original: onnx.ModelProto, feeds: dict):
     try:
         got = ort_backend.run(slim, feeds, light=True) if want is not None else ort_backend.session(slim, light=True)
     except Exception as exc:  # noqa: BLE001
-        return f"onnxslim's result fails in ONNX Runtime: {ort_reason(exc, default=type(exc).__name__)}"
-    for name, ref in (want or {}).items():
+        return f"onnxslim's result fails in ONNX Runtime: {ort_reason(exc, default=type(exc).__name__)}", False
+    return (_changed(want, got), True) if want is not None else (None, False)
+
+
+def _changed(want: dict, got: dict) -> str | None:
+    """Which output of the simplified model differs from the input's, and how, or None."""
+    for name, ref in want.items():
         ref, out = np.asarray(ref), np.asarray(got[name])
         if ref.shape != out.shape or ref.dtype != out.dtype:
             return f"onnxslim's result changes output '{name}'"
@@ -125,7 +126,7 @@ def _mismatch(slim: onnx.ModelProto, original: onnx.ModelProto, feeds: dict):
                 return f"onnxslim's result changes output '{name}' beyond {RTOL:g}"
         elif not np.array_equal(ref, out):
             return f"onnxslim's result changes output '{name}'"
-    return None if want is not None else (None, False)
+    return None
 
 
 class SimplifyPass(Pass):

@@ -135,7 +135,8 @@ def decode(path, tokens: int = GENERATOR_TOKENS) -> list[int]:
     inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info  # the packed query's width
     hints = kvcache.head_size_hints(proto.graph, {vi.name: [d.dim_value or None for d in vi.type.tensor_type.shape.dim]
                                                  for vi in inferred})
-    pairs = kvcache.pairs(proto.graph, {vi.name: [0] * 4 for vi in list(proto.graph.input) + list(proto.graph.output)})
+    declared = {vi.name: list(vi.type.tensor_type.shape.dim) for vi in list(proto.graph.input) + list(proto.graph.output)}
+    pairs = kvcache.pairs(proto.graph, declared)
     past = {}
     for name, _, _, _ in pairs:
         dims = inputs[name].shape
@@ -143,13 +144,13 @@ def decode(path, tokens: int = GENERATOR_TOKENS) -> list[int]:
         past[name] = np.zeros((1, kv, 0, d), dtype=np.float16 if "float16" in inputs[name].type else np.float32)
     ids, out = list(PROMPT), []
     step = np.array([ids], dtype=np.int64)
+    names = [o.name for o in sess.get_outputs()]
     for _ in range(tokens):
         length = len(ids)
         feeds = {"input_ids": step, "attention_mask": np.ones((1, length), dtype=np.int64), **past}
         if "position_ids" in inputs:
             feeds["position_ids"] = np.arange(length - step.shape[1], length, dtype=np.int64)[None]
         feeds = {k: v.astype(np.int32) if "int32" in inputs[k].type else v for k, v in feeds.items() if k in inputs}
-        names = [o.name for o in sess.get_outputs()]
         got = dict(zip(names, sess.run(names, feeds)))
         token = int(np.argmax(got[names[0]][0, -1]))
         out.append(token)

@@ -211,7 +211,6 @@ class _Run:
             big = self.out is not None and (weight_bytes(pruned) >= TWO_GB or lazy)
             if self.out is None and lazy:
                 materialize_proto(pruned, Path(self.model.path).parent)
-                rewrite.close()
             try:
                 done = rewrite.verify(self.model, pruned, stats={}, output=self.out, keep_weights=not big)
             finally:

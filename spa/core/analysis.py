@@ -28,12 +28,13 @@ import numpy as np
 import onnx
 
 from spa.core import kvcache
-from spa.core.cost import FLOAT_TYPES, dropped_positions  # noqa: F401 - dropped_positions re-exported
+from spa.core.cost import dropped_positions  # noqa: F401 - re-exported
 from spa.core.graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, uniform
 from spa.core.model import COPY, Model
 from spa.core.rules import RULES, VIRTUAL, Result, identity
 from spa.core.rules import key as rule_key
 from spa.core.rules.shape import SHAPE_SINKS, _digits
+from spa.core.sizes import FLOAT_TYPES
 from spa.core.unionfind import components
 
 
@@ -307,11 +308,11 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str], freeze_io
     for kind, names in (("input", index.graph_inputs), ("output", index.graph_outputs)):
         for name in names:
             for axis in b.sp_shape(name):
-                if name in cache and axis in kvcache.CACHE_AXES and not freeze_io:
+                cached = name in cache and axis in kvcache.CACHE_AXES
+                if cached and not freeze_io:
                     continue  # the cache's heads and head size are the model's own: they follow the pruning
-                frozen = " (a KV cache kept as it is: --freeze-io)" if name in cache and axis in kvcache.CACHE_AXES \
-                    else ""
-                b.pin((name, axis), f"model {kind} '{name}'{frozen}")
+                b.pin((name, axis), f"model {kind} '{name}'" + (" (a KV cache kept as it is: --freeze-io)" if cached
+                                                                else ""))
     if cache and not freeze_io:
         _uniform_cache(index, b)
     for name in sorted(_subgraph_captures(index.graph)):

@@ -139,43 +139,40 @@ def _fused(analysis: Analysis, node, plan: dict) -> Block | None:
 
 def attention_blocks(analysis: Analysis, plan: dict | None = None) -> list[Block]:
     """One Block per Softmax that sits between two MatMuls (an attention), and per fused attention
-    op with a rule (GroupQueryAttention), in graph order."""
+    op with a rule (GroupQueryAttention, MultiHeadAttention), in graph order."""
     plan = plan or {}
     index = analysis.index
-    found = []
+    found = []  # (node index, Block)
     for i, node in enumerate(index.graph.node):
         if node.op_type in ("GroupQueryAttention", "MultiHeadAttention"):
-            found.append((i, node, None, None))
+            block = _fused(analysis, node, plan)
+        elif node.op_type == "Softmax":
+            block = _softmax(analysis, node, plan)
+        else:
             continue
-        if node.op_type != "Softmax":
-            continue
-        qk, av = _walk(index, node.input[0], up=True), _walk(index, node.output[0], up=False)
-        if qk is None or av is None:
-            continue
-        found.append((i, node, qk, av))
+        if block is not None:
+            found.append((i, block))
     first_use = _node_order(analysis)
     anchor = {g.id: first_use.get(g.members[0].tensor, 1 << 30) for g in analysis.groups}
-    blocks, attention_groups = [], set()
-    for i, node, qk, av in list(found):
-        if qk is None:
-            block = _fused(analysis, node, plan)
-            if block is None:
-                found.remove((i, node, qk, av))
-                continue
-            attention_groups.update(block.heads.groups + block.head_dim.groups + block.v_head_dim.groups)
-            blocks.append(block)
-            continue
-        scores, q, v, out = node.input[0], qk.input[0], av.input[1], av.output[0]
-        lead = lambda name: [(name, a) for a in range(max((index.rank(name) or 0) - 2, 0))]
-        heads = _axis(analysis, lead(scores) + lead(out) + lead(q), plan)
-        head_dim = _axis(analysis, [(q, (index.rank(q) or 0) - 1)], plan)
-        v_head_dim = _axis(analysis, [(v, (index.rank(v) or 0) - 1)], plan)
-        attention_groups.update(heads.groups + head_dim.groups + v_head_dim.groups)
-        blocks.append(Block(index.label(node).strip("'"), heads, head_dim, v_head_dim, []))
-    ends = [i for i, *_ in found[1:]] + [1 << 31]
-    for block, (start, *_), end in zip(blocks, found, ends):
+    attention_groups = {gid for _, b in found for a in (b.heads, b.head_dim, b.v_head_dim) for gid in a.groups}
+    ends = [i for i, _ in found[1:]] + [1 << 31]
+    for (start, block), end in zip(found, ends):
         for g in analysis.groups:
             if g.prunable and g.id not in attention_groups and not g.hidden and start < anchor[g.id] < end:
                 dropped = len(plan.get(g.id, []))
                 block.intermediate.append(Axis(g.size, g.size - dropped, [g.id]))
-    return blocks
+    return [b for _, b in found]
+
+
+def _softmax(analysis: Analysis, node, plan: dict) -> Block | None:
+    """The Block of a Softmax between a score MatMul and a value MatMul, else None."""
+    index = analysis.index
+    qk, av = _walk(index, node.input[0], up=True), _walk(index, node.output[0], up=False)
+    if qk is None or av is None:
+        return None
+    scores, q, v, out = node.input[0], qk.input[0], av.input[1], av.output[0]
+    lead = lambda name: [(name, a) for a in range(max((index.rank(name) or 0) - 2, 0))]
+    heads = _axis(analysis, lead(scores) + lead(out) + lead(q), plan)
+    head_dim = _axis(analysis, [(q, (index.rank(q) or 0) - 1)], plan)
+    v_head_dim = _axis(analysis, [(v, (index.rank(v) or 0) - 1)], plan)
+    return Block(index.label(node).strip("'"), heads, head_dim, v_head_dim, [])

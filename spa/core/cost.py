@@ -10,12 +10,10 @@ from __future__ import annotations
 from collections import ChainMap
 
 import numpy as np
-import onnx
 
 from spa.core.graph import attr
 from spa.core.model import COPY, Model, constant_node_value
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+from spa.core.sizes import FLOAT_TYPES
 
 
 def params(model: Model, shapes: dict | None = None) -> int:

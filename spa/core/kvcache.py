@@ -19,6 +19,9 @@ import re
 import numpy as np
 import onnx
 
+from spa.core.graph import attr
+from spa.core.rules.attention import head_size
+
 CACHE_AXES = (1, 3)  # kv_heads, head_dim of [batch, kv_heads, length, head_dim]
 _NAME = re.compile(r"^(?P<side>past|present)(?:_key_values)?[._](?:(?P<n>\d+)[._](?P<kind>key|value)|"
                    r"(?P<kind2>key|value)[._](?P<n2>\d+))$")
@@ -89,13 +92,11 @@ def head_size_hints(graph: onnx.GraphProto, shapes: dict) -> dict[str, int]:
         node = readers.get(vi.name)
         if node is None or len(dims) != 4 or not dims[3].dim_param:
             continue
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-        heads, kv = a.get("num_heads", 0), a.get("kv_num_heads", 0)
-        width = (shapes.get(node.input[0]) or (None,) * 3)[-1]
-        packed = len(node.input) < 2 or not node.input[1]
-        per = heads + 2 * kv if packed else heads
-        if width and per and width % per == 0:
-            hints[dims[3].dim_param] = width // per
+        width = (shapes.get(node.input[0]) or (None,))[-1]
+        d = head_size(attr(node, "num_heads", 0), attr(node, "kv_num_heads", 0), width,
+                      packed=len(node.input) < 2 or not node.input[1])
+        if d is not None:
+            hints[dims[3].dim_param] = d
     return hints
 
 

@@ -29,8 +29,8 @@ from onnx import external_data_helper, numpy_helper
 
 from spa.core.errors import SpaError, first_line
 from spa.core.runtime import ort_reason, random_feeds, run_with_outputs, session
-from spa.core.sizes import TWO_GB, file_bytes, weight_bytes  # noqa: F401 - re-exported: model I/O's sizes
-from spa.core.tensors import External, all_tensors, check_sizes, external_data, read_array, read_external
+from spa.core.sizes import FLOAT_TYPES, TWO_GB, file_bytes, weight_bytes  # noqa: F401 - re-exported: model I/O's sizes
+from spa.core.tensors import External, all_tensors, check_sizes, external_data, read_external
 
 Shape = tuple  # tuple[int | None, ...]: static dims as int, dynamic/unknown as None
 
@@ -53,13 +53,9 @@ class Model:
 
     def materialize(self) -> None:
         """Read a lazily loaded model's weights into its proto (for passes that need them all)."""
-        for t in self.proto.graph.initializer:
-            ext = self.weights_at.get(t.name)
-            if ext is not None and t.data_location == onnx.TensorProto.EXTERNAL:
-                t.raw_data = read_array(ext).tobytes()
-                t.data_location = onnx.TensorProto.DEFAULT
-                del t.external_data[:]
-        self.weights_at = {}
+        if self.weights_at:
+            materialize_proto(self.proto, Path(self.path).parent)
+            self.weights_at = {}
 
     def drop_weights(self) -> None:
         """Keep the graph, free the initializers' data (the file still has them)."""
@@ -351,8 +347,7 @@ def _run_fallback(model: Model) -> None:
     float tensor is still unknown: integer and boolean ones (an attention mask's arithmetic) carry
     no channels, and building the session costs seconds on a deep graph (a 64-layer LLM: 2 s)."""
     names = [n for n in _missing(model) if n in model.dtypes]
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
-    if not any(model.dtypes[n] in floats for n in names) or weight_bytes(model.proto) >= TWO_GB or model.weights_at:
+    if not any(model.dtypes[n] in FLOAT_TYPES for n in names) or weight_bytes(model.proto) >= TWO_GB or model.weights_at:
         return
     try:
         runs = [run_with_outputs(model, names, random_feeds(model, dynamic=d)) for d in (1, 2)]

@@ -11,6 +11,9 @@ import onnx
 TWO_GB = 2**31 - 1  # protobuf's limit: larger models live in external data files
 
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
 def weight_bytes(proto: onnx.ModelProto) -> int:
     """Bytes held by initializers, from dims and dtype (reading raw_data would copy it)."""
     total = 0

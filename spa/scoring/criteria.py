@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from spa.core.cost import FLOAT_TYPES
 from spa.core.errors import SpaError
+from spa.core.sizes import FLOAT_TYPES
 from spa.scoring import obspa as obs
 from spa.scoring.gradients import channel_scores
 

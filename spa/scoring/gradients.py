@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spa.core.cost import FLOAT_TYPES
 from spa.core.data import batches, split_labels
 from spa.core.errors import SpaError
+from spa.core.sizes import FLOAT_TYPES
 from spa.scoring.evaluate import _scored_output
 
 KINDS = ("taylor", "snip", "grasp", "crop")

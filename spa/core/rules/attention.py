@@ -39,15 +39,21 @@ PARTS = ("kv_heads", "q_per_kv", "head_dim")
 HEAD_MULTIPLE = 16  # ONNX Runtime's CPU kernel: "head_size shall be a multiple of 16" (1.32)
 
 
+def head_size(heads: int, kv: int, width, *, packed: bool) -> int | None:
+    """A GroupQueryAttention's head size from num_heads, kv_num_heads and its query input's last
+    axis (`packed`: Q | K | V on it), or None when they do not fit together."""
+    if not heads or not kv or heads % kv or not width:
+        return None
+    per = heads + 2 * kv if packed else heads
+    return width // per if width % per == 0 else None
+
+
 def _dims(node, ctx):
     """(H, K, D, packed) of a GroupQueryAttention whose sizes are known, else None."""
     heads, kv = ctx.attr(node, "num_heads", 0), ctx.attr(node, "kv_num_heads", 0)
-    width = ctx.size((node.input[0], 2))
     packed = len(node.input) < 2 or not node.input[1]
-    if not heads or not kv or heads % kv or width is None:
-        return None
-    per = heads + 2 * kv if packed else heads
-    return (heads, kv, width // per, packed) if width % per == 0 else None
+    d = head_size(heads, kv, ctx.size((node.input[0], 2)), packed=packed)
+    return None if d is None else (heads, kv, d, packed)
 
 
 def _opt(node, i, outputs=False):
