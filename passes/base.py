@@ -69,7 +69,7 @@ class Pass:
             if self.gate is not None:
                 check["agreement"] = self.gate.measure(model, candidate, self.ports)
         finally:
-            release()  # the checks' kept session
+            release(small=False)  # the checks' kept session, unless small: the decode check runs them again
         return check
 
     def run(self, model: Model, output=None, *, step=None, what: str | None = None) -> PassResult:

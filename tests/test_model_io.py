@@ -106,8 +106,9 @@ def test_save_is_atomic_and_never_writes_the_input(tmp_path):
 def test_shapes_onnx_cannot_infer_come_from_running_the_model(tmp_path):
     """x -> Conv(6) -> Shape/Slice/Concat(sizes) -> Resize -> Reshape -> Gemm
 
-    ONNX leaves Resize's output dims unknown (computed sizes); running the model twice
-    (dynamic dims 1 and 2) gives the static channel count, so the conv channels stay prunable."""
+    ONNX leaves Resize's output dims unknown (computed sizes); the fallbacks (the sizes folded at
+    two batch sizes, else running the model twice) give the static channel count, so the conv
+    channels stay prunable."""
     nodes = [
         node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
         node("Shape", ["c"], ["s"]),
@@ -129,6 +130,34 @@ def test_shapes_onnx_cannot_infer_come_from_running_the_model(tmp_path):
     assert ort_backend.run(pruned, ort_backend.random_feeds(model.proto, dynamic=3))["y"].shape == (3, 5)
     flat = next(t for t in pruned.graph.initializer if t.name == "flat")
     assert onnx.numpy_helper.to_array(flat).tolist() == [-1, 64]
+
+
+def test_checks_keep_the_sessions_of_small_models(tmp_path, monkeypatch):
+    """The checks run an input and its result in turn: light sessions of small files are kept
+    (each built once, a renamed result keeps its own), over HOLD_BYTES only the last one."""
+    from spa.core import runtime
+
+    built = []
+    real = runtime._session
+    monkeypatch.setattr(runtime, "_session", lambda *a: built.append(a[0]) or real(*a))
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(_cnn().proto, a)
+    onnx.save(_cnn().proto, b)
+    try:
+        for path in (a, b, a, b):
+            runtime.session(path, light=True)
+        assert built == [a, b]
+        b.rename(tmp_path / "c.onnx")
+        runtime.session(tmp_path / "c.onnx", light=True)
+        assert len(built) == 2
+        monkeypatch.setattr(runtime, "HOLD_BYTES", os.path.getsize(a))  # room for one model only
+        runtime.release()
+        for path in (a, tmp_path / "c.onnx", a):
+            runtime.session(path, light=True)
+        assert len(built) == 5 and len(runtime._HELD) == 1
+    finally:
+        runtime.release()
+    assert not runtime._HELD
 
 
 def test_public_api_round_trip(tmp_path):

@@ -27,6 +27,7 @@ from spa.core import kvcache
 from spa.core.errors import first_line
 from spa.core.model import write_text_atomic
 from spa.core.runtime import release, session
+from spa.core.sizes import file_bytes
 
 GENAI, HF = "genai_config.json", "config.json"
 GENERATOR_TOKENS = 16
@@ -187,9 +188,7 @@ def _compared(dense: list | None, pruned: list) -> dict:
 
 def _small(path: Path) -> bool:
     """Whether the input is small enough to run for the comparison too (COMPARE_BYTES)."""
-    folder = Path(path).resolve().parent
-    data = sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.name.startswith(Path(path).name))
-    return data < COMPARE_BYTES
+    return file_bytes(path) < COMPARE_BYTES
 
 
 def generate(folder: Path, tokens: int = GENERATOR_TOKENS) -> list[int]:

@@ -175,10 +175,8 @@ class _Spaces:
         self.axes: dict[str, list[int]] = {}
         for tensor, axis in self.names:
             self.axes.setdefault(tensor, []).append(axis)
-        self.space_of = np.zeros(total, dtype=np.int64)
-        for sid, space in enumerate(self.names):
-            o = self.offset[space]
-            self.space_of[o:o + self.sizes[space]] = sid
+        self.space_of = np.repeat(np.arange(len(self.names), dtype=np.int64),
+                                  [self.sizes[space] for space in self.names])
 
     def ids(self, space, positions=None):
         o = self.offset[space]
@@ -697,10 +695,8 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, n
     anchor = min(own_sids, key=lambda s: (not is_const[s], place(s)))
     local = g_ids - sp.offsets[g_spc]
     in_anchor = g_spc == anchor
-    first = {}
-    for l_, p in zip(g_lab[in_anchor][::-1], local[in_anchor][::-1]):  # keep the smallest position
-        first[int(l_)] = int(p)
-    labs = sorted(first, key=first.get)
+    anchor_labs, at = np.unique(g_lab[in_anchor], return_index=True)  # each label's first row in the anchor
+    labs = anchor_labs[np.argsort(local[in_anchor][at], kind="stable")].tolist()  # in the anchor's order
     n = len(labs)
     by_label = np.argsort(labs)  # channel of every row: its label's rank in `labs`
     channel = by_label[np.searchsorted(np.sort(labs), g_lab)]

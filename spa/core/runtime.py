@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 import spa.core
 from spa.core.errors import SpaError, clip
-from spa.core.sizes import TWO_GB, weight_bytes
+from spa.core.sizes import TWO_GB, file_bytes, weight_bytes
 
 ort.set_default_logger_severity(4)  # errors reach the user as exceptions, in one line
 
@@ -41,7 +41,8 @@ def shared_arena() -> bool:
     return True
 
 
-_HELD: dict = {}  # the last light session of a model file: {key: session}, at most one
+_HELD: dict = {}  # the last light sessions of model files: {key: (session, bytes)}, oldest first
+HOLD_BYTES = 256 << 20  # model bytes of light sessions kept together; one is always kept, whatever its size
 
 
 def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSession:
@@ -49,21 +50,29 @@ def session(model, threads: int = 0, light: bool = False) -> ort.InferenceSessio
 
     `light`: no graph optimisations and no weight pre-packing; for checks that run a
     model once, where building an optimised session costs more than the run. The last light
-    session of a file is kept (one at most: the previous one is dropped before a new one is
-    built), so the checks that run a model several times load it once; `release()` drops it."""
+    sessions of files are kept, so the checks that run an input and its result in turn build
+    each once (a 15k-node LLM graph takes about a second to load): as many as fit in HOLD_BYTES
+    of model files, at least the last one (an LLM of billions of parameters: one at a time).
+    A file is known by its inode, size and time, so a result renamed into place keeps its
+    session. `release()` drops them."""
     if light and isinstance(model, (str, os.PathLike)):
         st = os.stat(model)
-        key = (str(model), threads, st.st_mtime_ns, st.st_size)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, threads)
         if key not in _HELD:
-            release()
-            _HELD[key] = _session(model, threads, light)
-        return _HELD[key]
+            size = file_bytes(model)
+            while _HELD and sum(b for _, b in _HELD.values()) + size > HOLD_BYTES:
+                del _HELD[next(iter(_HELD))]  # the oldest first, before the new one is built
+            _HELD[key] = (_session(model, threads, light), size)
+        return _HELD[key][0]
     return _session(model, threads, light)
 
 
-def release() -> None:
-    """Drop the kept session (its weights): after the checks, before other work."""
-    _HELD.clear()
+def release(*, small: bool = True) -> None:
+    """Drop the kept sessions (their weights): after the checks, before other work. With
+    `small=False` the sessions of models that fit in HOLD_BYTES together stay (an LLM's
+    decode check after the output check runs the same two files)."""
+    if small or sum(b for _, b in _HELD.values()) > HOLD_BYTES:
+        _HELD.clear()
 
 
 def _session(model, threads: int, light: bool) -> ort.InferenceSession:

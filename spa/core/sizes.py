@@ -27,7 +27,8 @@ def weight_bytes(proto: onnx.ModelProto) -> int:
 
 
 def file_bytes(path: str | os.PathLike) -> int:
-    """Bytes of a model file plus its `<file>.data` external weights, when there are some."""
+    """Bytes of a model file plus its external weights when they sit beside it under the usual
+    names (`<file>.data`: spa and ONNX Runtime GenAI; `<file>_data`: optimum and torch.onnx)."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    data = [path.with_name(path.name + suffix) for suffix in (".data", "_data")]
+    return path.stat().st_size + sum(d.stat().st_size for d in data if d.is_file())
