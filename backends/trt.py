@@ -16,8 +16,8 @@ IExecutionContext set_input_shape / get_tensor_shape / set_tensor_address / exec
 
 Precision: TensorRT 11 removed weakly typed networks and the precision builder flags (FP16, BF16,
 INT8, ...; deprecated since 10.12). A strongly typed network runs every layer in the types of the
-ONNX graph, so precision lives in the model: `spa quantize --fp16` (float16) or `--int8` (Q/DQ)
-before building. Wherever STRONGLY_TYPED exists (10.x, 11.x, where it is always on) it is used, and
+ONNX graph, so precision lives in the model: `spa quantize --fp16` (float16) or
+`--calib DATA --target tensorrt` (Q/DQ) before building. Wherever STRONGLY_TYPED exists (10.x, 11.x, where it is always on) it is used, and
 asking for fp16/bf16 of a float32 model is an error saying to convert first; only an old TensorRT
 without it falls back to the builder flags.
 

@@ -144,9 +144,9 @@ def check_precision(proto: onnx.ModelProto, precision: str, strongly_typed: bool
     have = model_float_types(proto)
     if want is None or want in have:
         return f"model types ({', '.join(sorted(have)) or 'no float weights'}; strongly typed)"
-    convert = ("convert it first with `spa quantize MODEL --fp16 -o MODEL.fp16.onnx` (or --int8 for Q/DQ INT8) "
+    convert = ("convert it first with `spa quantize MODEL --fp16 -o MODEL.fp16.onnx` (or --calib DATA.npz --target tensorrt for Q/DQ INT8) "
                "and build that") if precision == "fp16" else \
-        "convert it to bfloat16 first (e.g. NVIDIA ModelOpt AutoCast; spa quantize has --fp16 and --int8)"
+        "convert it to bfloat16 first (e.g. NVIDIA ModelOpt AutoCast; spa quantize has --fp16 and INT8 --target tensorrt)"
     raise SpaError(f"--{precision} needs a model that computes in {want}: TensorRT's strongly typed networks run "
                    f"every layer in the ONNX types, and this model has {', '.join(sorted(have)) or 'no float'} "
                    f"weights", convert)

@@ -1,16 +1,31 @@
 """INT8 (QDQ) and FP16 as graph passes, on ONNX Runtime's own tooling.
 
-INT8, placed the way TensorRT's explicit quantization expects it (`int8`):
+INT8 (`int8`): ONNX Runtime's `quantize_static` in QDQ format, calibrated on the given data
+(MinMax, Entropy or Percentile), weights signed int8, symmetric, per output channel; the Q/DQ
+placement depends on where the model will run (`target`, TARGETS), because each runtime fuses
+a different pattern into its integer kernels:
 
-- ONNX Runtime's `quantize_static` in QDQ format, calibrated on the given data
-  (MinMax, Entropy or Percentile);
-- signed int8, symmetric (zero point 0) for activations and weights, weights per output
-  channel (TensorRT needs symmetric scales and fuses per-channel weight scales into kernels);
-- Q/DQ on the *inputs* of Conv/ConvTranspose/Gemm/MatMul and not on their outputs
-  (`OpTypesToExcludeOutputQuantization`): TensorRT fuses DQ -> Conv -> (bias, activation)
-  -> Q of the next layer itself, and a Q/DQ pair after a conv would block that;
-- both inputs of residual `Add`s quantized, so the shortcut's Q/DQ fuses into the conv
-  that adds it; biases stay float (TensorRT folds them).
+- `ort-cpu` (the default): the pattern ONNX Runtime's CPU graph optimizer fuses into
+  QLinearConv, QGemm, QLinearMatMul, QLinearAdd, QLinearSoftmax, ...: Q/DQ on the inputs *and*
+  the output of every op ORT has an integer kernel for (its QDQ and QLinear registries), and
+  activations uint8 with a zero point (U8S8: the combination ORT's x86 kernels fuse for every
+  convolution; signed activations leave some convolutions in float). Normalizations stay float.
+  Measured here on ResNet-50: 53 of 53 convolutions fused, 3.1x faster than float32 on one
+  thread; the TensorRT placement below fuses none there and is slower than float32.
+- `tensorrt`: the way TensorRT's explicit quantization expects it: activations symmetric
+  (zero point 0; TensorRT needs symmetric scales and fuses per-channel weight scales into
+  kernels); Q/DQ on the *inputs* of Conv/ConvTranspose/Gemm/MatMul and not on their outputs
+  (`OpTypesToExcludeOutputQuantization`): TensorRT fuses DQ -> Conv -> (bias, activation) -> Q
+  of the next layer itself, and a Q/DQ pair after a conv would block that; both inputs of
+  residual `Add`s quantized, then one taken off (`fuse_residuals`) so the shortcut's Q/DQ fuses
+  into the conv that adds it; biases stay float (TensorRT folds them).
+- `ort-cuda`: ONNX Runtime's CUDA provider has no integer convolution or GEMM kernel (its
+  FAQ: QuantizeLinear, DequantizeLinear and MatMulInteger only), so no placement makes INT8
+  faster there; the model gets the symmetric S8S8 placement with output Q/DQ that ORT's
+  TensorRT provider runs in INT8, and the result says that FP16 is the faster choice on CUDA.
+
+`fused_kernels` counts what ONNX Runtime's CPU optimizer made of a model (it saves the
+optimized graph with `optimized_model_filepath`): the proof that a placement fuses.
 
 FP16 (`fp16`): ONNX Runtime's `convert_float_to_float16` with the graph's inputs and outputs
 kept float32 (Cast at the edges) and numerically sensitive ops kept in float32
@@ -24,26 +39,45 @@ stats = {"coverage": coverage(result)}.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import version_converter
-from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+import onnxruntime as ort
+from onnx import numpy_helper, version_converter
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 from spa.backends.ort import load_error_isolated
 from spa.passes.base import Pass
 
 from spa.core.data import fixed_batch_size, model_batches
-from spa.core.errors import SpaError, first_line
+from spa.core.errors import SpaError, UsageError, first_line
 from spa.core.model import Model
-from spa.core.runtime import ort_reason
+from spa.core.runtime import ort_reason, random_feeds
+from spa.core.sizes import TWO_GB, weight_bytes
 
 METHODS = ("minmax", "entropy", "percentile")
+TARGETS = ("ort-cpu", "ort-cuda", "tensorrt")
+# ops ORT's CPU optimizer turns into integer kernels (counted in its optimized graph: fused_kernels)
+FUSED_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat",
+             "DynamicQuantizeMatMul", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul", "QLinearSoftmax",
+             "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid",
+             "QLinearLeakyRelu", "QAttention", "QEmbedLayerNormalization", "QLinearWhere")
+# normalizations keep float32 inputs for ORT: no integer kernel, and the most range-sensitive ops
+ORT_FLOAT_OPS = ("LayerNormalization", "InstanceNormalization", "BatchNormalization", "EmbedLayerNormalization")
+MODES = ("auto", "static", "dynamic")
+DYNAMIC_OPS = ("MatMul", "Gemm", "Gather", "Attention")  # not Conv: ConvInteger is slower than float on ORT's CPU
+TIMED_RUNS = 10  # runs per candidate when mode="auto" times static against dynamic
+CUDA_NOTE = ("ONNX Runtime's CUDA provider has no INT8 convolution or GEMM kernel, so this model is not faster "
+             "there than float32: use --fp16 for the CUDA provider; this placement runs in INT8 under ORT's "
+             "TensorRT provider")
 # layers that compute in integers (dynamic quantization, QOperator format): no float weight, no MACs counted
 INTEGER_OPS = ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "QGemm")
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
@@ -67,10 +101,13 @@ class _Reader:
 
 
 def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_channel: bool = True,
-         max_samples: int = 256, batch: int = 32, percentile: float = 99.999) -> onnx.ModelProto:
-    """The QDQ INT8 model of `proto`, calibrated on `feeds` ({input: [N, ...]})."""
+         max_samples: int = 256, batch: int = 32, percentile: float = 99.999, target: str = "ort-cpu",
+         exclude: tuple = ()) -> onnx.ModelProto:
+    """The QDQ INT8 model of `proto`, calibrated on `feeds` ({input: [N, ...]}), its Q/DQ placed
+    for `target` (TARGETS); the nodes named in `exclude` stay float."""
     if method not in METHODS:
         raise SpaError(f"unknown calibration method '{method}'", f"choose one of: {', '.join(METHODS)}")
+    check_target(target)
     inputs = {i.name for i in proto.graph.input} - {t.name for t in proto.graph.initializer}
     missing = sorted(inputs - set(feeds))
     if missing:
@@ -79,12 +116,11 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
         raise SpaError("cannot quantize a float16 model to INT8", "quantize the float32 model")
     feeds = {k: (np.asarray(v)[:max_samples] if np.ndim(v) else np.asarray(v)) for k, v in feeds.items() if k in inputs}
     fixed = fixed_batch_size(proto)
-    proto = _opset_13(proto)
+    proto, given = _named(_opset_13(proto))
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-             "OpTypesToExcludeOutputQuantization": list(NO_OUTPUT_QDQ), "CalibPercentile": percentile,
-             "CalibMovingAverage": method == "minmax"}
+    ops, activations, extra = _placement(target, proto)
+    extra.update({"WeightSymmetric": True, "CalibPercentile": percentile, "CalibMovingAverage": method == "minmax"})
     with tempfile.TemporaryDirectory(prefix="spa-quant-") as tmp:
         out = Path(tmp) / "int8.onnx"
         cwd = os.getcwd()
@@ -97,8 +133,8 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
             with warnings.catch_warnings(), np.errstate(all="ignore"):
                 warnings.simplefilter("ignore", RuntimeWarning)  # overflowing ranges: the error below says it
                 quantize_static(work, str(out), _Reader(feeds, batch, fixed), quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                op_types_to_quantize=ops, per_channel=per_channel, nodes_to_exclude=list(exclude),
+                                activation_type=activations, weight_type=QuantType.QInt8,
                                 calibrate_method=calib, extra_options=extra)
         except SpaError:
             raise
@@ -109,10 +145,294 @@ def int8(proto: onnx.ModelProto, feeds: dict, method: str = "minmax", *, per_cha
         finally:
             os.chdir(cwd)
             logging.getLogger().setLevel(quiet)
-        result = toposort(fuse_residuals(onnx.load(str(out))))
+        result = _unnamed(float_outputs(onnx.load(str(out))), given)
+        result = toposort(fuse_residuals(result) if target == "tensorrt" else result)
     # opset 13 needs IR version 7 (and initializers no longer have to be graph inputs)
     result.ir_version = max(result.ir_version, 7)
     return result
+
+
+def int8_dynamic(proto: onnx.ModelProto, *, exclude: tuple = ()) -> onnx.ModelProto:
+    """Dynamic INT8 (`quantize_dynamic`): MatMul/Gemm/Gather weights int8, activations quantized
+    at run time by ONNX Runtime (DynamicQuantizeMatMul, MatMulIntegerToFloat on its CPU
+    provider); the word-embedding table is stored int8 too. No calibration data."""
+    proto = _opset_13(proto)
+    with tempfile.TemporaryDirectory(prefix="spa-quant-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        work = onnx.ModelProto()
+        work.CopyFrom(proto)
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(work, str(out), op_types_to_quantize=list(DYNAMIC_OPS), per_channel=False,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude))
+        except Exception as exc:  # noqa: BLE001 - ORT's tooling fails in many ways; one line
+            raise SpaError(f"dynamic INT8 quantization failed in onnxruntime.quantization: {ort_reason(exc)}") \
+                from None
+        finally:
+            logging.getLogger().setLevel(quiet)
+        result = toposort(onnx.load(str(out)))
+    result.ir_version = max(result.ir_version, 7)
+    return result
+
+
+def dynamic_candidate(proto: onnx.ModelProto) -> bool:
+    """Whether dynamic INT8 may beat static on ORT's CPU: MatMul/Gemm layers with constant weights
+    and no convolution (a transformer; ConvInteger is slow)."""
+    consts = {t.name for t in proto.graph.initializer}
+    ops = {n.op_type for n in proto.graph.node}
+    layers = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+              and n.input[1] in consts]
+    return bool(layers) and not ops & {"Conv", "ConvTranspose"}
+
+
+def cpu_seconds(model, feeds: dict, runs: int = TIMED_RUNS) -> float:
+    """Median CPU seconds of one run of `model` (a ModelProto or a path) on `feeds` in ONNX Runtime's
+    CPU provider, one thread, after two untimed runs."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    for _ in range(2):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.process_time()
+        sess.run(None, feeds)
+        times.append(time.process_time() - start)
+    return float(np.median(times))
+
+
+LAYER_MAX_ERR = 0.1  # a layer whose INT8 output is off by more than this (relative, on the data) falls back
+SENSITIVITY_SAMPLES = 8  # calibration samples the per-layer errors are measured on
+
+
+def layer_errors(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, feeds: dict) -> list[dict]:
+    """How much each quantized layer alone loses: its output with its input activation and weight
+    passed through their Q/DQ (the scales calibrated into `q_proto`), against its float output, on
+    `feeds` (its float input captured from `float_proto`). [{node, op, output, rel_err}], worst first
+    (`node`: its name, or the one spa gave it when it had none; `output`: its output tensor);
+    layers ONNX Runtime cannot run alone are left out."""
+    producer = {o: n for n in q_proto.graph.node for o in n.output}
+    consts = {t.name: t for t in q_proto.graph.initializer}
+    cases = []
+    for layer in q_proto.graph.node:
+        if layer.op_type not in LAYERS or not layer.name or len(layer.input) < 2:
+            continue
+        act, weight = producer.get(layer.input[0]), producer.get(layer.input[1])
+        if act is None or weight is None or act.op_type != "DequantizeLinear" or weight.op_type != "DequantizeLinear":
+            continue
+        source = producer.get(act.input[0])
+        if source is None or source.op_type != "QuantizeLinear" or weight.input[0] not in consts:
+            continue
+        cases.append((layer, source.input[0], act, weight))
+    if not cases:
+        return []
+    captured = _capture(float_proto, sorted({c[1] for c in cases}), feeds)
+    floats = {t.name: t for t in float_proto.graph.initializer}
+    by_name = {n.name: n for n in float_proto.graph.node if n.name}
+    value = lambda name: numpy_helper.to_array(consts[name]) if name in consts else None
+    out = []
+    for layer, x_name, act, weight in cases:
+        original, x = by_name.get(layer.name), captured.get(x_name)
+        if original is None or x is None or original.input[1] not in floats:
+            continue
+        x_hat = _fake_quant(x, value(act.input[1]), value(act.input[2]) if len(act.input) > 2 else None)
+        try:
+            want = _run_alone(original, x, numpy_helper.to_array(floats[original.input[1]]), floats)
+            got = _run_alone(original, x_hat, _dequantized(weight, value), floats)
+        except Exception:  # noqa: BLE001, S112 - a layer ORT cannot run alone (a shape it needs from elsewhere)
+            continue
+        err = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+        out.append({"node": layer.name, "op": layer.op_type, "output": original.output[0], "rel_err": err})
+    return sorted(out, key=lambda e: -e["rel_err"])
+
+
+def _dequantized(dq: onnx.NodeProto, value) -> np.ndarray:
+    """The float weight a weight's DequantizeLinear gives (per-axis scale and zero point)."""
+    q = value(dq.input[0]).astype(np.float32)
+    scale = value(dq.input[1]).astype(np.float32)
+    zero = value(dq.input[2]).astype(np.float32) if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    if scale.size > 1:
+        shape = [1] * q.ndim
+        shape[next((a.i for a in dq.attribute if a.name == "axis"), 1)] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def _fake_quant(x: np.ndarray, scale, zero) -> np.ndarray:
+    zero = np.zeros((), np.int8) if zero is None else zero
+    info = np.iinfo(zero.dtype)
+    q = np.clip(np.round(x / scale) + zero.astype(np.float32), info.min, info.max)
+    return ((q - zero.astype(np.float32)) * scale).astype(np.float32)
+
+
+def _capture(proto: onnx.ModelProto, names: list, feeds: dict) -> dict:
+    """{tensor: value} of `names` (intermediate tensors of `proto`) on `feeds`."""
+    work = onnx.ModelProto()
+    work.CopyFrom(proto)
+    have = {o.name for o in work.graph.output}
+    work.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    sess = ort.InferenceSession(work.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def _run_alone(layer: onnx.NodeProto, x: np.ndarray, w: np.ndarray, floats: dict) -> np.ndarray:
+    """`layer` alone in ONNX Runtime on activation `x` and weight `w` (its other inputs as they are)."""
+    node = onnx.NodeProto()
+    node.CopyFrom(layer)
+    node.input[0], node.input[1], node.output[0] = "x", "w", "y"
+    del node.output[1:]
+    inits = [numpy_helper.from_array(w, "w")] + [floats[n] for n in node.input[2:] if n in floats]
+    graph = onnx.helper.make_graph([node], "layer", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                         None)],
+                                   [onnx.ValueInfoProto(name="y")], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def weight_only(proto: onnx.ModelProto, nodes: set) -> onnx.ModelProto:
+    """Weight-only INT8 for the float layers named in `nodes`: the weight stored int8 (symmetric,
+    per output channel) behind a DequantizeLinear, the inputs of every node in `nodes` (the layers
+    and the ops that feed them, feeding_ops) read in float (their Q/DQ bypassed): the file shrinks as much, the layer computes in float (the fallback for layers
+    whose activations lose too much)."""
+    consts = {t.name: t for t in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:  # the float nodes read their float inputs again (not through Q/DQ)
+        for slot, name in enumerate(node.input if node.name in nodes else ()):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[slot] = q.input[0]
+    _drop_unread_qdq(proto)
+    readers = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    at = 0
+    while at < len(proto.graph.node):
+        node = proto.graph.node[at]
+        at += 1
+        if node.name not in nodes or node.op_type not in LAYERS or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        if name not in consts or readers.get(name, 0) != 1 or consts[name].data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(consts[name])
+        axis = _out_axis(node, w.ndim)
+        others = tuple(a for a in range(w.ndim) if a != axis)
+        scale = (np.abs(w).max(axis=others) / 127.0).astype(np.float32)
+        scale[scale == 0] = 1.0
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+        proto.graph.initializer.remove(consts[name])
+        proto.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                        numpy_helper.from_array(scale, f"{name}_scale"),
+                                        numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero")])
+        dq = onnx.helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero"], [name],
+                                   name=f"{name}_DequantizeLinear", axis=axis)
+        proto.graph.node.insert(at - 1, dq)
+        at += 1
+    return proto
+
+
+def _out_axis(node: onnx.NodeProto, rank: int) -> int:
+    """The weight axis of a layer's output channels: Conv 0, ConvTranspose 1, MatMul the last,
+    Gemm 0 with transB else 1."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
+    return rank - 1
+
+
+PASS_THROUGH = ("Relu", "Clip", "LeakyRelu", "Sigmoid", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze",
+                "MaxPool", "AveragePool", "GlobalAveragePool", "Resize", "Pad", "Slice", "Split", "Identity")
+
+
+def feeding_ops(proto: onnx.ModelProto, layers: set) -> set:
+    """The names of the single-input ops (activations, reshapes, pooling) that feed the named
+    layers from the previous layer: their Q/DQ would still coarsen a float fallback's input."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    found = set()
+    for node in proto.graph.node:
+        if node.name not in layers or not node.input:
+            continue
+        source = producer.get(node.input[0])
+        while source is not None and source.op_type in PASS_THROUGH and source.name and source.input:
+            found.add(source.name)
+            source = producer.get(source.input[0])
+    return found
+
+
+def _named(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set]:
+    """(`proto`, or a copy whose unnamed nodes got names, the names given): layers are excluded
+    and reported by name; the result gets its unnamed nodes back (`_unnamed`)."""
+    if all(n.name for n in proto.graph.node):
+        return proto, set()
+    named = onnx.ModelProto()
+    named.CopyFrom(proto)
+    taken, given = {n.name for n in named.graph.node}, set()
+    for i, node in enumerate(named.graph.node):
+        if not node.name:
+            node.name = next(f"{node.op_type}_{k}" for k in itertools.count(i) if f"{node.op_type}_{k}" not in taken)
+            taken.add(node.name)
+            given.add(node.name)
+    return named, given
+
+
+def _unnamed(proto: onnx.ModelProto, given: set) -> onnx.ModelProto:
+    """The names `_named` gave taken off again: the model keeps the names it came with."""
+    for node in proto.graph.node:
+        if node.name in given:
+            node.ClearField("name")
+    return proto
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise UsageError(f"unknown target '{target}'", f"choose one of: {', '.join(TARGETS)}")
+
+
+def _placement(target: str, proto: onnx.ModelProto) -> tuple[list, QuantType, dict]:
+    """(op types to quantize, activation type, quantize_static's extra options) for `target`."""
+    if target == "tensorrt":
+        return list(QUANTIZED_OPS), QuantType.QInt8, {
+            "ActivationSymmetric": True, "QuantizeBias": False,
+            "OpTypesToExcludeOutputQuantization": list(NO_OUTPUT_QDQ)}
+    present = {n.op_type for n in proto.graph.node}
+    ops = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) & present - set(ORT_FLOAT_OPS))
+    if target == "ort-cuda":
+        return ops, QuantType.QInt8, {"ActivationSymmetric": True}
+    return ops, QuantType.QUInt8, {"ActivationSymmetric": False}
+
+
+def fused_kernels(model) -> dict:
+    """{op: count} of the integer kernels in the graph ONNX Runtime's CPU provider runs for `model`
+    (a ModelProto or a path) after its optimizer (extended level, saved to a temp file and read back)."""
+    with tempfile.TemporaryDirectory(prefix="spa-fused-") as tmp:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+        ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+    counts = {}
+    for node in graph.node:
+        if node.op_type in FUSED_OPS:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -144,6 +464,21 @@ def _opset_13(proto: onnx.ModelProto) -> onnx.ModelProto:
             from None
 
 
+def float_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Graph outputs computed in float: a Q/DQ pair right before an output goes (an Identity of the
+    float tensor takes its name). Quantizing what the model hands back gains nothing, and ruins
+    probabilities: a softmax over 1000 classes, each near 0.001, is all zeros in steps of 1/255."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    for at, node in enumerate(graph.node):
+        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.output[0] in outputs else None
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in producer:
+            graph.node[at].CopyFrom(onnx.helper.make_node("Identity", [q.input[0]], [node.output[0]],
+                                                          name=f"{node.output[0]}_float"))
+    return _drop_unread_qdq(proto)
+
+
 def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Take the Q/DQ pair off one layer-fed input of every residual Add (ORT quantizes both):
     TensorRT fuses the Add into that layer and reads the other, quantized, input as the
@@ -160,7 +495,12 @@ def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
             if src is not None and src.op_type in LAYERS:
                 node.input[i] = q.input[0]  # the layer's float output, straight into the Add
                 break
-    # drop Q/DQ nodes nobody reads any more
+    return _drop_unread_qdq(proto)
+
+
+def _drop_unread_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove Q/DQ nodes nobody reads any more, and the scales and zero points only they read."""
+    graph = proto.graph
     while True:
         read = _reads(graph) | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
@@ -294,8 +634,9 @@ def _subgraph_reads_ready(node, ready: set, every: set) -> bool:
 
 
 def coverage(proto: onnx.ModelProto) -> dict:
-    """QDQ coverage: Conv/ConvTranspose/Gemm/MatMul layers whose data input and weight both come
-    from DequantizeLinear, and the float precision of the rest."""
+    """INT8 coverage: Conv/ConvTranspose/Gemm/MatMul layers whose data input and weight both come
+    from DequantizeLinear, plus integer layers (dynamic quantization's MatMulInteger, QOperator
+    ops), out of both; and the float precision of the rest."""
     producer = {o: n for n in proto.graph.node for o in n.output}
     layers = [n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
 
@@ -303,22 +644,33 @@ def coverage(proto: onnx.ModelProto) -> dict:
         node = producer.get(name)
         return node is not None and node.op_type == "DequantizeLinear"
 
-    quantized = [n for n in layers if len(n.input) > 1 and dq(n.input[0]) and dq(n.input[1])]
+    integer = sum(1 for n in proto.graph.node if n.op_type in INTEGER_OPS)
+    quantized = len([n for n in layers if len(n.input) > 1 and dq(n.input[0]) and dq(n.input[1])]) + integer
     qdq = sum(1 for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
     fp16_inits = sum(1 for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
-    return {"layers": len(layers), "quantized": len(quantized),
-            "fraction_quantized": len(quantized) / len(layers) if layers else None,
-            "qdq_nodes": qdq, "float16_initializers": fp16_inits,
-            "integer_layers": sum(1 for n in proto.graph.node if n.op_type in INTEGER_OPS)}
+    total = len(layers) + integer
+    return {"layers": total, "quantized": quantized, "fraction_quantized": quantized / total if total else None,
+            "qdq_nodes": qdq, "float16_initializers": fp16_inits, "integer_layers": integer}
 
 
 class Int8Pass(Pass):
-    """Model -> its QDQ INT8 form, calibrated on `data` ({input: [N, ...]})."""
+    """Model -> its INT8 form placed for `target`: static QDQ calibrated on `data` ({input: [N, ...]}),
+    or (ort-cpu) dynamic, or with mode="auto" whichever of the two runs faster on this machine's
+    ONNX Runtime CPU provider where dynamic is a candidate (dynamic_candidate: a transformer)."""
 
     name = "int8"
 
-    def __init__(self, data: dict, method: str = "minmax", per_channel: bool = True, max_samples: int = 256):
+    def __init__(self, data: dict, method: str = "minmax", per_channel: bool = True, max_samples: int = 256,
+                 target: str = "ort-cpu", mode: str = "auto"):
+        check_target(target)
+        if mode not in MODES:
+            raise UsageError(f"unknown INT8 mode '{mode}'", f"choose one of: {', '.join(MODES)}")
+        if mode == "dynamic" and target != "ort-cpu":
+            raise UsageError(f"dynamic INT8 is for target ort-cpu, not {target}",
+                             "TensorRT and ORT's CUDA provider run static Q/DQ: drop the dynamic mode")
         self.data, self.method, self.per_channel, self.max_samples = data, method, per_channel, max_samples
+        self.target, self.mode = target, mode
+        self.layers: list = []
 
     def requires(self, model: Model) -> None:
         if not any(n.op_type in QUANTIZED_OPS for n in model.proto.graph.node):
@@ -326,12 +678,87 @@ class Int8Pass(Pass):
                            "(the ops INT8 QDQ is placed on)", "keep this model in float32, or try fp16")
 
     def rewrite(self, model: Model) -> tuple[onnx.ModelProto, dict]:
-        proto = int8(model.proto, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples)
+        stats = {"target": self.target}
+        if self.mode == "dynamic":
+            proto, stats["mode"] = int8_dynamic(model.proto), "dynamic"
+        else:
+            proto, stats["mode"] = self._static(model), "static"
+            if self.mode == "auto" and self.target == "ort-cpu" and dynamic_candidate(model.proto):
+                proto, stats = self._faster(model, proto, stats)
+        if stats["mode"] == "static":
+            stats["layers"] = self.layers
+            stats["fallback"] = sum(1 for e in self.layers if e["kept"] != "int8")
         cov = coverage(proto)
-        if not cov["qdq_nodes"]:
+        if not cov["qdq_nodes"] and not cov["integer_layers"] and stats["mode"] == "static":
             raise SpaError("int8: nothing quantized: onnxruntime.quantization placed no QDQ pair; nothing written",
                            "keep this model in float32, or try fp16")
-        return proto, {"coverage": cov}
+        if self.target == "ort-cpu":
+            stats["speed"] = self._speed(model, proto, stats)
+        return proto, {"coverage": cov, **stats, "fused_kernels": _fused_or_none(proto)}
+
+    def _static(self, model: Model) -> onnx.ModelProto:
+        """Static INT8, then each layer's own error measured on the data (layer_errors): layers
+        that lose more than LAYER_MAX_ERR are quantized again as weight-only INT8 (float math)."""
+        base, given = _named(model.proto)
+        proto = int8(base, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples,
+                     target=self.target)
+        inputs = set(model.input_names)
+        feeds = {k: np.asarray(v)[:SENSITIVITY_SAMPLES] for k, v in self.data.items() if k in inputs}
+        try:
+            errors = layer_errors(base, proto, feeds) if feeds and fixed_batch_size(base) is None else []
+        except Exception:  # noqa: BLE001 - the measurement is a refinement: without it, all layers stay INT8
+            errors = []
+        worst = {e["node"] for e in errors if e["rel_err"] > LAYER_MAX_ERR}
+        if worst:
+            floats = worst | feeding_ops(base, worst)
+            proto = weight_only(int8(base, self.data, self.method, per_channel=self.per_channel,
+                                     max_samples=self.max_samples, target=self.target, exclude=tuple(floats)), floats)
+        self.layers = [{**e, "kept": "weight-only int8" if e["node"] in worst else "int8"} for e in errors]
+        return _unnamed(proto, given)
+
+    def _feeds(self, model: Model) -> dict:
+        """One sample to time on: the first of the data, else random inputs (dynamic mode)."""
+        inputs = set(model.input_names)
+        data = {k: v for k, v in self.data.items() if k in inputs}
+        if not data:
+            return random_feeds(model.proto)
+        return next(iter(model_batches(data, 1, fixed=fixed_batch_size(model.proto), max_samples=1)))
+
+    def _faster(self, model: Model, static: onnx.ModelProto, stats: dict) -> tuple[onnx.ModelProto, dict]:
+        """Static or dynamic, whichever takes less CPU time on one calibration batch (one thread)."""
+        dynamic = int8_dynamic(model.proto)
+        feeds = self._feeds(model)
+        try:
+            times = {"static": cpu_seconds(static, feeds), "dynamic": cpu_seconds(dynamic, feeds)}
+        except Exception:  # noqa: BLE001 - one of them does not run: the static one, checked as usual
+            return static, stats
+        mode = min(times, key=times.get)
+        return (static if mode == "static" else dynamic), {**stats, "mode": mode, "cpu_s_per_run": times}
+
+    def _speed(self, model: Model, proto: onnx.ModelProto, stats: dict) -> dict | None:
+        """{"float_cpu_s", "int8_cpu_s", "speedup"}: one sample on ONNX Runtime's CPU provider, one
+        thread, the input model against the result (None over 2 GB or when either fails to run):
+        INT8 is not faster everywhere (small or depthwise layers spend more in Q/DQ than they save)."""
+        if weight_bytes(model.proto) >= TWO_GB or model.weights_at:
+            return None
+        feeds = self._feeds(model)
+        try:
+            fp = cpu_seconds(model.proto, feeds)
+            q = (stats.get("cpu_s_per_run") or {}).get(stats["mode"]) or cpu_seconds(proto, feeds)
+        except Exception:  # noqa: BLE001 - the output check that follows says why a model does not run
+            return None
+        return {"float_cpu_s": fp, "int8_cpu_s": q, "speedup": fp / q if q else None}
+
+
+def _fused_or_none(proto: onnx.ModelProto) -> dict | None:
+    """fused_kernels of a model that fits in one protobuf message (None above 2 GB, or when ORT
+    cannot build the optimized session: the output check says why)."""
+    if weight_bytes(proto) >= TWO_GB:
+        return None
+    try:
+        return fused_kernels(proto)
+    except Exception:  # noqa: BLE001 - the output check that follows reports ORT's own reason
+        return None
 
 
 class Fp16Pass(Pass):

@@ -39,6 +39,7 @@ def test_three_stages_each_measured_and_the_result_holds_them(net, capsys):
     assert stages[2]["nonzero"] < stages[1]["nonzero"] and stages[2]["params"] == stages[1]["params"]  # 2:4 zeros
     assert stages[3]["bytes"] < stages[2]["bytes"]  # int8 weights
     assert stages[1]["detail"]["criterion"] == "obspa" and stages[2]["detail"]["method"] == "obs"  # data defaults
+    assert stages[3]["detail"]["target"] == "ort-cpu" and stages[3]["detail"]["fused_kernels"]  # runs in ORT's kernels
     for s in stages[1:]:
         assert 0 < s["calib"]["cosine"] <= 1 + 1e-9 and 0 <= s["eval"]["accuracy"] <= 1
     assert not list(net.glob(".spa-compress-*")) and not (net / "c.pruned.onnx").exists()
@@ -47,6 +48,13 @@ def test_three_stages_each_measured_and_the_result_holds_them(net, capsys):
     assert any(n.op_type == "DequantizeLinear" for n in final.graph.node)
     assert main(["analyze", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sparsity"]["fraction_holding"] == 1.0
+
+
+def test_the_int8_target_reaches_the_quantize_stage(net, capsys):
+    assert main(["compress", str(net / "m.onnx"), "--int8", "--target", "tensorrt", "--calib", str(net / "calib.npz"),
+                 "-o", str(net / "t.onnx"), "--json"]) == 0
+    detail = json.loads(capsys.readouterr().out)["stages"][-1]["detail"]
+    assert detail["target"] == "tensorrt" and "QLinearConv" not in detail["fused_kernels"]  # no Q after convs
 
 
 def test_save_stages_and_fp16_without_data(net, capsys):

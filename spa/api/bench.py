@@ -36,6 +36,7 @@ from spa.core.runtime import ort_reason
 from spa.core.shapes import check as check_shape
 from spa.core.shapes import parse as parse_shape
 from spa.core.shapes import text as shape_text
+from spa.passes.quantize import fused_kernels
 
 SCHEMA = 1
 
@@ -189,12 +190,33 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
            "models": [{"path": model_name(m), "label": Path(n).name, **_cost(m), "session": s.describe()}
                       for m, n, s in zip(models, names, sessions)],
            "results": results}
+    doc["warnings"] = _unfused(doc["models"], models) if backend == "ort" else []
     slow = below(results, min_speedup)
     doc["min_speedup"] = {"required": min_speedup, "failed": slow} if min_speedup else None
     if output is not None:
         write_text_atomic(output, json.dumps(doc, indent=1))
     failure = f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None
     return Measurement(doc, failure=failure)
+
+
+def _unfused(entries: list, models: list) -> list[str]:
+    """ONNX Runtime CPU runs INT8 Q/DQ fast only where its optimizer fuses them into integer kernels:
+    each Q/DQ model's entry gets `fused_kernels`, and a warning where ORT fused none (the model then
+    computes in float plus the Q/DQ work: placed for another runtime, e.g. TensorRT)."""
+    warnings = []
+    for entry, model in zip(entries, models):
+        try:
+            proto = as_model(model).proto
+        except SpaError:
+            continue
+        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
+            continue
+        entry["fused_kernels"] = fused_kernels(model if isinstance(model, (str, Path)) else proto)
+        if not entry["fused_kernels"]:
+            warnings.append(f"{entry['label']}: ONNX Runtime's CPU provider fuses none of its Q/DQ into an integer "
+                            "kernel, so it runs in float plus the Q/DQ work (placed for another runtime?): quantize it "
+                            "for this backend with `spa quantize --target ort-cpu`")
+    return warnings
 
 
 def _require_measured(names: list, results: list) -> None:

@@ -34,6 +34,7 @@ from spa.core.errors import SpaError, UsageError, positive_int, require
 from spa.core.model import check_writable, load, save, sweep_stale, tmp_prefix
 from spa.core.runtime import ort_reason
 from spa.core.sizes import file_bytes
+from spa.passes.quantize import TARGETS
 from spa.passes.sparsify import parse_pattern
 from spa.planning import planner
 from spa.scoring import criteria
@@ -46,13 +47,14 @@ QUANT_METHODS = ("minmax", "entropy", "percentile")
 
 def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = False, prune_hidden: bool = False,
              sparsify=None, sparsify_method=None, permute: bool = False, min_size: int = 16, int8: bool = False,
-             fp16: bool = False, calib=None, calib_samples=None, quant_method: str = "minmax", eval=None,
+             fp16: bool = False, calib=None, calib_samples=None, quant_method: str = "minmax", target: str = "ort-cpu",
+             eval=None,
              labels=None, distill_epochs: int = 0, save_stages: bool = False, shape=None, check: bool = True,
              output=None, progress=None) -> Result:
     """Prune `ratio` of each group (`criterion`, `global_rank`, `prune_hidden`), then N:M `sparsify`
     (e.g. "2:4"; `sparsify_method`, `permute`, `min_size`), with `distill_epochs` first recovering
     the pruned model by distillation from the input on `calib` (unlabeled; the torch extra), then `int8` (needs `calib`;
-    `quant_method`) or `fp16`; every stage measured on `calib` and on `eval` (with `labels`: the
+    `quant_method`; Q/DQ placed for `target`'s runtime, see spa.quantize) or `fp16`; every stage measured on `calib` and on `eval` (with `labels`: the
     key of its labels, for accuracy). `calib_samples`: per stage (default: each call's own).
     `output`: the final model's path (None: kept in memory, `.model`). `check=False`: the stages are
     not run in ONNX Runtime against their inputs (the ONNX checker only). `shape`: the input shapes
@@ -62,8 +64,8 @@ def compress(model, *, ratio: float = 0.0, criterion=None, global_rank: bool = F
     options = {"ratio": ratio, "criterion": criterion, "global_rank": global_rank, "prune_hidden": prune_hidden,
                "sparsify": sparsify, "sparsify_method": sparsify_method, "permute": permute, "min_size": min_size,
                "int8": int8, "fp16": fp16, "calib": calib, "calib_samples": calib_samples,
-               "quant_method": quant_method, "eval": eval, "labels": labels, "distill_epochs": distill_epochs,
-               "save_stages": save_stages,
+               "quant_method": quant_method, "target": target, "eval": eval, "labels": labels,
+               "distill_epochs": distill_epochs, "save_stages": save_stages,
                "shape": shape, "check": check}
     _check(model, options)
     return _Pipeline(model, options, output_target(output, model, calib, eval), stepper(progress)).run()
@@ -86,6 +88,7 @@ def _check(model, o: dict) -> None:
             "choose magnitude or obs")
     require(o["quant_method"] in QUANT_METHODS, f"invalid quant_method={o['quant_method']}",
             f"choose one of: {', '.join(QUANT_METHODS)}")
+    require(o["target"] in TARGETS, f"invalid target={o['target']!r}", f"choose one of: {', '.join(TARGETS)}")
     needs = criteria.NEEDS.get(o["criterion"] or "l1") in ("calibration", "gradients")
     if o["calib"] is None and (o["int8"] or o["sparsify_method"] == "obs" or (o["ratio"] > 0 and needs)):
         what = "int8=True" if o["int8"] else ("sparsify_method=obs" if o["sparsify_method"] == "obs"
@@ -187,8 +190,8 @@ class _Pipeline:
                                                            min_size=o["min_size"], permute=o["permute"],
                                                            check=o["check"], output=t, **data, **at)))
         if o["int8"]:
-            calls.append(("int8", lambda i, t: quantize(i, calib=calib, method=o["quant_method"], output=t,
-                                                        check=o["check"], **samples, **at)))
+            calls.append(("int8", lambda i, t: quantize(i, calib=calib, method=o["quant_method"], target=o["target"],
+                                                        output=t, check=o["check"], **samples, **at)))
         elif o["fp16"]:
             calls.append(("fp16", lambda i, t: quantize(i, fp16=True, check=o["check"], output=t, **at)))
         return calls
@@ -292,5 +295,7 @@ def _summary(name: str, detail: dict) -> dict:
                 "layers": len(detail["layers"]), "retained_magnitude": detail["retained_magnitude"],
                 "permuted_groups": sum(r["permuted"] for r in detail["permutation"] or []),
                 "agreement": detail["agreement"], "warnings": detail["warnings"]}
-    return {"coverage": detail.get("coverage"), "fidelity_on_calib": detail.get("fidelity_on_calib"),
-            "agreement": detail.get("agreement"), "warnings": detail.get("warnings") or []}
+    return {"coverage": detail.get("coverage"), "target": detail.get("target"), "mode": detail.get("mode"),
+            "fused_kernels": detail.get("fused_kernels"), "fallback": detail.get("fallback"),
+            "fidelity_on_calib": detail.get("fidelity_on_calib"), "agreement": detail.get("agreement"),
+            "warnings": detail.get("warnings") or []}

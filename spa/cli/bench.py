@@ -78,6 +78,8 @@ def bench(args) -> int:
         print(json.dumps(result.to_json()))
     else:
         _bench_table(result.to_json())
+        for warning in result.to_json().get("warnings", []):
+            err.print(f"warning: {warning}", markup=False, highlight=False)
         if args.output:
             err.print(f"wrote {args.output}", markup=False, highlight=False)
     if result.failure:

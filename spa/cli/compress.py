@@ -6,13 +6,14 @@ from rich.table import Table
 
 from spa.api.compress import compress
 from spa.cli.app import NO_CHECK_HELP, add_calib, add_common, add_shape, output_path, progress
+from spa.cli.quantize import add_target
 from spa.core.errors import with_flags
 from spa.reporting import report
 from spa.reporting.report import out as console
 
 OPTIONS = ("ratio", "criterion", "global_rank", "prune_hidden", "sparsify", "sparsify_method", "permute", "min_size",
-           "int8", "fp16", "calib", "calib_samples", "quant_method", "eval", "labels", "distill_epochs", "save_stages",
-           "shape", "check")
+           "int8", "fp16", "calib", "calib_samples", "quant_method", "target", "eval", "labels", "distill_epochs",
+           "save_stages", "shape", "check")
 
 
 def parser(sub) -> None:
@@ -33,6 +34,7 @@ def parser(sub) -> None:
               samples_help="samples of --calib each stage uses (default: each command's own, prune 512, others 256)")
     c.add_argument("--quant-method", default="minmax", choices=["minmax", "entropy", "percentile"],
                    help="INT8 calibration (minmax)")
+    add_target(c, "--int8")
     c.add_argument("--eval", metavar="DATA", help=".npz of held-out inputs: fidelity (and accuracy with --labels) "
                    "after every stage")
     c.add_argument("--labels", metavar="KEY", help="key of the labels array in --eval")
