@@ -464,6 +464,39 @@ def _opset_13(proto: onnx.ModelProto) -> onnx.ModelProto:
             from None
 
 
+COSINE_FLOOR = 0.99  # agreement (cosine of the outputs, on the data) below which the elementwise ops go float
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Concat", "Sum")
+TAIL_OPS = ("Softmax", "LogSoftmax") + PASS_THROUGH
+
+
+def tail_ops(proto: onnx.ModelProto) -> set:
+    """Names of the nodes between the last layers and the graph outputs (softmax, reshapes,
+    activations): kept float. An 8-bit softmax over 1000 classes of about 0.001 each is zeros."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    found, stack = set(), [producer.get(o.name) for o in proto.graph.output]
+    while stack:
+        node = stack.pop()
+        if node is None or node.op_type not in TAIL_OPS or not node.name or node.name in found:
+            continue
+        found.add(node.name)
+        stack.extend(producer.get(i) for i in node.input[:1])
+    return found
+
+
+def output_cosine(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict) -> float:
+    """The lowest cosine similarity over the float outputs of `candidate` against `reference`."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    runs = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
+            for m in (reference, candidate)]
+    worst = 1.0
+    for a, b in zip(*runs):
+        if np.issubdtype(np.asarray(a).dtype, np.floating):
+            a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+            worst = min(worst, float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
+    return worst
+
+
 def float_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Graph outputs computed in float: a Q/DQ pair right before an output goes (an Identity of the
     float tensor takes its name). Quantizing what the model hands back gains nothing, and ruins
@@ -671,6 +704,7 @@ class Int8Pass(Pass):
         self.data, self.method, self.per_channel, self.max_samples = data, method, per_channel, max_samples
         self.target, self.mode = target, mode
         self.layers: list = []
+        self.elementwise: dict | None = None  # ort-cpu: cosine to the input with elementwise ops int8 / float
 
     def requires(self, model: Model) -> None:
         if not any(n.op_type in QUANTIZED_OPS for n in model.proto.graph.node):
@@ -686,6 +720,7 @@ class Int8Pass(Pass):
             if self.mode == "auto" and self.target == "ort-cpu" and dynamic_candidate(model.proto):
                 proto, stats = self._faster(model, proto, stats)
         if stats["mode"] == "static":
+            stats["elementwise"] = self.elementwise
             stats["layers"] = self.layers
             stats["fallback"] = sum(1 for e in self.layers if e["kept"] != "int8")
         cov = coverage(proto)
@@ -697,24 +732,53 @@ class Int8Pass(Pass):
         return proto, {"coverage": cov, **stats, "fused_kernels": _fused_or_none(proto)}
 
     def _static(self, model: Model) -> onnx.ModelProto:
-        """Static INT8, then each layer's own error measured on the data (layer_errors): layers
-        that lose more than LAYER_MAX_ERR are quantized again as weight-only INT8 (float math)."""
+        """Static INT8 with the model's tail (softmax, reshapes before an output) kept float; for
+        ort-cpu, where the result agrees less than COSINE_FLOOR with the input on the data, again
+        with the elementwise ops (Add, Mul, Concat: one scale for channels of unlike ranges) in
+        float, keeping the closer. Then each layer's own error measured on the data
+        (layer_errors): layers that lose more than LAYER_MAX_ERR are quantized again as
+        weight-only INT8 (float math)."""
         base, given = _named(model.proto)
-        proto = int8(base, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples,
-                     target=self.target)
         inputs = set(model.input_names)
-        feeds = {k: np.asarray(v)[:SENSITIVITY_SAMPLES] for k, v in self.data.items() if k in inputs}
+        fixed = fixed_batch_size(base)
+        feeds = {k: np.asarray(v)[:fixed or SENSITIVITY_SAMPLES] if np.ndim(v) else np.asarray(v)
+                 for k, v in self.data.items() if k in inputs}
+        rows = {len(v) for v in feeds.values() if np.ndim(v)}
+        measurable = bool(feeds) and (fixed is None or rows == {fixed})
+        keep = tail_ops(base)
+        proto = self._int8(base, keep)
+        if self.target == "ort-cpu" and measurable:
+            proto, keep = self._closer(base, proto, keep, feeds)
         try:
-            errors = layer_errors(base, proto, feeds) if feeds and fixed_batch_size(base) is None else []
+            errors = layer_errors(base, proto, feeds) if measurable else []
         except Exception:  # noqa: BLE001 - the measurement is a refinement: without it, all layers stay INT8
             errors = []
         worst = {e["node"] for e in errors if e["rel_err"] > LAYER_MAX_ERR}
         if worst:
             floats = worst | feeding_ops(base, worst)
-            proto = weight_only(int8(base, self.data, self.method, per_channel=self.per_channel,
-                                     max_samples=self.max_samples, target=self.target, exclude=tuple(floats)), floats)
+            proto = weight_only(self._int8(base, keep | floats), floats)
         self.layers = [{**e, "kept": "weight-only int8" if e["node"] in worst else "int8"} for e in errors]
         return _unnamed(proto, given)
+
+    def _int8(self, base: onnx.ModelProto, floats: set) -> onnx.ModelProto:
+        return int8(base, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples,
+                    target=self.target, exclude=tuple(sorted(floats)))
+
+    def _closer(self, base, proto, keep: set, feeds: dict) -> tuple[onnx.ModelProto, set]:
+        """(model, float nodes): `proto`, or the one with its elementwise ops in float where that
+        agrees better with `base` on `feeds` (the first agrees less than COSINE_FLOOR)."""
+        try:
+            first = output_cosine(base, proto, feeds)
+            if first >= COSINE_FLOOR:
+                self.elementwise = {"int8": first}
+                return proto, keep
+            floats = keep | {n.name for n in base.graph.node if n.op_type in ELEMENTWISE and n.name}
+            other = self._int8(base, floats)
+            second = output_cosine(base, other, feeds)
+        except Exception:  # noqa: BLE001 - not measured: the first placement, checked as usual
+            return proto, keep
+        self.elementwise = {"int8": first, "float": second}
+        return (other, floats) if second > first else (proto, keep)
 
     def _feeds(self, model: Model) -> dict:
         """One sample to time on: the first of the data, else random inputs (dynamic mode)."""

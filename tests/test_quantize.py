@@ -185,6 +185,26 @@ def test_a_layer_that_int8_ruins_keeps_float_math_with_int8_weights(tmp_path):
     assert _rel(want, ort_backend.run(q, data)["y"]) < _rel(want, ort_backend.run(plain, data)["y"]) / 3
 
 
+def test_probabilities_are_handed_back_in_float():
+    """A classifier ending in Softmax over many classes of about the same probability: 8-bit
+    probabilities would be zeros (ORT's own quantize_static gives cosine 0 on such a model); the
+    tail before the output stays float, and the agreement is measured (`elementwise`)."""
+    w = RNG.standard_normal((64, 1000)).astype(np.float32) * 0.01
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["l"], name="fc"),
+             helper.make_node("Softmax", ["l"], ["p"], name="softmax", axis=-1),
+             helper.make_node("Reshape", ["p", "shape"], ["y"], name="flat")]
+    graph = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1, 1000]), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    data = {"x": RNG.standard_normal((16, 64)).astype(np.float32)}
+    doc = quantize_api(proto, calib=data, mode="static").to_json()
+    q = quantize_api(proto, calib=data, mode="static").model
+    assert "QLinearSoftmax" not in doc["fused_kernels"] and doc["fused_kernels"].get("QLinearMatMul") == 1
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("p", "y") for n in q.graph.node)
+    assert quantize.output_cosine(proto, q, data) > 0.99 and doc["elementwise"]["int8"] > 0.99
+
+
 def test_fp16_keeps_float32_edges_and_sensitive_ops():
     proto = residual_model()
     h = quantize.fp16(proto)

@@ -4,7 +4,7 @@
           quantized model ─measured: bytes before/after, QDQ coverage, fidelity on the calibration data─▶ Result
 
 The Result's document is `spa quantize --json`'s: schema_version, input, output, kind,
-fidelity_on_calib, method, per_channel, target, mode, cpu_s_per_run, fused_kernels, layers, fallback, speed: {float_cpu_s, int8_cpu_s, speedup}, bytes, coverage, check, agreement, warnings. `bytes` are file sizes where
+fidelity_on_calib, method, per_channel, target, mode, cpu_s_per_run, fused_kernels, elementwise: {int8, float?}, layers, fallback, speed: {float_cpu_s, int8_cpu_s, speedup}, bytes, coverage, check, agreement, warnings. `bytes` are file sizes where
 there is a file (the input's path, `output`); a model only in memory counts its serialized size.
 """
 
@@ -42,6 +42,9 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
     weights int8, activations quantized at run time; needs no `calib`), or "auto": static, and for
     a transformer (MatMul layers, no convolution) also dynamic, keeping whichever runs faster here
     (the document's `mode` and `cpu_s_per_run` say which and why). Static INT8 measures each
+    model's tail (softmax, reshapes before an output) stays float; for ort-cpu, where the result's
+    outputs agree less than COSINE_FLOOR (cosine) with the input's on `calib`, the elementwise ops
+    (Add, Mul, Concat) go float if that agrees better (`elementwise`: the cosine of each). Each
     layer's own error on `calib` (`layers`: [{node, op, output, rel_err, kept}], worst first); a layer off
     by more than LAYER_MAX_ERR keeps a weight-only INT8 weight and float math (`fallback`: how
     many). For ort-cpu, `speed` is float32 against the result on one sample (a warning where INT8
@@ -83,7 +86,7 @@ def quantize(model, *, calib=None, fp16: bool = False, method: str = "minmax", p
     return Result(doc, done.model, saver(rewrite, loaded, done), loaded.path)
 
 
-INT8_STATS = ("mode", "cpu_s_per_run", "fused_kernels", "layers", "fallback", "speed")  # Int8Pass's, into the document
+INT8_STATS = ("mode", "cpu_s_per_run", "fused_kernels", "elementwise", "layers", "fallback", "speed")  # Int8Pass's, into the document
 
 
 def _check_options(calib: bool, fp16: bool, method: str, target: str, mode: str) -> None:
