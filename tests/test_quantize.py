@@ -110,6 +110,11 @@ def test_int8_target_reaches_the_document_and_a_bad_one_is_a_usage_error(tmp_pat
         assert doc["target"] == target and doc["coverage"]["quantized"] == 3
         assert (doc["fused_kernels"].get("QLinearConv", 0) == 2) == (target == "ort-cpu")
         assert any("CUDA provider" in n for n in doc["notes"]) == (target == "ort-cuda")
+        q = res.model
+        inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+        zero_points = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+        symmetric = all(z.dtype == np.int8 and not z.any() for z in zero_points)
+        assert symmetric == (target != "ort-cpu")  # TensorRT's explicit quantization: int8, zero point 0
         assert (doc["speed"] is not None) == (target == "ort-cpu")  # measured where it can be: ORT's CPU
         if doc["speed"]:
             assert doc["speed"]["speedup"] == pytest.approx(doc["speed"]["float_cpu_s"] / doc["speed"]["int8_cpu_s"])
