@@ -39,6 +39,7 @@ stats = {"coverage": coverage(result)}.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -60,7 +61,7 @@ from spa.passes.base import Pass
 from spa.core.data import fixed_batch_size, model_batches
 from spa.core.errors import SpaError, UsageError, first_line
 from spa.core.model import Model
-from spa.core.runtime import ort_reason, random_feeds
+from spa.core.runtime import ort_reason, random_feeds, run, run_with_outputs, session
 from spa.core.sizes import TWO_GB, weight_bytes
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -189,11 +190,7 @@ def dynamic_candidate(proto: onnx.ModelProto) -> bool:
 def cpu_seconds(model, feeds: dict, runs: int = TIMED_RUNS) -> float:
     """Median CPU seconds of one run of `model` (a ModelProto or a path) on `feeds` in ONNX Runtime's
     CPU provider, one thread, after two untimed runs."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    source = str(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
-    sess = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    sess = session(model, threads=1)
     for _ in range(2):
         sess.run(None, feeds)
     times = []
@@ -229,7 +226,7 @@ def layer_errors(float_proto: onnx.ModelProto, q_proto: onnx.ModelProto, feeds: 
         cases.append((layer, source.input[0], act, weight))
     if not cases:
         return []
-    captured = _capture(float_proto, sorted({c[1] for c in cases}), feeds)
+    captured = run_with_outputs(float_proto, sorted({c[1] for c in cases}), feeds)
     floats = {t.name: t for t in float_proto.graph.initializer}
     by_name = {n.name: n for n in float_proto.graph.node if n.name}
     value = lambda name: numpy_helper.to_array(consts[name]) if name in consts else None
@@ -268,18 +265,6 @@ def _fake_quant(x: np.ndarray, scale, zero) -> np.ndarray:
     return ((q - zero.astype(np.float32)) * scale).astype(np.float32)
 
 
-def _capture(proto: onnx.ModelProto, names: list, feeds: dict) -> dict:
-    """{tensor: value} of `names` (intermediate tensors of `proto`) on `feeds`."""
-    work = onnx.ModelProto()
-    work.CopyFrom(proto)
-    have = {o.name for o in work.graph.output}
-    work.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    sess = ort.InferenceSession(work.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return dict(zip(names, sess.run(names, feeds)))
-
-
 def _run_alone(layer: onnx.NodeProto, x: np.ndarray, w: np.ndarray, floats: dict) -> np.ndarray:
     """`layer` alone in ONNX Runtime on activation `x` and weight `w` (its other inputs as they are)."""
     node = onnx.NodeProto()
@@ -292,30 +277,21 @@ def _run_alone(layer: onnx.NodeProto, x: np.ndarray, w: np.ndarray, floats: dict
                                    [onnx.ValueInfoProto(name="y")], inits)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
     model.ir_version = 7
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"x": x})[0]
+    return run(model, {"x": x})["y"]
 
 
 def weight_only(proto: onnx.ModelProto, nodes: set) -> onnx.ModelProto:
     """Weight-only INT8 for the float layers named in `nodes`: the weight stored int8 (symmetric,
     per output channel) behind a DequantizeLinear, the inputs of every node in `nodes` (the layers
-    and the ops that feed them, feeding_ops) read in float (their Q/DQ bypassed): the file shrinks as much, the layer computes in float (the fallback for layers
-    whose activations lose too much)."""
+    and the ops that feed them, feeding_ops) read in float (their Q/DQ bypassed): the file shrinks
+    as much, the layer computes in float (the fallback for layers whose activations lose too much)."""
     consts = {t.name: t for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
     for node in proto.graph.node:  # the float nodes read their float inputs again (not through Q/DQ)
         for slot, name in enumerate(node.input if node.name in nodes else ()):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[slot] = q.input[0]
+            node.input[slot] = unquantized(producer, name) or name
     _drop_unread_qdq(proto)
-    readers = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    readers = collections.Counter(i for n in proto.graph.node for i in n.input)
     at = 0
     while at < len(proto.graph.node):
         node = proto.graph.node[at]
@@ -483,14 +459,13 @@ def tail_ops(proto: onnx.ModelProto) -> set:
     return found
 
 
-def output_cosine(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict) -> float:
-    """The lowest cosine similarity over the float outputs of `candidate` against `reference`."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
-    runs = [ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)
-            for m in (reference, candidate)]
+def output_cosine(reference, candidate, feeds: dict) -> float:
+    """The lowest cosine similarity over the float outputs of `candidate` against `reference`
+    (ModelProtos or files)."""
+    want, got = run(reference, feeds), run(candidate, feeds)
     worst = 1.0
-    for a, b in zip(*runs):
+    for name, a in want.items():
+        b = got[name]
         if np.issubdtype(np.asarray(a).dtype, np.floating):
             a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
             worst = min(worst, float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30)))
@@ -504,12 +479,19 @@ def float_outputs(proto: onnx.ModelProto) -> onnx.ModelProto:
     graph = proto.graph
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
-    for at, node in enumerate(graph.node):
-        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.output[0] in outputs else None
-        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] in producer:
-            graph.node[at].CopyFrom(onnx.helper.make_node("Identity", [q.input[0]], [node.output[0]],
-                                                          name=f"{node.output[0]}_float"))
+    for node in graph.node:
+        float_name = unquantized(producer, node.output[0]) if node.output and node.output[0] in outputs else None
+        if float_name in producer:
+            node.CopyFrom(onnx.helper.make_node("Identity", [float_name], [node.output[0]],
+                                                name=f"{node.output[0]}_float"))
     return _drop_unread_qdq(proto)
+
+
+def unquantized(producer: dict, name: str) -> str | None:
+    """The float tensor that `name` is a QuantizeLinear -> DequantizeLinear copy of, else None."""
+    dq = producer.get(name)
+    q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
 
 
 def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -522,11 +504,10 @@ def fuse_residuals(proto: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type != "Add":
             continue
         for i, name in enumerate(node.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            src = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            float_name = unquantized(producer, name)
+            src = producer.get(float_name) if float_name is not None else None
             if src is not None and src.op_type in LAYERS:
-                node.input[i] = q.input[0]  # the layer's float output, straight into the Add
+                node.input[i] = float_name  # the layer's float output, straight into the Add
                 break
     return _drop_unread_qdq(proto)
 
@@ -703,8 +684,6 @@ class Int8Pass(Pass):
                              "TensorRT and ORT's CUDA provider run static Q/DQ: drop the dynamic mode")
         self.data, self.method, self.per_channel, self.max_samples = data, method, per_channel, max_samples
         self.target, self.mode = target, mode
-        self.layers: list = []
-        self.elementwise: dict | None = None  # ort-cpu: cosine to the input with elementwise ops int8 / float
 
     def requires(self, model: Model) -> None:
         if not any(n.op_type in QUANTIZED_OPS for n in model.proto.graph.node):
@@ -716,13 +695,12 @@ class Int8Pass(Pass):
         if self.mode == "dynamic":
             proto, stats["mode"] = int8_dynamic(model.proto), "dynamic"
         else:
-            proto, stats["mode"] = self._static(model), "static"
+            proto, measured = self._static(model)
+            stats.update(mode="static", **measured)
             if self.mode == "auto" and self.target == "ort-cpu" and dynamic_candidate(model.proto):
                 proto, stats = self._faster(model, proto, stats)
-        if stats["mode"] == "static":
-            stats["elementwise"] = self.elementwise
-            stats["layers"] = self.layers
-            stats["fallback"] = sum(1 for e in self.layers if e["kept"] != "int8")
+        if stats["mode"] != "static":  # what was measured on the static model does not describe the result
+            stats = {k: v for k, v in stats.items() if k not in ("elementwise", "layers", "fallback")}
         cov = coverage(proto)
         if not cov["qdq_nodes"] and not cov["integer_layers"] and stats["mode"] == "static":
             raise SpaError("int8: nothing quantized: onnxruntime.quantization placed no QDQ pair; nothing written",
@@ -731,24 +709,23 @@ class Int8Pass(Pass):
             stats["speed"] = self._speed(model, proto, stats)
         return proto, {"coverage": cov, **stats, "fused_kernels": _fused_or_none(proto)}
 
-    def _static(self, model: Model) -> onnx.ModelProto:
+    def _static(self, model: Model) -> tuple[onnx.ModelProto, dict]:
         """Static INT8 with the model's tail (softmax, reshapes before an output) kept float; for
         ort-cpu, where the result agrees less than COSINE_FLOOR with the input on the data, again
         with the elementwise ops (Add, Mul, Concat: one scale for channels of unlike ranges) in
         float, keeping the closer. Then each layer's own error measured on the data
         (layer_errors): layers that lose more than LAYER_MAX_ERR are quantized again as
-        weight-only INT8 (float math)."""
+        weight-only INT8 (float math). Returns the model and {elementwise, layers, fallback}."""
         base, given = _named(model.proto)
-        inputs = set(model.input_names)
         fixed = fixed_batch_size(base)
         feeds = {k: np.asarray(v)[:fixed or SENSITIVITY_SAMPLES] if np.ndim(v) else np.asarray(v)
-                 for k, v in self.data.items() if k in inputs}
+                 for k, v in self._inputs(model).items()}
         rows = {len(v) for v in feeds.values() if np.ndim(v)}
         measurable = bool(feeds) and (fixed is None or rows == {fixed})
-        keep = tail_ops(base)
+        keep, elementwise = tail_ops(base), None
         proto = self._int8(base, keep)
         if self.target == "ort-cpu" and measurable:
-            proto, keep = self._closer(base, proto, keep, feeds)
+            proto, keep, elementwise = self._closer(base, proto, keep, feeds)
         try:
             errors = layer_errors(base, proto, feeds) if measurable else []
         except Exception:  # noqa: BLE001 - the measurement is a refinement: without it, all layers stay INT8
@@ -757,36 +734,40 @@ class Int8Pass(Pass):
         if worst:
             floats = worst | feeding_ops(base, worst)
             proto = weight_only(self._int8(base, keep | floats), floats)
-        self.layers = [{**e, "kept": "weight-only int8" if e["node"] in worst else "int8"} for e in errors]
-        return _unnamed(proto, given)
+        layers = [{**e, "kept": "weight-only int8" if e["node"] in worst else "int8"} for e in errors]
+        return _unnamed(proto, given), {"elementwise": elementwise, "layers": layers, "fallback": len(worst)}
 
     def _int8(self, base: onnx.ModelProto, floats: set) -> onnx.ModelProto:
         return int8(base, self.data, self.method, per_channel=self.per_channel, max_samples=self.max_samples,
                     target=self.target, exclude=tuple(sorted(floats)))
 
-    def _closer(self, base, proto, keep: set, feeds: dict) -> tuple[onnx.ModelProto, set]:
-        """(model, float nodes): `proto`, or the one with its elementwise ops in float where that
-        agrees better with `base` on `feeds` (the first agrees less than COSINE_FLOOR)."""
+    def _closer(self, base, proto, keep: set, feeds: dict) -> tuple[onnx.ModelProto, set, dict | None]:
+        """(model, float nodes, {"int8": cosine, "float"?: cosine}): `proto`, or the one with its
+        elementwise ops in float where that agrees better with `base` on `feeds` (tried where the
+        first agrees less than COSINE_FLOOR)."""
         try:
             first = output_cosine(base, proto, feeds)
             if first >= COSINE_FLOOR:
-                self.elementwise = {"int8": first}
-                return proto, keep
+                return proto, keep, {"int8": first}
             floats = keep | {n.name for n in base.graph.node if n.op_type in ELEMENTWISE and n.name}
             other = self._int8(base, floats)
             second = output_cosine(base, other, feeds)
         except Exception:  # noqa: BLE001 - not measured: the first placement, checked as usual
-            return proto, keep
-        self.elementwise = {"int8": first, "float": second}
-        return (other, floats) if second > first else (proto, keep)
+            return proto, keep, None
+        cosines = {"int8": first, "float": second}
+        return (other, floats, cosines) if second > first else (proto, keep, cosines)
 
     def _feeds(self, model: Model) -> dict:
         """One sample to time on: the first of the data, else random inputs (dynamic mode)."""
-        inputs = set(model.input_names)
-        data = {k: v for k, v in self.data.items() if k in inputs}
+        data = self._inputs(model)
         if not data:
             return random_feeds(model.proto)
         return next(iter(model_batches(data, 1, fixed=fixed_batch_size(model.proto), max_samples=1)))
+
+    def _inputs(self, model: Model) -> dict:
+        """The data's arrays of the model's inputs (calibration files may hold labels too)."""
+        inputs = set(model.input_names)
+        return {k: v for k, v in self.data.items() if k in inputs}
 
     def _faster(self, model: Model, static: onnx.ModelProto, stats: dict) -> tuple[onnx.ModelProto, dict]:
         """Static or dynamic, whichever takes less CPU time on one calibration batch (one thread)."""

@@ -40,18 +40,6 @@ from tools._models import dense_model, log
 CORPUS = ROOT.parent / "shared" / "corpus" / "real"
 
 
-def outputs(path: Path, feeds: dict) -> list:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
-
-
 def reference_static(src: Path, out: Path, data: dict) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
@@ -197,9 +185,10 @@ def corpus_feeds(src: Path, entry: dict) -> dict:
 
 
 def _cosine_score(src: Path, feeds: dict):
-    want = outputs(src, feeds)
-    return lambda path: min(cosine(w, g) for w, g in zip(want, outputs(path, feeds))
-                            if np.issubdtype(np.asarray(w).dtype, np.floating))
+    """The score of a variant with no task labels: its outputs' lowest cosine to float32's on `feeds`."""
+    from spa.passes.quantize import output_cosine
+
+    return lambda path: output_cosine(src, path, feeds)
 
 
 def _bench(name, src, data, work, a, score, batches=None) -> list[dict]:

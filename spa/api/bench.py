@@ -146,10 +146,19 @@ def _open(model, backend: str, options: Options):
         raise SpaError(f"cannot load model '{name}' on '{backend}': {ort_reason(exc)}") from None
 
 
-def _cost(model) -> dict:
-    """Params and MACs per sample (None for files spa cannot read as ONNX, e.g. engines)."""
+def _loaded(model) -> Model | None:
+    """The model as spa reads it, once for its costs and its Q/DQ (None for files spa cannot read
+    as ONNX, e.g. engines)."""
     try:
-        return cost.summary(as_model(model))
+        return as_model(model)
+    except SpaError:
+        return None
+
+
+def _cost(model: Model | None) -> dict:
+    """Params and MACs per sample (None where spa cannot read the model)."""
+    try:
+        return cost.summary(model) if model is not None else {"params": None, "macs": None}
     except SpaError:
         return {"params": None, "macs": None}
 
@@ -183,14 +192,15 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     for size in batches:
         results += _bench_batch(names, sessions, size, (dims, given), plan, step)
     _require_measured(names, results)
+    loaded = [_loaded(m) for m in models]
     doc = {"schema_version": SCHEMA, "backend": backend, "environment": method.environment(),
            "options": {"batches": batches, "warmup_ms": warmup_ms, "duration_s": duration_s,
                        "precision": precision, "sparse": sparse, "threads": threads, "dims": dims,
                        "input_shapes": {k: list(v) for k, v in given.items()} or None},
-           "models": [{"path": model_name(m), "label": Path(n).name, **_cost(m), "session": s.describe()}
-                      for m, n, s in zip(models, names, sessions)],
+           "models": [{"path": model_name(m), "label": Path(n).name, **_cost(lm), "session": s.describe()}
+                      for m, n, s, lm in zip(models, names, sessions, loaded)],
            "results": results}
-    doc["warnings"] = _unfused(doc["models"], models) if backend == "ort" else []
+    doc["warnings"] = _unfused(doc["models"], loaded) if backend == "ort" else []
     slow = below(results, min_speedup)
     doc["min_speedup"] = {"required": min_speedup, "failed": slow} if min_speedup else None
     if output is not None:
@@ -199,19 +209,15 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     return Measurement(doc, failure=failure)
 
 
-def _unfused(entries: list, models: list) -> list[str]:
+def _unfused(entries: list, models: list[Model | None]) -> list[str]:
     """ONNX Runtime CPU runs INT8 Q/DQ fast only where its optimizer fuses them into integer kernels:
     each Q/DQ model's entry gets `fused_kernels`, and a warning where ORT fused none (the model then
     computes in float plus the Q/DQ work: placed for another runtime, e.g. TensorRT)."""
     warnings = []
     for entry, model in zip(entries, models):
-        try:
-            proto = as_model(model).proto
-        except SpaError:
+        if model is None or not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
             continue
-        if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in proto.graph.node):
-            continue
-        entry["fused_kernels"] = fused_kernels(model if isinstance(model, (str, Path)) else proto)
+        entry["fused_kernels"] = fused_kernels(model.path if model.path is not None else model.proto)
         if not entry["fused_kernels"]:
             warnings.append(f"{entry['label']}: ONNX Runtime's CPU provider fuses none of its Q/DQ into an integer "
                             "kernel, so it runs in float plus the Q/DQ work (placed for another runtime?): quantize it "

@@ -266,13 +266,17 @@ def _signature_end(text: str, start: int) -> int:
 
 
 def run_with_outputs(model, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run with `names` (intermediate tensors) exposed as extra graph outputs."""
+    """Run a spa Model or a ModelProto with `names` (intermediate tensors) exposed as extra graph
+    outputs (typed where the Model knows their dtypes)."""
+    source = model if isinstance(model, onnx.ModelProto) else model.proto
+    dtypes = getattr(model, "dtypes", {})
     proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
+    proto.CopyFrom(source)
     present = {o.name for o in proto.graph.output}
     for name in names:
         if name not in present:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, model.dtypes[name], None))
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None) if name in dtypes
+                                      else onnx.ValueInfoProto(name=name))
     return run(proto, feeds)
 
 
