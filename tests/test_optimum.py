@@ -63,6 +63,14 @@ def test_prune_with_cache(export, tmp_path, family):
     assert dec["status"] == "ok" and dec["tokens"] == 16
 
 
+def test_no_check_writes_the_configs_without_decoding(export, tmp_path):
+    out = tmp_path / "model.onnx"
+    doc = spa.prune(str(export("llama")), ratio=0.3, check=False, output=str(out)).to_json()
+    assert doc["check"]["status"] == "not run" and doc["configs"]["written"]
+    assert "decode" not in doc["configs"] and "generator" not in doc["configs"]
+    assert json.loads((tmp_path / "config.json").read_text())["num_key_value_heads"] >= 1
+
+
 @pytest.mark.parametrize("family", llm_export.OPTIMUM_FAMILIES)
 def test_zero_invariance_with_cache(export, family):
     a = spa.analyze(str(export(family)), simplify=True)

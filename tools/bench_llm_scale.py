@@ -109,8 +109,13 @@ def bench(model: Path, work: Path, name: str) -> dict:
     rows["prune"] = run([sys.executable, "-m", "spa.cli", "prune", str(model), "--ratio", "0.3", "-o",
                          str(out / "model.onnx")], work, f"{name}-prune")
     shutil.rmtree(out)
+    out.mkdir()
+    log(f"{name}: spa prune --ratio 0.3 --no-check ...")
+    rows["prune_nocheck"] = run([sys.executable, "-m", "spa.cli", "prune", str(model), "--ratio", "0.3", "--no-check",
+                                 "-o", str(out / "model.onnx")], work, f"{name}-prune-nocheck")
+    shutil.rmtree(out)
     base = rows["load_save"]
-    for k in ("analyze", "prune"):
+    for k in ("analyze", "prune", "prune_nocheck"):
         rows[k]["wall_vs_load_save"] = round(rows[k]["wall_s"] / base["wall_s"], 2)
         rows[k]["cpu_vs_load_save"] = round(rows[k]["cpu_s"] / base["cpu_s"], 2)
         rows[k]["rss_vs_load_save"] = round(rows[k]["peak_rss_mib"] / base["peak_rss_mib"], 2)
@@ -122,7 +127,9 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for k, what in (("load_save", "onnx.load + onnx.save"), ("analyze", "spa analyze"),
-                        ("prune", "spa prune --ratio 0.3")):
+                        ("prune", "spa prune --ratio 0.3"), ("prune_nocheck", "spa prune --ratio 0.3 --no-check")):
+            if k not in r:
+                continue
             m = r[k]
             ratio = "1" if k == "load_save" else \
                 f"{m['wall_vs_load_save']} / {m['cpu_vs_load_save']} / {m['rss_vs_load_save']}"

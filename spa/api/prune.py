@@ -96,7 +96,7 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     stays within `max_loss`, 0.01 when not given; max_loss then bounds each group, not the result),
     `save_plan` (path), `seed`, `shape` (the input shapes MACs, targets and the output check use,
     e.g. {"x": (1, 3, 736, 736)}; default: the first sample of `calib`, else dynamic dims as 1),
-    `check` (run the result in ONNX Runtime), `output` (written atomically, verified on the written
+    `check` (run the result in ONNX Runtime, and an LLM's greedy decode with its cache), `output` (written atomically, verified on the written
     file; a result over 2 GB written there is not also kept in memory: `.model` is None, load the file).
 
     With `check`, the result's agreement with the input model is measured (spa.core.checks.Gate:
@@ -232,9 +232,9 @@ class _Run:
         """The runtime's config files beside `out`, and the GenAI generator run (spa.api.companions)."""
         if out is None or self.model.path is None:
             return None
-        with self.step("configs + generator"):
+        with self.step("configs + generator" if self.o["check"] else "configs"):
             doc = companions.write(self.model.path, out, pruned, before=self.llm_sizes)
-            if doc and doc.get("written"):  # a GenAI folder runs in GenAI's generator, where installed
+            if doc and doc.get("written") and self.o["check"]:  # GenAI's generator runs a GenAI folder
                 ran = companions.generator_check(self.model.path, out)
                 if ran is not None:
                     doc["generator"] = ran

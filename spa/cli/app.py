@@ -38,8 +38,8 @@ SIMPLIFY_HELP = ("fold shape arithmetic over static sizes first (onnxslim), whic
                  "exports compute at run time; group ids then refer to the simplified graph")
 CALIB_HELP = ".npz of calibration inputs keyed by input name: activation statistics for the criteria and --compensate"
 EXCLUDE_HELP = "protect nodes/initializers whose name matches (glob; repeatable)"
-NO_CHECK_HELP = ("do not run the result in ONNX Runtime against the input before writing it (the ONNX checker "
-                 "still runs); needed to go on with a model ONNX Runtime cannot run")
+NO_CHECK_HELP = ("do not run the result in ONNX Runtime against the input before writing it, nor an LLM's "
+                 "decode check (the ONNX checker still runs); needed to go on with a model ONNX Runtime cannot run")
 
 
 HELD: list[str] = []  # step lines held back while stderr is not a terminal: shown once the command succeeds

@@ -11,19 +11,19 @@ weight columns of every consumer). A group needs at least one constant member (a
 parameter slice to remove) and one activation space.
 
 Pins (model inputs/outputs, barriers, shape-fixed axes) lock every channel they touch,
-with the reason (and, via a networkx path over the spaces, the route to it).
+with the reason (and, via a shortest path over the spaces, the route to it).
 Reshape/Flatten pick which factor of a merged axis carries the channels in a second
 pass, preferring factors that are not locked otherwise.
 """
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import itertools
 import math
 from dataclasses import dataclass, field
 
-import networkx as nx
 import numpy as np
 import onnx
 
@@ -701,9 +701,11 @@ def _make_group(index, sp, g_ids, g_lab, g_spc, g_own, is_const, reason_of, b, n
     by_label = np.argsort(labs)  # channel of every row: its label's rank in `labs`
     channel = by_label[np.searchsorted(np.sort(labs), g_lab)]
     positions = {}
-    for s in sids:
-        mask = g_spc == s
-        positions[sp.names[s]] = _per_channel(local[mask], channel[mask], n)
+    by_space = np.argsort(g_spc, kind="stable")
+    spc_sorted = g_spc[by_space]
+    cuts = np.flatnonzero(np.diff(spc_sorted)) + 1
+    for rows in np.split(by_space, cuts):
+        positions[sp.names[int(g_spc[rows[0]])]] = _per_channel(local[rows], channel[rows], n)
     members = [Member(sp.names[s][0], sp.names[s][1], positions[sp.names[s]]) for s in const_sids]
     reasons = reason_of[np.array(labs)]
     locked = [int(i) for i in np.flatnonzero(reasons != BIG)]
@@ -740,16 +742,36 @@ def _multiple(b: _Builder, sp: _Spaces, sids, positions) -> int:
 
 def _route(b: _Builder, start, end) -> str:
     """ ' (via Relu 'r' -> Gemm 'fc')': the ops the channels cross to reach a pinned space."""
-    if b._graph is None:
-        b._graph = nx.Graph()
-        b._graph.add_edges_from((u, v, {"node": op}) for u, v, op in b.edges)
-    try:
-        path = nx.shortest_path(b._graph, start, end)
-    except (nx.NetworkXNoPath, nx.NodeNotFound):
-        return ""
+    if b._graph is None:  # {space: {neighbour space: op}}, built once, on the first locked group
+        b._graph = {}
+        for u, v, op in b.edges:
+            b._graph.setdefault(u, {})[v] = op
+            b._graph.setdefault(v, {})[u] = op
+    path = _shortest_path(b._graph, start, end)
     ops = []
     for u, v in itertools.pairwise(path):
-        op = b._graph.edges[u, v]["node"]
+        op = b._graph[u][v]
         if not ops or ops[-1] != op:
             ops.append(op)
     return f" (via {' -> '.join(ops)})" if ops else ""
+
+
+def _shortest_path(adjacency: dict, start, end) -> list:
+    """A shortest path from `start` to `end` by breadth-first search ([] when there is none).
+    Written here rather than taken from networkx: importing networkx costs 85 ms of every
+    `spa` command, for this one search over the spaces."""
+    if start not in adjacency or end not in adjacency:
+        return []
+    parent, frontier = {start: None}, collections.deque([start])
+    while frontier and end not in parent:
+        u = frontier.popleft()
+        for v in adjacency[u]:
+            if v not in parent:
+                parent[v] = u
+                frontier.append(v)
+    if end not in parent:
+        return []
+    path = [end]
+    while parent[path[-1]] is not None:
+        path.append(parent[path[-1]])
+    return path[::-1]

@@ -308,10 +308,15 @@ def constants_as_initializers(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _missing(model: Model) -> list[str]:
-    """Node outputs whose shape is still unknown (unused outputs, e.g. Dropout masks, don't count)."""
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    outs = [o for n in model.graph.node for o in n.output if o in used]
+def _used_outputs(graph: onnx.GraphProto) -> list[str]:
+    """Node outputs something reads (unused ones, e.g. Dropout masks, never need a shape)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    return [o for n in graph.node for o in n.output if o in used]
+
+
+def _missing(model: Model, outs: list[str] | None = None) -> list[str]:
+    """Node outputs whose shape is still unknown (`outs`: _used_outputs, when already known)."""
+    outs = _used_outputs(model.graph) if outs is None else outs
     return [o for o in outs if o not in model.shapes or o in model.unknown]
 
 
@@ -328,18 +333,19 @@ def infer_shapes(model: Model) -> None:
         _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
     except Exception:  # noqa: BLE001, S110
         pass  # partial knowledge is fine: the fallbacks below fill the gaps
-    if _missing(model):
-        _fold_fallback(model, bones, inferred)
-    if _missing_float(model):
+    outs = _used_outputs(model.graph)
+    if _missing(model, outs):
+        _fold_fallback(model, bones, inferred, _missing(model, outs))
+    if _missing_float(model, outs):
         _symbolic_fallback(model, bones, params)
-    if _missing(model):
-        _run_fallback(model)
+    if _missing(model, outs):
+        _run_fallback(model, _missing(model, outs))
 
 
-def _missing_float(model: Model) -> list[str]:
+def _missing_float(model: Model, outs: list[str]) -> list[str]:
     """Unknown tensors that may carry channels: integer and boolean ones (shape arithmetic, masks)
     do not; one whose type is unknown too might."""
-    return [n for n in _missing(model) if model.dtypes.get(n, onnx.TensorProto.FLOAT) in FLOAT_TYPES]
+    return [n for n in _missing(model, outs) if model.dtypes.get(n, onnx.TensorProto.FLOAT) in FLOAT_TYPES]
 
 
 TOKEN_SIZES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)  # batch, tokens, cache lengths
@@ -365,17 +371,17 @@ def fold_sizes(graph: onnx.GraphProto) -> tuple[dict, dict]:
     return first, {w: 2 * v for w, v in first.items()}
 
 
-def _fold_fallback(model: Model, bones: onnx.ModelProto, inferred: onnx.ModelProto | None) -> None:
+def _fold_fallback(model: Model, bones: onnx.ModelProto, inferred: onnx.ModelProto | None, missing: list) -> None:
     """Shapes of still-unknown tensors from spa.core.shapefold at two sets of input sizes (one
     when the inputs have no symbolic dim): the dims alike in both are static, the others dynamic.
-    Only the part of the graph that computes them is folded (`_unresolved`: on a 64-layer LLM
+    Only the part of the graph that computes them is folded (shapefold.part: on a 64-layer LLM
     export, a fifth of the nodes). Nothing is taken when a tensor the first inference typed
     comes out otherwise: a static dim changed, or a dim of the inputs' symbols not at the size
     the symbols give (a slice clamped both runs to one size, a stride rounded them alike)."""
     typed = {vi.name: vi for vi in inferred.graph.value_info} if inferred is not None else {}
     typed.update({vi.name: vi for vi in list(bones.graph.input) + list(bones.graph.output)})
     first, second = fold_sizes(bones.graph)
-    part = _unresolved(bones, set(_missing(model)), typed, first)
+    part = shapefold.part(bones, set(missing), typed, first)
     runs = [shapefold.fold(part, first)] + ([shapefold.fold(part, second)] if first else [])
     if any(r is None for r in runs):
         return
@@ -387,7 +393,7 @@ def _fold_fallback(model: Model, bones: onnx.ModelProto, inferred: onnx.ModelPro
             if expected and len(expected) == len(dims) and any(e is not None and d is not None and e != d
                                                                    for e, d in zip(expected, dims)):
                 return
-    for name in _missing(model):
+    for name in missing:
         x, y = a.get(name), b.get(name)
         if x is None or y is None or len(x) != len(y) or None in x or None in y:
             continue
@@ -404,44 +410,6 @@ def _size(dim, sizes: dict) -> int | None:
     if dim.HasField("dim_value"):
         return dim.dim_value
     return shapefold.dim_value(dim.dim_param, sizes) if dim.dim_param else None
-
-
-def _unresolved(bones: onnx.ModelProto, missing: set, typed: dict, sizes: dict) -> onnx.ModelProto:
-    """The part of `bones` that computes the `missing` tensors: their producers and, back from
-    them, every node up to float tensors whose shape the first inference gave in the inputs'
-    symbols (those become graph inputs: only their shapes matter). Integer tensors are always
-    followed back to where they come from, since shapes are computed from their values. The
-    whole of `bones` where that part holds a subgraph (its captures are not followed)."""
-    graph = bones.graph
-    producer = {o: n for n in graph.node for o in n.output if o}
-    constants = {t.name for t in graph.initializer} | {vi.name for vi in graph.input}
-    nodes, inputs, stack = set(), {}, [producer[n] for n in missing if n in producer]
-    sized = functools.lru_cache(maxsize=None)(lambda param: shapefold.dim_value(param, sizes) is not None)
-    while stack:
-        node = stack.pop()
-        if id(node) in nodes:
-            continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            return bones
-        nodes.add(id(node))
-        for name in node.input:
-            if not name or name in constants or name in inputs:
-                continue
-            vi = typed.get(name)
-            t = vi.type.tensor_type if vi is not None else None
-            shaped = t is not None and t.HasField("shape") and all(d.dim_value > 0 or (d.dim_param and sized(d.dim_param))
-                                                                   for d in t.shape.dim)
-            if name in producer and (name in missing or not shaped or t.elem_type not in FLOAT_TYPES):
-                stack.append(producer[name])
-            elif shaped:
-                inputs[name] = vi
-    part = _copy_except(bones, {"graph"})
-    part.graph.name = graph.name
-    part.graph.node.extend(n for n in graph.node if id(n) in nodes)
-    used = {i for n in part.graph.node for i in n.input}
-    part.graph.input.extend([vi for vi in graph.input if vi.name in used] + list(inputs.values()))
-    part.graph.initializer.extend(t for t in graph.initializer if t.name in used)
-    return part
 
 
 def reinfer(proto: onnx.ModelProto) -> Model:
@@ -473,11 +441,11 @@ def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> Non
         _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
 
 
-def _run_fallback(model: Model) -> None:
+def _run_fallback(model: Model, missing: list) -> None:
     """Run the model with every unknown tensor as an output, dynamic dims at 1 and 2. Only when a
     float tensor is still unknown: integer and boolean ones (an attention mask's arithmetic) carry
     no channels, and building the session costs seconds on a deep graph (a 64-layer LLM: 2 s)."""
-    names = [n for n in _missing(model) if n in model.dtypes]
+    names = [n for n in missing if n in model.dtypes]
     if not any(model.dtypes[n] in FLOAT_TYPES for n in names) or weight_bytes(model.proto) >= TWO_GB or model.weights_at:
         return
     try:

@@ -14,11 +14,14 @@ only ops of the table below: anything else is left to the later fallbacks (spa.c
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from spa.core.sizes import FLOAT_TYPES
 
 FOLD_LIMIT = 1 << 16  # elements: larger values are not evaluated (a mask of 65k entries is already rare)
 ROUNDS = 6  # inference rounds at most (each new static Shape can unlock the next)
@@ -64,7 +67,8 @@ def symbols(graph: onnx.GraphProto) -> list[str]:
 def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
     """{tensor: dims} of `bones` (a skeleton: small initializers only) with every graph input's
     symbolic dim set from `sizes`; dims still unknown are None. None when a symbolic input dim
-    has no size in `sizes`."""
+    has no size in `sizes`. After the first round, each round infers only the part of the graph
+    still unknown (`part`), from the concrete shapes found so far."""
     model = onnx.ModelProto()
     model.CopyFrom(bones)
     for vi in model.graph.input:
@@ -77,24 +81,28 @@ def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
     del model.graph.value_info[:]
     values = _constants(model.graph)
     pending = [n for n in model.graph.node if n.op_type in OPS and n.domain in ("", "ai.onnx") and len(n.output) == 1]
+    known, typed, sub = {}, {vi.name: vi for vi in model.graph.input}, model
+    producer = {o: n for n in model.graph.node for o in n.output if o}
     for _ in range(ROUNDS):
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(sub, data_prop=True)
         except Exception:  # noqa: BLE001 - what is known so far stands
-            return _static(model.graph)
-        wanted = {n.input[0] for n in pending if n.op_type in ("Shape", "Size")}
-        pending, found = _evaluate(pending, _static(inferred.graph, wanted), values)
+            break
+        known.update(_static(inferred.graph, typed))
+        pending, found = _evaluate(pending, known, values)
         if not found:
             break
-    return _static(inferred.graph)
+        open_ = {o for n in sub.graph.node for o in n.output if o and (o not in known or None in known[o])}
+        sub = part(model, open_, typed, sizes, producer)
+    return known or _static(model.graph)
 
 
-def _static(graph: onnx.GraphProto, wanted: set | None = None) -> dict:
-    """{tensor: dims} inferred (only those in `wanted` when given); None for an unknown dim."""
+def _static(graph: onnx.GraphProto, typed: dict | None = None) -> dict:
+    """{tensor: dims} inferred; None for an unknown dim. `typed`: gets each value info too."""
     out = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        if wanted is not None and vi.name not in wanted:
-            continue
+        if typed is not None:
+            typed[vi.name] = vi
         t = vi.type.tensor_type
         if vi.type.HasField("tensor_type") and t.HasField("shape"):
             out[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
@@ -316,3 +324,43 @@ OPS = {
     "ReduceMin": _reduce(np.min),
     "ReduceMax": _reduce(np.max),
 }
+
+
+def part(bones: onnx.ModelProto, missing: set, typed: dict, sizes: dict, producer: dict | None = None) -> onnx.ModelProto:
+    """The part of `bones` that computes the `missing` tensors: their producers and, back from
+    them, every node up to float tensors whose shape the first inference gave in the inputs'
+    symbols or sizes (those become graph inputs: only their shapes matter). Integer tensors are always
+    followed back to where they come from, since shapes are computed from their values. The
+    whole of `bones` where that part holds a subgraph (its captures are not followed)."""
+    graph = bones.graph
+    producer = producer or {o: n for n in graph.node for o in n.output if o}  # {tensor: node}
+    constants = {t.name for t in graph.initializer} | {vi.name for vi in graph.input}
+    nodes, inputs, stack = set(), {}, [producer[n] for n in missing if n in producer]
+    sized = functools.lru_cache(maxsize=None)(lambda param: dim_value(param, sizes) is not None)
+    while stack:
+        node = stack.pop()
+        if id(node) in nodes:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return bones
+        nodes.add(id(node))
+        for name in node.input:
+            if not name or name in constants or name in inputs:
+                continue
+            vi = typed.get(name)
+            t = vi.type.tensor_type if vi is not None else None
+            shaped = t is not None and t.HasField("shape") and all(d.dim_value > 0 or (d.dim_param and sized(d.dim_param))
+                                                                   for d in t.shape.dim)
+            if name in producer and (name in missing or not shaped or t.elem_type not in FLOAT_TYPES):
+                stack.append(producer[name])
+            elif shaped:
+                inputs[name] = vi
+    part = onnx.ModelProto(ir_version=bones.ir_version)
+    part.opset_import.extend(bones.opset_import)
+    part.functions.extend(bones.functions)
+    part.graph.name = graph.name
+    part.graph.node.extend(n for n in graph.node if id(n) in nodes)
+    used = {i for n in part.graph.node for i in n.input}
+    part.graph.input.extend([vi for vi in graph.input if vi.name in used] + list(inputs.values()))
+    part.graph.initializer.extend(t for t in graph.initializer if t.name in used)
+    return part
