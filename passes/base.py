@@ -145,3 +145,33 @@ def _values(t: onnx.TensorProto) -> np.ndarray:
 
 def _finite(t: onnx.TensorProto) -> bool:
     return bool(np.isfinite(_values(t)).all())
+
+
+def remove_dead(proto: onnx.ModelProto) -> int:
+    """Remove nodes whose outputs nobody reads and initializers nobody uses. Returns count."""
+    graph = proto.graph
+    removed = 0
+    while True:
+        used = {o.name for o in graph.output} | subgraph_reads(graph)
+        used |= {i for n in graph.node for i in n.input}
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+        removed += len(dead)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | subgraph_reads(graph)
+    inputs = {i.name for i in graph.input}
+    for t in [t for t in graph.initializer if t.name not in used and t.name not in inputs]:
+        graph.initializer.remove(t)
+    return removed
+
+
+def subgraph_reads(graph) -> set[str]:
+    """Names the subgraphs of `graph`'s nodes read (outer-scope captures and their own)."""
+    names = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= {i for n in sub.node for i in n.input} | subgraph_reads(sub)
+    return names

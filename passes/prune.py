@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from spa.passes.base import Pass
+from spa.passes.base import Pass, remove_dead
+from spa.passes.erase import erase
 
 from spa.core import kvcache
 from spa.core.cost import dropped_positions
@@ -250,35 +251,6 @@ def _update_value_infos(proto, edit: Edit) -> None:
                 dims[axis].dim_value = edit.new_size((vi.name, axis))
 
 
-def remove_dead(proto: onnx.ModelProto) -> int:
-    """Remove nodes whose outputs nobody reads and initializers nobody uses. Returns count."""
-    graph = proto.graph
-    removed = 0
-    while True:
-        used = {o.name for o in graph.output} | _subgraph_reads(graph)
-        used |= {i for n in graph.node for i in n.input}
-        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-        removed += len(dead)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | _subgraph_reads(graph)
-    inputs = {i.name for i in graph.input}
-    for t in [t for t in graph.initializer if t.name not in used and t.name not in inputs]:
-        graph.initializer.remove(t)
-    return removed
-
-
-def _subgraph_reads(graph) -> set[str]:
-    names = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= {i for n in sub.node for i in n.input} | _subgraph_reads(sub)
-    return names
-
-
 def check_plan(analysis, plan: dict) -> None:
     for gid, channels in plan.items():
         try:
@@ -364,8 +336,8 @@ class PrunePass(Pass):
     name = "prune"
 
     def __init__(self, analysis, plan: dict, values: dict | None = None, check: bool = True, exact: bool = False,
-                 seed: int = 0):
-        self.analysis, self.plan, self.values = analysis, plan, values
+                 seed: int = 0, erase=()):
+        self.analysis, self.plan, self.values, self.erase = analysis, plan, values, list(erase)
         self.run_check, self.exact, self.seed = check or exact, exact, seed
 
     spill = None  # a lazily loaded model's new weights, in a temp file until saved (close() removes it)
@@ -374,9 +346,11 @@ class PrunePass(Pass):
         lazy = bool(self.analysis.model.weights_at)
         self.spill = Spill() if lazy else None
         proto = apply(self.analysis, self.plan, self.values, keep_external=lazy, spill=self.spill)  # checks the plan
+        if self.erase:
+            erase(proto, self.erase)
         self.ports = kvcache.ports(self.analysis, dropped_positions(self.analysis, {g: c for g, c in self.plan.items()
                                                                                    if c}))
-        return proto, {"channels_removed": sum(map(len, self.plan.values()))}
+        return proto, {"channels_removed": sum(map(len, self.plan.values())), "units_erased": len(self.erase)}
 
     def close(self) -> None:
         """Remove the temp file of spilled weights (after the result was saved or read back)."""

@@ -4,16 +4,22 @@
    the pruned model's outputs (rel. err <= 1e-4) for zero-invariant groups;
 2. ratio 0 is the identity;
 3. every output passes onnx.checker(full_check) (or fails it no worse than its input)
-   and runs in ONNX Runtime with the same output names, dtypes and shapes.
+   and runs in ONNX Runtime with the same output names, dtypes and shapes;
+5. erasure: removing an exact erasable unit equals zeroing its last contraction (`zero`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 from spa.backends import ort as ort_backend
+from spa.passes.erase import erase
 
 import spa
 from spa import api
+from spa.core import depth
+from spa.core.model import constant_node_value
 
 TOL = 1e-4
 
@@ -85,3 +91,40 @@ def assert_valid_output(model, pruned, feeds: dict) -> None:
     for name, r in ref.items():
         if isinstance(r, np.ndarray):
             assert got[name].shape == r.shape and got[name].dtype == r.dtype, name
+
+
+def _zeroed_units(proto, units) -> onnx.ModelProto:
+    """`proto` with each unit's `zero` tensors zeroed as its branch reads them (a zero copy the
+    branch's nodes read instead: the exporter may share a tensor with other nodes)."""
+    out = type(proto)()
+    out.CopyFrom(proto)
+    values = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    values.update({n.output[0]: constant_node_value(n) for n in out.graph.node if n.op_type == "Constant"})
+    for k, u in enumerate(units):
+        copies = {n: f"{n}.zero{k}" for n in u.zero}
+        out.graph.initializer.extend(numpy_helper.from_array(np.zeros_like(values[n]), c) for n, c in copies.items())
+        branch = set(u.nodes)
+        for node in out.graph.node:
+            if (node.name or node.output[0]) in branch:
+                node.input[:] = [copies.get(i, i) for i in node.input]
+    return out
+
+
+def assert_erasure(model, feeds: dict, tol: float = TOL, single: int = 4) -> int:
+    """Every exact erasable unit removed at once equals them all zeroed, and so does each of the
+    first and last `single` ones alone (outputs within `tol`; same names and shapes). Returns the
+    number of exact units."""
+    units = [u for u in depth.find(model)[0] if u.exact]
+    picks = [units] + [[u] for u in (units[:single] + units[-single:] if len(units) > 2 * single else units)]
+    for chosen in picks if units else ():
+        cut = type(model.proto)()
+        cut.CopyFrom(model.proto)
+        erased = erase(cut, [u.id for u in chosen])
+        assert [o.name for o in erased.graph.output] == [o.name for o in model.graph.output]
+        zero = ort_backend.run(_zeroed_units(model.proto, chosen), feeds)
+        got = ort_backend.run(erased, feeds)
+        for name, ref in zero.items():
+            if isinstance(ref, np.ndarray) and np.issubdtype(ref.dtype, np.floating):
+                assert got[name].shape == ref.shape, name
+                assert rel_err(ref, got[name]) <= tol, ([u.id for u in chosen][:3], name, rel_err(ref, got[name]))
+    return len(units)

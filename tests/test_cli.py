@@ -305,7 +305,6 @@ def test_round_to_must_be_positive(capsys, work, n):
 @pytest.mark.parametrize("argv, what", [
     (["prune", "m.onnx", "--ratio", "0.5", "--criterion", "magic"], "invalid choice"),
     ([], "required"),
-    (["prune", "m.onnx"], "required"),
     (["prune", "m.onnx", "--ratio", "0.5", "--plan", "p.json"], "not allowed"),
     (["prune", "m.onnx", "--ratio", "half"], "invalid float"),
     (["frobnicate", "m.onnx"], "invalid choice"),

@@ -8,7 +8,13 @@ import spa
 from spa import api
 from spa.scoring import obspa
 from tests.conftest import CORPUS, corpus_params
-from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance, feeds_for
+from tests.oracles import (
+    assert_erasure,
+    assert_identity_at_ratio_zero,
+    assert_valid_output,
+    assert_zero_invariance,
+    feeds_for,
+)
 
 
 def _load(entry):
@@ -19,6 +25,13 @@ def _load(entry):
 def test_zero_invariance(entry):
     model = _load(entry)
     assert_zero_invariance(model, feeds_for(model, entry))
+
+
+@pytest.mark.parametrize("entry", corpus_params())
+def test_erasure(entry):
+    """Erasing the exact erasable units equals zeroing their last contractions (DESIGN oracle 5)."""
+    model = _load(entry)
+    assert_erasure(model, feeds_for(model, entry))
 
 
 @pytest.mark.parametrize("entry", corpus_params())

@@ -13,7 +13,7 @@ import pytest
 import spa
 from spa import api
 from tests.conftest import ZOO_EXPORTERS as EXPORTERS
-from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
+from tests.oracles import assert_erasure, assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -47,6 +47,7 @@ def test_oracles(hf_models, name, exporter):
     else:
         assert plan, f"{name}/{exporter}: no zero-invariant prunable group"
     assert_identity_at_ratio_zero(model, feeds)
+    assert assert_erasure(model, feeds) >= 1, f"{name}/{exporter}: no exact erasable unit"
 
 
 @pytest.mark.parametrize("name,exporter", CASES)

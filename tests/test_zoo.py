@@ -7,7 +7,7 @@ from spa.backends import ort as ort_backend
 
 import spa
 from spa import api
-from tests.oracles import assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
+from tests.oracles import assert_erasure, assert_identity_at_ratio_zero, assert_valid_output, assert_zero_invariance
 
 torch = pytest.importorskip("torch")
 from models import cnn_zoo
@@ -24,6 +24,18 @@ def test_zero_invariance(zoo, name, exporter):
     model = spa.load(zoo[(name, exporter)])
     plan = assert_zero_invariance(model, _feeds(model, batch=2))
     assert plan, f"{name}/{exporter}: no zero-invariant prunable group found"
+
+
+# zoo models with identity residual blocks (the others have none or only projection shortcuts)
+RESIDUAL = {"resnet", "mobilenetv2", "resnext"}
+
+
+@pytest.mark.parametrize("name,exporter", CASES)
+def test_erasure(zoo, name, exporter):
+    model = spa.load(zoo[(name, exporter)])
+    count = assert_erasure(model, _feeds(model, batch=2))
+    if name in RESIDUAL:
+        assert count, f"{name}/{exporter}: no exact erasable unit"
 
 
 @pytest.mark.parametrize("name,exporter", CASES)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from spa.api.result import as_model, stepper
-from spa.core import cost, shapes
+from spa.core import cost, depth, shapes
 from spa.core.analysis import Analysis
 from spa.core.analysis import analyze as group_channels
 from spa.core.blocks import attention_blocks
@@ -41,11 +41,19 @@ class AnalysisResult(Analysis):
     def blocks(self) -> list:
         return attention_blocks(self, self.plan)
 
+    @property
+    def units(self) -> tuple[list, list]:
+        """(erasable units, rejected candidates) of the model (spa.core.depth.find), found once."""
+        if getattr(self, "_units", None) is None:
+            self._units = depth.find(self.model)
+        return self._units
+
     def to_json(self) -> dict:
         c = cost.summary(self.model)
         doc = {"schema_version": SCHEMA, "model": str(self.model.path) if self.model.path else None,
                "params": c["params"], "macs": c["macs"], **shapes.record(self.model), **super().to_json(),
                "attention_blocks": [b.to_json() for b in self.blocks], "simplify": self.simplified,
+               "erasable": [u.to_json() for u in self.units[0]], "not_erasable": self.units[1],
                "sparsity": sparsify.report(self.model.proto, base=self._weights_folder()),
                "quantization": quantize.coverage(self.model.proto)}
         if self.preview is not None:

@@ -28,12 +28,22 @@ from spa.core.blocks import attention_blocks
 from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
 from spa.core.data import bounded_batch, conform, samples_used, split_labels
 from spa.core.errors import SpaError, UsageError, positive_int, require
-from spa.core.model import TWO_GB, Model, check_writable, materialize_proto, read_json, weight_bytes, write_text_atomic
+from spa.core.model import (
+    TWO_GB,
+    Model,
+    check_writable,
+    materialize_proto,
+    read_json,
+    reinfer,
+    weight_bytes,
+    write_text_atomic,
+)
 from spa.core.runtime import random_feeds
 from spa.core.sizes import file_bytes
 from spa.passes import prune as prune_pass
 from spa.passes.simplify import simplify_model
 from spa.planning import budget, latency, planner, sensitivity
+from spa.planning.depth import plan_erasure
 from spa.planning.plan import allocate, make_plan, scores
 from spa.reporting.report import why_nothing
 from spa.scoring import criteria, obspa
@@ -68,7 +78,7 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
 
 
 def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, target_latency=None,
-          zeros: bool = False, criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
+          zeros: bool = False, erase: int | None = None, erase_ratio: float | None = None, criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
           compensate=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None,
           prune_hidden: bool = False, freeze_io: bool = False,
@@ -82,6 +92,10 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     CPU latency, removal allocated across groups by sensitivity: measured on `calib` or read from
     `sensitivity` when given, else estimated; stems, heads and narrow groups protected;
     docs/budget.md) or `zeros=True` (exactly the all-zero channels; the outputs must not change).
+    Depth: `erase` (a count) or `erase_ratio` (of the erasable units) removes whole residual
+    branches (spa.core.depth: a block, an attention or MLP sub-block), those of lowest block
+    influence on `calib` (else on random inputs), alone or with one of the ways above; a plan
+    file's "erase" list names them instead (docs/depth.md).
     `criterion` scores the channels (data
     criteria read `calib`: an .npz path or arrays keyed by input name, `calib_samples` of them;
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
@@ -127,8 +141,18 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
 def _check_options(o: dict) -> None:
     """Every bad value or combination fails here, before any slow work (UsageError, exit 2)."""
     ways = [k for k in ("ratio", "plan", *TARGETS) if o[k] is not None] + (["zeros"] if o["zeros"] else [])
-    require(len(ways) == 1, "give exactly one of ratio=, plan=, target_params=, target_macs=, target_latency=, "
-            "zeros=True" + (f" (got {', '.join(ways)})" if ways else ""))
+    depth = [k for k in ("erase", "erase_ratio") if o[k] is not None]
+    require(len(ways) == 1 or (not ways and depth), "give exactly one of ratio=, plan=, target_params=, target_macs=, "
+            "target_latency=, zeros=True (or erase= or erase_ratio= alone)" + (f" (got {', '.join(ways)})" if ways else ""))
+    require(len(depth) < 2, "give erase= (a count of units) or erase_ratio=, not both")
+    require(not (depth and (o["plan"] is not None or o["zeros"])),
+            f"{depth[0] if depth else ''}= does not go with " + ("plan= (its 'erase' list names the units)"
+                                                               if o["plan"] is not None else "zeros=True"))
+    if o["erase"] is not None:
+        require(isinstance(o["erase"], int) and not isinstance(o["erase"], bool) and o["erase"] >= 0,
+                f"invalid erase={o['erase']}: a count of units, 0 or more")
+    if o["erase_ratio"] is not None:
+        planner.check_ratio(o["erase_ratio"], "erase_ratio")
     for k in TARGETS:
         if o[k] is not None:
             budget.check_keep(k[len("target_"):], o[k])
@@ -175,7 +199,7 @@ class _Run:
             check_writable(o["save_plan"], self.name, reads=reads)
             require(self.out is None or Path(o["save_plan"]).resolve() != self.out.resolve(),
                     f"save_plan= and output= both name '{self.out}'", "write the plan to another file")
-        self.plan = _read_plan(o["plan"]) if o["plan"] is not None else None
+        self.plan, self.erased = _read_plan(o["plan"]) if o["plan"] is not None else (None, [])
         self.calib = arrays(o["calib"])
         self.sens = sensitivity.read(o["sensitivity"]) if isinstance(o["sensitivity"], (str, Path)) \
             else o["sensitivity"]
@@ -194,7 +218,7 @@ class _Run:
         notes = told.notes() + self._exclude_notes() + self._width_notes()
         with self.step("pruning"):
             rewrite = prune_pass.PrunePass(self.analysis, self.plan, values, self.o["check"], self.o["zeros"],
-                                           self.o["seed"])
+                                           self.o["seed"], erase=self.erased)
             gated = self.o["max_loss"] if self.sens is None else None  # with sensitivity=: a bound per group
             rewrite.gate = Gate(self.calib, self.o["seed"], gated) if self.o["check"] else None
             pruned, _ = rewrite.rewrite(self.model)
@@ -216,9 +240,13 @@ class _Run:
             finally:
                 rewrite.close()
         if self.o["save_plan"] is not None:
-            write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan), indent=1))
+            write_text_atomic(self.o["save_plan"], json.dumps(planner.to_json(self.plan, self.erased), indent=1))
         doc = self._doc(counts, pruned, done.check, blocks)
         doc["io_changed"] = io
+        if self.depth is not None:
+            doc["depth"] = self.depth
+            if self.erased:  # the estimate knows channels only: count the erased result itself
+                doc["after"].update(cost.summary(shapes.copy_binding(self.model, reinfer(pruned))))
         doc["configs"] = self._configs(pruned, self.out)
         fit = (done.check or {}).get("agreement")
         doc.update(told.doc(), statistics=self._stats_doc(), agreement=fit,
@@ -261,9 +289,14 @@ class _Run:
     def _choose(self) -> None:
         """The plan: given, all-zero channels, or scored and planned."""
         self.stats = self.budget = None
+        self.depth = None
         if self.o["zeros"]:
             self.plan = zero_plan(self.analysis)
+        self._erasure()
         if self.plan is not None:
+            return
+        if all(self.o[k] is None for k in ("ratio", *TARGETS)):  # depth alone
+            self.plan = {}
             return
         if not any(g.prunable for g in self.analysis.groups) and (self.o["ratio"] is None or self.o["ratio"] > 0):
             raise SpaError(f"nothing to prune in '{self.name or '(in memory)'}': {why_nothing(self.analysis)}")
@@ -274,6 +307,12 @@ class _Run:
         blind = f"; {len(self.blind)} of {len(scored)} groups without data-free statistics: l1" if self.blind else ""
         with self.step(f"scoring ({self.o['criterion']}{blind}) + planning"):
             self.plan = self._plan()
+
+    def _erasure(self) -> None:
+        """The units to erase (spa.planning.depth): a plan file's, or scored from erase/erase_ratio."""
+        self.depth = plan_erasure(self.model, count=self.o["erase"], ratio=self.o["erase_ratio"], ids=self.erased,
+                                  calib=self.calib, seed=self.o["seed"], step=self.step)
+        self.erased = [u["id"] for u in self.depth["erased"]] if self.depth else []
 
     def _blind_warning(self, fit: dict | None) -> list[str]:
         """Without calib=, a result that agrees on random inputs is not known to do its job: said as
@@ -504,12 +543,14 @@ class _Told:
                 "fell_back": self.fell_back}
 
 
-def _read_plan(plan) -> dict:
-    """A plan dict ({group id: channels}), a plan document, or a plan file's path."""
+def _read_plan(plan) -> tuple[dict, list]:
+    """(plan dict {group id: channels}, unit ids to erase) of a plan dict, a plan document, or a
+    plan file's path."""
     if isinstance(plan, (str, Path)):
-        return planner.from_json(read_json(plan, "plan"))
+        doc = read_json(plan, "plan")
+        return planner.from_json(doc), planner.erase_from(doc)
     if isinstance(plan, dict) and "schema_version" in plan:
-        return planner.from_json(plan)
+        return planner.from_json(plan), planner.erase_from(plan)
     if isinstance(plan, dict):
-        return {str(k): [int(c) for c in v] for k, v in plan.items()}
+        return {str(k): [int(c) for c in v] for k, v in plan.items()}, []
     raise UsageError(f"invalid plan={type(plan).__name__}: expected a plan dict, a plan document or a file path")

@@ -25,7 +25,7 @@ from spa.scoring import criteria
 def parser(sub) -> None:
     r = sub.add_parser("prune", help="remove channels and write a smaller model")
     r.add_argument("model")
-    how = r.add_mutually_exclusive_group(required=True)
+    how = r.add_mutually_exclusive_group()
     how.add_argument("--ratio", type=float, help="fraction of each group's channels to remove, in [0, 1)")
     how.add_argument("--plan", help="apply an explicit plan file (from --save-plan)")
     how.add_argument("--target-params", type=float, metavar="F",
@@ -39,6 +39,12 @@ def parser(sub) -> None:
     how.add_argument("--zeros", action="store_true",
                      help="remove exactly the channels whose weights are all zero (after spa train-sparse); "
                           "the outputs must not change (else exit 3)")
+    depth = r.add_mutually_exclusive_group()
+    depth.add_argument("--erase", type=int, metavar="N",
+                       help="also erase the N residual branches (blocks, attention or MLP sub-blocks) of lowest "
+                            "block influence, measured with --calib, else on random inputs; alone or with one of "
+                            "the options above (spa analyze lists the erasable units; docs/depth.md)")
+    depth.add_argument("--erase-ratio", type=float, metavar="F", help="as --erase, this fraction of the units")
     r.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA),
                    help="channel scores (default l1); obspa, mean-act and apoz use activation statistics")
     add_calib(r, samples=512)
@@ -78,7 +84,8 @@ def parser(sub) -> None:
     add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
 
 
-OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "criterion", "calib",
+OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "erase", "erase_ratio",
+           "criterion", "calib",
            "calib_samples", "labels", "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden",
            "freeze_io", "exclude", "simplify", "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")
 

@@ -381,7 +381,7 @@ def _fold_fallback(model: Model, bones: onnx.ModelProto, inferred: onnx.ModelPro
     typed = {vi.name: vi for vi in inferred.graph.value_info} if inferred is not None else {}
     typed.update({vi.name: vi for vi in list(bones.graph.input) + list(bones.graph.output)})
     first, second = fold_sizes(bones.graph)
-    part = shapefold.part(bones, set(missing), typed, first)
+    part = shapefold.part(bones, set(missing), typed, sizes=first)
     runs = [shapefold.fold(part, first)] + ([shapefold.fold(part, second)] if first else [])
     if any(r is None for r in runs):
         return

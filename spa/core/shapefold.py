@@ -93,7 +93,7 @@ def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
         if not found:
             break
         open_ = {o for n in sub.graph.node for o in n.output if o and (o not in known or None in known[o])}
-        sub = part(model, open_, typed, sizes, producer)
+        sub = part(model, open_, typed, sizes=sizes, producer=producer)
     return known or _static(model.graph)
 
 
@@ -326,7 +326,8 @@ OPS = {
 }
 
 
-def part(bones: onnx.ModelProto, missing: set, typed: dict, sizes: dict, producer: dict | None = None) -> onnx.ModelProto:
+def part(bones: onnx.ModelProto, missing: set, typed: dict, *, sizes: dict, producer: dict | None = None
+         ) -> onnx.ModelProto:
     """The part of `bones` that computes the `missing` tensors: their producers and, back from
     them, every node up to float tensors whose shape the first inference gave in the inputs'
     symbols or sizes (those become graph inputs: only their shapes matter). Integer tensors are always

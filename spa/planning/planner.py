@@ -85,8 +85,20 @@ def global_(groups, scores: dict, ratio: float, *, round_to: int = 1, max_group_
     return plan
 
 
-def to_json(plan: dict) -> dict:
-    return {"schema_version": PLAN_SCHEMA, "groups": {k: [int(i) for i in v] for k, v in plan.items()}}
+def to_json(plan: dict, erase: list | None = None) -> dict:
+    """A plan file's document; `erase`: the ids of the erasable units it removes (spa.core.depth)."""
+    doc = {"schema_version": PLAN_SCHEMA, "groups": {k: [int(i) for i in v] for k, v in plan.items()}}
+    if erase:
+        doc["erase"] = list(erase)
+    return doc
+
+
+def erase_from(doc) -> list[str]:
+    """The unit ids a plan document erases (its optional "erase" list)."""
+    erase = doc.get("erase", []) if isinstance(doc, dict) else []
+    if not isinstance(erase, list) or not all(isinstance(u, str) for u in erase):
+        raise SpaError("a plan's 'erase' must be a list of unit ids (spa analyze --json: erasable)")
+    return list(dict.fromkeys(erase))
 
 
 def from_json(doc) -> dict:

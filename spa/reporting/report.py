@@ -59,6 +59,21 @@ def print_analysis(analysis, doc: dict) -> None:
     if analysis.barriers:
         kinds = Counter(n.op_type for n in analysis.index.graph.node if (n.name or n.op_type) in analysis.barriers)
         out.print("barriers (ops without a coupling rule): " + ", ".join(f"{k} x{v}" for k, v in kinds.most_common()))
+    print_units(doc)
+
+
+def print_units(doc: dict) -> None:
+    """The erasable units (depth), by kind, and why the other residuals are not (once per reason)."""
+    units, rejected = doc.get("erasable") or [], doc.get("not_erasable") or []
+    if not units and not rejected:
+        return
+    kinds = Counter(u["kind"] for u in units)
+    inexact = sum(not u["exact"] for u in units)
+    line = f"erasable units (spa prune --erase N): {len(units)}" + (
+        f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})" if units else "")
+    out.print(line + (f", {inexact} of them not exact" if inexact else ""), markup=False, highlight=False)
+    for reason, n in Counter(r["reason"] for r in rejected).most_common():
+        out.print(f"  {n} residual(s) not erasable: {reason}", markup=False, highlight=False)
 
 
 def _axis(a: dict) -> str:
@@ -151,9 +166,20 @@ def print_prune(doc: dict) -> None:
     for o in doc.get("overlapping") or ():
         out.print(f"  group '{o['group']}': its channels overlap, so {o['channels']} channel(s) removed "
                   f"{o['slices']} of {o['of']} slices of '{o['tensor']}' (axis {o['axis']})")
+    if doc.get("depth"):
+        out.print(depth_line(doc["depth"]), markup=False, highlight=False)
     out.print(check_line(doc["check"]), markup=False, highlight=False)
     if doc.get("agreement"):
         out.print(agreement_line(doc["agreement"]), markup=False, highlight=False)
+
+
+def depth_line(depth: dict) -> str:
+    """Erased units, before -> after, with what chose them."""
+    kinds = Counter(u["kind"] for u in depth["erased"])
+    how = f", lowest block influence on {depth['scored_on']} inputs" if depth.get("scored_on") else ", from the plan"
+    what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    return (f"erased {len(depth['erased'])} of {depth['units']} erasable units ({what or 'none'}{how}): "
+            f"{depth['units']} -> {depth['units_after']} residual units")
 
 
 def agreement_line(fit: dict) -> str:

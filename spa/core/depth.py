@@ -1,0 +1,251 @@
+"""Depth: the erasable units of a graph (OTOv3's erasing operators, the depth pruning of
+ShortGPT and Minitron), found from the graph alone.
+
+    y = Add(x, f(x))  ─erase─▶  y = x        f: every node that only feeds the Add's other input
+
+A unit is a residual Add whose two inputs have the shape of its output, one of them the skip
+`x` (no node exists only to compute it) and the other the branch `f(x)`: the nodes, back from
+that input, whose outputs nothing outside the branch reads (its "cone"; per-layer mask or
+position arithmetic that only this branch uses comes along). The branch must read `x` and hold
+a contraction with weights (Conv/Gemm/MatMul): a CNN's bottleneck or basic block, a
+transformer's attention or MLP sub-block, a whole layer being two consecutive units. Removing
+the branch leaves a valid graph: `y` is `x`, nothing else read the branch's tensors.
+
+Exactness: a unit is `exact` when erasing it equals the original model with its last
+contraction zeroed (the output projection, with its bias and the parameters of the
+zero-preserving ops between it and the Add: `zero`, as the branch's nodes read them: a tensor
+the exporter shared with other nodes, e.g. paddle2onnx's deduplicated BatchNorm offsets, is
+zeroed for the branch alone). Ops on that path that do not map zero to
+zero (a Sigmoid, a parameter-free normalization) make it not exact, with the reason; it stays
+erasable. DESIGN.md's erasure oracle checks the claim on every model we have.
+
+Candidates that are not units say why: a projection shortcut (neither input is a plain skip),
+or a branch that writes a graph output (a KV cache). An Add whose branch holds no weights (a
+mask's arithmetic) is no candidate.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from spa.core.graph import DEFAULT_DOMAINS
+
+CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
+# ops that map zero to zero on their data input (their other inputs as they are)
+# (their data input is the first; the others are shapes, indices or, for Mul, any factor)
+ZERO_KEEPING = {"Reshape", "Transpose", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Relu",
+                "LeakyRelu", "Gelu", "Tanh", "Erf", "Neg", "Mul", "Div", "MaxPool", "AveragePool", "Resize",
+                "Upsample", "Slice", "Gather", "Split", "Expand"}
+# ops whose constant parameters map zero to zero once they are zero: (op, the inputs to zero)
+ZEROED_PARAMS = {"Add": (0, 1), "Sub": (0, 1), "BatchNormalization": (1, 2), "LayerNormalization": (1, 2),
+                 "InstanceNormalization": (1, 2)}
+
+
+@dataclass
+class Unit:
+    """One erasable residual branch: `id` is the Add's output tensor (stable across runs and
+    across channel pruning, which keeps names)."""
+
+    id: str
+    skip: str  # x
+    branch: str  # f(x), the Add's other input
+    kind: str  # "attention" | "mlp" | "conv" | "block"
+    nodes: list[str] = field(default_factory=list)  # names (or first outputs) of the branch's nodes
+    initializers: list[str] = field(default_factory=list)  # the weights erased with it
+    params: int = 0
+    contraction: str | None = None  # the last contraction's node
+    zero: list[str] = field(default_factory=list)  # what to zero (as the branch reads it) for the oracle
+    exact: bool = True
+    reason: str | None = None  # why it is not exact
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "kind": self.kind, "skip": self.skip, "branch": self.branch, "params": self.params,
+                "exact": self.exact, "reason": self.reason, "contraction": self.contraction, "zero": self.zero,
+                "nodes": self.nodes, "initializers": self.initializers}
+
+
+class _Graph:
+    """Producers, consumers (graph outputs and subgraph captures count as outside readers) and
+    constants of one graph, by node index."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph, self.nodes = graph, list(graph.node)
+        self.producer, self.consumers = {}, {}
+        for i, node in enumerate(self.nodes):
+            for o in node.output:
+                if o:
+                    self.producer[o] = i
+            for name in node.input:
+                if name:
+                    self.consumers.setdefault(name, []).append(i)
+            for a in node.attribute:  # outer names a subgraph reads: read from outside any cone
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    for n in _reads(sub):
+                        self.consumers.setdefault(n, []).append(-2)
+        self.outputs = {o.name for o in graph.output}
+        for o in self.outputs:
+            self.consumers.setdefault(o, []).append(-1)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constants = set(self.initializers) | {n.output[0] for n in self.nodes if n.op_type == "Constant"}
+        self.alias = {}  # Identity of a constant (TorchScript's shared equal-valued parameters) -> the constant
+        for n in self.nodes:
+            if n.op_type == "Identity" and n.input[0] in self.constants:
+                self.alias[n.output[0]] = self.alias.get(n.input[0], n.input[0])
+                self.constants.add(n.output[0])
+
+    def zero_needed(self, name: str) -> str | None:
+        """The initializer to zero for constant `name` (through Identity), None if already zero."""
+        name = self.alias.get(name, name)
+        t = self.initializers.get(name)
+        if t is not None and t.data_location != onnx.TensorProto.EXTERNAL and not np.any(numpy_helper.to_array(t)):
+            return None
+        return name
+
+    def cone(self, add: int, slot: int) -> list[int]:
+        """Node indices that exist only to compute input `slot` of node `add` (descending); a
+        graph output among their outputs does not stop them (the caller refuses such a cone)."""
+        start = self.producer.get(self.nodes[add].input[slot])
+        if start is None:
+            return []
+        inside, heap, seen = set(), [-start], {start}
+        while heap:
+            i = -heapq.heappop(heap)  # highest index first: every consumer is decided before it
+            outs = [o for o in self.nodes[i].output if o]
+            if not all(c in inside or c == -1 or (c == add and o == self.nodes[add].input[slot])
+                       for o in outs for c in self.consumers.get(o, ())):
+                continue
+            inside.add(i)
+            for name in self.nodes[i].input:
+                j = self.producer.get(name)
+                if j is not None and j not in seen:
+                    seen.add(j)
+                    heapq.heappush(heap, -j)
+        return sorted(inside, reverse=True)
+
+    def label(self, i: int) -> str:
+        node = self.nodes[i]
+        return node.name or node.output[0]
+
+
+def _reads(graph: onnx.GraphProto) -> set[str]:
+    names = set()
+    for node in graph.node:
+        names.update(i for i in node.input if i)
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= _reads(sub)
+    return names
+
+
+def find(model) -> tuple[list[Unit], list[dict]]:
+    """(units, rejected candidates [{id, reason}]) of a spa Model (its shapes tell equal-shaped
+    Adds). Units come in graph order."""
+    g = _Graph(model.graph)
+    units, rejected = [], []
+    for i, node in enumerate(g.nodes):
+        if node.op_type != "Add" or node.domain not in DEFAULT_DOMAINS or len(node.input) != 2:
+            continue
+        a, b = node.input
+        shape = model.shapes.get(node.output[0])
+        if a in g.constants or b in g.constants or a == b or shape is None or \
+                model.shapes.get(a) != shape or model.shapes.get(b) != shape:
+            continue  # a bias, a broadcast or an unknown shape: no residual
+        found = _unit(g, i)
+        if isinstance(found, Unit):
+            units.append(found)
+        elif found is not None:
+            rejected.append({"id": node.output[0], "reason": found})
+    return units, rejected
+
+
+def _unit(g: _Graph, add: int) -> Unit | str | None:
+    """The unit of residual Add `add`, else why not (None: not a residual at all)."""
+    cones = [g.cone(add, 0), g.cone(add, 1)]
+    if all(cones):
+        weighted = [any(g.nodes[i].op_type in CONTRACTIONS for i in c) for c in cones]
+        return "neither input is a plain skip connection (a projection shortcut?)" if all(weighted) else None
+    if not any(cones):
+        return None
+    slot = 0 if cones[0] else 1
+    cone, skip, branch = cones[slot], g.nodes[add].input[1 - slot], g.nodes[add].input[slot]
+    written = [o for i in cone for o in g.nodes[i].output if o in g.outputs]
+    if written:
+        return ("its branch writes the KV cache (present.N): erasing attention with its cache is not supported yet"
+                if "present" in written[-1] else "its branch writes a graph output")
+    if not any(skip in g.nodes[i].input for i in cone):
+        return None  # a sum of two paths (embeddings plus positions), not y = x + f(x)
+    weights = sorted({n for i in cone for n in g.nodes[i].input if n in g.initializers}
+                     | {g.nodes[i].output[0] for i in cone if g.nodes[i].op_type == "Constant"})
+    if not any(g.nodes[i].op_type in CONTRACTIONS and any(n in weights for n in g.nodes[i].input) for i in cone):
+        return None  # no weights: an attention mask's or an activation's arithmetic, not a block
+    unit = Unit(g.nodes[add].output[0], skip, branch, _kind(g, cone), [g.label(i) for i in reversed(cone)],
+                [w for w in weights if w in g.initializers],
+                int(sum(np.prod(g.initializers[w].dims, dtype=np.int64) for w in weights if w in g.initializers)))
+    _exactness(g, unit, set(cone))
+    return unit
+
+
+def _kind(g: _Graph, cone: list[int]) -> str:
+    ops = {g.nodes[i].op_type for i in cone}
+    if ops & {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}:
+        return "attention"
+    if ops & {"Conv", "ConvTranspose"}:
+        return "conv"
+    return "mlp" if ops & {"MatMul", "Gemm"} else "block"
+
+
+def _exactness(g: _Graph, unit: Unit, cone: set) -> None:
+    """Walk back from the branch output to the contractions it ends in, collecting what zeroing
+    them means (unit.zero); a step that does not keep zero makes the unit not exact."""
+    reason = _zero_path(g, unit, unit.branch, cone)
+    if reason:
+        unit.exact, unit.reason, unit.zero = False, reason, []
+    else:
+        unit.zero = sorted(set(unit.zero))
+
+
+def _zero_path(g: _Graph, unit: Unit, name: str, cone: set) -> str | None:
+    """Why zeroing the contractions behind `name` would not make it zero (None: it would)."""
+    i = g.producer.get(name)
+    node = g.nodes[i]
+    inside = [k for k, n in enumerate(node.input) if n and g.producer.get(n) in cone]
+    if node.op_type in CONTRACTIONS:
+        if node.op_type == "MatMulNBits":
+            return f"its contraction {g.label(i)} holds quantized weights"
+        if len(node.input) < 2 or node.input[1] not in g.constants:
+            return f"its contraction {g.label(i)} has no constant weight"
+        unit.contraction = unit.contraction or g.label(i)
+        unit.zero += [z for z in (g.zero_needed(n) for n in node.input[1:] if n in g.constants) if z]
+        return None
+    if node.op_type in ("Add", "Sub") or node.op_type in ZEROED_PARAMS:
+        data = inside if node.op_type in ("Add", "Sub") else [0]
+        others = [k for k in range(len(node.input)) if k not in data and node.input[k]]
+        if not data or any(node.input[k] not in g.constants for k in others) or any(k not in inside for k in data):
+            return f"{node.op_type} {g.label(i)} mixes the branch with other tensors"
+        zero = others if node.op_type in ("Add", "Sub") else ZEROED_PARAMS[node.op_type]
+        unit.zero += [z for z in (g.zero_needed(node.input[k]) for k in zero if k < len(node.input)
+                                  and node.input[k] in g.constants) if z]
+        return next(filter(None, (_zero_path(g, unit, node.input[k], cone) for k in data)), None)
+    allowed = inside[:1] if node.op_type == "Mul" else [0] if 0 in inside else []  # 0 * anything = 0
+    if node.op_type not in ZERO_KEEPING or not allowed:
+        return f"{node.op_type} {g.label(i)} after the last contraction does not keep zero"
+    return _zero_path(g, unit, node.input[allowed[0]], cone)
+
+
+def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int, list[int]]:
+    """(index of unit `uid`'s Add, the branch's input slot, the branch's node indices) in `graph`
+    (a channel-pruned copy of the analysed graph too: pruning keeps every name)."""
+    g = _Graph(graph)
+    add = g.producer.get(uid)
+    if add is None or g.nodes[add].op_type != "Add":
+        raise KeyError(uid)
+    found = _unit(g, add)
+    if not isinstance(found, Unit):
+        raise KeyError(uid)
+    slot = list(g.nodes[add].input).index(found.branch)
+    return add, slot, g.cone(add, slot)

@@ -1,0 +1,47 @@
+"""Which erasable units to remove: a plan's list, or the lowest block influence.
+
+    model ─spa.core.depth.find─▶ units ─spa.scoring.depth.influence─▶ scores ─lowest─▶ unit ids
+
+`erase` counts units, `erase_ratio` is a fraction of them (rounded); either is scored on the
+calibration data when there is some, else on random inputs (spa.scoring.depth)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from spa.core import depth
+from spa.core.checks import check_shapes
+from spa.core.errors import SpaError
+from spa.scoring import depth as depth_scores
+
+
+def plan_erasure(model, *, count: int | None = None, ratio: float | None = None, ids=(), calib=None, seed: int = 0,
+                 step=None) -> dict | None:
+    """The depth part of a plan, as the JSON document reports it ({"units", "rejected", "erased":
+    [{id, kind, params, influence, relative}], "scored_on"}), or None when nothing is erased or
+    asked for. `ids`: a plan file's units (checked against the model's)."""
+    if count is None and ratio is None and not ids:
+        return None
+    units, rejected = depth.find(model)
+    by_id = {u.id: u for u in units}
+    unknown = [u for u in ids if u not in by_id]
+    if unknown:
+        why = next((r["reason"] for r in rejected if r["id"] == unknown[0]), "no residual Add has that output")
+        raise SpaError(f"cannot erase unit '{unknown[0]}': {why}",
+                       "take the ids from `spa analyze --json` (erasable) of this same model")
+    if ratio is not None:
+        count = round(ratio * len(units))
+    scores, source = {}, None
+    if count is not None:
+        if count > len(units):
+            raise SpaError(f"cannot erase {count} units: the model has {len(units)} erasable units",
+                           "spa analyze lists them (erasable) and says why other residuals are not")
+        if model.weights_at:
+            raise SpaError("scoring erasable units of a model whose weights stay in their file (over 1 GiB) is not "
+                           "supported yet", "name the units in a plan file's 'erase' list instead")
+        with (step("scoring units (block influence)") if step else contextlib.nullcontext()):
+            scores, source = depth_scores.influence(model, units, calib, seed=seed, shapes=check_shapes(model))
+        ids = depth_scores.choose(units, scores, count)
+    erased = [{"id": u, "kind": by_id[u].kind, "params": by_id[u].params, **scores.get(u, {})} for u in ids]
+    return {"units": len(units), "rejected": len(rejected), "erased": erased, "units_after": len(units) - len(ids),
+            "scored_on": source}
