@@ -213,7 +213,7 @@ def _zero_path(g: _Graph, unit: Unit, name: str, cone: set) -> str | None:
     """Why zeroing the contractions behind `name` would not make it zero (None: it would)."""
     i = g.producer.get(name)
     node = g.nodes[i]
-    inside = [k for k, n in enumerate(node.input) if n and g.producer.get(n) in cone]
+    inside = [k for k, n in enumerate(node.input) if n and n not in g.constants and g.producer.get(n) in cone]
     if node.op_type in CONTRACTIONS:
         if node.op_type == "MatMulNBits":
             return f"its contraction {g.label(i)} holds quantized weights"
@@ -231,10 +231,18 @@ def _zero_path(g: _Graph, unit: Unit, name: str, cone: set) -> str | None:
         unit.zero += [z for z in (g.zero_needed(node.input[k]) for k in zero if k < len(node.input)
                                   and node.input[k] in g.constants) if z]
         return next(filter(None, (_zero_path(g, unit, node.input[k], cone) for k in data)), None)
-    allowed = inside[:1] if node.op_type == "Mul" else [0] if 0 in inside else []  # 0 * anything = 0
+    allowed = inside if node.op_type == "Mul" else [0] if 0 in inside else []  # 0 * anything = 0
     if node.op_type not in ZERO_KEEPING or not allowed:
         return f"{node.op_type} {g.label(i)} after the last contraction does not keep zero"
-    return _zero_path(g, unit, node.input[allowed[0]], cone)
+    reasons = []
+    for k in allowed:  # a product is zero when one factor is: the first factor that can be
+        kept = (len(unit.zero), unit.contraction)
+        reasons.append(_zero_path(g, unit, node.input[k], cone))
+        if reasons[-1] is None:
+            return None
+        del unit.zero[kept[0]:]
+        unit.contraction = kept[1]
+    return reasons[0]
 
 
 def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int, list[int]]:
