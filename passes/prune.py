@@ -22,7 +22,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from spa.passes.base import Pass, remove_dead
-from spa.passes.erase import erase
 
 from spa.core import kvcache
 from spa.core.cost import dropped_positions
@@ -336,8 +335,8 @@ class PrunePass(Pass):
     name = "prune"
 
     def __init__(self, analysis, plan: dict, values: dict | None = None, check: bool = True, exact: bool = False,
-                 seed: int = 0, erase=()):
-        self.analysis, self.plan, self.values, self.erase = analysis, plan, values, list(erase)
+                 seed: int = 0):
+        self.analysis, self.plan, self.values = analysis, plan, values
         self.run_check, self.exact, self.seed = check or exact, exact, seed
 
     spill = None  # a lazily loaded model's new weights, in a temp file until saved (close() removes it)
@@ -346,11 +345,9 @@ class PrunePass(Pass):
         lazy = bool(self.analysis.model.weights_at)
         self.spill = Spill() if lazy else None
         proto = apply(self.analysis, self.plan, self.values, keep_external=lazy, spill=self.spill)  # checks the plan
-        if self.erase:
-            erase(proto, self.erase)
         self.ports = kvcache.ports(self.analysis, dropped_positions(self.analysis, {g: c for g, c in self.plan.items()
                                                                                    if c}))
-        return proto, {"channels_removed": sum(map(len, self.plan.values())), "units_erased": len(self.erase)}
+        return proto, {"channels_removed": sum(map(len, self.plan.values()))}
 
     def close(self) -> None:
         """Remove the temp file of spilled weights (after the result was saved or read back)."""

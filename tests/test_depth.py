@@ -145,6 +145,27 @@ def test_erase_with_channel_pruning_and_by_ratio(tmp_path):
     both = spa.prune(model.proto, ratio=0.25, erase_ratio=0.5).to_json()
     assert both["channels_removed"] > 0 and len(both["depth"]["erased"]) == 2
     assert both["after"]["params"] < spa.prune(model.proto, ratio=0.25).to_json()["after"]["params"]
+    plan = tmp_path / "plan.json"
+    first = spa.prune(model.proto, ratio=0.25, erase=1, save_plan=str(plan))
+    doc = json.loads(plan.read_text())
+    assert doc["erase"] and any(doc["groups"].values())
+    again = spa.prune(model.proto, plan=str(plan))
+    assert again.to_json()["after"] == first.to_json()["after"]
+    feeds = _feeds(model)
+    np.testing.assert_array_equal(ort_backend.run(first.model, feeds)["y"], ort_backend.run(again.model, feeds)["y"])
+
+
+def test_one_macs_budget_for_both_axes():
+    """erase= with target_macs=: the target bounds the final model; channels take what erasing left."""
+    model = _blocks(n=4)
+    doc = spa.prune(model.proto, target_macs=0.5, erase=1).to_json()
+    assert doc["after"]["macs"] <= 0.5 * doc["before"]["macs"] * 1.01
+    assert doc["channels_removed"] > 0 and len(doc["depth"]["erased"]) == 1
+    assert 0.5 < doc["depth"]["channel_target"] < 1  # rescaled to the erased model
+    assert doc["check"]["status"] == "ok" and doc["check"]["max_rel_err"] > 0  # against the input, not the erased one
+    met = spa.prune(model.proto, target_macs=0.95, erase=2).to_json()  # erasing alone meets it
+    assert met["depth"]["channel_target"] == 1.0 and met["channels_removed"] == 0
+    assert met["after"]["macs"] < 0.95 * met["before"]["macs"]
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from graphs import build, conv_relu, node
+from graphs import build, conv_relu, node, weight
 from onnx import numpy_helper
 from spa.backends import ort as ort_backend
 
@@ -22,6 +22,7 @@ from spa import api
 from spa.core import cost
 from spa.core.errors import SpaError
 from spa.scoring import criteria, moments, stats
+from spa.scoring import stats as stats_mod
 
 
 def _model(gamma=None, scale_b=1.0):
@@ -416,3 +417,14 @@ def test_stage_count_follows_the_compute_of_the_compensation():
     assert obspa.stage_count(26, 256, 16_315_376) is None  # the classifier: one group per stage
     assert obspa.stage_count(200, 256, 16_315_376) == int(obspa.STAGE_MACS // (256 * 16_315_376)) > 4
     assert obspa.stage_count(10, 256, None) == obspa.STAGES  # MACs unknown
+
+
+def test_calibrating_a_graph_input_space_alone():
+    """Spaces that are graph inputs only (a first layer's input) make a session without nodes,
+    which ONNX Runtime refuses: the values come from the feeds (the digits ViT's obspa failed)."""
+    model = build([node("MatMul", ["x", "w"], ["y"])], {"x": (None, 4)}, {"y": (None, 3)}, [weight("w", 4, 3)])
+    analysis = spa.analyze(model)
+    x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    stats = stats_mod.calibrate(analysis, {"x": x}, [("x", 1)], reference=stats_mod.reference_session(analysis, [("x", 1)], only=True),
+                      source=model.proto)
+    assert stats.samples == 8 and ("x", 1) in stats.spaces

@@ -41,6 +41,7 @@ from spa.core.model import (
 from spa.core.runtime import random_feeds
 from spa.core.sizes import file_bytes
 from spa.passes import prune as prune_pass
+from spa.passes.erase import erase
 from spa.passes.simplify import simplify_model
 from spa.planning import budget, latency, planner, sensitivity
 from spa.planning.depth import plan_erasure
@@ -218,7 +219,7 @@ class _Run:
         notes = told.notes() + self._exclude_notes() + self._width_notes()
         with self.step("pruning"):
             rewrite = prune_pass.PrunePass(self.analysis, self.plan, values, self.o["check"], self.o["zeros"],
-                                           self.o["seed"], erase=self.erased)
+                                           self.o["seed"])
             gated = self.o["max_loss"] if self.sens is None else None  # with sensitivity=: a bound per group
             rewrite.gate = Gate(self.calib, self.o["seed"], gated) if self.o["check"] else None
             pruned, _ = rewrite.rewrite(self.model)
@@ -245,8 +246,6 @@ class _Run:
         doc["io_changed"] = io
         if self.depth is not None:
             doc["depth"] = self.depth
-            if self.erased:  # the estimate knows channels only: count the erased result itself
-                doc["after"].update(cost.summary(shapes.copy_binding(self.model, reinfer(pruned))))
         doc["configs"] = self._configs(pruned, self.out)
         fit = (done.check or {}).get("agreement")
         doc.update(told.doc(), statistics=self._stats_doc(), agreement=fit,
@@ -283,19 +282,20 @@ class _Run:
         self.model, self.simplified = simplify_model(self.model, self.o["simplify"], self.step)
         if self.model is not loaded:
             shapes.copy_binding(loaded, self.model)
-        with self.step("analysis"):
-            self.analysis = analyze(self.model, exclude=list(self.o["exclude"]), freeze_io=self.o["freeze_io"])
+        self._erasure()
+        with self.step("analysis"):  # of the erased model when units go: channels are pruned in what is left
+            self.analysis = analyze(self._erased() if self.erased else self.model, exclude=list(self.o["exclude"]),
+                                    freeze_io=self.o["freeze_io"])
 
     def _choose(self) -> None:
         """The plan: given, all-zero channels, or scored and planned."""
         self.stats = self.budget = None
-        self.depth = None
         if self.o["zeros"]:
             self.plan = zero_plan(self.analysis)
-        self._erasure()
         if self.plan is not None:
             return
-        if all(self.o[k] is None for k in ("ratio", *TARGETS)):  # depth alone
+        if all(self.o[k] is None for k in ("ratio", *TARGETS)) or (self.erased and 1.0 in (
+                self.o["target_macs"], self.o["target_params"])):  # depth alone, or erasing met the budget
             self.plan = {}
             return
         if not any(g.prunable for g in self.analysis.groups) and (self.o["ratio"] is None or self.o["ratio"] > 0):
@@ -313,6 +313,27 @@ class _Run:
         self.depth = plan_erasure(self.model, count=self.o["erase"], ratio=self.o["erase_ratio"], ids=self.erased,
                                   calib=self.calib, seed=self.o["seed"], step=self.step)
         self.erased = [u["id"] for u in self.depth["erased"]] if self.depth else []
+        require(not (self.erased and self.o["target_latency"] is not None),
+                "target_latency= with erase= is not supported yet", "use target_macs= (one budget for both)")
+        if self.erased and self.model.weights_at:
+            raise SpaError("erasing units of a model whose weights stay in their file (over 1 GiB) is not supported "
+                           "yet")
+
+    def _erased(self) -> Model:
+        """The model without the erased units (a copy; the input stays the reference of every check).
+        A params/MACs target then bounds the final model: the channels' share is rescaled to what
+        erasing left (one budget, both axes)."""
+        proto = type(self.model.proto)()
+        proto.CopyFrom(self.model.proto)
+        with self.step("erasing"):
+            erased = shapes.copy_binding(self.model, reinfer(erase(proto, self.erased)))
+        left = cost.summary(erased)
+        for kind in ("params", "macs"):
+            key = f"target_{kind}"
+            if self.o[key] is not None:
+                self.depth["channel_target"] = min(1.0, self.o[key] * self.before[kind] / max(left[kind], 1))
+                self.o[key] = self.depth["channel_target"]
+        return erased
 
     def _blind_warning(self, fit: dict | None) -> list[str]:
         """Without calib=, a result that agrees on random inputs is not known to do its job: said as

@@ -349,7 +349,11 @@ def session_with_outputs(proto, names: list, dtypes: dict, *, only: bool = False
         if name not in present and name in dtypes:
             out.graph.output.append(onnx.helper.make_tensor_value_info(name, dtypes[name], None))
     if only:
-        _keep_needed(out.graph)
+        kept = onnx.ModelProto()
+        kept.CopyFrom(out)
+        _keep_needed(kept.graph)
+        if kept.graph.node:  # graph inputs alone (the tensors read by a model's first layer) make no graph: ORT
+            out = kept       # refuses one without nodes, so the whole model runs instead
     return checked_session(out)
 
 

@@ -139,8 +139,8 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
         if not isinstance(feeds, Batch):  # a padded batch of a fixed-size model runs whole; its padding is trimmed
             feeds = {k: v[:take] if np.ndim(v) else v for k, v in feeds.items()}  # 0-d inputs go as they are
         try:
-            got = trim(dict(zip(tensors, sess.run(tensors, feeds))), feeds)
-            want = got if source is None else trim(dict(zip(tensors, ref.run(tensors, feeds))), feeds)
+            got = trim(_fetch(sess, tensors, feeds), feeds)
+            want = got if source is None else trim(_fetch(ref, tensors, feeds), feeds)
         except Exception as exc:  # noqa: BLE001 - ORT's many run errors, as one line
             raise SpaError(f"the calibration data does not run through the model: {ort_reason(exc)}",
                            "give arrays of the model's input shapes, samples along the first axis") from None
@@ -157,6 +157,12 @@ def calibrate(analysis, data, spaces=None, *, max_samples: int = 512, batch_size
     if seen == 0:
         raise SpaError("no samples in the calibration data")
     return Stats("calibration", {s: a.result() for s, a in acc.items()}, seen)
+
+
+def _fetch(sess, tensors: list, feeds: dict) -> dict:
+    """{tensor: value} of a run; graph inputs among `tensors` (a first layer's input) come from the feeds."""
+    ran = [t for t in tensors if t not in feeds]
+    return {**{t: feeds[t] for t in tensors if t in feeds}, **dict(zip(ran, sess.run(ran, feeds) if ran else []))}
 
 
 OUTPUT_BYTES = 64 * 2**20  # the spaces' tensors of one batch held at once, at most (else fewer samples per batch)
