@@ -14,11 +14,11 @@ from spa.backends import ort as ort_backend
 
 import spa
 from spa.api.result import as_model
-from spa.core import kvcache
+from spa.core import depth, kvcache
 from spa.core.checks import check_shapes
 from spa.core.cost import dropped_positions
 from spa.core.runtime import random_feeds
-from tests.oracles import random_zi_plan, rel_err
+from tests.oracles import assert_erasure, random_zi_plan, rel_err
 
 pytest.importorskip("transformers")
 pytest.importorskip("onnxslim")
@@ -69,6 +69,16 @@ def test_no_check_writes_the_configs_without_decoding(export, tmp_path):
     assert doc["check"]["status"] == "not run" and doc["configs"]["written"]
     assert "decode" not in doc["configs"] and "generator" not in doc["configs"]
     assert json.loads((tmp_path / "config.json").read_text())["num_key_value_heads"] >= 1
+
+
+@pytest.mark.parametrize("family", llm_export.OPTIMUM_FAMILIES)
+def test_erasure_with_cache(export, family):
+    """The MLP units erase exactly; attention that writes the KV cache is named as not erasable."""
+    model = spa.load(export(family))
+    feeds = random_feeds(model.proto, seed=0, shapes=check_shapes(model))
+    units, rejected = depth.find(model)
+    assert assert_erasure(model, feeds) == len(units) >= 2 and {u.kind for u in units} == {"mlp"}
+    assert rejected and all("KV cache" in r["reason"] for r in rejected)
 
 
 @pytest.mark.parametrize("family", llm_export.OPTIMUM_FAMILIES)

@@ -120,9 +120,9 @@ def cpu_s(model, feeds: dict) -> float:
     return float(np.median(times))
 
 
-def uniform_ratio(model, keep_macs: float) -> float:
-    """The smallest uniform l1 ratio whose plan leaves at most `keep_macs` MACs (absolute)."""
-    analysis = spa.analyze(model)
+def uniform_ratio(model, keep_macs: float, shape: dict) -> float:
+    """The smallest uniform l1 ratio whose plan leaves at most `keep_macs` MACs (absolute, at `shape`)."""
+    analysis = spa.analyze(model, shape=shape)
     lo, hi = 0.0, 0.95
     for _ in range(18):
         mid = (lo + hi) / 2
@@ -133,28 +133,32 @@ def uniform_ratio(model, keep_macs: float) -> float:
     return hi
 
 
-def variants(path: Path, calib: dict, k: int, macs0: int):
-    """(label, pruned ModelProto, MACs) of depth, width and both at the MACs erasing k units leaves."""
-    deep = api.prune(str(path), erase=k, calib=calib, check=False)
+def variants(path: Path, calib: dict, k: int):
+    """(label, pruned ModelProto, MACs) of depth, width and both at the MACs erasing k units leaves
+    (every count at one calibration sample's shape)."""
+    x = next(iter(calib.values()))
+    shape = {next(iter(calib)): (1, *x.shape[1:])}
+    deep = api.prune(str(path), erase=k, calib=calib, check=False, shape=shape)
     target = deep.to_json()["after"]["macs"]
     yield f"depth: erase {k}", deep.model, target
-    r = uniform_ratio(spa.load(path), target)
-    wide = api.prune(str(path), ratio=r, check=False)
+    r = uniform_ratio(spa.load(path), target, shape)
+    wide = api.prune(str(path), ratio=r, check=False, shape=shape)
     yield f"width: l1 ratio {r:.3f}", wide.model, wide.to_json()["after"]["macs"]
-    wide = api.prune(str(path), ratio=r, criterion="obspa", calib=calib, check=False)
+    wide = api.prune(str(path), ratio=r, criterion="obspa", calib=calib, check=False, shape=shape)
     yield f"width: obspa calibrated {r:.3f}", wide.model, wide.to_json()["after"]["macs"]
     if k > 1:
         half = api.prune(str(path), erase=k // 2, calib=calib, check=False).model
-        r2 = uniform_ratio(api.reinfer(half), target)
-        both = api.prune(half, ratio=r2, criterion="obspa", calib=calib, check=False)
+        r2 = uniform_ratio(api.reinfer(half), target, shape)
+        both = api.prune(half, ratio=r2, criterion="obspa", calib=calib, check=False, shape=shape)
         yield f"both: erase {k // 2} + obspa calibrated {r2:.3f}", both.model, both.to_json()["after"]["macs"]
 
 
 def table(name: str, task, epochs: int) -> None:
     path, calib, tune, metric, what = task
     model = spa.load(path)
-    macs0, units = cost.summary(model)["macs"], depth.find(model)[0]
     x = next(iter(calib.values()))
+    macs0 = spa.analyze(model, shape={model.input_names[0]: (1, *x.shape[1:])}).to_json()["macs"]
+    units = depth.find(model)[0]
     feeds = {b: {model.input_names[0]: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))} for b in (1, 32)}
     dense_t = {b: cpu_s(str(path), f) for b, f in feeds.items()}
     print(f"\n**{name}** ({path.name}: dense {metric(str(path)):.1f} {what}, {macs0:,} MACs, {len(units)} erasable "
@@ -163,7 +167,7 @@ def table(name: str, task, epochs: int) -> None:
     print(f"| MACs kept | variant | {what}{tuned} | params kept | speed-up b1 | speed-up b32 |")
     print("|---|---|---|" + ("---|" if tune else "") + "---|---|---|")
     for k in range(1, len(units) + 1):
-        for label, proto, macs in variants(path, calib, k, macs0):
+        for label, proto, macs in variants(path, calib, k):
             score = metric(proto)
             if tune:
                 fit = api.finetune(proto, data=tune, labels="labels", distill_from=str(path), epochs=epochs, seed=0)
