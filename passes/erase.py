@@ -3,9 +3,10 @@
     y = Add(x, f(x))  ─▶  y = x      consumers of y read x; f's nodes and weights removed
 
 Requires: unit ids that spa.core.depth.find gives for the model (the Add's output names).
-Ensures: graph inputs and outputs keep their names and shapes (a unit never writes a graph
-output); the result passes the ONNX checker and runs in ONNX Runtime (checked with the rest of
-the prune pass's result).
+Ensures: graph inputs and outputs keep their names and shapes, except a decoder's KV cache: an
+erased attention's pair (past_key_values.N -> present.N) goes, the others are numbered 0..L-2
+again; the result passes the ONNX checker and runs in ONNX Runtime (checked with the rest of the
+prune pass's result, its cache mapped by name).
 """
 
 from __future__ import annotations
@@ -14,21 +15,28 @@ import onnx
 from onnx import helper
 from spa.passes.base import remove_dead, subgraph_reads
 
-from spa.core import depth
+from spa.core import depth, kvcache
 from spa.core.errors import SpaError
 
 
 def erase(proto: onnx.ModelProto, ids: list[str]) -> onnx.ModelProto:
     """`proto` (changed in place and returned) without the branches of units `ids`."""
+    return erase_with_io(proto, ids)[0]
+
+
+def erase_with_io(proto: onnx.ModelProto, ids: list[str]) -> tuple[onnx.ModelProto, dict]:
+    """As `erase`, and {input model's I/O name: new name, None when removed}: a decoder's erased
+    attention takes its KV cache pair along, and the other pairs are numbered 0..L-1 again."""
     graph = proto.graph
-    bypass = {}
+    bypass, cache = {}, []
     for uid in ids:
         try:
-            add, slot, _ = depth.locate(graph, uid)
+            add, slot, unit = depth.locate(graph, uid)
         except KeyError:
             raise SpaError(f"cannot erase unit '{uid}': the model has no erasable unit of that name",
                            "take the ids from `spa analyze --json` (erasable) of this same model") from None
         bypass[uid] = graph.node[add].input[1 - slot]
+        cache += unit.cache
     kept = {o.name for o in graph.output} | subgraph_reads(graph)
     for node in graph.node:
         if node.op_type == "Add" and node.output[0] in bypass:
@@ -40,11 +48,34 @@ def erase(proto: onnx.ModelProto, ids: list[str]) -> onnx.ModelProto:
             while name in bypass and name not in kept:
                 name = bypass[name]  # units in a row: y2 = y1 = x
             node.input[k] = name
+    _remove_io(graph.output, set(cache))
     remove_dead(proto)
+    _reread_lengths(graph, set(cache))
+    _remove_io(graph.input, set(cache))
+    produced = {o for n in graph.node for o in n.output}
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    stale = [vi for vi in graph.value_info if vi.name not in used and vi.name not in
-             {o for n in graph.node for o in n.output}]
-    for vi in stale:
+    for vi in [vi for vi in graph.value_info if vi.name not in used and vi.name not in produced]:
         graph.value_info.remove(vi)
-    return proto
+    io = {name: None for name in cache}
+    io.update(kvcache.renumber(graph) if cache else {})
+    return proto, io
 
+
+def _reread_lengths(graph: onnx.GraphProto, removed: set) -> None:
+    """Nodes still reading a removed cache input (only its Shape: the past length a mask is built
+    from) read the same kind of cache input of a layer that stays (every layer's has that shape)."""
+    stays = {kvcache.slot(i.name, "past")[1]: i.name for i in reversed(graph.input)
+             if i.name not in removed and kvcache.slot(i.name, "past")}
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in removed:
+                kind = kvcache.slot(name, "past")[1]
+                if kind not in stays:
+                    raise SpaError("cannot erase every attention unit of a decoder: its mask is computed from the "
+                                   "length of a KV cache input", "keep at least one attention unit")
+                node.input[k] = stays[kind]
+
+
+def _remove_io(vis, names: set) -> None:
+    for vi in [vi for vi in vis if vi.name in names]:
+        vis.remove(vi)

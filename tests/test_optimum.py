@@ -73,12 +73,37 @@ def test_no_check_writes_the_configs_without_decoding(export, tmp_path):
 
 @pytest.mark.parametrize("family", llm_export.OPTIMUM_FAMILIES)
 def test_erasure_with_cache(export, family):
-    """The MLP units erase exactly; attention that writes the KV cache is named as not erasable."""
+    """Attention units take their layer's cache pair along and are exact like the MLP units
+    (the oracle maps the cache by name); --freeze-io keeps the cache, so no attention unit."""
     model = spa.load(export(family))
     feeds = random_feeds(model.proto, seed=0, shapes=check_shapes(model))
     units, rejected = depth.find(model)
-    assert assert_erasure(model, feeds) == len(units) >= 2 and {u.kind for u in units} == {"mlp"}
-    assert rejected and all("KV cache" in r["reason"] for r in rejected)
+    assert {u.kind for u in units} == {"mlp", "attention"} and not rejected
+    assert all(len(u.cache) == 4 for u in units if u.kind == "attention")
+    assert assert_erasure(model, feeds) == len(units)
+    frozen, why = depth.find(model, freeze_io=True)
+    assert {u.kind for u in frozen} == {"mlp"} and all("freeze-io" in r["reason"] for r in why)
+
+
+def test_erasing_attention_with_its_cache_decodes(export, tmp_path):
+    src = export("llama")
+    first = next(u for u in spa.analyze(str(src)).units[0] if u.kind == "attention")
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schema_version": 1, "groups": {}, "erase": [first.id]}))
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    doc = spa.prune(str(src), plan=str(plan), output=str(out)).to_json()
+    assert doc["check"]["status"] == "ok" and "max_rel_err" in doc["check"]["empty_cache"]
+    assert doc["depth"]["cache"]["removed"] == ["past_key_values.0.key", "past_key_values.0.value", "present.0.key",
+                                                "present.0.value"]
+    assert doc["depth"]["cache"]["renamed"]["present.1.key"] == "present.0.key"
+    assert doc["configs"]["decode"]["status"] == "ok" and doc["configs"]["decode"]["tokens"] == 16
+    layers = json.loads((src.parent / "config.json").read_text())["num_hidden_layers"]
+    assert json.loads((out.parent / "config.json").read_text())["num_hidden_layers"] == layers - 1
+    every = {"schema_version": 1, "groups": {}, "erase": [u.id for u in spa.analyze(str(src)).units[0]
+                                                          if u.kind == "attention"]}
+    left = spa.prune(str(src), plan=every).model  # no attention left: no cache either (the mask went with it)
+    assert not [i.name for i in left.graph.input if "past" in i.name] and len(left.graph.output) == 1
 
 
 @pytest.mark.parametrize("family", llm_export.OPTIMUM_FAMILIES)

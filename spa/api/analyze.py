@@ -36,6 +36,7 @@ class AnalysisResult(Analysis):
     simplified: dict | None = None
     plan: dict | None = None
     preview: dict | None = None
+    freeze_io: bool = False  # as analyze(freeze_io=): a decoder's attention then erases no KV cache
 
     @property
     def blocks(self) -> list:
@@ -45,7 +46,7 @@ class AnalysisResult(Analysis):
     def units(self) -> tuple[list, list]:
         """(erasable units, rejected candidates) of the model (spa.core.depth.find), found once."""
         if getattr(self, "_units", None) is None:
-            self._units = depth.find(self.model)
+            self._units = depth.find(self.model, freeze_io=self.freeze_io)
         return self._units
 
     def to_json(self) -> dict:
@@ -100,7 +101,7 @@ def analyze(model, exclude=None, *, simplify: bool = False, ratio=None, plan=Non
     preview = None if plan is None else {"ratio": ratio, "plan_file": plan_file,
                                          "channels_removed": int(sum(len(c) for c in plan.values()))}
     return AnalysisResult(**{f.name: getattr(analysis, f.name) for f in fields(Analysis)}, simplified=simplified,
-                          plan=plan, preview=preview)
+                          plan=plan, preview=preview, freeze_io=freeze_io)
 
 
 def _preview(analysis, ratio, criterion, prune_hidden, calib, seed, step) -> dict:

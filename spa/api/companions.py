@@ -1,9 +1,11 @@
 """The files an LLM's runtime reads beside its ONNX file, kept true to a pruned model.
 
     genai_config.json   ONNX Runtime GenAI: model.decoder.{num_attention_heads, num_key_value_heads,
-                        head_size, hidden_size, filename}; the generator allocates the KV cache from it
+                        head_size, hidden_size, num_hidden_layers, filename}; the generator allocates
+                        the KV cache from it
     config.json         Hugging Face (optimum's ORTModelForCausalLM): num_attention_heads,
-                        num_key_value_heads, head_dim, hidden_size
+                        num_key_value_heads, head_dim, hidden_size, num_hidden_layers (n_layer): the
+                        cache layers left after an erasure
 
 When the pruned model is written to another folder than its input, these are written beside it
 with the pruned sizes, and the other small files of a GenAI folder (tokenizer, chat template,
@@ -53,6 +55,9 @@ def sizes(proto: onnx.ModelProto) -> dict:
             found["num_key_value_heads"] = int(dims[1].dim_value)
         if dims[3].dim_value:
             found["head_size"] = int(dims[3].dim_value)
+    layers = {kvcache.slot(o.name, "present") for o in proto.graph.output} - {None}
+    if layers:
+        found["num_hidden_layers"] = len({n for n, _ in layers})  # an erasure may have taken some
     tables = {t.name: t for t in proto.graph.initializer}
     embed = next((n for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in tables
                   and n.input[1] == "input_ids"), None)
@@ -63,7 +68,7 @@ def sizes(proto: onnx.ModelProto) -> dict:
 
 def _genai(doc: dict, new: dict, filename: str) -> dict:
     dec = doc.get("model", {}).get("decoder", {})
-    for k in ("num_attention_heads", "num_key_value_heads", "head_size", "hidden_size"):
+    for k in ("num_attention_heads", "num_key_value_heads", "head_size", "hidden_size", "num_hidden_layers"):
         if k in new and k in dec:
             dec[k] = new[k]
     if "filename" in dec:
@@ -77,7 +82,8 @@ def _hf(doc: dict, new: dict, old: dict) -> dict:
             doc.get("num_key_value_heads", doc.get("num_attention_heads")) == doc.get("num_attention_heads"):
         heads = new["num_key_value_heads"]  # multi-head attention: as many query heads as KV heads
     for key, value in (("num_attention_heads", heads), ("num_key_value_heads", new.get("num_key_value_heads")),
-                       ("hidden_size", new.get("hidden_size"))):
+                       ("hidden_size", new.get("hidden_size")), ("num_hidden_layers", new.get("num_hidden_layers")),
+                       ("n_layer", new.get("num_hidden_layers"))):
         if value is not None and key in doc:
             doc[key] = value
     changed = any(new.get(k) != old.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_size"))

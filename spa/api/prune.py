@@ -41,7 +41,7 @@ from spa.core.model import (
 from spa.core.runtime import random_feeds
 from spa.core.sizes import file_bytes
 from spa.passes import prune as prune_pass
-from spa.passes.erase import erase
+from spa.passes.erase import erase_with_io
 from spa.passes.simplify import simplify_model
 from spa.planning import budget, latency, planner, sensitivity
 from spa.planning.depth import plan_erasure
@@ -223,6 +223,8 @@ class _Run:
             gated = self.o["max_loss"] if self.sens is None else None  # with sensitivity=: a bound per group
             rewrite.gate = Gate(self.calib, self.o["seed"], gated) if self.o["check"] else None
             pruned, _ = rewrite.rewrite(self.model)
+            if self.io_erased:  # the checks feed and compare the cache by its new names
+                rewrite.ports = {**(rewrite.ports or {}), kvcache.RENAMED: self.io_erased}
         blocks = attention_blocks(self.analysis, self.plan)
         io = kvcache.io_changes(self.analysis, rewrite.ports or {})
         counts = (len(self.analysis.groups), sum(g.prunable for g in self.analysis.groups),
@@ -311,7 +313,8 @@ class _Run:
     def _erasure(self) -> None:
         """The units to erase (spa.planning.depth): a plan file's, or scored from erase/erase_ratio."""
         self.depth = plan_erasure(self.model, count=self.o["erase"], ratio=self.o["erase_ratio"], ids=self.erased,
-                                  calib=self.calib, seed=self.o["seed"], step=self.step)
+                                  calib=self.calib, seed=self.o["seed"], freeze_io=self.o["freeze_io"], step=self.step)
+        self.io_erased = {}
         self.erased = [u["id"] for u in self.depth["erased"]] if self.depth else []
         require(not (self.erased and self.o["target_latency"] is not None),
                 "target_latency= with erase= is not supported yet", "use target_macs= (one budget for both)")
@@ -326,7 +329,11 @@ class _Run:
         proto = type(self.model.proto)()
         proto.CopyFrom(self.model.proto)
         with self.step("erasing"):
-            erased = shapes.copy_binding(self.model, reinfer(erase(proto, self.erased)))
+            proto, self.io_erased = erase_with_io(proto, self.erased)
+            erased = shapes.copy_binding(self.model, reinfer(proto))
+        if self.io_erased:
+            self.depth["cache"] = {"removed": sorted(k for k, v in self.io_erased.items() if v is None),
+                                   "renamed": {k: v for k, v in self.io_erased.items() if v is not None}}
         left = cost.summary(erased)
         for kind in ("params", "macs"):
             key = f"target_{kind}"

@@ -19,9 +19,12 @@ zeroed for the branch alone). Ops on that path that do not map zero to
 zero (a Sigmoid, a parameter-free normalization) make it not exact, with the reason; it stays
 erasable. DESIGN.md's erasure oracle checks the claim on every model we have.
 
+A decoder's attention writes its layer's KV cache (present.N.key/value, read from
+past_key_values.N): that pair goes with the unit (`cache`), and the erase pass numbers the
+remaining pairs 0..L-2 again, as runtimes expect them (--freeze-io: no such unit).
 Candidates that are not units say why: a projection shortcut (neither input is a plain skip),
-or a branch that writes a graph output (a KV cache). An Add whose branch holds no weights (a
-mask's arithmetic) is no candidate.
+or a branch that writes another graph output. An Add whose branch holds no weights (a mask's
+arithmetic) is no candidate.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from spa.core import kvcache
 from spa.core.graph import DEFAULT_DOMAINS
 
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
@@ -62,11 +66,12 @@ class Unit:
     zero: list[str] = field(default_factory=list)  # what to zero (as the branch reads it) for the oracle
     exact: bool = True
     reason: str | None = None  # why it is not exact
+    cache: list[str] = field(default_factory=list)  # the KV-cache inputs/outputs erased with it (a decoder's layer)
 
     def to_json(self) -> dict:
         return {"id": self.id, "kind": self.kind, "skip": self.skip, "branch": self.branch, "params": self.params,
                 "exact": self.exact, "reason": self.reason, "contraction": self.contraction, "zero": self.zero,
-                "nodes": self.nodes, "initializers": self.initializers}
+                "nodes": self.nodes, "initializers": self.initializers, "cache": self.cache}
 
 
 class _Graph:
@@ -88,6 +93,7 @@ class _Graph:
                     for n in _reads(sub):
                         self.consumers.setdefault(n, []).append(-2)
         self.outputs = {o.name for o in graph.output}
+        self.inputs = {i.name for i in graph.input}
         for o in self.outputs:
             self.consumers.setdefault(o, []).append(-1)
         self.initializers = {t.name: t for t in graph.initializer}
@@ -142,9 +148,10 @@ def _reads(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def find(model) -> tuple[list[Unit], list[dict]]:
+def find(model, *, freeze_io: bool = False) -> tuple[list[Unit], list[dict]]:
     """(units, rejected candidates [{id, reason}]) of a spa Model (its shapes tell equal-shaped
-    Adds). Units come in graph order."""
+    Adds). Units come in graph order. `freeze_io`: a decoder's attention, whose KV cache pair
+    would go with it, is no unit (spa prune --freeze-io)."""
     g = _Graph(model.graph)
     units, rejected = [], []
     for i, node in enumerate(g.nodes):
@@ -155,7 +162,7 @@ def find(model) -> tuple[list[Unit], list[dict]]:
         if a in g.constants or b in g.constants or a == b or shape is None or \
                 model.shapes.get(a) != shape or model.shapes.get(b) != shape:
             continue  # a bias, a broadcast or an unknown shape: no residual
-        found = _unit(g, i)
+        found = _unit(g, i, freeze_io)
         if isinstance(found, Unit):
             units.append(found)
         elif found is not None:
@@ -163,7 +170,7 @@ def find(model) -> tuple[list[Unit], list[dict]]:
     return units, rejected
 
 
-def _unit(g: _Graph, add: int) -> Unit | str | None:
+def _unit(g: _Graph, add: int, freeze_io: bool = False) -> Unit | str | None:
     """The unit of residual Add `add`, else why not (None: not a residual at all)."""
     cones = [g.cone(add, 0), g.cone(add, 1)]
     if all(cones):
@@ -174,9 +181,11 @@ def _unit(g: _Graph, add: int) -> Unit | str | None:
     slot = 0 if cones[0] else 1
     cone, skip, branch = cones[slot], g.nodes[add].input[1 - slot], g.nodes[add].input[slot]
     written = [o for i in cone for o in g.nodes[i].output if o in g.outputs]
-    if written:
-        return ("its branch writes the KV cache (present.N): erasing attention with its cache is not supported yet"
-                if "present" in written[-1] else "its branch writes a graph output")
+    cache = _cache(g, cone, written)
+    if written and not isinstance(cache, list):
+        return cache
+    if cache and freeze_io:
+        return "its branch writes the KV cache, which --freeze-io keeps"
     if not any(skip in g.nodes[i].input for i in cone):
         return None  # a sum of two paths (embeddings plus positions), not y = x + f(x)
     weights = sorted({n for i in cone for n in g.nodes[i].input if n in g.initializers}
@@ -187,7 +196,27 @@ def _unit(g: _Graph, add: int) -> Unit | str | None:
                 [w for w in weights if w in g.initializers],
                 int(sum(np.prod(g.initializers[w].dims, dtype=np.int64) for w in weights if w in g.initializers)))
     _exactness(g, unit, set(cone))
+    unit.cache = cache
     return unit
+
+
+def _cache(g: _Graph, cone: list[int], written: list[str]) -> list[str] | str:
+    """The cache inputs and outputs a branch owns: one decoder layer's whole pair (its
+    present.N.key/value outputs, and the past_key_values.N inputs only it reads), or why not."""
+    if not written:
+        return []
+    slots = {kvcache.slot(o, "present") for o in written}
+    if None in slots:
+        return "its branch writes a graph output"
+    layers = {n for n, _ in slots}
+    if len(layers) != 1 or {k for _, k in slots} != {"key", "value"}:
+        return "its branch writes part of the KV cache"
+    layer, inside = layers.pop(), set(cone)
+    pasts = sorted(n for n in g.inputs if (kvcache.slot(n, "past") or (None,))[0] == layer)
+    for name in pasts:  # read elsewhere only for its length (a mask's arithmetic): another layer's will do
+        if any(c not in inside and (c < 0 or g.nodes[c].op_type != "Shape") for c in g.consumers.get(name, ())):
+            return f"its layer's cache input '{name}' is read outside the branch"
+    return pasts + sorted(written)
 
 
 def _kind(g: _Graph, cone: list[int]) -> str:
@@ -245,9 +274,9 @@ def _zero_path(g: _Graph, unit: Unit, name: str, cone: set) -> str | None:
     return reasons[0]
 
 
-def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int, list[int]]:
-    """(index of unit `uid`'s Add, the branch's input slot, the branch's node indices) in `graph`
-    (a channel-pruned copy of the analysed graph too: pruning keeps every name)."""
+def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int, Unit]:
+    """(index of unit `uid`'s Add, the branch's input slot, the unit) in `graph` (a
+    channel-pruned copy of the analysed graph too: pruning keeps every name)."""
     g = _Graph(graph)
     add = g.producer.get(uid)
     if add is None or g.nodes[add].op_type != "Add":
@@ -255,5 +284,4 @@ def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int, list[int]]:
     found = _unit(g, add)
     if not isinstance(found, Unit):
         raise KeyError(uid)
-    slot = list(g.nodes[add].input).index(found.branch)
-    return add, slot, g.cone(add, slot)
+    return add, list(g.nodes[add].input).index(found.branch), found

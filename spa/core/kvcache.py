@@ -27,7 +27,8 @@ _NAME = re.compile(r"^(?P<side>past|present)(?:_key_values)?[._](?:(?P<n>\d+)[._
                    r"(?P<kind2>key|value)[._](?P<n2>\d+))$")
 
 
-def _slot(name: str, side: str):
+def slot(name: str, side: str):
+    """(layer, "key" | "value") of a cache input (`side` "past") or output ("present"), else None."""
     m = _NAME.match(name)
     if m is None or m["side"] != side:
         return None
@@ -36,12 +37,12 @@ def _slot(name: str, side: str):
 
 def pairs(graph: onnx.GraphProto, shapes: dict) -> list[tuple[str, str, int, str]]:
     """[(past input, present output, layer, "key" | "value")] for the rank-4 cache pairs of `graph`."""
-    past = {_slot(i.name, "past"): i.name for i in graph.input}
+    past = {slot(i.name, "past"): i.name for i in graph.input}
     found = []
     for o in graph.output:
-        slot = _slot(o.name, "present")
-        if slot is not None and slot in past and all(len(shapes.get(n) or ()) == 4 for n in (o.name, past[slot])):
-            found.append((past[slot], o.name, *slot))
+        at = slot(o.name, "present")
+        if at is not None and at in past and all(len(shapes.get(n) or ()) == 4 for n in (o.name, past[at])):
+            found.append((past[at], o.name, *at))
     return sorted(found, key=lambda p: (p[3], p[2]))
 
 
@@ -59,11 +60,37 @@ def ports(analysis, drops: dict) -> dict:
     return found
 
 
+RENAMED = "\0renamed"  # a ports key: {input model's I/O name: the result's name, None when removed} (an erasure)
+
+
+def renumber(graph: onnx.GraphProto) -> dict[str, str]:
+    """Rename the cache inputs and outputs of `graph` (in place) so that their layers are 0..L-1
+    again, as runtimes build them from num_hidden_layers (after an erasure took some away);
+    returns {old name: new name} of those that changed."""
+    found = {}
+    for side, vis in (("past", graph.input), ("present", graph.output)):
+        for vi in vis:
+            at = slot(vi.name, side)
+            if at is not None:
+                found[vi.name] = at[0]
+    order = {layer: k for k, layer in enumerate(sorted(set(found.values())))}
+    rename = {name: re.sub(rf"(?<=[._]){layer}(?=[._]|$)", str(order[layer]), name, count=1)
+              for name, layer in found.items() if order[layer] != layer}
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        vi.name = rename.get(vi.name, vi.name)
+    for node in graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    return rename
+
+
 def fit(arrays: dict, ports: dict | None) -> dict:
-    """`arrays` (feeds or outputs keyed by name) cut to the shapes of the pruned model's I/O."""
+    """`arrays` (feeds or outputs keyed by name) cut to the shapes of the pruned model's I/O (and,
+    after an erasure, renamed as its cache was, without the pairs it removed)."""
     if not ports:
         return arrays
-    out = dict(arrays)
+    renamed = ports.get(RENAMED) or {}
+    out = {renamed.get(k, k): v for k, v in arrays.items() if renamed.get(k, k) is not None}
     for name, axes in ports.items():
         if name in out and isinstance(out[name], np.ndarray):
             for axis, kept in axes.items():

@@ -16,13 +16,13 @@ from spa.scoring import depth as depth_scores
 
 
 def plan_erasure(model, *, count: int | None = None, ratio: float | None = None, ids=(), calib=None, seed: int = 0,
-                 step=None) -> dict | None:
+                 freeze_io: bool = False, step=None) -> dict | None:
     """The depth part of a plan, as the JSON document reports it ({"units", "rejected", "erased":
     [{id, kind, params, influence, relative}], "scored_on"}), or None when nothing is erased or
     asked for. `ids`: a plan file's units (checked against the model's)."""
     if count is None and ratio is None and not ids:
         return None
-    units, rejected = depth.find(model)
+    units, rejected = depth.find(model, freeze_io=freeze_io)
     by_id = {u.id: u for u in units}
     unknown = [u for u in ids if u not in by_id]
     if unknown:
@@ -42,6 +42,7 @@ def plan_erasure(model, *, count: int | None = None, ratio: float | None = None,
         with (step("scoring units (block influence)") if step else contextlib.nullcontext()):
             scores, source = depth_scores.influence(model, units, calib, seed=seed, shapes=check_shapes(model))
         ids = depth_scores.choose(units, scores, count)
-    erased = [{"id": u, "kind": by_id[u].kind, "params": by_id[u].params, **scores.get(u, {})} for u in ids]
+    erased = [{"id": u, "kind": by_id[u].kind, "params": by_id[u].params, **scores.get(u, {}),
+               **({"cache": by_id[u].cache} if by_id[u].cache else {})} for u in ids]
     return {"units": len(units), "rejected": len(rejected), "erased": erased, "units_after": len(units) - len(ids),
             "scored_on": source}
