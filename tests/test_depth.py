@@ -168,6 +168,22 @@ def test_one_macs_budget_for_both_axes():
     assert met["after"]["macs"] < 0.95 * met["before"]["macs"]
 
 
+def test_auto_searches_the_split_within_one_budget(tmp_path, capsys):
+    model = _blocks(n=4)
+    doc = spa.prune(model.proto, target_macs=0.6, erase="auto").to_json()
+    trials = doc["depth"]["auto"]
+    assert [t["erase"] for t in trials] == list(range(len(trials))) and len(trials) >= 2
+    assert all(t["macs"] <= 0.6 * doc["before"]["macs"] * 1.01 for t in trials)
+    best = max(trials, key=lambda t: (t["agreement"], -t["erase"]))
+    assert len(doc["depth"]["erased"]) == best["erase"] and doc["agreement"]["agreement"] == best["agreement"]
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.proto.SerializeToString())
+    assert main(["prune", str(path), "--target-macs", "0.6", "--erase", "auto", "-o", str(tmp_path / "o.onnx")]) == 0
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", str(path), "--erase", "some"])
+    assert exit_.value.code == 2 and "a number of units or 'auto'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"erase": 9}, "has 4 erasable units"),
     ({"plan": {"schema_version": 1, "groups": {}, "erase": ["nope"]}}, "cannot erase unit 'nope'"),
@@ -179,7 +195,8 @@ def test_bad_erasure_is_a_clear_error(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs", [{"erase": -1}, {"erase": 1, "erase_ratio": 0.5}, {"erase_ratio": 1.0},
-                                    {"erase": 1, "zeros": True}])
+                                    {"erase": 1, "zeros": True}, {"erase": "auto", "ratio": 0.3},
+                                    {"erase": "auto", "target_macs": 0.5, "check": False}])
 def test_bad_erase_options_are_usage_errors(kwargs):
     with pytest.raises(SpaError):
         spa.prune(_blocks(n=2).proto, **kwargs)

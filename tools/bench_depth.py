@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from spa.passes.quantize import cpu_seconds
+
 import spa
 from spa import api
 from spa.core import cost, depth
-from spa.core.runtime import session
 
 TIMED_RUNS = 20
 
@@ -109,15 +109,7 @@ def _greedy(logits: np.ndarray) -> list[tuple]:
 
 
 def cpu_s(model, feeds: dict) -> float:
-    sess = session(model, threads=1)
-    for _ in range(2):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(TIMED_RUNS):
-        start = time.process_time()
-        sess.run(None, feeds)
-        times.append(time.process_time() - start)
-    return float(np.median(times))
+    return cpu_seconds(model, feeds, runs=TIMED_RUNS)
 
 
 def uniform_ratio(model, keep_macs: float, shape: dict) -> float:

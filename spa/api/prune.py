@@ -13,6 +13,7 @@ Two ways to call it:
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -79,7 +80,8 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
 
 
 def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, target_latency=None,
-          zeros: bool = False, erase: int | None = None, erase_ratio: float | None = None, criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
+          zeros: bool = False, erase: int | str | None = None, erase_ratio: float | None = None,
+          criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
           compensate=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None,
           prune_hidden: bool = False, freeze_io: bool = False,
@@ -95,8 +97,9 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     docs/budget.md) or `zeros=True` (exactly the all-zero channels; the outputs must not change).
     Depth: `erase` (a count) or `erase_ratio` (of the erasable units) removes whole residual
     branches (spa.core.depth: a block, an attention or MLP sub-block), those of lowest block
-    influence on `calib` (else on random inputs), alone or with one of the ways above; a plan
-    file's "erase" list names them instead (docs/depth.md).
+    influence on `calib` (else on random inputs), alone or with one of the ways above; with a
+    params/MACs target, `erase="auto"` searches how many (the target bounds the final model and
+    the channels take what erasing left); a plan file's "erase" list names them (docs/depth.md).
     `criterion` scores the channels (data
     criteria read `calib`: an .npz path or arrays keyed by input name, `calib_samples` of them;
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
@@ -128,7 +131,7 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     if not isinstance(model, Analysis):
         o = {**options, "plan": plan, "check": check, "compensate": compensate}
         _check_options(o)
-        return _Run(model, o).result()
+        return _searched_depth(model, o) if o["erase"] == "auto" else _Run(model, o).result()
     given = sorted(k for k, v in options.items() if v != DEFAULTS[k])
     require(not given, f"{', '.join(given)} go with a model, not an Analysis and a plan")
     if compensate is not None and not isinstance(compensate, dict):
@@ -149,9 +152,13 @@ def _check_options(o: dict) -> None:
     require(not (depth and (o["plan"] is not None or o["zeros"])),
             f"{depth[0] if depth else ''}= does not go with " + ("plan= (its 'erase' list names the units)"
                                                                if o["plan"] is not None else "zeros=True"))
-    if o["erase"] is not None:
+    if o["erase"] == "auto":
+        require(o["target_macs"] is not None or o["target_params"] is not None,
+                "erase='auto' searches how many units to erase within a budget: give target_macs= or target_params=")
+        require(o["check"], "erase='auto' compares its candidates by their agreement with the input: it needs check")
+    elif o["erase"] is not None:
         require(isinstance(o["erase"], int) and not isinstance(o["erase"], bool) and o["erase"] >= 0,
-                f"invalid erase={o['erase']}: a count of units, 0 or more")
+                f"invalid erase={o['erase']}: a count of units (0 or more) or 'auto'")
     if o["erase_ratio"] is not None:
         planner.check_ratio(o["erase_ratio"], "erase_ratio")
     for k in TARGETS:
@@ -178,6 +185,31 @@ def _check_options(o: dict) -> None:
             f"criterion '{o['criterion']}' needs calibration data", "pass calib=DATA.npz"
             + (" (with labels=KEY when it holds labels)" if o["criterion"] in criteria.GRADIENT else ""))
     require(not (o["labels"] and o["calib"] is None), "labels= names a key of calib=", "pass calib=DATA.npz")
+
+
+def _searched_depth(model, o: dict) -> Result:
+    """erase="auto": one budget, both axes, the split searched. Erasing k = 0, 1, 2, ... units (by
+    block influence), each with the channels planned to the same target, is measured (agreement
+    with the input: on calib, else random inputs) until erasing alone meets the target or no unit
+    is left; the best k is made (fewer units on a tie). Its document lists the trials (depth.auto)."""
+    trials = []
+    for k in itertools.count():
+        trial = {**o, "erase": k, "output": None, "save_plan": None, "progress": None, "max_loss": None}
+        try:
+            doc = _Run(model, trial).result().to_json()
+        except SpaError as exc:
+            if k and "erasable units" in str(exc):
+                break
+            raise
+        fit = doc.get("agreement") or {}
+        trials.append({"erase": k, "agreement": fit.get("agreement"), "macs": doc["after"]["macs"],
+                       "params": doc["after"]["params"]})
+        if doc["depth"].get("channel_target") == 1.0:
+            break
+    best = max(trials, key=lambda t: (-1.0 if t["agreement"] is None else t["agreement"], -t["erase"]))
+    result = _Run(model, {**o, "erase": best["erase"]}).result()
+    result.doc["depth"]["auto"] = trials
+    return result
 
 
 # the command options and their defaults, read from prune's signature (an Analysis and a plan take none of them)

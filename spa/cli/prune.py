@@ -40,10 +40,11 @@ def parser(sub) -> None:
                      help="remove exactly the channels whose weights are all zero (after spa train-sparse); "
                           "the outputs must not change (else exit 3)")
     depth = r.add_mutually_exclusive_group()
-    depth.add_argument("--erase", type=int, metavar="N",
+    depth.add_argument("--erase", type=_count_or_auto, metavar="N|auto",
                        help="also erase the N residual branches (blocks, attention or MLP sub-blocks) of lowest "
                             "block influence, measured with --calib, else on random inputs; alone or with one of "
-                            "the options above (spa analyze lists the erasable units; docs/depth.md)")
+                            "the options above; 'auto' with --target-macs/--target-params: the number that agrees "
+                            "best with the input within the budget (spa analyze lists the units; docs/depth.md)")
     depth.add_argument("--erase-ratio", type=float, metavar="F", help="as --erase, this fraction of the units")
     r.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA),
                    help="channel scores (default l1); obspa, mean-act and apoz use activation statistics")
@@ -82,6 +83,15 @@ def parser(sub) -> None:
     add_shape(r)
     r.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
     add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
+
+
+def _count_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count '{text}': a number of units or 'auto'") from None
 
 
 OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "erase", "erase_ratio",
