@@ -175,6 +175,13 @@ def test_summary_against_dense(doc):
     assert 1.0 > rows[1]["params_x"] > rows[2]["params_x"] > rows[3]["params_x"] > 0
     assert rows[2]["channels_removed"] == doc["layers"]["removed"][2]
     assert doc["models"] == ["dense.onnx (dense)", "r3.onnx", "r5.onnx", "r7.onnx"]
+    assert [r["units"] for r in rows] == [1, 1, 1, 1]  # channel pruning keeps the residual units
+
+
+def test_erased_units_are_counted(capsys, run, tmp_path):
+    out = tmp_path / "erased.onnx"
+    assert spa(capsys, "prune", run / "dense.onnx", "--erase", "1", "-o", out)[0] == 0
+    assert html_report.model_facts(out)["units"] == 0 and html_report.model_facts(run / "dense.onnx")["units"] == 1
 
 
 def test_fidelity_of_dense_to_itself_is_one(run):

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime
 
-from spa.core import __version__, cost, shapes
+from spa.core import __version__, cost, depth, shapes
 from spa.core.data import load_npz, require_keys
 from spa.core.errors import SpaError, first_line
 from spa.core.graph import attr
@@ -93,7 +93,8 @@ def model_facts(path, shape=None, arrays=None) -> dict:
     model = load(path)
     shapes.bind(model, shape, arrays, source="data")
     return {"path": str(path), "bytes": file_bytes(path), **cost.summary(model), "inputs": model.input_names,
-            "layers": layers(model), "by_op": op_costs(model), **shapes.record(model)}
+            "layers": layers(model), "by_op": op_costs(model), "units": len(depth.find(model)[0]),
+            **shapes.record(model)}
 
 
 def layers(model) -> list[dict]:
@@ -220,7 +221,8 @@ def summary(facts: list, layers: dict) -> list[dict]:
     for f, removed in zip(facts, layers["removed"]):
         rows.append({"path": f["path"], "bytes": f["bytes"], "params": f["params"], "macs": f["macs"],
                      "bytes_x": _ratio(f["bytes"], base["bytes"]), "params_x": _ratio(f["params"], base["params"]),
-                     "macs_x": _ratio(f["macs"], base["macs"]), "channels_removed": removed})
+                     "macs_x": _ratio(f["macs"], base["macs"]), "channels_removed": removed,
+                     "units": f.get("units")})
     return rows
 
 

@@ -114,15 +114,16 @@ def _summary_html(doc: dict) -> str:
     ax.set(ylabel="% of the dense model", ylim=(0, 135), title="size, parameters and MACs relative to the dense model")
     ax.legend(fontsize="small", ncols=min(len(rows), 4), loc="upper center")
     table = _table(["model", "file bytes", "parameters", "MACs", "size x dense", "params x dense", "MACs x dense",
-                    "channels removed"],
+                    "channels removed", "residual units"],
                    [[labels[k], _num(r["bytes"]), _num(r["params"]), _num(r["macs"]), _num(r["bytes_x"], ".3f"),
-                     _num(r["params_x"], ".3f"), _num(r["macs_x"], ".3f"), _num(r["channels_removed"], ".1%")]
-                    for k, r in enumerate(rows)], numeric=set(range(1, 8)))
+                     _num(r["params_x"], ".3f"), _num(r["macs_x"], ".3f"), _num(r["channels_removed"], ".1%"),
+                     _num(r.get("units"))] for k, r in enumerate(rows)], numeric=set(range(1, 9)))
     intro = ("Size on disk (with external data), parameters (floating-point weights, as spa.cost counts them: the "
              "integer weights of an INT8 model are not included) and multiply-accumulates of each model at "
              f"{esc(_at_shapes(doc))}; "
              "\"channels removed\" is the share of the output channels of DENSE's Conv/ConvTranspose/Gemm/MatMul "
-             "layers that each model no longer has.")
+             "layers that each model no longer has; \"residual units\" counts the erasable residual branches "
+             "(docs/depth.md: fewer after spa prune --erase).")
     return _section("summary", intro, _img(fig, "summary chart"), table)
 
 
