@@ -233,6 +233,10 @@ def test_calibrated_influence_ranks_a_silent_branch_first():
     doc = spa.prune(model.proto, erase=1, calib=calib).to_json()["depth"]
     assert doc["erased"][0]["id"] == "h2" and doc["scored_on"] == "calibration"
     assert doc["erased"][0]["relative"] < 0.1
+    by_output = spa.prune(model.proto, erase=1, calib=calib, erase_by="fidelity").to_json()["depth"]["erased"][0]
+    assert by_output["id"] == "h2" and 0 <= by_output["fidelity"] < 0.01  # the output barely moves
+    with pytest.raises(SpaError, match="erase_by"):
+        spa.prune(model.proto, erase=1, erase_by="magic")
 
 
 def _copy(proto):

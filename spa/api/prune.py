@@ -45,7 +45,7 @@ from spa.passes import prune as prune_pass
 from spa.passes.erase import erase_with_io
 from spa.passes.simplify import simplify_model
 from spa.planning import budget, latency, planner, sensitivity
-from spa.planning.depth import plan_erasure
+from spa.planning.depth import BY, plan_erasure
 from spa.planning.plan import allocate, make_plan, scores
 from spa.reporting.report import why_nothing
 from spa.scoring import criteria, obspa
@@ -79,9 +79,10 @@ def refuse_quantized(model: Model, action: str = "prune") -> None:
     raise SpaError(f"cannot prune this model: it is {what}, {where}{qdq}", "prune the float model, then quantize it")
 
 
+# long: the docstring is the reference of every option (the body is a dozen lines)
 def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None, target_latency=None,
           zeros: bool = False, erase: int | str | None = None, erase_ratio: float | None = None,
-          criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
+          erase_by: str = "influence", criterion: str = "l1", calib=None, calib_samples: int = 512, labels=None,
           compensate=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None,
           prune_hidden: bool = False, freeze_io: bool = False,
@@ -100,6 +101,7 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     influence on `calib` (else on random inputs), alone or with one of the ways above; with a
     params/MACs target, `erase="auto"` searches how many (the target bounds the final model and
     the channels take what erasing left); a plan file's "erase" list names them (docs/depth.md).
+    `erase_by="fidelity"` scores each unit by the output with it erased alone instead.
     `criterion` scores the channels (data
     criteria read `calib`: an .npz path or arrays keyed by input name, `calib_samples` of them;
     `labels`: the key of labels in `calib` for the gradient criteria). `compensate`: the OBS update
@@ -149,6 +151,7 @@ def _check_options(o: dict) -> None:
     require(len(ways) == 1 or (not ways and depth), "give exactly one of ratio=, plan=, target_params=, target_macs=, "
             "target_latency=, zeros=True (or erase= or erase_ratio= alone)" + (f" (got {', '.join(ways)})" if ways else ""))
     require(len(depth) < 2, "give erase= (a count of units) or erase_ratio=, not both")
+    require(o["erase_by"] in BY, f"invalid erase_by={o['erase_by']!r}", f"choose one of: {', '.join(BY)}")
     require(not (depth and (o["plan"] is not None or o["zeros"])),
             f"{depth[0] if depth else ''}= does not go with " + ("plan= (its 'erase' list names the units)"
                                                                if o["plan"] is not None else "zeros=True"))
@@ -345,7 +348,8 @@ class _Run:
     def _erasure(self) -> None:
         """The units to erase (spa.planning.depth): a plan file's, or scored from erase/erase_ratio."""
         self.depth = plan_erasure(self.model, count=self.o["erase"], ratio=self.o["erase_ratio"], ids=self.erased,
-                                  calib=self.calib, seed=self.o["seed"], freeze_io=self.o["freeze_io"], step=self.step)
+                                  calib=self.calib, seed=self.o["seed"], freeze_io=self.o["freeze_io"],
+                                  by=self.o["erase_by"], step=self.step)
         self.io_erased = {}
         self.erased = [u["id"] for u in self.depth["erased"]] if self.depth else []
         require(not (self.erased and self.o["target_latency"] is not None),

@@ -18,6 +18,7 @@ from spa.cli.app import (
     show_warnings,
 )
 from spa.core.errors import with_flags
+from spa.planning.depth import BY
 from spa.reporting import report
 from spa.scoring import criteria
 
@@ -39,13 +40,7 @@ def parser(sub) -> None:
     how.add_argument("--zeros", action="store_true",
                      help="remove exactly the channels whose weights are all zero (after spa train-sparse); "
                           "the outputs must not change (else exit 3)")
-    depth = r.add_mutually_exclusive_group()
-    depth.add_argument("--erase", type=_count_or_auto, metavar="N|auto",
-                       help="also erase the N residual branches (blocks, attention or MLP sub-blocks) of lowest "
-                            "block influence, measured with --calib, else on random inputs; alone or with one of "
-                            "the options above; 'auto' with --target-macs/--target-params: the number that agrees "
-                            "best with the input within the budget (spa analyze lists the units; docs/depth.md)")
-    depth.add_argument("--erase-ratio", type=float, metavar="F", help="as --erase, this fraction of the units")
+    _depth_arguments(r)
     r.add_argument("--criterion", default="l1", choices=sorted(criteria.CRITERIA),
                    help="channel scores (default l1); obspa, mean-act and apoz use activation statistics")
     add_calib(r, samples=512)
@@ -85,6 +80,19 @@ def parser(sub) -> None:
     add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
 
 
+def _depth_arguments(r) -> None:
+    depth = r.add_mutually_exclusive_group()
+    depth.add_argument("--erase", type=_count_or_auto, metavar="N|auto",
+                       help="also erase the N residual branches (blocks, attention or MLP sub-blocks) of lowest "
+                            "block influence, measured with --calib, else on random inputs; alone or with one of "
+                            "the options above; 'auto' with --target-macs/--target-params: the number that agrees "
+                            "best with the input within the budget (spa analyze lists the units; docs/depth.md)")
+    depth.add_argument("--erase-ratio", type=float, metavar="F", help="as --erase, this fraction of the units")
+    r.add_argument("--erase-by", choices=sorted(BY), default="influence",
+                   help="how --erase scores the units: block influence (one run, default) or the output's "
+                        "fidelity with each unit erased alone (one run per unit)")
+
+
 def _count_or_auto(text: str):
     if text == "auto":
         return text
@@ -94,7 +102,7 @@ def _count_or_auto(text: str):
         raise argparse.ArgumentTypeError(f"invalid count '{text}': a number of units or 'auto'") from None
 
 
-OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "erase", "erase_ratio",
+OPTIONS = ("plan", "ratio", "target_params", "target_macs", "target_latency", "zeros", "erase", "erase_ratio", "erase_by",
            "criterion", "calib",
            "calib_samples", "labels", "compensate", "global_rank", "max_group_ratio", "round_to", "prune_hidden",
            "freeze_io", "exclude", "simplify", "sensitivity", "max_loss", "save_plan", "seed", "shape", "check")

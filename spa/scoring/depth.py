@@ -53,11 +53,11 @@ def _relative(x: np.ndarray, f: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(f, np.float64)) / max(np.linalg.norm(np.asarray(x, np.float64)), 1e-30))
 
 
-def choose(units: list, scores: dict, count: int) -> list[str]:
-    """The `count` units of lowest influence (ties: the later unit first), in graph order."""
+def choose(units: list, scores: dict, count: int, *, key: str = "influence") -> list[str]:
+    """The `count` units of lowest `key` score (ties: the later unit first), in graph order."""
     if count <= 0:
         return []
     order = {u.id: k for k, u in enumerate(units)}
-    ranked = sorted(units, key=lambda u: (scores[u.id]["influence"], -order[u.id]))
+    ranked = sorted(units, key=lambda u: (scores[u.id][key], -order[u.id]))
     picked = {u.id for u in ranked[:count]}
     return [u.id for u in units if u.id in picked]
