@@ -39,7 +39,9 @@ def erase_with_io(proto: onnx.ModelProto, ids: list[str]) -> tuple[onnx.ModelPro
         cache += unit.cache
     kept = {o.name for o in graph.output} | subgraph_reads(graph)
     for node in graph.node:
-        if node.op_type == "Add" and node.output[0] in bypass:
+        if node.output[0] in bypass and node.op_type in depth.RESIDUAL_NORMS:
+            _plain_norm(node, bypass, kept)
+        elif node.op_type == "Add" and node.output[0] in bypass:
             skip = bypass[node.output[0]]
             if node.output[0] in kept:  # a graph output or a subgraph's capture keeps its name
                 node.CopyFrom(helper.make_node("Identity", [skip], [node.output[0]], name=node.name))
@@ -74,6 +76,25 @@ def _reread_lengths(graph: onnx.GraphProto, removed: set) -> None:
                     raise SpaError("cannot erase every attention unit of a decoder: its mask is computed from the "
                                    "length of a KV cache input", "keep at least one attention unit")
                 node.input[k] = stays[kind]
+
+
+def _plain_norm(node: onnx.NodeProto, bypass: dict, kept: set) -> None:
+    """A fused residual norm whose branch goes: the plain norm of its skip input (output 0), and
+    its sum output (3) read as the skip itself (an Identity where the name must stay)."""
+    skip = bypass.pop(node.output[0])
+    total = node.output[3] if len(node.output) > 3 else ""
+    if any(node.output[1:3]):
+        raise SpaError(f"cannot erase unit '{node.output[0]}': its {node.op_type} statistics outputs are read")
+    scale = list(node.input[2:4]) if node.op_type == "SkipLayerNormalization" else [node.input[2]]
+    eps = [a for a in node.attribute if a.name == "epsilon"]
+    plain = helper.make_node(depth.RESIDUAL_NORMS[node.op_type], [skip, *scale], [node.output[0]], name=node.name,
+                             axis=-1)
+    plain.attribute.extend(eps)
+    if total and total in kept:
+        raise SpaError(f"cannot erase unit '{node.output[0]}': its residual sum '{total}' is a graph output")
+    node.CopyFrom(plain)
+    if total:
+        bypass[total] = skip
 
 
 def _remove_io(vis, names: set) -> None:

@@ -14,12 +14,12 @@ from spa.backends import ort as ort_backend
 import spa
 from spa import api
 from spa.api.result import as_model
-from spa.core import kvcache
+from spa.core import depth, kvcache
 from spa.core.blocks import attention_blocks
 from spa.core.checks import check_shapes
 from spa.core.cost import dropped_positions
 from spa.core.runtime import random_feeds
-from tests.oracles import random_zi_plan, rel_err
+from tests.oracles import assert_erasure, random_zi_plan, rel_err
 
 pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("transformers")
@@ -72,6 +72,34 @@ def test_freeze_io_locks_the_cache(exports):
     assert blocks and "--freeze-io" in blocks[0].kv_heads.fixed and "--freeze-io" in blocks[0].head_dim.fixed
     assert blocks[0].heads.fixed is None  # query heads per KV head still prune
 
+
+
+@pytest.mark.parametrize("family,precision", [(f, "fp32") for f in FP32] + [("llama", "int4")])
+def test_erasure_through_the_fused_residual_norm(exports, family, precision):
+    """GenAI fuses each residual into SkipSimplifiedLayerNormalization: its branch is a unit (an
+    attention with its cache pair, or an MLP), exact where its projection is float."""
+    model = spa.load(exports(family, precision))
+    units, rejected = depth.find(model)
+    assert {u.kind for u in units} == {"attention", "mlp"} and not rejected
+    assert all(len(u.cache) == 4 for u in units if u.kind == "attention")
+    feeds = random_feeds(model.proto, seed=0, shapes=check_shapes(model))
+    exact = assert_erasure(model, feeds)
+    assert exact == (len(units) if precision == "fp32" else 0)  # int4: MatMulNBits is no zeroable weight
+
+
+def test_erased_attention_runs_in_the_generator(exports, tmp_path):
+    src = exports("llama")
+    first = next(u for u in spa.analyze(str(src)).units[0] if u.kind == "attention")
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    doc = spa.prune(str(src), plan={"schema_version": 1, "groups": {}, "erase": [first.id]}, output=str(out)).to_json()
+    assert doc["check"]["status"] == "ok" and doc["depth"]["cache"]["removed"][0] == "past_key_values.0.key"
+    assert doc["configs"]["generator"]["status"] == "ok" and doc["configs"]["generator"]["tokens"] == 16
+    cfg = json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]
+    assert cfg["num_hidden_layers"] == json.loads((src.parent / "genai_config.json").read_text())["model"][
+        "decoder"]["num_hidden_layers"] - 1
+    plain = [n.op_type for n in onnx.load(str(out)).graph.node if n.output[0] == first.id]
+    assert plain == ["SimplifiedLayerNormalization"]
 
 
 @pytest.mark.parametrize("family", FP32)

@@ -583,7 +583,7 @@ class _Told:
 
     def notes(self) -> list[str]:
         o, lines = self.o, []
-        if self.plan is not None and o["plan"] is None and not o["zeros"] and o["criterion"] in WEIGHTS_ONLY:
+        if self.plan and o["plan"] is None and not o["zeros"] and o["criterion"] in WEIGHTS_ONLY:
             lines.append(f"criterion '{o['criterion']}' sees only the weights, not what the model does on data: on a "
                          "real trained model, check the result on data (calib=), or use criterion=obspa with "
                          "calib=DATA.npz")

@@ -19,6 +19,9 @@ zeroed for the branch alone). Ops on that path that do not map zero to
 zero (a Sigmoid, a parameter-free normalization) make it not exact, with the reason; it stays
 erasable. DESIGN.md's erasure oracle checks the claim on every model we have.
 
+ONNX Runtime's fused residual norms (SkipSimplifiedLayerNormalization, SkipLayerNormalization:
+GenAI exports) are residuals too: their `input` and `skip` are the two sides.
+
 A decoder's attention writes its layer's KV cache (present.N.key/value, read from
 past_key_values.N): that pair goes with the unit (`cache`), and the erase pass numbers the
 remaining pairs 0..L-2 again, as runtimes expect them (--freeze-io: no such unit).
@@ -40,6 +43,10 @@ from spa.core import kvcache
 from spa.core.graph import DEFAULT_DOMAINS
 
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
+# ONNX Runtime's fused residual + norm (GenAI and onnxruntime.transformers exports): output 3 is
+# input + skip, output 0 its normalization; erasing the branch leaves the plain norm of the skip
+RESIDUAL_NORMS = {"SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
+                  "SkipLayerNormalization": "LayerNormalization"}
 # ops that map zero to zero on their data input (their other inputs as they are)
 # (their data input is the first; the others are shapes, indices or, for Mul, any factor)
 ZERO_KEEPING = {"Reshape", "Transpose", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Relu",
@@ -155,12 +162,12 @@ def find(model, *, freeze_io: bool = False) -> tuple[list[Unit], list[dict]]:
     g = _Graph(model.graph)
     units, rejected = [], []
     for i, node in enumerate(g.nodes):
-        if node.op_type != "Add" or node.domain not in DEFAULT_DOMAINS or len(node.input) != 2:
+        if not residual(node):
             continue
-        a, b = node.input
-        shape = model.shapes.get(node.output[0])
-        if a in g.constants or b in g.constants or a == b or shape is None or \
-                model.shapes.get(a) != shape or model.shapes.get(b) != shape:
+        a, b = node.input[:2]
+        shape = model.shapes.get(a)
+        if a in g.constants or b in g.constants or a == b or shape is None or model.shapes.get(b) != shape or \
+                (node.op_type == "Add" and model.shapes.get(node.output[0]) != shape):
             continue  # a bias, a broadcast or an unknown shape: no residual
         found = _unit(g, i, freeze_io)
         if isinstance(found, Unit):
@@ -168,6 +175,13 @@ def find(model, *, freeze_io: bool = False) -> tuple[list[Unit], list[dict]]:
         elif found is not None:
             rejected.append({"id": node.output[0], "reason": found})
     return units, rejected
+
+
+def residual(node: onnx.NodeProto) -> bool:
+    """An Add of two tensors, or a fused residual norm (RESIDUAL_NORMS, com.microsoft)."""
+    if node.op_type == "Add":
+        return node.domain in DEFAULT_DOMAINS and len(node.input) == 2
+    return node.op_type in RESIDUAL_NORMS and node.domain == "com.microsoft" and len(node.input) >= 3
 
 
 def _unit(g: _Graph, add: int, freeze_io: bool = False) -> Unit | str | None:
@@ -186,7 +200,8 @@ def _unit(g: _Graph, add: int, freeze_io: bool = False) -> Unit | str | None:
         return cache
     if cache and freeze_io:
         return "its branch writes the KV cache, which --freeze-io keeps"
-    if not any(skip in g.nodes[i].input for i in cone):
+    near = {skip} | set(g.nodes[g.producer[skip]].output if skip in g.producer else ())  # x, or a norm beside it
+    if not any(near & set(g.nodes[i].input) for i in cone):
         return None  # a sum of two paths (embeddings plus positions), not y = x + f(x)
     weights = sorted({n for i in cone for n in g.nodes[i].input if n in g.initializers}
                      | {g.nodes[i].output[0] for i in cone if g.nodes[i].op_type == "Constant"})
@@ -225,7 +240,7 @@ def _kind(g: _Graph, cone: list[int]) -> str:
         return "attention"
     if ops & {"Conv", "ConvTranspose"}:
         return "conv"
-    return "mlp" if ops & {"MatMul", "Gemm"} else "block"
+    return "mlp" if ops & {"MatMul", "Gemm", "MatMulNBits"} else "block"
 
 
 def _exactness(g: _Graph, unit: Unit, cone: set) -> None:
@@ -279,7 +294,7 @@ def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int, Unit]:
     channel-pruned copy of the analysed graph too: pruning keeps every name)."""
     g = _Graph(graph)
     add = g.producer.get(uid)
-    if add is None or g.nodes[add].op_type != "Add":
+    if add is None or not residual(g.nodes[add]):
         raise KeyError(uid)
     found = _unit(g, add)
     if not isinstance(found, Unit):
