@@ -184,6 +184,13 @@ def test_auto_searches_the_split_within_one_budget(tmp_path, capsys):
     assert exit_.value.code == 2 and "a number of units or 'auto'" in capsys.readouterr().err
 
 
+def test_a_latency_budget_is_shared_by_measuring_the_erased_model():
+    doc = spa.prune(_blocks(n=4).proto, target_latency=0.8, erase=1).to_json()
+    d = doc["depth"]
+    assert 0 < d["latency_ratio"] < 1.5 and d["channel_target"] == pytest.approx(min(1.0, 0.8 / d["latency_ratio"]))
+    assert len(d["erased"]) == 1 and doc["check"]["status"] == "ok"
+
+
 @pytest.mark.parametrize("kwargs,message", [
     ({"erase": 9}, "has 4 erasable units"),
     ({"plan": {"schema_version": 1, "groups": {}, "erase": ["nope"]}}, "cannot erase unit 'nope'"),

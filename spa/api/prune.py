@@ -332,7 +332,7 @@ class _Run:
         if self.plan is not None:
             return
         if all(self.o[k] is None for k in ("ratio", *TARGETS)) or (self.erased and 1.0 in (
-                self.o["target_macs"], self.o["target_params"])):  # depth alone, or erasing met the budget
+                self.o["target_macs"], self.o["target_params"], self.o["target_latency"])):  # depth alone, or erasing met the budget
             self.plan = {}
             return
         if not any(g.prunable for g in self.analysis.groups) and (self.o["ratio"] is None or self.o["ratio"] > 0):
@@ -352,8 +352,6 @@ class _Run:
                                   by=self.o["erase_by"], step=self.step)
         self.io_erased = {}
         self.erased = [u["id"] for u in self.depth["erased"]] if self.depth else []
-        require(not (self.erased and self.o["target_latency"] is not None),
-                "target_latency= with erase= is not supported yet", "use target_macs= (one budget for both)")
         if self.erased and self.model.weights_at:
             raise SpaError("erasing units of a model whose weights stay in their file (over 1 GiB) is not supported "
                            "yet")
@@ -376,6 +374,12 @@ class _Run:
             if self.o[key] is not None:
                 self.depth["channel_target"] = min(1.0, self.o[key] * self.before[kind] / max(left[kind], 1))
                 self.o[key] = self.depth["channel_target"]
+        if self.o["target_latency"] is not None:  # measured: the erased model's latency over the input's
+            feeds = {k: v[:1] for k, v in self.calib.items() if k in self.model.input_names} if self.calib else None
+            with self.step("timing the erased model in ONNX Runtime (CPU, batch 1)"):
+                self.depth["latency_ratio"] = latency.ratio(self.model.proto, erased.proto, feeds)
+            self.depth["channel_target"] = min(1.0, self.o["target_latency"] / self.depth["latency_ratio"])
+            self.o["target_latency"] = self.depth["channel_target"]
         return erased
 
     def _blind_warning(self, fit: dict | None) -> list[str]:

@@ -21,7 +21,7 @@ TIME_S = 0.6
 SLACK = 0.02  # a measured ratio this close above the target counts as met (timing noise)
 
 
-def _ratio(dense, pruned, feeds) -> float:
+def ratio(dense, pruned, feeds=None) -> float:
     """Median latency of `pruned` over `dense` (both ModelProtos) at batch 1, in turns."""
     sessions = [open_session(m, "ort", Options()) for m in (dense, pruned)]
     if feeds is None:
@@ -39,13 +39,13 @@ def plan_for_latency(analysis, keep: float, plan_macs, *, feeds=None) -> tuple[d
     target, tried, best = keep, [], None
     for _ in range(TRIES):
         plan, info = plan_macs(target)
-        ratio = _ratio(dense, prune_pass.apply(analysis, plan, None), feeds)
-        tried.append({"macs_target": round(target, 4), "latency_ratio": round(ratio, 4)})
-        met = ratio <= keep * (1 + SLACK)
-        if best is None or (met and (not best[2] or target > best[3])) or (not best[2] and ratio < best[4]):
-            best = (plan, info, met, target, ratio)
-        if met and ratio >= keep * (1 - 4 * SLACK):
+        measured = ratio(dense, prune_pass.apply(analysis, plan, None), feeds)
+        tried.append({"macs_target": round(target, 4), "latency_ratio": round(measured, 4)})
+        met = measured <= keep * (1 + SLACK)
+        if best is None or (met and (not best[2] or target > best[3])) or (not best[2] and measured < best[4]):
+            best = (plan, info, met, target, measured)
+        if met and measured >= keep * (1 - 4 * SLACK):
             break
-        target = min(1.0, max(0.02, target * keep / max(ratio, 1e-3)))
+        target = min(1.0, max(0.02, target * keep / max(measured, 1e-3)))
     plan, info, met = best[:3]
     return plan, {**info, "latency": {"timings": tried, "met": met, "batch": 1, "seconds_each": TIME_S}}
