@@ -11,8 +11,9 @@ prune pass's result, its cache mapped by name).
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 from spa.passes.base import remove_dead, subgraph_reads
 
 from spa.core import depth, kvcache
@@ -24,19 +25,27 @@ def erase(proto: onnx.ModelProto, ids: list[str]) -> onnx.ModelProto:
     return erase_with_io(proto, ids)[0]
 
 
-def erase_with_io(proto: onnx.ModelProto, ids: list[str]) -> tuple[onnx.ModelProto, dict]:
+def erase_with_io(proto: onnx.ModelProto, ids: list[str], means: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """As `erase`, and {input model's I/O name: new name, None when removed}: a decoder's erased
-    attention takes its KV cache pair along, and the other pairs are numbered 0..L-1 again."""
+    attention takes its KV cache pair along, and the other pairs are numbered 0..L-1 again.
+    `means`: {unit id: constant}; such a unit's Add adds the constant instead of its branch
+    (y = x + E[f(x)]: spa.scoring.depth.branch_means), a fused residual norm excepted."""
     graph = proto.graph
-    bypass, cache = {}, []
+    bypass, cache, means = {}, [], dict(means or {})
     for uid in ids:
         try:
             add, slot, unit = depth.locate(graph, uid)
         except KeyError:
             raise SpaError(f"cannot erase unit '{uid}': the model has no erasable unit of that name",
                            "take the ids from `spa analyze --json` (erasable) of this same model") from None
-        bypass[uid] = graph.node[add].input[1 - slot]
         cache += unit.cache
+        node = graph.node[add]
+        if uid in means and node.op_type == "Add":
+            name = f"{uid}.erased_mean"
+            graph.initializer.append(numpy_helper.from_array(np.asarray(means[uid]), name))
+            node.input[slot] = name  # the branch, read by nothing now, goes with the dead nodes
+            continue
+        bypass[uid] = node.input[1 - slot]
     kept = {o.name for o in graph.output} | subgraph_reads(graph)
     for node in graph.node:
         if node.output[0] in bypass and node.op_type in depth.RESIDUAL_NORMS:

@@ -184,6 +184,24 @@ def test_auto_searches_the_split_within_one_budget(tmp_path, capsys):
     assert exit_.value.code == 2 and "a number of units or 'auto'" in capsys.readouterr().err
 
 
+def test_with_calibration_an_erased_branch_becomes_its_mean():
+    """y = x + f(x) -> y = x + E[f(x)] per channel: closer to the input model than y = x on the same
+    data (least squares), and only without compensate=False."""
+    model = _blocks(n=3)
+    calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 6, 6)).astype(np.float32)}
+    kept = spa.prune(model.proto, plan={"schema_version": 1, "groups": {}, "erase": ["h2"]}, calib=calib)
+    plain = spa.prune(model.proto, plan={"schema_version": 1, "groups": {}, "erase": ["h2"]}, calib=calib,
+                      compensate=False)
+    assert kept.to_json()["depth"]["compensated"] == ["h2"] and "compensated" not in plain.to_json()["depth"]
+    mean = numpy_helper.to_array(next(t for t in kept.model.graph.initializer if t.name == "h2.erased_mean"))
+    assert mean.shape == (1, 8, 1, 1) and np.abs(mean).max() > 0
+    ref = ort_backend.run(model.proto, calib)["y"]
+    err = {k: rel_err(ref, ort_backend.run(r.model, calib)["y"]) for k, r in (("kept", kept), ("plain", plain))}
+    assert err["kept"] < err["plain"]
+    assert {n.op_type for n in kept.model.graph.node} == {n.op_type for n in plain.model.graph.node}
+    assert len(kept.model.graph.node) == len(plain.model.graph.node) + 1  # the Add of the mean
+
+
 def test_a_latency_budget_is_shared_by_measuring_the_erased_model():
     doc = spa.prune(_blocks(n=4).proto, target_latency=0.8, erase=1).to_json()
     d = doc["depth"]

@@ -23,7 +23,7 @@ import numpy as np
 from spa.api import companions
 from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, counter, model_name, output_target, stepper
-from spa.core import cost, kvcache, shapes
+from spa.core import cost, depth, kvcache, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
@@ -49,6 +49,7 @@ from spa.planning.depth import BY, plan_erasure
 from spa.planning.plan import allocate, make_plan, scores
 from spa.reporting.report import why_nothing
 from spa.scoring import criteria, obspa
+from spa.scoring.depth import branch_means
 from spa.scoring.gradients import require_torch
 from spa.scoring.measure import compensation, saliency, statistics
 from spa.scoring.obspa import NOT_COMPENSATED
@@ -239,6 +240,7 @@ class _Run:
         self.calib = arrays(o["calib"])
         self.sens = sensitivity.read(o["sensitivity"]) if isinstance(o["sensitivity"], (str, Path)) \
             else o["sensitivity"]
+        self.erase_compensate = o["compensate"] is not False  # with calib=, an erased branch becomes its mean
         if o["compensate"] is None:
             o["compensate"] = self.plan is None and not o["zeros"] and o["criterion"] == "obspa"
         self.targeted = any(o[k] is not None for k in TARGETS)
@@ -362,8 +364,14 @@ class _Run:
         erasing left (one budget, both axes)."""
         proto = type(self.model.proto)()
         proto.CopyFrom(self.model.proto)
+        means = None
+        if self.calib is not None and self.erase_compensate:
+            with self.step("branch means (calibration)"):
+                units = [u for u in depth.find(self.model, freeze_io=self.o["freeze_io"])[0] if u.id in self.erased]
+                means = branch_means(self.model, units, self.calib)
+            self.depth["compensated"] = sorted(u for u in means if self._plain_add(u))
         with self.step("erasing"):
-            proto, self.io_erased = erase_with_io(proto, self.erased)
+            proto, self.io_erased = erase_with_io(proto, self.erased, means)
             erased = shapes.copy_binding(self.model, reinfer(proto))
         if self.io_erased:
             self.depth["cache"] = {"removed": sorted(k for k, v in self.io_erased.items() if v is None),
@@ -381,6 +389,10 @@ class _Run:
             self.depth["channel_target"] = min(1.0, self.o["target_latency"] / self.depth["latency_ratio"])
             self.o["target_latency"] = self.depth["channel_target"]
         return erased
+
+    def _plain_add(self, uid: str) -> bool:
+        node = next((n for n in self.model.graph.node if n.output and n.output[0] == uid), None)
+        return node is not None and node.op_type == "Add"
 
     def _blind_warning(self, fit: dict | None) -> list[str]:
         """Without calib=, a result that agrees on random inputs is not known to do its job: said as

@@ -48,7 +48,8 @@ def parser(sub) -> None:
                    "snip, grasp, crop); without it the model's own predictions are the targets")
     r.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                    help="update the consumers of removed channels (OBS) so no fine-tuning is needed "
-                        "(default: on for obspa); calibrated with --calib, else data-free")
+                        "(default: on for obspa); calibrated with --calib, else data-free; with --erase and "
+                        "--calib, an erased branch becomes its mean output (default; --no-compensate: plain)")
     r.add_argument("--global", dest="global_rank", action="store_true",
                    help="rank channels across all groups instead of the same ratio in each")
     r.add_argument("--max-group-ratio", type=float, default=0.9,

@@ -37,6 +37,26 @@ def influence(model, units: list, calib=None, *, seed: int = 0, shapes=None) -> 
     return {uid: {"influence": float(s[0] / n), "relative": float(s[1] / n)} for uid, s in sums.items()}, source
 
 
+def branch_means(model, units: list, calib) -> dict[str, np.ndarray]:
+    """{unit id: the mean of its branch output over the first samples of `calib`, per channel (axis
+    1 of an image-like map, the last axis of a rank-2/3 tensor), shaped to broadcast against it}:
+    the constant that best stands in for an erased branch (least squares), so the stream keeps
+    its offset (a BatchNorm's shift, a projection's bias)."""
+    batches, _ = agreement_batches(model.proto, calib)
+    sess = session_with_outputs(model.proto, [u.branch for u in units], model.dtypes)
+    sums, counts, dtypes = {}, {}, {}
+    for feeds in batches:
+        got = outputs(sess, feeds)
+        for u in units:
+            dtypes[u.id] = np.asarray(got[u.branch]).dtype
+            f = np.asarray(got[u.branch], np.float64)
+            axis = f.ndim - 1 if f.ndim <= 3 else 1
+            other = tuple(k for k in range(f.ndim) if k != axis)
+            sums[u.id] = sums.get(u.id, 0) + f.sum(axis=other, keepdims=f.ndim > 3)
+            counts[u.id] = counts.get(u.id, 0) + f.size // max(f.shape[axis], 1)
+    return {uid: (total / max(counts[uid], 1)).astype(dtypes[uid]) for uid, total in sums.items()}
+
+
 def _rows(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, np.float64)
     return a.reshape(-1, a.shape[-1]) if a.ndim == 3 else a.reshape(a.shape[0] if a.ndim else 1, -1)
