@@ -40,20 +40,19 @@ def erase_with_io(proto: onnx.ModelProto, ids: list[str], means: dict | None = N
                            "take the ids from `spa analyze --json` (erasable) of this same model") from None
         cache += unit.cache
         node = graph.node[add]
-        if uid in means and node.op_type == "Add":
+        if uid in means and slot is not None and node.op_type == "Add":
             name = f"{uid}.erased_mean"
             graph.initializer.append(numpy_helper.from_array(np.asarray(means[uid]), name))
             node.input[slot] = name  # the branch, read by nothing now, goes with the dead nodes
             continue
-        bypass[uid] = node.input[1 - slot]
+        bypass[uid] = unit.skip
     kept = {o.name for o in graph.output} | subgraph_reads(graph)
     for node in graph.node:
         if node.output[0] in bypass and node.op_type in depth.RESIDUAL_NORMS:
             _plain_norm(node, bypass, kept)
-        elif node.op_type == "Add" and node.output[0] in bypass:
-            skip = bypass[node.output[0]]
-            if node.output[0] in kept:  # a graph output or a subgraph's capture keeps its name
-                node.CopyFrom(helper.make_node("Identity", [skip], [node.output[0]], name=node.name))
+        elif node.output and node.output[0] in bypass and node.output[0] in kept:
+            # a graph output or a subgraph's capture keeps its name
+            node.CopyFrom(helper.make_node("Identity", [bypass[node.output[0]]], [node.output[0]], name=node.name))
     for node in graph.node:
         for k, name in enumerate(node.input):
             while name in bypass and name not in kept:

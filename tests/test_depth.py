@@ -122,6 +122,37 @@ def test_sum_of_two_paths_is_no_residual():
     assert depth.find(model) == ([], [{"id": "y", "reason": depth.find(model)[1][0]["reason"]}])
 
 
+def _plain_net():
+    """x -> Conv(3->8) -> Relu -> [Conv(8->8) -> BN -> Relu] -> MaxPool -> [Conv(8->8)] -> Conv(8->4) -> y
+    (no residual: the bracketed layers keep their input's shape, so they are chains)"""
+    nodes, inits = conv_relu("x", "h0", 3, 8, prefix="stem")
+    nodes += [node("Conv", ["h0", "c1.w"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4),
+              node("BatchNormalization", ["c1", "bn.s", "bn.b", "bn.m", "bn.v"], ["n1"]), node("Relu", ["n1"], ["h1"]),
+              node("MaxPool", ["h1"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+              node("Conv", ["p", "c2.w", "c2.b"], ["h2"], kernel_shape=[1, 1]),
+              node("Conv", ["h2", "c3.w"], ["y"], kernel_shape=[1, 1])]
+    inits += [weight("c1.w", 8, 8, 3, 3), weight("c2.w", 8, 8, 1, 1), weight("c2.b", 8), weight("c3.w", 4, 8, 1, 1)]
+    inits += [numpy_helper.from_array(np.abs(np.random.default_rng(k).standard_normal(8)).astype(np.float32) + 0.5,
+                                      f"bn.{n}") for k, n in enumerate("sbmv")]
+    return build(nodes, {"x": (1, 3, 8, 8)}, {"y": (1, 4, 4, 4)}, inits)
+
+
+def test_layers_that_keep_their_shape_are_chains():
+    model = _plain_net()
+    units, rejected = depth.find(model)
+    assert [(u.id, u.skip, u.kind, u.exact) for u in units] == [("h1", "h0", "chain", False), ("h2", "p", "chain", False)]
+    assert units[0].nodes == ["c1", "n1", "h1"] and set(units[0].initializers) == {"c1.w", "bn.s", "bn.b", "bn.m",
+                                                                                     "bn.v"}
+    assert "bypassed" in units[0].reason and not rejected
+    feeds = _feeds(model)
+    out = erase(_copy(model.proto), ["h1", "h2"])
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu", "MaxPool", "Conv"]
+    got = ort_backend.run(out, feeds)["y"]
+    assert got.shape == (1, 4, 4, 4) and rel_err(ort_backend.run(model.proto, feeds)["y"], got) > 1e-3
+    doc = spa.prune(model.proto, erase=1).to_json()
+    assert doc["depth"]["erased"][0]["kind"] == "chain" and doc["check"]["status"] == "ok"
+
+
 def test_prune_erases_the_lowest_influence_units(tmp_path):
     model = _blocks(n=4)
     path = tmp_path / "m.onnx"

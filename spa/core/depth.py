@@ -19,6 +19,10 @@ zeroed for the branch alone). Ops on that path that do not map zero to
 zero (a Sigmoid, a parameter-free normalization) make it not exact, with the reason; it stays
 erasable. DESIGN.md's erasure oracle checks the claim on every model we have.
 
+Outside every residual branch, a layer that keeps its input's shape (a contraction and the
+bias/BatchNorm/activation ops that alone read it) is a "chain" unit: bypassed (its output
+becomes its input), never exact.
+
 ONNX Runtime's fused residual norms (SkipSimplifiedLayerNormalization, SkipLayerNormalization:
 GenAI exports) are residuals too: their `input` and `skip` are the two sides.
 
@@ -45,6 +49,11 @@ from spa.core.graph import DEFAULT_DOMAINS
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
 # ONNX Runtime's fused residual + norm (GenAI and onnxruntime.transformers exports): output 3 is
 # input + skip, output 0 its normalization; erasing the branch leaves the plain norm of the skip
+# ops a chain (a layer outside any residual branch) may end with after its contraction: they read
+# only constants besides it (a bias, a BatchNorm, an activation)
+CHAIN_TAIL = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh",
+              "Gelu", "Elu", "Selu", "PRelu", "Add", "Sub", "Mul", "Div", "Identity", "Dropout"}
+CHAIN_REASON = "a chain is bypassed: its output becomes its input (no zeroing equals that)"
 RESIDUAL_NORMS = {"SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
                   "SkipLayerNormalization": "LayerNormalization"}
 # ops that map zero to zero on their data input (their other inputs as they are)
@@ -101,6 +110,7 @@ class _Graph:
                         self.consumers.setdefault(n, []).append(-2)
         self.outputs = {o.name for o in graph.output}
         self.inputs = {i.name for i in graph.input}
+        self.in_cones: set[int] = set()  # nodes of every residual branch looked at (chains stay out of them)
         for o in self.outputs:
             self.consumers.setdefault(o, []).append(-1)
         self.initializers = {t.name: t for t in graph.initializer}
@@ -138,6 +148,7 @@ class _Graph:
                 if j is not None and j not in seen:
                     seen.add(j)
                     heapq.heappush(heap, -j)
+        self.in_cones |= inside
         return sorted(inside, reverse=True)
 
     def label(self, i: int) -> str:
@@ -174,7 +185,47 @@ def find(model, *, freeze_io: bool = False) -> tuple[list[Unit], list[dict]]:
             units.append(found)
         elif found is not None:
             rejected.append({"id": node.output[0], "reason": found})
+    units += _chains(g, model.shapes)
+    units.sort(key=lambda u: g.producer[u.id])
     return units, rejected
+
+
+def _chains(g: _Graph, shapes: dict) -> list[Unit]:
+    """Layers outside every residual branch whose output has their input's shape (a plain
+    network's Conv-BN-ReLU of as many channels in as out, a depthwise conv, a pooler's dense):
+    OTOv3's erasable operators, bypassed rather than zeroed, so never exact."""
+    found = []
+    for i, node in enumerate(g.nodes):
+        if node.op_type not in CONTRACTIONS or i in g.in_cones:
+            continue
+        chain = _chain(g, i)
+        if chain is None or any(j in g.in_cones for j in chain[2]):
+            continue
+        a, b, nodes = chain
+        if shapes.get(a) is None or len(shapes[a]) < 2 or shapes.get(a) != shapes.get(b) or b in g.outputs:
+            continue
+        weights = sorted({n for j in nodes for n in g.nodes[j].input if n in g.initializers})
+        found.append(Unit(b, a, b, "chain", [g.label(j) for j in nodes], weights,
+                          int(sum(np.prod(g.initializers[w].dims, dtype=np.int64) for w in weights)),
+                          g.label(i), [], False, CHAIN_REASON))
+    return found
+
+
+def _chain(g: _Graph, c: int) -> tuple[str, str, list[int]] | None:
+    """(input, output, node indices) of the layer contraction `c` starts: `c` and the ops after it
+    that alone read its output and read only constants besides (CHAIN_TAIL)."""
+    node = g.nodes[c]
+    if len(node.input) < 2 or node.input[1] not in g.constants or node.input[0] in g.constants:
+        return None
+    nodes, out = [c], node.output[0]
+    while True:
+        readers = g.consumers.get(out, [])
+        nxt = g.nodes[readers[0]] if len(readers) == 1 and readers[0] >= 0 else None
+        if nxt is None or nxt.op_type not in CHAIN_TAIL or len(nxt.output) != 1 or \
+                any(n and n != out and n not in g.constants for n in nxt.input):
+            return node.input[0], out, nodes
+        nodes.append(readers[0])
+        out = nxt.output[0]
 
 
 def residual(node: onnx.NodeProto) -> bool:
@@ -289,14 +340,31 @@ def _zero_path(g: _Graph, unit: Unit, name: str, cone: set) -> str | None:
     return reasons[0]
 
 
-def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int, Unit]:
+def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int | None, Unit]:
     """(index of unit `uid`'s Add, the branch's input slot, the unit) in `graph` (a
-    channel-pruned copy of the analysed graph too: pruning keeps every name)."""
+    channel-pruned copy of the analysed graph too: pruning keeps every name); for a chain, the
+    index of its last node and None."""
     g = _Graph(graph)
     add = g.producer.get(uid)
-    if add is None or not residual(g.nodes[add]):
+    if add is None:
         raise KeyError(uid)
+    if not residual(g.nodes[add]):
+        return _locate_chain(g, uid)
     found = _unit(g, add)
     if not isinstance(found, Unit):
         raise KeyError(uid)
     return add, list(g.nodes[add].input).index(found.branch), found
+
+
+def _locate_chain(g: _Graph, uid: str) -> tuple[int, None, Unit]:
+    """The chain whose output is `uid`: back from it over CHAIN_TAIL ops to its contraction."""
+    i = g.producer[uid]
+    while g.nodes[i].op_type not in CONTRACTIONS:
+        data = [n for n in g.nodes[i].input if n and n not in g.constants]
+        if g.nodes[i].op_type not in CHAIN_TAIL or len(data) != 1 or data[0] not in g.producer:
+            raise KeyError(uid)
+        i = g.producer[data[0]]
+    chain = _chain(g, i)
+    if chain is None or chain[1] != uid:
+        raise KeyError(uid)
+    return g.producer[uid], None, Unit(uid, chain[0], uid, "chain", exact=False, reason=CHAIN_REASON)
