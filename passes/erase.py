@@ -2,7 +2,8 @@
 
     y = Add(x, f(x))  ─▶  y = x      consumers of y read x; f's nodes and weights removed
 
-Requires: unit ids that spa.core.depth.find gives for the model (the Add's output names).
+Requires: unit ids that spa.core.depth.find gives for the model (a residual's output, a chain's
+last output). A fused residual norm becomes the plain norm of its skip; a chain is bypassed.
 Ensures: graph inputs and outputs keep their names and shapes, except a decoder's KV cache: an
 erased attention's pair (past_key_values.N -> present.N) goes, the others are numbered 0..L-2
 again; the result passes the ONNX checker and runs in ONNX Runtime (checked with the rest of the
@@ -48,7 +49,7 @@ def erase_with_io(proto: onnx.ModelProto, ids: list[str], means: dict | None = N
         bypass[uid] = unit.skip
     kept = {o.name for o in graph.output} | subgraph_reads(graph)
     for node in graph.node:
-        if node.output[0] in bypass and node.op_type in depth.RESIDUAL_NORMS:
+        if node.output and node.output[0] in bypass and node.op_type in depth.RESIDUAL_NORMS:
             _plain_norm(node, bypass, kept)
         elif node.output and node.output[0] in bypass and node.output[0] in kept:
             # a graph output or a subgraph's capture keeps its name
