@@ -216,13 +216,13 @@ def test_auto_searches_the_split_within_one_budget(tmp_path, capsys):
 
 
 def test_with_calibration_an_erased_branch_becomes_its_mean():
-    """y = x + f(x) -> y = x + E[f(x)] per channel: closer to the input model than y = x on the same
-    data (least squares), and only without compensate=False."""
+    """compensate=True: y = x + f(x) -> y = x + E[f(x)] per channel, closer to the input model than
+    y = x on the same data (least squares); plain erasure by default."""
     model = _blocks(n=3)
     calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 6, 6)).astype(np.float32)}
-    kept = spa.prune(model.proto, plan={"schema_version": 1, "groups": {}, "erase": ["h2"]}, calib=calib)
-    plain = spa.prune(model.proto, plan={"schema_version": 1, "groups": {}, "erase": ["h2"]}, calib=calib,
-                      compensate=False)
+    kept = spa.prune(model.proto, plan={"schema_version": 1, "groups": {}, "erase": ["h2"]}, calib=calib,
+                     compensate=True)
+    plain = spa.prune(model.proto, plan={"schema_version": 1, "groups": {}, "erase": ["h2"]}, calib=calib)
     assert kept.to_json()["depth"]["compensated"] == ["h2"] and "compensated" not in plain.to_json()["depth"]
     mean = numpy_helper.to_array(next(t for t in kept.model.graph.initializer if t.name == "h2.erased_mean"))
     assert mean.shape == (1, 8, 1, 1) and np.abs(mean).max() > 0

@@ -2,6 +2,7 @@
 """Depth against width at equal MACs: task metric and ONNX Runtime CPU latency (issue 22).
 
     python tools/bench_depth.py [--out DIR] [--models digits vit cls rec] [--samples 256] [--epochs 3]
+                                [--steps 1 2 4]
 
 For every model and every depth step k (1, 2, ... erasable units, calibrated block influence),
 at the MACs that erasing k units leaves (B):
@@ -145,7 +146,14 @@ def variants(path: Path, calib: dict, k: int):
         yield f"both: erase {k // 2} + obspa calibrated {r2:.3f}", both.model, both.to_json()["after"]["macs"]
 
 
-def table(name: str, task, epochs: int) -> None:
+def steps(units: int, wanted) -> list[int]:
+    """The depth steps measured: every count up to 8 units, then doubling, and the last one."""
+    if wanted:
+        return [k for k in wanted if k <= units]
+    return sorted({k for k in range(1, units + 1) if k <= 8 or k & (k - 1) == 0} | {units})
+
+
+def table(name: str, task, epochs: int, wanted=None) -> None:
     path, calib, tune, metric, what = task
     model = spa.load(path)
     x = next(iter(calib.values()))
@@ -158,7 +166,7 @@ def table(name: str, task, epochs: int) -> None:
     tuned = f" | after {epochs} epochs distillation" if tune else ""
     print(f"| MACs kept | variant | {what}{tuned} | params kept | speed-up b1 | speed-up b32 |")
     print("|---|---|---|" + ("---|" if tune else "") + "---|---|---|")
-    for k in range(1, len(units) + 1):
+    for k in steps(len(units), wanted):
         for label, proto, macs in variants(path, calib, k):
             score = metric(proto)
             if tune:
@@ -183,10 +191,11 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps", type=int, nargs="+", help="numbers of units to erase (default: 1-8, then doubling)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     for name in a.models:
-        table(name, TASKS[name](a.out, a.samples), a.epochs)
+        table(name, TASKS[name](a.out, a.samples), a.epochs, a.steps)
 
 
 if __name__ == "__main__":

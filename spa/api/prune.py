@@ -240,7 +240,7 @@ class _Run:
         self.calib = arrays(o["calib"])
         self.sens = sensitivity.read(o["sensitivity"]) if isinstance(o["sensitivity"], (str, Path)) \
             else o["sensitivity"]
-        self.erase_compensate = o["compensate"] is not False  # with calib=, an erased branch becomes its mean
+        self.erase_compensate = bool(o["compensate"])  # compensate=True with calib=: an erased branch becomes its mean
         if o["compensate"] is None:
             o["compensate"] = self.plan is None and not o["zeros"] and o["criterion"] == "obspa"
         self.targeted = any(o[k] is not None for k in TARGETS)

@@ -49,7 +49,7 @@ def parser(sub) -> None:
     r.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=None,
                    help="update the consumers of removed channels (OBS) so no fine-tuning is needed "
                         "(default: on for obspa); calibrated with --calib, else data-free; with --erase and "
-                        "--calib, an erased branch becomes its mean output (default; --no-compensate: plain)")
+                        "--calib, an erased branch becomes its mean output")
     r.add_argument("--global", dest="global_rank", action="store_true",
                    help="rank channels across all groups instead of the same ratio in each")
     r.add_argument("--max-group-ratio", type=float, default=0.9,

@@ -204,6 +204,8 @@ def _chains(g: _Graph, shapes: dict) -> list[Unit]:
         a, b, nodes = chain
         if shapes.get(a) is None or len(shapes[a]) < 2 or shapes.get(a) != shapes.get(b) or b in g.outputs:
             continue
+        if None in shapes[a] and any(v != 1 for a_ in node.attribute if a_.name == "strides" for v in a_.ints):
+            continue  # a strided conv of a dynamic axis: its output is shorter at run time
         weights = sorted({n for j in nodes for n in g.nodes[j].input if n in g.initializers})
         found.append(Unit(b, a, b, "chain", [g.label(j) for j in nodes], weights,
                           int(sum(np.prod(g.initializers[w].dims, dtype=np.int64) for w in weights)),
