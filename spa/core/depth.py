@@ -15,9 +15,8 @@ Exactness: a unit is `exact` when erasing it equals the original model with its 
 contraction zeroed (the output projection, with its bias and the parameters of the
 zero-preserving ops between it and the Add: `zero`, as the branch's nodes read them: a tensor
 the exporter shared with other nodes, e.g. paddle2onnx's deduplicated BatchNorm offsets, is
-zeroed for the branch alone). Ops on that path that do not map zero to
-zero (a Sigmoid, a parameter-free normalization) make it not exact, with the reason; it stays
-erasable. DESIGN.md's erasure oracle checks the claim on every model we have.
+zeroed for the branch alone). Ops on that path that do not map zero to zero (a Sigmoid, a
+parameter-free normalization) make it not exact, with the reason; it stays erasable. DESIGN.md's erasure oracle checks the claim on every model we have.
 
 Outside every residual branch, a layer that keeps its input's shape (a contraction and the
 bias/BatchNorm/activation ops that alone read it) is a "chain" unit: bypassed (its output
@@ -47,17 +46,17 @@ from spa.core import kvcache
 from spa.core.graph import DEFAULT_DOMAINS
 
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
-# ONNX Runtime's fused residual + norm (GenAI and onnxruntime.transformers exports): output 3 is
-# input + skip, output 0 its normalization; erasing the branch leaves the plain norm of the skip
 # ops a chain (a layer outside any residual branch) may end with after its contraction: they read
 # only constants besides it (a bias, a BatchNorm, an activation)
 CHAIN_TAIL = {"BatchNormalization", "Relu", "LeakyRelu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh",
               "Gelu", "Elu", "Selu", "PRelu", "Add", "Sub", "Mul", "Div", "Identity", "Dropout"}
 CHAIN_REASON = "a chain is bypassed: its output becomes its input (no zeroing equals that)"
+# ONNX Runtime's fused residual + norm (GenAI and onnxruntime.transformers exports): output 3 is
+# input + skip, output 0 its normalization; erasing the branch leaves the plain norm of the skip
 RESIDUAL_NORMS = {"SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization",
                   "SkipLayerNormalization": "LayerNormalization"}
-# ops that map zero to zero on their data input (their other inputs as they are)
-# (their data input is the first; the others are shapes, indices or, for Mul, any factor)
+# ops that map zero to zero on their data input, the first (the others are shapes, indices or,
+# for Mul, any factor)
 ZERO_KEEPING = {"Reshape", "Transpose", "Identity", "Dropout", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Relu",
                 "LeakyRelu", "Gelu", "Tanh", "Erf", "Neg", "Mul", "Div", "MaxPool", "AveragePool", "Resize",
                 "Upsample", "Slice", "Gather", "Split", "Expand"}
