@@ -153,6 +153,15 @@ def test_layers_that_keep_their_shape_are_chains():
     assert doc["depth"]["erased"][0]["kind"] == "chain" and doc["check"]["status"] == "ok"
 
 
+def test_a_chain_ending_in_a_bias_add_is_located():
+    """MatMul -> Add(bias): the Add is no residual, and erasing the chain finds it all the same."""
+    nodes = [node("MatMul", ["x", "w"], ["m"]), node("Add", ["m", "b"], ["h"]), node("MatMul", ["h", "v"], ["y"])]
+    model = build(nodes, {"x": (2, 4)}, {"y": (2, 3)}, [weight("w", 4, 4), weight("b", 4), weight("v", 4, 3)])
+    assert [(u.id, u.kind) for u in depth.find(model)[0]] == [("h", "chain")]
+    out = erase(_copy(model.proto), ["h"])
+    assert [n.op_type for n in out.graph.node] == ["MatMul"] and out.graph.node[0].input[0] == "x"
+
+
 def test_prune_erases_the_lowest_influence_units(tmp_path):
     model = _blocks(n=4)
     path = tmp_path / "m.onnx"

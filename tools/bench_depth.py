@@ -43,6 +43,7 @@ from spa import api
 from spa.core import cost, depth
 
 TIMED_RUNS = 20
+BATCHES = (1, 32)  # --batches
 
 
 def digits_task(name: str, out: Path, samples: int):
@@ -64,6 +65,24 @@ def ocr_task(name: str, out: Path, samples: int):
         path, calib, metric, what = cls_task(out, samples)
         return path, calib, dict(calib), metric, what  # distilled on the calibration lines (no labels)
     return rec_task(samples)
+
+
+def det_task(out: Path, samples: int):
+    """PP-OCRv4's detector: box recall on tools/ocr_eval.py's rendered pages (64 of them), calibrated
+    on its 320 x 320 page crops."""
+    import onnx
+
+    from tools import ocr_eval
+
+    path = ocr_eval.package_models()["det"]
+    calib = spa.load_npz(ocr_eval.write_calibration(out / "ocr_calib", samples)["det"])
+
+    def recall(m) -> float:
+        if not isinstance(m, (str, Path)):
+            onnx.save(m, str(out / "det_candidate.onnx"))
+            m = out / "det_candidate.onnx"
+        return 100 * ocr_eval.evaluate(det=str(m), samples=64, parts=("det",))["det"]["recall"]
+    return path, calib, None, recall, "box recall %"
 
 
 def rec_task(samples: int):
@@ -153,19 +172,20 @@ def steps(units: int, wanted) -> list[int]:
     return sorted({k for k in range(1, units + 1) if k <= 8 or k & (k - 1) == 0} | {units})
 
 
-def table(name: str, task, epochs: int, wanted=None) -> None:
+def table(name: str, task, epochs: int, wanted=None, batches=BATCHES) -> None:  # positional: one bench row set
     path, calib, tune, metric, what = task
     model = spa.load(path)
     x = next(iter(calib.values()))
     macs0 = spa.analyze(model, shape={model.input_names[0]: (1, *x.shape[1:])}).to_json()["macs"]
     units = depth.find(model)[0]
-    feeds = {b: {model.input_names[0]: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))} for b in (1, 32)}
+    feeds = {b: {model.input_names[0]: np.ascontiguousarray(np.resize(x, (b, *x.shape[1:])))} for b in batches}
     dense_t = {b: cpu_s(str(path), f) for b, f in feeds.items()}
     print(f"\n**{name}** ({path.name}: dense {metric(str(path)):.1f} {what}, {macs0:,} MACs, {len(units)} erasable "
-          f"units; dense CPU ms/run b1 {1e3 * dense_t[1]:.2f}, b32 {1e3 * dense_t[32]:.1f})\n")
+          f"units; dense CPU ms/run " + ", ".join(f"b{b} {1e3 * t:.2f}" for b, t in dense_t.items()) + ")\n")
     tuned = f" | after {epochs} epochs distillation" if tune else ""
-    print(f"| MACs kept | variant | {what}{tuned} | params kept | speed-up b1 | speed-up b32 |")
-    print("|---|---|---|" + ("---|" if tune else "") + "---|---|---|")
+    print(f"| MACs kept | variant | {what}{tuned} | params kept | " + " | ".join(f"speed-up b{b}" for b in batches)
+          + " |")
+    print("|---|---|---|" + ("---|" if tune else "") + "---|" * (1 + len(batches)))
     for k in steps(len(units), wanted):
         for label, proto, macs in variants(path, calib, k):
             score = metric(proto)
@@ -176,12 +196,12 @@ def table(name: str, task, epochs: int, wanted=None) -> None:
             else:
                 score_t = ""
             params = cost.summary(api.reinfer(proto))["params"] / cost.summary(model)["params"]
-            speed = {b: dense_t[b] / cpu_s(proto, f) for b, f in feeds.items()}
-            print(f"| {macs / macs0:.3f} | {label} | {score:.1f}{score_t} | {params:.3f} | {speed[1]:.2f}x | "
-                  f"{speed[32]:.2f}x |", flush=True)
+            speed = " | ".join(f"{dense_t[b] / cpu_s(proto, f):.2f}x" for b, f in feeds.items())
+            print(f"| {macs / macs0:.3f} | {label} | {score:.1f}{score_t} | {params:.3f} | {speed} |", flush=True)
 
 
 TASKS = {"digits": lambda out, n: digits_task("cnn", out, n), "vit": lambda out, n: digits_task("vit", out, n),
+         "det": det_task,
          "cls": lambda out, n: ocr_task("cls", out, n), "rec": lambda out, n: ocr_task("rec", out, n)}
 
 
@@ -192,10 +212,11 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, nargs="+", help="numbers of units to erase (default: 1-8, then doubling)")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="latency batch sizes (1 32)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     for name in a.models:
-        table(name, TASKS[name](a.out, a.samples), a.epochs, a.steps)
+        table(name, TASKS[name](a.out, a.samples), a.epochs, a.steps, tuple(a.batches))
 
 
 if __name__ == "__main__":

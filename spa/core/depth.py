@@ -349,11 +349,9 @@ def locate(graph: onnx.GraphProto, uid: str) -> tuple[int, int | None, Unit]:
     add = g.producer.get(uid)
     if add is None:
         raise KeyError(uid)
-    if not residual(g.nodes[add]):
-        return _locate_chain(g, uid)
-    found = _unit(g, add)
+    found = _unit(g, add) if residual(g.nodes[add]) else None
     if not isinstance(found, Unit):
-        raise KeyError(uid)
+        return _locate_chain(g, uid)  # a layer ending in a bias Add is a chain, not a residual
     return add, list(g.nodes[add].input).index(found.branch), found
 
 
