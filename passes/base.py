@@ -28,6 +28,7 @@ from onnx import numpy_helper
 
 from spa.core.checks import NOT_RUN, check_against, output_check, refuse_unrunnable
 from spa.core.errors import SpaError, VerificationError
+from spa.core.graph import reads
 from spa.core.model import TWO_GB, Model, save, weight_bytes
 from spa.core.runtime import release
 from spa.core.sizes import FLOAT_TYPES
@@ -152,26 +153,15 @@ def remove_dead(proto: onnx.ModelProto) -> int:
     graph = proto.graph
     removed = 0
     while True:
-        used = {o.name for o in graph.output} | subgraph_reads(graph)
-        used |= {i for n in graph.node for i in n.input}
+        used = {o.name for o in graph.output} | reads(graph)
         dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
         if not dead:
             break
         for n in dead:
             graph.node.remove(n)
         removed += len(dead)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output} | subgraph_reads(graph)
+    used = reads(graph) | {o.name for o in graph.output}
     inputs = {i.name for i in graph.input}
     for t in [t for t in graph.initializer if t.name not in used and t.name not in inputs]:
         graph.initializer.remove(t)
     return removed
-
-
-def subgraph_reads(graph) -> set[str]:
-    """Names the subgraphs of `graph`'s nodes read (outer-scope captures and their own)."""
-    names = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= {i for n in sub.node for i in n.input} | subgraph_reads(sub)
-    return names

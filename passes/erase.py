@@ -15,10 +15,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from spa.passes.base import remove_dead, subgraph_reads
+from spa.passes.base import remove_dead
 
 from spa.core import depth, kvcache
 from spa.core.errors import SpaError
+from spa.core.graph import subgraph_reads
 
 
 def erase(proto: onnx.ModelProto, ids: list[str]) -> onnx.ModelProto:

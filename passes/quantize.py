@@ -60,6 +60,7 @@ from spa.passes.base import Pass
 
 from spa.core.data import fixed_batch_size, model_batches
 from spa.core.errors import SpaError, UsageError, first_line
+from spa.core.graph import reads
 from spa.core.model import Model
 from spa.core.runtime import ort_reason, random_feeds, run, run_with_outputs, session
 from spa.core.sizes import TWO_GB, weight_bytes
@@ -414,19 +415,6 @@ def fused_kernels(model) -> dict:
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _reads(graph) -> set:
-    """Every tensor name a node reads, subgraphs (If/Loop bodies reading outer values) included."""
-    out = set()
-    for n in graph.node:
-        out.update(n.input)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                out |= _reads(a.g)
-            for g in a.graphs:
-                out |= _reads(g)
-    return out
-
-
 def _opset_13(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Per-channel QDQ needs opset 13: older models are converted first (or refused)."""
     version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -516,7 +504,7 @@ def _drop_unread_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Remove Q/DQ nodes nobody reads any more, and the scales and zero points only they read."""
     graph = proto.graph
     while True:
-        read = _reads(graph) | {o.name for o in graph.output}
+        read = reads(graph) | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                 and not any(o in read for o in n.output)]
         if not dead:
@@ -524,7 +512,7 @@ def _drop_unread_qdq(proto: onnx.ModelProto) -> onnx.ModelProto:
         for n in dead:
             graph.node.remove(n)
     # and the scales/zero points they read (old IR versions also list initializers as inputs)
-    read = _reads(graph) | {o.name for o in graph.output}
+    read = reads(graph) | {o.name for o in graph.output}
     unused = {t.name for t in graph.initializer if t.name not in read}
     keep = [t for t in graph.initializer if t.name not in unused]
     del graph.initializer[:]
@@ -640,11 +628,11 @@ def _sort_graph(graph, outer: set) -> None:
 
 
 def _subgraph_reads_ready(node, ready: set, every: set) -> bool:
-    reads = set()
+    names = set()
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
-            reads |= _reads(a.g)
-    return all(r in ready or r not in every for r in reads)
+            names |= reads(a.g)
+    return all(r in ready or r not in every for r in names)
 
 
 def coverage(proto: onnx.ModelProto) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 from spa.api import companions
 from spa.api.common import arrays, saver
 from spa.api.result import Result, as_model, counter, model_name, output_target, stepper
-from spa.core import cost, depth, kvcache, shapes
+from spa.core import cost, kvcache, shapes
 from spa.core.analysis import Analysis, analyze, unmatched
 from spa.core.blocks import attention_blocks
 from spa.core.checks import Gate, agreement_phrase, agreement_warning, check_against, check_max_loss, check_notes
@@ -349,9 +349,9 @@ class _Run:
 
     def _erasure(self) -> None:
         """The units to erase (spa.planning.depth): a plan file's, or scored from erase/erase_ratio."""
-        self.depth = plan_erasure(self.model, count=self.o["erase"], ratio=self.o["erase_ratio"], ids=self.erased,
-                                  calib=self.calib, seed=self.o["seed"], freeze_io=self.o["freeze_io"],
-                                  by=self.o["erase_by"], step=self.step)
+        self.depth, self.units = plan_erasure(self.model, count=self.o["erase"], ratio=self.o["erase_ratio"],
+                                              ids=self.erased, calib=self.calib, seed=self.o["seed"],
+                                              freeze_io=self.o["freeze_io"], by=self.o["erase_by"], step=self.step)
         self.io_erased = {}
         self.erased = [u["id"] for u in self.depth["erased"]] if self.depth else []
         if self.erased and self.model.weights_at:
@@ -367,9 +367,9 @@ class _Run:
         means = None
         if self.calib is not None and self.erase_compensate:
             with self.step("branch means (calibration)"):
-                units = [u for u in depth.find(self.model, freeze_io=self.o["freeze_io"])[0] if u.id in self.erased]
-                means = branch_means(self.model, units, self.calib)
-            self.depth["compensated"] = sorted(u for u in means if self._plain_add(u))
+                means = branch_means(self.model, self.units, self.calib)
+            adds = {n.output[0] for n in self.model.graph.node if n.op_type == "Add" and n.output}
+            self.depth["compensated"] = sorted(u for u in means if u in adds)
         with self.step("erasing"):
             proto, self.io_erased = erase_with_io(proto, self.erased, means)
             erased = shapes.copy_binding(self.model, reinfer(proto))
@@ -389,10 +389,6 @@ class _Run:
             self.depth["channel_target"] = min(1.0, self.o["target_latency"] / self.depth["latency_ratio"])
             self.o["target_latency"] = self.depth["channel_target"]
         return erased
-
-    def _plain_add(self, uid: str) -> bool:
-        node = next((n for n in self.model.graph.node if n.output and n.output[0] == uid), None)
-        return node is not None and node.op_type == "Add"
 
     def _blind_warning(self, fit: dict | None) -> list[str]:
         """Without calib=, a result that agrees on random inputs is not known to do its job: said as

@@ -43,7 +43,7 @@ import onnx
 from onnx import numpy_helper
 
 from spa.core import kvcache
-from spa.core.graph import DEFAULT_DOMAINS
+from spa.core.graph import DEFAULT_DOMAINS, reads
 
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
 # ops a chain (a layer outside any residual branch) may end with after its contraction: they read
@@ -105,7 +105,7 @@ class _Graph:
                     self.consumers.setdefault(name, []).append(i)
             for a in node.attribute:  # outer names a subgraph reads: read from outside any cone
                 for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    for n in _reads(sub):
+                    for n in reads(sub):
                         self.consumers.setdefault(n, []).append(-2)
         self.outputs = {o.name for o in graph.output}
         self.inputs = {i.name for i in graph.input}
@@ -153,16 +153,6 @@ class _Graph:
     def label(self, i: int) -> str:
         node = self.nodes[i]
         return node.name or node.output[0]
-
-
-def _reads(graph: onnx.GraphProto) -> set[str]:
-    names = set()
-    for node in graph.node:
-        names.update(i for i in node.input if i)
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= _reads(sub)
-    return names
 
 
 def find(model, *, freeze_io: bool = False) -> tuple[list[Unit], list[dict]]:

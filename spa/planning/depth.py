@@ -21,12 +21,12 @@ from spa.scoring import depth as depth_scores
 
 
 def plan_erasure(model, *, count: int | None = None, ratio: float | None = None, ids=(), calib=None, seed: int = 0,
-                 freeze_io: bool = False, by: str = "influence", step=None) -> dict | None:
-    """The depth part of a plan, as the JSON document reports it ({"units", "rejected", "erased":
-    [{id, kind, params, influence, relative}], "scored_on"}), or None when nothing is erased or
-    asked for. `ids`: a plan file's units (checked against the model's)."""
+                 freeze_io: bool = False, by: str = "influence", step=None) -> tuple[dict | None, list]:
+    """(the depth part of a plan as the JSON document reports it ({"units", "rejected", "erased":
+    [{id, kind, params, influence, relative}], "scored_on"}), the chosen spa.core.depth Units), or
+    (None, []) when nothing is asked for. `ids`: a plan file's units (checked against the model's)."""
     if count is None and ratio is None and not ids:
-        return None
+        return None, []
     units, rejected = depth.find(model, freeze_io=freeze_io)
     by_id = {u.id: u for u in units}
     unknown = [u for u in ids if u not in by_id]
@@ -51,8 +51,9 @@ def plan_erasure(model, *, count: int | None = None, ratio: float | None = None,
         ids = depth_scores.choose(units, scores, count, key=by)
     erased = [{"id": u, "kind": by_id[u].kind, "params": by_id[u].params, **scores.get(u, {}),
                **({"cache": by_id[u].cache} if by_id[u].cache else {})} for u in ids]
-    return {"units": len(units), "rejected": len(rejected), "erased": erased, "units_after": len(units) - len(ids),
-            "scored_on": source}
+    doc = {"units": len(units), "rejected": len(rejected), "erased": erased, "units_after": len(units) - len(ids),
+           "scored_on": source}
+    return doc, [by_id[u] for u in ids]
 
 
 BY = {"influence": "block influence", "fidelity": "output fidelity, each unit erased alone"}
