@@ -15,6 +15,10 @@ onnx.ModelProto or a spa.Model; options after the first one or two parameters ar
 
 The steps are public too: spa.analyze -> spa.statistics / spa.saliency -> spa.make_plan ->
 spa.compensation -> spa.prune(analysis, plan) (the single step: a ModelProto back).
+
+Sweeps (spa.sweep, spa.sensitivity, the measured budget of spa.prune's targets, spa.bench over
+many models) run their independent tasks through spa.executor("in-process" | "processes" |
+"ray", workers=, address=): the same results on each (docs/sweeps.md).
 """
 
 from spa.api import (
@@ -42,11 +46,12 @@ from spa.core import cost
 from spa.core.analysis import Analysis, Group, Member
 from spa.core.data import load_npz
 from spa.core.errors import SpaError, UsageError, VerificationError
+from spa.core.executor import get as executor
 from spa.core.model import Model, load, save
 from spa.training.train import FitConfig, HessoSchedule, fit, zero_plan
 
 __all__ = ["Analysis", "FitConfig", "Group", "HessoSchedule", "Member", "Model", "Result", "SpaError", "UsageError",
            "VerificationError", "analyze", "bench", "build", "compare", "compensation", "compress", "cost", "evaluate",
-           "finetune", "fit", "load", "load_npz", "make_plan", "plan_for_target", "prune", "quantize", "report",
+           "executor", "finetune", "fit", "load", "load_npz", "make_plan", "plan_for_target", "prune", "quantize", "report",
            "saliency", "save", "sensitivity", "sparsify", "statistics", "train_sparse", "zero_plan"]
 from spa.core import __version__  # noqa: F401 - one version, kept in the core

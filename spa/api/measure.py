@@ -53,10 +53,13 @@ def evaluate(model, data, labels=None, *, reference=None, output=None, batch_siz
 
 def sensitivity(model, calib, *, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), criterion: str = "l1", group=None,
                 output=None, max_samples: int = 256, batch: int = 64, exclude=(), simplify: bool = False,
-                seed: int = 0, plot=None, progress=None, on_trial=None) -> Result:
+                seed: int = 0, plot=None, progress=None, on_trial=None, executor=None, retries: int = 1) -> Result:
     """`spa sensitivity`: the fidelity lost (1 - cosine) when each group alone is pruned at each
     ratio, on `calib` (.npz path or arrays). `group`: ids to measure (default: all prunable);
-    `plot`: a .png/.svg file of loss vs ratio; `on_trial(done, total)` after each trial."""
+    `plot`: a .png/.svg file of loss vs ratio; `on_trial(done, total)` after each trial.
+    `executor`: where the trials run (spa.core.executor: "in-process" (default), "processes",
+    "ray", or an Executor such as spa.executor("ray", address="auto")), each tried `retries`
+    more times when it fails; the document's "failed" lists those that never succeeded."""
     require_files(model)
     for r in ratios:
         planner.check_ratio(r, "ratios")
@@ -73,7 +76,8 @@ def sensitivity(model, calib, *, ratios=(0.1, 0.3, 0.5, 0.7, 0.9), criterion: st
     if not any(g.prunable for g in analysis.groups):
         raise SpaError(f"nothing to measure in '{model_name(model) or '(in memory)'}': {why_nothing(analysis)}")
     doc = sens.sensitivity(analysis, feeds, ratios, criterion=criterion, groups=group, batch_size=batch, seed=seed,
-                           max_samples=max_samples, output=output, progress=on_trial)
+                           max_samples=max_samples, output=output, progress=on_trial, executor=executor,
+                           retries=retries)
     doc = {**doc, "model": model_name(model), "calib": data_name(calib), "simplify": simplified}
     if plot is not None:
         sens.plot(doc, plot)

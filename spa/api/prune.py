@@ -88,7 +88,7 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
           global_rank: bool = False, max_group_ratio: float = 0.9, round_to: int | None = None,
           prune_hidden: bool = False, freeze_io: bool = False,
           exclude=(), simplify: bool = False, sensitivity=None, max_loss: float | None = None, save_plan=None,
-          seed: int = 0, shape=None, check: bool = True, output=None, progress=None):
+          seed: int = 0, shape=None, check: bool = True, output=None, progress=None, executor=None):
     """`spa prune` as a call, returning a Result (what `spa prune --json` prints; `.model`).
 
     `model`: a path, ModelProto or spa.Model. What to remove, exactly one of: `plan` (a plan dict,
@@ -118,7 +118,8 @@ def prune(model, plan=None, *, ratio=None, target_params=None, target_macs=None,
     `save_plan` (path), `seed`, `shape` (the input shapes MACs, targets and the output check use,
     e.g. {"x": (1, 3, 736, 736)}; default: the first sample of `calib`, else dynamic dims as 1),
     `check` (run the result in ONNX Runtime, and an LLM's greedy decode with its cache), `output` (written atomically, verified on the written
-    file; a result over 2 GB written there is not also kept in memory: `.model` is None, load the file).
+    file; a result over 2 GB written there is not also kept in memory: `.model` is None, load the file),
+    `executor` (where a target's sensitivity trials run: spa.executor; default in-process).
 
     With `check`, the result's agreement with the input model is measured (spa.core.checks.Gate:
     on the first calibration samples of `calib`, else on random inputs) and, below
@@ -484,6 +485,7 @@ class _Run:
             try:
                 sens = sensitivity.sensitivity(self.analysis, data, (budget.PROBE_RATIO,), criterion=o["criterion"],
                                                groups=groups, seed=o["seed"], max_samples=n, stats=self.stats,
+                                               executor=o["executor"],
                                                batch_size=bounded_batch(data, SENSITIVITY_BATCH),
                                                progress=counter(tick, "groups"))
             except SpaError:

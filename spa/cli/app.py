@@ -29,8 +29,8 @@ from pathlib import Path
 from rich.console import Console
 
 from spa import core
-from spa.core import __version__
-from spa.core.errors import SpaError, first_line, with_flags
+from spa.core import __version__, executor
+from spa.core.errors import SpaError, UsageError, first_line, with_flags
 from spa.reporting import report
 
 err = Console(stderr=True)
@@ -123,6 +123,26 @@ SHAPE_HELP = ("input shape the model runs at, e.g. --shape x:1x3x736x736 (repeat
               "(batch 1), else dynamic dims count as 1")
 
 
+def add_executor(p) -> None:
+    """--executor, --workers, --address, --retries: where a sweep's independent tasks run (spa.core.executor)."""
+    p.add_argument("--executor", choices=executor.NAMES, default="in-process",
+                   help="where the tasks run: in this process (default), in local worker processes, or on Ray "
+                        "(pip install 'spa[ray]'); the results are the same (docs/sweeps.md)")
+    p.add_argument("--workers", type=int, metavar="N", help="worker processes (processes: default the cores; "
+                   "ray: CPUs of the local instance it starts)")
+    p.add_argument("--address", metavar="auto|HOST:PORT", help="with --executor ray: join this running Ray cluster "
+                   "('auto': the one this machine belongs to) instead of starting a local one")
+    p.add_argument("--retries", type=int, default=1, metavar="N",
+                   help="tries again a failed task N times before reporting it (default 1)")
+
+
+def executor_of(args) -> executor.Executor:
+    """The Executor the --executor options ask for (close it: `with executor_of(args) as ex`)."""
+    if args.retries < 0:
+        raise UsageError(f"invalid --retries {args.retries}: it must be at least 0")
+    return executor.get(args.executor, workers=args.workers, address=args.address)
+
+
 def add_shape(p, *, help: str = SHAPE_HELP) -> None:
     """--shape NAME:DIMS (repeatable): the input shapes, declared once for every command."""
     p.add_argument("--shape", action="append", default=None, metavar="NAME:DIMS", help=help)
@@ -156,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # each command module: parser(sub) adds its subcommand, COMMANDS {name: function(args) -> exit code}
-EXTENSIONS = ("analyze", "prune", "measure", "train", "sparsify", "quantize", "compress", "bench", "build", "report")
+EXTENSIONS = ("analyze", "prune", "measure", "train", "sparsify", "quantize", "compress", "bench", "build", "report",
+              "sweep")
 
 
 def _extensions() -> list:
@@ -171,6 +192,17 @@ def show_notes(notes: list) -> None:
         err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
     if len(notes) > 5:
         err.print(f"note: ... and {len(notes) - 5} more (--json lists them all)", markup=False, highlight=False)
+
+
+def failed_tasks(lines: list[str], what: str) -> int:
+    """A sweep's tasks that failed after their retries, on stderr (the first five): exit 1 when any
+    (what they would have given is still printed and written), else 0."""
+    for line in lines[:5]:
+        err.print(f"error: {what} failed: {line}", markup=False, highlight=False, soft_wrap=True)
+    if len(lines) > 5:
+        err.print(f"error: ... and {len(lines) - 5} more failed {what}s (--json lists them all)", markup=False,
+                  highlight=False)
+    return 1 if lines else 0
 
 
 def output_path(args, what: str = "pruned") -> Path:

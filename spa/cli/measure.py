@@ -6,7 +6,17 @@ from rich.progress import Progress
 from rich.table import Table
 
 from spa.api.measure import evaluate, sensitivity
-from spa.cli.app import EXCLUDE_HELP, SIMPLIFY_HELP, add_calib, add_common, progress, show_notes
+from spa.cli.app import (
+    EXCLUDE_HELP,
+    SIMPLIFY_HELP,
+    add_calib,
+    add_common,
+    add_executor,
+    executor_of,
+    failed_tasks,
+    progress,
+    show_notes,
+)
 from spa.planning import sensitivity as sens
 from spa.reporting import report
 from spa.scoring import criteria
@@ -36,6 +46,7 @@ def parser(sub) -> None:
     s.add_argument("--simplify", action="store_true", help=SIMPLIFY_HELP)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--plot", metavar="OUT", help="loss vs ratio per group (.png or .svg)")
+    add_executor(s)
     add_common(s, json_help="print the result as JSON (input of prune --sensitivity)")
 
 
@@ -51,12 +62,14 @@ def run_eval(args) -> int:
 def run_sensitivity(args) -> int:
     options = {k: getattr(args, k) for k in ("ratios", "criterion", "group", "output", "max_samples", "batch",
                                              "exclude", "simplify", "seed", "plot")}
-    with Progress(console=report.err, transient=True, disable=args.json) as bar:
-        task = bar.add_task("sensitivity (groups x ratios)", total=None)
-        doc = sensitivity(args.model, args.calib, progress=progress(args), **options,
+    with executor_of(args) as ex, Progress(console=report.err, transient=True, disable=args.json) as bar:
+        task = bar.add_task(f"sensitivity (groups x ratios, {ex.describe()})", total=None)
+        doc = sensitivity(args.model, args.calib, progress=progress(args), **options, executor=ex,
+                          retries=args.retries,
                           on_trial=lambda done, total: bar.update(task, completed=done, total=total)).to_json()
     if args.json:
-        return report.print_json(doc)
+        report.print_json(doc)
+        return 1 if doc["failed"] else 0
     table = Table(title=f"sensitivity of {args.model} (1 - cosine vs the dense model, {doc['samples']} samples)",
                   title_justify="left")
     for i, col in enumerate(sens.table_columns(doc)):
@@ -67,7 +80,7 @@ def run_sensitivity(args) -> int:
     show_notes(doc["notes"])
     if args.plot:
         report.err.print(f"wrote {args.plot}", markup=False, highlight=False)
-    return 0
+    return failed_tasks([f"{f['id']} at {f['ratio']:g}: {f['error']}" for f in doc["failed"]], "trial")
 
 
 COMMANDS = {"eval": run_eval, "sensitivity": run_sensitivity}

@@ -11,7 +11,9 @@ from spa.cli.app import (
     SIMPLIFY_HELP,
     add_calib,
     add_common,
+    add_executor,
     add_shape,
+    executor_of,
     output_path,
     progress,
     show_notes,
@@ -78,6 +80,7 @@ def parser(sub) -> None:
     r.add_argument("--seed", type=int, default=0, help="seed for --criterion random and check inputs")
     add_shape(r)
     r.add_argument("--no-check", dest="check", action="store_false", help=NO_CHECK_HELP)
+    add_executor(r)  # a target's measured sensitivity: one task per group
     add_common(r, output="output model (default: MODEL.pruned.onnx beside the input)")
 
 
@@ -115,8 +118,9 @@ FLAGS = {"calib": "--calib", "criterion": "--criterion", "ratio": "--ratio", "ta
 
 
 def prune(args) -> int:
-    result = prune_model(args.model, output=output_path(args, "pruned"), progress=progress(args),
-                         **{k: getattr(args, k) for k in OPTIONS})
+    with executor_of(args) as ex:
+        result = prune_model(args.model, output=output_path(args, "pruned"), progress=progress(args), executor=ex,
+                             **{k: getattr(args, k) for k in OPTIONS})
     doc = result.to_json()
     if args.json:
         show_warnings(doc, FLAGS)  # on stderr in both modes: a --json caller sees it too

@@ -6,3 +6,6 @@ __version__ = "0.1.0"
 
 # process-wide: the CLI sets it, as its process ends with the command (spa.core.runtime.shared_arena)
 SHARED_ARENA = False
+# process-wide: ONNX Runtime intra-op threads of spa's sessions (0: ONNX Runtime's default, the
+# cores); a sweep's worker process sets its share of the cores (spa.core.executor)
+THREADS = 0

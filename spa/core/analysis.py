@@ -29,6 +29,7 @@ import onnx
 
 from spa.core import kvcache
 from spa.core.cost import dropped_positions  # noqa: F401 - re-exported
+from spa.core.errors import SpaError
 from spa.core.graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, uniform
 from spa.core.model import COPY, Model
 from spa.core.rules import RULES, VIRTUAL, Result, identity
@@ -95,6 +96,12 @@ class Analysis:
     groups: list[Group]
     sizes: dict  # space -> size
     barriers: list[str]
+    options: dict = field(default_factory=dict)  # analyze()'s own: exclude, freeze_io
+
+    def __reduce__(self):
+        """Pickled as its model and options, analysed again when unpickled (a sweep's worker,
+        spa.core.executor): the index and groups would carry every weight three times."""
+        return _reanalyzed, (self.model, self.options, [g.id for g in self.groups])
 
     def to_json(self) -> dict:
         """The groups and barriers (spa.analyze's result adds params, MACs, coverage and blocks)."""
@@ -574,7 +581,15 @@ def analyze(model: Model, exclude: list[str] | None = None, freeze_io: bool = Fa
     b = _run_rules(index, spaces, exclude, freeze_io)
     groups = _groups(index, b, _Ties(b))
     barriers = [n.name or n.op_type for n in index.graph.node if _node_rule(n) is None]
-    return Analysis(model, index, groups, dict(spaces.sizes), barriers)
+    return Analysis(model, index, groups, dict(spaces.sizes), barriers, {"exclude": exclude, "freeze_io": freeze_io})
+
+
+def _reanalyzed(model: Model, options: dict, ids: list[str]) -> Analysis:
+    """An unpickled Analysis: the same model analysed again, checked to give the same groups."""
+    analysis = analyze(model, **options)
+    if [g.id for g in analysis.groups] != ids:
+        raise SpaError("the model analysed again in a worker gives other channel groups than on the driver")
+    return analysis
 
 
 def _virtual_shapes(index: GraphIndex) -> dict:

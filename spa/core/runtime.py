@@ -81,8 +81,8 @@ def _session(model, threads: int, light: bool) -> ort.InferenceSession:
     if light:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_session_config_entry("session.disable_prepacking", "1")
-    if threads:
-        opts.intra_op_num_threads = threads
+    if threads or spa.core.THREADS:
+        opts.intra_op_num_threads = threads or spa.core.THREADS
     if spa.core.SHARED_ARENA and shared_arena():  # the CLI's sessions share one arena
         opts.add_session_config_entry("session.use_env_allocators", "1")
     return ort.InferenceSession(model_bytes(model), opts, providers=["CPUExecutionProvider"])

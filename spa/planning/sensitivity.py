@@ -20,6 +20,7 @@ and rel_err None.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from onnx import numpy_helper
 from spa.core.checks import Fidelity
 from spa.core.data import as_batches, fixed_batch_size, model_batches, split_labels, trim
 from spa.core.errors import SpaError, UsageError
+from spa.core.executor import Job
+from spa.core.executor import get as executor_get
 from spa.core.model import CONSTANT_OPS, read_json
 from spa.core.runtime import checked_session, ort_reason
 from spa.core.values import zeroed_values
@@ -50,14 +53,17 @@ LEGEND_TOP = 10
 
 def sensitivity(analysis, data, ratios=RATIOS, *, criterion: str = "l1", groups=None, batch_size: int = 64,
                 progress=None, seed: int = 0, max_samples: int = 256, output: str | None = None,
-                stats=None) -> dict:
+                stats=None, executor=None, retries: int = 1) -> dict:
     """Fidelity loss of each group pruned alone at each ratio (see the module docstring).
 
     `groups`: Group objects or ids (default: prunable groups but the hidden size, as make_plan).
     `data`: arrays keyed by input name (other keys ignored) or an iterable of feed dicts.
-    `progress(done, total)` is called after each trial (total = groups x ratios).
+    `progress(done, total)` is called after each trial (total: the trials that drop channels).
     `stats`: activation statistics (spa.scoring.measure.statistics) for the criteria that need them;
-    measured on the same samples of `data` when such a criterion gets none."""
+    measured on the same samples of `data` when such a criterion gets none.
+    `executor` (spa.core.executor: a name or an Executor; default in-process) runs the trials,
+    one task per group and ratio; the model, data and dense outputs move to its workers once.
+    A trial that still fails after `retries` more tries counts as the worst loss, listed in "failed"."""
     ratios = _check_ratios(ratios)
     criteria.get(criterion)  # an unknown criterion fails before any work
     groups = _pick_groups(analysis, groups)
@@ -68,27 +74,54 @@ def sensitivity(analysis, data, ratios=RATIOS, *, criterion: str = "l1", groups=
     dense = probe.dense(feeds)
     if any(np.isnan(v).any() for d in dense for v in d.values()):
         raise SpaError("the model gives NaN outputs on the calibration data", "check the data (values, scale)")
-    total, done = len(groups) * len(ratios), 0
-    if progress is not None:
-        progress(0, total)
-    rows = []
+    rows, trials = [], []
     for g in groups:
         scores = criteria.score(analysis, criterion, groups=[g], seed=seed, data=stats)
-        row = {"id": g.id, "size": g.size, "zero_invariant": bool(g.zero_invariant),
-               "loss": [], "rel_err": [], "channels_dropped": []}
-        for r in ratios:
-            plan = planner.uniform([g], scores, r)
-            loss, rel = probe.trial(analysis, g, plan, feeds=feeds, dense=dense) if plan else (0.0, 0.0)
-            row["loss"].append(loss)
-            row["rel_err"].append(rel)
-            row["channels_dropped"].append(len(plan.get(g.id, [])))
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        rows.append(row)
+        plans = [planner.uniform([g], scores, r) for r in ratios]
+        rows.append({"id": g.id, "size": g.size, "zero_invariant": bool(g.zero_invariant),
+                     "loss": [0.0] * len(ratios), "rel_err": [0.0] * len(ratios),
+                     "channels_dropped": [len(p.get(g.id, [])) for p in plans]})
+        trials += [(len(rows) - 1, k, g.id, p) for k, p in enumerate(plans) if p]
+    context = _Trials(analysis, [g.id for g in groups], output, feeds, dense, probe)
+    outcomes = executor_get(executor).map(Job(_trial, context, _trial_setup), [t[2:] for t in trials],
+                                          retries=retries, progress=progress)
+    failed = []
+    for (row, k, gid, _), got in zip(trials, outcomes):
+        rows[row]["loss"][k], rows[row]["rel_err"][k] = got.value if got.ok else (WORST, None)
+        if not got.ok:
+            failed.append({"id": gid, "ratio": ratios[k], "error": got.error, "attempts": got.attempts})
     return {"schema_version": SCHEMA, "criterion": criterion, "ratios": ratios,
             "samples": sum(_count(f) for f in feeds), "output": output,
-            "notes": list(getattr(stats, "notes", [])), "groups": rows}
+            "notes": list(getattr(stats, "notes", [])), "groups": rows, "failed": failed}
+
+
+@dataclass
+class _Trials:
+    """What every trial needs: moved to an executor's workers once per sweep. On a worker the
+    analysis is rebuilt (Analysis pickles as its model) and the probe opened again; in-process
+    both are the driver's own."""
+
+    analysis: object
+    ids: list
+    output: str | None
+    feeds: list
+    dense: list
+    probe: object = None
+
+    def __getstate__(self) -> dict:
+        return {**vars(self), "probe": None}  # an ONNX Runtime session does not travel
+
+
+def _trial_setup(ctx: _Trials) -> _Trials:
+    if ctx.probe is None:
+        ctx.probe = _Probe(ctx.analysis, [ctx.analysis.group(i) for i in ctx.ids], ctx.output)
+    return ctx
+
+
+def _trial(ctx: _Trials, item: tuple) -> tuple:
+    """One trial: (loss, rel_err) of group `gid` with `plan` applied."""
+    gid, plan = item
+    return ctx.probe.trial(ctx.analysis, ctx.analysis.group(gid), plan, feeds=ctx.feeds, dense=ctx.dense)
 
 
 def _check_ratios(ratios) -> list[float]:
