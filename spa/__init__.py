@@ -40,6 +40,7 @@ from spa.api import (
                      sensitivity,
                      sparsify,
                      statistics,
+                     sweep,
                      train_sparse,
 )
 from spa.core import cost
@@ -53,5 +54,5 @@ from spa.training.train import FitConfig, HessoSchedule, fit, zero_plan
 __all__ = ["Analysis", "FitConfig", "Group", "HessoSchedule", "Member", "Model", "Result", "SpaError", "UsageError",
            "VerificationError", "analyze", "bench", "build", "compare", "compensation", "compress", "cost", "evaluate",
            "executor", "finetune", "fit", "load", "load_npz", "make_plan", "plan_for_target", "prune", "quantize", "report",
-           "saliency", "save", "sensitivity", "sparsify", "statistics", "train_sparse", "zero_plan"]
+           "saliency", "save", "sensitivity", "sparsify", "statistics", "sweep", "train_sparse", "zero_plan"]
 from spa.core import __version__  # noqa: F401 - one version, kept in the core

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -11,6 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `models` and `tests` import from the repo root
+# Ray reads its authentication settings once, when imported: every Ray process of the session (the
+# local cluster of tests/test_ray.py, the CLI runs joining it) shares one token made here
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 CORPUS = Path(os.environ.get("SPA_CORPUS", ROOT.parent / "shared" / "corpus" / "real"))
 
 

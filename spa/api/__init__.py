@@ -15,6 +15,7 @@ from spa.api.quantize import quantize
 from spa.api.report import report
 from spa.api.result import Result
 from spa.api.sparsify import sparsify
+from spa.api.sweep import sweep
 from spa.api.train import finetune, train_sparse
 from spa.core.checks import check_against, checker_message
 from spa.core.model import reinfer
@@ -25,4 +26,4 @@ from spa.scoring.measure import compensation, saliency, statistics
 __all__ = ["Result", "analyze", "bench", "build", "check_against", "checker_message", "compare", "compensation",
            "compress", "evaluate", "finetune", "make_plan", "plan_for_target", "prune", "prune_model", "quantize",
            "refuse_quantized", "reinfer", "report", "saliency", "sensitivity", "sparsify", "statistics",
-           "train_sparse", "with_values", "zeroed", "zeroed_values"]
+           "sweep", "train_sparse", "with_values", "zeroed", "zeroed_values"]

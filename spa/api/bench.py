@@ -31,6 +31,8 @@ from spa.backends.trt_plan import parse_shapes
 from spa.core import cost
 from spa.core.data import load_npz, model_batches, require_keys, samples_in
 from spa.core.errors import SpaError, UsageError, VerificationError, require
+from spa.core.executor import Job
+from spa.core.executor import get as executor_get
 from spa.core.model import Model, check_file, check_writable, write_text_atomic
 from spa.core.runtime import ort_reason
 from spa.core.shapes import check as check_shape
@@ -169,11 +171,19 @@ def _cost(model: Model | None) -> dict:
 def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", sparse: bool = False,
           threads: int = 0, cache_dir=None, cuda_graph: bool = True, dim=None, shapes=None, shape=None,
           warmup_ms: float = 200.0, duration_s: float = 3.0, min_iterations: int = 10, min_speedup: float | None = None,
-          output=None, progress=None) -> Measurement:
+          output=None, progress=None, executor=None, retries: int = 1, on_task=None) -> Measurement:
     """Latency of each model at each batch size (speed-ups against the first model), trtexec's
     method with the models taking turns; `output=`: also write the document there (JSON). Random
     inputs: `shape` ({"x": (1, 3, 736, 736)} or "x:1x3x736x736"; the first axis is the batch),
-    else the OPT shapes of `shapes` (TensorRT profiles), else `dim` sizes, else dynamic dims of 1."""
+    else the OPT shapes of `shapes` (TensorRT profiles), else `dim` sizes, else dynamic dims of 1.
+    `executor` (spa.executor, not in-process): each model is timed by its own task instead, on the
+    executor's workers (`threads` or 1 CPUs each; model files must be readable there); a model
+    whose task fails after `retries` more tries is listed in the document's "failed"."""
+    if executor is not None and executor_get(executor).name != "in-process":
+        options = {k: v for k, v in locals().items() if k not in ("models", "output", "progress", "executor",
+                                                                  "retries", "on_task", "min_speedup")}
+        return _spread(_models(models), options, executor_get(executor), retries, on_task, output=output,
+                       min_speedup=min_speedup)
     models = _models(models)
     batches, dims = batch_sizes(batch), named_dims(dim)
     options = backend_options(backend, precision, sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,
@@ -207,6 +217,44 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
         write_text_atomic(output, json.dumps(doc, indent=1))
     failure = f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None
     return Measurement(doc, failure=failure)
+
+
+def _spread(models: list, options: dict, ex, retries: int, on_task, *, output, min_speedup) -> Measurement:
+    """bench() with one task per model on `ex`: the documents merged, speed-ups against the first
+    model recomputed per batch size."""
+    for m in models:
+        if isinstance(m, (str, os.PathLike)):
+            check_file(m)
+    if output is not None:
+        check_writable(output, reads=models)
+    sent = [m.SerializeToString() if isinstance(m, onnx.ModelProto) else
+            (str(m.path) if m.path is not None else m.proto.SerializeToString()) if isinstance(m, Model) else str(m)
+            for m in models]
+    outcomes = ex.map(Job(_bench_task, options, cpus=max(1, options["threads"])), sent, retries=retries,
+                      progress=on_task)
+    docs = [o.value for o in outcomes if o.ok]
+    if not docs:
+        raise SpaError(f"no model could be timed: {outcomes[0].error}")
+    doc = {**docs[0], "models": [m for d in docs for m in d["models"]], "executor": ex.describe(),
+           "failed": [{"model": model_name(models[k]) or f"model{k}", "error": o.error}
+                      for k, o in enumerate(outcomes) if not o.ok]}
+    doc["results"] = [r for b in doc["options"]["batches"] for d in docs for r in d["results"] if r["batch"] == b]
+    for b in doc["options"]["batches"]:
+        method.speedups([r for r in doc["results"] if r["batch"] == b])
+    doc["warnings"] = [w for d in docs for w in d["warnings"]]
+    if ex.name == "processes" and len(models) > 1:
+        doc["warnings"].append(f"timed side by side in {ex.workers} processes on this machine: the timings disturb "
+                               "each other (compare models with the default in-process executor)")
+    slow = below(doc["results"], min_speedup)
+    doc["min_speedup"] = {"required": min_speedup, "failed": slow} if min_speedup else None
+    if output is not None:
+        write_text_atomic(output, json.dumps(doc, indent=1))
+    return Measurement(doc, failure=f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None)
+
+
+def _bench_task(options: dict, model) -> dict:
+    """One model timed on a worker: a path, or the bytes of a model held in memory."""
+    return bench(onnx.load_from_string(model) if isinstance(model, bytes) else model, **options).to_json()
 
 
 def _unfused(entries: list, models: list[Model | None]) -> list[str]:

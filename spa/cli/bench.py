@@ -16,7 +16,7 @@ from rich.table import Table
 from spa.api.bench import bench as run_bench
 from spa.api.bench import compare as run_compare
 from spa.backends.base import BACKENDS, PRECISIONS
-from spa.cli.app import add_common, add_shape, err
+from spa.cli.app import add_common, add_executor, add_shape, err, executor_of, failed_tasks
 from spa.reporting.report import out
 
 
@@ -31,6 +31,7 @@ def parser(sub) -> None:
     b.add_argument("--min-iterations", type=int, default=10, help="timed runs at least, whatever the duration (10)")
     b.add_argument("--min-speedup", type=float, metavar="X",
                    help="exit 3 when a model after the first is less than X times as fast (p50) at some batch")
+    add_executor(b)  # one task per model (timings of tasks side by side on one machine disturb each other)
     add_common(b, output="also write the results to this JSON file", json_help="print the results as JSON on stdout")
     c = sub.add_parser("compare", help="output parity of two models, or of one model on two backends; "
                        "exit 3 when outside the tolerance")
@@ -71,9 +72,10 @@ def _backend(args) -> dict:
 
 
 def bench(args) -> int:
-    result = run_bench(args.models, batch=args.batch, warmup_ms=args.warmup_ms, duration_s=args.duration_s,
-                       min_iterations=args.min_iterations, min_speedup=args.min_speedup, output=args.output,
-                       progress=err.status, **_backend(args))
+    with executor_of(args) as ex:
+        result = run_bench(args.models, batch=args.batch, warmup_ms=args.warmup_ms, duration_s=args.duration_s,
+                           min_iterations=args.min_iterations, min_speedup=args.min_speedup, output=args.output,
+                           progress=err.status, executor=ex, retries=args.retries, **_backend(args))
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -85,7 +87,7 @@ def bench(args) -> int:
     if result.failure:
         err.print(result.failure, markup=False, highlight=False)
         return 3
-    return 0
+    return failed_tasks([f"{f['model']}: {f['error']}" for f in result.to_json().get("failed", [])], "benchmark")
 
 
 def _bench_table(doc: dict) -> None:

@@ -36,7 +36,8 @@ from spa.core.errors import SpaError, UsageError, first_line
 
 NAMES = ("in-process", "processes", "ray")
 CONNECT_S = 5  # seconds to reach a Ray head before giving up
-WAIT_S = 0.5  # how often the driver looks for finished Ray tasks (progress, Ctrl-C)
+WAIT_S = 0.5
+CANCEL_TRIES = 10  # rounds of cancelling what has not finished yet (Ctrl-C on a Ray sweep)  # how often the driver looks for finished Ray tasks (progress, Ctrl-C)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,8 @@ def _attempt(key: str, job: Job, load: Callable, item) -> tuple:
             _STATE[key] = job.setup(context) if job.setup is not None else context
         return job.run(_STATE[key], item), None, fresh
     except Exception as exc:  # noqa: BLE001 - any task failure is reported with the item, not raised
-        return None, f"{type(exc).__name__}: {first_line(exc, default='(no message)')}", fresh
+        what = "" if isinstance(exc, SpaError) else f"{type(exc).__name__}: "  # spa's own errors say what failed
+        return None, what + first_line(exc, default="(no message)"), fresh
 
 
 def _worker_init(threads: int) -> None:
@@ -252,8 +254,9 @@ class _Loader:
 
 def _stop(pool) -> None:
     """Ctrl-C or an error on the driver: queued tasks dropped, running workers terminated."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public way before Python 3.14
     pool.shutdown(wait=False, cancel_futures=True)
-    for p in list((getattr(pool, "_processes", None) or {}).values()):  # no public way before Python 3.14
+    for p in workers:
         p.terminate()
 
 
@@ -321,9 +324,19 @@ class Ray(Executor):
                         submit(i)
             return book.result()
         except BaseException:
-            for ref in running:
-                ray.cancel(ref, force=True)
+            _cancel(ray, list(running))
             raise
+
+
+def _cancel(ray, refs: list) -> None:
+    """Cancel (force: the worker is stopped) tasks queued or running; a task being placed on a node
+    while the first cancel passes may miss it, so those still unfinished are cancelled again."""
+    for _ in range(CANCEL_TRIES):
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=WAIT_S * 2)
+        if not refs:
+            return
 
 
 def _reachable(address: str | None) -> None:
