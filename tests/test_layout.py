@@ -38,7 +38,7 @@ ALLOWED_PAIRS: dict[tuple[str, str], str] = {
 }
 
 # Optional extras a function may import lazily (and spa modules that import one at their top).
-EXTRAS = {"torch", "tensorrt", "matplotlib", "onnxslim", "transformers", "sklearn", "ray", "onnxruntime_genai"}
+EXTRAS = {"torch", "tensorrt", "matplotlib", "onnxslim", "transformers", "sklearn", "ray", "onnxruntime_genai", "yaml"}
 EXTRA_PREFIXES = ("onnxruntime.quantization", "onnxruntime.transformers", "onnxruntime.tools")
 
 MAX_LINES = 60

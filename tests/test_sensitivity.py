@@ -165,7 +165,8 @@ def test_progress_and_json(x):
     calls = []
     sens = sensitivity.sensitivity(a, {"x": x}, (0.5, 0.1), progress=lambda d, t: calls.append((d, t)),
                                    groups=["B.w:0"])
-    assert calls == [(0, 2), (1, 2), (2, 2)]
+    assert calls == [(0, 1), (1, 1)]  # a trial per ratio that drops channels: 0.1 of 8 drops none
+    assert sens["groups"][0]["channels_dropped"] == [0, 4] and sens["groups"][0]["loss"][0] == 0.0
     assert sens["ratios"] == [0.1, 0.5] and [g["id"] for g in sens["groups"]] == ["B.w:0"]
     assert json.loads(json.dumps(sens, allow_nan=False)) == sens
     assert sens["schema_version"] == 1 and sens["criterion"] == "l1"

@@ -43,7 +43,7 @@ from spa.api.measure import evaluate
 from spa.api.prune import prune_model
 from spa.api.result import Result, as_model, stepper
 from spa.core import cost
-from spa.core.errors import SpaError, UsageError
+from spa.core.errors import SpaError, UsageError, clip
 from spa.core.executor import Job
 from spa.core.executor import get as executor_get
 from spa.core.model import check_writable, read_json, write_text_atomic
@@ -53,6 +53,7 @@ STEPS = ("prune", "eval", "bench")
 KEYS = {"models", "calib", "data", "labels", "steps", "prune", "grid", "bench", "dense"}
 NOT_IN_GRID = {"model", "output", "progress", "executor", "calib", "save_plan"}  # the sweep's own or per-run files
 FORMATS = (".csv", ".json", ".md")
+WARNING_CHARS = 160  # of a row's first warning in the table
 
 
 def sweep(spec, *, executor=None, retries: int = 1, output=None, progress=None, on_task=None):
@@ -211,7 +212,8 @@ def _task(ctx: _Context, item: tuple) -> dict:
         doc = pruned.to_json()
         row.update(params=doc["after"]["params"], macs=doc["after"]["macs"],
                    agreement=(doc["check"].get("agreement") or {}).get("agreement"))
-        row["status"] = "warning" if doc.get("warnings") else "ok"
+        if doc.get("warnings"):  # e.g. the result no longer agrees with the model: the row says so
+            row.update(status="warning", warning=clip(doc["warnings"][0], WARNING_CHARS))
         result = pruned.model
     if "eval" in ctx.steps:
         labels = ctx.labels if ctx.labels in ctx.data else None
