@@ -37,3 +37,19 @@ def slow(state: dict, item: int):
     if item:
         time.sleep(60)
     return item
+
+
+class Counted:
+    """A context that notes each time it is pickled (a line in `log`): it must travel once per sweep."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def __getstate__(self) -> dict:
+        with open(self.log, "a") as f:
+            f.write("pickled\n")
+        return {"log": self.log}
+
+
+def pid(state, item):
+    return os.getpid()

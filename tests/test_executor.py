@@ -46,6 +46,15 @@ def test_map_contract(tmp_path, name):
     assert (pids == {os.getpid()}) == (name == "in-process")
 
 
+def test_the_context_travels_once(tmp_path):
+    """Pickled once per sweep (to the file the workers read), not once per task."""
+    log = tmp_path / "log"
+    with executor.get("processes", workers=2) as ex:
+        out = ex.map(executor.Job(sweep_jobs.pid, sweep_jobs.Counted(str(log))), range(20))
+    assert all(o.ok for o in out)
+    assert log.read_text().count("pickled") == 1
+
+
 def test_no_retries_and_no_items(tmp_path):
     ex = executor.get()
     job = executor.Job(sweep_jobs.run, {"folder": str(tmp_path), "name": "x"}, sweep_jobs.setup)

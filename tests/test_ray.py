@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import spa
@@ -73,6 +74,9 @@ def test_map_contract_on_ray(cluster, tmp_path):
     before = ex.puts
     check_semantics(ex, tmp_path, "ray")
     assert ex.puts == before + 1  # the context went to the object store once for the ten tasks
+    log = tmp_path / "log"
+    out = ex.map(executor.Job(sweep_jobs.pid, sweep_jobs.Counted(str(log))), range(20))
+    assert all(o.ok for o in out) and log.read_text().count("pickled") == 1  # not once per task
 
 
 def test_ctrl_c_cancels_the_cluster_tasks(cluster):
@@ -132,3 +136,21 @@ def test_prune_budget_measured_on_ray(cluster):
     here = spa.prune(model, target_macs=0.6, calib=calib).to_json()
     there = spa.prune(model, target_macs=0.6, calib=calib, executor=cluster[1]).to_json()
     assert there["budget"] == here["budget"] and there["after"] == here["after"]
+
+
+def test_scale_a_resnet50_sensitivity_of_222_tasks(cluster, tmp_path):
+    """The scale test: every channel group of ResNet-50 at 6 ratios (222 tasks) on the cluster,
+    each trial a run (zero-invariant groups) or a pruned model; all succeed, one context put."""
+    pytest.importorskip("torch")
+    model = tmp_path / "resnet50.onnx"
+    subprocess.run([sys.executable, "-m", "models.resnet50", str(model)], cwd=ROOT, check=True, capture_output=True)
+    calib = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    _, ex = cluster
+    puts, seen = ex.puts, []
+    doc = spa.sensitivity(model, calib, ratios=(0.1, 0.25, 0.4, 0.55, 0.7, 0.85), executor=ex,
+                          on_trial=lambda done, total: seen.append((done, total))).to_json()
+    tasks = sum(1 for g in doc["groups"] for d in g["channels_dropped"] if d)
+    assert len(doc["groups"]) == 37 and tasks >= 200 and seen[-1] == (tasks, tasks)
+    assert not doc["failed"] and ex.puts == puts + 1
+    assert all(0 <= v <= 2 for g in doc["groups"] for v in g["loss"])
+    assert all(g["loss"][-1] > 0 for g in doc["groups"])

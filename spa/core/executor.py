@@ -50,6 +50,10 @@ class Job:
     setup: Callable | None = None
     cpus: int = 1
 
+    def code(self) -> Job:
+        """The job without its context: what travels with each task (the context travels once)."""
+        return Job(self.run, None, self.setup, self.cpus)
+
 
 @dataclass
 class Outcome:
@@ -198,12 +202,12 @@ class Processes(Executor):
             shutil.rmtree(folder, ignore_errors=True)
 
     def _run(self, job: Job, book: _Book, path: str, workers: int, threads: int) -> list[Outcome]:
-        key, load = uuid.uuid4().hex, _Loader(path)
+        key, load, code = uuid.uuid4().hex, _Loader(path), job.code()
         pool, running = _pool(workers, threads), {}
 
         def submit(i):
             book.attempt(i)
-            running[pool.submit(_attempt, key, job, load, book.items[i])] = i
+            running[pool.submit(_attempt, key, code, load, book.items[i])] = i
 
         try:
             for i in range(len(book.items)):
@@ -299,7 +303,7 @@ class Ray(Executor):
         book.start()
         if not book.items:
             return []
-        key, box = uuid.uuid4().hex, [ray.put(job.context)]
+        key, box, code = uuid.uuid4().hex, [ray.put(job.context)], job.code()
         self.puts += 1
         remote = ray.remote(_ray_attempt).options(num_cpus=job.cpus, max_retries=retries)
         threads = max(1, job.cpus)
@@ -307,7 +311,7 @@ class Ray(Executor):
 
         def submit(i):
             book.attempt(i)
-            running[remote.remote(key, job, box, book.items[i], threads)] = i
+            running[remote.remote(key, code, box, book.items[i], threads)] = i
 
         try:
             for i in range(len(book.items)):
