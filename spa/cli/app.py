@@ -7,6 +7,7 @@
     spa prune MODEL --ratio R --criterion obspa [--calib DATA.npz] [--no-compensate]
     spa prune MODEL --target-params F | --target-macs F [--criterion C]
     spa eval MODEL --data DATA.npz [--labels KEY] [--reference REF] [--json]
+    spa sweep GRID.yaml [-o results.csv] [--executor in-process|processes|ray] [--address auto|HOST:PORT]
 
 Exit codes: 0 success, 1 a clear error (one line; traceback with -v), 2 usage error,
 3 a requested verification failed. `--json` prints one document on stdout; progress

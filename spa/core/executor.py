@@ -73,7 +73,8 @@ class Outcome:
 
 # ---------------------------------------------------------------- the worker side
 
-_STATE: dict = {}  # {sweep key: state} in each worker process: the current sweep's only
+_STATE: dict = {}  # {sweep key: state} in each worker process: the last KEEP_STATES sweeps'
+KEEP_STATES = 2
 
 
 def _attempt(key: str, job: Job, load: Callable, item) -> tuple:
@@ -82,7 +83,8 @@ def _attempt(key: str, job: Job, load: Callable, item) -> tuple:
     fresh = key not in _STATE
     try:
         if fresh:
-            _STATE.clear()
+            while len(_STATE) >= KEEP_STATES:  # the oldest sweeps' (a task may run a sweep of its own)
+                del _STATE[next(iter(_STATE))]
             context = load()
             _STATE[key] = job.setup(context) if job.setup is not None else context
         return job.run(_STATE[key], item), None, fresh
