@@ -89,6 +89,7 @@ def test_cli_writes_the_table(tmp_path, capsys, fmt):
     ({"models": ["digits_cnn.onnx"], "steps": ["prune", "deploy"]}, "unknown step 'deploy'"),
     ({"models": ["digits_cnn.onnx"], "steps": ["eval"]}, "the eval step needs 'data'"),
     ({"models": ["missing.onnx"]}, "no such file"),
+    ({"models": [1]}, "'models' must list file names"),
     ({"models": ["digits_cnn.onnx"], "grid": {"ratio": []}}, "lists no value"),
 ])
 def test_bad_sweep_files_are_refused_before_any_work(tmp_path, capsys, content, message):
@@ -125,7 +126,9 @@ def test_cli_exit_1_when_a_task_failed(tmp_path):
     assert res.rc == 1
     doc = json.loads(res.out)
     assert doc["failed"] == 1 and len(doc["rows"]) == 3
-    assert [ln for ln in res.err.splitlines() if ln.startswith("error: task failed: digits_cnn.onnx ratio=1.5")]
+    model = EXAMPLES / "digits_cnn.onnx"  # rows name a model as the sweep file does
+    assert doc["rows"][0]["model"] == str(model)
+    assert [ln for ln in res.err.splitlines() if ln.startswith(f"error: task failed: {model} ratio=1.5")]
 
 
 def test_sensitivity_in_processes_cli(tmp_path, capsys):

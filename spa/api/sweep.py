@@ -94,6 +94,7 @@ class _Spec:
     grid: dict = field(default_factory=dict)
     bench: dict = field(default_factory=dict)
     dense: bool = True
+    names: list = field(default_factory=list)  # the models as the file names them (the rows' "model")
 
     @classmethod
     def read(cls, spec) -> _Spec:
@@ -112,10 +113,13 @@ class _Spec:
         def path(p):
             return (root / p) if p is not None else None
 
+        if not all(isinstance(m, str) for m in models):
+            raise SpaError(f"invalid sweep '{name}': 'models' must list file names")
         plan = cls(name, root, [path(m) for m in models], path(spec.get("calib")), path(spec.get("data")),
                    str(spec.get("labels", "labels")), list(spec.get("steps") or []), dict(spec.get("prune") or {}),
                    {k: (v if isinstance(v, list) else [v]) for k, v in (spec.get("grid") or {}).items()},
                    dict(spec.get("bench") or {}), bool(spec.get("dense", True)))
+        plan.names = list(models)  # rows name a model as the file does
         plan.check()
         return plan
 
@@ -153,7 +157,7 @@ class _Spec:
 
     def context(self) -> _Context:
         models = [str(m) if _external(m) else m.read_bytes() for m in self.models]
-        return _Context([m.name for m in self.models], models, arrays(self.calib) if self.calib else None,
+        return _Context(self.names, models, arrays(self.calib) if self.calib else None,
                         arrays(self.data, "data") if self.data else None, self.labels, self.steps, self.fixed,
                         self.bench)
 
@@ -236,7 +240,7 @@ def _cell(value):
 
 def _failed(plan: _Spec, item: tuple, outcome) -> dict:
     m, point = item
-    return {"model": plan.models[m].name, **_point_cells(point), "status": "error", "error": outcome.error,
+    return {"model": plan.names[m], **_point_cells(point), "status": "error", "error": outcome.error,
             "attempts": outcome.attempts}
 
 

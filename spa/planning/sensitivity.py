@@ -2,7 +2,9 @@
 
     data ─as_batches, ≤ max_samples─▶ feeds ─probe model─▶ dense outputs (once)
                                      feeds ─stats.calibrate─▶ activation statistics (data criteria only)
-    per group: score once ─▶ per ratio: planner.uniform([g]) ─▶ plan
+    per group: score once ─▶ per ratio: planner.uniform([g]) ─▶ plan ─▶ one trial (a task of
+        spa.core.executor: in-process, local processes or Ray; analysis, data and dense outputs
+        go to the workers once)
         zero-invariant: plan ─zeroed member slices, fed as overridable initializers─▶ outputs
         otherwise:      plan ─prune (physically)─▶ model ─▶ outputs
     outputs vs dense ─▶ loss = 1 - cosine, rel_err ─▶ {"groups": [{"id", "loss": [per ratio], ...}]}
