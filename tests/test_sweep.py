@@ -149,7 +149,7 @@ def test_bench_over_models_in_processes(tmp_path):
     models = [EXAMPLES / "digits_cnn.onnx", EXAMPLES / "tiny_resnet.onnx"]
     doc = spa.bench(models, duration_s=0.05, warmup_ms=5, executor="processes").to_json()
     assert [m["label"] for m in doc["models"]] == ["digits_cnn.onnx", "tiny_resnet.onnx"]
-    assert [r["speedup"] for r in doc["results"]][0] == 1.0 and doc["results"][1]["speedup"] > 0
+    assert doc["results"][0]["speedup"] == 1.0 and doc["results"][1]["speedup"] > 0
     assert doc["failed"] == [] and doc["executor"].startswith("processes")
     assert any("side by side" in w for w in doc["warnings"])
     with pytest.raises(SpaError, match="no such file"):

@@ -27,10 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import busy_cpu_s, loadavg  # noqa: E402
+from _machine import busy_cpu_s, loadavg
 
-import spa  # noqa: E402
-from spa.core import executor  # noqa: E402
+import spa
+from spa.core import executor
 
 
 def resnet50(work: Path) -> Path:
