@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import operator
+from functools import partial
 import subprocess
 import sys
 import time
@@ -63,12 +64,12 @@ def main() -> int:
     print(f"load {loadavg()}; ResNet-50, {args.samples} samples, ratios {args.ratios}", flush=True)
     rows, reference = [], None
     for name in args.executors:
-        ex, _, start = timed(lambda: executor.get(name, workers=None if name == "in-process" else args.workers))
+        ex, _, start = timed(partial(executor.get, name, workers=None if name == "in-process" else args.workers))
         with ex:
-            doc, wall, busy = timed(lambda: spa.sensitivity(model, calib, ratios=args.ratios, executor=ex).to_json())
+            doc, wall, busy = timed(lambda e=ex: spa.sensitivity(model, calib, ratios=args.ratios, executor=e).to_json())
             tasks = sum(1 for g in doc["groups"] for d in g["channels_dropped"] if d)
             reference = reference or doc
-            _, noop_wall, _ = timed(lambda: ex.map(executor.Job(operator.add, 0), range(args.noop)))
+            _, noop_wall, _ = timed(partial(ex.map, executor.Job(operator.add, 0), range(args.noop)))
         rows.append((ex.describe(), len(doc["groups"]), tasks, wall, busy, start, noop_wall / args.noop * 1e3,
                      doc == reference, len(doc["failed"])))
         print(rows[-1], flush=True)
