@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import operator
-from functools import partial
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
