@@ -34,9 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray(*args, env) -> None:
-    exe = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-    subprocess.run([exe, *args], env=env, check=True, capture_output=True, timeout=120)
+RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray") or "ray"  # this Python's
+
+
+def _ray(*args, env, check: bool = True) -> None:
+    subprocess.run([RAY, *args], env=env, check=check, capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def cluster(tmp_path_factory):
         _ray("start", "--head", "--port", str(port), "--include-dashboard", "false", *common, env=env)
         _ray("start", "--address", f"127.0.0.1:{port}", *common, env=env)
     except subprocess.CalledProcessError as exc:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, check=False)
+        _ray("stop", "--force", env=env, check=False)
         pytest.fail(f"could not start a local Ray cluster: {exc.stderr.decode()[-2000:]}")
     address = f"127.0.0.1:{port}"
     ex = executor.get("ray", address=address)
@@ -60,7 +62,7 @@ def cluster(tmp_path_factory):
         time.sleep(0.5)
     yield address, ex
     ex.close()
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, check=False)
+    _ray("stop", "--force", env=env, check=False)
 
 
 def test_cluster_has_two_nodes(cluster):
