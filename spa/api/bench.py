@@ -31,8 +31,7 @@ from spa.backends.trt_plan import parse_shapes
 from spa.core import cost
 from spa.core.data import load_npz, model_batches, require_keys, samples_in
 from spa.core.errors import SpaError, UsageError, VerificationError, require
-from spa.core.executor import Job
-from spa.core.executor import get as executor_get
+from spa.core.executor import Job, opened
 from spa.core.model import Model, check_file, check_writable, write_text_atomic
 from spa.core.runtime import ort_reason
 from spa.core.shapes import check as check_shape
@@ -179,11 +178,11 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     `executor` (spa.executor, not in-process): each model is timed by its own task instead, on the
     executor's workers (`threads` or 1 CPUs each; model files must be readable there); a model
     whose task fails after `retries` more tries is listed in the document's "failed"."""
-    if executor is not None and executor_get(executor).name != "in-process":
+    if getattr(executor, "name", executor) not in (None, "in-process"):
         options = {k: v for k, v in locals().items() if k not in ("models", "output", "progress", "executor",
                                                                   "retries", "on_task", "min_speedup")}
-        return _spread(_models(models), options, executor_get(executor), retries, on_task, output=output,
-                       min_speedup=min_speedup)
+        with opened(executor) as ex:
+            return _spread(_models(models), options, ex, retries, on_task, output=output, min_speedup=min_speedup)
     models = _models(models)
     batches, dims = batch_sizes(batch), named_dims(dim)
     options = backend_options(backend, precision, sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,

@@ -44,8 +44,7 @@ from spa.api.prune import prune_model
 from spa.api.result import Result, as_model, stepper
 from spa.core import cost
 from spa.core.errors import SpaError, UsageError, clip
-from spa.core.executor import Job
-from spa.core.executor import get as executor_get
+from spa.core.executor import Job, opened
 from spa.core.model import check_writable, read_json, write_text_atomic
 
 SCHEMA = 1
@@ -68,8 +67,8 @@ def sweep(spec, *, executor=None, retries: int = 1, output=None, progress=None, 
     with stepper(progress)("reading models and data"):
         context = plan.context()
     items = plan.items()
-    ex = executor_get(executor)
-    outcomes = ex.map(Job(_task, context), items, retries=retries, progress=on_task)
+    with opened(executor) as ex:
+        outcomes = ex.map(Job(_task, context), items, retries=retries, progress=on_task)
     rows = [o.value if o.ok else _failed(plan, item, o) for item, o in zip(items, outcomes)]
     doc = {"schema_version": SCHEMA, "spec": plan.name, "executor": ex.describe(), "steps": plan.steps,
            "grid": plan.grid, "tasks": len(items), "failed": sum(not o.ok for o in outcomes),

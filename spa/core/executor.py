@@ -20,6 +20,7 @@ threads (spa.core.THREADS) so that workers do not oversubscribe the machine.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -357,6 +358,20 @@ def _reachable(address: str | None) -> None:
     except OSError as exc:
         raise SpaError(f"cannot reach the Ray cluster at '{address}': {exc.strerror or exc}",
                        "is its head running (ray start --head), and is this the GCS port?") from None
+
+
+@contextlib.contextmanager
+def opened(executor=None):
+    """The Executor `executor` names, closed afterwards (a Ray instance it started is shut down),
+    or the Executor given, as it is (its owner closes it)."""
+    if isinstance(executor, Executor):
+        yield executor
+        return
+    ex = get(executor)
+    try:
+        yield ex
+    finally:
+        ex.close()
 
 
 def get(executor=None, *, workers: int | None = None, address: str | None = None) -> Executor:

@@ -32,8 +32,7 @@ from onnx import numpy_helper
 from spa.core.checks import Fidelity
 from spa.core.data import as_batches, fixed_batch_size, model_batches, split_labels, trim
 from spa.core.errors import SpaError, UsageError
-from spa.core.executor import Job
-from spa.core.executor import get as executor_get
+from spa.core.executor import Job, opened
 from spa.core.model import CONSTANT_OPS, read_json
 from spa.core.runtime import checked_session, ort_reason
 from spa.core.values import zeroed_values
@@ -85,8 +84,9 @@ def sensitivity(analysis, data, ratios=RATIOS, *, criterion: str = "l1", groups=
                      "channels_dropped": [len(p.get(g.id, [])) for p in plans]})
         trials += [(len(rows) - 1, k, g.id, p) for k, p in enumerate(plans) if p]
     context = _Trials(analysis, [g.id for g in groups], output, feeds, dense, probe)
-    outcomes = executor_get(executor).map(Job(_trial, context, _trial_setup), [t[2:] for t in trials],
-                                          retries=retries, progress=progress)
+    with opened(executor) as ex:
+        outcomes = ex.map(Job(_trial, context, _trial_setup), [t[2:] for t in trials], retries=retries,
+                          progress=progress)
     failed = []
     for (row, k, gid, _), got in zip(trials, outcomes):
         rows[row]["loss"][k], rows[row]["rel_err"][k] = got.value if got.ok else (WORST, None)
