@@ -132,8 +132,7 @@ def _models(models) -> list:
 
 def _open(model, backend: str, options: Options):
     """A session of one model, with load failures as one line naming the model."""
-    if isinstance(model, Model):
-        model = model.path if model.path is not None else model.proto
+    model = _unwrapped(model)
     name = model_name(model) or "the model in memory"
     if isinstance(model, (str, os.PathLike)):
         if not Path(model).is_file():
@@ -178,11 +177,8 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     `executor` (spa.executor, not in-process): each model is timed by its own task instead, on the
     executor's workers (`threads` or 1 CPUs each; model files must be readable there); a model
     whose task fails after `retries` more tries is listed in the document's "failed"."""
-    if getattr(executor, "name", executor) not in (None, "in-process"):
-        options = {k: v for k, v in locals().items() if k not in ("models", "output", "progress", "executor",
-                                                                  "retries", "on_task", "min_speedup")}
-        with opened(executor) as ex:
-            return _spread(_models(models), options, ex, retries, on_task, output=output, min_speedup=min_speedup)
+    per_task = {k: v for k, v in locals().items() if k not in ("models", "output", "progress", "executor",
+                                                               "retries", "on_task", "min_speedup")}
     models = _models(models)
     batches, dims = batch_sizes(batch), named_dims(dim)
     options = backend_options(backend, precision, sparse, threads=threads, cache_dir=cache_dir, cuda_graph=cuda_graph,
@@ -192,6 +188,9 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
     parse_shape(shape)
     if output is not None:
         check_writable(output, reads=models)
+    if getattr(executor, "name", executor) not in (None, "in-process"):  # options checked here, once
+        with opened(executor) as ex:
+            return _spread(models, per_task, ex, retries, on_task, output=output, min_speedup=min_speedup)
     sessions = [_open(m, backend, options) for m in models]
     names = [model_name(m) or f"model{k}" for k, m in enumerate(models)]
     given = run_shapes(sessions, shape, options, dims=dims)
@@ -224,13 +223,8 @@ def _spread(models: list, options: dict, ex, retries: int, on_task, *, output, m
     for m in models:
         if isinstance(m, (str, os.PathLike)):
             check_file(m)
-    if output is not None:
-        check_writable(output, reads=models)
-    sent = [m.SerializeToString() if isinstance(m, onnx.ModelProto) else
-            (str(m.path) if m.path is not None else m.proto.SerializeToString()) if isinstance(m, Model) else str(m)
-            for m in models]
-    outcomes = ex.map(Job(_bench_task, options, cpus=max(1, options["threads"])), sent, retries=retries,
-                      progress=on_task)
+    outcomes = ex.map(Job(_bench_task, options, cpus=max(1, options["threads"])), [_portable(m) for m in models],
+                      retries=retries, progress=on_task)
     docs = [o.value for o in outcomes if o.ok]
     if not docs:
         raise SpaError(f"no model could be timed: {outcomes[0].error}")
@@ -249,6 +243,19 @@ def _spread(models: list, options: dict, ex, retries: int, on_task, *, output, m
     if output is not None:
         write_text_atomic(output, json.dumps(doc, indent=1))
     return Measurement(doc, failure=f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None)
+
+
+def _unwrapped(model):
+    """A spa.Model as the runtimes take it: its file, or its proto when it has none."""
+    if isinstance(model, Model):
+        return model.path if model.path is not None else model.proto
+    return model
+
+
+def _portable(model) -> str | bytes:
+    """A model as a task takes it: a file's path, or the bytes of one held in memory."""
+    model = _unwrapped(model)
+    return model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
 
 
 def _bench_task(options: dict, model) -> dict:

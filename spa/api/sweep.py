@@ -109,16 +109,14 @@ class _Spec:
         models = spec.get("models")
         if not models or not isinstance(models, list):
             raise SpaError(f"invalid sweep '{name}': 'models' must list at least one model file")
-        def path(p):
-            return (root / p) if p is not None else None
-
         if not all(isinstance(m, str) for m in models):
             raise SpaError(f"invalid sweep '{name}': 'models' must list file names")
-        plan = cls(name, root, [path(m) for m in models], path(spec.get("calib")), path(spec.get("data")),
-                   str(spec.get("labels", "labels")), list(spec.get("steps") or []), dict(spec.get("prune") or {}),
+        calib, data = (spec.get(k) for k in ("calib", "data"))
+        plan = cls(name, root, [root / m for m in models], root / calib if calib else None,
+                   root / data if data else None, str(spec.get("labels", "labels")), list(spec.get("steps") or []),
+                   dict(spec.get("prune") or {}),
                    {k: (v if isinstance(v, list) else [v]) for k, v in (spec.get("grid") or {}).items()},
-                   dict(spec.get("bench") or {}), bool(spec.get("dense", True)))
-        plan.names = list(models)  # rows name a model as the file does
+                   dict(spec.get("bench") or {}), bool(spec.get("dense", True)), list(models))
         plan.check()
         return plan
 
@@ -220,8 +218,7 @@ def _task(ctx: _Context, item: tuple) -> dict:
         result = pruned.model
     if "eval" in ctx.steps:
         labels = ctx.labels if ctx.labels in ctx.data else None
-        ev = evaluate(result, ctx.data, labels, reference=model if point is not None else None).to_json()
-        row["accuracy"] = ev.get("accuracy")
+        row["accuracy"] = evaluate(result, ctx.data, labels).to_json().get("accuracy")
     if "bench" in ctx.steps:
         timed = bench([result], **{"duration_s": 1.0, "warmup_ms": 100.0, **ctx.bench}).to_json()
         for r in timed["results"]:
@@ -251,15 +248,12 @@ def _columns(plan: _Spec, rows: list[dict]) -> list[str]:
     return first + rest
 
 
-TIMINGS = "p50_ms@"  # the columns that differ from run to run
-
-
 def render(doc: dict, fmt: str) -> str:
     """The document's table as .csv, .json (the whole document) or .md text."""
     if fmt == ".json":
         return json.dumps(doc, indent=2, default=float) + "\n"
     cols = doc["columns"]
-    cells = [[_text(r.get(c)) for c in cols] for r in doc["rows"]]
+    cells = [[cell_text(r.get(c)) for c in cols] for r in doc["rows"]]
     if fmt == ".csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -270,7 +264,8 @@ def render(doc: dict, fmt: str) -> str:
     return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in cells]) + "\n"
 
 
-def _text(v) -> str:
+def cell_text(v) -> str:
+    """A table cell: floats to 4 significant digits, None empty."""
     if v is None:
         return ""
     if isinstance(v, float):

@@ -67,9 +67,10 @@ def run_sensitivity(args) -> int:
         doc = sensitivity(args.model, args.calib, progress=progress(args), **options, executor=ex,
                           retries=args.retries,
                           on_trial=lambda done, total: bar.update(task, completed=done, total=total)).to_json()
+    failed = [f"{f['id']} at {f['ratio']:g}: {f['error']}" for f in doc["failed"]]
     if args.json:
         report.print_json(doc)
-        return 1 if doc["failed"] else 0
+        return failed_tasks(failed, "trial")
     table = Table(title=f"sensitivity of {args.model} (1 - cosine vs the dense model, {doc['samples']} samples)",
                   title_justify="left")
     for i, col in enumerate(sens.table_columns(doc)):
@@ -80,7 +81,7 @@ def run_sensitivity(args) -> int:
     show_notes(doc["notes"])
     if args.plot:
         report.err.print(f"wrote {args.plot}", markup=False, highlight=False)
-    return failed_tasks([f"{f['id']} at {f['ratio']:g}: {f['error']}" for f in doc["failed"]], "trial")
+    return failed_tasks(failed, "trial")
 
 
 COMMANDS = {"eval": run_eval, "sensitivity": run_sensitivity}

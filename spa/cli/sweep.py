@@ -11,6 +11,7 @@ from __future__ import annotations
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from spa.api.sweep import cell_text
 from spa.api.sweep import sweep as run_sweep
 from spa.cli.app import add_common, add_executor, executor_of, failed_tasks, progress
 from spa.reporting import report
@@ -36,16 +37,12 @@ def sweep(args) -> int:
         for c in doc["columns"]:
             table.add_column(c, overflow="fold")
         for r in doc["rows"]:
-            table.add_row(*[_cell(r.get(c)) for c in doc["columns"]])
+            table.add_row(*[cell_text(r.get(c)) for c in doc["columns"]])
         report.out.print(table)
         if args.output:
             report.err.print(f"wrote {args.output}", markup=False, highlight=False)
     return failed_tasks([f"{r['model']} {_point(r, doc)}: {r['error']}" for r in doc["rows"] if r.get("error")],
                         "task")
-
-
-def _cell(v) -> str:
-    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _point(row: dict, doc: dict) -> str:

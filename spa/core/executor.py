@@ -121,7 +121,6 @@ class _Book:
     progress: Callable | None
     outcomes: dict = field(default_factory=dict)
     tries: dict = field(default_factory=dict)
-    setups: int = 0
 
     def start(self) -> None:
         if self.progress is not None:
@@ -133,7 +132,6 @@ class _Book:
     def finish(self, i: int, result: tuple) -> bool:
         """Record a try of task `i`; True when it is to be tried again."""
         value, error, fresh = result
-        self.setups += bool(fresh)
         if error is not None and self.tries[i] <= self.retries:
             return True
         self.outcomes[i] = Outcome(self.items[i], value, error, self.tries[i], bool(fresh))
