@@ -28,10 +28,10 @@ from onnx import numpy_helper
 
 from spa.core.checks import NOT_RUN, check_against, output_check, refuse_unrunnable
 from spa.core.errors import SpaError, VerificationError
-from spa.core.graph import reads
 from spa.core.model import TWO_GB, Model, save, weight_bytes
 from spa.core.runtime import release
 from spa.core.sizes import FLOAT_TYPES
+from spa.core.tensors import reads
 
 
 @dataclass

@@ -19,7 +19,7 @@ from spa.passes.base import remove_dead
 
 from spa.core import depth, kvcache
 from spa.core.errors import SpaError
-from spa.core.graph import subgraph_reads
+from spa.core.tensors import subgraph_reads
 
 
 def erase(proto: onnx.ModelProto, ids: list[str]) -> onnx.ModelProto:

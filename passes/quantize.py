@@ -60,10 +60,10 @@ from spa.passes.base import Pass
 
 from spa.core.data import fixed_batch_size, model_batches
 from spa.core.errors import SpaError, UsageError, first_line
-from spa.core.graph import reads
 from spa.core.model import Model
 from spa.core.runtime import ort_reason, random_feeds, run, run_with_outputs, session
 from spa.core.sizes import TWO_GB, weight_bytes
+from spa.core.tensors import reads
 
 METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("ort-cpu", "ort-cuda", "tensorrt")

@@ -78,3 +78,16 @@ def test_a_fixed_axis_says_why():
     assert block.heads.text().startswith("2 (fixed: no channel group reaches this axis")
     assert "graph input or output" in block.head_dim.to_json()["fixed"] and "--simplify" in block.heads.fixed
     assert block.v_head_dim.fixed is None  # values are not an output: still prunable
+
+
+def test_alike_blocks_share_one_row(capsys):
+    from spa.reporting import report
+
+    a = spa.analyze(_attention([None, None, 4], "const"))
+    (block,) = [b.to_json() for b in attention_blocks(a)]
+    other = json.loads(json.dumps(block))
+    other["heads"]["after"] = 1
+    report.print_blocks([block, block, block, other, block], "attention blocks")
+    rows = [line for line in capsys.readouterr().out.splitlines() if "│ pr" in line]
+    assert [r.split("│")[1].strip() for r in rows] == ["0-2", "3", "4"]  # only neighbours alike merge
+    assert "(and 2 alike)" in rows[0] and "alike" not in rows[1]

@@ -36,7 +36,7 @@ from spa.core.rules import RULES, VIRTUAL, Result, identity
 from spa.core.rules import key as rule_key
 from spa.core.rules.shape import SHAPE_SINKS, _digits
 from spa.core.sizes import FLOAT_TYPES
-from spa.core.unionfind import components
+from spa.core.unionfind import components, distinct
 
 
 @dataclass
@@ -239,7 +239,7 @@ class _Builder:
 
     def pin_global(self, ids, reason):
         """Pin positions given by global id (found after the rules ran)."""
-        ids = np.unique(ids)
+        ids = distinct(ids)
         if len(ids):
             self.reasons.append(reason)
             self.pin_spaces.append(self.sp.names[self.sp.space_of[ids[0]]])
@@ -255,7 +255,8 @@ class _Builder:
             return
         if len(pairs) == 0:
             return
-        if pairs[:, 0].max() >= self.sp.sizes[a] or pairs[:, 1].max() >= self.sp.sizes[b]:
+        top = pairs.max(axis=0)
+        if top[0] >= self.sp.sizes[a] or top[1] >= self.sp.sizes[b]:
             self.pin(a, f"inconsistent shapes around {node_name}")
             self.pin(b, f"inconsistent shapes around {node_name}")
             return
@@ -276,11 +277,12 @@ class _Builder:
 
     def add_result(self, res: Result, node, barrier_reason: str | None):
         mentioned = set(res.free)
+        node_name = f"{node.op_type} {self.label(node)}" if res.couplings or res.ties else ""
         for a, b, pairs in res.couplings:
-            self.couple(a, b, pairs, node_name=f"{node.op_type} {self.label(node)}")
+            self.couple(a, b, pairs, node_name=node_name)
             mentioned.update((a, b))
         for whole, parts, dims in res.ties:
-            self.tie(whole, parts, dims, node_name=f"{node.op_type} {self.label(node)}")
+            self.tie(whole, parts, dims, node_name=node_name)
             mentioned.update([whole, *parts])
         for space, positions, why in res.pins:
             self.pin(space, why, positions)
@@ -440,7 +442,7 @@ class _Ties:
     def _pin_conflicts(self, labels):
         seen = np.zeros(self.b.sp.total, dtype=np.int64)
         for flat, fac in self.cells.values():
-            seen[np.unique(labels[flat])] += 1
+            seen[distinct(labels[flat])] += 1
             cyclic = (labels[fac] == labels[flat][:, None]).any(1)
             if cyclic.any():
                 self.b.pin_global(flat[cyclic], "a merged axis is its own factor (reshaped into itself)")
@@ -472,7 +474,7 @@ class _Ties:
             row, nxt = _expand(dst[deep], table_src, table_dst)
             src = np.concatenate([src[~deep], src[deep][row]])
             dst = np.concatenate([dst[~deep], nxt])
-            key = np.unique(src * self.b.sp.total + dst)
+            key = distinct(src * self.b.sp.total + dst)
             src, dst = key // self.b.sp.total, key % self.b.sp.total
         self.derived = derived
         self.root_src, self.root_dst = src, dst
@@ -626,7 +628,7 @@ def _groups(index: GraphIndex, b: _Builder, ties: _Ties) -> list[Group]:
     # signature of a label = the set of spaces it touches, hashed (sum of random 64-bit keys)
     # (own and derived touches count apart: a channel's own spaces are where it is ordered)
     n_key = 2 * len(sp.names)
-    pair_key = np.unique(lab * n_key + 2 * spc + own)  # sorting beats hashing here
+    pair_key = distinct(lab * n_key + 2 * spc + own)
     pair_lab, pair_spc = pair_key // n_key, pair_key % n_key
     salt = np.random.default_rng(12345).integers(1, 2**62, size=n_key, dtype=np.int64)
     sig = np.zeros(sp.total, dtype=np.int64)

@@ -14,6 +14,7 @@ import numpy as np
 from spa.core.graph import attr
 from spa.core.model import COPY, Model, constant_node_value
 from spa.core.sizes import FLOAT_TYPES
+from spa.core.unionfind import distinct
 
 
 def params(model: Model, shapes: dict | None = None) -> int:
@@ -99,7 +100,7 @@ def dropped_positions(analysis, plan: dict) -> dict:
                 pos = per_channel[channels] if isinstance(per_channel, np.ndarray) else \
                     np.concatenate([per_channel[c] for c in channels])
                 parts.setdefault(space, []).append(np.ravel(pos))
-    return {space: np.unique(np.concatenate(p)) for space, p in parts.items()}
+    return {space: distinct(np.concatenate(p)) for space, p in parts.items()}
 
 
 def overlaps(analysis, plan: dict) -> list[dict]:
@@ -112,7 +113,7 @@ def overlaps(analysis, plan: dict) -> list[dict]:
             continue
         member = analysis.group(gid).members[0]
         flat = np.concatenate([np.ravel(p) for p in member.positions])
-        if len(np.unique(flat)) == len(flat):  # every slice belongs to one channel (a head's 64 columns too)
+        if len(distinct(flat)) == len(flat):  # every slice belongs to one channel (a head's 64 columns too)
             continue
         space = (member.tensor, member.axis)
         removed = len(dropped_positions(analysis, {gid: channels}).get(space, ()))

@@ -43,7 +43,8 @@ import onnx
 from onnx import numpy_helper
 
 from spa.core import kvcache
-from spa.core.graph import DEFAULT_DOMAINS, reads
+from spa.core.graph import DEFAULT_DOMAINS
+from spa.core.tensors import reads
 
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
 # ops a chain (a layer outside any residual branch) may end with after its contraction: they read

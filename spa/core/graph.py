@@ -20,22 +20,6 @@ from spa.core.tensors import read_array
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
-def reads(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name a node of `graph` reads, subgraphs (If/Loop bodies reading outer values) included."""
-    names = {i for n in graph.node for i in n.input if i}
-    return names | subgraph_reads(graph)
-
-
-def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names the subgraphs of `graph`'s nodes read (outer-scope captures and their own)."""
-    names = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= reads(sub)
-    return names
-
-
 @dataclass(frozen=True)
 class DimRef:
     """The run-time size of `axis` of `tensor`."""

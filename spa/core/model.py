@@ -386,13 +386,16 @@ def _fold_fallback(model: Model, bones: onnx.ModelProto, inferred: onnx.ModelPro
     if any(r is None for r in runs):
         return
     a, b = runs[0], runs[-1]
+    declared = _declared(typed, set(a) | set(b))
     for sizes, run in zip((first, second), runs):
-        for name, dims in run.items():
-            vi = typed.get(name)
-            expected = [_size(d, sizes) for d in vi.type.tensor_type.shape.dim] if vi is not None else None
-            if expected and len(expected) == len(dims) and any(e is not None and d is not None and e != d
-                                                                   for e, d in zip(expected, dims)):
-                return
+        for name, dims in declared.items():
+            got = run.get(name)
+            if got is None or len(got) != len(dims):
+                continue
+            for d, g in zip(dims, got):
+                e = d if d is None or isinstance(d, int) else shapefold.dim_value(d, sizes)
+                if e is not None and g is not None and e != g:
+                    return
     for name in missing:
         x, y = a.get(name), b.get(name)
         if x is None or y is None or len(x) != len(y) or None in x or None in y:
@@ -405,11 +408,19 @@ def _fold_fallback(model: Model, bones: onnx.ModelProto, inferred: onnx.ModelPro
         model.unknown.discard(name)
 
 
-def _size(dim, sizes: dict) -> int | None:
-    """A typed dim's size at `sizes`: its value, or its symbols' (None: unknown, `unk__3`)."""
-    if dim.HasField("dim_value"):
-        return dim.dim_value
-    return shapefold.dim_value(dim.dim_param, sizes) if dim.dim_param else None
+def _declared(typed: dict, names: set) -> dict:
+    """{name: dims} of the typed tensors among `names` that say something: a dim is its value, its
+    symbol text (sized per run: `shapefold.dim_value`) or None (unknown, `unk__3`, no dim)."""
+    out = {}
+    for name in names:
+        vi = typed.get(name)
+        if vi is None or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in vi.type.tensor_type.shape.dim)
+        if any(d is not None for d in dims):
+            out[name] = dims
+    return out
 
 
 def reinfer(proto: onnx.ModelProto) -> Model:

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from spa.core.sizes import FLOAT_TYPES
+from spa.core.tensors import reads
 
 FOLD_LIMIT = 1 << 16  # elements: larger values are not evaluated (a mask of 65k entries is already rare)
 ROUNDS = 6  # inference rounds at most (each new static Shape can unlock the next)
@@ -68,7 +69,8 @@ def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
     """{tensor: dims} of `bones` (a skeleton: small initializers only) with every graph input's
     symbolic dim set from `sizes`; dims still unknown are None. None when a symbolic input dim
     has no size in `sizes`. After the first round, each round infers only the part of the graph
-    still unknown (`part`), from the concrete shapes found so far."""
+    still unknown (`part`), from the concrete shapes found so far; the values evaluated so far
+    enter it as initializers, only those it reads (the graph itself is never rewritten)."""
     model = onnx.ModelProto()
     model.CopyFrom(bones)
     for vi in model.graph.input:
@@ -80,7 +82,7 @@ def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
                 d.dim_value = value
     del model.graph.value_info[:]
     values = _constants(model.graph)
-    pending = [n for n in model.graph.node if n.op_type in OPS and n.domain in ("", "ai.onnx") and len(n.output) == 1]
+    pending = _foldable(model.graph, values)
     known, typed, sub = {}, {vi.name: vi for vi in model.graph.input}, model
     producer = {o: n for n in model.graph.node for o in n.output if o}
     for _ in range(ROUNDS):
@@ -93,7 +95,10 @@ def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
         if not found:
             break
         open_ = {o for n in sub.graph.node for o in n.output if o and (o not in known or None in known[o])}
-        sub = part(model, open_, typed, sizes=sizes, producer=producer)
+        sub = part(model, open_ - values.keys(), typed, sizes=sizes, producer=producer, values=values)
+    for name, value in values.items():  # evaluated shape arithmetic: its own shape
+        if name not in known or None in known[name]:
+            known[name] = tuple(int(d) for d in value.shape)
     return known or _static(model.graph)
 
 
@@ -126,24 +131,32 @@ def _has_data(t: onnx.TensorProto) -> bool:
         "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"))
 
 
+def _foldable(graph: onnx.GraphProto, values: dict) -> list:
+    """The nodes that may be evaluated once shapes are known, in graph order: ops of the table
+    whose inputs are constants, shapes (Shape, Size) or such nodes' outputs; nothing that reads
+    a graph input's data or the output of an op outside the table is ever evaluated."""
+    ready, nodes = set(values), []
+    for n in graph.node:
+        if n.op_type not in OPS or n.domain not in ("", "ai.onnx") or len(n.output) != 1:
+            continue
+        if n.op_type in ("Shape", "Size") or all(not i or i in ready for i in n.input):
+            ready.add(n.output[0])
+            nodes.append(n)
+    return nodes
+
+
 def _evaluate(pending: list, shapes: dict, values: dict) -> tuple[list, bool]:
     """Evaluate every pending node whose inputs are known (in graph order, which ONNX requires
-    to be topological) and turn it into a Constant node in place; returns the nodes still
-    pending and whether something new was found."""
+    to be topological) into `values`; returns the nodes still pending and whether something new
+    was found."""
     left, found = [], False
     for node in pending:
         value = _value(node, shapes, values)
         if value is None:
             left.append(node)
             continue
-        name = node.output[0]
-        values[name] = value
+        values[node.output[0]] = value
         found = True
-        if node.op_type != "Constant":
-            del node.input[:]
-            del node.attribute[:]
-            node.op_type = "Constant"
-            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value, name)))
     return left, found
 
 
@@ -326,14 +339,15 @@ OPS = {
 }
 
 
-def part(bones: onnx.ModelProto, missing: set, typed: dict, *, sizes: dict, producer: dict | None = None
-         ) -> onnx.ModelProto:
+def part(bones: onnx.ModelProto, missing: set, typed: dict, *, sizes: dict, producer: dict | None = None,
+         values: dict | None = None) -> onnx.ModelProto:
     """The part of `bones` that computes the `missing` tensors: their producers and, back from
     them, every node up to float tensors whose shape the first inference gave in the inputs'
     symbols or sizes (those become graph inputs: only their shapes matter). Integer tensors are always
-    followed back to where they come from, since shapes are computed from their values. The
-    whole of `bones` where that part holds a subgraph (its captures are not followed)."""
-    graph = bones.graph
+    followed back to where they come from, since shapes are computed from their values, up to
+    `values` (evaluated: initializers of the part). The whole of `bones` where that part holds a
+    subgraph (its captures are not followed)."""
+    graph, values = bones.graph, values or {}
     producer = producer or {o: n for n in graph.node for o in n.output if o}  # {tensor: node}
     constants = {t.name for t in graph.initializer} | {vi.name for vi in graph.input}
     nodes, inputs, stack = set(), {}, [producer[n] for n in missing if n in producer]
@@ -343,10 +357,10 @@ def part(bones: onnx.ModelProto, missing: set, typed: dict, *, sizes: dict, prod
         if id(node) in nodes:
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            return bones
+            return _whole(bones, values, constants)
         nodes.add(id(node))
         for name in node.input:
-            if not name or name in constants or name in inputs:
+            if not name or name in constants or name in inputs or name in values:
                 continue
             vi = typed.get(name)
             t = vi.type.tensor_type if vi is not None else None
@@ -364,4 +378,22 @@ def part(bones: onnx.ModelProto, missing: set, typed: dict, *, sizes: dict, prod
     used = {i for n in part.graph.node for i in n.input}
     part.graph.input.extend([vi for vi in graph.input if vi.name in used] + list(inputs.values()))
     part.graph.initializer.extend(t for t in graph.initializer if t.name in used)
+    part.graph.initializer.extend(numpy_helper.from_array(values[n], n) for n in sorted(used & values.keys())
+                                  if n not in constants)
     return part
+
+
+def _whole(bones: onnx.ModelProto, values: dict, constants: set) -> onnx.ModelProto:
+    """`bones` with its evaluated nodes (every output in `values`) replaced by initializers of
+    their values, where something reads them (subgraphs included)."""
+    if not values:
+        return bones
+    model = onnx.ModelProto()
+    model.CopyFrom(bones)
+    keep = [n for n in model.graph.node if not all(o in values for o in n.output if o)]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    used = reads(model.graph)
+    model.graph.initializer.extend(numpy_helper.from_array(values[n], n) for n in sorted(used & values.keys())
+                                   if n not in constants)
+    return model

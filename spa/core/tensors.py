@@ -222,3 +222,19 @@ def read_external(found: list[External], path: Path) -> None:
         ext.tensor.raw_data = data
         ext.tensor.data_location = TensorProto.DEFAULT
         del ext.tensor.external_data[:]
+
+
+def reads(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a node of `graph` reads, subgraphs (If/Loop bodies reading outer values) included."""
+    names = {i for n in graph.node for i in n.input if i}
+    return names | subgraph_reads(graph)
+
+
+def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names the subgraphs of `graph`'s nodes read (outer-scope captures and their own)."""
+    names = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                names |= reads(sub)
+    return names

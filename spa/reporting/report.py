@@ -98,7 +98,9 @@ def print_coverage(doc: dict) -> None:
 
 
 def print_blocks(blocks: list, title: str) -> None:
-    """Per attention block (JSON form): heads, head_dim (Q/K and V) and MLP widths, 'before -> after'."""
+    """Per attention block (JSON form): heads, head_dim (Q/K and V) and MLP widths, 'before -> after'.
+    Consecutive blocks alike in every size and reason share one row ("0-63"): a 64-layer decoder
+    reads as one row, not 64 copies of the same reasons."""
     if not blocks:
         return
     table = Table(title=title, title_justify="left")
@@ -106,11 +108,18 @@ def print_blocks(blocks: list, title: str) -> None:
     for col in ("block", "softmax", "heads", *(["kv heads"] if kv else []), "head_dim q/k", "head_dim v",
                 "intermediate"):
         table.add_column(col, overflow="fold")
+    rows = []  # [first, last, softmax, cells]
     for i, b in enumerate(blocks):
         widths = ", ".join(_axis(a) for a in b["intermediate"]) or "-"
         kv_col = [_axis(b["kv_heads"]) if "kv_heads" in b else "-"] if kv else []
-        table.add_row(str(i), b["softmax"], _axis(b["heads"]), *kv_col, _axis(b["head_dim"]), _axis(b["v_head_dim"]),
-                      widths)
+        cells = [_axis(b["heads"]), *kv_col, _axis(b["head_dim"]), _axis(b["v_head_dim"]), widths]
+        if rows and rows[-1][3] == cells:
+            rows[-1][1] = i
+        else:
+            rows.append([i, i, b["softmax"], cells])
+    for first, last, softmax, cells in rows:
+        span = str(first) if first == last else f"{first}-{last}"
+        table.add_row(span, softmax if first == last else f"{softmax} (and {last - first} alike)", *cells)
     out.print(table)
 
 

@@ -24,6 +24,7 @@ called by the prune pass to update attributes or shape constants of the node.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -82,15 +83,18 @@ def virtual(*op_types: str):
 
 
 def identity(n: int) -> np.ndarray:
-    """a[i] <-> b[i]."""
-    i = np.arange(n)
-    return np.stack([i, i], 1)
+    """a[i] <-> b[i] (read-only: one array per size, shared by every caller)."""
+    return offset(n, 0)
 
 
+@functools.lru_cache(maxsize=4096)
 def offset(n: int, off: int) -> np.ndarray:
-    """a[i] <-> b[off + i] (Concat inputs, Split/Slice windows)."""
+    """a[i] <-> b[off + i] (Concat inputs, Split/Slice windows). Read-only and shared: a deep
+    graph asks for the same few sizes tens of thousands of times."""
     i = np.arange(n)
-    return np.stack([i, i + off], 1)
+    pairs = np.stack([i, i + off], 1)
+    pairs.setflags(write=False)
+    return pairs
 
 
 def block(n: int, m: int) -> np.ndarray:
