@@ -1,5 +1,5 @@
 """The command line: argument parsing and printing around one spa.api call per command."""
 
-from spa.cli.app import main
+from spa.cli.app import entry, main
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]

@@ -1,5 +1,5 @@
 import sys
 
-from spa.cli.app import main
+from spa.cli.app import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib
 import os
 import signal
@@ -233,10 +234,28 @@ def _terminate(signum, frame):
     raise Terminated(signal.Signals(signum).name)
 
 
+def entry() -> int:
+    """The `spa` program (console script, python -m spa.cli): main() in a process of its own."""
+    _fewer_collections()
+    return main()
+
+
+def _fewer_collections() -> None:
+    """A command is one short process that builds hundreds of thousands of small objects (a
+    64-layer decoder: shapes, couplings, JSON) and hardly any cycles: with Python's default
+    thresholds, cyclic collection took 5% of `spa analyze` on such a graph (0.2 of 3.8 CPU s,
+    671 passes), with these 1%. What was imported stays out of every pass (gc.freeze)."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def _on_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _terminate)
+
+
+GC_THRESHOLD = (50_000, 20, 100)  # first-generation allocations between cyclic collections (Python's: 700)
 
 
 def main(argv=None) -> int:

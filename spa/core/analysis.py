@@ -124,11 +124,16 @@ class Ctx:
         self.g = index
         self.opset = index.opset
         self.graph_outputs = set(index.graph_outputs)
+        self._shapes = {}  # name -> shape as rules see it (asked ~3 times per node)
 
     def shape(self, name):
         """The tensor's shape; an axis longer than MAX_AXIS reads as unknown (None)."""
-        s = self.g.shape(name)
-        return s if s is None else tuple(None if d is not None and d > MAX_AXIS else d for d in s)
+        s = self._shapes.get(name)
+        if s is None:
+            s = self.g.shape(name)
+            if s is not None:
+                s = self._shapes[name] = tuple(None if d is not None and d > MAX_AXIS else d for d in s)
+        return s
 
     def label(self, node):
         return self.g.label(node)

@@ -235,7 +235,10 @@ def _input_params(graph: onnx.GraphProto) -> set:
     return {d.dim_param for i in graph.input for d in i.type.tensor_type.shape.dim if d.dim_param}
 
 
-def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, params: set) -> None:
+def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, params: set, *,
+             inferred: bool = False) -> None:
+    """Shapes and types the graph declares (value infos, initializers, Constant nodes). `inferred`:
+    a copy of the same graph out of a shape inference, whose constants are known already."""
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         dims = _dims(vi.type)
         if dims is not None and (vi.name not in shapes or vi.name in unknown):
@@ -246,14 +249,18 @@ def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, p
                 unknown.discard(vi.name)
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
             dtypes.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    if inferred:
+        return
     for init in graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
         dtypes[init.name] = init.data_type
+        unknown.discard(init.name)
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             typed = _constant_type(node)
             if typed is not None:
                 shapes[node.output[0]], dtypes[node.output[0]] = typed
+                unknown.discard(node.output[0])
 
 
 _CONSTANT_TYPES = {"value_float": ((), onnx.TensorProto.FLOAT), "value_int": ((), onnx.TensorProto.INT64)}
@@ -330,7 +337,7 @@ def infer_shapes(model: Model) -> None:
     inferred = None
     try:
         inferred = onnx.shape_inference.infer_shapes(bones, data_prop=True)
-        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params, inferred=True)
     except Exception:  # noqa: BLE001, S110
         pass  # partial knowledge is fine: the fallbacks below fill the gaps
     outs = _used_outputs(model.graph)
@@ -382,7 +389,8 @@ def _fold_fallback(model: Model, bones: onnx.ModelProto, inferred: onnx.ModelPro
     typed.update({vi.name: vi for vi in list(bones.graph.input) + list(bones.graph.output)})
     first, second = fold_sizes(bones.graph)
     part = shapefold.part(bones, set(missing), typed, sizes=first)
-    runs = [shapefold.fold(part, first)] + ([shapefold.fold(part, second)] if first else [])
+    constants = shapefold.constant_values(part.graph)  # read once for both runs
+    runs = [shapefold.fold(part, first, constants)] + ([shapefold.fold(part, second, constants)] if first else [])
     if any(r is None for r in runs):
         return
     a, b = runs[0], runs[-1]
@@ -449,7 +457,7 @@ def _symbolic_fallback(model: Model, bones: onnx.ModelProto, params: set) -> Non
     except Exception:  # noqa: BLE001
         return
     if inferred is not None:
-        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params)
+        _collect(inferred.graph, model.shapes, model.dtypes, model.unknown, params, inferred=True)
 
 
 def _run_fallback(model: Model, missing: list) -> None:

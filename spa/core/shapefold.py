@@ -65,12 +65,13 @@ def symbols(graph: onnx.GraphProto) -> list[str]:
     return list(seen)
 
 
-def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
+def fold(bones: onnx.ModelProto, sizes: dict, constants: dict | None = None) -> dict | None:
     """{tensor: dims} of `bones` (a skeleton: small initializers only) with every graph input's
     symbolic dim set from `sizes`; dims still unknown are None. None when a symbolic input dim
     has no size in `sizes`. After the first round, each round infers only the part of the graph
     still unknown (`part`), from the concrete shapes found so far; the values evaluated so far
-    enter it as initializers, only those it reads (the graph itself is never rewritten)."""
+    enter it as initializers, only those it reads (the graph itself is never rewritten).
+    `constants`: the values of its Constant nodes (`constant_values`), when already read."""
     model = onnx.ModelProto()
     model.CopyFrom(bones)
     for vi in model.graph.input:
@@ -81,7 +82,7 @@ def fold(bones: onnx.ModelProto, sizes: dict) -> dict | None:
                     return None
                 d.dim_value = value
     del model.graph.value_info[:]
-    values = _constants(model.graph)
+    values = _constants(model.graph) | (constants if constants is not None else constant_values(model.graph))
     pending = _foldable(model.graph, values)
     known, typed, sub = {}, {vi.name: vi for vi in model.graph.input}, model
     producer = {o: n for n in model.graph.node for o in n.output if o}
@@ -125,6 +126,17 @@ def _constants(graph: onnx.GraphProto) -> dict:
     return values
 
 
+def constant_values(graph: onnx.GraphProto) -> dict:
+    """{output: value} of the graph's Constant nodes that can be read (not sparse, not strings)."""
+    out = {}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+            value = _value(n, {}, {})
+            if value is not None:
+                out[n.output[0]] = value
+    return out
+
+
 def _has_data(t: onnx.TensorProto) -> bool:
     n = int(np.prod(t.dims, dtype=np.int64))
     return n == 0 or bool(t.raw_data) or any(len(getattr(t, f)) for f in (
@@ -137,7 +149,7 @@ def _foldable(graph: onnx.GraphProto, values: dict) -> list:
     a graph input's data or the output of an op outside the table is ever evaluated."""
     ready, nodes = set(values), []
     for n in graph.node:
-        if n.op_type not in OPS or n.domain not in ("", "ai.onnx") or len(n.output) != 1:
+        if n.op_type not in OPS or n.domain not in ("", "ai.onnx") or len(n.output) != 1 or n.output[0] in values:
             continue
         if n.op_type in ("Shape", "Size") or all(not i or i in ready for i in n.input):
             ready.add(n.output[0])
