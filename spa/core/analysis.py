@@ -36,6 +36,7 @@ from spa.core.rules import RULES, VIRTUAL, Result, identity
 from spa.core.rules import key as rule_key
 from spa.core.rules.shape import SHAPE_SINKS, _digits
 from spa.core.sizes import FLOAT_TYPES
+from spa.core.tensors import may_hold_graphs
 from spa.core.unionfind import components, distinct
 
 
@@ -205,6 +206,8 @@ def _subgraph_captures(graph: onnx.GraphProto) -> set[str]:
     """Outer-scope names read inside If/Loop/Scan bodies (they must keep their shapes)."""
     names = set()
     for node in graph.node:
+        if not may_hold_graphs(node):
+            continue
         for a in node.attribute:
             subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
             for sub in subs:

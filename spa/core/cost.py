@@ -12,7 +12,7 @@ from collections import ChainMap
 import numpy as np
 
 from spa.core.graph import attr
-from spa.core.model import COPY, Model, constant_node_value
+from spa.core.model import COPY, Model, constant_type
 from spa.core.sizes import FLOAT_TYPES
 from spa.core.unionfind import distinct
 
@@ -27,9 +27,10 @@ def params(model: Model, shapes: dict | None = None) -> int:
                 if (t.data_type in FLOAT_TYPES or t.name in packed) and not _is_copy(t.name, dims))
     for node in model.graph.node:
         if node.op_type == "Constant":
-            value = constant_node_value(node)
-            if value is not None and np.issubdtype(value.dtype, np.floating):
-                total += _numel(shapes[node.output[0]]) if node.output[0] in shapes else int(value.size)
+            typed = constant_type(node)  # read without decoding the value
+            if typed is not None and typed[1] in FLOAT_TYPES:
+                name = node.output[0]
+                total += _numel(shapes[name]) if name in shapes else int(np.prod(typed[0], dtype=np.int64))
     return total
 
 

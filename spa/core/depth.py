@@ -44,7 +44,7 @@ from onnx import numpy_helper
 
 from spa.core import kvcache
 from spa.core.graph import DEFAULT_DOMAINS
-from spa.core.tensors import reads
+from spa.core.tensors import may_hold_graphs, reads
 
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
 # ops a chain (a layer outside any residual branch) may end with after its contraction: they read
@@ -97,17 +97,22 @@ class _Graph:
     def __init__(self, graph: onnx.GraphProto):
         self.graph, self.nodes = graph, list(graph.node)
         self.producer, self.consumers = {}, {}
+        producer, consumers = self.producer, self.consumers
         for i, node in enumerate(self.nodes):
             for o in node.output:
-                if o:
-                    self.producer[o] = i
+                producer[o] = i
             for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(i)
-            for a in node.attribute:  # outer names a subgraph reads: read from outside any cone
-                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                    for n in reads(sub):
-                        self.consumers.setdefault(n, []).append(-2)
+                if name in consumers:
+                    consumers[name].append(i)
+                else:
+                    consumers[name] = [i]
+            if node.attribute and may_hold_graphs(node):
+                for a in node.attribute:  # outer names a subgraph reads: read from outside any cone
+                    for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                        for n in reads(sub):
+                            consumers.setdefault(n, []).append(-2)
+        producer.pop("", None)
+        consumers.pop("", None)
         self.outputs = {o.name for o in graph.output}
         self.inputs = {i.name for i in graph.input}
         self.in_cones: set[int] = set()  # nodes of every residual branch looked at (chains stay out of them)

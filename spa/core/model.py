@@ -215,20 +215,21 @@ def _check_proto(proto: onnx.ModelProto, path: Path, from_file: bool) -> None:
 # ---------------------------------------------------------------- shapes
 
 
-def _dims(type_proto: onnx.TypeProto) -> Shape | None:
+def _dims(type_proto: onnx.TypeProto, known_params: set) -> tuple[Shape, bool] | None:
+    """(dims, whether one is unknown) of a tensor type with a shape, else None. A dim is None
+    unless it has a positive value; it is unknown when it has no value and no symbol the model's
+    inputs declare (inference invents symbols such as `unk__3` for sizes it could not compute)."""
     if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
         return None
-    return tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-        for d in type_proto.tensor_type.shape.dim
-    )
-
-
-def _unknown_dims(type_proto: onnx.TypeProto, known_params: set) -> bool:
-    """A dim is unknown when it has no value and no symbol the model's inputs declare
-    (inference invents symbols such as `unk__3` for sizes it could not compute)."""
-    return any(not d.HasField("dim_value") and d.dim_param not in known_params
-               for d in type_proto.tensor_type.shape.dim)
+    dims, unknown = [], False
+    for d in type_proto.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            v = d.dim_value
+            dims.append(v if v > 0 else None)
+        else:
+            dims.append(None)
+            unknown = unknown or d.dim_param not in known_params
+    return tuple(dims), unknown
 
 
 def _input_params(graph: onnx.GraphProto) -> set:
@@ -240,10 +241,10 @@ def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, p
     """Shapes and types the graph declares (value infos, initializers, Constant nodes). `inferred`:
     a copy of the same graph out of a shape inference, whose constants are known already."""
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-        dims = _dims(vi.type)
-        if dims is not None and (vi.name not in shapes or vi.name in unknown):
-            shapes[vi.name] = dims
-            if _unknown_dims(vi.type, params):
+        found = _dims(vi.type, params)
+        if found is not None and (vi.name not in shapes or vi.name in unknown):
+            shapes[vi.name] = found[0]
+            if found[1]:
                 unknown.add(vi.name)
             else:
                 unknown.discard(vi.name)
@@ -257,7 +258,7 @@ def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, p
         unknown.discard(init.name)
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            typed = _constant_type(node)
+            typed = constant_type(node)
             if typed is not None:
                 shapes[node.output[0]], dtypes[node.output[0]] = typed
                 unknown.discard(node.output[0])
@@ -266,7 +267,7 @@ def _collect(graph: onnx.GraphProto, shapes: dict, dtypes: dict, unknown: set, p
 _CONSTANT_TYPES = {"value_float": ((), onnx.TensorProto.FLOAT), "value_int": ((), onnx.TensorProto.INT64)}
 
 
-def _constant_type(node: onnx.NodeProto) -> tuple | None:
+def constant_type(node: onnx.NodeProto) -> tuple | None:
     """(shape, dtype) of a Constant node's value, read without decoding it (None: sparse/unknown)."""
     for attr in node.attribute:
         if attr.name == "value":

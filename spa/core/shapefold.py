@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from spa.core.sizes import FLOAT_TYPES
-from spa.core.tensors import reads
+from spa.core.tensors import may_hold_graphs, reads
 
 FOLD_LIMIT = 1 << 16  # elements: larger values are not evaluated (a mask of 65k entries is already rare)
 ROUNDS = 6  # inference rounds at most (each new static Shape can unlock the next)
@@ -362,18 +362,20 @@ def part(bones: onnx.ModelProto, missing: set, typed: dict, *, sizes: dict, prod
     graph, values = bones.graph, values or {}
     producer = producer or {o: n for n in graph.node for o in n.output if o}  # {tensor: node}
     constants = {t.name for t in graph.initializer} | {vi.name for vi in graph.input}
-    nodes, inputs, stack = set(), {}, [producer[n] for n in missing if n in producer]
+    nodes, inputs, decided, stack = set(), {}, set(), [producer[n] for n in missing if n in producer]
     sized = functools.lru_cache(maxsize=None)(lambda param: dim_value(param, sizes) is not None)
     while stack:
         node = stack.pop()
         if id(node) in nodes:
             continue
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        if may_hold_graphs(node) and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                                         for a in node.attribute):
             return _whole(bones, values, constants)
         nodes.add(id(node))
         for name in node.input:
-            if not name or name in constants or name in inputs or name in values:
+            if not name or name in decided or name in constants or name in values:
                 continue
+            decided.add(name)  # the same for every reader
             vi = typed.get(name)
             t = vi.type.tensor_type if vi is not None else None
             shaped = t is not None and t.HasField("shape") and all(d.dim_value > 0 or (d.dim_param and sized(d.dim_param))

@@ -54,13 +54,18 @@ def _sparse(sparse: onnx.SparseTensorProto):
 
 def _node_tensors(node: onnx.NodeProto):
     for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
-            yield from _sparse(sparse)
-        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            yield from _graph_tensors(graph)
+        for field, value in attr.ListFields():  # the fields set, whatever the attribute's type says
+            name = field.name
+            if name == "t":
+                yield value
+            elif name == "tensors":
+                yield from value
+            elif name in ("sparse_tensor", "sparse_tensors"):
+                for sparse in [value] if name == "sparse_tensor" else value:
+                    yield from _sparse(sparse)
+            elif name in ("g", "graphs"):
+                for graph in [value] if name == "g" else value:
+                    yield from _graph_tensors(graph)
 
 
 def _graph_tensors(graph: onnx.GraphProto):
@@ -230,10 +235,21 @@ def reads(graph: onnx.GraphProto) -> set[str]:
     return names | subgraph_reads(graph)
 
 
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})  # ONNX's own ops with graph attributes
+
+
+def may_hold_graphs(node: onnx.NodeProto) -> bool:
+    """Whether a node can carry a subgraph: one of ONNX's control-flow ops, or an op from another
+    domain (the checker refuses an attribute an ONNX op does not declare)."""
+    return node.op_type in SUBGRAPH_OPS or node.domain not in ("", "ai.onnx")
+
+
 def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """Names the subgraphs of `graph`'s nodes read (outer-scope captures and their own)."""
     names = set()
     for node in graph.node:
+        if not may_hold_graphs(node):
+            continue
         for a in node.attribute:
             for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                 names |= reads(sub)
