@@ -335,6 +335,8 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str], freeze_io
             b.pin((name, axis), f"'{name}' is read inside a subgraph (If/Loop/Scan)")
     ctx = Ctx(index)
     for node in index.graph.node:
+        if not exclude and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
+            continue  # a source, every axis free (rules.elementwise.constant): nothing to record
         hit = _excluded(node, index, exclude)
         fn = _node_rule(node)
         if hit:

@@ -98,10 +98,12 @@ class _Graph:
         self.graph, self.nodes = graph, list(graph.node)
         self.producer, self.consumers = {}, {}
         producer, consumers = self.producer, self.consumers
+        self.ins = [tuple(n.input) for n in self.nodes]  # read many times by cone(): plain tuples
+        self.outs = [tuple(n.output) for n in self.nodes]
         for i, node in enumerate(self.nodes):
-            for o in node.output:
+            for o in self.outs[i]:
                 producer[o] = i
-            for name in node.input:
+            for name in self.ins[i]:
                 if name in consumers:
                     consumers[name].append(i)
                 else:
@@ -137,18 +139,18 @@ class _Graph:
     def cone(self, add: int, slot: int) -> list[int]:
         """Node indices that exist only to compute input `slot` of node `add` (descending); a
         graph output among their outputs does not stop them (the caller refuses such a cone)."""
-        start = self.producer.get(self.nodes[add].input[slot])
+        read = self.ins[add][slot]
+        start = self.producer.get(read)
         if start is None:
             return []
-        inside, heap, seen = set(), [-start], {start}
+        inside, heap, seen, consumers = set(), [-start], {start}, self.consumers
         while heap:
             i = -heapq.heappop(heap)  # highest index first: every consumer is decided before it
-            outs = [o for o in self.nodes[i].output if o]
-            if not all(c in inside or c == -1 or (c == add and o == self.nodes[add].input[slot])
-                       for o in outs for c in self.consumers.get(o, ())):
+            if not all(c in inside or c == -1 or (c == add and o == read)
+                       for o in self.outs[i] if o for c in consumers.get(o, ())):
                 continue
             inside.add(i)
-            for name in self.nodes[i].input:
+            for name in self.ins[i]:
                 j = self.producer.get(name)
                 if j is not None and j not in seen:
                     seen.add(j)
