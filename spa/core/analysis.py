@@ -509,12 +509,18 @@ class _Ties:
         return why
 
 
-def _readers(graph: onnx.GraphProto, keep=lambda node, slot: True) -> dict[str, list]:
-    """{tensor: [(node, input slot), ...]} for every read that `keep` accepts, in graph order."""
+def _readers(graph: onnx.GraphProto, names: set | None = None, sinks: dict | None = None) -> dict[str, list]:
+    """{tensor: [(node, input slot), ...]} for every read of `names` (None: of every tensor), or
+    with `sinks` ({op type: slots}, default domain) only those inputs, in graph order."""
     found: dict[str, list] = {}
     for node in graph.node:
-        for slot, name in enumerate(node.input):
-            if keep(node, slot):
+        if sinks is not None:
+            slots = sinks.get(node.op_type, ()) if node.domain in DEFAULT_DOMAINS else ()
+            reads = [(slot, node.input[slot]) for slot in slots if slot < len(node.input)]
+        else:
+            reads = enumerate(node.input)
+        for slot, name in reads:
+            if names is None or name in names:
                 found.setdefault(name, []).append((node, slot))
     return found
 
@@ -528,7 +534,7 @@ def untie_uniform(model: Model) -> int:
     pruned on its own; non-uniform shared weights (ALBERT's layers, tied embeddings) stay
     shared and are pruned alike for all uses. The prune pass merges equal copies back."""
     graph = model.graph
-    uses = _readers(graph)
+    uses = _readers(graph, names={t.name for t in graph.initializer})
     made = 0
     outputs = {o.name for o in graph.output}
     for t in list(graph.initializer):
@@ -550,6 +556,9 @@ def untie_uniform(model: Model) -> int:
     return made
 
 
+SINK_SLOTS = {op: tuple(slot for o, slot in SHAPE_SINKS if o == op) for op, _ in SHAPE_SINKS}
+
+
 def untie_shapes(model: Model) -> int:
     """Give every shape sink (Reshape, Expand, ...) its own copy of a shared computed shape (in place).
 
@@ -558,7 +567,7 @@ def untie_shapes(model: Model) -> int:
     layers alike. One Concat per sink lets each layer keep its own width. The prune pass
     drops copies that still equal their original."""
     graph = model.graph
-    sinks = _readers(graph, lambda node, slot: (node.op_type, slot) in SHAPE_SINKS and node.domain in DEFAULT_DOMAINS)
+    sinks = _readers(graph, sinks=SINK_SLOTS)
     made = 0
     for at in range(len(graph.node) - 1, -1, -1):
         node = graph.node[at]

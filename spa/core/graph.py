@@ -43,23 +43,21 @@ class GraphIndex:
         self.shapes = model.shapes
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        producer, consumers, by_type = self.producer, self.consumers, defaultdict(list)
         for node in self.graph.node:
             for o in node.output:
-                if o:
-                    self.producer[o] = node
+                producer[o] = node
             for i in node.input:
-                if i:
-                    self.consumers[i].append(node)
+                consumers[i].append(node)
+            if node.domain in DEFAULT_DOMAINS:
+                by_type[node.op_type].append(node)
+        producer.pop("", None)
+        consumers.pop("", None)
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.aliases: dict[str, onnx.NodeProto] = {}  # filled below, once values can be read
-        self.constant_nodes = {
-            n.output[0]: n for n in self.graph.node if n.op_type == "Constant" and n.domain in DEFAULT_DOMAINS
-        }
+        self.constant_nodes = {n.output[0]: n for n in by_type["Constant"]}
         # ConstantOfShape with a constant shape: weights stored as "fill" (onnx/onnx light models)
-        self.filled = {
-            n.output[0]: n for n in self.graph.node
-            if n.op_type == "ConstantOfShape" and n.domain in DEFAULT_DOMAINS and n.input and self.is_const(n.input[0])
-        }
+        self.filled = {n.output[0]: n for n in by_type["ConstantOfShape"] if n.input and self.is_const(n.input[0])}
         # channel spaces that are no tensor: the parts of a fused op's packed axis (spa.core.rules.virtual)
         self.virtual: dict[str, tuple] = {}
         self.graph_inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
@@ -69,9 +67,8 @@ class GraphIndex:
         self._labels = {id(n): (f"'{n.name}'" if n.name else f"#{i}") for i, n in enumerate(self.graph.node)}
         # Identity of a shared uniform constant: a copy (TorchScript aliases equal-valued
         # parameters this way, e.g. every zero bias of a fresh model); see analysis.untie_uniform
-        for n in self.graph.node:
-            if n.op_type == "Identity" and n.domain in DEFAULT_DOMAINS and self.is_const(n.input[0]) \
-                    and len(self.consumers[n.input[0]]) > 1 and uniform(self.value(n.input[0])):
+        for n in by_type["Identity"]:
+            if self.is_const(n.input[0]) and len(self.consumers[n.input[0]]) > 1 and uniform(self.value(n.input[0])):
                 self.aliases[n.output[0]] = n
 
     def label(self, node: onnx.NodeProto) -> str:
