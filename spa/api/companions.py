@@ -139,14 +139,15 @@ def decode(path, tokens: int = GENERATOR_TOKENS) -> list[int]:
     sess = session(Path(path), light=True)
     inputs = {i.name: i for i in sess.get_inputs()}
     proto = onnx.load(str(path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info  # the packed query's width
-    hints = kvcache.head_size_hints(proto.graph, {vi.name: [d.dim_value or None for d in vi.type.tensor_type.shape.dim]
-                                                 for vi in inferred})
     declared = {vi.name: list(vi.type.tensor_type.shape.dim) for vi in list(proto.graph.input) + list(proto.graph.output)}
     pairs = kvcache.pairs(proto.graph, declared)
-    past = {}
+    past, hints = {}, None
     for name, _, _, _ in pairs:
         dims = inputs[name].shape
+        if not isinstance(dims[3], int) and hints is None:  # a symbolic head size: the packed query's width
+            inferred = onnx.shape_inference.infer_shapes(proto).graph.value_info
+            hints = kvcache.head_size_hints(proto.graph, {vi.name: [d.dim_value or None for d in vi.type.tensor_type.shape.dim]
+                                                         for vi in inferred})
         kv, d = (dims[1] if isinstance(dims[1], int) else 1), dims[3] if isinstance(dims[3], int) else hints.get(dims[3])
         past[name] = np.zeros((1, kv, 0, d), dtype=np.float16 if "float16" in inputs[name].type else np.float32)
     ids, out = list(PROMPT), []
