@@ -157,3 +157,26 @@ def test_data_free_obspa_with_compensation(entry):
     assert all(("scored by l1" in n) or ("not compensated" in n) for n in notes)
     pruned = api.prune(analysis, plan, compensate=values)
     assert_valid_output(model, pruned, feeds_for(model, entry))
+
+
+def test_shape_arithmetic_skip_changes_no_group(monkeypatch):
+    """Every corpus model with integer shape arithmetic: the same groups, reasons and members
+    whether its rules are skipped (analysis._shape_arithmetic) or run."""
+    from spa.core import analysis
+    from spa.core.analysis import Analysis
+    from tests.conftest import corpus_entries
+
+    entries = corpus_entries()
+    if not entries:
+        pytest.skip(f"corpus not found at {CORPUS}")
+    seen = []
+    for entry in entries:
+        model = _load(entry)
+        if not analysis._shape_arithmetic(analysis.GraphIndex(model))[1]:
+            continue
+        with monkeypatch.context() as m:
+            m.setattr(analysis, "_shape_arithmetic", lambda index: (set(), set()))
+            every_rule = Analysis.to_json(spa.analyze(_load(entry)))
+        assert Analysis.to_json(spa.analyze(model)) == every_rule, entry["file"]
+        seen.append(entry["file"])
+    assert len(seen) >= 5, seen  # silero-vad, ultraface, PP-OCR, optimum's test model, ...

@@ -1887,3 +1887,40 @@ def test_every_rule_has_a_test(registry, table):
         assert tests, fn
         for t in tests:
             assert callable(globals().get(t)) and t.startswith("test_"), f"{fn}: no test named {t}"
+
+
+def _shape_arithmetic_graph(cast: bool):
+    """x @ W1 -> Relu -> @ W2, its output reshaped to (batch, -1) through Shape -> Gather ->
+    Unsqueeze -> Concat; with `cast`, the Shape's integers are also cast to floats (a coupling out
+    of the shape arithmetic)."""
+    from tests.graphs import build
+
+    nodes = [node("MatMul", ["x", "W1"], ["h"]), node("Relu", ["h"], ["r"]), node("MatMul", ["r", "W2"], ["y"]),
+             node("Shape", ["h"], ["s"]), node("Gather", ["s", "zero"], ["b"], axis=0),
+             node("Unsqueeze", ["b", "ax0"], ["b1"]), node("Concat", ["b1", "minus1"], ["target"], axis=0),
+             node("Reshape", ["y", "target"], ["z"])]
+    outputs = {"z": [1, 4]}
+    if cast:
+        nodes.append(node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT))
+        outputs["sf"] = [2]
+    inits = [weight("W1", 4, 8), weight("W2", 8, 4), const("zero", np.array(0, dtype=np.int64)),
+             const("ax0", np.array([0], dtype=np.int64)), const("minus1", np.array([-1], dtype=np.int64))]
+    return build(nodes, {"x": [1, 4]}, outputs, inits)
+
+
+@pytest.mark.parametrize("cast", [False, True])
+def test_shape_arithmetic_skipped_exactly(cast, monkeypatch):
+    """The rules of integer shape arithmetic are skipped (analysis._shape_arithmetic) with the same
+    groups as when they run; when another node couples such a tensor with a float one, every rule runs."""
+    from spa.core import analysis
+    from spa.core.analysis import Analysis
+
+    runs, run_rules = [], analysis._run_rules
+    monkeypatch.setattr(analysis, "_run_rules", lambda *a, **k: runs.append(len(k.get("skip", ()))) or run_rules(*a, **k))
+    skipped = Analysis.to_json(spa.analyze(_shape_arithmetic_graph(cast)))
+    assert runs[0] == 3  # Gather, Unsqueeze, Concat
+    assert runs[1:] == ([0] if cast else [])  # the Cast's coupling: run again with every rule
+    monkeypatch.setattr(analysis, "_shape_arithmetic", lambda index: (set(), set()))
+    assert Analysis.to_json(spa.analyze(_shape_arithmetic_graph(cast))) == skipped
+    prunable = [g["prunable"] for g in skipped["groups"]]  # h's channels: locked where the Cast exports its shape
+    assert prunable and any(prunable) != cast

@@ -13,8 +13,13 @@ own CPU seconds and ru_maxrss, VmRSS sampled per spa step). Models are built onc
 
 usage:
     python tools/bench_llm_scale.py --work /tmp/spa-llm [--only big|deep] [--optimum-venv VENV]
+    python tools/bench_llm_scale.py --work /tmp/spa-llm --only deep --optimum-venv VENV \
+        --baseline OLD_CHECKOUT --repeat 7
 
-A Markdown table goes to stdout, raw rows to WORK/bench_llm_scale.json.
+A Markdown table goes to stdout, raw rows to WORK/bench_llm_scale.json. With --baseline, every
+command runs --repeat times from an older checkout of spa (on PYTHONPATH) and from this one,
+alternating, both byte-compiled first: medians of CPU seconds, and their ratio. That is the
+comparison to trust on a shared machine whose speed drifts by tens of percent within an hour.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench_prune import LOAD_SAVE, BenchError, log, measure, peak_by_step, spa_steps
+from bench_prune import LOAD_SAVE, REPO, BenchError, log, measure, peak_by_step, spa_steps
 
 BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
@@ -122,6 +127,45 @@ def bench(model: Path, work: Path, name: str) -> dict:
     return rows
 
 
+def ab(model: Path, work: Path, baseline: Path, *, repeat: int) -> str:
+    """Medians of CPU seconds of each command from `baseline` (an older checkout) and from this
+    tree, `repeat` runs each, alternating run by run (a Markdown table)."""
+    import statistics
+    import subprocess
+
+    for pkg in ("passes", "backends"):  # the layout maps spa.passes to passes/: the same on PYTHONPATH
+        link = baseline / "spa" / pkg
+        if (baseline / pkg).is_dir() and not link.exists():
+            link.symlink_to(Path("..") / pkg)
+    for tree in (baseline, REPO):
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree / "spa"), str(tree / "passes"),
+                        str(tree / "backends")], check=True, stdout=subprocess.DEVNULL)
+    out = work / "ab-out"
+    commands = {"onnx.load + onnx.save": [sys.executable, "-c", LOAD_SAVE, str(model), str(out / "copy.onnx")],
+                "spa analyze": [sys.executable, "-m", "spa.cli", "analyze", str(model)],
+                "spa prune --ratio 0.3 --no-check": [sys.executable, "-m", "spa.cli", "prune", str(model), "--ratio",
+                                                     "0.3", "--no-check", "-o", str(out / "model.onnx")],
+                "spa prune --ratio 0.3": [sys.executable, "-m", "spa.cli", "prune", str(model), "--ratio", "0.3",
+                                          "-o", str(out / "model.onnx")]}
+    cpu = {(what, tree): [] for what in commands for tree in ("before", "now")}
+    for i in range(repeat):
+        for what, cmd in commands.items():
+            for tree, path in (("before", baseline), ("now", None)):  # now: spa as installed (pip install -e .)
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                log(f"{what} ({tree}, run {i + 1} of {repeat}) ...")
+                # -P: the working folder (this checkout) does not come before PYTHONPATH
+                env = [f"PYTHONPATH={path}"] if path else []
+                r = measure(["env", *env, cmd[0], "-P", *cmd[1:]], work / "ab.log", 3600)
+                cpu[(what, tree)].append(r["cpu_s"])
+    shutil.rmtree(out, ignore_errors=True)
+    lines = [f"| {model.parent.name} | {baseline.name} (CPU s) | this tree (CPU s) | now / before |", "|---|---|---|---|"]
+    for what in commands:
+        b, n = (statistics.median(cpu[(what, t)]) for t in ("before", "now"))
+        lines.append(f"| {what} | {b:.2f} | {n:.2f} (best {min(cpu[(what, 'now')]):.2f}) | {n / b:.2f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | nodes | data | command | wall s | CPU s | peak RSS MiB | vs load+save (wall / CPU / RSS) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -143,8 +187,15 @@ def main() -> int:
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--only", choices=("big", "deep"), default=None)
     p.add_argument("--optimum-venv", type=Path, default=os.environ.get("SPA_OPTIMUM_VENV"))
+    p.add_argument("--baseline", type=Path, help="an older checkout of spa: A/B of CPU seconds on the deep model")
+    p.add_argument("--repeat", type=int, default=7, help="with --baseline: runs of each command from each tree")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.baseline is not None:
+        if a.optimum_venv is None:
+            p.error("--baseline measures the deep model: it needs --optimum-venv")
+        print(ab(build_deep(a.work, a.optimum_venv), a.work, a.baseline.resolve(), repeat=a.repeat))
+        return 0
     rows = []
     if a.only in (None, "deep"):
         if a.optimum_venv is None:

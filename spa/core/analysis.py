@@ -34,7 +34,9 @@ from spa.core.graph import DEFAULT_DOMAINS, GraphIndex, attr, literal_sources, u
 from spa.core.model import COPY, Model
 from spa.core.rules import RULES, VIRTUAL, Result, identity
 from spa.core.rules import key as rule_key
-from spa.core.rules.shape import SHAPE_SINKS, _digits
+from spa.core.rules.elementwise import broadcast, unary
+from spa.core.rules.shape import SHAPE_SINKS, _digits, concat, gather, squeeze
+from spa.core.shapefold import OPS as SHAPE_OPS
 from spa.core.sizes import FLOAT_TYPES
 from spa.core.tensors import may_hold_graphs
 from spa.core.unionfind import components, distinct
@@ -317,7 +319,39 @@ class _Builder:
         return self.sp.axes.get(name, ())
 
 
-def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str], freeze_io: bool = False) -> _Builder:
+LOCAL_RULES = (unary, broadcast, squeeze, concat, gather)  # they record their own node's tensors only
+INDEX_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL}
+
+
+def _shape_arithmetic(index: GraphIndex) -> tuple[set, set]:
+    """(tensors, node ids): the integer and boolean tensors an export computes from shapes and
+    constants alone (Shape -> Gather -> Unsqueeze -> Concat -> Reshape's target: 8.7k of the
+    15.8k nodes of a 64-layer LLM export), and the nodes among them whose rule is local.
+
+    Skipping those nodes' rules changes no group: a group needs a float parameter, so channels
+    of such tensors alone never make one, and a local rule couples and pins nothing but its own
+    tensors. That holds while no other node couples one of these tensors with any other tensor;
+    `analyze` checks it on what the other rules recorded, and runs every rule where it fails."""
+    dtypes = index.model.dtypes
+    found = {n for n in list(index.initializers) + list(index.constant_nodes) if dtypes.get(n) in INDEX_TYPES}
+    skip = set()
+    for node in index.graph.node:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in SHAPE_OPS or node.op_type == "Constant":
+            continue
+        outs = [o for o in node.output if o]
+        if not outs or any(dtypes.get(o) not in INDEX_TYPES for o in outs):
+            continue
+        if node.op_type in ("Shape", "Size"):
+            found.update(outs)
+        elif all(not i or i in found for i in node.input):
+            found.update(outs)
+            if RULES.get(rule_key(node)) in LOCAL_RULES:
+                skip.add(id(node))
+    return found, skip
+
+
+def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str], freeze_io: bool = False, *,
+               skip: set = frozenset()) -> _Builder:
     b = _Builder(spaces, index.label)
     cache = kvcache.cache_names(index.graph, index.shapes)
     for kind, names in (("input", index.graph_inputs), ("output", index.graph_outputs)):
@@ -337,6 +371,8 @@ def _run_rules(index: GraphIndex, spaces: _Spaces, exclude: list[str], freeze_io
     for node in index.graph.node:
         if not exclude and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             continue  # a source, every axis free (rules.elementwise.constant): nothing to record
+        if id(node) in skip:
+            continue  # integer shape arithmetic (_shape_arithmetic)
         hit = _excluded(node, index, exclude)
         fn = _node_rule(node)
         if hit:
@@ -599,7 +635,10 @@ def analyze(model: Model, exclude: list[str] | None = None, freeze_io: bool = Fa
     index = GraphIndex(model)
     index.virtual = _virtual_shapes(index)
     spaces = _Spaces({**model.shapes, **index.virtual})
-    b = _run_rules(index, spaces, exclude, freeze_io)
+    indices, skip = _shape_arithmetic(index) if not exclude else (set(), set())
+    b = _run_rules(index, spaces, exclude, freeze_io, skip=skip)
+    if skip and any((u[0] in indices) != (v[0] in indices) for u, v, _ in b.edges):
+        b = _run_rules(index, spaces, exclude, freeze_io)  # the skipped nodes might matter: none skipped
     groups = _groups(index, b, _Ties(b))
     barriers = [n.name or n.op_type for n in index.graph.node if _node_rule(n) is None]
     return Analysis(model, index, groups, dict(spaces.sizes), barriers, {"exclude": exclude, "freeze_io": freeze_io})
