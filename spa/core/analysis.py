@@ -38,7 +38,7 @@ from spa.core.rules.elementwise import broadcast, unary
 from spa.core.rules.shape import SHAPE_SINKS, _digits, concat, gather, squeeze
 from spa.core.shapefold import OPS as SHAPE_OPS
 from spa.core.sizes import FLOAT_TYPES
-from spa.core.tensors import may_hold_graphs
+from spa.core.tensors import subgraphs
 from spa.core.unionfind import components, distinct
 
 
@@ -208,15 +208,11 @@ def _subgraph_captures(graph: onnx.GraphProto) -> set[str]:
     """Outer-scope names read inside If/Loop/Scan bodies (they must keep their shapes)."""
     names = set()
     for node in graph.node:
-        if not may_hold_graphs(node):
-            continue
-        for a in node.attribute:
-            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-            for sub in subs:
-                local = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
-                local |= {t.name for t in sub.initializer}
-                names |= {i for n in sub.node for i in n.input if i and i not in local}
-                names |= _subgraph_captures(sub) - local
+        for sub in subgraphs(node):
+            local = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+            local |= {t.name for t in sub.initializer}
+            names |= {i for n in sub.node for i in n.input if i and i not in local}
+            names |= _subgraph_captures(sub) - local
     return names
 
 

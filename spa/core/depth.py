@@ -44,7 +44,7 @@ from onnx import numpy_helper
 
 from spa.core import kvcache
 from spa.core.graph import DEFAULT_DOMAINS
-from spa.core.tensors import may_hold_graphs, reads
+from spa.core.tensors import reads, subgraphs
 
 CONTRACTIONS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits"}
 # ops a chain (a layer outside any residual branch) may end with after its contraction: they read
@@ -108,11 +108,9 @@ class _Graph:
                     consumers[name].append(i)
                 else:
                     consumers[name] = [i]
-            if node.attribute and may_hold_graphs(node):
-                for a in node.attribute:  # outer names a subgraph reads: read from outside any cone
-                    for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                        for n in reads(sub):
-                            consumers.setdefault(n, []).append(-2)
+            for sub in subgraphs(node) if node.attribute else ():  # outer names a subgraph reads: read from
+                for n in reads(sub):                                  # outside any cone
+                    consumers.setdefault(n, []).append(-2)
         producer.pop("", None)
         consumers.pop("", None)
         self.outputs = {o.name for o in graph.output}

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from spa.core.sizes import FLOAT_TYPES
-from spa.core.tensors import may_hold_graphs, reads
+from spa.core.tensors import reads, subgraphs
 
 FOLD_LIMIT = 1 << 16  # elements: larger values are not evaluated (a mask of 65k entries is already rare)
 ROUNDS = 6  # inference rounds at most (each new static Shape can unlock the next)
@@ -368,8 +368,7 @@ def part(bones: onnx.ModelProto, missing: set, typed: dict, *, sizes: dict, prod
         node = stack.pop()
         if id(node) in nodes:
             continue
-        if may_hold_graphs(node) and any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                                         for a in node.attribute):
+        if subgraphs(node):
             return _whole(bones, values, constants)
         nodes.add(id(node))
         for name in node.input:

@@ -244,13 +244,17 @@ def may_hold_graphs(node: onnx.NodeProto) -> bool:
     return node.op_type in SUBGRAPH_OPS or node.domain not in ("", "ai.onnx")
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node's attributes hold (an If's branches, a Loop's body)."""
+    if not may_hold_graphs(node):
+        return []
+    return [sub for a in node.attribute for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
 def subgraph_reads(graph: onnx.GraphProto) -> set[str]:
     """Names the subgraphs of `graph`'s nodes read (outer-scope captures and their own)."""
     names = set()
     for node in graph.node:
-        if not may_hold_graphs(node):
-            continue
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                names |= reads(sub)
+        for sub in subgraphs(node):
+            names |= reads(sub)
     return names
