@@ -209,12 +209,16 @@ def bench(models, *, backend: str = "ort", batch=(1,), precision: str = "fp32", 
                       for m, n, s, lm in zip(models, names, sessions, loaded)],
            "results": results}
     doc["warnings"] = _unfused(doc["models"], loaded) if backend == "ort" else []
-    slow = below(results, min_speedup)
+    return _finished(doc, min_speedup, output)
+
+
+def _finished(doc: dict, min_speedup: float | None, output) -> Measurement:
+    """The document with its speed-up requirement checked, written to `output` if given."""
+    slow = below(doc["results"], min_speedup)
     doc["min_speedup"] = {"required": min_speedup, "failed": slow} if min_speedup else None
     if output is not None:
         write_text_atomic(output, json.dumps(doc, indent=1))
-    failure = f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None
-    return Measurement(doc, failure=failure)
+    return Measurement(doc, failure=f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None)
 
 
 def _spread(models: list, options: dict, ex, retries: int, on_task, *, output, min_speedup) -> Measurement:
@@ -238,11 +242,7 @@ def _spread(models: list, options: dict, ex, retries: int, on_task, *, output, m
     if ex.name == "processes" and len(models) > 1:
         doc["warnings"].append(f"timed side by side in {ex.workers} processes on this machine: the timings disturb "
                                "each other (compare models with the default in-process executor)")
-    slow = below(doc["results"], min_speedup)
-    doc["min_speedup"] = {"required": min_speedup, "failed": slow} if min_speedup else None
-    if output is not None:
-        write_text_atomic(output, json.dumps(doc, indent=1))
-    return Measurement(doc, failure=f"speed-up below {min_speedup:g}x: {'; '.join(slow)}" if slow else None)
+    return _finished(doc, min_speedup, output)
 
 
 def _unwrapped(model):

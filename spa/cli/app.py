@@ -188,22 +188,21 @@ def _extensions() -> list:
 
 def show_notes(notes: list) -> None:
     """The first five notes on stderr (--json lists them all)."""
-    if not notes:
-        return
-    for line in notes[:5]:
-        err.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
-    if len(notes) > 5:
-        err.print(f"note: ... and {len(notes) - 5} more (--json lists them all)", markup=False, highlight=False)
+    _first_five(notes, "note: ", "note: ... and {n} more")
+
+
+def _first_five(lines: list, prefix: str, more: str) -> None:
+    """The first five `lines` on stderr after `prefix`; then `more` (with {n}: how many were left out)."""
+    for line in lines[:5]:
+        err.print(f"{prefix}{line}", markup=False, highlight=False, soft_wrap=True)
+    if len(lines) > 5:
+        err.print(more.format(n=len(lines) - 5) + " (--json lists them all)", markup=False, highlight=False)
 
 
 def failed_tasks(lines: list[str], what: str) -> int:
     """A sweep's tasks that failed after their retries, on stderr (the first five): exit 1 when any
     (what they would have given is still printed and written), else 0."""
-    for line in lines[:5]:
-        err.print(f"error: {what} failed: {line}", markup=False, highlight=False, soft_wrap=True)
-    if len(lines) > 5:
-        err.print(f"error: ... and {len(lines) - 5} more failed {what}s (--json lists them all)", markup=False,
-                  highlight=False)
+    _first_five(lines, f"error: {what} failed: ", "error: ... and {n} more failed " + what + "s")
     return 1 if lines else 0
 
 

@@ -108,8 +108,8 @@ class _Graph:
                     consumers[name].append(i)
                 else:
                     consumers[name] = [i]
-            for sub in subgraphs(node) if node.attribute else ():  # outer names a subgraph reads: read from
-                for n in reads(sub):                                  # outside any cone
+            for sub in subgraphs(node):  # outer names a subgraph reads: read from outside any cone
+                for n in reads(sub):
                     consumers.setdefault(n, []).append(-2)
         producer.pop("", None)
         consumers.pop("", None)

@@ -37,8 +37,8 @@ from spa.core.errors import SpaError, UsageError, first_line
 
 NAMES = ("in-process", "processes", "ray")
 CONNECT_S = 5  # seconds to reach a Ray head before giving up
-WAIT_S = 0.5
-CANCEL_TRIES = 10  # rounds of cancelling what has not finished yet (Ctrl-C on a Ray sweep)  # how often the driver looks for finished Ray tasks (progress, Ctrl-C)
+WAIT_S = 0.5  # how often the driver looks for finished Ray tasks (progress, Ctrl-C)
+CANCEL_TRIES = 10  # rounds of cancelling what has not finished yet (Ctrl-C on a Ray sweep)
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Outcome:
 
 # ---------------------------------------------------------------- the worker side
 
-_STATE: dict = {}  # {sweep key: state} in each worker process: the last KEEP_STATES sweeps'
+_STATE: dict = {}  # {sweep key: state} in each worker process, for the last KEEP_STATES sweeps
 KEEP_STATES = 2
 
 

@@ -238,15 +238,11 @@ def reads(graph: onnx.GraphProto) -> set[str]:
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})  # ONNX's own ops with graph attributes
 
 
-def may_hold_graphs(node: onnx.NodeProto) -> bool:
-    """Whether a node can carry a subgraph: one of ONNX's control-flow ops, or an op from another
-    domain (the checker refuses an attribute an ONNX op does not declare)."""
-    return node.op_type in SUBGRAPH_OPS or node.domain not in ("", "ai.onnx")
-
-
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs a node's attributes hold (an If's branches, a Loop's body)."""
-    if not may_hold_graphs(node):
+    """The graphs a node's attributes hold (an If's branches, a Loop's body). Only ONNX's
+    control-flow ops and ops of other domains can hold one (the checker refuses an attribute an
+    ONNX op does not declare): the attributes of the others are not looked at."""
+    if node.op_type not in SUBGRAPH_OPS and node.domain in ("", "ai.onnx"):
         return []
     return [sub for a in node.attribute for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
 
